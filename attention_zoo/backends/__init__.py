@@ -1,0 +1,73 @@
+"""The backend registry and dispatcher.
+
+Kept apart from the variant registry on purpose: a new variant never touches a backend, and a new
+backend serves every variant whose calls it accepts. `auto` tries backends in `AUTO_ORDER` and says
+(once, in the log, and in `attention-zoo describe`) why each one it skipped refused.
+"""
+from __future__ import annotations
+
+import logging
+
+from torch import Tensor
+
+from ..registry import Registry
+from .base import AttentionCall, Backend, causal_mask
+from .math import MathBackend, grouped_logits, math_attention
+from .sdpa import SDPABackend
+
+log = logging.getLogger("attention_zoo.backends")
+
+BACKENDS: Registry[Backend] = Registry("backend", entry_point_group="attention_zoo.backends")
+BACKENDS.add("math", MathBackend())
+BACKENDS.add("sdpa", SDPABackend())
+try:  # the xformers backend module imports xformers lazily, so registering it is always safe
+    from .xformers import XFormersBackend
+
+    BACKENDS.add("xformers", XFormersBackend())
+except ImportError:  # pragma: no cover - only while the module does not exist
+    pass
+
+AUTO_ORDER = ("xformers", "sdpa", "math")
+BACKEND_CHOICES = ("auto", *AUTO_ORDER)
+
+
+class BackendRefused(RuntimeError):
+    pass
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
+    """The backend that will run `call`, and why each one before it refused."""
+    if name != "auto":
+        backend = BACKENDS.get(name)
+        reason = backend.refuse(call)
+        if reason:
+            raise BackendRefused(f"backend {name!r} refused: {reason}")
+        return backend, []
+    skipped = []
+    for candidate in AUTO_ORDER:
+        if candidate not in BACKENDS:
+            continue
+        backend = BACKENDS.get(candidate)
+        reason = backend.refuse(call)
+        if reason is None:
+            return backend, skipped
+        skipped.append(f"{candidate}: {reason}")
+    raise BackendRefused("no backend accepts this call: " + "; ".join(skipped))
+
+
+def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float, backend: str = "auto") -> Tensor:
+    chosen, skipped = choose(backend, AttentionCall.from_tensors(q, k, bias))
+    for why in skipped:
+        if (why, chosen.name) not in _logged:
+            _logged.add((why, chosen.name))
+            log.info("attention-zoo auto backend: using %s (%s)", chosen.name, why)
+    return chosen.attention(q, k, v, bias=bias, causal=causal, scale=scale)
+
+
+__all__ = [
+    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
+    "causal_mask", "math_attention", "grouped_logits",
+]

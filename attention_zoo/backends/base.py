@@ -1,0 +1,86 @@
+"""The one attention primitive every variant uses, and the contract a backend fulfils.
+
+    out = softmax(scale * q k^T + bias + causal_mask) v
+
+q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H % Hkv == 0 (query head h reads kv head h // (H // Hkv)).
+bias: broadcastable to (B, H, Nq, Nk), or None. `causal` is bottom-right aligned, so with Nk - Nq
+cached keys query i sits at absolute position Nk - Nq + i and sees keys j <= Nk - Nq + i.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a backend needs to know to accept or refuse a call, without the tensors themselves.
+
+    Built from real tensors at run time, or from a config on the meta device by `describe`.
+    """
+
+    device: str  # "cpu", "cuda", "meta", ...
+    dtype: torch.dtype
+    heads: int
+    kv_heads: int
+    head_dim: int
+    q_len: int
+    k_len: int
+    has_bias: bool = False
+    bias_requires_grad: bool = False
+    grad_enabled: bool = False
+
+    @classmethod
+    def from_tensors(cls, q: Tensor, k: Tensor, bias: Tensor | None) -> "AttentionCall":
+        return cls(
+            device=q.device.type,
+            dtype=q.dtype,
+            heads=q.shape[1],
+            kv_heads=k.shape[1],
+            head_dim=q.shape[-1],
+            q_len=q.shape[2],
+            k_len=k.shape[2],
+            has_bias=bias is not None,
+            bias_requires_grad=bias is not None and bias.requires_grad,
+            grad_enabled=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or bias is not None and bias.requires_grad),
+        )
+
+
+class Backend:
+    """A way to compute the primitive on some devices. Subclasses set `name` and implement both methods."""
+
+    name: str = "?"
+    description: str = ""
+
+    def refuse(self, call: AttentionCall) -> str | None:
+        """Why this backend cannot run `call`, or None if it can."""
+        raise NotImplementedError
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
+        raise NotImplementedError
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> Tensor:
+    """Bool (Nq, Nk), True where query i may see key j (bottom-right aligned)."""
+    offset = k_len - q_len
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    return j <= i + offset
+
+
+def group_queries(q: Tensor, kv_heads: int) -> Tensor:
+    """(B, H, N, D) -> (B, Hkv, G, N, D): a view, so GQA never copies k and v to H heads."""
+    return q.unflatten(1, (kv_heads, q.shape[1] // kv_heads))
+
+
+def group_bias(bias: Tensor, kv_heads: int, heads: int) -> Tensor:
+    """Broadcastable (B|1, H|1, Nq, Nk) -> broadcastable (B|1, Hkv|1, G|1, Nq, Nk) as a view."""
+    if bias.dim() != 4:
+        raise ValueError(f"bias must be 4-D (B, H, Nq, Nk), got shape {tuple(bias.shape)}")
+    if bias.shape[1] == 1:
+        return bias.unsqueeze(1)
+    if bias.shape[1] != heads:
+        raise ValueError(f"bias head dimension must be 1 or {heads}, got {bias.shape[1]}")
+    return bias.unflatten(1, (kv_heads, heads // kv_heads))

@@ -1,0 +1,70 @@
+"""Per-layer inference cache, owned by the variant that fills it.
+
+Keys, values and any per-key float32 statistics (selective attention's accumulator) live side by side,
+so evicting a key drops all of them at once and the generation loop never needs to know which variant
+it is driving. Tensors are compacted on eviction: evicted keys free their memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerCache:
+    k: Tensor | None = None  # (B, Hkv, T, D)
+    v: Tensor | None = None  # (B, Hkv, T, D)
+    positions: Tensor | None = None  # (B, T) absolute positions of the kept keys
+    per_key: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, T) float32
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Append a chunk of c new keys at absolute positions start..start+c-1; return all keys."""
+        B, c = k.shape[0], k.shape[2]
+        pos = torch.arange(start, start + c, device=k.device).expand(B, c)
+        if self.k is None:
+            self.k, self.v, self.positions = k, v, pos
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+            self.positions = torch.cat([self.positions, pos], dim=1)
+        for name, stat in self.per_key.items():
+            self.per_key[name] = torch.cat([stat, stat.new_zeros(B, c)], dim=1)
+        return self.k, self.v
+
+    def stat(self, name: str, batch: int, device: torch.device) -> Tensor:
+        """A per-key statistic, created as zeros on first use (after `extend`, so it has length T)."""
+        if name not in self.per_key:
+            self.per_key[name] = torch.zeros(batch, self.length, device=device, dtype=torch.float32)
+        return self.per_key[name]
+
+    def keep(self, index: Tensor) -> None:
+        """Keep only keys `index` (B, K), in that order (callers pass sorted indices)."""
+        gather_kv = index[:, None, :, None].expand(-1, self.k.shape[1], -1, self.k.shape[3])
+        self.k = self.k.gather(2, gather_kv)
+        self.v = self.v.gather(2, gather_kv)
+        self.positions = self.positions.gather(1, index)
+        self.per_key = {n: s.gather(1, index) for n, s in self.per_key.items()}
+
+    def nbytes(self) -> int:
+        tensors = [self.k, self.v, self.positions, *self.per_key.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
+class ModelCache:
+    """One LayerCache per layer, plus how many tokens the model has consumed so far."""
+
+    layers: list[LayerCache]
+    seen: int = 0
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def lengths(self) -> list[int]:
+        return [layer.length for layer in self.layers]

@@ -1,0 +1,40 @@
+"""`attention-zoo` command line. Each sub-command lives in `attention_zoo/commands/<name>.py` and
+exposes `register(subparsers)`; modules there are discovered, so a new command touches no other file.
+
+User errors (UserError, which ConfigError and DataError are) print one clean message and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+from . import commands
+from .errors import UserError
+from .registry import RegistryError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attention-zoo", description="Attention variants as plug-ins: build, "
+                                     "train, benchmark and ablate causal transformers from YAML.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices and other details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except (UserError, RegistryError) as exc:
+        print(f"attention-zoo {args.command}: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"attention-zoo {args.command}: interrupted", file=sys.stderr)
+        return 130

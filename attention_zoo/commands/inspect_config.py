@@ -1,0 +1,87 @@
+"""`list`, `validate` and `describe`: look at variants and configs without training anything."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..backends import AttentionCall, BackendRefused, choose
+from ..config import ConfigError, build_model, layer_specs, load_config
+from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="registered variants with descriptions and parameters")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'sel*'")
+    p.set_defaults(run=cmd_list)
+
+    p = sub.add_parser("validate", help="check config files; report every problem")
+    p.add_argument("files", nargs="+")
+    p.add_argument("overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_validate)
+
+    p = sub.add_parser("describe", help="per layer: variant, parameters, state flow, backend; parameter count")
+    p.add_argument("file")
+    p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides, e.g. model.depth=6")
+    p.add_argument("--device", default="cpu", help="device to plan the backend for (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--train", action="store_true", help="plan the backend for training (gradients on)")
+    p.set_defaults(run=cmd_describe)
+
+
+def cmd_list(args) -> int:
+    names = list_variants(args.pattern)
+    if not names:
+        print(f"no variant matches {args.pattern!r}; registered: {', '.join(list_variants())}")
+        return 1
+    for name in names:
+        print(f"{name}: {summary(name)}")
+        for key, p in get_variant(name).params.items():
+            default = "required" if p.required else f"default {p.default!r}"
+            choices = f", one of {', '.join(map(str, p.choices))}" if p.choices else ""
+            print(f"    {key} ({p.type_name()}, {default}{choices}): {p.doc}")
+    for failure in VARIANTS.failures:
+        print(f"(plugin not loaded: {failure.source}: {failure.error})")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    failed = 0
+    for path in args.files:
+        try:
+            load_config(path)
+            print(f"{path}: ok")
+        except ConfigError as exc:
+            failed += 1
+            print(exc)
+    return 2 if failed else 0
+
+
+def cmd_describe(args) -> int:
+    config = load_config(args.file, args.overrides)
+    m = config["model"]
+    with torch.device("meta"):  # no weights allocated: describe works for models of any size
+        model = build_model(config)
+    head_dim = m["head_dim"] or m["dim"] // m["heads"]
+    dtype = getattr(torch, args.dtype)
+    print(f"{args.file}: depth {m['depth']}, dim {m['dim']}, heads {m['heads']} x {head_dim}, "
+          f"vocab {m['vocab_size']}, max_seq_len {m['max_seq_len']}")
+    print(f"parameters: {model.num_parameters():,}")
+    for spec, block in zip(layer_specs(m), model.blocks):
+        attn = block.attention
+        params = resolved_params(spec.variant, spec.params)
+        call = AttentionCall(device=args.device, dtype=dtype, heads=m["heads"], kv_heads=attn.kv_heads, head_dim=head_dim,
+                             q_len=m["max_seq_len"], k_len=m["max_seq_len"], has_bias=spec.variant != "vanilla" and
+                             spec.variant != "gqa", bias_requires_grad=args.train, grad_enabled=args.train)
+        try:
+            chosen, skipped = choose(config["backend"], call)
+            backend = chosen.name + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+        except BackendRefused as exc:
+            backend = f"none: {exc}"
+        reads = ", ".join(attn.reads) or "-"
+        optional = ", ".join(attn.optional_reads)
+        print(f"layer {spec.index}: {spec.variant} {params}")
+        print(f"    state read: {reads}{f' (optional: {optional})' if optional else ''}; "
+              f"written: {', '.join(attn.writes) or '-'}")
+        print(f"    backend ({config['backend']}, {args.device}, {args.dtype}{', train' if args.train else ''}): {backend}")
+    return 0

@@ -1,0 +1,401 @@
+"""YAML configs: load (with `base:` inheritance and `a.b=c` overrides), validate every key, report all
+problems at once, and check the state flow between layers before any weight is allocated.
+
+A problem names the file, the key path, the bad value and what would be valid. Sections other than
+`model` (data, train, ...) register their own validators with `register_section`.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import yaml
+
+from .errors import UserError
+from .registry import RegistryError, did_you_mean, import_plugins
+from .state import CHANNELS
+from .variant import LayerShape
+from .variant_registry import VARIANTS, check_params, get_variant, resolved_params
+
+_MISSING = object()
+
+
+@dataclass
+class Problem:
+    source: str
+    path: str
+    value: Any
+    message: str
+
+    def __str__(self) -> str:
+        value = "" if self.value is _MISSING else f" = {self.value!r}"
+        return f"{self.source}: {self.path}{value}: {self.message}"
+
+
+class ConfigError(UserError, ValueError):
+    """Every problem found in a config, one per line."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        n = len(problems)
+        super().__init__(f"{n} problem{'s' * (n != 1)} in config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class Config(dict):
+    """A validated config: plain nested dicts with defaults filled in, plus where it came from."""
+
+    source: str = "<dict>"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Simple typed fields, for `model` and for sections registered by other modules.
+
+@dataclass(frozen=True)
+class Field:
+    type: type | tuple[type, ...]
+    default: Any = _MISSING
+    doc: str = ""
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    # check(value) -> message or None; runs once the type and bounds are right
+    check: Callable[[Any], str | None] | None = None
+
+    def type_name(self) -> str:
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _type_ok(value: Any, types: type | tuple[type, ...]) -> bool:
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in types:
+        return False  # YAML `true` is not a number
+    if float in types and isinstance(value, int):
+        return True
+    return isinstance(value, types)
+
+
+def validate_fields(value: Any, fields: dict[str, Field], path: str, source: str) -> tuple[dict, list[Problem]]:
+    """Check a mapping against `fields`: unknown keys, types, choices, bounds. Fills defaults."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        return {}, [Problem(source, path, value, f"expected a mapping with keys: {', '.join(fields)}")]
+    problems, out = [], {}
+    for key in value:
+        if key not in fields:
+            problems.append(Problem(source, f"{path}.{key}", value[key],
+                                    f"unknown key; {did_you_mean(str(key), list(fields))}valid: {', '.join(fields)}"))
+    for key, spec in fields.items():
+        if key not in value:
+            if spec.default is _MISSING:
+                problems.append(Problem(source, f"{path}.{key}", _MISSING, f"required ({spec.doc})"))
+            else:
+                out[key] = copy.deepcopy(spec.default)
+            continue
+        v = value[key]
+        where = f"{path}.{key}"
+        if not _type_ok(v, spec.type):
+            problems.append(Problem(source, where, v, f"expected {spec.type_name()}"))
+        elif spec.choices is not None and v not in spec.choices:
+            problems.append(Problem(source, where, v,
+                                    f"{did_you_mean(str(v), [str(c) for c in spec.choices])}valid: {', '.join(map(str, spec.choices))}"))
+        elif spec.minimum is not None and v is not None and v < spec.minimum:
+            problems.append(Problem(source, where, v, f"must be >= {spec.minimum}"))
+        elif spec.check is not None and (message := spec.check(v)):
+            problems.append(Problem(source, where, v, message))
+        else:
+            out[key] = v
+    return out, problems
+
+
+SectionValidator = Callable[[Any, str], tuple[Any, list[Problem]]]  # (value, source) -> (normalized, problems)
+SECTIONS: dict[str, SectionValidator] = {}
+# Modules that register sections; imported on first load so `import attention_zoo` stays light.
+SECTION_MODULES: list[str] = []
+
+
+def register_section(name: str, validator: SectionValidator) -> None:
+    SECTIONS[name] = validator
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model section.
+
+def _backend_choices() -> tuple[str, ...]:
+    from .backends import BACKEND_CHOICES
+    return BACKEND_CHOICES
+
+
+MODEL_FIELDS = {
+    "vocab_size": Field(int, 256, "tokens in the vocabulary", minimum=1),
+    "dim": Field(int, 256, "model width", minimum=1),
+    "depth": Field(int, 4, "number of transformer blocks", minimum=1),
+    "heads": Field(int, 8, "query heads per layer", minimum=1),
+    "head_dim": Field((int, type(None)), None, "per-head width; default dim // heads", minimum=1),
+    "max_seq_len": Field(int, 1024, "longest sequence (learned positions)", minimum=1),
+    "mlp_ratio": Field(float, 4.0, "MLP hidden width / dim", minimum=0),
+    "dropout": Field(float, 0.0, "dropout probability", minimum=0),
+    "tie_embeddings": Field(bool, True, "share input embedding and output projection"),
+    "attention": Field(dict, {"variant": "vanilla"}, "default attention for every layer"),
+    "layers": Field(list, [], "per-layer overrides: [{at: [indices], attention: {...}}]"),
+}
+
+
+@dataclass
+class LayerSpec:
+    """The attention of one layer as resolved from `model.attention` and `model.layers`."""
+
+    index: int
+    variant: str
+    params: dict[str, Any]
+    origin: dict[str, str] = field(default_factory=dict)  # param -> key path it came from
+
+
+def layer_specs(model: dict) -> list[LayerSpec]:
+    """Resolve per-layer attention. An override that names another variant inherits only the default
+    parameters that variant declares (so `{variant: vanilla}` keeps kv_heads, drops selection_head)."""
+    default = dict(model["attention"])
+    specs = []
+    for i in range(model["depth"]):
+        attn = {k: (v, "model.attention") for k, v in default.items()}
+        for n, override in enumerate(model.get("layers", [])):
+            at = override.get("at", [])
+            at = [at] if isinstance(at, int) else at
+            if i in at:
+                new = override.get("attention", {}) or {}
+                if "variant" in new and new["variant"] != attn["variant"][0] and new["variant"] in VARIANTS:
+                    declared = get_variant(new["variant"]).params
+                    attn = {k: v for k, v in attn.items() if k in declared}
+                attn.update({k: (v, f"model.layers[{n}].attention") for k, v in new.items()})
+        variant = attn.pop("variant", ("vanilla", "model.attention"))[0]
+        specs.append(LayerSpec(i, variant, {k: v for k, (v, _) in attn.items()}, {k: o for k, (_, o) in attn.items()}))
+    return specs
+
+
+def layer_shape(model: dict, index: int) -> LayerShape:
+    return LayerShape(model["dim"], model["heads"], model["head_dim"] or model["dim"] // model["heads"], index, model["depth"])
+
+
+def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tuple[dict, list[Problem]]:
+    model, problems = validate_fields(value, MODEL_FIELDS, "model", source)
+    structural = ("model.dim", "model.heads", "model.depth", "model.head_dim", "model.attention", "model.layers")
+    if any(p.path in structural for p in problems):
+        return model, problems  # shapes unknown: per-layer checks would only add noise
+    if model["head_dim"] is None and model["dim"] % model["heads"]:
+        problems.append(Problem(source, "model.heads", model["heads"],
+                                f"dim ({model['dim']}) must be divisible by heads, or set model.head_dim"))
+        return model, problems
+    for n, override in enumerate(model["layers"]):
+        where = f"model.layers[{n}]"
+        if not isinstance(override, dict):
+            problems.append(Problem(source, where, override, "expected a mapping {at: [...], attention: {...}}"))
+            continue
+        for key in override:
+            if key not in ("at", "attention"):
+                problems.append(Problem(source, f"{where}.{key}", override[key], f"unknown key; {did_you_mean(str(key), ['at', 'attention'])}valid: at, attention"))
+        at = override.get("at", _MISSING)
+        indices = [at] if isinstance(at, int) and not isinstance(at, bool) else at
+        if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            problems.append(Problem(source, f"{where}.at", at, "expected a layer index or a list of layer indices"))
+        elif bad := [i for i in indices if not 0 <= i < model["depth"]]:
+            problems.append(Problem(source, f"{where}.at", at, f"layer indices {bad} outside [0, {model['depth'] - 1}]"))
+        if not isinstance(override.get("attention", {}), dict):
+            problems.append(Problem(source, f"{where}.attention", override["attention"], "expected a mapping"))
+    if any(p.path.startswith("model.layers") for p in problems):
+        return model, problems
+    seen: set[tuple[str, str]] = set()
+    for spec in layer_specs(model):
+        if spec.variant not in VARIANTS:
+            path = f"{spec.origin.get('variant', 'model.attention')}.variant"
+            key = (path, spec.variant)
+            if key not in seen:
+                seen.add(key)
+                hint = f"; plugins that failed to import: {'; '.join(plugin_failures)}" if plugin_failures else ""
+                known = VARIANTS.names()
+                problems.append(Problem(source, path, spec.variant,
+                                        f"unknown variant; {did_you_mean(spec.variant, known)}valid: {', '.join(known)}{hint}"))
+            continue
+        for p in check_params(spec.variant, spec.params, layer_shape(model, spec.index)):
+            path = f"{spec.origin.get(p.key, 'model.attention')}.{p.key}"
+            if (path, p.message) not in seen:
+                seen.add((path, p.message))
+                problems.append(Problem(source, path, p.value if p.value is not None else _MISSING, p.message))
+    if not any(p.path.startswith(("model.attention", "model.layers")) for p in problems):
+        problems += check_state_flow(model, source)
+    return model, problems
+
+
+def build_attentions(model: dict, backend: str = "auto") -> list[torch.nn.Module]:
+    """One attention module per layer, as the config says."""
+    return [get_variant(s.variant)(layer_shape(model, s.index), backend=backend, **resolved_params(s.variant, s.params))
+            for s in layer_specs(model)]
+
+
+def check_state_flow(model: dict, source: str) -> list[Problem]:
+    """Walk the layers as built on the meta device (no memory) and check every read has a writer below."""
+    problems = []
+    with torch.device("meta"):
+        attentions = build_attentions(model)
+    written: set[str] = set()
+    for spec, attn in zip(layer_specs(model), attentions):
+        for channel in attn.reads:
+            if channel not in written:
+                problems.append(Problem(source, f"model (layer {spec.index}, variant {spec.variant})", _MISSING,
+                                        f"reads state {channel!r} that no earlier layer writes "
+                                        f"({CHANNELS[channel].doc if channel in CHANNELS else 'undeclared channel'})"))
+        for channel in attn.writes:
+            if channel not in CHANNELS:
+                problems.append(Problem(source, f"model (layer {spec.index}, variant {spec.variant})", _MISSING,
+                                        f"writes undeclared state channel {channel!r}; declare it with state.declare_channel"))
+        written.update(attn.writes)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading.
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, list[Problem]]:
+    """Read one file and, recursively, its `base:`; later files override earlier ones key by key."""
+    source = str(path)
+    if path in chain:
+        return {}, [Problem(source, "base", str(path), "inheritance cycle: " + " -> ".join(map(str, (*chain, path))))]
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        where = f"{chain[-1]}" if chain else source
+        return {}, [Problem(where, "base" if chain else "(file)", str(path), "file not found")]
+    except OSError as exc:
+        return {}, [Problem(source, "(file)", _MISSING, f"cannot read: {exc}")]
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        return {}, [Problem(source, where, _MISSING, f"invalid YAML: {getattr(exc, 'problem', exc)}")]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return {}, [Problem(source, "(top level)", data, "expected a mapping of sections (model, backend, ...)")]
+    base = data.pop("base", None)
+    if base is None:
+        return data, []
+    if not isinstance(base, str):
+        return {}, [Problem(source, "base", base, "expected a path to another YAML file")]
+    parent, problems = _read_yaml((path.parent / base).resolve(), (*chain, path))
+    return deep_merge(parent, data), problems
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Mappings merge key by key; anything else (lists included) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def apply_override(data: dict, override: str, source: str) -> Problem | None:
+    """`a.b.c=value` (value parsed as YAML); list items by index: `model.layers.0.at=[1]`."""
+    if "=" not in override:
+        return Problem(source, "(override)", override, "expected KEY.PATH=VALUE, e.g. model.depth=6")
+    key, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        return Problem(source, key, raw, f"value is not valid YAML: {exc}")
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return Problem(source, ".".join(parts[: i + 1]), _MISSING, f"no list item {part!r}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                return Problem(source, ".".join(parts[: i + 1]), node, "cannot set a key inside a non-mapping")
+    if isinstance(node, list):
+        if not parts[-1].isdigit() or int(parts[-1]) >= len(node):
+            return Problem(source, key, _MISSING, f"no list item {parts[-1]!r}")
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+    return None
+
+
+def _load_section_modules() -> None:
+    for module in SECTION_MODULES:
+        importlib.import_module(module)
+
+
+TOP_LEVEL = ("plugins", "backend", "model")
+
+
+def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> Config:
+    """Load and validate a config; raise ConfigError listing every problem."""
+    _load_section_modules()
+    if isinstance(path_or_dict, dict):
+        source, data, problems = "<dict>", copy.deepcopy(path_or_dict), []
+        if "base" in data:
+            base = data.pop("base")
+            parent, problems = _read_yaml(Path(base).resolve())
+            data = deep_merge(parent, data)
+    else:
+        source = str(path_or_dict)
+        data, problems = _read_yaml(Path(path_or_dict).resolve())
+        if problems and problems[0].path == "(file)" and problems[0].message == "file not found":
+            problems[0].source = source
+    for override in overrides:
+        if (p := apply_override(data, override, source)) is not None:
+            problems.append(p)
+    if problems:
+        raise ConfigError(problems)
+
+    config = Config()
+    config.source = source
+    known = (*TOP_LEVEL, *SECTIONS)
+    for key in data:
+        if key not in known:
+            problems.append(Problem(source, str(key), data[key], f"unknown section; {did_you_mean(str(key), list(known))}valid: {', '.join(known)}"))
+
+    plugins = data.get("plugins", []) or []
+    plugin_failures: list[str] = []
+    if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+        problems.append(Problem(source, "plugins", plugins, "expected a list of importable module names"))
+    else:
+        plugin_failures = [f"{f.source}: {f.error}" for f in import_plugins(plugins)]
+        plugin_failures += [f"{f.source}: {f.error}" for f in VARIANTS.failures]
+    config["plugins"] = plugins
+
+    backend = data.get("backend", "auto")
+    if backend not in _backend_choices():
+        problems.append(Problem(source, "backend", backend, f"{did_you_mean(str(backend), list(_backend_choices()))}valid: {', '.join(_backend_choices())}"))
+    config["backend"] = backend
+
+    try:
+        config["model"], model_problems = _validate_model(data.get("model"), source, plugin_failures)
+    except RegistryError as exc:  # a broken built-in registration: report, don't crash
+        config["model"], model_problems = {}, [Problem(source, "model", _MISSING, str(exc))]
+    problems += model_problems
+    for name, validator in SECTIONS.items():
+        config[name], section_problems = validator(data.get(name), source)
+        problems += section_problems
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[str] = ()):
+    """A CausalLM from a config (validated here unless it already is)."""
+    from .model import CausalLM
+
+    config = config_or_path if isinstance(config_or_path, Config) and not overrides else load_config(config_or_path, overrides)
+    m = config["model"]
+    model = CausalLM(build_attentions(m, config["backend"]), vocab_size=m["vocab_size"], dim=m["dim"],
+                     max_seq_len=m["max_seq_len"], mlp_ratio=m["mlp_ratio"], dropout=m["dropout"],
+                     tie_embeddings=m["tie_embeddings"])
+    model.config = config
+    return model

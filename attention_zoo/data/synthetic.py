@@ -1,0 +1,144 @@
+"""Variable assignment: a synthetic task of OUR OWN design (not taken from a paper or benchmark).
+
+One example, byte-level, with single-letter variables and fixed-width decimal values:
+
+    c=4;a=7;c=1;b=0;?c:1
+    `---- assignments ---'`- query, then the answer (the latest value assigned to c)
+
+Variables are reassigned often, so the right answer needs the *latest* assignment of the queried
+variable while earlier ones must be ignored: the case selective attention (masking overwritten
+tokens) is meant to help with. Everything is generated with torch ops on whole batches.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator
+
+import torch
+
+from .base import IGNORE_INDEX, Batch, DataError, Dataset, check_keys
+
+PAD = 0  # input byte after the example when seq_len is longer than one example (its target is ignored)
+
+# key -> (default, smallest, largest or None)
+INT_PARAMS = {
+    "num_vars": (8, 1, 26),  # variables are the letters a, b, c, ...
+    "num_assignments": (24, 1, None),
+    "value_digits": (1, 1, 9),  # values are zero-padded to this many digits
+    "seed": (0, None, None),
+    "eval_examples": (1024, 1, None),  # size of each fixed evaluation set
+}
+LOSS_ON = ("answer", "all")
+
+
+class VariableAssignment(Dataset):
+    """See the module docstring. `loss_on="answer"` (default) puts the LM loss only on the answer
+    token(s), the rest of `targets` being IGNORE_INDEX; `"all"` trains next-byte prediction on the
+    whole example (the assignments are random, so most of that loss cannot go below chance).
+    `metric_mask` always marks the answer position(s) of `targets`."""
+
+    def __init__(self, num_vars=8, num_assignments=24, value_digits=1, seed=0, eval_examples=1024,
+                 loss_on="answer"):
+        self.name = "variable_assignment"
+        self.num_vars, self.num_assignments, self.value_digits = num_vars, num_assignments, value_digits
+        self.seed, self.eval_examples, self.loss_on = seed, eval_examples, loss_on
+        # One example is K assignments of (var '=' digits ';') then ('?' var ':' digits).
+        self.example_len = num_assignments * (3 + value_digits) + 3 + value_digits
+        self.fixed_seq_len = self.example_len - 1  # inputs drop the last byte, targets the first
+        self._eval_sets: dict[str, torch.Tensor] = {}
+
+    def num_tokens(self, split: str) -> None:
+        self._check_split(split)
+        return None  # a generated stream has no fixed size
+
+    def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """`n` examples as a LongTensor [n, example_len] of bytes."""
+        K, d = self.num_assignments, self.value_digits
+
+        def rand(high: int, shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.randint(high, shape, generator=generator, device=generator.device).cpu()
+
+        var = rand(self.num_vars, (n, K))
+        value = rand(10**d, (n, K))
+        # Query the variable of a random assignment, so it is always one that was assigned; its
+        # answer is the value at that variable's LAST assignment.
+        query = var.gather(1, rand(K, (n, 1)))
+        last = torch.where(var == query, torch.arange(K), -1).amax(1, keepdim=True)
+        answer = value.gather(1, last)
+
+        def digits(v: torch.Tensor) -> torch.Tensor:  # [..] -> [.., d] ASCII digits, most significant first
+            return v[..., None] // 10 ** torch.arange(d - 1, -1, -1) % 10 + ord("0")
+
+        def char(c: str, like: torch.Tensor) -> torch.Tensor:
+            return torch.full((*like.shape, 1), ord(c))
+
+        assignments = torch.cat([var[..., None] + ord("a"), char("=", var), digits(value), char(";", var)], -1)
+        tail = torch.cat([char("?", query[:, 0]), query + ord("a"), char(":", query[:, 0]), digits(answer[:, 0])], -1)
+        return torch.cat([assignments.flatten(1), tail], 1)
+
+    def _batch(self, examples: torch.Tensor, seq_len: int) -> Batch:
+        if seq_len < self.fixed_seq_len:
+            raise ValueError(
+                f"variable_assignment examples need seq_len >= {self.fixed_seq_len} (got {seq_len}); "
+                "raise seq_len or lower data.num_assignments"
+            )
+        n, N = examples.shape[0], self.fixed_seq_len
+        inputs = torch.full((n, seq_len), PAD, dtype=torch.long)
+        targets = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
+        inputs[:, :N], targets[:, :N] = examples[:, :-1], examples[:, 1:]
+        metric_mask = torch.zeros(n, seq_len, dtype=torch.bool)
+        metric_mask[:, N - self.value_digits : N] = True  # the answer digits are the last targets
+        if self.loss_on == "answer":
+            targets[~metric_mask] = IGNORE_INDEX
+        return Batch(inputs, targets, metric_mask)
+
+    def eval_set(self, split: str) -> torch.Tensor:
+        """The fixed examples of a split, [eval_examples, example_len]. Each split has its own
+        generator, seeded from (seed, split), so the sets are reproducible and independent."""
+        self._check_split(split)
+        if split not in self._eval_sets:
+            digest = hashlib.sha256(f"variable_assignment:{self.seed}:{split}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            self._eval_sets[split] = self.generate(self.eval_examples, generator)
+        return self._eval_sets[split]
+
+    def sample(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator) -> Batch:
+        """train: fresh examples from the caller's generator (an endless stream). val/test: random
+        rows of the fixed evaluation set, so they never leave it."""
+        self._check_split(split)
+        if split == "train":
+            examples = self.generate(batch_size, generator)
+        else:
+            pool = self.eval_set(split)
+            rows = torch.randint(pool.shape[0], (batch_size,), generator=generator, device=generator.device)
+            examples = pool[rows.cpu()]
+        return self._batch(examples, seq_len)
+
+    def eval_batches(
+        self, split: str, batch_size: int, seq_len: int, max_batches: int | None = None
+    ) -> Iterator[Batch]:
+        for i, examples in enumerate(self.eval_set(split).split(batch_size)):
+            if max_batches is not None and i >= max_batches:
+                return
+            yield self._batch(examples, seq_len)
+
+
+def build_variable_assignment(spec: dict, source: str) -> VariableAssignment:
+    check_keys(spec, {"name", "loss_on", *INT_PARAMS}, "variable_assignment", source)
+    kwargs = {}
+    for key, (default, low, high) in INT_PARAMS.items():
+        value = spec.get(key, default)
+        valid = isinstance(value, int) and not isinstance(value, bool)  # YAML `true` is not a count
+        if not valid or (low is not None and value < low) or (high is not None and value > high):
+            raise DataError(source, f"data.{key}", value, f"expected {_int_range(low, high)}")
+        kwargs[key] = value
+    loss_on = spec.get("loss_on", "answer")
+    if loss_on not in LOSS_ON:
+        raise DataError(source, "data.loss_on", loss_on, f"expected one of: {', '.join(LOSS_ON)}")
+    return VariableAssignment(**kwargs, loss_on=loss_on)
+
+
+def _int_range(low: int | None, high: int | None) -> str:
+    if high is not None:
+        return f"an integer from {low} to {high}"
+    return "an integer" if low is None else f"an integer >= {low}"

@@ -1,0 +1,94 @@
+"""The math of the built-in variants as small pure functions (attention-gym style).
+
+Layout everywhere: q (B, H, Nq, D), k and v (B, Hkv, Nk, D), H % Hkv == 0. Rows are queries, columns
+keys, bottom-right aligned: with Nk - Nq cached keys, query i sits at absolute position Nk - Nq + i.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backends import causal_mask, dispatch, grouped_logits
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = True,
+              backend: str = "auto", scale: float | None = None) -> Tensor:
+    """softmax(scale q k^T + bias + causal mask) v on the chosen backend. Returns (B, H, Nq, D)."""
+    _check_layout(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return dispatch(q, k, v, bias=bias, causal=causal, scale=scale, backend=backend)
+
+
+def selection_scores(logits: Tensor, *, protect_bos: bool = True) -> Tensor:
+    """S = ReLU(logits) with key 0 (BOS, if protected), the query itself and future keys zeroed.
+
+    logits: (B, Nq, Nk) of the selection head. Returns float32 (B, Nq, Nk).
+    """
+    Nq, Nk = logits.shape[-2:]
+    strictly_earlier = causal_mask(Nq, Nk - 1, logits.device)  # j < own position, as (Nq, Nk - 1)
+    keep = F.pad(strictly_earlier, (0, 1), value=False)  # (Nq, Nk): j <= pos - 1
+    if protect_bos:
+        keep[:, 0] = False
+    return torch.relu(logits.float()) * keep
+
+
+def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: Tensor | None = None) -> Tensor:
+    """F[i, j] = sum over strictly earlier queries k < i of S[k, j] (+ what a cache accumulated).
+
+    The sum runs along the *query* axis (shift one row down, cumulative sum over rows). logits:
+    (B, Nq, Nk) of the selection head; accumulated: (B, Nk) float32 column sums of S over queries
+    already processed (the selective KV cache), or None. Returns float32 (B, Nq, Nk), non-decreasing
+    along queries.
+    """
+    return penalty_from_scores(selection_scores(logits, protect_bos=protect_bos), accumulated)
+
+
+def penalty_from_scores(S: Tensor, accumulated: Tensor | None = None) -> Tensor:
+    """Exclusive cumulative sum of S over queries (rows), plus the cache's accumulated column sums."""
+    Fpen = F.pad(S.cumsum(dim=-2)[..., :-1, :], (0, 0, 1, 0))  # row i: sum of rows k < i
+    return Fpen if accumulated is None else Fpen + accumulated[:, None, :]
+
+
+def selection_logits(q: Tensor, k: Tensor, selection_head: int, scale: float | None = None) -> Tensor:
+    """Logits of one query head against its kv head: (B, Nq, Nk). Only this head is computed."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    qs = q[:, selection_head]  # (B, Nq, D)
+    ks = k[:, selection_head // group]  # (B, Nk, D)
+    return torch.einsum("bnd,bmd->bnm", qs, ks) * scale
+
+
+def penalty_bias(Fpen: Tensor, heads: int) -> Tensor:
+    """-F as a head-broadcast bias (B, H, Nq, Nk) with stride 0 over heads: never copied per head."""
+    return (-Fpen).unsqueeze(1).expand(-1, heads, -1, -1)
+
+
+def selective_attention(q: Tensor, k: Tensor, v: Tensor, *, selection_head: int = 0, protect_bos: bool = True,
+                        backend: str = "auto", scale: float | None = None) -> Tensor:
+    """Every head attends with softmax(L^h - F + mask); F from `selection_head` (SPEC.md, section 3)."""
+    _check_layout(q, k, v)
+    if not 0 <= selection_head < q.shape[1]:
+        raise ValueError(f"selection_head must be in [0, {q.shape[1]}), got {selection_head}")
+    Fpen = selection_penalty(selection_logits(q, k, selection_head, scale), protect_bos=protect_bos)
+    return attention(q, k, v, bias=penalty_bias(Fpen, q.shape[1]), causal=True, backend=backend, scale=scale)
+
+
+def residual_scores(q: Tensor, k: Tensor, previous: Tensor | None, scale: float | None = None) -> Tensor:
+    """RealFormer's carried scores R_l = L_l + R_{l-1}: (B, H, Nq, Nk), before any mask."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = grouped_logits(q, k, scale)
+    return logits if previous is None else logits + previous
+
+
+def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected 4-D (B, H, N, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+
+
+__all__ = ["attention", "selection_scores", "selection_penalty", "penalty_from_scores", "selection_logits", "penalty_bias",
+           "selective_attention", "residual_scores"]

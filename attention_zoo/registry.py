@@ -1,0 +1,127 @@
+"""A name -> factory registry with decorator registration, wildcards and entry points.
+
+Unlike timm's registry, a second registration under a taken name is an error that names both
+definitions, and third-party packages join through an entry-point group without being imported
+by hand.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RegistryError(LookupError):
+    """An unknown, duplicate or broken registry entry."""
+
+
+def _where(obj: Any) -> str:
+    """`module.qualname (file:line)`: enough to find a definition when two collide."""
+    try:
+        file = inspect.getsourcefile(obj)
+        line = inspect.getsourcelines(obj)[1]
+        loc = f" ({file}:{line})"
+    except (OSError, TypeError):
+        loc = ""
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}{loc}"
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+
+
+@dataclass
+class PluginFailure:
+    source: str  # entry point or module name
+    error: str
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, entry_point_group: str | None = None, builtin_modules: tuple[str, ...] = ()):
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._builtin_modules = builtin_modules
+        self._entries: dict[str, T] = {}
+        self._loaded = False
+        self.failures: list[PluginFailure] = []
+
+    # -- registration ------------------------------------------------------------------------
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            self.add(name, obj)
+            return obj
+
+        return decorator
+
+    def add(self, name: str, obj: T) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise RegistryError(f"{self.kind} name must be an identifier, got {name!r}")
+        old = self._entries.get(name)
+        if old is not None and old is not obj:
+            # Re-importing the same module (e.g. reload) re-registers an identical definition.
+            if _where(old) != _where(obj):
+                raise RegistryError(
+                    f"duplicate {self.kind} {name!r}: already registered by {_where(old)}, "
+                    f"registered again by {_where(obj)}"
+                )
+        self._entries[name] = obj
+        try:
+            obj.registered_name = name  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            pass
+
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    # -- discovery ---------------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self._builtin_modules:
+            importlib.import_module(module)
+        if self.entry_point_group:
+            for ep in metadata.entry_points(group=self.entry_point_group):
+                try:
+                    ep.load()
+                except Exception as exc:  # a broken plugin must not break runs that don't use it
+                    self.failures.append(PluginFailure(f"entry point {ep.name} = {ep.value}", f"{type(exc).__name__}: {exc}"))
+                    log.warning("attention-zoo: could not load plugin %s (%s): %s", ep.name, ep.value, exc)
+
+    def names(self, pattern: str = "*") -> list[str]:
+        self._ensure_loaded()
+        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        self._ensure_loaded()
+        return name in self._entries
+
+    def get(self, name: str) -> T:
+        self._ensure_loaded()
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = sorted(self._entries)
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}; {did_you_mean(name, known)}known: {', '.join(known)}"
+            ) from None
+
+
+def import_plugins(modules: list[str]) -> list[PluginFailure]:
+    """Import user-listed plugin modules; report failures by name instead of raising."""
+    failures = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            failures.append(PluginFailure(f"plugin module {module!r}", f"{type(exc).__name__}: {exc}"))
+    return failures

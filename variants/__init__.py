@@ -1,0 +1,2 @@
+"""Built-in attention variants. Each module registers itself with `@register_variant` on import."""
+from . import cross_layer_selective, gqa, residual, selective, vanilla  # noqa: F401

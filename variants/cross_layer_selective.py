@@ -1,0 +1,80 @@
+"""Cross-layer (depth-wise) selective attention: shallow layers' selection guides deeper ones.
+
+State F_l (B, Nq, Nk), float32, travels up the stack through the `selection_penalty` channel.
+- share: a source layer computes its own F and writes it; any other layer attends with the latest
+  source's F as it is and computes no selection logits at all.
+- accumulate: F_l = own_l + decay * F_{l-1}, own_l being this layer's selective F if it is a source
+  and 0 otherwise, so attention focuses progressively with depth.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import Tensor
+
+from attention_zoo.functional import penalty_bias
+from attention_zoo.state import SELECTION_PENALTY
+from attention_zoo.variant import KV_HEADS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, Param, ProjectedAttention
+from attention_zoo.variant_registry import register_variant
+from variants.selective import SelectionMixin
+
+
+def _sources_check(value, shape: LayerShape):
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        return "must be a list of layer indices (integers)"
+    bad = [i for i in value if not 0 <= i < shape.depth]
+    return f"layer indices {bad} outside [0, {shape.depth - 1}]" if bad else None
+
+
+def _decay_check(value, shape: LayerShape):
+    return None if value >= 0 else "must be >= 0"
+
+
+@register_variant("cross_layer_selective")
+class CrossLayerSelective(SelectionMixin, ProjectedAttention):
+    """Depth-wise selective attention: source layers select, other layers reuse (share) or add up (accumulate) F."""
+
+    params = {
+        "kv_heads": KV_HEADS,
+        "selection_head": SELECTION_HEAD,
+        "protect_bos": PROTECT_BOS,
+        "residual": RESIDUAL,
+        "sources": Param(list, [0], "layer indices that compute their own selection", check=_sources_check),
+        "mode": Param(str, "share", "share: reuse the latest source's F; accumulate: F_l = own_l + decay * F_{l-1}",
+                      choices=("share", "accumulate")),
+        "decay": Param((float, int), 1.0, "weight of F_{l-1} in accumulate mode", check=_decay_check),
+    }
+
+    def __init__(self, shape: LayerShape, *, sources: list[int] = (0,), mode: str = "share", decay: float = 1.0,
+                 selection_head: int = 0, protect_bos: bool = True, residual: bool = False, **base):
+        self.carry_residual = residual
+        super().__init__(shape, **base)
+        self.selection_head = selection_head
+        self.protect_bos = protect_bos
+        self.is_source = shape.layer_index in set(sources)
+        self.mode = mode
+        self.decay = float(decay)
+        channel = SELECTION_PENALTY.name
+        if mode == "share":
+            # A non-source layer cannot work without an earlier source: validation reports it.
+            self.reads = () if self.is_source else (channel,)
+            self.writes = (*self.writes, channel) if self.is_source else self.writes
+        else:
+            self.optional_reads = (*self.optional_reads, channel)
+            self.writes = (*self.writes, channel)
+
+    def attention_bias(self, q, k, state: Mapping[str, Tensor], cache):
+        channel = SELECTION_PENALTY.name
+        if self.mode == "share":
+            Fpen = self.own_penalty(q, k, cache) if self.is_source else state[channel]
+            return penalty_bias(Fpen, self.heads), ({channel: Fpen} if self.is_source else {})
+        previous = state.get(channel)
+        Fpen = self.own_penalty(q, k, cache) if self.is_source else None
+        if previous is not None and self.decay:
+            Fpen = self.decay * previous if Fpen is None else Fpen + self.decay * previous
+        if Fpen is None:  # no source at or below this layer yet: plain attention
+            return None, {}
+        return penalty_bias(Fpen, self.heads), {channel: Fpen}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mode={self.mode!r}, source={self.is_source}, decay={self.decay}"
