@@ -7,6 +7,8 @@ backend serves every variant whose calls it accepts. `auto` tries backends in `A
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 from torch import Tensor
 
@@ -36,6 +38,19 @@ class BackendRefused(RuntimeError):
 
 
 _logged: set[tuple[str, str]] = set()
+_recorders: list[list[AttentionCall]] = []
+
+
+@contextmanager
+def recording_calls() -> Iterator[list[AttentionCall]]:
+    """Collect the AttentionCall of every dispatch inside the block (e.g. a meta-device forward pass),
+    so tools can plan backends from what the variants really ask for, without knowing any variant."""
+    calls: list[AttentionCall] = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
 
 
 def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
@@ -59,7 +74,10 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
 
 
 def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float, backend: str = "auto") -> Tensor:
-    chosen, skipped = choose(backend, AttentionCall.from_tensors(q, k, bias))
+    call = AttentionCall.from_tensors(q, k, bias)
+    for calls in _recorders:
+        calls.append(call)
+    chosen, skipped = choose(backend, call)
     for why in skipped:
         if (why, chosen.name) not in _logged:
             _logged.add((why, chosen.name))
@@ -68,6 +86,6 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bo
 
 
 __all__ = [
-    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
+    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch", "recording_calls",
     "causal_mask", "math_attention", "grouped_logits",
 ]

@@ -5,7 +5,9 @@ import argparse
 
 import torch
 
-from ..backends import AttentionCall, BackendRefused, choose
+import dataclasses
+
+from ..backends import BackendRefused, choose, recording_calls
 from ..config import ConfigError, build_model, layer_specs, load_config
 from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
 
@@ -64,15 +66,17 @@ def cmd_describe(args) -> int:
         model = build_model(config)
     head_dim = m["head_dim"] or m["dim"] // m["heads"]
     dtype = getattr(torch, args.dtype)
+    # One forward pass on the meta device records exactly what each layer asks its backend for.
+    tokens = torch.zeros(1, m["max_seq_len"], dtype=torch.long, device="meta")
+    with recording_calls() as calls, torch.set_grad_enabled(args.train):
+        model(tokens)
     print(f"{args.file}: depth {m['depth']}, dim {m['dim']}, heads {m['heads']} x {head_dim}, "
           f"vocab {m['vocab_size']}, max_seq_len {m['max_seq_len']}")
     print(f"parameters: {model.num_parameters():,}")
-    for spec, block in zip(layer_specs(m), model.blocks):
+    for spec, block, call in zip(layer_specs(m), model.blocks, calls):
         attn = block.attention
         params = resolved_params(spec.variant, spec.params)
-        call = AttentionCall(device=args.device, dtype=dtype, heads=m["heads"], kv_heads=attn.kv_heads, head_dim=head_dim,
-                             q_len=m["max_seq_len"], k_len=m["max_seq_len"], has_bias=spec.variant != "vanilla" and
-                             spec.variant != "gqa", bias_requires_grad=args.train, grad_enabled=args.train)
+        call = dataclasses.replace(call, device=args.device, dtype=dtype)
         try:
             chosen, skipped = choose(config["backend"], call)
             backend = chosen.name + (f" (skipped {'; '.join(skipped)})" if skipped else "")
@@ -83,5 +87,7 @@ def cmd_describe(args) -> int:
         print(f"layer {spec.index}: {spec.variant} {params}")
         print(f"    state read: {reads}{f' (optional: {optional})' if optional else ''}; "
               f"written: {', '.join(attn.writes) or '-'}")
-        print(f"    backend ({config['backend']}, {args.device}, {args.dtype}{', train' if args.train else ''}): {backend}")
+        bias = "none" if not call.has_bias else ("with grad" if call.bias_requires_grad else "constant")
+        print(f"    backend ({config['backend']}, {args.device}, {args.dtype}{', train' if args.train else ''}; "
+              f"bias {bias}): {backend}")
     return 0
