@@ -23,14 +23,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, ca
 def selection_scores(logits: Tensor, *, protect_bos: bool = True) -> Tensor:
     """S = ReLU(logits) with key 0 (BOS, if protected), the query itself and future keys zeroed.
 
-    logits: (B, Nq, Nk) of the selection head. Returns float32 (B, Nq, Nk).
+    logits: (B, Nq, Nk) of the selection head. Returns (B, Nq, Nk) in float32, or float64 for
+    float64 logits: at least float32 whatever the compute dtype, never less precise than it.
     """
     Nq, Nk = logits.shape[-2:]
     strictly_earlier = causal_mask(Nq, Nk - 1, logits.device)  # j < own position, as (Nq, Nk - 1)
     keep = F.pad(strictly_earlier, (0, 1), value=False)  # (Nq, Nk): j <= pos - 1
     if protect_bos:
         keep[:, 0] = False
-    return torch.relu(logits.float()) * keep
+    return torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32))) * keep
 
 
 def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: Tensor | None = None) -> Tensor:

@@ -124,4 +124,5 @@ def import_plugins(modules: list[str]) -> list[PluginFailure]:
             importlib.import_module(module)
         except Exception as exc:
             failures.append(PluginFailure(f"plugin module {module!r}", f"{type(exc).__name__}: {exc}"))
+            log.warning("attention-zoo: could not import plugin module %r: %s: %s", module, type(exc).__name__, exc)
     return failures

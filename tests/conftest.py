@@ -1,0 +1,54 @@
+"""Fixtures shared by the test files: the repository root, the CLI in a subprocess, and a registry that
+forgets whatever a test registers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_cli():
+    """Run `python -m attention_zoo ARGS` in a fresh interpreter; `path` entries go first on PYTHONPATH."""
+
+    def run(*args: str, path: tuple[Path | str, ...] = (), cwd: Path = ROOT) -> subprocess.CompletedProcess:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([*map(str, path), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        return subprocess.run([sys.executable, "-m", "attention_zoo", *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    return run
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """Variant registrations, plugin failures and plugin modules made during the test are undone after it."""
+    from attention_zoo.variant_registry import VARIANTS
+
+    VARIANTS.names()  # load built-ins and entry points first, so they are part of the snapshot
+    entries, failures, loaded = dict(VARIANTS._entries), list(VARIANTS.failures), VARIANTS._loaded
+    modules = set(sys.modules)
+    yield VARIANTS
+    VARIANTS._entries.clear()
+    VARIANTS._entries.update(entries)
+    VARIANTS.failures[:] = failures
+    VARIANTS._loaded = loaded
+    for name in set(sys.modules) - modules:
+        if name.startswith(("zoo_", "my_")):
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine the idle threads'
+    spinning made each matmul ~100x slower. Modules opt in with `pytestmark`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

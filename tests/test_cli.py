@@ -1,0 +1,121 @@
+"""`attention-zoo list`, `validate` and `describe`, run in-process through cli.main (the subprocess
+route, exit codes and tracebacks included, is covered in test_config.py and test_plugins.py)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from attention_zoo import backends
+from attention_zoo.backends import BACKENDS, Backend
+from attention_zoo.cli import main
+from attention_zoo.variant_registry import get_variant, list_variants, summary
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_shows_every_variant_with_description_and_parameters(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    for name in list_variants():
+        assert f"{name}: {summary(name)}" in out and summary(name)
+        for key, p in get_variant(name).params.items():
+            assert re.search(rf"^    {key} \({re.escape(p.type_name())}, [^)]*\): {re.escape(p.doc)}$", out, re.M), key
+    assert "kv_heads (int, required): key/value heads" in out  # gqa
+    assert "mode (str, default 'share', one of share, accumulate)" in out
+
+
+def test_list_with_a_wildcard(capsys):
+    code, out, _ = run(capsys, "list", "*selective")
+    assert code == 0
+    assert [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")] == ["cross_layer_selective", "selective"]
+    code, out, _ = run(capsys, "list", "nothing*")
+    assert code == 1 and "no variant matches 'nothing*'" in out and "selective" in out
+
+
+def test_validate(capsys, tmp_path):
+    good = [str(p) for p in sorted(CONFIGS.glob("*.yaml"))]
+    code, out, _ = run(capsys, "validate", *good)
+    assert code == 0 and out.splitlines() == [f"{p}: ok" for p in good]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  depth: 2\n  heads: 8\n  attention: {variant: gqa, kv_heads: 8}\n  layers: [{at: [5]}]\n")
+    code, out, _ = run(capsys, "validate", good[0], str(bad))
+    assert code == 2
+    assert f"{good[0]}: ok" in out
+    assert f"{bad}: model.layers[0].at = [5]: layer indices [5] outside [0, 1]" in out
+
+
+def describe(capsys, *argv):
+    code, out, err = run(capsys, "describe", *argv)
+    assert code == 0, err
+    layers = re.split(r"^(?=layer \d+: )", out, flags=re.M)
+    return layers[0], layers[1:]
+
+
+def test_describe_shows_layers_state_backend_and_parameter_count(capsys):
+    from attention_zoo import build_model
+
+    header, layers = describe(capsys, str(CONFIGS / "selective_hybrid.yaml"))
+    count = build_model(CONFIGS / "selective_hybrid.yaml").num_parameters()
+    assert f"parameters: {count:,}" in header and "depth 4, dim 256, heads 8 x 32" in header
+    assert len(layers) == 4
+    assert layers[0].startswith("layer 0: selective {'kv_heads': None, 'selection_head': 0, 'protect_bos': True, 'residual': False}")
+    assert "state read: -; written: selection_penalty" in layers[0]
+    assert "residual': True" in layers[1] and "(optional: residual_scores); written: residual_scores, selection_penalty" in layers[1]
+    assert layers[3].startswith("layer 3: vanilla {'kv_heads': None}") and "state read: -; written: -" in layers[3]
+    for layer in layers:
+        assert re.search(r"^    backend \(auto, cpu, float32.*\): (sdpa|math|xformers)", layer, re.M), layer
+
+
+def test_describe_parameter_count_follows_the_shapes(capsys):
+    """Embeddings (tied head) + per layer q, k/v, out, MLP, two LayerNorms + final LayerNorm."""
+    V, d, n, L, kv = 256, 256, 1024, 4, 2 * 32
+    per_layer = d * d + 2 * kv * d + d * d + 2 * 4 * d * d + 4 * d
+    header, _ = describe(capsys, str(CONFIGS / "gqa.yaml"))
+    assert f"parameters: {V * d + n * d + L * per_layer + 2 * d:,}" in header
+
+
+def test_describe_share_mode_state_flow(capsys):
+    _, layers = describe(capsys, str(CONFIGS / "cross_layer_share.yaml"))
+    assert "state read: -; written: selection_penalty" in layers[0]
+    for layer in layers[1:]:
+        assert "state read: selection_penalty; written: -" in layer
+
+
+def test_describe_with_overrides(capsys):
+    header, layers = describe(capsys, str(CONFIGS / "selective.yaml"), "model.depth=2", "model.attention.kv_heads=4")
+    assert "depth 2" in header and len(layers) == 2 and "'kv_heads': 4" in layers[0]
+
+
+def test_describe_says_why_a_backend_was_skipped(capsys, monkeypatch):
+    class Picky(Backend):
+        name = "picky"
+
+        def refuse(self, call):
+            return f"needs head_dim 128, got {call.head_dim}"
+
+    monkeypatch.setitem(BACKENDS._entries, "picky", Picky())
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("picky", "math"))
+    _, layers = describe(capsys, str(CONFIGS / "vanilla.yaml"))
+    assert all(re.search(r"\): math \(skipped picky: needs head_dim 128, got 32\)", layer) for layer in layers)
+
+
+def test_describe_a_bad_config_exits_2(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {attention: {variant: vanila}}\n")
+    code, out, err = run(capsys, "describe", str(bad))
+    assert code == 2 and "did you mean 'vanilla'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["validate"], ["describe"], ["frobnicate"]])
+def test_usage_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2

@@ -1,0 +1,174 @@
+"""The contract every registered variant keeps, tested by looping over the registry.
+
+A newly registered variant is covered without new test code: it runs with its declared defaults. A
+variant with a required parameter must be given one in CASES (the test fails and says so otherwise);
+CASES also lists the combinations worth covering (selective + GQA, selective + residual, ...).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attention_zoo.config as config_module
+from attention_zoo import build_model, list_variants, load_config
+from attention_zoo.config import build_attentions
+from attention_zoo.state import CHANNELS, fresh_view, merge
+from attention_zoo.variant_registry import get_variant
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# variant -> parameter sets to test it with. Not listed: its declared defaults, `[{}]`.
+CASES: dict[str, list[dict]] = {
+    "gqa": [{"kv_heads": 2}, {"kv_heads": 1}],
+    "residual": [{}, {"kv_heads": 2}],
+    "selective": [{}, {"kv_heads": 2}, {"kv_heads": 1}, {"residual": True}, {"selection_head": 3, "protect_bos": False}],
+    "cross_layer_selective": [
+        {"mode": "share", "sources": [0, 2]},
+        {"mode": "accumulate", "sources": [1], "decay": 0.5},
+        {"mode": "share", "sources": [0], "kv_heads": 2, "residual": True},
+    ],
+}
+DEPTH, DIM, HEADS, VOCAB, N, B = 3, 32, 4, 32, 10, 2
+CONTRACT = [(name, params) for name in list_variants() for params in CASES.get(name, [{}])]
+IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}" for name, params in CONTRACT]
+
+
+def case_config(name: str, params: dict, backend: str = "math", **model) -> dict:
+    required = [k for k, p in get_variant(name).params.items() if p.required and k not in params]
+    if required:
+        pytest.fail(f"variant {name!r} has required parameters {required}: add an entry for it to CASES in "
+                    f"tests/test_contract.py so the contract tests can build it")
+    sizes = {"vocab_size": VOCAB, "dim": DIM, "depth": DEPTH, "heads": HEADS, "max_seq_len": 16, **model}
+    return {"backend": backend, "model": {**sizes, "attention": {"variant": name, **params}}}
+
+
+def randomized(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Weights far larger than the GPT-2 init, so a leak or a wrong term shows up well above rounding."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+def tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(seed))
+
+
+def state_below(per_layer: list[dict], layer: int) -> dict:
+    """What the stack hands layer `layer`: the latest write of every channel below it."""
+    state: dict = {}
+    for updates in per_layer[:layer]:
+        state.update(updates)
+    return state
+
+
+@pytest.mark.parametrize("name,params", CONTRACT, ids=IDS)
+def test_shapes_and_declared_state(name, params):
+    model = build_model(case_config(name, params))
+    logits, per_layer = model(tokens(), return_state=True)
+    assert logits.shape == (B, N, VOCAB)
+    assert torch.isfinite(logits).all()
+    for layer, (block, updates) in enumerate(zip(model.blocks, per_layer)):
+        assert set(updates) <= set(block.attention.writes), f"layer {layer} wrote undeclared state"
+        for channel, value in updates.items():
+            if CHANNELS[channel].shape in ("(B, H, Nq, Nk)", "(B, Nq, Nk)"):  # layouts Channel.check knows
+                CHANNELS[channel].check(value, B, HEADS, N, N)  # declared shape and dtype
+        y, _ = block.attention(torch.randn(B, N, DIM), fresh_view(state_below(per_layer, layer)))
+        assert y.shape == (B, N, DIM)
+
+
+@pytest.mark.parametrize("name,params", CONTRACT, ids=IDS)
+def test_causal(name, params):
+    """Changing token t never changes the logits before t (and does change those at t)."""
+    model = randomized(build_model(case_config(name, params, backend="auto")))
+    x = tokens()
+    with torch.no_grad():
+        base = model(x)
+        for t in range(1, N):
+            changed = x.clone()
+            changed[:, t] = (changed[:, t] + 1) % VOCAB
+            out = model(changed)
+            torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-6, rtol=0, msg=f"changing token {t} leaked backwards")
+            assert (out[:, t] - base[:, t]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name,params", CONTRACT, ids=IDS)
+def test_gradients_reach_every_parameter(name, params):
+    model = build_model(case_config(name, params, backend="auto"))  # the real init
+    logits = model(tokens())
+    (logits * torch.randn_like(logits)).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {pname}"
+
+
+@pytest.mark.parametrize("name,params", CONTRACT, ids=IDS)
+def test_math_and_sdpa_agree(name, params):
+    """fp32 outputs and every parameter's gradient agree to 1e-5 (absolute, relative to the largest value)."""
+    models = {b: build_model(case_config(name, params, backend=b)) for b in ("math", "sdpa")}
+    randomized(models["math"], std=0.1)  # larger weights amplify fp32 rounding past 1e-5 in deep gradients
+    models["sdpa"].load_state_dict(models["math"].state_dict())
+    x = tokens()
+    weights = torch.randn(B, N, VOCAB, generator=torch.Generator().manual_seed(2))
+    logits, grads = {}, {}
+    for b, model in models.items():
+        logits[b] = model(x)
+        (logits[b] * weights).sum().backward()
+        grads[b] = {n: p.grad for n, p in model.named_parameters()}
+    scale = logits["math"].abs().max().item()
+    torch.testing.assert_close(logits["sdpa"], logits["math"], atol=1e-5 * max(1.0, scale), rtol=0)
+    for pname, g in grads["math"].items():
+        gscale = g.abs().max().item()
+        torch.testing.assert_close(grads["sdpa"][pname], g, atol=1e-5 * max(1.0, gscale), rtol=0, msg=lambda m: f"{pname}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("name,params", CONTRACT, ids=IDS)
+def test_float64_gradcheck_through_the_layers(name, params, backend):
+    """torch.autograd.gradcheck through a stack of the variant's layers, state passing included."""
+    config = load_config(case_config(name, params, backend=backend, dim=16))
+    torch.manual_seed(0)
+    layers = [layer.double() for layer in build_attentions(config["model"], backend)]
+
+    def stack(x):
+        state: dict = {}
+        for i, layer in enumerate(layers):
+            y, updates = layer(x, fresh_view(state))
+            state = merge(state, updates, layer.writes, f"layer {i}")
+            x = x + y
+        return x
+
+    x = torch.randn(1, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(stack, (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,params", CONTRACT, ids=IDS)
+def test_validation_builds_on_meta(name, params, monkeypatch):
+    """load_config checks the state flow with layers built on the meta device: no weight is allocated."""
+    devices = []
+
+    def spy(model, backend="auto"):
+        attentions = build_attentions(model, backend)
+        devices.extend(p.device.type for a in attentions for p in a.parameters())
+        return attentions
+
+    monkeypatch.setattr(config_module, "build_attentions", spy)
+    load_config(case_config(name, params))
+    assert devices and set(devices) == {"meta"}
+
+
+def test_missing_required_parameter_fails_loudly(isolated_registry):
+    """A new variant with a required parameter and no CASES entry fails the contract with instructions."""
+    from attention_zoo import Param, ProjectedAttention, register_variant
+
+    @register_variant("zoo_needs_width")
+    class NeedsWidth(ProjectedAttention):
+        """Needs a parameter."""
+
+        params = {"width": Param(int, required=True)}
+
+        def __init__(self, shape, *, width, **base):
+            super().__init__(shape, **base)
+
+    with pytest.raises(pytest.fail.Exception, match=r"add an entry for it to CASES"):
+        case_config("zoo_needs_width", {})

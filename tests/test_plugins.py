@@ -1,0 +1,159 @@
+"""Third-party variants: entry points, `plugins:` modules, broken plugins, duplicates, lookups.
+
+The plugin packages live in tests/fixtures/ as they would in site-packages (module + *.dist-info with
+entry_points.txt), so putting their folder on sys.path is all it takes; nothing is pip-installed.
+Registrations made here are undone after each test (the `isolated_registry` fixture).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from attention_zoo import ProjectedAttention, build_model, create_variant, list_variants, load_config, register_variant
+from attention_zoo.cli import main as cli_main
+from attention_zoo.config import ConfigError
+from attention_zoo.registry import RegistryError
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PLUGIN, BROKEN = FIXTURES / "zoo_plugin", FIXTURES / "broken_plugin"
+BUILTINS = ["cross_layer_selective", "gqa", "residual", "selective", "vanilla"]
+
+
+def rediscover(registry, monkeypatch, folder):
+    """Put a plugin folder on sys.path and make the registry scan entry points again."""
+    monkeypatch.syspath_prepend(str(folder))
+    registry._loaded = False
+    return registry.names()
+
+
+def small_model(attention: dict, **top) -> dict:
+    return {**top, "model": {"vocab_size": 32, "dim": 32, "depth": 2, "heads": 4, "max_seq_len": 16, "attention": attention}}
+
+
+def test_entry_point_variant_shows_up_in_list(run_cli):
+    result = run_cli("list", path=(PLUGIN,))
+    assert result.returncode == 0, result.stderr
+    assert "local_window: Sliding-window attention" in result.stdout
+    assert "window (int, default 4): keys each query sees" in result.stdout
+    for name in BUILTINS:
+        assert f"\n{name}: " in f"\n{result.stdout}"
+
+
+def test_entry_point_variant_builds_from_yaml(isolated_registry, monkeypatch, tmp_path):
+    assert "local_window" in rediscover(isolated_registry, monkeypatch, PLUGIN)
+    path = tmp_path / "window.yaml"
+    path.write_text("model:\n  vocab_size: 32\n  dim: 32\n  depth: 2\n  heads: 4\n  max_seq_len: 16\n"
+                    "  attention: {variant: local_window, window: 3, kv_heads: 2}\n")
+    model = build_model(path)
+    assert type(model.blocks[0].attention).__name__ == "LocalWindow" and model.blocks[0].attention.window == 3
+    tokens = torch.randint(0, 32, (2, 10))
+    logits = model(tokens)
+    assert logits.shape == (2, 10, 32)
+    changed = tokens.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % 32
+    # two layers of window 3 see at most 4 tokens back: position 5 no longer depends on token 0
+    torch.testing.assert_close(model(changed)[:, 5:], logits[:, 5:])
+    with pytest.raises(ConfigError, match=r"model.attention.window = 0: must be >= 1"):
+        load_config(small_model({"variant": "local_window", "window": 0}))
+
+
+def test_plugins_module_from_yaml_is_imported(isolated_registry, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(PLUGIN))
+    assert "zoo_yaml_variant" not in list_variants()
+    path = tmp_path / "plugin.yaml"
+    path.write_text("plugins: [zoo_yaml_plugin]\nmodel: {dim: 32, depth: 1, heads: 4, attention: {variant: zoo_yaml_variant}}\n")
+    model = build_model(path)
+    assert type(model.blocks[0].attention).__name__ == "ZooYamlVariant"
+    assert "zoo_yaml_variant" in list_variants()
+
+
+def test_broken_plugins_module_is_reported_by_name_and_harmless(isolated_registry, monkeypatch, caplog):
+    monkeypatch.syspath_prepend(str(BROKEN))
+    with caplog.at_level(logging.WARNING):
+        config = load_config(small_model({"variant": "vanilla"}, plugins=["zoo_broken_plugin"]))
+    assert config["model"]["attention"]["variant"] == "vanilla"  # a config that doesn't need it still works
+    assert "zoo_broken_plugin" in caplog.text and "zoo_dependency_that_is_not_installed" in caplog.text
+    with pytest.raises(ConfigError) as info:  # one that needs it says why its variant is missing
+        load_config(small_model({"variant": "broken_window"}, plugins=["zoo_broken_plugin", "zoo_missing_module"]))
+    message = str(info.value)
+    assert "unknown variant" in message and "plugins that failed to import" in message
+    assert "plugin module 'zoo_broken_plugin'" in message and "plugin module 'zoo_missing_module'" in message
+
+
+def test_broken_entry_point_is_reported_by_name_and_harmless(isolated_registry, monkeypatch, caplog, capsys):
+    with caplog.at_level(logging.WARNING):
+        names = rediscover(isolated_registry, monkeypatch, BROKEN)
+    assert set(BUILTINS) <= set(names) and "broken_window" not in names
+    assert "broken_window" in caplog.text and "zoo_broken_plugin" in caplog.text
+    assert cli_main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "vanilla: " in out and "plugin not loaded: entry point broken_window = zoo_broken_plugin" in out
+    build_model(small_model({"variant": "selective"}))
+    with pytest.raises(ConfigError, match=r"plugins that failed to import: entry point broken_window"):
+        load_config(small_model({"variant": "broken_window"}))
+
+
+def test_duplicate_registration_names_both_definitions(isolated_registry):
+    with pytest.raises(RegistryError) as info:
+        @register_variant("selective")
+        class Impostor(ProjectedAttention):
+            """Same name as a built-in."""
+
+    message = str(info.value)
+    assert "duplicate variant 'selective'" in message
+    assert "variants.selective.Selective" in message and "selective.py" in message  # the first definition
+    assert "Impostor" in message and "test_plugins.py" in message  # the second one
+    assert create_variant("selective").__class__.__name__ == "Selective"  # the original is kept
+
+
+def test_duplicate_in_a_plugin_module_is_reported(isolated_registry, monkeypatch, caplog):
+    monkeypatch.syspath_prepend(str(PLUGIN))
+    with caplog.at_level(logging.WARNING):
+        load_config(small_model({"variant": "vanilla"}, plugins=["zoo_duplicate_plugin"]))
+    assert "zoo_duplicate_plugin" in caplog.text
+    assert "variants.vanilla.Vanilla" in caplog.text and "AnotherVanilla" in caplog.text
+
+
+def test_registering_the_same_definition_twice_is_allowed(isolated_registry):
+    """Reloading a module re-registers an identical definition: that is not a clash."""
+    from variants.vanilla import Vanilla
+
+    register_variant("vanilla")(Vanilla)
+    assert list_variants("vanilla") == ["vanilla"]
+
+
+def test_a_variant_must_declare_params(isolated_registry):
+    with pytest.raises(TypeError, match=r"must declare `params"):
+        register_variant("zoo_no_params")(type("NoParams", (torch.nn.Module,), {}))
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(RegistryError) as info:
+        create_variant("selectiv")
+    assert "unknown variant 'selectiv'" in str(info.value) and "did you mean 'selective'" in str(info.value)
+    assert "known: " + ", ".join(list_variants()) in str(info.value)
+
+
+def test_create_variant_reports_every_bad_parameter():
+    with pytest.raises(ValueError) as info:
+        create_variant("selective", heads=4, kv_heads=3, selection_head=4, colour="red")
+    message = str(info.value)
+    assert "kv_heads = 3" in message and "selection_head = 4" in message and "colour = 'red'" in message
+
+
+@pytest.mark.parametrize("pattern,expected", [
+    ("sel*", ["selective"]),
+    ("*selective", ["cross_layer_selective", "selective"]),
+    ("?qa", ["gqa"]),
+    ("nothing*", []),
+])
+def test_list_variants_wildcards(pattern, expected):
+    assert list_variants(pattern) == expected
+
+
+def test_list_variants_default_is_everything_sorted():
+    names = list_variants()
+    assert names == sorted(names) and set(BUILTINS) <= set(names) and list_variants("*") == names

@@ -1,0 +1,432 @@
+"""Every built-in variant against a naive reference written here from SPEC.md's equations.
+
+The reference never imports attention_zoo.functional or the backends: it loops over heads, repeats
+k/v with repeat_interleave, and builds the selection penalty F with Python loops over queries i and
+earlier queries k < i. It is compared with the library on outputs and gradients:
+
+- fp32: |difference| <= 1e-5 * max(1, largest |value|) (outputs and each gradient separately);
+- float64: the same with 1e-10.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as tF
+
+import attention_zoo.variant as variant_module
+from attention_zoo import build_model, create_variant, functional
+from attention_zoo.state import RESIDUAL_SCORES, SELECTION_PENALTY
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+R_KEY, F_KEY = RESIDUAL_SCORES.name, SELECTION_PENALTY.name
+
+
+def assert_matches(actual, expected, dtype, what=""):
+    scale = max(1.0, expected.detach().abs().max().item())
+    torch.testing.assert_close(actual, expected, atol=TOL[dtype] * scale, rtol=0, msg=lambda m: f"{what}: {m}")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# ---------------------------------------------------------------------------------------------------
+# The naive reference (SPEC.md, "The math, exactly").
+
+def ref_logits(q, k):
+    """L^h[i, j] = q^h_i . k^{g(h)}_j / sqrt(D), one head at a time; k repeated to H heads."""
+    H, D = q.shape[1], q.shape[-1]
+    k = k.repeat_interleave(H // k.shape[1], dim=1)
+    return torch.stack([q[:, h] @ k[:, h].transpose(-1, -2) / math.sqrt(D) for h in range(H)], dim=1)
+
+
+def ref_softmax_attend(scores, v):
+    """softmax(scores + causal mask) v per head; scores (B, H, N, N), v (B, Hkv, N, D)."""
+    H, N = scores.shape[1], scores.shape[-1]
+    v = v.repeat_interleave(H // v.shape[1], dim=1)
+    visible = torch.ones(N, N, dtype=torch.bool).tril()
+    outs = []
+    for h in range(H):
+        weights = torch.softmax(scores[:, h].masked_fill(~visible, float("-inf")), dim=-1)
+        outs.append(weights @ v[:, h])
+    return torch.stack(outs, dim=1)
+
+
+def ref_penalty(selection_logits, protect_bos=True):
+    """F[i, j] = sum_{k < i} S[k, j], S = ReLU(L^s) with S[k, j] = 0 for j >= k and, if protected, j == 0."""
+    B, N, _ = selection_logits.shape
+    zero = selection_logits.new_zeros(B)
+
+    def S(k, j):
+        if j >= k or (protect_bos and j == 0):
+            return zero
+        return torch.relu(selection_logits[:, k, j])
+
+    rows = []
+    for i in range(N):
+        rows.append(torch.stack([sum((S(k, j) for k in range(i)), zero) for j in range(N)], dim=-1))
+    return torch.stack(rows, dim=1)
+
+
+def ref_selective(q, k, v, selection_head=0, protect_bos=True):
+    L = ref_logits(q, k)
+    Fpen = ref_penalty(L[:, selection_head], protect_bos)
+    return ref_softmax_attend(L - Fpen[:, None], v), Fpen
+
+
+# ---------------------------------------------------------------------------------------------------
+# The functional API against the reference.
+
+def qkv(H=4, Hkv=4, N=8, D=8, B=2, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda h: torch.randn(B, h, N, D, generator=g, dtype=dtype).requires_grad_()
+    return make(H), make(Hkv), make(Hkv)
+
+
+def grads(out, inputs, seed=3):
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad((out * weights).sum(), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_matches_reference(kv_heads, backend, dtype):
+    q, k, v = qkv(Hkv=kv_heads, dtype=dtype)
+    out = functional.attention(q, k, v, backend=backend)
+    ref = ref_softmax_attend(ref_logits(q, k), v)
+    assert_matches(out, ref, dtype, "output")
+    for name, got, want in zip("qkv", grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_matches(got, want, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("layout", ["per-head", "one-head", "expanded"])
+def test_attention_with_a_trainable_bias_matches_reference(layout, kv_heads, backend):
+    """A bias per head, one broadcast over heads, or one expanded with stride 0: outputs and d(bias)."""
+    q, k, v = qkv(Hkv=kv_heads, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    heads = 4 if layout == "per-head" else 1
+    base = torch.randn(2, heads, 8, 8, generator=g, dtype=torch.float64).requires_grad_()
+    bias = base.expand(-1, 4, -1, -1) if layout == "expanded" else base
+    out = functional.attention(q, k, v, bias=bias, backend=backend)
+    ref = ref_softmax_attend(ref_logits(q, k) + bias.expand(-1, 4, -1, -1), v)
+    assert_matches(out, ref, torch.float64, "output")
+    for name, got, want in zip(["q", "k", "v", "bias"], grads(out, (q, k, v, base)), grads(ref, (q, k, v, base))):
+        assert_matches(got, want, torch.float64, f"grad {name}")
+
+
+def test_gqa_equals_mha_with_kv_repeated():
+    q, k, v = qkv(Hkv=2)
+    grouped = functional.attention(q, k, v, backend="math")
+    repeated = functional.attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), backend="math")
+    torch.testing.assert_close(grouped, repeated, atol=1e-6, rtol=0)
+
+
+def test_gqa_model_equals_mha_model_with_kv_weights_repeated():
+    config = {"backend": "math", "model": {"vocab_size": 32, "dim": 32, "depth": 2, "heads": 4, "max_seq_len": 16}}
+    gqa = build_model({**config, "model": {**config["model"], "attention": {"variant": "gqa", "kv_heads": 2}}})
+    mha = build_model({**config, "model": {**config["model"], "attention": {"variant": "vanilla"}}})
+    state = dict(gqa.state_dict())
+    for name, w in gqa.state_dict().items():
+        if name.endswith("kv_proj.weight"):  # rows laid out (k|v, kv head, head_dim)
+            state[name] = w.view(2, 2, 8, 32).repeat_interleave(2, dim=1).reshape(2 * 4 * 8, 32)
+    mha.load_state_dict(state)
+    tokens = torch.randint(0, 32, (2, 8))
+    torch.testing.assert_close(gqa(tokens), mha(tokens), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("kv_heads,selection_head,protect_bos", [(4, 0, True), (4, 2, False), (2, 2, True), (2, 1, True), (1, 3, True)])
+def test_selective_attention_matches_reference(kv_heads, selection_head, protect_bos, backend, dtype):
+    q, k, v = qkv(Hkv=kv_heads, dtype=dtype)
+    out = functional.selective_attention(q, k, v, selection_head=selection_head, protect_bos=protect_bos, backend=backend)
+    ref, _ = ref_selective(q, k, v, selection_head, protect_bos)
+    assert_matches(out, ref, dtype, "output")
+    for name, got, want in zip("qkv", grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_matches(got, want, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("protect_bos", [True, False])
+def test_selection_penalty_matches_loops(protect_bos, dtype):
+    logits = torch.randn(2, 9, 9, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    Fpen = functional.selection_penalty(logits, protect_bos=protect_bos)
+    assert Fpen.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_matches(Fpen, ref_penalty(logits, protect_bos), dtype)
+
+
+def test_selection_penalty_is_float32_for_half_logits():
+    logits = torch.randn(1, 6, 6).to(torch.bfloat16)
+    assert functional.selection_penalty(logits).dtype == torch.float32
+
+
+def test_selection_scores_never_mask_bos_self_or_future():
+    logits = 1.0 + torch.rand(2, 7, 7)  # every raw score positive, so only the rules can zero one
+    S = functional.selection_scores(logits)
+    i, j = torch.meshgrid(torch.arange(7), torch.arange(7), indexing="ij")
+    assert (S[:, :, 0] == 0).all(), "S[i, 0] must be 0: BOS is never masked"
+    assert (S[:, i == j] == 0).all(), "S[i, i] must be 0: a token never masks itself"
+    assert (S[:, j > i] == 0).all(), "future keys carry no score"
+    allowed = (j < i) & (j > 0)
+    torch.testing.assert_close(S[:, allowed], logits[:, allowed])
+    assert (functional.selection_scores(logits, protect_bos=False)[:, 1:, 0] > 0).all()
+
+
+def test_penalty_is_an_exclusive_cumsum_along_queries_not_keys():
+    """One positive score S[k=3, j=1]: exactly the later queries i > 3 are penalised at key 1.
+
+    A cumsum along keys would instead penalise query 3 at keys > 1; an inclusive cumsum would include i = 3.
+    """
+    logits = torch.full((1, 6, 6), -1.0)
+    logits[0, 3, 1] = 2.0
+    expected = torch.zeros(1, 6, 6)
+    expected[0, 4:, 1] = 2.0
+    torch.testing.assert_close(functional.selection_penalty(logits), expected, atol=0, rtol=0)
+
+
+def test_penalty_never_decreases_along_queries_and_spares_bos_and_self():
+    q, k, v = qkv(N=10)
+    Fpen = functional.selection_penalty(functional.selection_logits(q, k, 0))
+    assert (Fpen[:, 1:] >= Fpen[:, :-1]).all(), "F must be non-decreasing along queries"
+    assert (Fpen[:, :, 0] == 0).all() and (torch.diagonal(Fpen, dim1=1, dim2=2) == 0).all()
+    assert (Fpen > 0).any()
+
+
+def test_selective_gqa_selection_head_reads_its_kv_head():
+    q, k, _ = qkv(H=4, Hkv=2)
+    for s in range(4):  # g(s) = s // (H / Hkv): heads 0, 1 read kv head 0; heads 2, 3 read kv head 1
+        got = functional.selection_logits(q, k, selection_head=s)
+        torch.testing.assert_close(got, q[:, s] @ k[:, s // 2].transpose(-1, -2) / math.sqrt(8))
+
+
+def test_gradient_flows_into_the_selection_head_through_F():
+    """Heads other than the selection head depend on its q and k only through F: those gradients must exist."""
+    q, k, v = qkv()  # one kv head per query head, so k[:, 1] is the selection head's alone
+    out = functional.selective_attention(q, k, v, selection_head=1, backend="math")
+    g_q, g_k = grads(out[:, [0, 2, 3]], (q, k))
+    ref, _ = ref_selective(q, k, v, selection_head=1)
+    want_q, want_k = grads(ref[:, [0, 2, 3]], (q, k))
+    assert g_q[:, 1].abs().max() > 1e-3, "F is detached: the selection head's q learns nothing from the heads it masks"
+    assert g_k[:, 1].abs().max() > 1e-3, "F is detached: the selection head's k learns nothing from the heads it masks"
+    assert_matches(g_q, want_q, torch.float32, "grad q")
+    assert_matches(g_k, want_k, torch.float32, "grad k")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole stacks against a reference stack that reuses the model's weights.
+
+VOCAB, DIM, HEADS, N, B = 32, 32, 4, 8, 2
+
+
+def reference_lm(model, tokens, layers):
+    """The CausalLM forward written out (pre-LN blocks, GELU MLP), attention from the equations.
+
+    layers: (variant, params) per layer. Returns logits and, per layer, its logits L, penalty F, carried R.
+    """
+    x = model.token_embedding.weight[tokens] + model.position_embedding.weight[: tokens.shape[1]]
+    R = F_latest = None  # what the state channels hold so far
+    trace = []
+    for index, (block, (name, params)) in enumerate(zip(model.blocks, layers)):
+        a = block.attention
+        h = tF.layer_norm(x, (DIM,), block.norm_attn.weight, block.norm_attn.bias)
+        Hkv = params.get("kv_heads") or HEADS
+        q = (h @ a.q_proj.weight.T).view(B, -1, HEADS, DIM // HEADS).transpose(1, 2)
+        kv = (h @ a.kv_proj.weight.T).view(B, -1, 2, Hkv, DIM // HEADS)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        L = ref_logits(q, k)
+        own = Fl = None
+        if name in ("selective", "cross_layer_selective"):
+            s, bos = params.get("selection_head", 0), params.get("protect_bos", True)
+            is_source = name == "selective" or index in params.get("sources", [0])
+            own = ref_penalty(L[:, s], bos) if is_source else None
+            if params.get("mode") == "accumulate":
+                previous = 0 if F_latest is None else params.get("decay", 1.0) * F_latest
+                Fl = None if own is None and F_latest is None else (0 if own is None else own) + previous
+            else:
+                Fl = own if own is not None else F_latest
+        scores = L if Fl is None else L - Fl[:, None]
+        if name == "residual" or params.get("residual"):
+            scores = scores if R is None else scores + R
+            R = scores
+        if own is not None or params.get("mode") == "accumulate":
+            F_latest = Fl
+        trace.append({"L": L, "F": Fl, "R": R})
+        out = ref_softmax_attend(scores, v).transpose(1, 2).reshape(B, -1, DIM)
+        x = x + out @ a.out_proj.weight.T
+        h = tF.layer_norm(x, (DIM,), block.norm_mlp.weight, block.norm_mlp.bias)
+        x = x + tF.gelu(h @ block.mlp.up.weight.T) @ block.mlp.down.weight.T
+    x = tF.layer_norm(x, (DIM,), model.norm.weight, model.norm.bias)
+    return x @ model.lm_head.weight.T, trace
+
+
+def stack(attention, depth=3, layers=(), backend="math", dtype=torch.float32, seed=0):
+    """A model with weights large enough for F to matter, and its per-layer (variant, params)."""
+    config = {"backend": backend, "model": {"vocab_size": VOCAB, "dim": DIM, "depth": depth, "heads": HEADS,
+                                            "max_seq_len": 16, "attention": attention, "layers": list(layers)}}
+    model = build_model(config).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    from attention_zoo.config import layer_specs
+    return model, [(s.variant, s.params) for s in layer_specs(model.config["model"])]
+
+
+STACKS = {
+    "vanilla": ({"variant": "vanilla"}, []),
+    "gqa": ({"variant": "gqa", "kv_heads": 2}, []),
+    "mqa": ({"variant": "gqa", "kv_heads": 1}, []),
+    "residual": ({"variant": "residual"}, []),
+    "residual-gqa": ({"variant": "residual", "kv_heads": 2}, []),
+    "selective": ({"variant": "selective"}, []),
+    "selective-gqa-head1": ({"variant": "selective", "kv_heads": 2, "selection_head": 1}, []),
+    "selective-gqa-head2": ({"variant": "selective", "kv_heads": 2, "selection_head": 2}, []),
+    "selective-head1-no-bos": ({"variant": "selective", "selection_head": 1, "protect_bos": False}, []),
+    "selective-residual": ({"variant": "selective", "residual": True}, []),
+    "selective-residual-mqa": ({"variant": "selective", "residual": True, "kv_heads": 1}, []),
+    "share": ({"variant": "cross_layer_selective", "sources": [0, 2]}, []),
+    "share-residual-gqa": ({"variant": "cross_layer_selective", "sources": [0], "residual": True, "kv_heads": 2}, []),
+    "accumulate": ({"variant": "cross_layer_selective", "mode": "accumulate", "sources": [1, 2], "decay": 0.5}, []),
+    "mixed": ({"variant": "selective", "residual": True}, [{"at": [1], "attention": {"variant": "vanilla"}}]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("case", list(STACKS))
+def test_stack_matches_reference(case, backend, dtype):
+    attention, layers = STACKS[case]
+    model, specs = stack(attention, depth=4 if case == "accumulate" else 3, layers=layers, backend=backend, dtype=dtype)
+    tokens = torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(1))
+    logits, per_layer = model(tokens, return_state=True)
+    ref, trace = reference_lm(model, tokens, specs)
+    assert_matches(logits, ref, dtype, "logits")
+    for index, (updates, expected) in enumerate(zip(per_layer, trace)):
+        if F_KEY in updates:
+            assert_matches(updates[F_KEY], expected["F"], dtype, f"layer {index} F")
+        if R_KEY in updates:
+            assert_matches(updates[R_KEY], expected["R"], dtype, f"layer {index} R")
+    names, params = zip(*model.named_parameters())
+    for name, got, want in zip(names, grads(logits, params), grads(ref, params)):
+        assert_matches(got, want, dtype, f"grad {name}")
+
+
+def test_residual_layer0_equals_vanilla():
+    residual = create_variant("residual", dim=DIM, heads=HEADS, backend="math")
+    vanilla = create_variant("vanilla", dim=DIM, heads=HEADS, backend="math")
+    vanilla.load_state_dict(residual.state_dict())
+    x = torch.randn(B, N, DIM)
+    y, updates = residual(x, {})
+    torch.testing.assert_close(y, vanilla(x, {})[0], atol=0, rtol=0)
+    q = residual.q_proj(x).view(B, N, HEADS, -1).transpose(1, 2)
+    k = residual.kv_proj(x).view(B, N, 2, HEADS, -1)[:, :, 0].transpose(1, 2)
+    torch.testing.assert_close(updates[R_KEY], ref_logits(q, k), atol=1e-6, rtol=0)  # R_0 = L_0
+
+
+@pytest.mark.parametrize("variant", [{"variant": "residual"}, {"variant": "selective", "residual": True}])
+def test_residual_carries_the_sum_of_earlier_scores(variant):
+    """R_l = L_l + R_{l-1}, and with selective R_l = L_l - F_l + R_{l-1}: read from what layers wrote."""
+    model, specs = stack(variant, depth=3)
+    tokens = torch.randint(0, VOCAB, (B, N))
+    _, per_layer = model(tokens, return_state=True)
+    _, trace = reference_lm(model, tokens, specs)
+    previous = 0
+    for updates, expected in zip(per_layer, trace):
+        own = expected["L"] - (0 if expected["F"] is None else expected["F"][:, None])
+        assert_matches(updates[R_KEY], own + previous, torch.float32)
+        previous = updates[R_KEY]
+
+
+def test_another_selection_head_changes_F():
+    penalties = []
+    for head in (0, 1):
+        model, specs = stack({"variant": "selective", "selection_head": head}, depth=1, seed=5)
+        tokens = torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(2))
+        _, per_layer = model(tokens, return_state=True)
+        penalties.append(per_layer[0][F_KEY])
+        assert_matches(penalties[-1], reference_lm(model, tokens, specs)[1][0]["F"], torch.float32)
+    assert (penalties[0] - penalties[1]).abs().max() > 1e-2
+
+
+def test_stack_penalty_properties():
+    model, _ = stack({"variant": "selective"}, depth=3)
+    _, per_layer = model(torch.randint(0, VOCAB, (B, N)), return_state=True)
+    for updates in per_layer:
+        Fpen = updates[F_KEY]
+        assert Fpen.dtype == torch.float32 and Fpen.shape == (B, N, N)  # one tensor for all heads
+        assert (Fpen[:, 1:] >= Fpen[:, :-1]).all()
+        assert (Fpen[:, :, 0] == 0).all() and (torch.diagonal(Fpen, dim1=1, dim2=2) == 0).all()
+
+
+@pytest.fixture
+def selection_calls(monkeypatch):
+    """Counts calls to functional.selection_logits per layer, wherever a module imported it from."""
+    calls: list[int] = []
+    current = [-1]
+    original = functional.selection_logits
+
+    def counting(*args, **kwargs):
+        calls.append(current[0])
+        return original(*args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "selection_logits", None) is original:
+            monkeypatch.setattr(module, "selection_logits", counting)
+
+    def track(model):
+        for index, block in enumerate(model.blocks):
+            block.attention.register_forward_pre_hook(lambda mod, args, index=index: current.__setitem__(0, index))
+        return calls
+
+    return track
+
+
+@pytest.fixture
+def biases(monkeypatch):
+    """The bias each attention layer hands to the backend, in layer order."""
+    seen = []
+    original = variant_module.dispatch
+
+    def recording(q, k, v, *, bias, **kwargs):
+        seen.append(bias)
+        return original(q, k, v, bias=bias, **kwargs)
+
+    monkeypatch.setattr(variant_module, "dispatch", recording)
+    return seen
+
+
+def test_share_reuses_the_source_F_exactly_and_computes_no_selection_elsewhere(selection_calls, biases):
+    model, specs = stack({"variant": "cross_layer_selective", "sources": [0, 2]}, depth=4)
+    calls = selection_calls(model)
+    tokens = torch.randint(0, VOCAB, (B, N))
+    _, per_layer = model(tokens, return_state=True)
+    assert calls == [0, 2], "only source layers may compute selection logits"
+    assert F_KEY in per_layer[0] and F_KEY in per_layer[2]
+    assert F_KEY not in per_layer[1] and F_KEY not in per_layer[3], "a sharing layer writes nothing new"
+    for layer, source in [(1, 0), (3, 2)]:
+        assert torch.equal(biases[layer], -per_layer[source][F_KEY][:, None].expand(-1, HEADS, -1, -1))
+    _, trace = reference_lm(model, tokens, specs)
+    assert_matches(per_layer[0][F_KEY], trace[0]["F"], torch.float32)
+    assert_matches(per_layer[2][F_KEY], trace[2]["F"], torch.float32)
+
+
+@pytest.mark.parametrize("decay", [0.5, 1.0])
+def test_accumulate_matches_its_formula(decay, selection_calls):
+    """F_l = own_l + decay * F_{l-1}; own_l is the layer's selective F at sources and 0 elsewhere."""
+    sources = [1, 2]
+    model, specs = stack({"variant": "cross_layer_selective", "mode": "accumulate", "sources": sources, "decay": decay}, depth=4)
+    calls = selection_calls(model)
+    tokens = torch.randint(0, VOCAB, (B, N))
+    _, per_layer = model(tokens, return_state=True)
+    assert calls == sources
+    _, trace = reference_lm(model, tokens, specs)
+    assert F_KEY not in per_layer[0], "no source at or below layer 0: nothing to accumulate yet"
+    previous = torch.zeros(B, N, N)
+    for layer in range(1, 4):
+        own = ref_penalty(trace[layer]["L"][:, 0]) if layer in sources else 0
+        assert_matches(per_layer[layer][F_KEY], own + decay * previous, torch.float32, f"layer {layer}")
+        previous = per_layer[layer][F_KEY]
