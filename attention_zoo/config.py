@@ -115,7 +115,7 @@ def validate_fields(value: Any, fields: dict[str, Field], path: str, source: str
 SectionValidator = Callable[[Any, str], tuple[Any, list[Problem]]]  # (value, source) -> (normalized, problems)
 SECTIONS: dict[str, SectionValidator] = {}
 # Modules that register sections; imported on first load so `import attention_zoo` stays light.
-SECTION_MODULES: list[str] = []
+SECTION_MODULES: list[str] = ["attention_zoo.train.sections"]
 
 
 def register_section(name: str, validator: SectionValidator) -> None:
@@ -138,7 +138,7 @@ MODEL_FIELDS = {
     "head_dim": Field((int, type(None)), None, "per-head width; default dim // heads", minimum=1),
     "max_seq_len": Field(int, 1024, "longest sequence (learned positions)", minimum=1),
     "mlp_ratio": Field(float, 4.0, "MLP hidden width / dim", minimum=0),
-    "dropout": Field(float, 0.0, "dropout probability", minimum=0),
+    "dropout": Field(float, 0.0, "dropout probability", minimum=0, check=lambda v: None if v < 1 else "must be < 1"),
     "tie_embeddings": Field(bool, True, "share input embedding and output projection"),
     "attention": Field(dict, {"variant": "vanilla"}, "default attention for every layer"),
     "layers": Field(list, [], "per-layer overrides: [{at: [indices], attention: {...}}]"),
@@ -152,7 +152,7 @@ class LayerSpec:
     index: int
     variant: str
     params: dict[str, Any]
-    origin: dict[str, str] = field(default_factory=dict)  # param -> key path it came from
+    origin: dict[str, str] = field(default_factory=dict)  # param (and 'variant') -> key path it came from
 
 
 def layer_specs(model: dict) -> list[LayerSpec]:
@@ -167,12 +167,14 @@ def layer_specs(model: dict) -> list[LayerSpec]:
             at = [at] if isinstance(at, int) else at
             if i in at:
                 new = override.get("attention", {}) or {}
-                if "variant" in new and new["variant"] != attn["variant"][0] and new["variant"] in VARIANTS:
+                named = new.get("variant")
+                if isinstance(named, str) and named != attn.get("variant", ("vanilla",))[0] and named in VARIANTS:
                     declared = get_variant(new["variant"]).params
                     attn = {k: v for k, v in attn.items() if k in declared}
                 attn.update({k: (v, f"model.layers[{n}].attention") for k, v in new.items()})
-        variant = attn.pop("variant", ("vanilla", "model.attention"))[0]
-        specs.append(LayerSpec(i, variant, {k: v for k, (v, _) in attn.items()}, {k: o for k, (_, o) in attn.items()}))
+        variant, variant_origin = attn.pop("variant", ("vanilla", "model.attention"))
+        origin = {"variant": variant_origin, **{k: o for k, (_, o) in attn.items()}}  # where each key was set
+        specs.append(LayerSpec(i, variant, {k: v for k, (v, _) in attn.items()}, origin))
     return specs
 
 
@@ -182,7 +184,7 @@ def layer_shape(model: dict, index: int) -> LayerShape:
 
 def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tuple[dict, list[Problem]]:
     model, problems = validate_fields(value, MODEL_FIELDS, "model", source)
-    structural = ("model.dim", "model.heads", "model.depth", "model.head_dim", "model.attention", "model.layers")
+    structural = ("model", "model.dim", "model.heads", "model.depth", "model.head_dim", "model.attention", "model.layers")
     if any(p.path in structural for p in problems):
         return model, problems  # shapes unknown: per-layer checks would only add noise
     if model["head_dim"] is None and model["dim"] % model["heads"]:
@@ -205,19 +207,19 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
             problems.append(Problem(source, f"{where}.at", at, f"layer indices {bad} outside [0, {model['depth'] - 1}]"))
         if not isinstance(override.get("attention", {}), dict):
             problems.append(Problem(source, f"{where}.attention", override["attention"], "expected a mapping"))
-    if any(p.path.startswith("model.layers") for p in problems):
-        return model, problems
+    # With malformed overrides, still check the default attention (as if there were no overrides).
+    layers_ok = not any(p.path.startswith("model.layers") for p in problems)
     seen: set[tuple[str, str]] = set()
-    for spec in layer_specs(model):
-        if spec.variant not in VARIANTS:
+    for spec in layer_specs(model if layers_ok else {**model, "layers": []}):
+        if not isinstance(spec.variant, str) or spec.variant not in VARIANTS:
             path = f"{spec.origin.get('variant', 'model.attention')}.variant"
-            key = (path, spec.variant)
+            key = (path, str(spec.variant))
             if key not in seen:
                 seen.add(key)
                 hint = f"; plugins that failed to import: {'; '.join(plugin_failures)}" if plugin_failures else ""
                 known = VARIANTS.names()
                 problems.append(Problem(source, path, spec.variant,
-                                        f"unknown variant; {did_you_mean(spec.variant, known)}valid: {', '.join(known)}{hint}"))
+                                        f"unknown variant; {did_you_mean(str(spec.variant), known)}valid: {', '.join(known)}{hint}"))
             continue
         for p in check_params(spec.variant, spec.params, layer_shape(model, spec.index)):
             path = f"{spec.origin.get(p.key, 'model.attention')}.{p.key}"
@@ -238,8 +240,11 @@ def build_attentions(model: dict, backend: str = "auto") -> list[torch.nn.Module
 def check_state_flow(model: dict, source: str) -> list[Problem]:
     """Walk the layers as built on the meta device (no memory) and check every read has a writer below."""
     problems = []
-    with torch.device("meta"):
-        attentions = build_attentions(model)
+    try:
+        with torch.device("meta"):
+            attentions = build_attentions(model)
+    except Exception as exc:  # a plug-in's constructor failing is a config problem, not a crash
+        return [Problem(source, "model.attention", _MISSING, f"building the layers failed: {type(exc).__name__}: {exc}")]
     written: set[str] = set()
     for spec, attn in zip(layer_specs(model), attentions):
         for channel in attn.reads:

@@ -1,0 +1,110 @@
+"""`calibrate`: per-layer pruning budgets that keep validation loss within a tolerance of the unpruned
+model, the KV-memory ratio they give, and the sliding-window baseline at the same memory."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="search context-pruning budgets within a loss tolerance",
+                       description="Search per-layer budgets K_l (keys kept per layer) that keep the streamed "
+                       "validation loss within --tolerance of the unpruned model; report the KV-memory ratio "
+                       "(L * N) / sum K_l beside a sliding window of the same memory. Writes OUT/calibration.json "
+                       "and OUT/calibration.png.")
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder holding checkpoint/")
+    p.add_argument("--tolerance", type=float, default=0.01, help="relative loss increase allowed (0.01 = 1%%)")
+    p.add_argument("--context", type=int, help="tokens per evaluation sequence (default model.max_seq_len)")
+    p.add_argument("--batches", type=int, default=2, help="evaluation batches (default 2)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="data to calibrate on (default val)")
+    p.add_argument("--check-split", default="test", choices=["none", "train", "val", "test"],
+                   help="re-measure the calibrated budgets and the window on other sequences (default test)")
+    p.add_argument("--threshold", type=float, default=1.0, help="also report threshold:TAU pruning (0 = skip)")
+    p.add_argument("--no-curve", action="store_true", help="skip the uniform-budget curve for the plot")
+    p.add_argument("--measure", nargs="+", metavar="POLICY", help="no search: just measure these pruning policies "
+                   "(e.g. budget:32 window:32) against the unpruned model on --split; writes OUT/measure-SPLIT.json")
+    p.add_argument("--out", help="output folder (default: calibration/ beside the checkpoint)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_calibrate)
+
+
+def cmd_calibrate(args) -> int:
+    from ..checkpoint import atomic_write_text
+    from ..data import build_dataset
+    from ..inference.calibration import calibrate
+    from ..inference.calibration_plot import plot_calibration
+    from ..inference.checkpoints import load_for_inference
+
+    for name in ("batches", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.threshold < 0:
+        raise UserError(f"--threshold {args.threshold}: must be > 0, or 0 to skip")
+    model, path = load_for_inference(args.checkpoint, args.device)
+    context = args.context or model.max_seq_len
+    if not 4 <= context <= model.max_seq_len:
+        raise UserError(f"--context {context}: must be between 4 and model.max_seq_len ({model.max_seq_len})")
+    dataset = build_dataset(model.config.get("data"), source=str(path / "config.yaml"))
+    if dataset.fixed_seq_len and context < dataset.fixed_seq_len:
+        raise UserError(f"--context {context}: dataset {dataset.name!r} needs at least {dataset.fixed_seq_len}")
+    batches = list(dataset.eval_batches(args.split, args.batch_size, context, args.batches))
+    out = Path(args.out) if args.out else path.parent / "calibration"
+    if args.measure:
+        return measure(model, batches, args, context, out, path, dataset.name)
+    check = None
+    if args.check_split != "none":
+        check = list(dataset.eval_batches(args.check_split, args.batch_size, context, args.batches))
+    report = calibrate(model, batches, context=context, tolerance=args.tolerance, progress=not args.no_progress,
+                       curve=not args.no_curve, threshold=args.threshold or None, check_batches=check)
+    report = {"checkpoint": str(path), "dataset": dataset.name, "split": args.split,
+              "check_split": None if check is None else args.check_split, **report}
+    atomic_write_text(out / "calibration.json", json.dumps(report, indent=2) + "\n")
+    plot_calibration(report, out / "calibration.png", title=f"{path.parent.name}: context pruning at {context}")
+
+    best, window = report["calibrated"], report["window_same_memory"]
+    print(f"unpruned {args.split} loss {report['base_loss']:.4f} (tolerance {args.tolerance:.2%}: <= "
+          f"{report['target_loss']:.4f}), {report['sequences']} sequences of {context}")
+    print(f"calibrated budgets K_l: {', '.join(map(str, best['budgets']))}: loss {best['loss']:.4f} "
+          f"({best['relative_increase']:+.2%}), KV memory {best['memory_ratio']:.1f}x less")
+    print(f"sliding window, same memory: loss {window['loss']:.4f} ({window['relative_increase']:+.2%})")
+    if report["threshold"]:
+        t = report["threshold"]
+        print(f"{t['policy']}: loss {t['loss']:.4f} ({t['relative_increase']:+.2%}), mean keys kept per layer "
+              f"{', '.join(f'{k:.0f}' for k in t['mean_kept'])} ({t['memory_ratio']:.1f}x less)")
+    if report["held_out"]:
+        h = report["held_out"]
+        print(f"held out ({args.check_split}): calibrated {h['calibrated_relative_increase']:+.2%}, "
+              f"window {h['window_relative_increase']:+.2%} vs unpruned {h['base_loss']:.4f}")
+    print(f"wrote {out / 'calibration.json'} and {out / 'calibration.png'}")
+    return 0
+
+
+def measure(model, batches, args, context: int, out: Path, path: Path, dataset: str) -> int:
+    """Streamed loss of each --measure policy beside the unpruned model, on the same sequences."""
+    from ..checkpoint import atomic_write_text
+    from ..inference import BudgetPolicy, Pruner, parse_prune_spec, streaming_loss
+
+    pruners = [Pruner(model, parse_prune_spec(spec)) for spec in args.measure]  # every spec checked before any work
+    base = streaming_loss(model, batches).loss
+    depth = len(model.blocks)
+    rows = []
+    print(f"unpruned {args.split} loss {base:.4f}, {sum(b.inputs.shape[0] for b in batches)} sequences of {context}")
+    for spec, pruner in zip(args.measure, pruners):
+        result = streaming_loss(model, batches, pruner, progress=not args.no_progress)
+        fixed = isinstance(pruner.policy, BudgetPolicy)  # else (threshold) memory is what it kept on average
+        budgets = pruner.layer_budgets(context) if fixed else [max(1, round(k)) for k in result.mean_kept]
+        ratio = depth * context / sum(budgets)
+        rows.append({"policy": spec, "loss": result.loss, "relative_increase": result.loss / base - 1,
+                     "memory_ratio": ratio, "mean_kept": result.mean_kept, "peak_kept": result.peak_kept})
+        print(f"{spec}: loss {result.loss:.4f} ({result.loss / base - 1:+.2%}), KV memory {ratio:.1f}x less, "
+              f"mean keys kept per layer {', '.join(f'{k:.0f}' for k in result.mean_kept)}")
+    report = {"checkpoint": str(path), "dataset": dataset, "split": args.split, "context": context, "base_loss": base,
+              "sequences": sum(b.inputs.shape[0] for b in batches), "policies": rows}
+    atomic_write_text(out / f"measure-{args.split}.json", json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out / f'measure-{args.split}.json'}")
+    return 0

@@ -1,0 +1,254 @@
+"""Search per-layer budgets K_l that keep the streamed validation loss within a tolerance of the
+unpruned model, and measure the sliding-window baseline at the same memory.
+
+The search, each step one streaming evaluation (streaming.py) on the same fixed sequences; budgets
+are per group of layers that must keep the same keys (one group per layer for plain selective):
+1. uniform: binary search for the smallest K shared by every prunable group that stays within the
+   tolerance (the loss grows as K shrinks, so the feasible K form an interval);
+2. allocated: each group's loss increase when only it is pruned to N/2, N/4, ..., 4; assuming the
+   increases add up, walk the groups down their ladders taking the cheapest step (loss per key
+   saved) while the sum stays within the tolerance; check with a real evaluation, and retry with a
+   smaller allowance if the check fails;
+3. from the better of the two, greedy shrink: each group's K times 0.7, then 0.85, one group at a
+   time, keeping a change when the loss stays within the tolerance, until none does.
+Then a curve for the plot: uniform budgets N/2, N/4, ... for selective pruning and for the window.
+
+KV-memory ratio = (L * N) / sum_l K_l, where layers that are not pruned count N.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import Batch
+from .pruning import BudgetPolicy, Pruner, PruningError, PruningPolicy, ThresholdPolicy, WindowPolicy
+from .streaming import streaming_loss
+
+SHRINK_FACTORS = (0.7, 0.85)
+
+
+@dataclass
+class Evaluation:
+    policy: str
+    budgets: list[int]  # K_l per layer (N where a layer is not pruned)
+    loss: float
+    memory_ratio: float
+    mean_kept: list[float] = field(default_factory=list)
+    stage: str = ""
+
+    def within(self, target: float) -> bool:
+        return self.loss <= target
+
+
+class Calibrator:
+    """Evaluates policies on fixed batches; remembers every evaluation (for the report and the plot)."""
+
+    def __init__(self, model: nn.Module, batches: list[Batch], context: int, tolerance: float, progress: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.model, self.batches, self.context, self.tolerance = model, batches, context, tolerance
+        self.evaluations: list[Evaluation] = []
+        self.memo: dict[tuple, Evaluation] = {}
+        self.bar = tqdm(desc="calibrate", unit="eval", disable=not progress, dynamic_ncols=True)
+        self.log = log or (lambda message: self.bar.write(message) if progress else None)
+        probe = Pruner(model, BudgetPolicy(context))  # raises PruningError if nothing has an F
+        self.groups, self.ranked = probe.groups, probe.ranked
+        self.depth = probe.depth
+        self.base = streaming_loss(model, batches).loss  # unpruned: one full pass, equal to streaming
+        self.target = self.base * (1 + tolerance)
+
+    def memory_ratio(self, budgets: list[int]) -> float:
+        return self.depth * self.context / sum(budgets)
+
+    def layer_budgets(self, group_budgets: list[int | None]) -> list[int | None]:
+        per_layer: list[int | None] = [None] * self.depth
+        for group, budget in zip(self.groups, group_budgets):
+            for i in group.layers:
+                per_layer[i] = budget
+        return per_layer
+
+    def evaluate(self, policy: PruningPolicy, stage: str) -> Evaluation:
+        pruner = Pruner(self.model, policy)
+        result = streaming_loss(self.model, self.batches, pruner)
+        budgets = pruner.layer_budgets(self.context)
+        if isinstance(policy, ThresholdPolicy):  # no fixed budget: memory is what it kept on average
+            budgets = [max(1, round(k)) for k in result.mean_kept]
+        ev = Evaluation(policy.spec(), budgets, result.loss, self.memory_ratio(budgets), result.mean_kept, stage)
+        self.evaluations.append(ev)
+        self.bar.update(1)
+        self.bar.set_postfix(stage=stage, ratio=f"{ev.memory_ratio:.1f}x", loss=f"{ev.loss:.4f}", refresh=False)
+        return ev
+
+    def budget_eval(self, group_budgets: list[int | None], stage: str) -> Evaluation:
+        key = tuple(group_budgets)
+        if key not in self.memo:  # searches revisit budgets: evaluate each once
+            self.memo[key] = self.evaluate(BudgetPolicy(self.layer_budgets(group_budgets)), stage)
+        return self.memo[key]
+
+    def uniform_search(self) -> int:
+        """Smallest uniform budget within the tolerance (binary search over [2, N])."""
+        lo, hi = 2, self.context  # hi is feasible: budget N drops nothing
+        while lo < hi:
+            mid = (lo + hi) // 2
+            uniform = [mid if r else None for r in self.ranked]
+            if self.budget_eval(uniform, "uniform").within(self.target):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
+
+    def ladder(self) -> list[int]:
+        """Budgets N/2, N/4, ... down to 4 (at least one)."""
+        out, K = [], self.context // 2
+        while K >= 4 or not out:
+            out.append(max(K, 2))
+            K //= 2
+        return out
+
+    def sensitivities(self) -> dict[int, dict[int, float]]:
+        """For each prunable group g and K on the ladder: the loss increase when only g is pruned to K.
+        A group's descent stops once its increase alone exceeds twice the allowance."""
+        allowance = self.target - self.base
+        out: dict[int, dict[int, float]] = {}
+        for g, ranked in enumerate(self.ranked):
+            if not ranked:
+                continue
+            out[g] = {}
+            for K in self.ladder():
+                budgets: list[int | None] = [None] * len(self.ranked)
+                budgets[g] = K
+                out[g][K] = self.budget_eval(budgets, f"sensitivity of group {g}").loss - self.base
+                if out[g][K] > 2 * allowance:
+                    break
+        return out
+
+    def allocate(self, sensitivities: dict[int, dict[int, float]], allowance: float) -> list[int | None]:
+        """Assume the groups' increases add up; walk down each group's ladder, always taking the step with
+        the smallest loss increase per key saved, while the summed increase stays within `allowance`."""
+        budgets: list[int | None] = [self.context if r else None for r in self.ranked]
+        spent = {g: 0.0 for g in sensitivities}
+        size = {g: len(self.groups[g].layers) for g in sensitivities}
+        while True:
+            best = None
+            for g, curve in sensitivities.items():
+                steps = [K for K in sorted(curve, reverse=True) if K < budgets[g]]
+                if not steps:
+                    continue
+                K = steps[0]
+                cost = max(curve[K], 0.0) - spent[g]
+                saved = (budgets[g] - K) * size[g]
+                if sum(spent.values()) + cost <= allowance and (best is None or cost / saved < best[0]):
+                    best = (cost / saved, g, K, cost)
+            if best is None:
+                return budgets
+            _, g, K, cost = best
+            budgets[g], spent[g] = K, spent[g] + cost
+
+    def allocated_search(self) -> list[int | None] | None:
+        """Per-group budgets from the sensitivities, checked by a real evaluation; the allowance shrinks
+        until the check passes (increases do not add up exactly)."""
+        sensitivities = self.sensitivities()
+        allowance = self.target - self.base
+        tried = set()
+        for scale in (1.0, 0.7, 0.5, 0.3):
+            budgets = self.allocate(sensitivities, allowance * scale)
+            if tuple(budgets) in tried:
+                continue
+            tried.add(tuple(budgets))
+            if self.budget_eval(budgets, "allocated").within(self.target):
+                return budgets
+        return None
+
+    def greedy_shrink(self, budgets: list[int | None]) -> list[int | None]:
+        """Use what slack is left: shrink one group at a time by each factor while the loss stays within."""
+        for factor in SHRINK_FACTORS:
+            changed = True
+            while changed:
+                changed = False
+                for g, ranked in enumerate(self.ranked):
+                    if not ranked or budgets[g] <= 2:
+                        continue
+                    trial = list(budgets)
+                    trial[g] = max(2, int(budgets[g] * factor))
+                    if trial[g] < budgets[g] and self.budget_eval(trial, f"shrink x{factor}").within(self.target):
+                        budgets, changed = trial, True
+        return budgets
+
+    def search(self) -> tuple[int, list[int | None]]:
+        """The smallest uniform budget, and the best per-group budgets found (never worse than uniform)."""
+        uniform = self.uniform_search()
+        best = [uniform if r else None for r in self.ranked]
+        allocated = self.allocated_search()
+        if allocated is not None and self.total(allocated) < self.total(best):
+            best = allocated
+        return uniform, self.greedy_shrink(best)
+
+    def total(self, group_budgets: list[int | None]) -> int:
+        return sum(self.context if k is None else k for k in self.layer_budgets(group_budgets))
+
+    def curve(self) -> None:
+        """Uniform budgets N/2, N/4, ... >= 4 for both selective pruning and the sliding window."""
+        for K in self.ladder():
+            uniform = tuple(K if r else None for r in self.ranked)
+            if uniform in self.memo:  # measured during the search already: list it again, as a curve point
+                self.evaluations.append(replace(self.memo[uniform], stage="curve"))
+            else:
+                self.evaluate(BudgetPolicy(self.layer_budgets(list(uniform))), "curve")
+            self.evaluate(WindowPolicy(K), "curve")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def calibrate(model: nn.Module, batches: list[Batch], *, context: int, tolerance: float, progress: bool = True,
+              curve: bool = True, threshold: float | None = 1.0,
+              check_batches: list[Batch] | None = None) -> dict:
+    """Run the search; return the report (a JSON-able dict). See the module docstring."""
+    if not 0 < tolerance < 1:
+        raise PruningError(f"--tolerance {tolerance}: expected a relative tolerance in (0, 1), e.g. 0.01 for 1%")
+    cal = Calibrator(model, batches, context, tolerance, progress)
+    try:
+        uniform, group_budgets = cal.search()
+        best = cal.evaluate(BudgetPolicy(cal.layer_budgets(group_budgets)), "calibrated")
+        layer_budgets = cal.layer_budgets(group_budgets)
+        # The window at the same memory: unpruned groups keep everything there too; the others get K_l.
+        window = cal.evaluate(WindowPolicy(layer_budgets), "window at calibrated memory")
+        uniform_window = None
+        if len(set(best.budgets)) > 1:  # the plain baseline: one window for every layer, same total memory
+            uniform_window = cal.evaluate(WindowPolicy(max(2, round(sum(best.budgets) / cal.depth))),
+                                          "uniform window at calibrated memory")
+        thresh = cal.evaluate(ThresholdPolicy(threshold), "threshold") if threshold else None
+        if curve:
+            cal.curve()
+        held_out = None
+        if check_batches:
+            base_check = streaming_loss(model, check_batches).loss
+            pruned_check = streaming_loss(model, check_batches, Pruner(model, BudgetPolicy(layer_budgets))).loss
+            window_check = streaming_loss(model, check_batches, Pruner(model, WindowPolicy(layer_budgets))).loss
+            held_out = {"base_loss": base_check, "calibrated_loss": pruned_check, "window_loss": window_check,
+                        "calibrated_relative_increase": pruned_check / base_check - 1,
+                        "window_relative_increase": window_check / base_check - 1}
+    finally:
+        cal.close()
+    return {
+        "context": context,
+        "tolerance": tolerance,
+        "sequences": sum(b.inputs.shape[0] for b in batches),
+        "base_loss": cal.base,
+        "target_loss": cal.target,
+        "groups": [{"layers": list(g.layers), "linked_by": list(g.linked_by), "has_penalty": r}
+                   for g, r in zip(cal.groups, cal.ranked)],
+        "uniform_budget": uniform,
+        "calibrated": _summary(best, cal.base),
+        "window_same_memory": _summary(window, cal.base),
+        "uniform_window_same_memory": _summary(uniform_window, cal.base),
+        "threshold": _summary(thresh, cal.base),
+        "held_out": held_out,
+        "evaluations": [asdict(e) for e in cal.evaluations],
+    }
+
+
+def _summary(ev: Evaluation | None, base: float) -> dict | None:
+    return None if ev is None else {**asdict(ev), "relative_increase": ev.loss / base - 1}

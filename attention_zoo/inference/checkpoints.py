@@ -1,0 +1,33 @@
+"""Open a checkpoint for inference: a checkpoint folder or a run folder that holds `checkpoint/`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_model
+from ..errors import UserError
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "checkpoint").is_dir():
+        path = path / "checkpoint"
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{path}: not a checkpoint or run folder (expected config.yaml and model.safetensors, "
+                        "or a checkpoint/ folder holding them)")
+    return path
+
+
+def load_for_inference(path: str | Path, device: str = "cpu", backend: str | None = None) -> tuple[nn.Module, Path]:
+    """The model in eval mode and the checkpoint folder it came from."""
+    path = resolve_checkpoint(path)
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    overrides = (f"backend={backend}",) if backend else ()
+    return load_model(path, map_location=device, overrides=overrides), path

@@ -1,0 +1,81 @@
+"""Autoregressive generation through the per-layer KV cache, for any variant.
+
+The loop knows no variant: it prefills the prompt, then feeds one sampled token at a time; whatever
+a layer needs to continue (selective attention's accumulator, ...) lives in its LayerCache. A pruner,
+if given, runs after every forward call, so the cache never holds more than the policy allows.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..cache import ModelCache
+from ..errors import UserError
+from .pruning import Pruner
+from .sampling import Sampler
+
+
+@dataclass
+class GenerationResult:
+    tokens: Tensor  # (B, P + G): the prompt, then the generated tokens
+    prompt_length: int
+    cache: ModelCache
+    prefill_seconds: float
+    decode_seconds: float  # sampling and the forward calls after the prefill
+    stopped: str  # "max_tokens" or "max_seq_len"
+
+    @property
+    def generated(self) -> int:
+        return self.tokens.shape[1] - self.prompt_length
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated / self.decode_seconds if self.decode_seconds > 0 else float("inf")
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler, *, pruner: Pruner | None = None,
+             prefill_chunk: int | None = None, on_token: Callable[[Tensor], None] | None = None) -> GenerationResult:
+    """prompt (B, P) -> up to `max_tokens` new tokens per row.
+
+    Learned positions end at model.max_seq_len: a token sampled there is kept but cannot be fed back,
+    so generation stops (`stopped == "max_seq_len"`). `on_token(tokens (B, 1))` sees each new token.
+    """
+    B, P = prompt.shape
+    if P == 0:
+        raise UserError("the prompt is empty: give at least one token (it becomes position 0, the BOS)")
+    if P > model.max_seq_len:
+        raise UserError(f"the prompt has {P} tokens but the model's positions end at model.max_seq_len="
+                        f"{model.max_seq_len}; shorten it")
+    if max_tokens < 0:
+        raise UserError(f"--max-tokens {max_tokens}: must be >= 0")
+    model.eval()
+    cache = model.new_cache()
+    chunk = prefill_chunk or P
+    start = time.perf_counter()
+    for begin in range(0, P, chunk):
+        logits = model(prompt[:, begin:begin + chunk], cache=cache)
+        if pruner is not None:
+            pruner(cache)
+    prefill_seconds = time.perf_counter() - start
+
+    out, stopped = [prompt], "max_tokens"
+    start = time.perf_counter()
+    for step in range(max_tokens):
+        token = sampler(logits[:, -1])  # (B, 1)
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if step == max_tokens - 1:
+            break
+        if cache.seen >= model.max_seq_len:
+            stopped = "max_seq_len"
+            break
+        logits = model(token, cache=cache)
+        if pruner is not None:
+            pruner(cache)
+    return GenerationResult(torch.cat(out, dim=1), P, cache, prefill_seconds, time.perf_counter() - start, stopped)

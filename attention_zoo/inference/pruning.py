@@ -1,0 +1,225 @@
+"""Context pruning: drop cached keys that selective attention has masked, freeing their memory.
+
+Policies (SPEC.md, "Inference with selective attention"), each applied after every forward call:
+- `threshold:TAU`  drop key j once the F the next query would give it is >= TAU (its attention weight
+                   is then below exp(-TAU) times what it would be unmasked; F never decreases, so it
+                   stays masked).
+- `budget:K`       or `budget:K1,K2,...` per layer: while a layer holds more than K_l keys, drop the
+                   key with the largest F.
+- `window:K`       the sliding-window baseline: keep BOS and the K - 1 most recent keys (no F needed).
+Never dropped: BOS (position 0) and the newest token.
+
+Layers that pass key-indexed state to each other (`key_scores.KeyGroup`: residual scores, a shared
+or accumulated F) take one decision together, ranked by the smallest F any of them gives a key, so
+a key leaves only once every F-carrying layer of the group masks it. Layers without any F (vanilla,
+gqa, residual alone) are not pruned by `threshold`/`budget`.
+
+With batch > 1 each row keeps its own keys: `budget`/`window` keep exactly K per row; `threshold`
+keeps, in every row, as many keys as the row that keeps the most (rows with more masked keys keep
+their least-masked extras), because the cache is one rectangular (B, Hkv, T, D) tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..cache import ModelCache
+from ..errors import UserError
+from .key_scores import KeyGroup, attentions, has_penalty_rule, key_groups, next_query_penalties
+
+SPEC_FORMS = "threshold:TAU (e.g. threshold:1.0), budget:K or budget:K1,K2,... (one per layer, 'none' = not pruned), window:K"
+MIN_BUDGET = 2  # BOS and the newest token are never dropped
+
+
+class PruningError(UserError, ValueError):
+    """A pruning policy that cannot apply to this model or was written wrong."""
+
+
+def protected(positions: Tensor) -> Tensor:
+    """(B, T) bool: keys that are never dropped, BOS (position 0) and the newest (last) key."""
+    keep = positions == 0
+    keep[:, -1] = True
+    return keep
+
+
+def keep_lowest(value: Tensor, count: int) -> Tensor:
+    """Indices (B, count), ascending, of the `count` smallest values per row; ties keep the newer key."""
+    T = value.shape[-1]
+    order = torch.sort(value.flip(-1), dim=-1, stable=True).indices[:, :count]  # flipped: newer first among ties
+    return (T - 1 - order).sort(dim=-1).values
+
+
+class PruningPolicy:
+    """Decides which keys a (group of) layer(s) keeps. `keep` returns (B, K) indices or None (keep all)."""
+
+    needs_penalty: bool = True  # ranks keys by F; groups without one are left alone
+
+    def keep(self, penalty: Tensor | None, positions: Tensor, budget: int | None) -> Tensor | None:
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass
+class ThresholdPolicy(PruningPolicy):
+    tau: float
+
+    def keep(self, penalty, positions, budget):
+        safe = protected(positions)
+        evict = (penalty >= self.tau) & ~safe
+        if not evict.any():
+            return None
+        count = int((~evict).sum(-1).max())  # rows keep the same number of keys: the largest count
+        return keep_lowest(penalty.masked_fill(safe, float("-inf")), count)
+
+    def spec(self) -> str:
+        return f"threshold:{self.tau:g}"
+
+
+@dataclass
+class BudgetPolicy(PruningPolicy):
+    """Per-layer budgets K_l; one int means the same budget for every layer that has an F."""
+
+    budgets: int | list[int | None]
+
+    def keep(self, penalty, positions, budget):
+        if budget is None or positions.shape[-1] <= budget:
+            return None
+        return keep_lowest(penalty.masked_fill(protected(positions), float("-inf")), budget)
+
+    def spec(self) -> str:
+        return f"budget:{_budgets_text(self.budgets)}"
+
+
+@dataclass
+class WindowPolicy(BudgetPolicy):
+    """Sliding window of K keys per layer: BOS and the K - 1 most recent tokens. Ignores F."""
+
+    needs_penalty = False
+
+    def keep(self, penalty, positions, budget):
+        if budget is None or positions.shape[-1] <= budget:
+            return None
+        return keep_lowest((-positions.float()).masked_fill(protected(positions), float("-inf")), budget)
+
+    def spec(self) -> str:
+        return f"window:{_budgets_text(self.budgets)}"
+
+
+def _budgets_text(budgets: int | list[int | None]) -> str:
+    return str(budgets) if isinstance(budgets, int) else ",".join("none" if b is None else str(b) for b in budgets)
+
+
+def parse_prune_spec(text: str) -> PruningPolicy:
+    """`threshold:1.0`, `budget:64`, `budget:64,32,none,16`, `window:64` -> a policy."""
+    kind, sep, value = text.partition(":")
+    bad = lambda why: PruningError(f"--prune {text!r}: {why}; valid forms: {SPEC_FORMS}")  # noqa: E731
+    if not sep or kind not in ("threshold", "budget", "window"):
+        raise bad("unknown policy" if sep else "expected POLICY:VALUE")
+    if kind == "threshold":
+        try:
+            tau = float(value)
+        except ValueError:
+            raise bad(f"threshold {value!r} is not a number") from None
+        if not tau > 0:
+            raise bad("the threshold must be > 0")
+        return ThresholdPolicy(tau)
+    budgets: list[int | None] = []
+    for item in value.split(","):
+        item = item.strip()
+        if item.lower() == "none" and kind == "budget":
+            budgets.append(None)
+            continue
+        if not item.isdigit():
+            raise bad(f"budget {item!r} is not a whole number" + (" or 'none'" if kind == "budget" else ""))
+        if int(item) < MIN_BUDGET:
+            raise bad(f"budget {item} is below {MIN_BUDGET} (BOS and the newest token are always kept)")
+        budgets.append(int(item))
+    policy = BudgetPolicy if kind == "budget" else WindowPolicy
+    return policy(budgets[0] if len(budgets) == 1 and budgets[0] is not None else budgets)
+
+
+class Pruner:
+    """Applies a policy to a ModelCache after each forward call: `logits = model(x, cache); pruner(cache)`."""
+
+    def __init__(self, model: nn.Module, policy: PruningPolicy):
+        self.model, self.policy = model, policy
+        self.groups: list[KeyGroup] = key_groups(model)
+        mods = attentions(model)
+        self.depth = len(mods)
+        self.ranked = [any(has_penalty_rule(mods[i]) for i in g.layers) for g in self.groups]
+        if policy.needs_penalty and not any(self.ranked):
+            names = sorted({type(m).__name__ for m in mods})
+            raise PruningError(f"{policy.spec()}: no layer of this model has a selection penalty F to rank keys by "
+                               f"(attention: {', '.join(names)}); use window:K for a sliding window")
+        self.group_budgets = self._resolve_budgets()
+
+    def _resolve_budgets(self) -> list[int | None]:
+        budgets = self.policy.budgets if isinstance(self.policy, BudgetPolicy) else None
+        if budgets is None:
+            return [None] * len(self.groups)
+        if isinstance(budgets, int):  # one budget for every layer that can be pruned by this policy
+            return [budgets if ranked or not self.policy.needs_penalty else None for ranked in self.ranked]
+        if len(budgets) != self.depth:
+            raise PruningError(f"{self.policy.spec()}: {len(budgets)} budgets for {self.depth} layers; give one "
+                               f"number for every layer, or a single number for all")
+        out = []
+        for group, ranked in zip(self.groups, self.ranked):
+            values = {budgets[i] for i in group.layers}
+            if len(values) > 1:
+                raise PruningError(f"{self.policy.spec()}: {group.describe()} must keep the same keys (their state is "
+                                   f"indexed by key), so give them one budget; got {[budgets[i] for i in group.layers]}")
+            value = values.pop()
+            if value is not None and self.policy.needs_penalty and not ranked:
+                raise PruningError(f"{self.policy.spec()}: {group.describe()} has no selection penalty F to rank its "
+                                   f"keys by; write 'none' for it (it is then not pruned)")
+            out.append(value)
+        return out
+
+    def layer_budgets(self, context: int) -> list[int]:
+        """K_l per layer for the memory ratio; unpruned layers count the full context."""
+        per_layer = [context] * self.depth
+        for group, budget in zip(self.groups, self.group_budgets):
+            for i in group.layers:
+                per_layer[i] = context if budget is None else min(budget, context)
+        return per_layer
+
+    def safe_prefill(self) -> int:
+        """Tokens that may go in one chunk before the first pruning step without changing any result:
+        with fixed budgets nothing is dropped before a cache exceeds its smallest budget."""
+        if isinstance(self.policy, BudgetPolicy):
+            budgets = [b for b in self.group_budgets if b is not None]
+            return min(budgets) if budgets else 1 << 62
+        return 1
+
+    def __call__(self, cache: ModelCache) -> None:
+        penalties = next_query_penalties(self.model, cache) if self.policy.needs_penalty else None
+        for group, budget in zip(self.groups, self.group_budgets):
+            first = cache.layers[group.layers[0]]
+            if not first.length:
+                continue
+            penalty = None
+            if penalties is not None:
+                found = [penalties[i] for i in group.layers if penalties[i] is not None]
+                if not found:
+                    continue
+                penalty = found[0] if len(found) == 1 else torch.stack(found).amin(dim=0)
+            index = self.policy.keep(penalty, first.positions, budget)
+            if index is not None:
+                for i in group.layers:
+                    cache.layers[i].keep(index)
+
+    def describe(self) -> str:
+        parts = []
+        for group, ranked, budget in zip(self.groups, self.ranked, self.group_budgets):
+            if self.policy.needs_penalty and not ranked:
+                what = "not pruned (no F)"
+            elif isinstance(self.policy, BudgetPolicy):
+                what = "not pruned" if budget is None else f"budget {budget}"
+            else:
+                what = self.policy.spec()
+            parts.append(f"{group.describe()}: {what}")
+        return "; ".join(parts)

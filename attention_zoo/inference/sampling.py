@@ -1,0 +1,53 @@
+"""Next-token sampling: temperature, top-k and nucleus (top-p), with a seeded generator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+
+
+@dataclass
+class Sampler:
+    """temperature 0 means greedy (argmax); top_k / top_p of None keep every token."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        problems = []
+        if not self.temperature >= 0:
+            problems.append(f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"--top-k {self.top_k}: must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            problems.append(f"--top-p {self.top_p}: must be in (0, 1]")
+        if problems:
+            raise UserError("; ".join(problems))
+        self.generator = torch.Generator()
+        if self.seed is not None:
+            self.generator.manual_seed(self.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """logits (B, V) -> tokens (B, 1)."""
+        logits = logits.float()
+        if self.temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            # drop a token once the tokens ranked above it already cover top_p (the top one always stays)
+            drop_sorted = probs.cumsum(dim=-1) - probs >= self.top_p
+            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=self.generator).to(logits.device)

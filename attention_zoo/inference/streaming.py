@@ -1,0 +1,75 @@
+"""Validation loss computed token by token through the (pruned) cache: exactly what generation sees.
+
+A full forward pass lets every query see every earlier key; a pruned cache does not, so the loss of a
+pruned model has to be measured the way it is used: one token at a time, pruning after each. Without
+pruning the streamed loss equals the full-forward loss (tests/test_pruning.py checks it).
+
+Cost: N forward calls per batch of sequences. Two things keep it affordable and change no number:
+sequences go in batches (each row is pruned on its own), and the first `prefill` tokens go in one
+chunk, which is exact whenever no key would have been dropped before then (with fixed budgets:
+until a cache exceeds its smallest budget, `Pruner.safe_prefill`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..data import IGNORE_INDEX, Batch
+from .pruning import Pruner
+
+
+@dataclass
+class StreamingResult:
+    loss: float  # mean cross-entropy (nats) over scored tokens
+    tokens: int  # scored tokens
+    mean_kept: list[float] = field(default_factory=list)  # per layer: keys held after each step, averaged
+    peak_kept: list[int] = field(default_factory=list)  # per layer: most keys held after a step
+
+
+@torch.no_grad()
+def streaming_loss(model: nn.Module, batches: Iterable[Batch], pruner: Pruner | None = None, *,
+                   prefill: int | None = None, progress: bool = False) -> StreamingResult:
+    """Mean loss over `batches`, fed `prefill` tokens at once and then one token at a time.
+
+    prefill: default `pruner.safe_prefill()`, or the whole sequence without a pruner (exact either way).
+    """
+    model.eval()
+    total, count = 0.0, 0
+    kept_sum: list[float] = []
+    kept_peak: list[int] = []
+    steps = 0
+    batches = list(batches)
+    bar = tqdm(total=sum(b.inputs.shape[1] for b in batches), desc="streaming eval", unit="tok", leave=False,
+               disable=not progress)
+    device = next(model.parameters()).device
+    for batch in batches:
+        inputs, targets = batch.inputs.to(device), batch.targets.to(device)
+        N = inputs.shape[1]
+        first = N if pruner is None and prefill is None else (prefill or pruner.safe_prefill())
+        first = max(1, min(first, N))
+        cache = model.new_cache()
+        begin = 0
+        while begin < N:
+            end = first if begin == 0 else begin + 1
+            logits = model(inputs[:, begin:end], cache=cache)  # (B, c, V)
+            if pruner is not None:
+                pruner(cache)
+            target = targets[:, begin:end]
+            total += F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum").item()
+            count += int((target != IGNORE_INDEX).sum())
+            lengths = cache.lengths()
+            kept_sum = [a + b for a, b in zip(kept_sum, lengths)] if kept_sum else [float(n) for n in lengths]
+            kept_peak = [max(a, b) for a, b in zip(kept_peak, lengths)] if kept_peak else list(lengths)
+            steps += 1
+            bar.update(end - begin)
+            begin = end
+    bar.close()
+    if count == 0:
+        raise ValueError("no scored tokens in the evaluation batches")
+    return StreamingResult(total / count, count, [s / steps for s in kept_sum], kept_peak)

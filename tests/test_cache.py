@@ -1,0 +1,163 @@
+"""The KV cache gives exactly what one full forward pass gives, for every variant and combination.
+
+Prefill in chunks of 1, 3, 5 tokens or the whole prompt, then one token at a time: the concatenated
+logits must equal the full pass (float32, max abs difference < 1e-4), on the math and sdpa backends.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention_zoo import build_model, list_variants
+from attention_zoo.backends.base import causal_mask
+from attention_zoo.functional import selection_logits, selection_scores
+from attention_zoo.inference.key_scores import next_query_penalties
+from variants.selective import ACCUMULATOR
+
+DEPTH, SEQ, PROMPT = 4, 14, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is ~10x faster than two on a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# Every registered variant gets at least its default row here (see test_every_variant_is_covered).
+CASES = {
+    "vanilla": {"variant": "vanilla"},
+    "vanilla-kv1": {"variant": "vanilla", "kv_heads": 1},
+    "gqa-kv2": {"variant": "gqa", "kv_heads": 2},
+    "residual": {"variant": "residual"},
+    "residual-kv2": {"variant": "residual", "kv_heads": 2},
+    "selective": {"variant": "selective"},
+    "selective-kv1": {"variant": "selective", "kv_heads": 1, "selection_head": 3},
+    "selective-kv2-residual": {"variant": "selective", "kv_heads": 2, "residual": True},
+    "selective-bos-unprotected": {"variant": "selective", "protect_bos": False},
+    "cross-share-0": {"variant": "cross_layer_selective", "mode": "share", "sources": [0]},
+    "cross-share-0-2-kv2": {"variant": "cross_layer_selective", "mode": "share", "sources": [0, 2], "kv_heads": 2},
+    "cross-accumulate-0": {"variant": "cross_layer_selective", "mode": "accumulate", "sources": [0], "decay": 0.5},
+    "cross-accumulate-0-2-residual": {"variant": "cross_layer_selective", "mode": "accumulate", "sources": [0, 2],
+                                      "decay": 0.5, "residual": True},
+    "cross-accumulate-late-source": {"variant": "cross_layer_selective", "mode": "accumulate", "sources": [2]},
+}
+# Mixed stacks: state passing through layers of other variants.
+MIXED = {
+    "selective-with-vanilla-layer": ({"variant": "selective"}, [{"at": [1], "attention": {"variant": "vanilla"}}]),
+    "cross-share-with-residual-layer": ({"variant": "cross_layer_selective", "sources": [0], "residual": True},
+                                        [{"at": [2], "attention": {"variant": "residual"}}]),
+}
+
+
+def make_model(attention: dict, layers: list | None = None, backend: str = "math", seed: int = 0):
+    torch.manual_seed(seed)
+    config = {"backend": backend, "model": {"dim": 32, "depth": DEPTH, "heads": 4, "max_seq_len": 32,
+                                             "attention": attention, "layers": layers or []}}
+    model = build_model(config).eval()
+    with torch.no_grad():  # larger q/k so selection scores are O(1) and F really changes the output
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "kv_proj.weight")):
+                p.mul_(15)
+    return model
+
+
+def cached_logits(model, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Prefill tokens[:, :PROMPT] in chunks of `chunk`, then feed the rest one token at a time."""
+    cache = model.new_cache()
+    out = [model(tokens[:, i:min(i + chunk, PROMPT)], cache=cache) for i in range(0, PROMPT, chunk)]
+    out += [model(tokens[:, i:i + 1], cache=cache) for i in range(PROMPT, tokens.shape[1])]
+    assert cache.seen == tokens.shape[1] and cache.lengths() == [tokens.shape[1]] * DEPTH
+    return torch.cat(out, dim=1)
+
+
+ALL = {**{k: (v, None) for k, v in CASES.items()}, **MIXED}
+
+
+def test_every_variant_is_covered():
+    covered = {attention["variant"] for attention, _ in ALL.values()}
+    assert set(list_variants()) <= covered, f"add a row for {set(list_variants()) - covered}"
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("name", list(ALL))
+@torch.no_grad()
+def test_cached_decoding_equals_full_forward(name, backend):
+    attention, layers = ALL[name]
+    model = make_model(attention, layers, backend)
+    tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    full = model(tokens)
+    for chunk in (1, 3, 5, PROMPT):
+        diff = (cached_logits(model, tokens, chunk) - full).abs().max().item()
+        assert diff < 1e-4, f"{name} on {backend}, prefill chunk {chunk}: max abs diff {diff}"
+
+
+@torch.no_grad()
+def test_cache_changes_the_output_where_it_should():
+    # Guard against a vacuous equality: a cache that drops the selective accumulator must fail.
+    model = make_model(CASES["selective"])
+    tokens = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(2))
+    full = model(tokens)
+    cache = model.new_cache()
+    model(tokens[:, :PROMPT], cache=cache)
+    for layer in cache.layers:
+        layer.per_key[ACCUMULATOR].zero_()
+    wrong = model(tokens[:, PROMPT:PROMPT + 1], cache=cache)
+    assert (wrong - full[:, PROMPT:PROMPT + 1]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_selective_accumulator_is_column_sums_of_S():
+    model = make_model(CASES["selective-kv1"])
+    tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    _, updates = model(tokens, return_state=True)
+    cache = model.new_cache()
+    for begin, end in ((0, 5), (5, 6), (6, 11)):
+        model(tokens[:, begin:end], cache=cache)
+        for layer in range(DEPTH):
+            F_full = updates[layer]["selection_penalty"]  # (B, N, N): F[i, j] = sum over k < i of S[k, j]
+            acc = cache.layers[layer].per_key[ACCUMULATOR]  # (B, end)
+            # a = column sums of S over the processed queries 0..end-1 = F of the next query (row `end`)
+            assert acc.shape == (2, end)
+            torch.testing.assert_close(acc, F_full[:, end, :end], atol=1e-4, rtol=1e-5)
+        # The penalty the pruner ranks keys by is that accumulator (own F for selective layers).
+        assert all(p is cache.layers[i].per_key[ACCUMULATOR] for i, p in enumerate(next_query_penalties(model, cache)))
+
+
+def test_selection_scores_after_a_cache_are_bottom_right_aligned():
+    # 2 new queries after 3 cached keys: query 0 is at position 3, query 1 at 4.
+    logits = torch.ones(1, 2, 5)
+    S = selection_scores(logits, protect_bos=True)
+    assert S[0].tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]  # strictly earlier keys, never BOS, never itself
+    assert causal_mask(2, 5).tolist() == [[True, True, True, True, False], [True] * 5]
+    assert selection_logits(torch.randn(1, 4, 2, 8), torch.randn(1, 2, 5, 8), 3).shape == (1, 2, 5)
+
+
+@torch.no_grad()
+def test_sdpa_needs_bottom_right_mask_for_chunks_after_a_cache():
+    # SDPA's own is_causal is top-left aligned: with 3 cached keys it would hide keys the new queries may see.
+    import torch.nn.functional as F
+
+    from attention_zoo.backends import BACKENDS
+
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    ours = BACKENDS.get("sdpa").attention(q, k, v, bias=None, causal=True, scale=8 ** -0.5)
+    reference = BACKENDS.get("math").attention(q, k, v, bias=None, causal=True, scale=8 ** -0.5)
+    top_left = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert (top_left - reference).abs().max() > 1e-3
+
+
+def test_cache_nbytes_counts_keys_values_and_stats():
+    model = make_model(CASES["selective-kv2-residual"])
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (3, 5)), cache=cache)
+    layer = cache.layers[0]
+    # k and v (B, Hkv, T, D) float32, positions (B, T) int64, accumulator (B, T) float32
+    assert layer.nbytes() == 2 * 3 * 2 * 5 * 8 * 4 + 3 * 5 * 8 + 3 * 5 * 4
+    index = torch.tensor([[0, 3, 4]] * 3)
+    layer.keep(index)
+    assert layer.length == 3 and layer.positions[0].tolist() == [0, 3, 4]
+    assert layer.nbytes() == 2 * 3 * 2 * 3 * 8 * 4 + 3 * 3 * 8 + 3 * 3 * 4

@@ -1,0 +1,179 @@
+"""Budget calibration (search logic and the command) and every shell command in docs/inference.md."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from attention_zoo import build_model
+from attention_zoo.checkpoint import save_checkpoint
+from attention_zoo.cli import main
+from attention_zoo.inference import KeyGroup
+from attention_zoo.inference.calibration import SHRINK_FACTORS, Calibrator, Evaluation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(attention: dict, depth: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model({"model": {"dim": 32, "depth": depth, "heads": 2, "max_seq_len": 32, "attention": attention}})
+    with torch.no_grad():  # O(1) selection scores, so pruning has something to work with
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "kv_proj.weight")):
+                p.mul_(10)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- search logic
+
+
+class FakeCalibrator(Calibrator):
+    """The search on a synthetic loss: layer group g costs weight[g] / K_g, no model evaluation."""
+
+    def __init__(self, weights: list[float], context: int, tolerance: float):
+        self.weights, self.context, self.tolerance, self.depth = weights, context, tolerance, len(weights)
+        self.ranked = [w is not None for w in weights]
+        self.groups = [KeyGroup((g,)) for g in range(len(weights))]
+        self.base, self.evaluations, self.memo = 1.0, [], {}
+        self.target = self.base * (1 + tolerance)
+
+    def layer_budgets(self, group_budgets):
+        return list(group_budgets)
+
+    def budget_eval(self, group_budgets, stage):
+        loss = self.base + sum(w / k for w, k in zip(self.weights, group_budgets) if k is not None and k < self.context)
+        ev = Evaluation("budget", [k or self.context for k in group_budgets], loss, 0.0, stage=stage)
+        self.evaluations.append(ev)
+        return ev
+
+
+def test_uniform_search_finds_the_smallest_feasible_budget():
+    cal = FakeCalibrator([0.2, 0.1, None], context=512, tolerance=0.01)
+    K = cal.uniform_search()
+    assert 0.3 / K <= 0.01 < 0.3 / (K - 1)  # K = 30
+    assert len(cal.evaluations) <= 10  # log2(512) + 1
+
+
+def test_search_moves_memory_to_where_it_matters():
+    cal = FakeCalibrator([0.28, 0.01, None], context=512, tolerance=0.01)
+    uniform, budgets = cal.search()
+    assert uniform == 29  # 0.29 / K <= 0.01
+    loss = cal.budget_eval(budgets, "check").loss
+    assert loss <= cal.target and budgets[2] is None
+    assert budgets[1] <= 8 < uniform < budgets[0]  # the group that barely suffers from pruning gives up the most
+    assert cal.total(budgets) < cal.total([uniform, uniform, None])
+    for g in (0, 1):  # no group can shrink by the last factor any more
+        trial = list(budgets)
+        trial[g] = max(2, int(budgets[g] * SHRINK_FACTORS[-1]))
+        assert trial[g] == budgets[g] or cal.budget_eval(trial, "check").loss > cal.target
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    save_checkpoint(run / "checkpoint", tiny_model({"variant": "selective"}))
+    return run
+
+
+def test_calibrate_command(run_folder, capsys):
+    out = run_folder / "cal"
+    argv = ["calibrate", str(run_folder), "--tolerance", "0.02", "--context", "24", "--batches", "1",
+            "--batch-size", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "calibration.json").read_text())
+    assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.json", "calibration.png"]  # no temp files left
+    best, window = report["calibrated"], report["window_same_memory"]
+    assert best["loss"] <= report["target_loss"] == pytest.approx(report["base_loss"] * 1.02)
+    assert best["memory_ratio"] == pytest.approx(2 * 24 / sum(best["budgets"]))
+    assert window["budgets"] == best["budgets"] and window["policy"].startswith("window:")
+    assert all(2 <= k <= 24 for k in best["budgets"])
+    assert report["held_out"]["base_loss"] > 0 and report["check_split"] == "test"
+    curve = [e for e in report["evaluations"] if e["stage"] == "curve"]
+    assert {e["budgets"][0] for e in curve} == {12, 6}  # N/2, N/4 (>= 4), for both policies
+    assert f"KV memory {best['memory_ratio']:.1f}x less" in printed and "sliding window, same memory" in printed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tolerance", "0"], "relative tolerance in (0, 1)"),
+    (["--context", "99"], "--context 99: must be between 4 and model.max_seq_len (32)"),
+    (["--batches", "0"], "--batches 0: must be >= 1"),
+])
+def test_calibrate_command_errors(run_folder, capsys, args, message):
+    assert main(["calibrate", str(run_folder), "--no-progress", "--out", str(run_folder / "bad"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (run_folder / "bad").exists()
+
+
+def test_calibrate_refuses_a_model_without_selection(tmp_path, capsys):
+    save_checkpoint(tmp_path / "checkpoint", tiny_model({"variant": "vanilla"}))
+    assert main(["calibrate", str(tmp_path), "--no-progress", "--context", "8"]) == 2
+    assert "no layer of this model has a selection penalty" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- docs/inference.md
+
+
+DOCS = [ROOT / "docs" / "inference.md", ROOT / "docs" / "pruning-results.md"]
+RUN = "runs/pruning/selective_memory"
+TINY = {  # appended to each documented command: argparse and config overrides take the last value
+    "train": ["model.dim=16", "model.depth=4", "model.heads=2", "model.max_seq_len=32", "train.seq_len=32",
+              "train.steps=2", "train.batch_size=2", "train.warmup=1", "train.eval_every=0", "train.eval_batches=1",
+              "--no-progress"],
+    "generate": ["--max-tokens", "12"],
+    "calibrate": ["--context", "16", "--batches", "1", "--batch-size", "1", "--no-progress"],
+}
+
+
+def documented_commands(doc: Path) -> list[list[str]]:
+    """argv of each attention-zoo command in the page's bash blocks (continuations joined, VAR=x prefixes dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split(" #")[0])
+            while words and re.match(r"^[A-Z_]+=", words[0]):
+                words.pop(0)
+            if words[:1] == ["attention-zoo"]:
+                commands.append(words[1:])
+    return commands
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_every_documented_command_runs(doc, tmp_path, monkeypatch, capsys):
+    commands = documented_commands(doc)
+    assert {"train", "calibrate"} <= {argv[0] for argv in commands}  # the run the other commands use is trained first
+    monkeypatch.chdir(tmp_path)  # the run folder and calibration output land here
+    for argv in sorted(commands, key=lambda a: a[0] != "train"):
+        argv = [str(ROOT / w) if w.endswith(".yaml") else w for w in argv]
+        assert main([*argv, *TINY[argv[0]]]) == 0, " ".join(argv)
+        printed = capsys.readouterr().out
+        if argv[0] == "generate":
+            assert "tokens/s" in printed and "kept keys per layer" in printed
+        if "--measure" in argv:
+            assert all(spec in printed for spec in argv[argv.index("--measure") + 1:] if not spec.startswith("-"))
+    assert (tmp_path / RUN / "calibration" / "calibration.json").is_file()
+    if doc.name != "inference.md":
+        return
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block.replace("200,", "5,"), str(doc), "exec"), namespace)
+    assert namespace["result"].cache.lengths() == [10] * 4  # a prompt of 6 and 4 of the 5 new tokens fed back

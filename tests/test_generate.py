@@ -1,0 +1,129 @@
+"""Generation: sampling options, the cached loop (same tokens as recomputing from scratch), pruning
+during generation, the max_seq_len stop, and the `attention-zoo generate` command."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from attention_zoo import build_model
+from attention_zoo.checkpoint import save_checkpoint
+from attention_zoo.cli import main
+from attention_zoo.errors import UserError
+from attention_zoo.inference import Pruner, Sampler, generate, parse_prune_spec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(attention: dict | None = None, max_seq_len: int = 48, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model({"model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": max_seq_len,
+                                  "attention": attention or {"variant": "selective"}}}).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint", tiny_model())  # a run folder's layout
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampler_options():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert Sampler(temperature=0)(logits).item() == 1
+    top2 = {Sampler(top_k=2, seed=s)(logits).item() for s in range(60)}
+    assert top2 == {1, 3}
+    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, 0.03 (sorted): top_p 0.7 keeps the two largest
+    assert probs.sort(descending=True).values[0] < 0.7 < probs.sort(descending=True).values[:2].sum()
+    assert {Sampler(top_p=0.7, seed=s)(logits).item() for s in range(60)} == {1, 3}
+    assert {Sampler(top_p=0.01, seed=s)(logits).item() for s in range(10)} == {1}  # the top token always stays
+    draws = [Sampler(seed=7)(logits.repeat(5, 1)).flatten().tolist() for _ in range(2)]
+    assert draws[0] == draws[1]  # seeded: reproducible
+    for bad in ({"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(UserError):
+            Sampler(**bad)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@torch.no_grad()
+def test_cached_generation_equals_recomputing_from_scratch():
+    model = tiny_model({"variant": "cross_layer_selective", "mode": "accumulate", "residual": True})
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    result = generate(model, prompt, 12, Sampler(temperature=0), prefill_chunk=2)
+    seq = prompt
+    for _ in range(12):  # no cache: the whole sequence every step
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(result.tokens, seq)
+    assert result.generated == 12 and result.stopped == "max_tokens" and result.cache.seen == 5 + 11
+
+
+def test_generation_with_pruning_keeps_the_budget():
+    model = tiny_model()
+    seen = []
+    result = generate(model, torch.randint(0, 256, (1, 6)), 20, Sampler(seed=0),
+                      pruner=Pruner(model, parse_prune_spec("budget:8")), on_token=seen.append)
+    assert result.cache.lengths() == [8, 8] and len(seen) == 20
+    assert torch.equal(torch.cat(seen, 1), result.tokens[:, 6:])
+
+
+def test_generation_stops_at_max_seq_len():
+    model = tiny_model(max_seq_len=10)
+    result = generate(model, torch.zeros(1, 4, dtype=torch.long), 50, Sampler(seed=0))
+    # positions 0..9 can be fed; the token sampled after position 9 is kept but cannot be fed back
+    assert result.stopped == "max_seq_len" and result.tokens.shape[1] == 11 and result.cache.seen == 10
+    with pytest.raises(UserError, match="max_seq_len=10"):
+        generate(model, torch.zeros(1, 11, dtype=torch.long), 1, Sampler())
+    with pytest.raises(UserError, match="empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 1, Sampler())
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_generate_command(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--prompt", "Où est", "--max-tokens", "9", "--seed", "3",
+                 "--temperature", "0.8", "--top-k", "20", "--top-p", "0.95", "--prune", "budget:5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Où est")
+    assert re.search(r"prompt 7 tokens .*generated 9 tokens in [\d.]+ s \([\d.]+ tokens/s\)", out)
+    assert re.search(r"cache: [\d,]+ bytes; kept keys per layer: 5, 5 \(of 15 tokens seen\)", out)
+    assert "pruning budget:5" in out
+    again = main(["generate", str(checkpoint.parent), "--prompt", "Où est", "--max-tokens", "9", "--seed", "3",
+                  "--temperature", "0.8", "--top-k", "20", "--top-p", "0.95", "--prune", "budget:5"])
+    assert again == 0 and capsys.readouterr().out.splitlines()[0] == out.splitlines()[0]  # same seed, same text
+
+
+def test_generate_command_stops_at_the_position_limit(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--prompt", "x" * 40, "--max-tokens", "100", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "generated 9 tokens" in out and "stopped: the model's learned positions end at model.max_seq_len=48" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prune", "budget:x"], "--prune 'budget:x'"),
+    (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
+    (["--prompt", "y" * 60], "model.max_seq_len=48"),
+    (["--device", "cuda:0"], "CUDA is not available"),
+])
+def test_generate_command_errors(checkpoint, capsys, args, message):
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    argv = ["generate", str(checkpoint), "--prompt", "hi", "--max-tokens", "2", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_generate_command_on_a_missing_checkpoint(tmp_path, run_cli):
+    result = run_cli("generate", str(tmp_path / "nope"), "--prompt", "hi")
+    assert result.returncode == 2 and "not a checkpoint" in result.stderr and "Traceback" not in result.stderr
