@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -78,6 +79,18 @@ def _type_ok(value: Any, types: type | tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+# YAML 1.1 (PyYAML) reads `3e-4` as a string (it wants `3.0e-4`); float fields take such strings as
+# the numbers everyone means.
+_FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _yaml_float(value: Any, types: type | tuple[type, ...]) -> Any:
+    types = types if isinstance(types, tuple) else (types,)
+    if float in types and isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
+        return float(value)
+    return value
+
+
 def validate_fields(value: Any, fields: dict[str, Field], path: str, source: str) -> tuple[dict, list[Problem]]:
     """Check a mapping against `fields`: unknown keys, types, choices, bounds. Fills defaults."""
     if value is None:
@@ -96,7 +109,7 @@ def validate_fields(value: Any, fields: dict[str, Field], path: str, source: str
             else:
                 out[key] = copy.deepcopy(spec.default)
             continue
-        v = value[key]
+        v = _yaml_float(value[key], spec.type)
         where = f"{path}.{key}"
         if not _type_ok(v, spec.type):
             problems.append(Problem(source, where, v, f"expected {spec.type_name()}"))

@@ -1,0 +1,83 @@
+"""results.csv (one row per run) and results.md (one row per label: mean +- std over seeds), written
+atomically from the records of finished runs."""
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_write_text
+from .records import metric_of
+from .sweep import Sweep
+
+CSV_COLUMNS = ("label", "seed", "params", "steps", "train_loss", "val_loss", "val_bpb", "val_ppl", "val_accuracy",
+               "tokens_per_s", "peak_mem_mb", "train_time_s", "wall_s", "settings", "run_dir")
+
+
+def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        row = {k: r.get(k) for k in CSV_COLUMNS}
+        row.update({f"val_{k}": v for k, v in r["val"].items() if f"val_{k}" in CSV_COLUMNS})
+        row["settings"] = " ".join(f"{k}={v}" for k, v in r["settings"].items())
+        writer.writerow(row)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def grouped(sweep: Sweep, records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """label -> its records, in the sweep's run order (labels without results left out)."""
+    groups = {label: [r for r in records if r["label"] == label] for label in sweep.labels}
+    return {k: v for k, v in groups.items() if v}
+
+
+def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
+    groups = grouped(sweep, records)
+    metric = sweep.metric
+    extra = [m for m in ("val.loss", "val.accuracy") if m != metric and any(metric_of(r, m) is not None for r in records)]
+    means = {label: mean_std([v for r in rs if (v := metric_of(r, metric)) is not None])[0]
+             for label, rs in groups.items() if any(metric_of(r, metric) is not None for r in rs)}
+    best = (max if sweep.higher_is_better else min)(means, key=means.get) if means else None
+    arrow = "higher is better" if sweep.higher_is_better else "lower is better"
+    header = ["run", "params", f"{metric} ({arrow})", *extra, "train loss", "tokens/s", "peak mem (MB)", "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, rs in groups.items():
+        main = _fmt([v for r in rs if (v := metric_of(r, metric)) is not None])
+        cells = [label, f"{rs[0]['params']:,}", f"**{main}**" if label == best and len(groups) > 1 else main,
+                 *(_fmt([v for r in rs if (v := metric_of(r, m)) is not None]) for m in extra),
+                 _fmt([r["train_loss"] for r in rs]),
+                 f"{statistics.fmean(r['tokens_per_s'] for r in rs):,.0f}",
+                 f"{statistics.fmean(r['peak_mem_mb'] for r in rs):,.0f}", str(len(rs))]
+        lines.append("| " + " | ".join(cells) + " |")
+    missing = [label for label in sweep.labels if label not in groups]
+    total = len(sweep.runs)
+    head = f"## {sweep.name}\n\n" + (f"{sweep.description.strip()}\n\n" if sweep.description.strip() else "")
+    head += f"{len(records)} of {total} runs finished; mean ± std over seeds {sweep.seeds}; best {metric} in bold.\n\n"
+    tail = f"\nNo results yet: {', '.join(missing)}\n" if missing else ""
+    device = sorted({r.get("device", "?") for r in records})
+    foot = (f"\nDevice: {', '.join(device)}. Peak memory: GPU, the peak allocated by tensors; CPU, the training "
+            "process's peak resident set (it includes ~0.3-0.5 GB of Python and torch runtime).\n")
+    return head + "\n".join(lines) + "\n" + tail + foot
+
+
+def write_markdown(path: Path, sweep: Sweep, records: list[dict[str, Any]]) -> str:
+    text = markdown_table(sweep, records)
+    atomic_write_text(path, text)
+    return text
+

@@ -1,0 +1,242 @@
+"""Sweep files: a base config, a grid and/or named runs, seeds, and the metric to compare.
+
+    base: ../train/shakespeare_tiny.yaml      # a config file (relative to this file) or an inline mapping
+    grid:                                      # every combination of these key paths
+      model.attention.variant: [vanilla, selective]
+      model.heads: [4, 8]
+    runs:                                      # named combinations, added to the grid's
+      selective+gqa: {model.attention.variant: selective, model.attention.kv_heads: 2}
+    seeds: [0, 1]                              # each run once per seed (sets train.seed)
+    metric: val.loss                           # val.loss | val.bpb | val.ppl | val.accuracy | train_loss
+
+Every run's config is built and validated (model, data and train together) before anything trains,
+and every problem of every run is reported at once, each naming the runs it affects.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config, ConfigError, Field, Problem, load_config, validate_fields
+from ..data import DataError
+
+METRICS = ("val.loss", "val.bpb", "val.ppl", "val.accuracy", "train_loss")
+HIGHER_IS_BETTER = {"val.accuracy"}
+
+SWEEP_FIELDS = {
+    "name": Field((str, type(None)), None, "a title for the results table"),
+    "base": Field((str, dict), {}, "a config file (relative to the sweep file) or an inline config"),
+    "grid": Field(dict, {}, "key path -> list of values; every combination runs"),
+    "runs": Field(dict, {}, "name -> {key path: value}; explicit runs, added to the grid's"),
+    "seeds": Field(list, [0], "train.seed values; every run once per seed"),
+    "metric": Field(str, "val.loss", "the number to compare", choices=METRICS),
+    "description": Field(str, "", "free text, copied above the results table"),
+}
+
+
+@dataclass
+class Run:
+    label: str  # shown in tables and plots: the run's name, or its grid values
+    seed: int
+    settings: dict[str, Any]  # key path -> value, on top of the base
+    config: Config = field(repr=False, default=None)
+
+    @property
+    def slug(self) -> str:
+        """A folder name: the label with anything unusual replaced."""
+        return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", self.label).strip("_") or "base"
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the exact config, so a changed sweep never reuses an old result."""
+        return hashlib.sha256(json.dumps(dict(self.config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Sweep:
+    path: Path
+    name: str
+    description: str
+    metric: str
+    seeds: list[int]
+    runs: list[Run]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(dict.fromkeys(r.label for r in self.runs))
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric in HIGHER_IS_BETTER
+
+
+def set_key(data: dict, path: str, value: Any) -> str | None:
+    """Set `a.b.c` (list items by index) to `value`; an error message, or None."""
+    parts = path.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return f"no list item {part!r} in {'.'.join(parts[:i]) or 'the config'}"
+            if last:
+                node[int(part)] = copy.deepcopy(value)
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = copy.deepcopy(value)
+            else:
+                node = node.setdefault(part, {})
+        else:
+            return f"cannot set a key inside {'.'.join(parts[:i])} (a {type(node).__name__})"
+    return None
+
+
+def _short(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _label(settings: dict[str, Any], keys: list[str]) -> str:
+    """`variant=selective kv_heads=2`: the last part of each key path, unless two keys share it."""
+    shorts = [_short(k) for k in keys]
+    names = [s if shorts.count(s) == 1 else k for s, k in zip(shorts, keys)]
+    return " ".join(f"{n}={'null' if settings[k] is None else settings[k]}" for n, k in zip(names, keys)) or "base"
+
+
+def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
+    """Parse and validate a sweep file and every run it describes. Raises ConfigError listing every
+    problem (sweep keys, base config, each run's config and data), before anything is trained."""
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError([Problem(source, "(file)", str(path), "file not found")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(source, "(file)", str(path), f"invalid YAML: {exc}")]) from None
+    spec, problems = validate_fields(raw, SWEEP_FIELDS, "sweep", source)
+    for p in problems:
+        p.path = p.path.removeprefix("sweep.")
+    problems += _check_shape(spec, source)
+    if problems:
+        raise ConfigError(problems)
+
+    base = spec["base"]
+    if isinstance(base, str):
+        base = load_config((path.parent / base).resolve(), sets)  # the base file's own problems name that file
+        base_raw = dict(base)
+    else:
+        base_raw = copy.deepcopy(base)
+        for s in sets:
+            key, _, value = s.partition("=")
+            if "=" not in s:
+                problems.append(Problem("--set", "(override)", s, "expected KEY.PATH=VALUE, e.g. train.steps=3"))
+            elif (msg := set_key(base_raw, key.strip(), yaml.safe_load(value))) is not None:
+                problems.append(Problem("--set", key, value, msg))
+    if problems:
+        raise ConfigError(problems)
+
+    combos: list[tuple[str, dict]] = []
+    keys = list(spec["grid"])
+    for values in itertools.product(*(spec["grid"][k] for k in keys)) if keys else ():
+        settings = dict(zip(keys, values))
+        combos.append((_label(settings, keys), settings))
+    combos += [(str(name), dict(settings or {})) for name, settings in spec["runs"].items()]
+    if not combos:
+        combos = [("base", {})]
+    labels = [label for label, _ in combos]
+    for label in sorted({l for l in labels if labels.count(l) > 1}):
+        problems.append(Problem(source, "runs", label, "two runs have this label; rename the named run"))
+
+    # Seed-major: a sweep stopped half-way has every variant once rather than some variants twice.
+    runs = [Run(label, seed, settings) for seed in spec["seeds"] for label, settings in combos]
+    problems += _build_configs(runs, base_raw, spec["metric"], source)
+    if problems:
+        raise ConfigError(problems)
+    return Sweep(path, spec["name"] or path.stem, spec["description"], spec["metric"], spec["seeds"], runs)
+
+
+def _check_shape(spec: dict, source: str) -> list[Problem]:
+    problems = []
+    for key, values in spec.get("grid", {}).items():
+        if not isinstance(values, list) or not values:
+            problems.append(Problem(source, f"grid.{key}", values, "expected a non-empty list of values"))
+    for name, settings in spec.get("runs", {}).items():
+        if settings is not None and not isinstance(settings, dict):
+            problems.append(Problem(source, f"runs.{name}", settings, "expected a mapping {key.path: value}"))
+    seeds = spec.get("seeds", [0])
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
+        problems.append(Problem(source, "seeds", seeds, "expected a non-empty list of distinct integers"))
+    return problems
+
+
+def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) -> list[Problem]:
+    """Validate every run's config and data; a problem shared by several runs is reported once."""
+    from ..train.loop import plan_run
+
+    found: dict[tuple[str, str, str], tuple[Problem, list[str]]] = {}
+    datasets: dict[str, Any] = {}  # one dataset per distinct data section: corpora load once
+
+    def note(problem: Problem, label: str) -> None:
+        key = (problem.path, repr(problem.value), problem.message)
+        found.setdefault(key, (problem, []))[1].append(label)
+
+    for run in runs:
+        raw = copy.deepcopy(base_raw)
+        for key, value in run.settings.items():
+            if (msg := set_key(raw, key, value)) is not None:
+                note(Problem(source, key, value, msg), run.label)
+        set_key(raw, "train.seed", run.seed)
+        try:
+            config = load_config(raw)
+        except ConfigError as exc:
+            for p in exc.problems:
+                note(p, run.label)
+            continue
+        config.source = f"{source} [{run.label}]"
+        run.config = config
+        data_key = json.dumps(config["data"], sort_keys=True, default=str)
+        try:
+            plan = plan_run(config, dataset=datasets.get(data_key))
+        except ConfigError as exc:
+            for p in exc.problems:
+                note(p, run.label)
+            continue
+        except DataError as exc:
+            note(Problem(source, exc.key, exc.value, exc.hint), run.label)
+            continue
+        datasets[data_key] = plan.dataset
+        if (msg := _metric_problem(metric, plan)) is not None:
+            note(Problem(source, "metric", metric, msg), run.label)
+
+    problems = []
+    every = {r.label for r in runs}
+    for problem, labels in found.values():
+        labels = list(dict.fromkeys(labels))
+        which = "every run" if set(labels) == every else "runs: " + ", ".join(labels)
+        problem.source = f"{source} ({which})"
+        problems.append(problem)
+    return problems
+
+
+def _metric_problem(metric: str, plan) -> str | None:
+    """Can this run report `metric`? A task has accuracy and no bits per byte; a corpus the reverse."""
+    if not metric.startswith("val.") or metric == "val.loss":
+        return None
+    batch = next(iter(plan.dataset.eval_batches("val", 1, plan.seq_len, 1)))
+    has = {"val.accuracy": batch.metric_mask is not None,
+           "val.bpb": batch.metric_mask is None and plan.dataset.vocab_size == 256,
+           "val.ppl": batch.metric_mask is None and plan.dataset.vocab_size != 256}
+    if has[metric]:
+        return None
+    offer = [m for m, ok in has.items() if ok] + ["val.loss"]
+    return f"dataset {plan.dataset.name!r} does not report it; valid here: {', '.join(offer)}"

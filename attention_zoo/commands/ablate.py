@@ -1,0 +1,36 @@
+"""`ablate`: run a sweep file (base config x grid x named runs x seeds) and summarise it."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="run a sweep of configs and seeds; table and plots of the results",
+                       description="Run every run of SWEEP (skipping finished ones) and write OUT/results.jsonl, "
+                       "results.csv, results.md, curves.png and final.png.")
+    p.add_argument("sweep", help="sweep YAML: base, grid, runs, seeds, metric")
+    p.add_argument("--out", help="output folder (default runs/<sweep name>)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a key of every run, e.g. --set train.steps=50 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate every run's config and list the runs; train nothing")
+    p.add_argument("--summarize", action="store_true", help="only rebuild the table and plots from results.jsonl")
+    p.set_defaults(run=cmd_ablate)
+
+
+def cmd_ablate(args) -> int:
+    from ..ablate import read_sweep_file, run_sweep, write_summaries
+    from ..ablate.records import current_records, read_records
+    from ..ablate.runner import run_dir_for
+
+    sweep = read_sweep_file(args.sweep, args.sets)  # every run's config is validated here, before any training
+    out = Path(args.out or Path("runs") / Path(args.sweep).stem)
+    if args.dry_run:
+        print(f"{args.sweep}: {len(sweep.runs)} runs, all configs valid; metric {sweep.metric}")
+        for run in sweep.runs:
+            print(f"  {run.label} (seed {run.seed}) -> {run_dir_for(out, run)}")
+        return 0
+    if args.summarize:
+        print(write_summaries(out, sweep, current_records(read_records(out), sweep.runs)))
+        return 0
+    return 1 if run_sweep(sweep, out) else 0

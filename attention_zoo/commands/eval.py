@@ -1,0 +1,93 @@
+"""`eval`: metrics of a checkpoint on a split of its own data or of other data."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from ..checkpoint import atomic_write_text
+from ..config import ConfigError, Problem, apply_override
+from ..errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (loss, bits per byte, task accuracy)",
+                       description="Evaluate CHECKPOINT (a run folder or its checkpoint/ folder) on the data it was "
+                       "trained on, or on --data.")
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder holding checkpoint/")
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="YAML|KEY=VALUE",
+                   help="other data: a YAML file (its data: section, or the mapping itself) and/or KEY=VALUE items, "
+                   "e.g. --data name=variable_assignment num_vars=4")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--batches", type=int, help="evaluation batches (default: the run's train.eval_batches)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file (atomically)")
+    p.set_defaults(run=cmd_eval)
+
+
+def data_spec(items: list[str], base: dict) -> dict:
+    """`--data` items on top of `base`: a YAML file replaces the spec, KEY=VALUE items edit it."""
+    spec, problems = dict(base), []
+    for item in items:
+        if "=" in item:
+            if (p := apply_override(spec, item, "--data")) is not None:
+                problems.append(p)
+            continue
+        path = Path(item)
+        if not path.is_file():
+            problems.append(Problem("--data", "(file)", item, "no such YAML file; give a file or KEY=VALUE items"))
+            continue
+        loaded = yaml.safe_load(path.read_text()) or {}
+        spec = dict(loaded.get("data", loaded) if isinstance(loaded, dict) else {})
+    if problems:
+        raise ConfigError(problems)
+    return spec
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from ..checkpoint import load_model
+    from ..config import load_config
+    from ..train import evaluate, plan_run
+    from ..train.distributed import local_device
+    from ..train.loop import autocast_context
+
+    path = Path(args.checkpoint)
+    if (path / "checkpoint").is_dir():
+        path = path / "checkpoint"
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{args.checkpoint}: not a checkpoint or run folder (no config.yaml)")
+    device = local_device(args.device)
+    model = load_model(path, map_location=device)
+    saved = model.config
+    raw = {k: v for k, v in saved.items()}
+    raw["data"] = data_spec(args.data, saved.get("data") or {}) if args.data else saved.get("data")
+    train = dict(saved["train"])
+    for key, value in (("eval_batch_size", args.batch_size), ("seq_len", args.seq_len)):
+        if value is not None:
+            train[key] = value
+    if args.data and args.seq_len is None:
+        train["seq_len"] = None  # other data: its own example length, or the model's longest
+    raw["train"] = train
+    label = f"{path / 'config.yaml'}" + (" with --data" if args.data else "")
+    try:
+        config = load_config(raw)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            problem.source = label
+        raise ConfigError(exc.problems) from None
+    config.source = label
+    plan = plan_run(config)
+    with torch.no_grad():
+        metrics = evaluate(model, plan.dataset, args.split, plan.eval_batch_size, plan.seq_len,
+                           args.batches or train["eval_batches"], device, autocast_context(train, device))
+    result = {"checkpoint": str(path), "dataset": plan.dataset.name, "split": args.split, "seq_len": plan.seq_len, **metrics}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return 0

@@ -1,0 +1,30 @@
+"""`train`: train a model from a YAML config, on one process or, under torchrun, many."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import load_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a config (torchrun for several processes)",
+                       description="Train from CONFIG; KEY.PATH=VALUE overrides any key, e.g. train.steps=200. "
+                       "Writes OUT/metrics.jsonl, OUT/checkpoint/ and OUT/final.json.")
+    p.add_argument("config", help="YAML config (model, data, train sections)")
+    p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides, e.g. train.lr=3e-4 model.depth=6")
+    p.add_argument("--out", help="run folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (start fresh if there is none)")
+    p.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="checkpoint after STEP and exit, as if the run were killed there (resume with --resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from ..train import train
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    train(config, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,272 @@
+"""The train loop: one config in, a run folder out.
+
+    out/
+      config.yaml      the validated config (defaults filled in)
+      metrics.jsonl    {"kind": "train"|"val", "step": ..., ...}, appended as the run goes
+      checkpoint/      the latest checkpoint (checkpoint.save_checkpoint: atomic folder)
+      final.json       summary of a finished run (written atomically, last)
+
+Determinism: weight init, dropout and the batch sampler are seeded from `train.seed`, and a
+checkpoint holds every RNG state (the sampler's generator included), so a run stopped after step k and
+resumed ends with exactly the loss of an uninterrupted one on CPU.
+
+Batches: each optimizer step draws one global batch of `train.batch_size` rows from the sampler's
+generator; a process keeps its rows (distributed.rank_rows) and splits them into `grad_accum`
+micro-batches. The loss is normalised by the scored tokens of the *global* batch, so the gradient
+does not depend on how the batch was split over processes or accumulation steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_model as load_weights
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..checkpoint import STATE, WEIGHTS, atomic_write_text, load_training_state, save_checkpoint
+from ..config import Config, ConfigError, Problem, build_model
+from ..data import IGNORE_INDEX, Dataset, build_dataset
+from ..errors import UserError
+from . import distributed as D
+from .aux_losses import get_aux_loss
+from .metrics import MetricsLog, evaluate, token_losses
+from .optim import build_optimizer, build_schedule
+
+CHECKPOINT_DIR, METRICS, FINAL, CONFIG = "checkpoint", "metrics.jsonl", "final.json", "config.yaml"
+
+
+@dataclass
+class RunPlan:
+    """What a config resolves to once the data is known."""
+
+    dataset: Dataset
+    seq_len: int
+    eval_batch_size: int
+
+
+def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None = None) -> RunPlan:
+    """Build the dataset and check what needs model, data and process count together. Raises
+    ConfigError (every problem at once) or DataError."""
+    train, model = config["train"], config["model"]
+    dataset = dataset or build_dataset(config["data"], source=config.source)
+    seq_len = train["seq_len"] or dataset.fixed_seq_len or model["max_seq_len"]
+    problems = []
+    if seq_len > model["max_seq_len"]:
+        problems.append(Problem(config.source, "train.seq_len", seq_len,
+                                f"longer than model.max_seq_len ({model['max_seq_len']}); raise model.max_seq_len"))
+    if dataset.fixed_seq_len and seq_len < dataset.fixed_seq_len:
+        problems.append(Problem(config.source, "train.seq_len", seq_len, f"dataset {dataset.name!r} needs at least "
+                                f"{dataset.fixed_seq_len} (one example); raise it or shorten the examples"))
+    if model["vocab_size"] < dataset.vocab_size:
+        problems.append(Problem(config.source, "model.vocab_size", model["vocab_size"],
+                                f"dataset {dataset.name!r} has {dataset.vocab_size} tokens"))
+    if train["batch_size"] % (world.size * train["grad_accum"]):
+        problems.append(Problem(config.source, "train.batch_size", train["batch_size"],
+                                f"must be divisible by processes x grad_accum = {world.size} x {train['grad_accum']}"))
+    if problems:
+        raise ConfigError(problems)
+    return RunPlan(dataset, seq_len, train["eval_batch_size"] or train["batch_size"])
+
+
+def autocast_context(train: dict, device: torch.device) -> contextlib.AbstractContextManager:
+    bf16 = train["precision"] == "bfloat16" or (train["precision"] == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """GPU: peak memory allocated by tensors. CPU: the process's peak resident memory (ru_maxrss, KiB on
+    Linux), which includes the Python and torch runtime."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rng_state(generator: torch.Generator, world: D.World) -> dict[str, Any]:
+    local = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None}
+    return {"data": generator.get_state(), "per_rank": D.gather_objects(local, world)}
+
+
+def _restore_rng(state: dict[str, Any], generator: torch.Generator, world: D.World) -> None:
+    generator.set_state(state["data"])
+    per_rank = state["per_rank"]
+    if world.rank < len(per_rank):  # resumed on more processes than saved: new ranks keep their seeds
+        mine = per_rank[world.rank]
+        torch.set_rng_state(mine["torch"])
+        random.setstate(mine["python"])
+        if mine["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])
+
+
+def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
+    """The checkpoint to resume from, or None. Refuses to write over a previous run unless resuming."""
+    checkpoint = out / CHECKPOINT_DIR
+    has_checkpoint = (checkpoint / WEIGHTS).is_file() and (checkpoint / STATE).is_file()
+    if not resume and (has_checkpoint or (out / METRICS).exists()):
+        raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if resume and not has_checkpoint and world.is_main:
+        print(f"attention-zoo train: no checkpoint in {out}; starting from step 0")
+        MetricsLog(out / METRICS).truncate_after(0)  # a run killed before its first checkpoint starts over
+    return checkpoint if resume and has_checkpoint else None
+
+
+def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train as `config` says, writing the run folder `out_dir`. Returns the summary (final.json),
+    or, with `stop_after=k`, a partial summary after checkpointing step k (as if killed there)."""
+    tcfg = config["train"]
+    out = Path(out_dir)
+    device = D.local_device(tcfg["device"])
+    world = D.init_world(device)
+    try:
+        return _train(config, out, tcfg, device, world, resume, stop_after, progress)
+    finally:
+        D.shutdown(world)
+
+
+def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D.World, resume: bool,
+           stop_after: int | None, progress: bool) -> dict[str, Any]:
+    plan = plan_run(config, world)
+    dataset, seq_len = plan.dataset, plan.seq_len
+    checkpoint = _prepare_out_dir(out, resume, world)
+    D.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / CONFIG, yaml.safe_dump(dict(config), sort_keys=False))
+
+    torch.manual_seed(tcfg["seed"])  # the same initial weights on every rank
+    model = build_model(config).to(device)
+    torch.manual_seed(tcfg["seed"] + world.rank)  # dropout differs between ranks' rows
+    random.seed(tcfg["seed"] + world.rank)
+    generator = torch.Generator().manual_seed(tcfg["seed"])  # the batch sampler: identical on every rank
+    optimizer = build_optimizer(model, tcfg, device)
+    schedule = build_schedule(optimizer, tcfg)
+    log = MetricsLog(out / METRICS, enabled=world.is_main)
+
+    start_step, tokens_seen, train_time, loss_value = 0, 0, 0.0, float("nan")
+    if checkpoint is not None:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+        if saved.get("model") != config["model"]:
+            raise UserError(f"{checkpoint}: was trained with a different model section than {config.source}; "
+                            "resume with the same model config, or choose another --out")
+        load_weights(model, str(checkpoint / WEIGHTS), device=str(device))
+        state = load_training_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"], generator, world)
+        start_step, tokens_seen, train_time = state["step"], state["tokens_seen"], state["train_time"]
+        loss_value = state["train_loss"]
+        log.truncate_after(start_step)
+    if world.is_main and start_step < tcfg["steps"]:
+        print(f"attention-zoo train: {model.num_parameters():,} parameters, {dataset.name}, seq_len {seq_len}, "
+              f"batch {tcfg['batch_size']} on {world.size} process(es), {device}, step {start_step} -> {tcfg['steps']}, "
+              f"out {out}")
+
+    raw_model = model
+    if world.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = autocast_context(tcfg, device)
+    aux = {name: (get_aux_loss(name).fn, params) for name, params in tcfg["aux_losses"].items()}
+    rows = D.rank_rows(tcfg["batch_size"], world)
+    micro = (rows.stop - rows.start) // tcfg["grad_accum"]
+    end = tcfg["steps"] if stop_after is None else min(stop_after, tcfg["steps"])
+
+    def checkpoint_now(step: int) -> None:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+                 "rng": _rng_state(generator, world), "tokens_seen": tokens_seen, "train_time": train_time,
+                 "world_size": world.size, "train_loss": loss_value}
+        if world.is_main:
+            save_checkpoint(out / CHECKPOINT_DIR, raw_model, state)
+        D.barrier(world)
+
+    def validate(step: int) -> dict[str, float]:
+        metrics = evaluate(raw_model, dataset, "val", plan.eval_batch_size, seq_len, tcfg["eval_batches"], device,
+                           autocast, world)
+        log.append({"kind": "val", "step": step, **metrics})
+        return metrics
+
+    bar = tqdm(total=tcfg["steps"], initial=start_step, disable=not (progress and world.is_main), desc="train",
+               unit="step", dynamic_ncols=True)
+    model.train()
+    for step in range(start_step, end):
+        t0 = time.perf_counter()
+        batch = dataset.sample("train", tcfg["batch_size"], seq_len, generator)  # the global batch
+        scored = (batch.targets != IGNORE_INDEX).sum().item()  # scored tokens in the global batch
+        inputs, targets = batch.inputs[rows].to(device), batch.targets[rows].to(device)
+        ce_sum = torch.zeros((), device=device, dtype=torch.float64)
+        aux_sums = {name: torch.zeros((), device=device, dtype=torch.float64) for name in aux}
+        for m in range(tcfg["grad_accum"]):
+            x, y = inputs[m * micro:(m + 1) * micro], targets[m * micro:(m + 1) * micro]
+            last = m == tcfg["grad_accum"] - 1
+            with (contextlib.nullcontext() if last or not world.distributed else model.no_sync()), autocast:
+                if aux:
+                    logits, updates = model(x, return_state=True)
+                else:
+                    logits, updates = model(x), None
+                ce = token_losses(logits, y)
+                # DDP averages gradients over ranks: scale by world.size so the result is the global mean.
+                loss = ce * (world.size / max(scored, 1))
+                for name, (fn, params) in aux.items():
+                    term = fn(updates, params, raw_model)
+                    share = micro / tcfg["batch_size"] * world.size  # each micro-batch's share of the mean
+                    loss = loss + term * share
+                    aux_sums[name] += term.detach().double() * micro / tcfg["batch_size"]
+            loss.backward()
+            ce_sum += ce.detach().double()
+        grad_norm = None
+        if tcfg["clip"]:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = schedule.get_last_lr()[0]
+        schedule.step()
+        done = step + 1
+        tokens_seen += tcfg["batch_size"] * seq_len
+        log_now = done % tcfg["log_every"] == 0 or done == end
+        if log_now or progress:
+            stats = D.all_sum(torch.stack([ce_sum, *aux_sums.values()]), world)
+            loss_value = stats[0].item() / max(scored, 1)
+            if loss_value != loss_value:  # NaN
+                raise UserError(f"loss became NaN at step {done}; lower train.lr or raise train.warmup")
+        train_time += time.perf_counter() - t0
+        tokens_per_s = tokens_seen / max(train_time, 1e-9)
+        if log_now:
+            record = {"kind": "train", "step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm.item()
+            record.update({f"aux.{name}": stats[1 + i].item() for i, name in enumerate(aux)})
+            log.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if tcfg["eval_every"] and done % tcfg["eval_every"] == 0 and done < tcfg["steps"]:
+            val_metrics = validate(done)
+            if world.is_main and progress:
+                bar.write(f"step {done}: val " + " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
+        if done == end or (tcfg["checkpoint_every"] and done % tcfg["checkpoint_every"] == 0):
+            checkpoint_now(done)
+    bar.close()
+
+    if end < tcfg["steps"]:  # stopped early on purpose (stop_after): a checkpoint is the only output
+        return {"stopped_at": end, "train_loss": loss_value}
+    if start_step == tcfg["steps"] and (out / FINAL).exists():  # resumed a finished run: nothing to redo
+        return json.loads((out / FINAL).read_text())
+    val_metrics = validate(tcfg["steps"])
+    summary = {
+        "steps": tcfg["steps"], "params": raw_model.num_parameters(), "train_loss": loss_value, "val": val_metrics,
+        "tokens_per_s": tokens_seen / max(train_time, 1e-9), "train_time_s": train_time,
+        "peak_mem_mb": max(D.gather_objects(_peak_memory_mb(device), world)), "device": str(device),
+        "world_size": world.size, "dataset": dataset.name, "seq_len": seq_len,
+    }
+    if world.is_main:
+        atomic_write_text(out / FINAL, json.dumps(summary, indent=2) + "\n")
+        print("final: " + json.dumps({"train_loss": loss_value, **{f"val_{k}": v for k, v in val_metrics.items()}}))
+    return summary

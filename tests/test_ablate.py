@@ -1,0 +1,134 @@
+"""Sweeps: expansion into runs, validation of every run up front, skipping finished runs, summaries and plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from attention_zoo.ablate import read_sweep_file
+from attention_zoo.ablate.records import RESULTS, current_records, read_records
+from attention_zoo.ablate.runner import run_sweep, write_summaries
+from attention_zoo.ablate.summary import markdown_table
+from attention_zoo.cli import main
+from attention_zoo.config import ConfigError
+
+BASE = {
+    "model": {"dim": 16, "depth": 2, "heads": 2, "max_seq_len": 16},
+    "data": {"name": "shakespeare"},
+    "train": {"steps": 2, "batch_size": 2, "seq_len": 16, "warmup": 1, "eval_every": 1, "eval_batches": 1,
+              "checkpoint_every": 0, "log_every": 1, "device": "cpu"},
+}
+
+
+def sweep_file(tmp_path: Path, **spec) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": BASE, **spec}, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def one_thread_children(monkeypatch):
+    """Each run is a child `attention-zoo train` process: keep their tiny models on one thread."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # passed to each run process, see runner._child
+
+
+def test_grid_named_runs_and_seeds_expand_to_every_combination(tmp_path):
+    path = sweep_file(tmp_path, grid={"model.attention.variant": ["vanilla", "selective"], "model.attention.kv_heads": [None, 1]},
+                      runs={"residual": {"model.attention.variant": "residual"}}, seeds=[0, 3])
+    sweep = read_sweep_file(path)
+    assert sweep.labels == ["variant=vanilla kv_heads=null", "variant=vanilla kv_heads=1", "variant=selective kv_heads=null",
+                            "variant=selective kv_heads=1", "residual"]
+    assert len(sweep.runs) == 10 and {r.seed for r in sweep.runs} == {0, 3}
+    assert [r.seed for r in sweep.runs] == [0] * 5 + [3] * 5  # seed-major: a half-finished sweep covers every label
+    run = sweep.runs[-1]
+    assert run.config["model"]["attention"] == {"variant": "residual"} and run.config["train"]["seed"] == 3
+    assert sweep.runs[1].config["model"]["attention"] == {"variant": "vanilla", "kv_heads": 1}
+    assert len({r.fingerprint for r in sweep.runs}) == 10  # every run's exact config differs
+
+
+def test_every_problem_of_every_run_is_reported_before_training(tmp_path):
+    path = sweep_file(tmp_path, grid={"model.attention.variant": ["vanilla", "selectve"], "model.attention.kv_heads": [None, 3]},
+                      runs={"long": {"train.seq_len": 64}, "bad metric": {}}, seeds=[0], metric="val.accuracy", extra=1)
+    with pytest.raises(ConfigError) as err:
+        read_sweep_file(path)
+    assert [p.path for p in err.value.problems] == ["extra"]  # the sweep's own keys come first
+    path = sweep_file(tmp_path, grid={"model.attention.variant": ["vanilla", "selectve"], "model.attention.kv_heads": [None, 3]},
+                      runs={"long": {"train.seq_len": 64}}, seeds=[0], metric="val.accuracy")
+    with pytest.raises(ConfigError) as err:
+        read_sweep_file(path)
+    text = str(err.value)
+    assert "model.attention.variant = 'selectve'" in text and "did you mean 'selective'" in text
+    assert "runs: variant=selectve kv_heads=null, variant=selectve kv_heads=3" in text
+    assert "model.attention.kv_heads = 3" in text  # 2 heads are not divisible into 3 groups
+    assert "(runs: long)" in text and "train.seq_len = 64" in text and "max_seq_len (16)" in text
+    assert "metric = 'val.accuracy'" in text and "valid here: val.bpb, val.loss" in text
+
+
+def test_sweep_runs_skips_finished_runs_and_summarises(tmp_path, one_thread_children, capsys):
+    path = sweep_file(tmp_path, runs={"vanilla": {"model.attention.variant": "vanilla"},
+                                      "selective": {"model.attention.variant": "selective"}}, seeds=[0, 1], metric="val.bpb")
+    out = tmp_path / "out"
+    assert main(["ablate", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    records = read_records(out)
+    assert [(r["label"], r["seed"]) for r in records] == [("vanilla", 0), ("selective", 0), ("vanilla", 1), ("selective", 1)]
+    assert all(len(r["curve"]) == 2 and r["params"] > 0 and r["peak_mem_mb"] > 0 for r in records)
+    assert "| vanilla |" in printed and "| selective |" in printed  # the table is printed
+    for name in ("results.csv", "results.md", "curves.png", "final.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "results.csv").read_text().splitlines()) == 5
+
+    # A second invocation trains nothing, and a torn last line (a sweep killed mid-write) is ignored.
+    with (out / RESULTS).open("a") as f:
+        f.write('{"label": "vanilla", "se')
+    assert main(["ablate", str(path), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+    assert len(read_records(out)) == 4
+
+    # Changing the config through --set is a different run: it must not reuse the old folder silently.
+    assert main(["ablate", str(path), "--out", str(out), "--set", "train.steps=3"]) == 2
+    assert "holds a run of a different config" in capsys.readouterr().err
+
+
+def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path, one_thread_children, capsys):
+    # The sweep validates, but one run's data is removed before it trains: that run fails, the other finishes.
+    text = tmp_path / "corpus.txt"
+    text.write_text("to be or not to be " * 200)
+    path = sweep_file(tmp_path, runs={"a": {"model.attention.variant": "vanilla"}, "b": {"model.attention.variant": "gqa",
+                                                                                         "model.attention.kv_heads": 1}})
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["data"] = {"text": str(text)}
+    path.write_text(yaml.safe_dump(spec))
+    sweep = read_sweep_file(path)
+    sweep.runs[0].config["data"] = {"name": "text", "text": str(tmp_path / "gone.txt")}
+    failed = run_sweep(sweep, tmp_path / "out", progress=False)
+    printed = capsys.readouterr().out
+    assert failed == 1 and "a (seed 0): FAILED" in printed and "gone.txt" in printed
+    assert [r["label"] for r in read_records(tmp_path / "out")] == ["b"]
+
+
+def fake_record(label: str, seed: int, loss: float, fingerprint: str) -> dict:
+    return {"label": label, "seed": seed, "fingerprint": fingerprint, "settings": {}, "run_dir": "x", "params": 1000,
+            "steps": 10, "train_loss": loss + 0.1, "val": {"loss": loss, "bpb": loss / 0.6931}, "tokens_per_s": 100.0,
+            "peak_mem_mb": 10.0, "train_time_s": 1.0, "wall_s": 1.0, "device": "cpu",
+            "curve": [{"step": 5, "loss": loss + 1}, {"step": 10, "loss": loss}]}
+
+
+def test_table_is_mean_and_sample_std_over_seeds_with_the_best_in_bold(tmp_path):
+    path = sweep_file(tmp_path, runs={"a": {}, "b": {"train.lr": 0.002}}, seeds=[0, 1])
+    sweep = read_sweep_file(path)
+    fp = {(r.label, r.seed): r.fingerprint for r in sweep.runs}
+    records = [fake_record("a", 0, 1.0, fp["a", 0]), fake_record("a", 1, 3.0, fp["a", 1]),
+               fake_record("b", 0, 1.5, fp["b", 0]), fake_record("b", 1, 1.5, fp["b", 1]),
+               fake_record("b", 1, 9.0, "an-older-config")]  # not this sweep's: ignored
+    mine = current_records(records, sweep.runs)
+    assert len(mine) == 4
+    table = markdown_table(sweep, mine)
+    assert "| a | 1,000 | 2.0000 ± 1.4142 |" in table  # mean of 1 and 3, sample std sqrt(2)
+    assert "| b | 1,000 | **1.5000 ± 0.0000** |" in table
+    write_summaries(tmp_path, sweep, mine)
+    assert (tmp_path / "final.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(json.dumps(mine))  # records stay plain JSON

@@ -1,0 +1,140 @@
+"""The README quickstart sweep and every command written in docs/training.md, docs/ablations.md and
+docs/results.md run, in order, as documented, with only tiny-budget overrides added (fewer steps,
+smaller batches) so they finish in seconds."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from attention_zoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["docs/training.md", "docs/ablations.md", "docs/results.md"]
+TINY_TRAIN = ["train.steps=2", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=4", "train.checkpoint_every=1",
+              "train.log_every=1"]
+TINY_SWEEP = [a for o in ("train.steps=2", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=4") for a in ("--set", o)]
+QUICKSTART_LABELS = ["vanilla", "gqa (kv_heads=2)", "selective", "selective+gqa", "residual", "cross-layer selective (share)"]
+
+
+def documented_commands(doc: str) -> list[str]:
+    """Shell lines of ```bash blocks that run attention-zoo or torchrun (comments dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / doc).read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            for part in line.split("&&"):
+                part = part.strip()
+                if part.startswith(("attention-zoo ", "torchrun ")):
+                    commands.append(part)
+    return commands
+
+
+def tiny(argv: list[str]) -> list[str]:
+    """The same command on a tiny budget."""
+    command = argv[argv.index("train") if "train" in argv else 0]
+    if command == "train":
+        argv = [("1" if prev == "--stop-after" else a) for prev, a in zip(["", *argv], argv)]
+        return argv + TINY_TRAIN
+    if argv[0] == "eval":
+        return argv + ["--batches", "1"]
+    if argv[0] == "ablate" and "--dry-run" not in argv and "--summarize" not in argv:
+        return argv + TINY_SWEEP
+    return argv
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A scratch folder that sees the repository's configs, so documented relative paths work and
+    everything they write (runs/...) stays out of the repository."""
+    work = tmp_path_factory.mktemp("docs")
+    (work / "configs").symlink_to(ROOT / "configs")
+    return work
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the sweeps' run processes inherit it
+    yield
+    torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
+def run_documented(command: str, work: Path, capsys) -> tuple[int, str]:
+    words = shlex.split(command)
+    if words[0] == "torchrun":  # a real multi-process launch
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *tiny(words[1:])], cwd=work, env=env,
+                                capture_output=True, text=True, timeout=300)
+        return result.returncode, result.stdout + result.stderr
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        code = main(tiny(words[1:]))
+    finally:
+        os.chdir(cwd)
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_documented_commands_run(doc, workdir, one_thread, capsys):
+    commands = documented_commands(doc)
+    assert commands, f"{doc} shows no commands"
+    for command in commands:
+        code, output = run_documented(command, workdir, capsys)
+        assert code == 0, f"{doc}: `{command}` failed:\n{output}"
+        assert "Traceback" not in output
+
+
+def test_training_doc_python_blocks_run(workdir, one_thread, monkeypatch):
+    from attention_zoo.train import aux_losses
+
+    monkeypatch.chdir(workdir)
+    for block in re.findall(r"```python\n(.*?)```", (ROOT / "docs/training.md").read_text(), flags=re.S):
+        exec(compile(block.replace('["train.steps=2"]', '["train.steps=2", "train.batch_size=4"]'), "docs/training.md", "exec"), {})
+    aux_losses.AUX_LOSSES.pop("mean_penalty", None)
+
+
+def test_results_doc_python_block_runs(workdir, one_thread, capsys, monkeypatch):
+    """The snippet that measures the learned penalty by distance, on the (tiny) results checkpoint."""
+    command = "attention-zoo ablate configs/ablations/results_shakespeare.yaml --out runs/results_shakespeare"
+    assert command in documented_commands("docs/results.md")
+    if not (workdir / "runs/results_shakespeare/selective_4_heads/seed0/checkpoint").is_dir():
+        code, output = run_documented(command, workdir, capsys)
+        assert code == 0, output
+    monkeypatch.chdir(workdir)
+    (block,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs/results.md").read_text(), flags=re.S)
+    exec(compile(block, "docs/results.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed] == ["0", "1", "2", "3"]  # one line per layer
+
+
+def test_quickstart_sweep_prints_the_table_and_writes_the_plots(workdir, one_thread, capsys):
+    readme = (ROOT / "docs/ablations.md").read_text()
+    command = "attention-zoo ablate configs/ablations/quickstart.yaml --out runs/quickstart"
+    assert command in readme
+    out = workdir / "runs" / "quickstart"
+    if not (out / "results.md").exists():  # normally already run by the docs test above
+        code, output = run_documented(command, workdir, capsys)
+        assert code == 0, output
+    table = (out / "results.md").read_text()
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == QUICKSTART_LABELS  # rows[0] is the header
+    for name in ("curves.png", "final.png", "results.csv", "results.jsonl"):
+        assert (out / name).stat().st_size > 0
+    sweep = yaml.safe_load((ROOT / "configs/ablations/quickstart.yaml").read_text())
+    assert sweep["base"]["data"]["name"] == "shakespeare" and sweep["seeds"] == [0]

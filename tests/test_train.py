@@ -1,0 +1,264 @@
+"""Training: config sections, schedule, optimizer groups, exact resume, gradient accumulation, metrics,
+auxiliary losses, and the train/eval commands' error handling."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from attention_zoo.cli import main
+from attention_zoo.config import ConfigError, Field, build_model, load_config
+from attention_zoo.data import IGNORE_INDEX, build_dataset
+from attention_zoo.train import evaluate, train
+from attention_zoo.train import aux_losses
+from attention_zoo.train.metrics import read_jsonl
+from attention_zoo.train.optim import build_optimizer, lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second thread only adds overhead, and a lot of it on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(variant: str = "vanilla", **train_overrides) -> dict:
+    """A model small enough that a handful of steps takes well under a second."""
+    return {
+        "model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": 32, "attention": {"variant": variant}},
+        "data": {"name": "shakespeare"},
+        "train": {"steps": 8, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "warmup": 2, "eval_every": 4,
+                  "eval_batches": 2, "checkpoint_every": 3, "log_every": 1, "device": "cpu", **train_overrides},
+    }
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == kind]
+
+
+# ----------------------------------------------------------------------------- config sections
+
+
+def test_train_section_defaults_and_every_problem_at_once():
+    config = load_config({})
+    assert config["train"]["steps"] > 0 and config["train"]["grad_accum"] == 1 and config["train"]["aux_losses"] == {}
+    assert config["data"] == load_config({"data": {}})["data"] == {"name": "shakespeare"}
+    with pytest.raises(ConfigError) as err:
+        load_config({"train": {"stpes": 10, "lr": "fast", "batch_size": 6, "grad_accum": 4, "device": "gpu"},
+                     "data": {"name": "shakespear"}})
+    text = str(err.value)
+    assert "train.stpes" in text and "did you mean 'steps'" in text
+    assert "train.lr = 'fast'" in text and "expected float" in text
+    assert "train.grad_accum = 4" in text and "must divide train.batch_size (6)" in text
+    assert "train.device = 'gpu'" in text
+    assert "data.name = 'shakespear'" in text and "did you mean 'shakespeare'" in text
+    assert len(err.value.problems) == 5
+
+
+def test_data_section_is_checked_without_reading_the_corpus(monkeypatch):
+    from attention_zoo.data import corpus
+
+    def never(*a, **k):
+        raise AssertionError("validation must not read the corpus")
+
+    monkeypatch.setattr(corpus, "shakespeare_works", never)
+    load_config({"data": {"name": "shakespeare"}})
+    with pytest.raises(ConfigError) as err:
+        load_config({"data": {"name": "shakespeare", "text": "x.txt"}})
+    assert "data.text" in str(err.value) and "unknown key for dataset 'shakespeare'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config({"data": {"name": "variable_assignment", "num_vars": 99, "num_asignments": 3}})
+    assert "data.num_asignments" in str(err.value) and "did you mean 'num_assignments'" in str(err.value)
+    with pytest.raises(ConfigError, match=r"data.text = 'no/such/file.txt': no such file"):
+        load_config({"data": {"text": "no/such/file.txt"}})
+
+
+def test_seq_len_checked_against_model_and_task():
+    from attention_zoo.train import plan_run
+
+    with pytest.raises(ConfigError, match=r"train.seq_len = 64: longer than model.max_seq_len \(32\)"):
+        plan_run(load_config(tiny(seq_len=64)))
+    task = tiny(seq_len=None)
+    task["data"] = {"name": "variable_assignment", "num_assignments": 4}
+    example = 4 * (3 + 1) + 3 + 1  # docs/data.md: num_assignments * (3 + value_digits) + 3 + value_digits
+    assert plan_run(load_config(task)).seq_len == example - 1  # null: the task's own example length
+    task["train"]["seq_len"] = 10
+    with pytest.raises(ConfigError, match=f"needs at least {example - 1}"):
+        plan_run(load_config(task))
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_warmup_then_cosine_to_the_floor():
+    f = [lr_factor(s, warmup=10, steps=110, min_ratio=0.1) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:10], f[1:10]))  # rising during warmup
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then never rising
+    assert f[-1] == pytest.approx(0.1) and f[60] == pytest.approx(0.55, abs=0.01)  # half-way down the cosine
+
+
+def test_weight_decay_only_on_matrices():
+    config = load_config(tiny())
+    model = build_model(config)
+    opt = build_optimizer(model, config["train"], torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_parameters()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
+    config = load_config(tiny("selective"))
+    whole = train(config, tmp_path / "whole", progress=False)
+    partial = train(config, tmp_path / "split", stop_after=5, progress=False)
+    assert partial["stopped_at"] == 5 and not (tmp_path / "split" / "final.json").exists()
+    # a killed run may have logged past its last checkpoint; resuming drops and redoes that
+    with (tmp_path / "split" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "train", "step": 6, "loss": 123.0}) + "\n")
+    resumed = train(config, tmp_path / "split", resume=True, progress=False)
+    assert resumed["train_loss"] == whole["train_loss"] and resumed["val"] == whole["val"]
+    a, b = records(tmp_path / "whole", "train"), records(tmp_path / "split", "train")
+    assert [r["step"] for r in b] == list(range(1, 9))  # no step twice, none missing
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert records(tmp_path / "whole", "val") == records(tmp_path / "split", "val")
+    for name in ("model.safetensors", "config.yaml", "state.pt"):
+        assert (tmp_path / "split" / "checkpoint" / name).is_file()
+
+
+def test_gradient_accumulation_does_not_change_the_run(tmp_path):
+    one = train(load_config(tiny()), tmp_path / "one", progress=False)
+    four = train(load_config(tiny(grad_accum=4)), tmp_path / "four", progress=False)
+    for r1, r4 in zip(records(tmp_path / "one", "train"), records(tmp_path / "four", "train")):
+        assert r1["loss"] == pytest.approx(r4["loss"], abs=1e-5)
+    assert one["val"]["loss"] == pytest.approx(four["val"]["loss"], abs=1e-5)
+
+
+def test_training_lowers_the_loss_and_logs_everything(tmp_path):
+    summary = train(load_config(tiny(steps=30, eval_every=10, lr=1e-2)), tmp_path, progress=False)
+    train_recs = records(tmp_path, "train")
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.5
+    assert set(train_recs[0]) >= {"step", "loss", "lr", "tokens_per_s", "grad_norm"}
+    assert [r["step"] for r in records(tmp_path, "val")] == [10, 20, 30]
+    assert summary["val"]["bpb"] == pytest.approx(summary["val"]["loss"] / math.log(2))
+    assert summary["params"] == build_model(load_config(tiny())).num_parameters()
+    assert summary["tokens_per_s"] > 0 and summary["peak_mem_mb"] > 0
+
+
+class ConstantPredictor(torch.nn.Module):
+    """Always predicts byte `token`: its accuracy is the share of answers equal to that byte."""
+
+    def __init__(self, token: int):
+        super().__init__()
+        self.token = token
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, 256)
+        logits[..., self.token] = 10.0
+        return logits
+
+
+def test_task_accuracy_is_exact_match_on_the_answer():
+    data = build_dataset({"name": "variable_assignment", "num_assignments": 6, "eval_examples": 64})
+    batches = list(data.eval_batches("val", 16, data.fixed_seq_len))
+    answers = torch.cat([b.targets[b.metric_mask] for b in batches])
+    for token in (ord("3"), ord("7")):
+        metrics = evaluate(ConstantPredictor(token), data, "val", 16, data.fixed_seq_len, None, torch.device("cpu"))
+        assert metrics["accuracy"] == pytest.approx((answers == token).float().mean().item())
+        assert "bpb" not in metrics
+    scored = torch.cat([b.targets for b in batches])
+    assert (scored != IGNORE_INDEX).sum() == len(answers)  # loss_on: answer scores the answers only
+
+
+@pytest.fixture
+def penalty_loss():
+    """Registers `test_penalty_mean` (the mean selection penalty, weighted) for one test."""
+    seen = []
+
+    @aux_losses.register_aux_loss("test_penalty_mean", fields={"weight": Field(float, 1.0, "weight", minimum=0)})
+    def penalty_mean(per_layer, params, model):
+        seen.append([sorted(u) for u in per_layer])
+        return params["weight"] * torch.stack([u["selection_penalty"].mean() for u in per_layer]).mean()
+
+    yield seen
+    aux_losses.AUX_LOSSES.pop("test_penalty_mean")
+
+
+def test_aux_loss_hook_gets_each_layers_state_and_is_logged(tmp_path, penalty_loss):
+    seen = penalty_loss
+    base = train(load_config(tiny("selective")), tmp_path / "base", progress=False)
+    config = load_config(tiny("selective", aux_losses={"test_penalty_mean": {"weight": 5.0}}))
+    with_aux = train(config, tmp_path / "aux", progress=False)
+    assert seen and seen[0] == [["selection_penalty"], ["selection_penalty"]]
+    logged = records(tmp_path / "aux", "train")
+    assert all("aux.test_penalty_mean" in r and r["aux.test_penalty_mean"] >= 0 for r in logged)
+    assert with_aux["val"]["loss"] != base["val"]["loss"]  # the term reached the gradients
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny(aux_losses={"test_penalty_maen": {}, "test_penalty_mean": {"weight": -1.0}}))
+    assert "did you mean 'test_penalty_mean'" in str(err.value)
+    assert "train.aux_losses.test_penalty_mean.weight = -1.0: must be >= 0" in str(err.value)
+
+
+def test_aux_loss_registry_skips_a_missing_provider_and_reports_a_broken_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(aux_losses, "_providers_loaded", False)
+    monkeypatch.setattr(aux_losses, "PROVIDER_FAILURES", [])
+    monkeypatch.setattr(aux_losses, "PROVIDERS", ["attention_zoo.no_such_module.losses", "json.no_such_child"])
+    aux_losses.aux_loss_names()
+    assert aux_losses.PROVIDER_FAILURES == []  # a provider that is not there is skipped quietly
+    monkeypatch.setattr(aux_losses, "_providers_loaded", False)
+    (tmp_path / "broken_provider_xyz.py").write_text("import a_dependency_nobody_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(aux_losses, "PROVIDERS", ["broken_provider_xyz"])
+    aux_losses.aux_loss_names()  # a provider whose own import fails is reported, not raised
+    assert len(aux_losses.PROVIDER_FAILURES) == 1 and "a_dependency_nobody_installed" in aux_losses.PROVIDER_FAILURES[0]
+    with pytest.raises(ConfigError, match="providers that failed to import: broken_provider_xyz"):
+        load_config(tiny(aux_losses={"selective_memroy": {}}))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process (no interpreter start-up): exit code, stdout, stderr."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_and_eval_commands(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=4, eval_every=0)))
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", str(cfg), "train.lr=2e-3", "--out", str(out), "--no-progress")
+    assert code == 0, err
+    final = json.loads((out / "final.json").read_text())
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 2e-3  # `2e-3` read as a number
+    code, _, err = cli(capsys, "train", str(cfg), "--out", str(out))
+    assert code == 2 and "pass --resume" in err
+
+    code, _, err = cli(capsys, "eval", str(out), "--json", str(tmp_path / "eval.json"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert metrics["loss"] == pytest.approx(final["val"]["loss"], abs=1e-6)  # same batches, same weights
+    code, stdout, err = cli(capsys, "eval", str(out / "checkpoint"), "--data", "name=variable_assignment",
+                            "num_assignments=4", "--split", "test", "--batches", "2")
+    assert code == 0, err
+    assert json.loads(stdout)["dataset"] == "variable_assignment" and "accuracy" in json.loads(stdout)
+
+    code, _, err = cli(capsys, "train", str(cfg), "train.stepz=3", "model.heads=3", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "train.stepz" in err and "did you mean 'steps'" in err and "model.heads" in err
+    code, _, err = cli(capsys, "eval", str(out), "--data", "name=variable_asignment")
+    assert code == 2 and "did you mean 'variable_assignment'" in err
+    code, _, err = cli(capsys, "eval", str(tmp_path))
+    assert code == 2 and "not a checkpoint" in err
