@@ -44,11 +44,17 @@ def isolated_registry(monkeypatch):
             del sys.modules[name]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine the idle threads'
-    spinning made each matmul ~100x slower. Modules opt in with `pytestmark`."""
-    before = torch.get_num_threads()
+    spinning made each matmul ~10-100x slower. Every test, and every process a test starts (through
+    OMP_NUM_THREADS), runs with one thread; a test that checks threading sets its own and restores one."""
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env

@@ -17,14 +17,6 @@ from variants.selective import ACCUMULATOR
 DEPTH, SEQ, PROMPT = 4, 14, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is ~10x faster than two on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # Every registered variant gets at least its default row here (see test_every_variant_is_covered).
 CASES = {
     "vanilla": {"variant": "vanilla"},

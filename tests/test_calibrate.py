@@ -18,13 +18,6 @@ from attention_zoo.inference.calibration import SHRINK_FACTORS, Calibrator, Eval
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(attention: dict, depth: int = 2, seed: int = 0):
     torch.manual_seed(seed)

@@ -15,7 +15,6 @@ from attention_zoo.config import build_attentions
 from attention_zoo.state import CHANNELS, fresh_view, merge
 from attention_zoo.variant_registry import get_variant
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 # variant -> parameter sets to test it with. Not listed: its declared defaults, `[{}]`.
 CASES: dict[str, list[dict]] = {

@@ -14,13 +14,6 @@ from attention_zoo.errors import UserError
 from attention_zoo.inference import Pruner, Sampler, generate, parse_prune_spec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(attention: dict | None = None, max_seq_len: int = 48, seed: int = 0):
     torch.manual_seed(seed)

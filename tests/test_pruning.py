@@ -18,14 +18,6 @@ from variants.selective import ACCUMULATOR
 DEPTH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is ~10x faster than two on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_model(attention: dict, layers: list | None = None, seed: int = 0, scale: float = 15.0):
     torch.manual_seed(seed)

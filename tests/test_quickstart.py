@@ -59,19 +59,6 @@ def workdir(tmp_path_factory):
     return work
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"  # the sweeps' run processes inherit it
-    yield
-    torch.set_num_threads(before)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
-
-
 def run_documented(command: str, work: Path, capsys) -> tuple[int, str]:
     words = shlex.split(command)
     if words[0] == "torchrun":  # a real multi-process launch
@@ -91,7 +78,7 @@ def run_documented(command: str, work: Path, capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("doc", DOCS)
-def test_documented_commands_run(doc, workdir, one_thread, capsys):
+def test_documented_commands_run(doc, workdir, capsys):
     commands = documented_commands(doc)
     assert commands, f"{doc} shows no commands"
     for command in commands:
@@ -100,7 +87,7 @@ def test_documented_commands_run(doc, workdir, one_thread, capsys):
         assert "Traceback" not in output
 
 
-def test_training_doc_python_blocks_run(workdir, one_thread, monkeypatch):
+def test_training_doc_python_blocks_run(workdir, monkeypatch):
     from attention_zoo.train import aux_losses
 
     monkeypatch.chdir(workdir)
@@ -109,7 +96,7 @@ def test_training_doc_python_blocks_run(workdir, one_thread, monkeypatch):
     aux_losses.AUX_LOSSES.pop("mean_penalty", None)
 
 
-def test_results_doc_python_block_runs(workdir, one_thread, capsys, monkeypatch):
+def test_results_doc_python_block_runs(workdir, capsys, monkeypatch):
     """The snippet that measures the learned penalty by distance, on the (tiny) results checkpoint."""
     command = "attention-zoo ablate configs/ablations/results_shakespeare.yaml --out runs/results_shakespeare"
     assert command in documented_commands("docs/results.md")
@@ -123,7 +110,7 @@ def test_results_doc_python_block_runs(workdir, one_thread, capsys, monkeypatch)
     assert [line.split()[0] for line in printed] == ["0", "1", "2", "3"]  # one line per layer
 
 
-def test_quickstart_sweep_prints_the_table_and_writes_the_plots(workdir, one_thread, capsys):
+def test_quickstart_sweep_prints_the_table_and_writes_the_plots(workdir, capsys):
     readme = (ROOT / "docs/ablations.md").read_text()
     command = "attention-zoo ablate configs/ablations/quickstart.yaml --out runs/quickstart"
     assert command in readme

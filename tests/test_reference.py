@@ -29,7 +29,6 @@ def assert_matches(actual, expected, dtype, what=""):
     torch.testing.assert_close(actual, expected, atol=TOL[dtype] * scale, rtol=0, msg=lambda m: f"{what}: {m}")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------------------------------
 # The naive reference (SPEC.md, "The math, exactly").

@@ -21,14 +21,6 @@ from attention_zoo.train.optim import build_optimizer, lr_factor
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds overhead, and a lot of it on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(variant: str = "vanilla", **train_overrides) -> dict:
     """A model small enough that a handful of steps takes well under a second."""
