@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import causal_mask, dispatch, grouped_logits
+from .backends.penalty import fused_selection_penalty
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = True,
@@ -42,7 +43,9 @@ def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: 
     already processed (the selective KV cache), or None. Returns float32 (B, Nq, Nk), non-decreasing
     along queries.
     """
-    return penalty_from_scores(selection_scores(logits, protect_bos=protect_bos), accumulated)
+    # The same values as penalty_from_scores(selection_scores(...)) from one fused autograd op: a fast
+    # row cumsum, and a bool mask kept for the backward instead of S (see backends/penalty.py).
+    return fused_selection_penalty(logits, protect_bos=protect_bos, accumulated=accumulated)
 
 
 def penalty_from_scores(S: Tensor, accumulated: Tensor | None = None) -> Tensor:
@@ -55,9 +58,9 @@ def selection_logits(q: Tensor, k: Tensor, selection_head: int, scale: float | N
     """Logits of one query head against its kv head: (B, Nq, Nk). Only this head is computed."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[1] // k.shape[1]
-    qs = q[:, selection_head]  # (B, Nq, D)
+    qs = q[:, selection_head] * scale  # (B, Nq, D): scaled here, not the (B, Nq, Nk) product
     ks = k[:, selection_head // group]  # (B, Nk, D)
-    return torch.einsum("bnd,bmd->bnm", qs, ks) * scale
+    return torch.einsum("bnd,bmd->bnm", qs, ks)
 
 
 def penalty_bias(Fpen: Tensor, heads: int) -> Tensor:

@@ -1,8 +1,13 @@
 """torch.nn.functional.scaled_dot_product_attention on any device.
 
-GQA is passed grouped (`enable_gqa=True`, torch >= 2.5) rather than copying k/v to H heads. A bias is
-passed as a float attn_mask with the causal mask folded in, because SDPA must not get both attn_mask
-and is_causal. On CPU a head-broadcast (B, 1, N, N) mask is read in place by the flash kernel.
+- GQA is passed grouped (`enable_gqa=True`, torch >= 2.5) rather than copying k/v to H heads.
+- A bias is passed as a float attn_mask with the causal mask folded in (SDPA must not get both
+  attn_mask and is_causal). A head-broadcast bias stays (B, 1, Nq, Nk): the kernels read it in place.
+- With a bias, causal attention runs one query block at a time against only the keys that block can
+  see, so the fused kernel skips most of the masked upper triangle as it does with is_causal.
+- A bias that requires grad (selective's -F, residual scores) goes through `BiasGradAttention`: SDPA
+  forward on the detached bias, blockwise recomputed backward. Left to itself SDPA would silently
+  fall back to its math path (several (B, H, N, N) buffers) whenever the mask requires grad.
 """
 from __future__ import annotations
 
@@ -10,10 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionCall, Backend, causal_mask
+from .base import AttentionCall, Backend
+from .fused import BlockKernel, bias_grad_attention, is_head_broadcast, plan_blocks, visible_keys
 
 # `enable_gqa` arrived in torch 2.5; the builtin has no inspectable signature, so read its docstring.
 _HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+# Query rows per SDPA call when a mask is needed. Measured on 2 CPU cores (B 4, H 8, N 1024, D 64):
+# one call 52 ms, blocks of 128 rows 33 ms, is_causal 36 ms.
+FORWARD_BLOCK = {"cpu": 128}
+DEFAULT_FORWARD_BLOCK = 512
 
 
 class SDPABackend(Backend):
@@ -26,24 +37,74 @@ class SDPABackend(Backend):
         return None
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
-        Nq, Nk = q.shape[2], k.shape[2]
-        kwargs = {}
-        if k.shape[1] != q.shape[1]:
-            if _HAS_ENABLE_GQA:
-                kwargs["enable_gqa"] = True
-            else:  # old torch: a stride-0 expansion, then the copy SDPA insists on
-                g = q.shape[1] // k.shape[1]
-                k = k.repeat_interleave(g, dim=1)
-                v = v.repeat_interleave(g, dim=1)
-        mask = None
-        is_causal = False
+        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+            return bias_grad_attention(q, k, v, bias, causal=causal, scale=scale, kernel=SDPA_ON_BLOCKS)
+        return sdpa_forward(q, k, v, bias, causal, scale)
+
+
+def _grouped(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, dict]:
+    """k, v and the SDPA keyword arguments for GQA: grouped where torch can, copied where it cannot."""
+    kwargs = {"scale": scale}
+    if k.shape[1] != q.shape[1]:
+        if _HAS_ENABLE_GQA:
+            kwargs["enable_gqa"] = True
+        else:  # old torch: the copy SDPA insists on
+            g = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return k, v, kwargs
+
+
+class SDPAOnBlocks(BlockKernel):
+    """SDPA one query block at a time on already masked bias blocks (the fused path's forward)."""
+
+    def rows(self, device: torch.device) -> int:
+        return FORWARD_BLOCK.get(device.type, DEFAULT_FORWARD_BLOCK)
+
+    def __call__(self, q, k, v, masks, blocks, scale):
+        k, v, kwargs = _grouped(q, k, v, scale)
+        outs = [F.scaled_dot_product_attention(q[:, :, b.start:b.stop], k[:, :, :b.keys], v[:, :, :b.keys],
+                                               attn_mask=m.to(q.dtype), **kwargs)
+                for b, m in zip(blocks, masks)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+SDPA_ON_BLOCKS = SDPAOnBlocks()
+
+
+def sdpa_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
+    """softmax(scale q k^T + bias + causal) v with SDPA; differentiable in q, k, v (and a bias that needs
+    no grad). q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D); bias broadcastable to (B, H, Nq, Nk)."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    k, v, kwargs = _grouped(q, k, v, scale)
+    if bias is None:
+        if not causal or Nq == 1:  # one new query after a cache sees every key
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        if Nq == Nk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    else:
+        bias = bias[:, :1] if is_head_broadcast(bias) and bias.shape[1] > 1 else bias  # read in place, never copied per head
+        if bias.shape[2:] != (Nq, Nk):
+            bias = bias.expand(*bias.shape[:2], Nq, Nk)
+    rows = min(Nq, FORWARD_BLOCK.get(q.device.type, DEFAULT_FORWARD_BLOCK) if causal else Nq)
+    # Without autograd one mask buffer serves every block (blocks of varying size would fragment the CPU
+    # heap); with it, SDPA keeps each block's mask for its backward, so each block gets its own.
+    recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    buffer = None if bias is None or recorded else torch.empty(*bias.shape[:2], rows, Nk, dtype=q.dtype, device=q.device)
+    outs = []
+    for blk in plan_blocks(Nq, Nk, causal, rows, q.device):
+        i0, i1, kv = blk.start, blk.stop, blk.keys
         if bias is not None:
-            mask = bias.to(q.dtype)
-            if causal:
-                mask = mask.masked_fill(~causal_mask(Nq, Nk, q.device), float("-inf"))
-        elif causal and Nq == Nk:
-            is_causal = True
-        elif causal and Nq > 1:  # a chunk after a cache: bottom-right aligned, which is_causal is not
-            mask = causal_mask(Nq, Nk, q.device)
-        # Nq == 1 with a cache: the single query sees every key, no mask needed.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
+            if buffer is None:
+                mask = bias[:, :, i0:i1, :kv].to(q.dtype, copy=True)
+            else:
+                mask = buffer[:, :, : i1 - i0, :kv]
+                mask.copy_(bias[:, :, i0:i1, :kv])
+            if blk.hidden is not None:
+                mask[..., blk.first_hidden:].masked_fill_(blk.hidden, float("-inf"))
+        else:
+            mask = None if blk.hidden is None else visible_keys(i0, i1, Nq, Nk, kv, q.device)
+        outs.append(F.scaled_dot_product_attention(q[:, :, i0:i1], k[:, :, :kv], v[:, :, :kv], attn_mask=mask, **kwargs))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+__all__ = ["SDPABackend", "sdpa_forward"]

@@ -1,0 +1,116 @@
+"""Benchmark outputs, each written atomically: results.json, results.md (tables) and results.png
+(time and peak memory against sequence length)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_write_text
+
+JSON, MARKDOWN, PLOT = "results.json", "results.md", "results.png"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_json(out: Path, payload: dict[str, Any]) -> None:
+    atomic_write_text(out / JSON, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _f(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    s = payload["settings"]
+    lines = [
+        "# attention-zoo bench", "",
+        f"Command: `{payload['command']}`", "",
+        f"Machine: {payload['machine'].get('gpu') or 'CPU'}, {payload['machine']['cpu_count']} cores, "
+        f"torch {payload['machine']['torch']} ({payload['machine']['torch_threads']} threads). "
+        f"dim {s['dim']}, depth {s['depth']}, heads {s['heads']} x {s['head_dim']}, {s['dtype']} on {s['device']}; "
+        f"median of {s['repeats']} steps after {s['warmup']} warm-up steps"
+        + (f", median of {s['rounds']} interleaved rounds (ratios: the median of the ratios within each round)"
+           if s["rounds"] > 1 else "") + ". "
+        "Peak memory: " + ("torch.cuda.max_memory_allocated" if s["device"].startswith("cuda") else
+                           "the point's process peak RSS (includes ~0.2-0.3 GB of Python and torch)")
+        + "; ratios are to vanilla of the same implementation, backend, length, batch and mode in this run."
+        + (f" Point processes ran with {', '.join(f'{k}={v}' for k, v in s['env'].items())}." if s.get("env") else ""), "",
+        "| impl | variant | backend | seq | batch | mode | median s | tokens/s | peak MB | activation MB "
+        "| time / vanilla | memory / vanilla | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["results"]:
+        status = "ok" if r["status"] == "ok" else f"failed: {r['reason']}"
+        lines.append(
+            f"| {r['impl']} | {r['variant']} | {r['backend']} | {r['seq_len']} | {r['batch']} | {r['mode']} "
+            f"| {_f(r.get('median_s'), '.3f')} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_mb'), ',.0f')} "
+            f"| {_f(r.get('activation_mb'), ',.0f')} | {_f(r.get('time_vs_vanilla'), '.2f')} "
+            f"| {_f(r.get('memory_vs_vanilla'), '.2f')} | {status.replace('|', '/')} |")
+    if payload.get("comparison"):
+        lines += ["", "## Against x-transformers (same run)", "",
+                  "| variant | ours (backend) | x-transformers path | seq | batch | mode | ours s | peer s "
+                  "| time ours / peer | ours MB | peer MB | memory ours / peer |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in payload["comparison"]:
+            lines.append(
+                f"| {c['variant']} | {c['backend']} | {c['peer_backend']} | {c['seq_len']} | {c['batch']} | {c['mode']} "
+                f"| {_f(c['ours_s'], '.3f')} | {_f(c['peer_s'], '.3f')} | {_f(c['time_ours_over_peer'], '.2f')} "
+                f"| {_f(c['ours_mb'], ',.0f')} | {_f(c['peer_mb'], ',.0f')} | {_f(c['memory_ours_over_peer'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(out: Path, payload: dict[str, Any]) -> None:
+    atomic_write_text(out / MARKDOWN, markdown(payload))
+
+
+def write_plot(out: Path, payload: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for r in payload["results"]:
+        if r["status"] != "ok":
+            continue
+        label = f"{r['impl']} {r['variant']} ({r['backend']}, {r['mode']}, B={r['batch']})"
+        series.setdefault(label, []).append((r["seq_len"], r["median_s"], r["peak_mb"]))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        n = [p[0] for p in pts]
+        ax_t.plot(n, [p[1] for p in pts], marker="o", label=label)
+        ax_m.plot(n, [p[2] for p in pts], marker="o", label=label)
+    for ax, what in ((ax_t, "median step time (s)"), (ax_m, "peak memory (MB)")):
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(what)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"attention-zoo bench: {payload['settings']['dtype']} on {payload['settings']['device']}")
+    path = out / PLOT
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PLOT}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+__all__ = ["JSON", "MARKDOWN", "PLOT", "machine", "markdown", "write_json", "write_markdown", "write_plot"]

@@ -1,0 +1,122 @@
+"""Measure one benchmark point in this process: `python -m attention_zoo.bench.worker '<point json>'`.
+
+Run in a fresh process per point, so peak memory belongs to that point alone: on CPU the process's
+peak resident set size (ru_maxrss, which also counts the ~0.2-0.3 GB of Python and torch), and how
+far it rose above the resident size once the model was built; on CUDA torch's peak allocation.
+Time is the median over `repeats` steps after `warmup` steps. The result is printed as one line
+starting with RESULT_PREFIX; any exception becomes a failed result with its message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+RESULT_PREFIX = "ATTENTION_ZOO_BENCH_RESULT "
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc; falls back to the peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def build(point) -> Any:
+    import torch
+
+    if point.impl == "x-transformers":
+        from x_transformers import Decoder, TransformerWrapper
+
+        from .points import peer_kwargs
+
+        kwargs, _ = peer_kwargs(point.variant, point.depth)
+        if kwargs is None:
+            raise ValueError("no x-transformers equivalent")
+        model = TransformerWrapper(
+            num_tokens=point.vocab_size, max_seq_len=point.seq_len, tie_embedding=True,
+            attn_layers=Decoder(dim=point.dim, depth=point.depth, heads=point.heads, attn_dim_head=point.head_dim, **kwargs))
+    else:
+        from ..config import build_model
+        from .points import model_config
+
+        model = build_model(model_config(point))
+    return model.to(device=point.device, dtype=getattr(torch, point.dtype))
+
+
+def measure(point) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    if point.threads:
+        torch.set_num_threads(point.threads)
+    torch.manual_seed(0)
+    cuda = point.device.startswith("cuda")
+    model = build(point)
+    tokens = torch.randint(point.vocab_size, (point.batch, point.seq_len + 1), device=point.device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    rss_before = rss_mb()
+
+    def step() -> None:
+        if point.mode == "fwd":
+            with torch.no_grad():
+                model(inputs)
+        else:
+            logits = model(inputs)  # (B, N, vocab)
+            F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+            model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_alloc = torch.cuda.memory_allocated()
+    for _ in range(point.warmup):
+        step()
+    times = []
+    for _ in range(point.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    result = {"status": "ok", "median_s": median, "times_s": times, "tokens_per_s": point.batch * point.seq_len / median,
+              "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters())}
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        result.update(peak_mb=peak, activation_mb=peak - base_alloc / 2**20, memory="cuda max_memory_allocated")
+    else:
+        peak = peak_rss_mb()
+        result.update(peak_mb=peak, activation_mb=peak - rss_before, memory="peak RSS")
+    return result
+
+
+def measure_safely(point) -> dict[str, Any]:
+    """`measure`, with any exception (out of memory, a refusing backend, ...) turned into a failed result."""
+    try:
+        return measure(point)
+    except Exception as exc:  # recorded as a failed point; the sweep goes on
+        message = str(exc).strip().splitlines()
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {message[0] if message else ''}"[:300]}
+
+
+def main(argv: list[str]) -> int:
+    from .points import Point
+
+    result = measure_safely(Point.from_json(json.loads(argv[0])))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,88 @@
+"""`attention-zoo bench`: forward / forward+backward time and peak memory over a sweep (see docs/benchmarks.md)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from ..errors import UserError
+
+
+def _list(kind):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        if kind is int:
+            try:
+                return [int(t) for t in items]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        return items
+
+    return parse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time and peak memory of variants x backends x sequence lengths x batch sizes",
+                       description="Each point runs in its own process; ratios to vanilla come from the same run. "
+                                   "Writes results.json, results.md and results.png to --out.")
+    p.add_argument("--variants", type=_list(str), default=["vanilla", "selective"],
+                   help="comma-separated presets (vanilla, gqa, mqa, residual, selective, selective_gqa, "
+                        "selective_residual, cross_layer_share, cross_layer_accumulate), registered variant names, "
+                        "or YAML config paths (their attention/layers, with the dims below); vanilla is always added")
+    p.add_argument("--backends", type=_list(str), default=["sdpa"], help="comma-separated: auto, xformers, sdpa, math")
+    p.add_argument("--seq-lens", type=_list(int), default=[256, 1024], help="comma-separated sequence lengths")
+    p.add_argument("--batch", type=_list(int), default=[4], help="comma-separated batch sizes")
+    p.add_argument("--mode", type=_list(str), default=["fwdbwd"],
+                   help="comma-separated: fwd (forward, no grad), fwdbwd (forward + cross-entropy + backward)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per point (the median is kept)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole sweep in interleaved order and keep each point's median round "
+                        "(evens out background load on shared machines)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per point (default: torch's)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for every point's process, e.g. OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads "
+                        "sleep instead of spinning: steadier timings on a shared machine)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a point is recorded as failed")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME",
+                   help="also measure the equivalent models of NAME (x-transformers) in the same run")
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, results.png)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from ..bench import BenchSettings, benchmark
+
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads: must be >= 1, got {args.threads}")
+    if args.timeout <= 0:
+        raise UserError(f"--timeout: must be > 0, got {args.timeout}")
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env: expected KEY=VALUE, got {item!r}")
+        env[key] = value
+    settings = BenchSettings(
+        variants=args.variants, backends=args.backends, seq_lens=args.seq_lens, batches=args.batch, modes=args.mode,
+        dim=args.dim, depth=args.depth, heads=args.heads, head_dim=args.head_dim, vocab_size=args.vocab_size,
+        dtype=args.dtype, device=args.device, repeats=args.repeats, warmup=args.warmup, rounds=args.rounds,
+        threads=args.threads, timeout=args.timeout, peers=args.peer, env=env)
+    command = "attention-zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "attention-zoo bench"
+    result = benchmark(settings, args.out, command=command, progress=not args.no_progress)
+    failed = [r for r in result["results"] if r["status"] != "ok"]
+    print(f"wrote {args.out}/results.md, results.json, results.png: {len(result['results'])} points"
+          + (f", {len(failed)} failed" if failed else ""))
+    for r in failed:
+        print(f"  failed: {r['impl']} {r['variant']} {r['backend']} N={r['seq_len']} B={r['batch']} {r['mode']}: {r['reason']}")
+    return 0

@@ -1,0 +1,113 @@
+"""The sdpa backend against the math reference: every bias layout and mask case it handles, which path
+it takes (fused kernels, never SDPA's silent math fallback for a bias with grad), and its refusals.
+
+fp32: |difference| <= 1e-5 * max(1, largest |value|); float64 1e-10; bf16 forward 2e-2.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attention_zoo.backends.sdpa as sdpa_module
+from attention_zoo.backends import BACKENDS, AttentionCall, choose
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2}
+SDPA, MATH = BACKENDS.get("sdpa"), BACKENDS.get("math")
+
+
+def close(actual, expected, dtype, what=""):
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.float(), expected.float(), atol=TOL[dtype] * scale, rtol=0,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def tensors(B, H, Hkv, Nq, Nk, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, n, D, generator=g).to(dtype) for h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk))]
+
+
+def bias_of(kind, B, H, Nq, Nk, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "head_broadcast":  # as penalty_bias builds it: stride 0 over heads
+        return torch.randn(B, Nq, Nk, generator=g).to(dtype).unsqueeze(1).expand(B, H, Nq, Nk)
+    if kind == "size1":
+        return torch.randn(B, 1, Nq, Nk, generator=g).to(dtype)
+    return torch.randn(B, H, Nq, Nk, generator=g).to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def small_forward_blocks(monkeypatch):
+    monkeypatch.setitem(sdpa_module.FORWARD_BLOCK, "cpu", 16)
+
+
+CASES = [  # (B, H, Hkv, Nq, Nk, causal)
+    (2, 4, 4, 50, 50, True), (2, 4, 2, 50, 50, True), (1, 4, 1, 50, 50, True),
+    (2, 4, 2, 20, 50, True), (2, 4, 2, 1, 50, True), (2, 4, 4, 30, 30, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-Hkv{}-Nq{}-Nk{}-causal{}".format(*c))
+@pytest.mark.parametrize("bias_kind", ["none", "head_broadcast", "size1", "per_head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sdpa_matches_math_with_grads_through_q_k_v(case, bias_kind, dtype):
+    B, H, Hkv, Nq, Nk, causal = case
+    q, k, v = [t.requires_grad_() for t in tensors(B, H, Hkv, Nq, Nk, 8, dtype)]
+    bias = bias_of(bias_kind, B, H, Nq, Nk, dtype)
+    results = []
+    for backend in (SDPA, MATH):
+        for t in (q, k, v):
+            t.grad = None
+        out = backend.attention(q, k, v, bias=bias, causal=causal, scale=0.3)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=dtype))
+        results.append([out.detach(), q.grad, k.grad, v.grad])
+    for name, a, b in zip(["out", "dq", "dk", "dv"], *results):
+        close(a, b, dtype, name)
+
+
+def test_bf16_forward_matches_math():
+    q, k, v = tensors(2, 4, 2, 40, 40, 16, torch.bfloat16)
+    bias = bias_of("head_broadcast", 2, 4, 40, 40, torch.float32)  # the penalty stays float32
+    with torch.no_grad():
+        close(SDPA.attention(q, k, v, bias=bias, causal=True, scale=0.25),
+              MATH.attention(q.float(), k.float(), v.float(), bias=bias, causal=True, scale=0.25), torch.bfloat16)
+
+
+def test_a_bias_with_grad_takes_the_fused_path_and_others_plain_sdpa():
+    q, k, v = [t.requires_grad_() for t in tensors(1, 2, 2, 8, 8, 4)]
+    trainable = torch.randn(1, 8, 8, requires_grad=True)
+    bias = trainable.unsqueeze(1).expand(1, 2, 8, 8)
+    assert type(SDPA.attention(q, k, v, bias=bias, causal=True, scale=0.5).grad_fn).__name__ == "BiasGradAttentionBackward"
+    fixed = SDPA.attention(q, k, v, bias=bias.detach(), causal=True, scale=0.5)
+    assert "BiasGrad" not in type(fixed.grad_fn).__name__
+    with torch.no_grad():
+        assert SDPA.attention(q, k, v, bias=bias, causal=True, scale=0.5).grad_fn is None
+
+
+def test_head_broadcast_mask_is_never_copied_per_head(monkeypatch):
+    """SDPA receives a (B, 1, n, kv) mask for a head-broadcast bias, not H copies."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(sdpa_module.F, "scaled_dot_product_attention", spy)
+    q, k, v = tensors(2, 4, 2, 40, 40, 8)
+    with torch.no_grad():
+        SDPA.attention(q, k, v, bias=bias_of("head_broadcast", 2, 4, 40, 40, torch.float32), causal=True, scale=0.3)
+    assert len(seen) == 3 and all(s[:2] == (2, 1) for s in seen)  # blocks of 16 rows
+    assert [s[-1] for s in seen] == [16, 32, 40]  # each block reads only the keys it can see
+
+
+def test_refusals_and_auto_order_on_cpu():
+    call = AttentionCall(device="cpu", dtype=torch.float16, heads=4, kv_heads=4, head_dim=8, q_len=8, k_len=8,
+                         has_bias=True, bias_requires_grad=True, grad_enabled=True)
+    assert "fp16" in SDPA.refuse(call)
+    chosen, skipped = choose("auto", call)
+    assert chosen.name == "math"
+    assert any(s.startswith("xformers:") and "CUDA" in s for s in skipped)
+    assert any(s.startswith("sdpa:") for s in skipped)

@@ -1,0 +1,184 @@
+"""`attention-zoo bench` end to end on tiny sizes: the files it writes, the table, the ratios, failures
+recorded rather than fatal, clean errors for bad arguments, and every bench command in
+docs/benchmarks.md run with tiny size overrides. No timing is asserted.
+
+One test runs the real CLI with a subprocess per point; the others measure points in this process
+(`run_point` patched) to stay fast.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from attention_zoo.bench import points as points_module
+from attention_zoo.bench import runner, worker
+from attention_zoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--seq-lens", "12", "--batch", "2", "--dim", "16", "--depth", "2", "--heads", "4", "--head-dim", "4",
+        "--repeats", "1", "--warmup", "0", "--rounds", "1", "--no-progress"]
+
+
+def read(out: Path) -> tuple[dict, str]:
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("| attention-zoo") or line.startswith("| x-transformers")]
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Measure points in this process instead of one subprocess each (same code, no interpreter start)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(runner, "run_point", lambda point, timeout, env=None: worker.measure_safely(point))
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cli_end_to_end_in_subprocesses(run_cli, tmp_path):
+    out = tmp_path / "bench"
+    result = run_cli("bench", "--variants", "selective", "--backends", "sdpa", *TINY, "--repeats", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    data, markdown = read(out)
+    rows = {r["variant"]: r for r in data["results"]}
+    assert set(rows) == {"vanilla", "selective"}  # vanilla added: the ratios need it
+    for r in rows.values():
+        assert r["status"] == "ok" and r["median_s"] > 0 and len(r["times_s"]) == 2
+        assert r["peak_mb"] > r["activation_mb"] > 0 and r["memory"] == "peak RSS"
+        assert r["tokens_per_s"] == pytest.approx(2 * 12 / r["median_s"])
+    assert rows["vanilla"]["time_vs_vanilla"] == 1.0
+    assert rows["selective"]["time_vs_vanilla"] == pytest.approx(rows["selective"]["median_s"] / rows["vanilla"]["median_s"])
+    assert rows["selective"]["memory_vs_vanilla"] == pytest.approx(rows["selective"]["peak_mb"] / rows["vanilla"]["peak_mb"])
+    assert data["complete"] and data["command"].startswith("attention-zoo bench")
+    table = table_rows(markdown)
+    assert [(r[1], r[2], r[3], r[5]) for r in table] == [("vanilla", "sdpa", "12", "fwdbwd"), ("selective", "sdpa", "12", "fwdbwd")]
+    assert all(r[-1] == "ok" for r in table)
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]  # no temp files left
+
+
+def documented_bench_commands() -> list[list[str]]:
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split(" #")[0])
+            if words[:2] == ["attention-zoo", "bench"]:
+                commands.append(words[1:])
+    return commands
+
+
+def test_docs_have_bench_commands():
+    assert len(documented_bench_commands()) >= 2
+
+
+@pytest.mark.parametrize("argv", documented_bench_commands(), ids=lambda a: " ".join(a)[:70])
+def test_documented_command_runs_with_tiny_sizes(argv, in_process, tmp_path):
+    import torch
+
+    if "cuda" in argv and not torch.cuda.is_available():
+        pytest.skip("a GPU command; no CUDA here")
+    out = tmp_path / "out"
+    assert main([*argv, *TINY, "--out", str(out)]) == 0  # later flags override the documented sizes
+    data, markdown = read(out)
+    variants = argv[argv.index("--variants") + 1].split(",")
+    ours = {r["variant"] for r in data["results"] if r["impl"] == "attention-zoo" and r["status"] == "ok"}
+    assert set(variants) <= ours
+    assert len(table_rows(markdown)) == len(data["results"])
+    if "--peer" in argv:
+        compared = {c["variant"] for c in data["comparison"] if c["status"] == "ok"}
+        assert {"vanilla", "selective"} <= compared
+        assert "## Against x-transformers" in markdown
+
+
+def test_fwd_mode_yaml_config_and_failed_points(in_process, tmp_path, capsys):
+    """A YAML config is a variant (labelled by its file name); xformers on CPU fails per point with its
+    reason while the rest of the sweep completes."""
+    out = tmp_path / "out"
+    code = main(["bench", "--variants", str(ROOT / "configs" / "selective_gqa.yaml"), "--backends", "sdpa,xformers", "--mode", "fwd",
+                 *TINY, "--out", str(out)])
+    assert code == 0
+    data, markdown = read(out)
+    by_key = {(r["variant"], r["backend"]): r for r in data["results"]}
+    assert by_key[("selective_gqa", "sdpa")]["status"] == "ok" and by_key[("selective_gqa", "sdpa")]["mode"] == "fwd"
+    failed = by_key[("selective_gqa", "xformers")]
+    assert failed["status"] == "failed" and "CUDA only" in failed["reason"]
+    assert "failed: BackendRefused" in markdown
+    assert "2 failed" in capsys.readouterr().out  # vanilla and selective_gqa on xformers
+
+
+def test_run_point_records_timeouts_kills_and_crashes(monkeypatch):
+    point = points_module.Point("attention-zoo", points_module.resolve_variant("vanilla"), "sdpa", 8, 1, "fwd",
+                                dim=8, depth=1, heads=2, head_dim=4)
+    assert runner.run_point(point, timeout=0.01)["reason"] == "timed out after 0.01 s"
+
+    def fake(returncode, stderr=""):
+        return lambda *a, **k: subprocess.CompletedProcess(a, returncode, "", stderr)
+
+    monkeypatch.setattr(runner.subprocess, "run", fake(-9))
+    assert runner.run_point(point, timeout=5)["reason"] == "worker killed by SIGKILL (likely out of memory)"
+    monkeypatch.setattr(runner.subprocess, "run", fake(1, "Traceback (most recent call last):\nMemoryError: boom"))
+    assert runner.run_point(point, timeout=5) == {"status": "failed", "reason": "worker exited 1: MemoryError: boom"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--variants", "selectiv"], "did you mean 'selective'"),
+    (["--variants", "missing.yaml"], "config file 'missing.yaml' not found"),
+    (["--backends", "flash"], "unknown backend 'flash'"),
+    (["--mode", "train"], "unknown mode 'train'"),
+    (["--dtype", "float8"], "'float8' is not one of"),
+    (["--peer", "timm"], "unknown peer 'timm'"),
+    (["--env", "NOVALUE"], "expected KEY=VALUE"),
+    (["--variants", "gqa", "--heads", "3"], "variant 'gqa'"),
+])
+def test_bad_arguments_are_clean_user_errors(args, message, tmp_path, capsys):
+    assert main(["bench", *args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_ratios_use_the_same_backend_length_batch_and_mode():
+    def row(variant, backend, n, s, mb, impl="attention-zoo", status="ok"):
+        return {"impl": impl, "variant": variant, "backend": backend, "seq_len": n, "batch": 1, "mode": "fwdbwd",
+                "dtype": "float32", "device": "cpu", "status": status, "median_s": s, "peak_mb": mb, "activation_mb": mb / 2}
+
+    rows = runner.with_ratios([row("vanilla", "sdpa", 8, 1.0, 100), row("vanilla", "math", 8, 2.0, 300),
+                               row("selective", "sdpa", 8, 1.5, 150), row("selective", "math", 8, 3.0, 600),
+                               row("selective", "sdpa", 16, 1.0, 100)])
+    assert [r.get("time_vs_vanilla") for r in rows] == [1.0, 1.0, 1.5, 1.5, None]  # no vanilla at 16
+    assert [r.get("memory_vs_vanilla") for r in rows] == [1.0, 1.0, 1.5, 2.0, None]
+    peer = runner.peer_comparison(rows + [row("selective", "math", 8, 6.0, 1200, impl="x-transformers")])
+    assert [(c["backend"], c["time_ours_over_peer"], c["memory_ours_over_peer"]) for c in peer] == [
+        ("sdpa", 0.25, 0.125), ("math", 0.5, 0.5)]
+
+
+def test_peer_equivalents():
+    kw = {name: points_module.peer_kwargs(points_module.resolve_variant(name), 4) for name in points_module.PRESETS}
+    assert kw["vanilla"] == ({"attn_flash": True}, "sdpa")
+    assert kw["gqa"] == ({"attn_kv_heads": 2, "attn_flash": True}, "sdpa")
+    assert kw["selective_gqa"] == ({"attn_kv_heads": 2, "attn_selective": True}, "math")
+    assert kw["selective_residual"] == ({"attn_selective": True, "residual_attn": True}, "math")
+    assert kw["residual"] == ({"residual_attn": True}, "math")
+    assert kw["cross_layer_share"][0] is None and "no equivalent" in kw["cross_layer_share"][1]
+
+
+def test_ratios_with_rounds_are_taken_within_each_round():
+    """Background load that comes and goes: each round's ratio is computed within the round."""
+    def row(variant, rounds, impl="attention-zoo"):
+        return {"impl": impl, "variant": variant, "backend": "sdpa", "seq_len": 8, "batch": 1, "mode": "fwdbwd",
+                "dtype": "float32", "device": "cpu", "status": "ok", "median_s": sorted(rounds)[1], "peak_mb": 100,
+                "activation_mb": 50, "round_median_s": rounds, "round_peak_mb": [100, 100, 100]}
+
+    # round 2 was loaded from the middle on: selective's 2.4 s there says nothing about selective
+    rows = runner.with_ratios([row("vanilla", [1.0, 1.0, 2.0]), row("selective", [1.1, 2.4, 2.2])])
+    assert rows[1]["time_vs_vanilla"] == pytest.approx(1.1)  # median of 1.1, 2.4, 1.1
