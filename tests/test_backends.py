@@ -11,7 +11,6 @@ import torch
 import attention_zoo.backends.sdpa as sdpa_module
 from attention_zoo.backends import BACKENDS, AttentionCall, choose
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2}
 SDPA, MATH = BACKENDS.get("sdpa"), BACKENDS.get("math")
 

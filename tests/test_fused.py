@@ -15,7 +15,6 @@ from attention_zoo.backends.math import math_attention
 from attention_zoo.backends.sdpa import sdpa_forward
 from attention_zoo.functional import penalty_bias, penalty_from_scores, selection_logits, selection_scores
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -208,13 +207,15 @@ def test_backward_split_over_threads_matches_one_thread():
         return grads_of(lambda: bias_grad_attention(q, k, v, bias, causal=True, scale=0.3, kernel=sdpa_forward),
                         tensors, (4, 4, 70, 8), torch.float64)
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     one = run()
     torch.set_num_threads(2)
     try:
         two = run()
         assert torch.get_num_threads() == 2  # restored after the workers set their own
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(before)
     for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], two, one):
         close(a, b, torch.float64, name)
 

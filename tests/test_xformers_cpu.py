@@ -18,7 +18,6 @@ import attention_zoo.backends.xformers as xf_module
 from attention_zoo.backends import BACKENDS, AttentionCall, causal_mask, choose
 from attention_zoo.functional import penalty_bias, selection_logits, selection_penalty
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 XF, MATH = BACKENDS.get("xformers"), BACKENDS.get("math")
 CPU_ONLY_REASONS = ("device=", "xFormers wasn't build", "operator wasn't built", "bf16 is only supported")
 

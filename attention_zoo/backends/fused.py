@@ -12,9 +12,10 @@ block at a time, producing dq, dk, dv and d(bias) summed over the heads that sha
     dQ = scale dS K;  dK += scale dS^T Q
 
 Causal blocks only read the keys they can see, so the backward skips the masked upper triangle as a
-flash kernel does. GQA folds the G query heads of a kv head into the rows of one matmul: k and v are
-never copied per head. A per-head bias (RealFormer's residual scores) takes the same path; its
-gradient is then per head.
+flash kernel does, and keeps only that visible part of the bias (with the -inf written in), not the
+bias itself. GQA folds the G query heads of a kv head into the rows of one matmul: k and v are never
+copied per head. A per-head bias (RealFormer's residual scores) takes the same path; its gradient is
+then per head.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class BlockKernel:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, masks: list[Tensor], blocks: list["Block"], scale: float) -> Tensor:
         raise NotImplementedError
+
 
 # Query rows recomputed at once in the backward (all heads of one batch element). Small blocks skip
 # more of the causal triangle; large ones amortise per-call overhead (GPUs want large). On 2 CPU cores
@@ -174,10 +176,10 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias_blocks: list[Tensor
         dk=torch.zeros(B, Hkv, Nk, D, dtype=ct, device=q.device),
         dv=torch.zeros(B, Hkv, Nk, D, dtype=ct, device=q.device),
         dbias=None if bias_shape is None else torch.zeros(bias_shape, dtype=ct, device=q.device))
-    rows = backward_block(q.device, H, Nk)
+    part_rows = backward_block(q.device, H, Nk)
     work = []  # (part of a block, the saved bias rows it reads or None)
     for blk, mask in zip(blocks, bias_blocks if bias_blocks is not None else [None] * len(blocks)):
-        for part in plan_blocks(Nq, Nk, causal, rows, q.device, start=blk.start, stop=blk.stop):
+        for part in plan_blocks(Nq, Nk, causal, part_rows, q.device, start=blk.start, stop=blk.stop):
             work.append((part, None if mask is None else mask[:, :, part.start - blk.start:part.stop - blk.start, :part.keys]))
     rows = max(part.stop - part.start for part, _ in work)
     delta = torch.linalg.vecdot(dout.to(ct), out.to(ct))  # (B, H, Nq) = rowsum(P * dP)

@@ -93,11 +93,18 @@ def write_plot(out: Path, payload: dict[str, Any]) -> None:
         n = [p[0] for p in pts]
         ax_t.plot(n, [p[1] for p in pts], marker="o", label=label)
         ax_m.plot(n, [p[2] for p in pts], marker="o", label=label)
+    from matplotlib.ticker import ScalarFormatter
+
+    lengths = sorted({p[0] for pts in series.values() for p in pts})
     for ax, what in ((ax_t, "median step time (s)"), (ax_m, "peak memory (MB)")):
         ax.set_xlabel("sequence length")
         ax.set_ylabel(what)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        if lengths:
+            ax.set_xticks(lengths)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
         ax.grid(True, which="both", alpha=0.3)
     if series:
         ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
