@@ -19,7 +19,7 @@ import yaml
 from .errors import UserError
 from .registry import RegistryError, did_you_mean, import_plugins
 from .state import CHANNELS
-from .variant import LayerShape
+from .variant import LayerShape, type_name
 from .variant_registry import VARIANTS, check_params, get_variant, resolved_params
 
 _MISSING = object()
@@ -66,8 +66,7 @@ class Field:
     check: Callable[[Any], str | None] | None = None
 
     def type_name(self) -> str:
-        types = self.type if isinstance(self.type, tuple) else (self.type,)
-        return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        return type_name(self.type)
 
 
 def _type_ok(value: Any, types: type | tuple[type, ...]) -> bool:

@@ -28,6 +28,12 @@ class LayerShape:
     depth: int = 1
 
 
+def type_name(types: type | tuple[type, ...]) -> str:
+    """How YAML users read a declared type: `int or null`."""
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
 @dataclass(frozen=True)
 class Param:
     """A declared variant parameter: validated from YAML before anything is built."""
@@ -41,8 +47,7 @@ class Param:
     check: Callable[[Any, LayerShape], str | None] | None = None
 
     def type_name(self) -> str:
-        types = self.type if isinstance(self.type, tuple) else (self.type,)
-        return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        return type_name(self.type)
 
 
 @runtime_checkable
