@@ -19,7 +19,7 @@ import yaml
 from .errors import UserError
 from .registry import RegistryError, did_you_mean, import_plugins
 from .state import CHANNELS
-from .variant import LayerShape, type_name
+from .variant import LayerShape, type_name, type_ok
 from .variant_registry import VARIANTS, check_params, get_variant, resolved_params
 
 _MISSING = object()
@@ -69,15 +69,6 @@ class Field:
         return type_name(self.type)
 
 
-def _type_ok(value: Any, types: type | tuple[type, ...]) -> bool:
-    types = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, bool) and bool not in types:
-        return False  # YAML `true` is not a number
-    if float in types and isinstance(value, int):
-        return True
-    return isinstance(value, types)
-
-
 # YAML 1.1 (PyYAML) reads `3e-4` as a string (it wants `3.0e-4`); float fields take such strings as
 # the numbers everyone means.
 _FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -110,7 +101,7 @@ def validate_fields(value: Any, fields: dict[str, Field], path: str, source: str
             continue
         v = _yaml_float(value[key], spec.type)
         where = f"{path}.{key}"
-        if not _type_ok(v, spec.type):
+        if not type_ok(v, spec.type):
             problems.append(Problem(source, where, v, f"expected {spec.type_name()}"))
         elif spec.choices is not None and v not in spec.choices:
             problems.append(Problem(source, where, v,

@@ -40,7 +40,7 @@ def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: 
 
     The sum runs along the *query* axis (shift one row down, cumulative sum over rows). logits:
     (B, Nq, Nk) of the selection head; accumulated: (B, Nk) float32 column sums of S over queries
-    already processed (the selective KV cache), or None. Returns float32 (B, Nq, Nk), non-decreasing
+    already processed (the selective KV cache), or None. Returns (B, Nq, Nk) in at least float32, non-decreasing
     along queries.
     """
     # The same values as penalty_from_scores(selection_scores(...)) from one fused autograd op: a fast

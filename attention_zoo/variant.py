@@ -34,6 +34,16 @@ def type_name(types: type | tuple[type, ...]) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
 
+def type_ok(value: Any, types: type | tuple[type, ...]) -> bool:
+    """isinstance as YAML users mean it: `true` is not a number, and an int is fine where a float is."""
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in types:
+        return False
+    if float in types and isinstance(value, int):
+        return True
+    return isinstance(value, types)
+
+
 @dataclass(frozen=True)
 class Param:
     """A declared variant parameter: validated from YAML before anything is built."""

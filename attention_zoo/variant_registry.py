@@ -12,7 +12,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .registry import Registry, RegistryError, did_you_mean
-from .variant import LayerShape, Param
+from .variant import LayerShape, Param, type_ok
 
 VARIANTS: Registry[type] = Registry("variant", entry_point_group="attention_zoo.variants", builtin_modules=("variants",))
 
@@ -65,14 +65,9 @@ def check_params(name: str, params: dict[str, Any], shape: LayerShape) -> list[P
                 problems.append(ParamProblem(key, None, f"required by variant {name!r}: {spec.doc}"))
             continue
         value = params[key]
-        types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
-        # bool is an int in Python; a YAML `true` is not a head count.
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            if float in types and isinstance(value, int) and not isinstance(value, bool):
-                pass
-            else:
-                problems.append(ParamProblem(key, value, f"expected {spec.type_name()}"))
-                continue
+        if not type_ok(value, spec.type):
+            problems.append(ParamProblem(key, value, f"expected {spec.type_name()}"))
+            continue
         if spec.choices is not None and value not in spec.choices:
             hint = did_you_mean(str(value), [str(c) for c in spec.choices])
             problems.append(ParamProblem(key, value, f"{hint}valid: {', '.join(map(str, spec.choices))}"))
