@@ -38,7 +38,8 @@ def test_refuses_when_xformers_is_missing(monkeypatch):
     reason = XF.refuse(call())
     assert "not installed" in reason and "No module named" in reason
     chosen, skipped = choose("auto", call())
-    assert chosen.name == "sdpa" and skipped == [f"xformers: {reason}"]
+    assert chosen.name == "sdpa" and skipped[-1] == f"xformers: {reason}"
+    assert [s.split(":")[0] for s in skipped] == ["triton", "xformers"]  # auto's order, each with its reason
 
 
 def test_refuses_dtype_and_head_dim(monkeypatch):
@@ -156,4 +157,5 @@ def test_auto_picks_xformers_for_cuda_calls_when_it_imports():
     chosen, skipped = choose("auto", call(device="cuda", dtype=torch.float16, has_bias=True))
     if torch.cuda.is_available() and XF.refuse(call(device="cuda", dtype=torch.float16, has_bias=True)):
         pytest.skip("this GPU is refused by xformers")
-    assert chosen.name == "xformers" and skipped == []
+    assert chosen.name == "xformers" and [s.split(":")[0] for s in skipped] == ["triton"]
+    assert "trainable bias" in skipped[0]  # a bias without grad is xformers' call, not triton's

@@ -28,8 +28,12 @@ try:  # the xformers backend module imports xformers lazily, so registering it i
     BACKENDS.add("xformers", XFormersBackend())
 except ImportError:  # pragma: no cover - only while the module does not exist
     pass
+from .triton import TritonBackend  # noqa: E402  (imports triton itself only on first use)
 
-AUTO_ORDER = ("xformers", "sdpa", "math")
+BACKENDS.add("triton", TritonBackend())
+
+# triton first: it accepts only training with a trainable bias on CUDA, the one call it serves best.
+AUTO_ORDER = ("triton", "xformers", "sdpa", "math")
 BACKEND_CHOICES = ("auto", *AUTO_ORDER)
 
 

@@ -336,23 +336,40 @@ class BiasGradAttention(torch.autograd.Function):
         if dbias is not None:
             dbias = dbias.to(ctx.bias_dtype)
             if ctx.spread_heads:
-                dbias = (dbias / ctx.spread_heads).expand(ctx.bias_shape)
+                dbias = spread_over_heads(dbias, ctx.spread_heads, ctx.bias_shape)
         return dq, dk, dv, dbias, None, None, None, None
 
 
-def bias_grad_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, causal: bool, scale: float,
-                        kernel: ForwardKernel | BlockKernel) -> Tensor:
-    """Run `kernel` forward with an exact, memory-lean backward for a bias that requires grad."""
+def trainable_bias(bias: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, int]:
+    """The tensor to differentiate for a trainable bias, and `spread_heads`.
+
+    A head-broadcast bias is replaced by the (B, 1, Nq, Nk) tensor it was expanded from (`head_source`),
+    so its gradient is summed over heads and never passes through the expand's backward. When no such
+    source exists, the bias itself is returned with spread_heads = H: the caller reads its head 0 and
+    hands the head-summed gradient back spread over the H views (`spread_over_heads`)."""
     if bias.dim() != 4:
         raise ValueError(f"bias must be 4-D (B, H, Nq, Nk), got shape {tuple(bias.shape)}")
     bias = bias.expand(bias.shape[0], bias.shape[1], q.shape[2], k.shape[2]) if bias.shape[2:] != (q.shape[2], k.shape[2]) else bias
     if is_head_broadcast(bias):
         source = head_source(bias)
         if source is not None:
-            return BiasGradAttention.apply(q, k, v, source, causal, scale, kernel, 0)
-        return BiasGradAttention.apply(q, k, v, bias, causal, scale, kernel, bias.shape[1])
-    return BiasGradAttention.apply(q, k, v, bias, causal, scale, kernel, 0)
+            return source, 0
+        return bias, bias.shape[1]
+    return bias, 0
+
+
+def spread_over_heads(dbias: Tensor, spread_heads: int, shape: torch.Size) -> Tensor:
+    """A head-summed gradient as the gradient of a stride-0 head expansion: each view gets 1/H of it,
+    and the expand's backward sums them back (exact up to rounding)."""
+    return (dbias / spread_heads).expand(shape)
+
+
+def bias_grad_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, causal: bool, scale: float,
+                        kernel: ForwardKernel | BlockKernel) -> Tensor:
+    """Run `kernel` forward with an exact, memory-lean backward for a bias that requires grad."""
+    bias, spread_heads = trainable_bias(bias, q, k)
+    return BiasGradAttention.apply(q, k, v, bias, causal, scale, kernel, spread_heads)
 
 
 __all__ = ["BiasGradAttention", "Block", "BlockKernel", "attention_backward", "bias_grad_attention", "head_source", "is_head_broadcast",
-           "masked_bias_blocks", "plan_blocks", "visible_keys", "causal_key_stop", "ForwardKernel"]
+           "masked_bias_blocks", "plan_blocks", "spread_over_heads", "trainable_bias", "visible_keys", "causal_key_stop", "ForwardKernel"]

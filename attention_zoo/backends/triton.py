@@ -1,0 +1,158 @@
+"""Fused Triton kernels for attention with a trainable bias (CUDA), imported lazily.
+
+The one call the other fused kernels cannot serve whole is training with a bias that requires grad:
+selective attention's head-shared -F (and RealFormer's per-head residual scores). xformers and SDPA
+run its forward, but its backward then falls to `fused.BiasGradAttention`, PyTorch ops on blocks of
+query rows. This backend runs forward and backward as flash kernels (`triton_kernels.py`), the bias
+gradient summed over heads in registers, nothing of size (B, H, N, N) ever made.
+
+It accepts only that call: everything else (inference, vanilla, GQA training) is left to xformers
+and SDPA, whose kernels are faster than these. Under `auto` it therefore comes first: a call it
+refuses costs one check.
+
+Before its first use for a (device, dtype, head dim) it runs the kernels once on a small problem and
+compares them with the math backend; if they fail to compile or disagree, it refuses with that
+reason from then on, so a Triton or driver problem costs speed, never correctness.
+
+On CPU, Triton's interpreter (TRITON_INTERPRET=1 when the kernels are first imported) runs the same
+kernels on CPU tensors: that is how the test suite checks them without a GPU. It is slow and meant for
+tests; `auto` never picks it unless that variable is set.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .base import AttentionCall, Backend
+from .fused import spread_over_heads, trainable_bias
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128  # the tile sizes in triton_kernels.block_sizes are chosen up to here
+# Self-check tolerance against math, relative to the largest |value| (fp32 dots run in IEEE fp32).
+SELF_CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernels() -> tuple[ModuleType | None, str | None]:
+    """(triton_kernels module, None) or (None, why triton cannot be used). Imported once, on first use."""
+    try:
+        from . import triton_kernels
+    except Exception as exc:  # ImportError, or a broken install raising anything at import
+        return None, f"{type(exc).__name__}: {exc}".strip()
+    return triton_kernels, None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "fused Triton flash kernels for training with a trainable bias (CUDA; selective's -F, residual scores)"
+
+    def refuse(self, call: AttentionCall) -> str | None:
+        if not (call.has_bias and call.bias_requires_grad and call.grad_enabled):
+            return "serves only training with a trainable bias (selective's -F, residual scores); " \
+                   "xformers and sdpa kernels are faster for every other call"
+        if call.device != "cuda" and not (call.device == "cpu" and interpreter_requested()):
+            return f"Triton kernels run on CUDA (tensors are on {call.device}); " \
+                   "TRITON_INTERPRET=1 runs them on CPU in Triton's interpreter, for tests"
+        kernels, error = load_kernels()
+        if kernels is None:
+            return f"triton is not installed or does not import ({error}); pip install triton"
+        if call.device == "cpu" and not kernels.INTERPRETED:
+            return "the kernels were imported for CUDA: TRITON_INTERPRET=1 must be set before their first use to run on CPU"
+        if call.device == "cuda" and kernels.INTERPRETED:
+            return "the kernels were imported for Triton's interpreter (TRITON_INTERPRET=1), which runs on CPU only"
+        if call.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {call.dtype} not supported (supported: float16, bfloat16, float32)"
+        if call.dtype == torch.bfloat16 and kernels.INTERPRETED:
+            return "Triton's interpreter computes bfloat16 tl.dot wrongly (triton 3.9); bfloat16 runs on CUDA only"
+        if call.head_dim > MAX_HEAD_DIM:
+            return f"head dim {call.head_dim} is above {MAX_HEAD_DIM}"
+        if call.device == "cuda":
+            return self_check(torch.cuda.current_device(), call.dtype, call.head_dim)
+        return None
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
+        if bias is None:
+            raise ValueError("the triton backend serves attention with a trainable bias only (see refuse())")
+        bias, spread_heads = trainable_bias(bias, q, k)
+        return TritonBiasAttention.apply(q, k, v, bias, causal, scale, spread_heads)
+
+
+class TritonBiasAttention(torch.autograd.Function):
+    """softmax(scale q k^T + bias + causal) v with flash kernels both ways; d(bias) summed over the heads
+    that share it. `bias`: (Bb, Hb, Nq, Nk) as `fused.trainable_bias` returns it; with `spread_heads`
+    a stride-0 head expansion, read once and given back the spread gradient."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, causal: bool, scale: float, spread_heads: int = 0) -> Tensor:
+        kernels, error = load_kernels()
+        if kernels is None:
+            raise RuntimeError(f"triton is not available: {error}")
+        # The kernels read a size-1 or stride-0 dim as a broadcast: a batch-shared bias is expanded to B
+        # (no copy) so each batch element's gradient has a row of its own, summed back below.
+        read = bias[:, :1] if spread_heads else bias
+        read = read.detach().expand(q.shape[0], *read.shape[1:])
+        out, lse = kernels.attention_forward(q.detach(), k.detach(), v.detach(), read, causal=causal, scale=scale)
+        ctx.save_for_backward(q, k, v, read, out, lse)
+        ctx.causal, ctx.scale, ctx.spread_heads = causal, scale, spread_heads
+        ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor):
+        q, k, v, read, out, lse = ctx.saved_tensors
+        kernels, _ = load_kernels()
+        bias_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = kernels.attention_backward(q, k, v, read, out, lse, dout, causal=ctx.causal, scale=ctx.scale,
+                                                       bias_grad=bias_grad)
+        if dbias is not None:
+            if ctx.bias_shape[0] == 1 and dbias.shape[0] > 1:
+                dbias = dbias.sum(0, keepdim=True)
+            dbias = dbias.to(ctx.bias_dtype)
+            if ctx.spread_heads:
+                dbias = spread_over_heads(dbias, ctx.spread_heads, ctx.bias_shape)
+        return dq, dk, dv, dbias, None, None, None
+
+
+@functools.lru_cache(maxsize=None)
+def self_check(device_index: int, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Run the kernels once on a small problem against math; None if they agree, else the reason."""
+    from .math import math_attention
+
+    device = torch.device("cuda", device_index)
+    gen = torch.Generator(device=device).manual_seed(0)
+    B, H, Hkv, N = 2, 4, 2, 80  # GQA, and a length that leaves partial tiles
+    try:
+        q, k, v = (torch.randn(B, h, N, head_dim, device=device, generator=gen).to(dtype).requires_grad_()
+                   for h in (H, Hkv, Hkv))
+        bias = torch.randn(B, 1, N, N, device=device, generator=gen).requires_grad_()
+        dout = torch.randn(B, H, N, head_dim, device=device, generator=gen).to(dtype)
+        got = _value_and_grads(lambda: TritonBiasAttention.apply(q, k, v, bias, True, head_dim ** -0.5, 0), dout,
+                               (q, k, v, bias))
+        q64, k64, v64, bias64 = (t.detach().double().requires_grad_() for t in (q, k, v, bias))
+        want = _value_and_grads(lambda: math_attention(q64, k64, v64, bias=bias64, causal=True, scale=head_dim ** -0.5),
+                                dout.double(), (q64, k64, v64, bias64))
+    except Exception as exc:  # a compile error, a launch failure, ...
+        return f"the kernels failed their self-check on this GPU ({type(exc).__name__}: {exc})"
+    for what, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
+        err = (a.double() - b).abs().max().item() / max(1.0, b.abs().max().item())
+        if not err <= SELF_CHECK_TOL[dtype]:
+            return f"the kernels disagree with math on this GPU ({what} off by {err:.2e} for {dtype}, head dim {head_dim})"
+    return None
+
+
+def _value_and_grads(fn, dout: Tensor, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    out = fn()
+    return [out.detach(), *torch.autograd.grad(out, inputs, dout.to(out.dtype))]
+
+
+__all__ = ["TritonBackend", "TritonBiasAttention", "load_kernels", "self_check"]

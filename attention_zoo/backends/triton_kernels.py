@@ -1,0 +1,319 @@
+"""Flash-attention kernels in Triton with a trainable bias whose gradient comes back summed over heads.
+
+    out = softmax(scale q k^T + bias + causal) v
+
+Selective attention's bias -F is one float32 (B, Nq, Nk) tensor read by every head. The fused kernels
+of torch and xformers read such a bias but return no gradient for it (or only per head, (B, H, N, N)),
+which is why `fused.BiasGradAttention` recomputes its backward in PyTorch blocks. These kernels do the
+whole thing on chip, never materialising anything per head larger than (B, H, Nq) statistics:
+
+- `_forward`: one program per (query block, batch x head); online softmax over the key blocks the
+  block can see; writes out and the row log-sum-exp (base 2).
+- `_backward_dk_dv`: one program per (key block, batch x kv head); walks the query blocks that can
+  see it for each of the G query heads of its kv head, so GQA sums into dk and dv with no copies.
+- `_backward_dq_dbias`: one program per (query block, batch x head group). For a head-shared bias the
+  group is all H heads, looped *inside* the key-block loop: the bias tile is read once and its
+  gradient (sum over heads of dS) is accumulated in registers and written once per tile. dq tiles are
+  added with atomics, since a program holds one key block of every head at a time.
+
+Both backward kernels recompute P = exp2(s - lse) from q, k and the bias, as flash attention does:
+7 tile matmuls per (query block, key block, head) in all, the count of a standard Triton flash
+backward; the bias gradient costs only the register sum over heads.
+
+Nothing here knows a variant. `attention_zoo.backends.triton` wraps these in an autograd Function and
+decides when they are used; the math backend is the reference they are tested against, on CPU through
+Triton's interpreter (TRITON_INTERPRET=1) and on CUDA in tests/gpu.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _forward(Q, K, V, Bias, Out, Lse,
+             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+             sbb, sbh, sbm, sbn, sob, soh, som, sod,
+             H, GROUP, Nq, Nk, HEAD_DIM, qk_scale,
+             HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    m_block = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m < Nq
+    dims = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=rows[:, None] & dims[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max, base-2 logits
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offset = Nk - Nq  # bottom-right aligned causal: query i sees keys j <= i + offset
+    hi = Nk
+    if CAUSAL:
+        hi = tl.minimum(Nk, (m_block + 1) * BLOCK_M + offset)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        cols = offs_n < Nk
+        kt = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=cols[None, :] & dims[:, None], other=0.0)  # (D, N): k transposed
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=cols[:, None] & dims[None, :], other=0.0)
+        if FP32_DOT:
+            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, kt) * qk_scale
+        visible = rows[:, None] & cols[None, :]
+        if HAS_BIAS:
+            bias = tl.load(Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                           mask=visible, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634  # log2(e): the softmax runs in base 2
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    seen = l_i > 0.0  # a query that sees no key (more queries than keys) gets 0, and no gradient
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
+             mask=rows[:, None] & dims[None, :])
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(Lse + bh * Nq + offs_m, lse, mask=rows)
+
+
+@triton.jit
+def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
+                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                    sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod,
+                    H, HKV, GROUP, Nq, Nk, HEAD_DIM, qk_scale, scale,
+                    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    bhk = tl.program_id(0)
+    n_block = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = offs_n < Nk
+    dims = offs_d < HEAD_DIM
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=cols[:, None] & dims[None, :], other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=cols[:, None] & dims[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    offset = Nk - Nq
+    lo = 0
+    if CAUSAL:  # the first query that sees this block's first key, rounded down to a block
+        lo = tl.maximum(n_block * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    for g in range(GROUP):  # the query heads that read this kv head: GQA sums here, nothing copied
+        h = hk * GROUP + g
+        for start_m in range(lo, Nq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            rows = offs_m < Nq
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                        mask=rows[:, None] & dims[None, :], other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                         mask=rows[:, None] & dims[None, :], other=0.0)
+            lse = tl.load(Lse + (b * H + h) * Nq + offs_m, mask=rows, other=float("inf"))
+            delta = tl.load(Delta + (b * H + h) * Nq + offs_m, mask=rows, other=0.0)
+            if FP32_DOT:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+            visible = rows[:, None] & cols[None, :]
+            if HAS_BIAS:
+                bias = tl.load(Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                               mask=visible, other=0.0)
+                s += bias.to(tl.float32) * 1.4426950408889634
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+            p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)  # (M, N) probabilities
+            if FP32_DOT:
+                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])  # gradient of the logits scale q k^T + bias
+            if FP32_DOT:
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+            else:
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out_offsets = bhk * Nk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # DK, DV contiguous
+    tl.store(DK + out_offsets, (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None] & dims[None, :])
+    tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] & dims[None, :])
+
+
+@triton.jit
+def _backward_dq_dbias(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
+                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                       sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, sgb, sgh, sgm, sgn,
+                       H, GROUP, Nq, Nk, HEAD_DIM, HEADS_PER_PROGRAM, qk_scale, scale,
+                       HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
+                       FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)  # batch x head group
+    m_block = tl.program_id(1)
+    groups = H // HEADS_PER_PROGRAM
+    b = pid // groups
+    h0 = pid % groups * HEADS_PER_PROGRAM
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m < Nq
+    dims = offs_d < HEAD_DIM
+    offset = Nk - Nq
+    hi = Nk
+    if CAUSAL:
+        hi = tl.minimum(Nk, (m_block + 1) * BLOCK_M + offset)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        cols = offs_n < Nk
+        visible = rows[:, None] & cols[None, :]
+        tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_BIAS:  # a head-shared bias (sbh == 0) is read once here for every head of the group
+            tile = tl.load(Bias + b * sbb + h0 * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                           mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+        dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for hh in range(HEADS_PER_PROGRAM):
+            h = h0 + hh
+            hk = h // GROUP
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                        mask=rows[:, None] & dims[None, :], other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                         mask=rows[:, None] & dims[None, :], other=0.0)
+            lse = tl.load(Lse + (b * H + h) * Nq + offs_m, mask=rows, other=float("inf"))
+            delta = tl.load(Delta + (b * H + h) * Nq + offs_m, mask=rows, other=0.0)
+            kt = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=cols[None, :] & dims[:, None], other=0.0)
+            vt = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
+                         mask=cols[None, :] & dims[:, None], other=0.0)
+            if FP32_DOT:
+                s = tl.dot(q, kt, input_precision="ieee") * qk_scale + tile
+                p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+                ds = p * (tl.dot(do, vt, input_precision="ieee") - delta[:, None])
+                dq = tl.dot(ds, tl.trans(kt), input_precision="ieee")
+            else:
+                s = tl.dot(q, kt) * qk_scale + tile
+                p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+                ds = p * (tl.dot(do, vt) - delta[:, None])
+                dq = tl.dot(ds.to(kt.dtype), tl.trans(kt))
+            # DQ is a contiguous float32 (B, H, Nq, D) buffer; other programs add into other rows or
+            # heads only, but atomics keep the adds correct without ordering reads after writes.
+            tl.atomic_add(DQ + ((b * H + h) * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq * scale,
+                          mask=rows[:, None] & dims[None, :])
+            if BIAS_GRAD:
+                if HEADS_PER_PROGRAM == 1:  # a per-head bias: its gradient is this head's dS
+                    tl.store(DBias + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn,
+                             ds, mask=rows[:, None] & cols[None, :])
+                else:
+                    dbias += ds
+        if BIAS_GRAD:
+            if HEADS_PER_PROGRAM > 1:
+                tl.store(DBias + b * sgb + offs_m[:, None] * sgm + offs_n[None, :] * sgn, dbias,
+                         mask=rows[:, None] & cols[None, :])
+
+
+# Whether triton.jit built these kernels for Triton's interpreter (TRITON_INTERPRET=1 at import time):
+# then they run on CPU tensors, and only then.
+INTERPRETED = type(_forward).__name__ == "InterpretedFunction"
+
+
+def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
+    """Strides of a 4-D tensor, 0 on broadcast (size-1) dims so one formula indexes every case."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))  # type: ignore[return-value]
+
+
+def block_sizes(device: torch.device, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D). Small blocks in the interpreter (each program is run in numpy, and
+    small blocks make the tests walk several of them); 64 x 64 tiles on GPUs, the flash default."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":
+        return 16, 16, block_d
+    return (64, 64, block_d) if head_dim <= 64 else (64, 32, block_d)
+
+
+def _launch_options(device: torch.device, head_dim: int) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, causal: bool, scale: float
+                      ) -> tuple[Tensor, Tensor]:
+    """out (B, H, Nq, D) in q's dtype and lse (B, H, Nq) float32 (base 2), no autograd.
+
+    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D), any strides; bias (Bb, Hb, Nq, Nk) with Bb in {1, B},
+    Hb in {1, H} (size 1 or stride 0 is read as a broadcast), any float dtype, or None."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    out = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    block_m, block_n, block_d = block_sizes(q.device, D)
+    grid = (B * H, triton.cdiv(Nq, block_m))
+    _forward[grid](q, k, v, bias if bias is not None else q, out, lse,
+                   *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *out.stride(),
+                   H, H // Hkv, Nq, Nk, D, scale * LOG2E,
+                   HAS_BIAS=bias is not None, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32,
+                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **_launch_options(q.device, D))
+    return out, lse
+
+
+def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out: Tensor, lse: Tensor, dout: Tensor, *,
+                       causal: bool, scale: float, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq, dk, dv in the inputs' dtypes, and d(bias) float32 in the bias's compact shape (summed over the
+    heads that share it) when `bias_grad`. A batch-broadcast bias (Bb = 1 < B) gets no gradient here:
+    the backend refuses that call when its bias needs one."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+    delta = torch.linalg.vecdot(dout.float(), out.float()).contiguous()  # (B, H, Nq): rowsum(dO * O)
+    dq = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device)  # atomically added into
+    dk = torch.empty(B, Hkv, Nk, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, Hkv, Nk, D, dtype=v.dtype, device=v.device)
+    dbias = None
+    shared_heads = bias is not None and _strides4(bias)[1] == 0
+    if bias_grad:
+        if bias is None or bias.shape[0] != B:
+            raise ValueError("a bias gradient needs a (B, 1|H, Nq, Nk) bias")
+        # Tiles no query block reaches (the causal future) are never written: they start at zero.
+        dbias = torch.zeros(B, 1 if shared_heads else H, Nq, Nk, dtype=torch.float32, device=q.device)
+    block_m, block_n, block_d = block_sizes(q.device, D)
+    common = dict(HAS_BIAS=bias is not None, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32,
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **_launch_options(q.device, D))
+    bias_arg = bias if bias is not None else q
+    _backward_dk_dv[(B * Hkv, triton.cdiv(Nk, block_n))](
+        q, k, v, bias_arg, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride(),
+        H, Hkv, H // Hkv, Nq, Nk, D, scale * LOG2E, scale, **common)
+    heads_per_program = H if shared_heads and bias_grad else 1
+    _backward_dq_dbias[(B * (H // heads_per_program), triton.cdiv(Nq, block_m))](
+        q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else dq,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride(),
+        *(dbias.stride() if dbias is not None else (0, 0, 0, 0)),
+        H, H // Hkv, Nq, Nk, D, heads_per_program, scale * LOG2E, scale,
+        BIAS_GRAD=dbias is not None, **common)
+    return dq.to(q.dtype), dk, dv, dbias
+
+
+__all__ = ["attention_forward", "attention_backward", "block_sizes", "INTERPRETED"]
