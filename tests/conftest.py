@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+import torch  # importing torch does not import triton
+
+# Triton reads TRITON_INTERPRET when it is first imported (xformers imports it too): set before anything
+# can import it, so the triton backend's kernels run in Triton's interpreter on a machine without CUDA.
+# Only tests that name the triton backend run them; `auto` never picks the interpreter.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +64,20 @@ def one_thread():
         os.environ.pop("OMP_NUM_THREADS", None)
     else:
         os.environ["OMP_NUM_THREADS"] = env
+
+
+@pytest.fixture
+def triton_backend():
+    """The triton backend, runnable here: on a CPU-only machine through Triton's interpreter (see the
+    top of this file). Skips without triton."""
+    pytest.importorskip("triton")
+    from attention_zoo.backends import BACKENDS
+    from attention_zoo.backends.triton import load_kernels
+
+    kernels, error = load_kernels()
+    if kernels is None:
+        pytest.skip(f"triton kernels do not import: {error}")
+    if kernels.INTERPRETED == torch.cuda.is_available():
+        pytest.fail(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} does not suit this machine "
+                    f"(CUDA available: {torch.cuda.is_available()}); unset it")
+    return BACKENDS.get("triton")

@@ -32,7 +32,8 @@ from .triton import TritonBackend  # noqa: E402  (imports triton itself only on 
 
 BACKENDS.add("triton", TritonBackend())
 
-# triton first: it accepts only training with a trainable bias on CUDA, the one call it serves best.
+# triton first, though `auto` hands it only training with a trainable bias (it defers every other call):
+# the one call no other fused kernel serves whole.
 AUTO_ORDER = ("triton", "xformers", "sdpa", "math")
 BACKEND_CHOICES = ("auto", *AUTO_ORDER)
 
@@ -70,7 +71,7 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
         if candidate not in BACKENDS:
             continue
         backend = BACKENDS.get(candidate)
-        reason = backend.refuse(call)
+        reason = backend.refuse(call) or backend.defer(call)
         if reason is None:
             return backend, skipped
         skipped.append(f"{candidate}: {reason}")

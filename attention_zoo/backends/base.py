@@ -58,6 +58,11 @@ class Backend:
         """Why this backend cannot run `call`, or None if it can."""
         raise NotImplementedError
 
+    def defer(self, call: AttentionCall) -> str | None:
+        """Why `auto` should leave `call` to the backends after this one although this one could run it
+        (they are faster for it), or None. Naming the backend explicitly ignores this."""
+        return None
+
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
         raise NotImplementedError
 

@@ -6,17 +6,17 @@ run its forward, but its backward then falls to `fused.BiasGradAttention`, PyTor
 query rows. This backend runs forward and backward as flash kernels (`triton_kernels.py`), the bias
 gradient summed over heads in registers, nothing of size (B, H, N, N) ever made.
 
-It accepts only that call: everything else (inference, vanilla, GQA training) is left to xformers
-and SDPA, whose kernels are faster than these. Under `auto` it therefore comes first: a call it
-refuses costs one check.
+Named explicitly (`backend: triton`) it runs every call, with or without a bias or gradients. Under
+`auto` it comes first but defers every call other than training with a trainable bias (inference,
+vanilla, GQA training) to xformers and SDPA, whose kernels are faster for those.
 
 Before its first use for a (device, dtype, head dim) it runs the kernels once on a small problem and
 compares them with the math backend; if they fail to compile or disagree, it refuses with that
 reason from then on, so a Triton or driver problem costs speed, never correctness.
 
-On CPU, Triton's interpreter (TRITON_INTERPRET=1 when the kernels are first imported) runs the same
-kernels on CPU tensors: that is how the test suite checks them without a GPU. It is slow and meant for
-tests; `auto` never picks it unless that variable is set.
+On CPU, Triton's interpreter (TRITON_INTERPRET=1 in the environment before triton is first imported)
+runs the same kernels on CPU tensors: that is how the test suite checks them without a GPU. It is slow
+and meant for tests: `auto` never picks it on CPU; name the backend to use it.
 """
 from __future__ import annotations
 
@@ -56,54 +56,63 @@ class TritonBackend(Backend):
     description = "fused Triton flash kernels for training with a trainable bias (CUDA; selective's -F, residual scores)"
 
     def refuse(self, call: AttentionCall) -> str | None:
-        if not (call.has_bias and call.bias_requires_grad and call.grad_enabled):
-            return "serves only training with a trainable bias (selective's -F, residual scores); " \
-                   "xformers and sdpa kernels are faster for every other call"
-        if call.device != "cuda" and not (call.device == "cpu" and interpreter_requested()):
-            return f"Triton kernels run on CUDA (tensors are on {call.device}); " \
-                   "TRITON_INTERPRET=1 runs them on CPU in Triton's interpreter, for tests"
+        if call.device not in ("cuda", "cpu"):
+            return f"Triton kernels run on CUDA (tensors are on {call.device})"
+        if call.device == "cpu" and not interpreter_requested():
+            return "Triton kernels run on CUDA (tensors are on cpu; TRITON_INTERPRET=1 runs them in Triton's interpreter, for tests)"
         kernels, error = load_kernels()
         if kernels is None:
             return f"triton is not installed or does not import ({error}); pip install triton"
         if call.device == "cpu" and not kernels.INTERPRETED:
-            return "the kernels were imported for CUDA: TRITON_INTERPRET=1 must be set before their first use to run on CPU"
+            return "triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU"
         if call.device == "cuda" and kernels.INTERPRETED:
-            return "the kernels were imported for Triton's interpreter (TRITON_INTERPRET=1), which runs on CPU only"
+            return "the kernels were built for Triton's interpreter (TRITON_INTERPRET=1), which runs on CPU only"
         if call.dtype not in SUPPORTED_DTYPES:
             return f"dtype {call.dtype} not supported (supported: float16, bfloat16, float32)"
         if call.dtype == torch.bfloat16 and kernels.INTERPRETED:
             return "Triton's interpreter computes bfloat16 tl.dot wrongly (triton 3.9); bfloat16 runs on CUDA only"
         if call.head_dim > MAX_HEAD_DIM:
             return f"head dim {call.head_dim} is above {MAX_HEAD_DIM}"
-        if call.device == "cuda":
-            return self_check(torch.cuda.current_device(), call.dtype, call.head_dim)
+        if call.device == "cuda" and torch.cuda.is_available():  # not when planning for CUDA elsewhere
+            return self_check(str(torch.device("cuda", torch.cuda.current_device())), call.dtype, call.head_dim)
         return None
 
+    def defer(self, call: AttentionCall) -> str | None:
+        if call.device != "cuda":
+            return "on CPU it runs in Triton's interpreter, for tests only: name it to use it"
+        if call.has_bias and call.bias_requires_grad and call.grad_enabled:
+            return None
+        return "auto uses it only to train with a trainable bias (selective's -F, residual scores); " \
+               "xformers and sdpa kernels are faster for every other call"
+
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
-        if bias is None:
-            raise ValueError("the triton backend serves attention with a trainable bias only (see refuse())")
-        bias, spread_heads = trainable_bias(bias, q, k)
-        return TritonBiasAttention.apply(q, k, v, bias, causal, scale, spread_heads)
+        spread_heads = 0
+        if bias is not None:
+            bias, spread_heads = trainable_bias(bias, q, k)
+        return TritonAttention.apply(q, k, v, bias, causal, scale, spread_heads)
 
 
-class TritonBiasAttention(torch.autograd.Function):
+class TritonAttention(torch.autograd.Function):
     """softmax(scale q k^T + bias + causal) v with flash kernels both ways; d(bias) summed over the heads
-    that share it. `bias`: (Bb, Hb, Nq, Nk) as `fused.trainable_bias` returns it; with `spread_heads`
-    a stride-0 head expansion, read once and given back the spread gradient."""
+    that share it. `bias`: None, or (Bb, Hb, Nq, Nk) as `fused.trainable_bias` returns it; with
+    `spread_heads` a stride-0 head expansion, read once and given back the spread gradient."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, causal: bool, scale: float, spread_heads: int = 0) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float,
+                spread_heads: int = 0) -> Tensor:
         kernels, error = load_kernels()
         if kernels is None:
             raise RuntimeError(f"triton is not available: {error}")
-        # The kernels read a size-1 or stride-0 dim as a broadcast: a batch-shared bias is expanded to B
-        # (no copy) so each batch element's gradient has a row of its own, summed back below.
-        read = bias[:, :1] if spread_heads else bias
-        read = read.detach().expand(q.shape[0], *read.shape[1:])
+        read = None
+        if bias is not None:
+            # The kernels read a size-1 or stride-0 dim as a broadcast: a batch-shared bias is expanded to
+            # B (no copy) so each batch element's gradient has a row of its own, summed back below.
+            read = bias[:, :1] if spread_heads else bias
+            read = read.detach().expand(q.shape[0], *read.shape[1:])
+            ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
         out, lse = kernels.attention_forward(q.detach(), k.detach(), v.detach(), read, causal=causal, scale=scale)
         ctx.save_for_backward(q, k, v, read, out, lse)
         ctx.causal, ctx.scale, ctx.spread_heads = causal, scale, spread_heads
-        ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
         return out
 
     @staticmethod
@@ -124,11 +133,11 @@ class TritonBiasAttention(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=None)
-def self_check(device_index: int, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Run the kernels once on a small problem against math; None if they agree, else the reason."""
+def self_check(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Run the kernels once on a small problem against math (float64); None if they agree, else why not.
+    Cached: once per (device, dtype, head dim) and process."""
     from .math import math_attention
 
-    device = torch.device("cuda", device_index)
     gen = torch.Generator(device=device).manual_seed(0)
     B, H, Hkv, N = 2, 4, 2, 80  # GQA, and a length that leaves partial tiles
     try:
@@ -136,7 +145,7 @@ def self_check(device_index: int, dtype: torch.dtype, head_dim: int) -> str | No
                    for h in (H, Hkv, Hkv))
         bias = torch.randn(B, 1, N, N, device=device, generator=gen).requires_grad_()
         dout = torch.randn(B, H, N, head_dim, device=device, generator=gen).to(dtype)
-        got = _value_and_grads(lambda: TritonBiasAttention.apply(q, k, v, bias, True, head_dim ** -0.5, 0), dout,
+        got = _value_and_grads(lambda: TritonAttention.apply(q, k, v, bias, True, head_dim ** -0.5, 0), dout,
                                (q, k, v, bias))
         q64, k64, v64, bias64 = (t.detach().double().requires_grad_() for t in (q, k, v, bias))
         want = _value_and_grads(lambda: math_attention(q64, k64, v64, bias=bias64, causal=True, scale=head_dim ** -0.5),
@@ -155,4 +164,4 @@ def _value_and_grads(fn, dout: Tensor, inputs: tuple[Tensor, ...]) -> list[Tenso
     return [out.detach(), *torch.autograd.grad(out, inputs, dout.to(out.dtype))]
 
 
-__all__ = ["TritonBackend", "TritonBiasAttention", "load_kernels", "self_check"]
+__all__ = ["TritonBackend", "TritonAttention", "load_kernels", "self_check"]

@@ -1,8 +1,10 @@
-"""Every registered variant on the xformers backend against `math`, on a GPU (skipped without CUDA).
+"""Every registered variant on the xformers and triton backends against `math`, on a GPU (skipped
+without CUDA).
 
 fp32, fp16 and bf16; logits and every parameter gradient; |difference| <= tol * max(1, largest |value|)
 with tol 2e-3 (fp32: xformers' own fp32 kernels are checked at 9e-4 atol), 2e-2 (fp16), 6e-2 (bf16).
-Run: `python -m pytest tests/gpu -q` on a machine with CUDA and xformers.
+Run: `python -m pytest tests/gpu tests/test_triton.py -q` on a machine with CUDA, xformers and triton
+(tests/test_triton.py then runs the compiled kernels, not the interpreter).
 """
 from __future__ import annotations
 
@@ -29,10 +31,14 @@ VARIANTS = [(name, params) for name in list_variants() for params in CASES.get(n
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items()) or 'defaults'}" for n, p in VARIANTS]
 
 
-def xformers_accepts(dtype) -> bool:
+def refusal(backend: str, dtype) -> str | None:
     call = AttentionCall(device="cuda", dtype=dtype, heads=4, kv_heads=4, head_dim=16, q_len=40, k_len=40, has_bias=True,
                          bias_requires_grad=True, grad_enabled=True)
-    return BACKENDS.get("xformers").refuse(call) is None
+    return BACKENDS.get(backend).refuse(call)
+
+
+def xformers_accepts(dtype) -> bool:
+    return refusal("xformers", dtype) is None
 
 
 def close(actual, expected, dtype, what):
@@ -41,16 +47,17 @@ def close(actual, expected, dtype, what):
                                msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["xformers", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,params", VARIANTS, ids=IDS)
-def test_variant_on_xformers_matches_math(name, params, dtype):
-    if not xformers_accepts(dtype):
-        pytest.skip(f"xformers refuses {dtype} here")
+def test_variant_on_fused_backend_matches_math(name, params, dtype, backend):
+    if refusal(backend, dtype):
+        pytest.skip(f"{backend} refuses {dtype} here: {refusal(backend, dtype)}")
     torch.manual_seed(0)
     config = {"model": {"vocab_size": 64, "dim": 64, "depth": 2, "heads": 4, "max_seq_len": 64,
                         "attention": {"variant": name, **params}}}
-    models = {b: build_model({**config, "backend": b}).to("cuda", dtype) for b in ("math", "xformers")}
-    models["xformers"].load_state_dict(models["math"].state_dict())
+    models = {b: build_model({**config, "backend": b}).to("cuda", dtype) for b in ("math", backend)}
+    models[backend].load_state_dict(models["math"].state_dict())
     tokens = torch.randint(0, 64, (2, 40), device="cuda")  # 40: the bias rows need padding to 8
     logits, grads = {}, {}
     for b, model in models.items():
@@ -58,9 +65,9 @@ def test_variant_on_xformers_matches_math(name, params, dtype):
         out.float().logsumexp(-1).mean().backward()
         logits[b] = out.detach()
         grads[b] = {n: p.grad for n, p in model.named_parameters()}
-    close(logits["xformers"], logits["math"], dtype, "logits")
+    close(logits[backend], logits["math"], dtype, "logits")
     for pname, g in grads["math"].items():
-        close(grads["xformers"][pname], g, dtype, pname)
+        close(grads[backend][pname], g, dtype, pname)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])

@@ -1,0 +1,165 @@
+"""The triton backend's kernels against the math backend, on outputs and every gradient.
+
+Without a GPU they run in Triton's interpreter (see conftest.py): the same kernel code, executed
+program by program in numpy, with tiles of 16 so every case walks several query and key blocks and
+partial tiles. On CUDA the same tests run the compiled kernels (64 x 64 tiles). Tolerances, relative to
+max(1, largest |value|): fp32 1e-5 (IEEE fp32 dots); fp16 3e-3 against a float64 reference.
+Every registered variant also trains on this backend in tests/test_contract.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention_zoo.backends import AttentionCall, choose
+from attention_zoo.backends.math import math_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+
+def shared_from_base(B, H, Nq, Nk, g):
+    """-F as `functional.penalty_bias` hands it over: (B, Nq, Nk) expanded to H heads with stride 0."""
+    base = torch.randn(B, Nq, Nk, generator=g).to(DEVICE).requires_grad_()
+    return base, base.unsqueeze(1).expand(B, H, Nq, Nk)
+
+
+def shared_without_base(B, H, Nq, Nk, g):
+    """A stride-0 head expansion of a view whose `_base` has another geometry: the spread-gradient path."""
+    wide = torch.randn(B, Nq, 2 * Nk, generator=g).to(DEVICE).requires_grad_()
+    return wide, wide[:, :, :Nk].unsqueeze(1).expand(B, H, Nq, Nk)
+
+
+def compact(shape):
+    def make(B, H, Nq, Nk, g):
+        b, h = shape
+        leaf = torch.randn(b if b else B, h if h else H, Nq, Nk, generator=g).to(DEVICE).requires_grad_()
+        return leaf, leaf
+    return make
+
+
+BIASES = {
+    "head-shared": shared_from_base,
+    "head-shared-no-base": shared_without_base,
+    "B1NN": compact((0, 1)),
+    "per-head": compact((0, 0)),
+    "batch-and-head-shared": compact((1, 1)),
+    "none": None,
+}
+CASES = [  # (B, H, Hkv, Nq, Nk, D, causal)
+    (2, 4, 4, 37, 37, 16, True),   # partial last tile
+    (2, 4, 2, 40, 40, 24, True),   # GQA, a head dim that is no power of two
+    (1, 4, 1, 33, 33, 16, True),   # MQA
+    (2, 2, 2, 19, 50, 16, True),   # a cached chunk: queries sit at the end (bottom-right causal)
+    (2, 4, 2, 30, 45, 16, False),  # no mask
+]
+
+
+def run_both(backend, case, bias_kind, dtype):
+    B, H, Hkv, Nq, Nk, D, causal = case
+    g = torch.Generator().manual_seed(hash((case, bias_kind)) % 2**31)
+    q = torch.randn(B, H, Nq, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    k, v = (torch.randn(B, Hkv, Nk, D, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    leaf, bias = BIASES[bias_kind](B, H, Nq, Nk, g) if BIASES[bias_kind] else (None, None)
+    inputs = [t for t in (q, k, v, leaf) if t is not None]
+    dout = torch.randn(B, H, Nq, D, generator=g).to(DEVICE, dtype)
+    out = backend.attention(q, k, v, bias=bias, causal=causal, scale=D ** -0.5)
+    got = [out, *torch.autograd.grad(out, inputs, dout)]
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    rq, rk, rv = ref_inputs[:3]
+    rbias = None
+    if leaf is not None:  # the same view of the float64 leaf
+        rleaf = ref_inputs[3]
+        rbias = {"head-shared": lambda: rleaf.unsqueeze(1).expand(B, H, Nq, Nk),
+                 "head-shared-no-base": lambda: rleaf[:, :, :Nk].unsqueeze(1).expand(B, H, Nq, Nk)}.get(bias_kind, lambda: rleaf)()
+    ref = math_attention(rq, rk, rv, bias=rbias, causal=causal, scale=D ** -0.5)
+    want = [ref, *torch.autograd.grad(ref, ref_inputs, dout.double())]
+    return got, want
+
+
+@pytest.mark.parametrize("bias_kind", list(BIASES))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-Hkv{}-Nq{}-Nk{}-D{}-{}".format(*c[:6], "causal" if c[6] else "full"))
+def test_matches_math_fp32(triton_backend, case, bias_kind):
+    got, want = run_both(triton_backend, case, bias_kind, torch.float32)
+    for what, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
+        assert a.shape == b.shape, what
+        torch.testing.assert_close(a.double(), b, atol=TOL[torch.float32] * max(1.0, b.abs().max().item()), rtol=0,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_matches_math_half(triton_backend, dtype):
+    if triton_backend.refuse(call(dtype=dtype, device=DEVICE)):
+        pytest.skip(triton_backend.refuse(call(dtype=dtype, device=DEVICE)))
+    got, want = run_both(triton_backend, CASES[1], "head-shared", dtype)
+    for what, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
+        assert a.dtype == (torch.float32 if what == "dbias" else dtype), what  # the bias leaf is float32, as F is
+        torch.testing.assert_close(a.double(), b, atol=TOL[dtype] * max(1.0, b.abs().max().item()), rtol=0,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+def test_head_shared_bias_gradient_is_compact(triton_backend, monkeypatch):
+    """The kernels return one (B, 1, Nq, Nk) gradient for a head-shared bias, never one per head."""
+    from attention_zoo.backends import triton_kernels
+
+    shapes = []
+    real = triton_kernels.attention_backward
+
+    def spy(*args, **kwargs):
+        grads = real(*args, **kwargs)
+        shapes.append(tuple(grads[3].shape))
+        return grads
+
+    monkeypatch.setattr(triton_kernels, "attention_backward", spy)
+    got, want = run_both(triton_backend, CASES[0], "head-shared", torch.float32)
+    assert shapes == [(2, 1, 37, 37)]
+
+
+def call(device="cuda", dtype=torch.float32, head_dim=64, bias_grad=True, heads=8):
+    return AttentionCall(device=device, dtype=dtype, heads=heads, kv_heads=heads, head_dim=head_dim, q_len=16, k_len=16,
+                         has_bias=bias_grad, bias_requires_grad=bias_grad, grad_enabled=True)
+
+
+def test_refusals_name_the_reason(triton_backend):
+    assert "float64" in triton_backend.refuse(call(device=DEVICE, dtype=torch.float64))
+    assert "head dim 256" in triton_backend.refuse(call(device=DEVICE, head_dim=256))
+    assert "CUDA" in triton_backend.refuse(call(device="mps"))
+
+
+def test_auto_defers_all_but_training_with_a_trainable_bias(monkeypatch):
+    from attention_zoo.backends import BACKENDS
+
+    triton = BACKENDS.get("triton")
+    assert "trainable bias" in triton.defer(call(bias_grad=False))
+    assert triton.defer(call(bias_grad=True)) is None
+    assert "interpreter" in triton.defer(call(device="cpu"))  # auto never runs the interpreter
+    chosen, skipped = choose("auto", call(device="cpu"))
+    assert chosen.name == "sdpa" and skipped[0].startswith("triton: ")
+
+
+def test_cpu_without_the_interpreter_refuses_without_importing(monkeypatch):
+    from attention_zoo.backends import BACKENDS
+    from attention_zoo.backends import triton as triton_module
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_module, "load_kernels", lambda: pytest.fail("imported triton for a CPU call"))
+    assert "TRITON_INTERPRET=1" in BACKENDS.get("triton").refuse(call(device="cpu"))
+
+
+def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch):
+    from attention_zoo.backends import triton as triton_module
+    from attention_zoo.backends import triton_kernels
+
+    assert triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16) is None
+    real = triton_kernels.attention_backward
+
+    def wrong(*args, **kwargs):
+        dq, dk, dv, dbias = real(*args, **kwargs)
+        return dq, dk, dv, dbias * 1.01
+
+    monkeypatch.setattr(triton_kernels, "attention_backward", wrong)
+    reason = triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+    assert "disagree" in reason and "dbias" in reason
+
+    monkeypatch.setattr(triton_kernels, "attention_forward", lambda *a, **k: 1 / 0)
+    assert "ZeroDivisionError" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
