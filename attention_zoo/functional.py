@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import causal_mask, dispatch, grouped_logits
-from .backends.penalty import fused_selection_penalty
+from .backends.penalty import fused_selection_penalty, penalty_from_qk
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = True,
@@ -48,6 +48,17 @@ def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: 
     return fused_selection_penalty(logits, protect_bos=protect_bos, accumulated=accumulated)
 
 
+def selection_penalty_qk(q: Tensor, k: Tensor, selection_head: int, scale: float | None = None, *,
+                         protect_bos: bool = True, backend: str = "auto") -> Tensor:
+    """F of a whole sequence straight from q (B, H, Nq, D) and k (B, Hkv, Nk, D): the same values as
+    `selection_penalty(selection_logits(q, k, selection_head, scale))`. With `backend` auto on CUDA, or
+    triton, one Triton kernel each way never stores the (B, Nq, Nk) logits (backends/triton_selection.py)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    return penalty_from_qk(q[:, selection_head], k[:, selection_head // group], scale=scale, protect_bos=protect_bos,
+                           backend=backend)
+
+
 def penalty_from_scores(S: Tensor, accumulated: Tensor | None = None) -> Tensor:
     """Exclusive cumulative sum of S over queries (rows), plus the cache's accumulated column sums."""
     Fpen = F.pad(S.cumsum(dim=-2)[..., :-1, :], (0, 0, 1, 0))  # row i: sum of rows k < i
@@ -74,7 +85,7 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, *, selection_head: int 
     _check_layout(q, k, v)
     if not 0 <= selection_head < q.shape[1]:
         raise ValueError(f"selection_head must be in [0, {q.shape[1]}), got {selection_head}")
-    Fpen = selection_penalty(selection_logits(q, k, selection_head, scale), protect_bos=protect_bos)
+    Fpen = selection_penalty_qk(q, k, selection_head, scale, protect_bos=protect_bos, backend=backend)
     return attention(q, k, v, bias=penalty_bias(Fpen, q.shape[1]), causal=True, backend=backend, scale=scale)
 
 

@@ -363,18 +363,22 @@ def test_stack_penalty_properties():
 
 @pytest.fixture
 def selection_calls(monkeypatch):
-    """Counts calls to functional.selection_logits per layer, wherever a module imported it from."""
+    """Counts, per layer, calls to the functions that compute a selection head's logits (whole sequence:
+    functional.selection_penalty_qk; with a cache: selection_logits), wherever a module imported them from."""
     calls: list[int] = []
     current = [-1]
-    original = functional.selection_logits
 
-    def counting(*args, **kwargs):
-        calls.append(current[0])
-        return original(*args, **kwargs)
+    def counting(original):
+        def count(*args, **kwargs):
+            calls.append(current[0])
+            return original(*args, **kwargs)
+        return count
 
-    for module in list(sys.modules.values()):
-        if getattr(module, "selection_logits", None) is original:
-            monkeypatch.setattr(module, "selection_logits", counting)
+    for name in ("selection_logits", "selection_penalty_qk"):
+        original = getattr(functional, name)
+        for module in list(sys.modules.values()):
+            if getattr(module, name, None) is original:
+                monkeypatch.setattr(module, name, counting(original))
 
     def track(model):
         for index, block in enumerate(model.blocks):

@@ -160,6 +160,54 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
     monkeypatch.setattr(triton_kernels, "attention_backward", wrong)
     reason = triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
     assert "disagree" in reason and "dbias" in reason
+    monkeypatch.setattr(triton_kernels, "attention_backward", real)
+
+    from attention_zoo.backends import triton_selection
+    monkeypatch.setattr(triton_selection, "penalty_forward", lambda q, k, **kw: torch.zeros(q.shape[0], q.shape[1], k.shape[1], device=q.device))
+    assert "selection F" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
 
     monkeypatch.setattr(triton_kernels, "attention_forward", lambda *a, **k: 1 / 0)
     assert "ZeroDivisionError" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+
+
+# --- the selection penalty F from the selection head's q and k ------------------------------------------
+
+PENALTY_CASES = [  # (B, Nq, Nk, D, protect_bos)
+    (2, 37, 37, 16, True),
+    (2, 40, 40, 24, False),
+    (1, 19, 50, 16, True),  # a cached chunk: queries at the end
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", PENALTY_CASES, ids=lambda c: "B{}-Nq{}-Nk{}-D{}-bos{}".format(*c))
+def test_penalty_kernels_match_the_equations(triton_backend, case, dtype):
+    """F = exclusive row cumsum of masked ReLU(scale q_s k_s^T), and its q_s, k_s gradients, against the
+    unfused float64 functions (functional.selection_scores, penalty_from_scores)."""
+    from attention_zoo.backends.penalty import TritonSelectionPenalty
+    from attention_zoo.functional import penalty_from_scores, selection_scores
+
+    B, Nq, Nk, D, bos = case
+    g = torch.Generator().manual_seed(Nq * D)
+    q = torch.randn(B, Nq, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    k = torch.randn(B, Nk, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    dpen = torch.randn(B, Nq, Nk, generator=g).to(DEVICE)
+    pen = TritonSelectionPenalty.apply(q, k, D ** -0.5, bos)
+    got = [pen, *torch.autograd.grad(pen, (q, k), dpen)]
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    ref = penalty_from_scores(selection_scores(torch.einsum("bnd,bmd->bnm", q64, k64) * D ** -0.5, protect_bos=bos))
+    want = [ref, *torch.autograd.grad(ref, (q64, k64), dpen.double())]
+    assert pen.dtype == torch.float32 and got[1].dtype == dtype
+    for what, a, b in zip(("F", "dq", "dk"), got, want):
+        torch.testing.assert_close(a.double(), b, atol=TOL[dtype] * max(1.0, b.abs().max().item()), rtol=0,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+def test_penalty_uses_triton_where_the_backend_would(triton_backend):
+    from attention_zoo.backends.penalty import triton_penalty_refusal
+
+    q = torch.randn(1, 8, 16, device=DEVICE)
+    assert "named" in triton_penalty_refusal(q, q, "sdpa")  # naming another backend keeps the PyTorch path
+    assert triton_penalty_refusal(q, q, "triton") is None
+    if DEVICE == "cpu":
+        assert "CUDA only" in triton_penalty_refusal(q, q, "auto")  # auto never runs the interpreter

@@ -11,7 +11,7 @@ from typing import Mapping
 from torch import Tensor
 
 from attention_zoo.cache import LayerCache
-from attention_zoo.functional import (penalty_bias, penalty_from_scores, selection_logits, selection_penalty,
+from attention_zoo.functional import (penalty_bias, penalty_from_scores, selection_logits, selection_penalty_qk,
                                       selection_scores)
 from attention_zoo.state import SELECTION_PENALTY
 from attention_zoo.variant import KV_HEADS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, ProjectedAttention
@@ -27,9 +27,10 @@ class SelectionMixin:
     protect_bos: bool
 
     def own_penalty(self, q: Tensor, k: Tensor, cache: LayerCache | None) -> Tensor:
-        logits = selection_logits(q, k, self.selection_head, self.scale)  # (B, Nq, Nk)
         if cache is None:
-            return selection_penalty(logits, protect_bos=self.protect_bos)
+            return selection_penalty_qk(q, k, self.selection_head, self.scale, protect_bos=self.protect_bos,
+                                        backend=self.backend)
+        logits = selection_logits(q, k, self.selection_head, self.scale)  # (B, Nq, Nk)
         # F = a + exclusive cumsum of this chunk's S rows; then a += the chunk's column sums.
         acc = cache.stat(ACCUMULATOR, q.shape[0], q.device)  # (B, Nk)
         S = selection_scores(logits, protect_bos=self.protect_bos)

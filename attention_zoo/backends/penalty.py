@@ -91,6 +91,51 @@ class SelectionPenalty(torch.autograd.Function):
         return dlogits, None, dacc
 
 
+class TritonSelectionPenalty(torch.autograd.Function):
+    """q_s (B, Nq, D), k_s (B, Nk, D) -> F (B, Nq, Nk) float32 with the Triton kernels of
+    `triton_selection.py`: L and S are never stored, in the forward or the backward."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, scale: float, protect_bos: bool) -> Tensor:
+        from .triton_selection import penalty_forward
+
+        ctx.save_for_backward(q, k)
+        ctx.scale, ctx.protect_bos = scale, protect_bos
+        return penalty_forward(q.detach(), k.detach(), scale=scale, protect_bos=protect_bos)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        from .triton_selection import penalty_backward
+
+        q, k = ctx.saved_tensors
+        dq, dk = penalty_backward(q, k, grad, scale=ctx.scale, protect_bos=ctx.protect_bos)
+        return dq.to(q.dtype), dk.to(k.dtype), None, None
+
+
+def triton_penalty_refusal(q: Tensor, k: Tensor, backend: str) -> str | None:
+    """Why F is not computed by the Triton kernels for this call (None: it is). They run where the triton
+    backend would (`backend: triton`, or `auto` on CUDA) and it refuses nothing of q's dtype and size."""
+    from . import BACKENDS, AttentionCall
+
+    if backend not in ("auto", "triton"):
+        return f"backend {backend!r} is named"
+    if backend == "auto" and q.device.type != "cuda":
+        return "auto uses Triton on CUDA only"
+    call = AttentionCall(device=q.device.type, dtype=q.dtype, heads=1, kv_heads=1, head_dim=q.shape[-1], q_len=q.shape[1],
+                         k_len=k.shape[1])
+    return BACKENDS.get("triton").refuse(call)
+
+
+def penalty_from_qk(q: Tensor, k: Tensor, *, scale: float, protect_bos: bool = True, backend: str = "auto") -> Tensor:
+    """F (B, Nq, Nk) from the selection head's queries (B, Nq, D) and keys (B, Nk, D): fused Triton kernels
+    where `triton_penalty_refusal` allows, else the logits and `fused_selection_penalty`."""
+    if triton_penalty_refusal(q, k, backend) is None:
+        return TritonSelectionPenalty.apply(q, k, scale, protect_bos)
+    logits = torch.einsum("bnd,bmd->bnm", q * scale, k)  # scaled (B, Nq, D), not the (B, Nq, Nk) product
+    return fused_selection_penalty(logits, protect_bos=protect_bos)
+
+
 def fused_selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: Tensor | None = None) -> Tensor:
     """F from the selection head's logits (B, Nq, Nk), exactly `penalty_from_scores(selection_scores(...))`
     up to summation order; float32 (float64 for float64 logits)."""
@@ -98,4 +143,4 @@ def fused_selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumul
     return SelectionPenalty.apply(logits, keep, accumulated)
 
 
-__all__ = ["fused_selection_penalty", "exclusive_row_cumsum", "selection_keep", "SelectionPenalty"]
+__all__ = ["fused_selection_penalty", "penalty_from_qk", "TritonSelectionPenalty", "triton_penalty_refusal", "exclusive_row_cumsum", "selection_keep", "SelectionPenalty"]

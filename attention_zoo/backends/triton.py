@@ -134,34 +134,57 @@ class TritonAttention(torch.autograd.Function):
 
 @functools.lru_cache(maxsize=None)
 def self_check(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Run the kernels once on a small problem against math (float64); None if they agree, else why not.
-    Cached: once per (device, dtype, head dim) and process."""
-    from .math import math_attention
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    B, H, Hkv, N = 2, 4, 2, 80  # GQA, and a length that leaves partial tiles
+    """Run every Triton kernel once on a small problem against a float64 PyTorch reference: None if they
+    agree, else why not. Cached: once per (device, dtype, head dim) and process."""
     try:
-        q, k, v = (torch.randn(B, h, N, head_dim, device=device, generator=gen).to(dtype).requires_grad_()
-                   for h in (H, Hkv, Hkv))
-        bias = torch.randn(B, 1, N, N, device=device, generator=gen).requires_grad_()
-        dout = torch.randn(B, H, N, head_dim, device=device, generator=gen).to(dtype)
-        got = _value_and_grads(lambda: TritonAttention.apply(q, k, v, bias, True, head_dim ** -0.5, 0), dout,
-                               (q, k, v, bias))
-        q64, k64, v64, bias64 = (t.detach().double().requires_grad_() for t in (q, k, v, bias))
-        want = _value_and_grads(lambda: math_attention(q64, k64, v64, bias=bias64, causal=True, scale=head_dim ** -0.5),
-                                dout.double(), (q64, k64, v64, bias64))
+        results = [*_attention_check(device, dtype, head_dim), *_penalty_check(device, dtype, head_dim)]
     except Exception as exc:  # a compile error, a launch failure, ...
-        return f"the kernels failed their self-check on this GPU ({type(exc).__name__}: {exc})"
-    for what, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
-        err = (a.double() - b).abs().max().item() / max(1.0, b.abs().max().item())
+        return f"the kernels failed their self-check on this {device} ({type(exc).__name__}: {exc})"
+    for what, got, want in results:
+        err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
         if not err <= SELF_CHECK_TOL[dtype]:
-            return f"the kernels disagree with math on this GPU ({what} off by {err:.2e} for {dtype}, head dim {head_dim})"
+            return f"the kernels disagree with PyTorch on this {device} ({what} off by {err:.2e} for {dtype}, head dim {head_dim})"
     return None
 
 
-def _value_and_grads(fn, dout: Tensor, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+B, H, HKV, N = 2, 4, 2, 80  # GQA, and a length that leaves partial tiles
+
+
+def _inputs(device: str, dtype: torch.dtype, *shapes: tuple[int, ...]) -> list[Tensor]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(shape, device=device, generator=gen).to(dtype) for shape in shapes]
+
+
+def _attention_check(device: str, dtype: torch.dtype, head_dim: int):
+    from .math import math_attention
+
+    q, k, v, dout = _inputs(device, dtype, (B, H, N, head_dim), (B, HKV, N, head_dim), (B, HKV, N, head_dim),
+                            (B, H, N, head_dim))
+    bias, = _inputs(device, torch.float32, (B, 1, N, N))
+    ins = [t.requires_grad_() for t in (q, k, v, bias)]
+    got = _value_and_grads(lambda: TritonAttention.apply(*ins, True, head_dim ** -0.5, 0), dout, ins)
+    ref = [t.detach().double().requires_grad_() for t in ins]
+    want = _value_and_grads(lambda: math_attention(*ref[:3], bias=ref[3], causal=True, scale=head_dim ** -0.5),
+                            dout.double(), ref)
+    return zip(("attention out", "attention dq", "dk", "dv", "dbias"), got, want)
+
+
+def _penalty_check(device: str, dtype: torch.dtype, head_dim: int):
+    from ..functional import penalty_from_scores, selection_scores
+    from .penalty import TritonSelectionPenalty
+
+    q, k = (t.requires_grad_() for t in _inputs(device, dtype, (B, N, head_dim), (B, N, head_dim)))
+    dpen, = _inputs(device, torch.float32, (B, N, N))
+    got = _value_and_grads(lambda: TritonSelectionPenalty.apply(q, k, head_dim ** -0.5, True), dpen, (q, k))
+    ref = [t.detach().double().requires_grad_() for t in (q, k)]
+    logits = lambda: torch.einsum("bnd,bmd->bnm", ref[0], ref[1]) * head_dim ** -0.5  # noqa: E731
+    want = _value_and_grads(lambda: penalty_from_scores(selection_scores(logits(), protect_bos=True)), dpen.double(), ref)
+    return zip(("selection F", "selection dq", "selection dk"), got, want)
+
+
+def _value_and_grads(fn, dout: Tensor, inputs) -> list[Tensor]:
     out = fn()
-    return [out.detach(), *torch.autograd.grad(out, inputs, dout.to(out.dtype))]
+    return [out.detach(), *torch.autograd.grad(out, list(inputs), dout.to(out.dtype))]
 
 
 __all__ = ["TritonBackend", "TritonAttention", "load_kernels", "self_check"]

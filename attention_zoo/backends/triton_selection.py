@@ -1,0 +1,138 @@
+"""Selective attention's penalty F straight from the selection head's q and k, in Triton.
+
+    L = scale q_s k_s^T                      (B, Nq, Nk), never stored
+    S = ReLU(L) where key j < query i (and j != 0 with protect_bos), else 0
+    F[i, j] = sum over k < i of S[k, j]      (B, Nq, Nk) float32, the one tensor written
+
+The PyTorch path (`functional.selection_logits` then `backends/penalty.py`) makes L, S, the row
+cumulative sum and its mask as separate (B, N, N) passes, each more memory traffic than the attention
+kernels' own at 4096 tokens. Here one program per (key block, batch element) walks the query blocks
+top to bottom with the running column sums of S in registers, so L and S live only as tiles:
+
+- forward: F tile = running + exclusive cumsum of the S tile down its rows; running += its column sums.
+- backward: dS[k, j] = sum over i > k of dF[i, j] walks the query blocks bottom to top the same way;
+  dL = dS where S was active (L recomputed from q_s, k_s: one small matmul instead of a stored mask);
+  dk_s is accumulated in registers, dq_s added with atomics (other key blocks add into the same rows).
+
+Tiles of queries that see none of the block's keys (the causal future) get F = 0 without a matmul.
+Tested on CPU through Triton's interpreter against `functional.penalty_from_scores(selection_scores(..))`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_kernels import block_sizes
+
+
+@triton.jit
+def _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr):
+    """S (masked ReLU'd logits) of one tile, and where it is active (S = L > 0)."""
+    if FP32_DOT:
+        logits = tl.dot(q, kt, input_precision="ieee") * qk_scale
+    else:
+        logits = tl.dot(q, kt) * qk_scale
+    keep = rows[:, None] & cols[None, :] & (offs_n[None, :] < offs_m[:, None] + offset)  # strictly earlier keys
+    if PROTECT_BOS:
+        keep = keep & (offs_n[None, :] != 0)
+    active = keep & (logits > 0.0)
+    return tl.where(active, logits, 0.0), active
+
+
+@triton.jit
+def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
+                     Nq, Nk, HEAD_DIM, qk_scale,
+                     PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    n_block = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = offs_n < Nk
+    dims = offs_d < HEAD_DIM
+    kt = tl.load(K + b * skb + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=cols[None, :] & dims[:, None], other=0.0)
+    offset = Nk - Nq  # query i sits at absolute position i + offset
+    # Query rows i with i + offset <= first key of the block see none of its keys as "earlier": F = 0.
+    lo = tl.minimum(tl.maximum(n_block * BLOCK_N - offset + 1, 0) // BLOCK_M * BLOCK_M, Nq)
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start_m in range(0, lo, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        tl.store(Fpen + b * sfb + offs_m[:, None] * sfm + offs_n[None, :] * sfn, zeros,
+                 mask=(offs_m < Nq)[:, None] & cols[None, :])
+    running = tl.zeros([BLOCK_N], tl.float32)  # column sums of S over the rows above
+    for start_m in range(lo, Nq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = offs_m < Nq
+        q = tl.load(Q + b * sqb + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=rows[:, None] & dims[None, :], other=0.0)
+        s, active = _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT_BOS, FP32_DOT)
+        tile = running[None, :] + (tl.cumsum(s, axis=0) - s)  # rows strictly above, inside the tile too
+        tl.store(Fpen + b * sfb + offs_m[:, None] * sfm + offs_n[None, :] * sfn, tile, mask=rows[:, None] & cols[None, :])
+        running += tl.sum(s, axis=0)
+
+
+@triton.jit
+def _penalty_backward(Q, K, DF, DQ, DK, sqb, sqm, sqd, skb, skn, skd, sgb, sgm, sgn,
+                      Nq, Nk, HEAD_DIM, qk_scale, scale,
+                      PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    n_block = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = offs_n < Nk
+    dims = offs_d < HEAD_DIM
+    kt = tl.load(K + b * skb + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=cols[None, :] & dims[:, None], other=0.0)
+    offset = Nk - Nq
+    lo = tl.minimum(tl.maximum(n_block * BLOCK_N - offset + 1, 0) // BLOCK_M, tl.cdiv(Nq, BLOCK_M))  # first block with S
+    last = tl.cdiv(Nq, BLOCK_M) - 1
+    below = tl.zeros([BLOCK_N], tl.float32)  # column sums of dF over the rows below
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for step in range(0, last + 1 - lo):  # bottom to top
+        offs_m = (last - step) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = offs_m < Nq
+        g = tl.load(DF + b * sgb + offs_m[:, None] * sgm + offs_n[None, :] * sgn, mask=rows[:, None] & cols[None, :],
+                    other=0.0).to(tl.float32)
+        total = tl.sum(g, axis=0)
+        ds = below[None, :] + (total[None, :] - tl.cumsum(g, axis=0))  # sum of dF rows strictly below
+        below += total
+        q = tl.load(Q + b * sqb + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=rows[:, None] & dims[None, :], other=0.0)
+        s, active = _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT_BOS, FP32_DOT)
+        dl = tl.where(active, ds, 0.0)  # gradient of L (before the scale)
+        if FP32_DOT:
+            dk += tl.dot(tl.trans(dl), q, input_precision="ieee")
+            dq = tl.dot(dl, tl.trans(kt), input_precision="ieee")
+        else:
+            dk += tl.dot(tl.trans(dl.to(q.dtype)), q)
+            dq = tl.dot(dl.to(kt.dtype), tl.trans(kt))
+        tl.atomic_add(DQ + (b * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq * scale, mask=rows[:, None] & dims[None, :])
+    tl.store(DK + (b * Nk + offs_n[:, None]) * HEAD_DIM + offs_d[None, :], dk * scale, mask=cols[:, None] & dims[None, :])
+
+
+def penalty_forward(q: Tensor, k: Tensor, *, scale: float, protect_bos: bool) -> Tensor:
+    """F (B, Nq, Nk) float32 from the selection head's q (B, Nq, D) and k (B, Nk, D), no autograd."""
+    B, Nq, D = q.shape
+    Nk = k.shape[1]
+    out = torch.empty(B, Nq, Nk, dtype=torch.float32, device=q.device)
+    block_m, block_n, block_d = block_sizes(q.device, D)
+    _penalty_forward[(triton.cdiv(Nk, block_n), B)](
+        q, k, out, *q.stride(), *k.stride(), *out.stride(), Nq, Nk, D, scale,
+        PROTECT_BOS=protect_bos, FP32_DOT=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    return out
+
+
+def penalty_backward(q: Tensor, k: Tensor, dpen: Tensor, *, scale: float, protect_bos: bool) -> tuple[Tensor, Tensor]:
+    """dq (B, Nq, D), dk (B, Nk, D) in float32 from dF (B, Nq, Nk)."""
+    B, Nq, D = q.shape
+    Nk = k.shape[1]
+    dq = torch.zeros(B, Nq, D, dtype=torch.float32, device=q.device)  # atomically added into
+    dk = torch.empty(B, Nk, D, dtype=torch.float32, device=q.device)
+    block_m, block_n, block_d = block_sizes(q.device, D)
+    _penalty_backward[(triton.cdiv(Nk, block_n), B)](
+        q, k, dpen, dq, dk, *q.stride(), *k.stride(), *dpen.stride(), Nq, Nk, D, scale, scale,
+        PROTECT_BOS=protect_bos, FP32_DOT=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    return dq, dk
+
+
+__all__ = ["penalty_forward", "penalty_backward"]
