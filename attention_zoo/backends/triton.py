@@ -32,7 +32,7 @@ from .base import AttentionCall, Backend
 from .fused import spread_over_heads, trainable_bias
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 128  # the tile sizes in triton_kernels.block_sizes are chosen up to here
+MAX_HEAD_DIM = 128  # the autotuned tile configurations (triton_tuning.py) are chosen up to here
 # Self-check tolerance against math, relative to the largest |value| (fp32 dots run in IEEE fp32).
 SELF_CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 

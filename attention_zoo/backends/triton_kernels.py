@@ -33,9 +33,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_tuning import ATTENTION_CONFIGS, BACKWARD_CONFIGS, INTERPRETED, head_block, tuned
+
 LOG2E = math.log2(math.e)
 
 
+@tuned(ATTENTION_CONFIGS)
 @triton.jit
 def _forward(Q, K, V, Bias, Out, Lse,
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -98,6 +101,7 @@ def _forward(Q, K, V, Bias, Out, Lse,
     tl.store(Lse + bh * Nq + offs_m, lse, mask=rows)
 
 
+@tuned(BACKWARD_CONFIGS)
 @triton.jit
 def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -162,6 +166,7 @@ def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
     tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] & dims[None, :])
 
 
+@tuned(BACKWARD_CONFIGS, reset_to_zero=["DQ"])  # dq is added into atomically
 @triton.jit
 def _backward_dq_dbias(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -232,31 +237,11 @@ def _backward_dq_dbias(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
                          mask=rows[:, None] & cols[None, :])
 
 
-# Whether triton.jit built these kernels for Triton's interpreter (TRITON_INTERPRET=1 at import time):
-# then they run on CPU tensors, and only then.
-INTERPRETED = type(_forward).__name__ == "InterpretedFunction"
-
-
 def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
     """Strides of a 4-D tensor, 0 on broadcast (size-1) dims so one formula indexes every case."""
     if t is None:
         return (0, 0, 0, 0)
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))  # type: ignore[return-value]
-
-
-def block_sizes(device: torch.device, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D). Small blocks in the interpreter (each program is run in numpy, and
-    small blocks make the tests walk several of them); 64 x 64 tiles on GPUs, the flash default."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if device.type != "cuda":
-        return 16, 16, block_d
-    return (64, 64, block_d) if head_dim <= 64 else (64, 32, block_d)
-
-
-def _launch_options(device: torch.device, head_dim: int) -> dict:
-    if device.type != "cuda":
-        return {}
-    return {"num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, causal: bool, scale: float
@@ -269,13 +254,11 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, c
     Hkv, Nk = k.shape[1], k.shape[2]
     out = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    block_m, block_n, block_d = block_sizes(q.device, D)
-    grid = (B * H, triton.cdiv(Nq, block_m))
+    grid = lambda meta: (B * H, triton.cdiv(Nq, meta["BLOCK_M"]))  # noqa: E731
     _forward[grid](q, k, v, bias if bias is not None else q, out, lse,
                    *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *out.stride(),
                    H, H // Hkv, Nq, Nk, D, scale * LOG2E,
-                   HAS_BIAS=bias is not None, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32,
-                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **_launch_options(q.device, D))
+                   HAS_BIAS=bias is not None, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D))
     return out, lse
 
 
@@ -298,16 +281,14 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out
             raise ValueError("a bias gradient needs a (B, 1|H, Nq, Nk) bias")
         # Tiles no query block reaches (the causal future) are never written: they start at zero.
         dbias = torch.zeros(B, 1 if shared_heads else H, Nq, Nk, dtype=torch.float32, device=q.device)
-    block_m, block_n, block_d = block_sizes(q.device, D)
-    common = dict(HAS_BIAS=bias is not None, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **_launch_options(q.device, D))
+    common = dict(HAS_BIAS=bias is not None, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D))
     bias_arg = bias if bias is not None else q
-    _backward_dk_dv[(B * Hkv, triton.cdiv(Nk, block_n))](
+    _backward_dk_dv[lambda meta: (B * Hkv, triton.cdiv(Nk, meta["BLOCK_N"]))](
         q, k, v, bias_arg, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride(),
         H, Hkv, H // Hkv, Nq, Nk, D, scale * LOG2E, scale, **common)
     heads_per_program = H if shared_heads and bias_grad else 1
-    _backward_dq_dbias[(B * (H // heads_per_program), triton.cdiv(Nq, block_m))](
+    _backward_dq_dbias[lambda meta: (B * (H // heads_per_program), triton.cdiv(Nq, meta["BLOCK_M"]))](
         q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else dq,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride(),
         *(dbias.stride() if dbias is not None else (0, 0, 0, 0)),
@@ -316,4 +297,4 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out
     return dq.to(q.dtype), dk, dv, dbias
 
 
-__all__ = ["attention_forward", "attention_backward", "block_sizes", "INTERPRETED"]
+__all__ = ["attention_forward", "attention_backward", "INTERPRETED"]

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_kernels import block_sizes
+from .triton_tuning import PENALTY_CONFIGS, head_block, tuned
 
 
 @triton.jit
@@ -41,6 +41,7 @@ def _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT
     return tl.where(active, logits, 0.0), active
 
 
+@tuned(PENALTY_CONFIGS)
 @triton.jit
 def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
                      Nq, Nk, HEAD_DIM, qk_scale,
@@ -72,6 +73,7 @@ def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
         running += tl.sum(s, axis=0)
 
 
+@tuned(PENALTY_CONFIGS, reset_to_zero=["DQ"])  # dq is added into atomically
 @triton.jit
 def _penalty_backward(Q, K, DF, DQ, DK, sqb, sqm, sqd, skb, skn, skd, sgb, sgm, sgn,
                       Nq, Nk, HEAD_DIM, qk_scale, scale,
@@ -115,10 +117,9 @@ def penalty_forward(q: Tensor, k: Tensor, *, scale: float, protect_bos: bool) ->
     B, Nq, D = q.shape
     Nk = k.shape[1]
     out = torch.empty(B, Nq, Nk, dtype=torch.float32, device=q.device)
-    block_m, block_n, block_d = block_sizes(q.device, D)
-    _penalty_forward[(triton.cdiv(Nk, block_n), B)](
+    _penalty_forward[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
         q, k, out, *q.stride(), *k.stride(), *out.stride(), Nq, Nk, D, scale,
-        PROTECT_BOS=protect_bos, FP32_DOT=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+        PROTECT_BOS=protect_bos, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D))
     return out
 
 
@@ -128,10 +129,9 @@ def penalty_backward(q: Tensor, k: Tensor, dpen: Tensor, *, scale: float, protec
     Nk = k.shape[1]
     dq = torch.zeros(B, Nq, D, dtype=torch.float32, device=q.device)  # atomically added into
     dk = torch.empty(B, Nk, D, dtype=torch.float32, device=q.device)
-    block_m, block_n, block_d = block_sizes(q.device, D)
-    _penalty_backward[(triton.cdiv(Nk, block_n), B)](
+    _penalty_backward[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
         q, k, dpen, dq, dk, *q.stride(), *k.stride(), *dpen.stride(), Nq, Nk, D, scale, scale,
-        PROTECT_BOS=protect_bos, FP32_DOT=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+        PROTECT_BOS=protect_bos, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D))
     return dq, dk
 
 

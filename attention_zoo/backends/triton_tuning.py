@@ -1,0 +1,55 @@
+"""Tile sizes for the Triton kernels: autotuned on the GPU they run on, small and fixed in the interpreter.
+
+No tile size was measured on a GPU when these kernels were written, so each kernel is wrapped in
+`triton.autotune` over a few flash-attention-shaped configurations: on first use per (Nq, Nk, head dim,
+dtypes) Triton times each on the real GPU and keeps the fastest (configs that do not fit the GPU's
+shared memory or registers are skipped by the autotuner). Kernels that accumulate with atomics name
+those outputs in `reset_to_zero`, since the autotuner runs them once per configuration.
+
+In Triton's interpreter (TRITON_INTERPRET=1, CPU) the configurations are 16-row tiles, two of them so
+the tests exercise the autotuning path itself (reset_to_zero included), timed by the wall clock.
+"""
+from __future__ import annotations
+
+import time
+
+import triton
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Whether triton.jit builds kernels for Triton's interpreter (TRITON_INTERPRET=1 when triton was imported).
+INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+INTERPRETER_CONFIGS = [(16, 16, 1, 1), (16, 32, 1, 1)]
+ATTENTION_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2)]
+BACKWARD_CONFIGS = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 128, 8, 2), (128, 64, 8, 2)]
+PENALTY_CONFIGS = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)]
+KEY = ["Nq", "Nk", "HEAD_DIM"]
+
+
+def _wall_clock(fn, quantiles=None):
+    start = time.perf_counter()
+    fn()
+    elapsed = (time.perf_counter() - start) * 1e3
+    return [elapsed] * len(quantiles) if quantiles else elapsed
+
+
+def tuned(configs: list[tuple[int, int, int, int]], reset_to_zero: list[str] | None = None):
+    """triton.autotune over `configs` (the interpreter's own on CPU), keyed on the problem size."""
+    chosen = INTERPRETER_CONFIGS if INTERPRETED else configs
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen],
+        key=KEY, reset_to_zero=reset_to_zero, do_bench=_wall_clock if INTERPRETED else None)
+
+
+def head_block(head_dim: int) -> int:
+    """The head-dim tile: a power of two, at least 16 (tl.dot's minimum); columns past head_dim are masked."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+__all__ = ["INTERPRETED", "tuned", "head_block", "ATTENTION_CONFIGS", "BACKWARD_CONFIGS", "PENALTY_CONFIGS"]
