@@ -93,4 +93,7 @@ def test_gpu_script_is_valid_bash_and_runs_the_documented_gpu_benchmark():
 
 
 def shell_commands_in_script(path: Path) -> list[str]:
-    return [line for line in path.read_text().replace("\\\n", " ").splitlines() if line.strip().startswith("attention-zoo ")]
+    """The `attention-zoo ...` commands of a bash script, continuation lines joined, a leading `timeout N` dropped."""
+    lines = path.read_text().replace("\\\n", " ").splitlines()
+    return [line[line.index("attention-zoo "):] for line in lines
+            if "attention-zoo " in line and not line.lstrip().startswith(("#", "command "))]
