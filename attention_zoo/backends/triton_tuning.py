@@ -8,9 +8,12 @@ those outputs in `reset_to_zero`, since the autotuner runs them once per configu
 
 In Triton's interpreter (TRITON_INTERPRET=1, CPU) the configurations are 16-row tiles, two of them so
 the tests exercise the autotuning path itself (reset_to_zero included), timed by the wall clock.
+ATTENTION_ZOO_TRITON_AUTOTUNE=0 keeps each kernel's first configuration only: compiling every
+configuration for every dtype and head dim dominates a GPU test run, where speed does not matter.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import triton
@@ -41,7 +44,10 @@ def _wall_clock(fn, quantiles=None):
 
 def tuned(configs: list[tuple[int, int, int, int]], reset_to_zero: list[str] | None = None):
     """triton.autotune over `configs` (the interpreter's own on CPU), keyed on the problem size."""
-    chosen = INTERPRETER_CONFIGS if INTERPRETED else configs
+    if INTERPRETED:
+        chosen = INTERPRETER_CONFIGS
+    else:
+        chosen = configs[:1] if os.environ.get("ATTENTION_ZOO_TRITON_AUTOTUNE") == "0" else configs
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen],
         key=KEY, reset_to_zero=reset_to_zero, do_bench=_wall_clock if INTERPRETED else None)
