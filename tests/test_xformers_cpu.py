@@ -44,6 +44,7 @@ def test_refuses_when_xformers_is_missing(monkeypatch):
 
 def test_refuses_dtype_and_head_dim(monkeypatch):
     monkeypatch.setattr(xf_module, "load_xformers", lambda: (object(), None))
+    monkeypatch.setattr(xf_module, "missing_cuda_kernels", lambda: None)
     assert "float64" in XF.refuse(call(dtype=torch.float64))
     assert "head dim 12" in XF.refuse(call(dtype=torch.float16, head_dim=12))
     assert XF.refuse(call(dtype=torch.float32, head_dim=12)) is None  # fp32 needs a multiple of 4 only
@@ -62,6 +63,25 @@ needs_xformers = pytest.mark.skipif(fmha is None, reason=f"xformers does not imp
 if fmha is not None:
     from xformers.attn_bias_utils import ref_attention
     from xformers.ops.fmha import cutlass
+
+
+@needs_xformers
+@pytest.mark.parametrize("built_with_cuda", [False, True])
+def test_refuses_an_install_without_cuda_kernels(monkeypatch, built_with_cuda):
+    """Seen on an H200: an xformers wheel built for another torch imports, then every call raised
+    NotImplementedError ("xFormers wasn't build with CUDA support") and `auto` failed instead of falling back."""
+    from xformers import _cpp_lib
+
+    monkeypatch.setattr(_cpp_lib, "_built_with_cuda", built_with_cuda)
+    monkeypatch.setattr(_cpp_lib, "_cpp_library_load_exception",
+                        RuntimeError("xFormers was built for: PyTorch 2.10.0+cu128\n Please reinstall xformers"))
+    reason = XF.refuse(call(dtype=torch.float32))
+    if built_with_cuda:
+        assert reason is None
+        return
+    assert "no CUDA kernels" in reason and "built for: PyTorch 2.10.0+cu128" in reason and "Please" not in reason
+    chosen, skipped = choose("auto", call(dtype=torch.float32))
+    assert chosen.name == "sdpa" and f"xformers: {reason}" in skipped
 
 
 def gpu_independent(reasons):
@@ -153,7 +173,9 @@ def test_backend_matches_math_with_the_reference_kernel(monkeypatch, case, bias_
 
 
 @needs_xformers
-def test_auto_picks_xformers_for_cuda_calls_when_it_imports():
+def test_auto_picks_xformers_for_cuda_calls_when_its_kernels_load(monkeypatch):
+    if not torch.cuda.is_available():  # this CPU install has no CUDA kernels: pretend it has
+        monkeypatch.setattr(xf_module, "missing_cuda_kernels", lambda: None)
     chosen, skipped = choose("auto", call(device="cuda", dtype=torch.float16, has_bias=True))
     if torch.cuda.is_available() and XF.refuse(call(device="cuda", dtype=torch.float16, has_bias=True)):
         pytest.skip("this GPU is refused by xformers")

@@ -43,6 +43,21 @@ def load_xformers() -> tuple[Any | None, str | None]:
     return fmha, None
 
 
+def missing_cuda_kernels() -> str | None:
+    """Why an importable xformers still cannot run on CUDA, or None.
+
+    A wheel built for another torch or CUDA imports fine but loads no kernels (not even the ones it takes
+    from PyTorch): every call would raise NotImplementedError, so the backend refuses and `auto` moves on.
+    """
+    from xformers import _cpp_lib
+
+    if getattr(_cpp_lib, "_built_with_cuda", True) or torch.version.hip is not None:
+        return None
+    error = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+    detail = " ".join(str(error).split()).split(" Please")[0] if error is not None else "no CUDA build found"
+    return f"this xformers install has no CUDA kernels ({detail}); install the xformers build matching torch {torch.__version__}"
+
+
 def head_dim_alignment(dtype: torch.dtype) -> int:
     """xformers' cutlass kernels want the head dim a multiple of 128 bits on tensor-core GPUs."""
     return 8 if dtype in (torch.float16, torch.bfloat16) else 4
@@ -58,6 +73,9 @@ class XFormersBackend(Backend):
         fmha, error = load_xformers()
         if fmha is None:
             return f"xformers is not installed or does not import ({error}); pip install xformers"
+        missing = missing_cuda_kernels()
+        if missing:
+            return missing
         if call.dtype not in SUPPORTED_DTYPES:
             return f"dtype {call.dtype} not supported (supported: float16, bfloat16, float32)"
         alignment = head_dim_alignment(call.dtype)
