@@ -80,4 +80,6 @@ def triton_backend():
     if kernels.INTERPRETED == torch.cuda.is_available():
         pytest.fail(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} does not suit this machine "
                     f"(CUDA available: {torch.cuda.is_available()}); unset it")
+    if kernels.INTERPRETED and kernels.VERSION < kernels.INTERPRETER_MIN_VERSION:
+        pytest.skip(f"Triton's interpreter runs the kernels from {kernels.INTERPRETER_MIN_VERSION} on; this is {kernels.VERSION}")
     return BACKENDS.get("triton")

@@ -137,6 +137,16 @@ def test_auto_defers_all_but_training_with_a_trainable_bias(monkeypatch):
     assert chosen.name == "sdpa" and skipped[0].startswith("triton: ")
 
 
+def test_an_interpreter_too_old_for_the_kernels_is_refused(triton_backend, monkeypatch):
+    """triton 3.6's interpreter fails on these kernels' loop bounds (3.7 and 3.9 run them): a clear refusal."""
+    from attention_zoo.backends import triton_kernels
+
+    if DEVICE == "cuda":
+        pytest.skip("the interpreter's version floor concerns CPU runs")
+    monkeypatch.setattr(triton_kernels, "VERSION", (3, 6))
+    assert "from triton 3.7 on (this is 3.6)" in triton_backend.refuse(call(device="cpu"))
+
+
 def test_cpu_without_the_interpreter_refuses_without_importing(monkeypatch):
     from attention_zoo.backends import BACKENDS
     from attention_zoo.backends import triton as triton_module

@@ -65,6 +65,9 @@ class TritonBackend(Backend):
             return f"triton is not installed or does not import ({error}); pip install triton"
         if call.device == "cpu" and not kernels.INTERPRETED:
             return "triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU"
+        if call.device == "cpu" and kernels.VERSION < kernels.INTERPRETER_MIN_VERSION:
+            need = ".".join(map(str, kernels.INTERPRETER_MIN_VERSION))
+            return f"Triton's interpreter runs these kernels from triton {need} on (this is {'.'.join(map(str, kernels.VERSION))})"
         if call.device == "cuda" and kernels.INTERPRETED:
             return "the kernels were built for Triton's interpreter (TRITON_INTERPRET=1), which runs on CPU only"
         if call.dtype not in SUPPORTED_DTYPES:

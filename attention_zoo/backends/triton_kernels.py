@@ -11,10 +11,15 @@ whole thing on chip, never materialising anything per head larger than (B, H, Nq
   block can see; writes out and the row log-sum-exp (base 2).
 - `_backward_dk_dv`: one program per (key block, batch x kv head); walks the query blocks that can
   see it for each of the G query heads of its kv head, so GQA sums into dk and dv with no copies.
-- `_backward_dq_dbias`: one program per (query block, batch x head group). For a head-shared bias the
-  group is all H heads, looped *inside* the key-block loop: the bias tile is read once and its
-  gradient (sum over heads of dS) is accumulated in registers and written once per tile. dq tiles are
-  added with atomics, since a program holds one key block of every head at a time.
+- `_backward_dq`: one program per (query block, batch x head); dq summed in registers over the key
+  blocks and written once. A per-head bias (residual scores) gets this head's dS as its gradient.
+- `_backward_dq_dbias_shared`: one program per (query block, batch element), for a head-shared bias
+  that needs a gradient (selective's -F). The heads are looped *inside* the key-block loop: the bias
+  tile is read once and its gradient (sum over heads of dS) is accumulated in registers and written
+  once per tile. dq tiles are added with atomics, since a program holds one key block of every head
+  at a time (H dq accumulators would not fit in registers).
+
+Query blocks are launched last-first (`heavy_first`): under the causal mask they see the most keys.
 
 Both backward kernels recompute P = exp2(s - lse) from q, k and the bias, as flash attention does:
 7 tile matmuls per (query block, key block, head) in all, the count of a standard Triton flash
@@ -33,9 +38,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_tuning import ATTENTION_CONFIGS, BACKWARD_CONFIGS, INTERPRETED, head_block, tuned
+from .triton_tiles import cols_tile, dot, first_query_block, heavy_first, key_end, rows_tile
+from .triton_tuning import ATTENTION_CONFIGS, BACKWARD_CONFIGS, INTERPRETED, INTERPRETER_MIN_VERSION, VERSION, head_block, tuned
 
 LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _bias_tile(base, offs_m, offs_n, visible, sbm, sbn):
+    """A bias tile in float32 and base-2 units (the softmax runs in base 2), 0 where not visible."""
+    return tl.load(base + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=visible, other=0.0).to(tl.float32) \
+        * 1.4426950408889634
+
+
+@triton.jit
+def _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT: tl.constexpr):
+    """P = exp2(scale q k^T + bias - lse) of one tile, from the saved base-2 log-sum-exp; 0 where not visible."""
+    s = dot(q, kt, FP32_DOT) * qk_scale + bias
+    return tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
 
 
 @tuned(ATTENTION_CONFIGS)
@@ -43,43 +63,32 @@ LOG2E = math.log2(math.e)
 def _forward(Q, K, V, Bias, Out, Lse,
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
              sbb, sbh, sbm, sbn, sob, soh, som, sod,
-             H, GROUP, Nq, Nk, HEAD_DIM, qk_scale,
+             H, GROUP, Nq, Nk, qk_scale, HEAD_DIM: tl.constexpr,
              HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
-    m_block = tl.program_id(1)
+    m_block = heavy_first(tl.program_id(1), tl.num_programs(1))
     b = bh // H
     h = bh % H
     hk = h // GROUP
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m < Nq
-    dims = offs_d < HEAD_DIM
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=rows[:, None] & dims[None, :], other=0.0)
+    dims = offs_d < HEAD_DIM  # all true, and compiled away, when the head dim is a power of two
+    q = rows_tile(Q + b * sqb + h * sqh, offs_m, rows, sqm, offs_d, dims, sqd)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max, base-2 logits
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offset = Nk - Nq  # bottom-right aligned causal: query i sees keys j <= i + offset
-    hi = Nk
-    if CAUSAL:
-        hi = tl.minimum(Nk, (m_block + 1) * BLOCK_M + offset)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         cols = offs_n < Nk
-        kt = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=cols[None, :] & dims[:, None], other=0.0)  # (D, N): k transposed
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=cols[:, None] & dims[None, :], other=0.0)
-        if FP32_DOT:
-            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, kt) * qk_scale
+        kt = cols_tile(K + b * skb + hk * skh, offs_n, cols, skn, offs_d, dims, skd)  # (D, N)
+        v = rows_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
+        s = dot(q, kt, FP32_DOT) * qk_scale
         visible = rows[:, None] & cols[None, :]
         if HAS_BIAS:
-            bias = tl.load(Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
-                           mask=visible, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634  # log2(e): the softmax runs in base 2
+            s += _bias_tile(Bias + b * sbb + h * sbh, offs_m, offs_n, visible, sbm, sbn)
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
         s = tl.where(visible, s, float("-inf"))
@@ -88,10 +97,7 @@ def _forward(Q, K, V, Bias, Out, Lse,
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p, v, FP32_DOT)
         m_i = m_new
     seen = l_i > 0.0  # a query that sees no key (more queries than keys) gets 0, and no gradient
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -106,135 +112,132 @@ def _forward(Q, K, V, Bias, Out, Lse,
 def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                     sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod,
-                    H, HKV, GROUP, Nq, Nk, HEAD_DIM, qk_scale, scale,
+                    H, HKV, GROUP, Nq, Nk, qk_scale, scale, HEAD_DIM: tl.constexpr,
                     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bhk = tl.program_id(0)
-    n_block = tl.program_id(1)
+    n_block = tl.program_id(1)  # ascending is heaviest first here: early keys are seen by the most queries
     b = bhk // HKV
     hk = bhk % HKV
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     cols = offs_n < Nk
     dims = offs_d < HEAD_DIM
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=cols[:, None] & dims[None, :], other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=cols[:, None] & dims[None, :], other=0.0)
+    k = rows_tile(K + b * skb + hk * skh, offs_n, cols, skn, offs_d, dims, skd)
+    v = rows_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     offset = Nk - Nq
     lo = 0
-    if CAUSAL:  # the first query that sees this block's first key, rounded down to a block
-        lo = tl.maximum(n_block * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    if CAUSAL:  # the block of the first query that sees this block's first key
+        lo = first_query_block(n_block * BLOCK_N - offset, Nq, BLOCK_M) * BLOCK_M
     for g in range(GROUP):  # the query heads that read this kv head: GQA sums here, nothing copied
         h = hk * GROUP + g
         for start_m in range(lo, Nq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             rows = offs_m < Nq
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=rows[:, None] & dims[None, :], other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-                         mask=rows[:, None] & dims[None, :], other=0.0)
+            q = rows_tile(Q + b * sqb + h * sqh, offs_m, rows, sqm, offs_d, dims, sqd)
+            do = rows_tile(DO + b * sdob + h * sdoh, offs_m, rows, sdom, offs_d, dims, sdod)
             lse = tl.load(Lse + (b * H + h) * Nq + offs_m, mask=rows, other=float("inf"))
             delta = tl.load(Delta + (b * H + h) * Nq + offs_m, mask=rows, other=0.0)
-            if FP32_DOT:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
             visible = rows[:, None] & cols[None, :]
+            bias = 0.0
             if HAS_BIAS:
-                bias = tl.load(Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
-                               mask=visible, other=0.0)
-                s += bias.to(tl.float32) * 1.4426950408889634
+                bias = _bias_tile(Bias + b * sbb + h * sbh, offs_m, offs_n, visible, sbm, sbn)
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
-            p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)  # (M, N) probabilities
-            if FP32_DOT:
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])  # gradient of the logits scale q k^T + bias
-            if FP32_DOT:
-                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-            else:
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            p = _probs(q, tl.trans(k), bias, lse, visible, qk_scale, FP32_DOT)  # (M, N)
+            dv += dot(tl.trans(p), do, FP32_DOT)
+            ds = p * (dot(do, tl.trans(v), FP32_DOT) - delta[:, None])  # gradient of the logits
+            dk += dot(tl.trans(ds), q, FP32_DOT)
     out_offsets = bhk * Nk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # DK, DV contiguous
     tl.store(DK + out_offsets, (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None] & dims[None, :])
     tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] & dims[None, :])
 
 
+@tuned(BACKWARD_CONFIGS)
+@triton.jit
+def _backward_dq(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                 sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, sgb, sgh, sgm, sgn,
+                 H, GROUP, Nq, Nk, qk_scale, scale, HEAD_DIM: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
+                 FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    m_block = heavy_first(tl.program_id(1), tl.num_programs(1))
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m < Nq
+    dims = offs_d < HEAD_DIM
+    q = rows_tile(Q + b * sqb + h * sqh, offs_m, rows, sqm, offs_d, dims, sqd)
+    do = rows_tile(DO + b * sdob + h * sdoh, offs_m, rows, sdom, offs_d, dims, sdod)
+    lse = tl.load(Lse + bh * Nq + offs_m, mask=rows, other=float("inf"))
+    delta = tl.load(Delta + bh * Nq + offs_m, mask=rows, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offset = Nk - Nq
+    for start_n in range(0, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        cols = offs_n < Nk
+        visible = rows[:, None] & cols[None, :]
+        bias = 0.0
+        if HAS_BIAS:
+            bias = _bias_tile(Bias + b * sbb + h * sbh, offs_m, offs_n, visible, sbm, sbn)
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+        kt = cols_tile(K + b * skb + hk * skh, offs_n, cols, skn, offs_d, dims, skd)
+        vt = cols_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
+        p = _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT)
+        ds = p * (dot(do, vt, FP32_DOT) - delta[:, None])
+        dq += dot(ds, tl.trans(kt), FP32_DOT)
+        if BIAS_GRAD:  # a per-head bias: its gradient is this head's dS
+            tl.store(DBias + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn, ds,
+                     mask=rows[:, None] & cols[None, :])
+    tl.store(DQ + (bh * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=rows[:, None] & dims[None, :])
+
+
 @tuned(BACKWARD_CONFIGS, reset_to_zero=["DQ"])  # dq is added into atomically
 @triton.jit
-def _backward_dq_dbias(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
-                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                       sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, sgb, sgh, sgm, sgn,
-                       H, GROUP, Nq, Nk, HEAD_DIM, HEADS_PER_PROGRAM, qk_scale, scale,
-                       HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
-                       FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)  # batch x head group
-    m_block = tl.program_id(1)
-    groups = H // HEADS_PER_PROGRAM
-    b = pid // groups
-    h0 = pid % groups * HEADS_PER_PROGRAM
+def _backward_dq_dbias_shared(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
+                              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                              sbb, sbm, sbn, sdob, sdoh, sdom, sdod, sgb, sgm, sgn,
+                              H, GROUP, Nq, Nk, qk_scale, scale, HEAD_DIM: tl.constexpr,
+                              CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    m_block = heavy_first(tl.program_id(1), tl.num_programs(1))
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m < Nq
     dims = offs_d < HEAD_DIM
     offset = Nk - Nq
-    hi = Nk
-    if CAUSAL:
-        hi = tl.minimum(Nk, (m_block + 1) * BLOCK_M + offset)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         cols = offs_n < Nk
         visible = rows[:, None] & cols[None, :]
-        tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if HAS_BIAS:  # a head-shared bias (sbh == 0) is read once here for every head of the group
-            tile = tl.load(Bias + b * sbb + h0 * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
-                           mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+        bias = _bias_tile(Bias + b * sbb, offs_m, offs_n, visible, sbm, sbn)  # read once for every head
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
         dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for hh in range(HEADS_PER_PROGRAM):
-            h = h0 + hh
+        for h in range(H):
             hk = h // GROUP
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=rows[:, None] & dims[None, :], other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-                         mask=rows[:, None] & dims[None, :], other=0.0)
+            q = rows_tile(Q + b * sqb + h * sqh, offs_m, rows, sqm, offs_d, dims, sqd)
+            do = rows_tile(DO + b * sdob + h * sdoh, offs_m, rows, sdom, offs_d, dims, sdod)
             lse = tl.load(Lse + (b * H + h) * Nq + offs_m, mask=rows, other=float("inf"))
             delta = tl.load(Delta + (b * H + h) * Nq + offs_m, mask=rows, other=0.0)
-            kt = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                         mask=cols[None, :] & dims[:, None], other=0.0)
-            vt = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
-                         mask=cols[None, :] & dims[:, None], other=0.0)
-            if FP32_DOT:
-                s = tl.dot(q, kt, input_precision="ieee") * qk_scale + tile
-                p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-                ds = p * (tl.dot(do, vt, input_precision="ieee") - delta[:, None])
-                dq = tl.dot(ds, tl.trans(kt), input_precision="ieee")
-            else:
-                s = tl.dot(q, kt) * qk_scale + tile
-                p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-                ds = p * (tl.dot(do, vt) - delta[:, None])
-                dq = tl.dot(ds.to(kt.dtype), tl.trans(kt))
+            kt = cols_tile(K + b * skb + hk * skh, offs_n, cols, skn, offs_d, dims, skd)
+            vt = cols_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
+            p = _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT)
+            ds = p * (dot(do, vt, FP32_DOT) - delta[:, None])
             # DQ is a contiguous float32 (B, H, Nq, D) buffer; other programs add into other rows or
             # heads only, but atomics keep the adds correct without ordering reads after writes.
-            tl.atomic_add(DQ + ((b * H + h) * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq * scale,
-                          mask=rows[:, None] & dims[None, :])
-            if BIAS_GRAD:
-                if HEADS_PER_PROGRAM == 1:  # a per-head bias: its gradient is this head's dS
-                    tl.store(DBias + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn,
-                             ds, mask=rows[:, None] & cols[None, :])
-                else:
-                    dbias += ds
-        if BIAS_GRAD:
-            if HEADS_PER_PROGRAM > 1:
-                tl.store(DBias + b * sgb + offs_m[:, None] * sgm + offs_n[None, :] * sgn, dbias,
-                         mask=rows[:, None] & cols[None, :])
+            tl.atomic_add(DQ + ((b * H + h) * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+                          dot(ds, tl.trans(kt), FP32_DOT) * scale, mask=rows[:, None] & dims[None, :])
+            dbias += ds
+        tl.store(DBias + b * sgb + offs_m[:, None] * sgm + offs_n[None, :] * sgn, dbias, mask=rows[:, None] & cols[None, :])
 
 
 def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
@@ -257,7 +260,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, c
     grid = lambda meta: (B * H, triton.cdiv(Nq, meta["BLOCK_M"]))  # noqa: E731
     _forward[grid](q, k, v, bias if bias is not None else q, out, lse,
                    *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *out.stride(),
-                   H, H // Hkv, Nq, Nk, D, scale * LOG2E,
+                   H, H // Hkv, Nq, Nk, scale * LOG2E, HEAD_DIM=D,
                    HAS_BIAS=bias is not None, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D))
     return out, lse
 
@@ -271,30 +274,35 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out
     Hkv, Nk = k.shape[1], k.shape[2]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     delta = torch.linalg.vecdot(dout.float(), out.float()).contiguous()  # (B, H, Nq): rowsum(dO * O)
-    dq = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device)  # atomically added into
     dk = torch.empty(B, Hkv, Nk, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, Hkv, Nk, D, dtype=v.dtype, device=v.device)
-    dbias = None
     shared_heads = bias is not None and _strides4(bias)[1] == 0
+    dbias = None
     if bias_grad:
         if bias is None or bias.shape[0] != B:
             raise ValueError("a bias gradient needs a (B, 1|H, Nq, Nk) bias")
         # Tiles no query block reaches (the causal future) are never written: they start at zero.
         dbias = torch.zeros(B, 1 if shared_heads else H, Nq, Nk, dtype=torch.float32, device=q.device)
-    common = dict(HAS_BIAS=bias is not None, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D))
+    fixed = dict(CAUSAL=causal, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D), HEAD_DIM=D)
     bias_arg = bias if bias is not None else q
+    strides = (*q.stride(), *k.stride(), *v.stride())
     _backward_dk_dv[lambda meta: (B * Hkv, triton.cdiv(Nk, meta["BLOCK_N"]))](
-        q, k, v, bias_arg, dout, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride(),
-        H, Hkv, H // Hkv, Nq, Nk, D, scale * LOG2E, scale, **common)
-    heads_per_program = H if shared_heads and bias_grad else 1
-    _backward_dq_dbias[lambda meta: (B * (H // heads_per_program), triton.cdiv(Nq, meta["BLOCK_M"]))](
-        q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else dq,
-        *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride(),
-        *(dbias.stride() if dbias is not None else (0, 0, 0, 0)),
-        H, H // Hkv, Nq, Nk, D, heads_per_program, scale * LOG2E, scale,
-        BIAS_GRAD=dbias is not None, **common)
-    return dq.to(q.dtype), dk, dv, dbias
+        q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides, *_strides4(bias), *dout.stride(),
+        H, Hkv, H // Hkv, Nq, Nk, scale * LOG2E, scale, HAS_BIAS=bias is not None, **fixed)
+    if dbias is not None and shared_heads:  # selective's -F: one bias gradient summed over the heads
+        dq32 = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device)  # atomically added into
+        sbb, _, sbm, sbn = _strides4(bias)
+        sgb, _, sgm, sgn = dbias.stride()
+        _backward_dq_dbias_shared[lambda meta: (B, triton.cdiv(Nq, meta["BLOCK_M"]))](
+            q, k, v, bias, dout, lse, delta, dq32, dbias, *strides, sbb, sbm, sbn, *dout.stride(), sgb, sgm, sgn,
+            H, H // Hkv, Nq, Nk, scale * LOG2E, scale, **fixed)
+        return dq32.to(q.dtype), dk, dv, dbias
+    dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
+    _backward_dq[lambda meta: (B * H, triton.cdiv(Nq, meta["BLOCK_M"]))](
+        q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else dq, *strides, *_strides4(bias),
+        *dout.stride(), *(dbias.stride() if dbias is not None else (0, 0, 0, 0)),
+        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, HAS_BIAS=bias is not None, BIAS_GRAD=dbias is not None, **fixed)
+    return dq, dk, dv, dbias
 
 
-__all__ = ["attention_forward", "attention_backward", "INTERPRETED"]
+__all__ = ["attention_forward", "attention_backward", "INTERPRETED", "INTERPRETER_MIN_VERSION", "VERSION"]

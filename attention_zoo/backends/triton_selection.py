@@ -24,16 +24,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_tiles import cols_tile, dot, first_query_block, rows_tile
 from .triton_tuning import PENALTY_CONFIGS, head_block, tuned
 
 
 @triton.jit
 def _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr):
     """S (masked ReLU'd logits) of one tile, and where it is active (S = L > 0)."""
-    if FP32_DOT:
-        logits = tl.dot(q, kt, input_precision="ieee") * qk_scale
-    else:
-        logits = tl.dot(q, kt) * qk_scale
+    logits = dot(q, kt, FP32_DOT) * qk_scale
     keep = rows[:, None] & cols[None, :] & (offs_n[None, :] < offs_m[:, None] + offset)  # strictly earlier keys
     if PROTECT_BOS:
         keep = keep & (offs_n[None, :] != 0)
@@ -44,19 +42,19 @@ def _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT
 @tuned(PENALTY_CONFIGS)
 @triton.jit
 def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
-                     Nq, Nk, HEAD_DIM, qk_scale,
+                     Nq, Nk, qk_scale, HEAD_DIM: tl.constexpr,
                      PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    n_block = tl.program_id(0)
+    n_block = tl.program_id(0)  # ascending is heaviest first: early keys are earlier than the most queries
     b = tl.program_id(1)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     cols = offs_n < Nk
     dims = offs_d < HEAD_DIM
-    kt = tl.load(K + b * skb + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=cols[None, :] & dims[:, None], other=0.0)
+    kt = cols_tile(K + b * skb, offs_n, cols, skn, offs_d, dims, skd)
     offset = Nk - Nq  # query i sits at absolute position i + offset
     # Query rows i with i + offset <= first key of the block see none of its keys as "earlier": F = 0.
-    lo = tl.minimum(tl.maximum(n_block * BLOCK_N - offset + 1, 0) // BLOCK_M * BLOCK_M, Nq)
+    lo = first_query_block(n_block * BLOCK_N - offset + 1, Nq, BLOCK_M) * BLOCK_M
     zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for start_m in range(0, lo, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -66,7 +64,7 @@ def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
     for start_m in range(lo, Nq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows = offs_m < Nq
-        q = tl.load(Q + b * sqb + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=rows[:, None] & dims[None, :], other=0.0)
+        q = rows_tile(Q + b * sqb, offs_m, rows, sqm, offs_d, dims, sqd)
         s, active = _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT_BOS, FP32_DOT)
         tile = running[None, :] + (tl.cumsum(s, axis=0) - s)  # rows strictly above, inside the tile too
         tl.store(Fpen + b * sfb + offs_m[:, None] * sfm + offs_n[None, :] * sfn, tile, mask=rows[:, None] & cols[None, :])
@@ -76,7 +74,7 @@ def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
 @tuned(PENALTY_CONFIGS, reset_to_zero=["DQ"])  # dq is added into atomically
 @triton.jit
 def _penalty_backward(Q, K, DF, DQ, DK, sqb, sqm, sqd, skb, skn, skd, sgb, sgm, sgn,
-                      Nq, Nk, HEAD_DIM, qk_scale, scale,
+                      Nq, Nk, qk_scale, scale, HEAD_DIM: tl.constexpr,
                       PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     n_block = tl.program_id(0)
@@ -85,9 +83,9 @@ def _penalty_backward(Q, K, DF, DQ, DK, sqb, sqm, sqd, skb, skn, skd, sgb, sgm, 
     offs_d = tl.arange(0, BLOCK_D)
     cols = offs_n < Nk
     dims = offs_d < HEAD_DIM
-    kt = tl.load(K + b * skb + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=cols[None, :] & dims[:, None], other=0.0)
+    kt = cols_tile(K + b * skb, offs_n, cols, skn, offs_d, dims, skd)
     offset = Nk - Nq
-    lo = tl.minimum(tl.maximum(n_block * BLOCK_N - offset + 1, 0) // BLOCK_M, tl.cdiv(Nq, BLOCK_M))  # first block with S
+    lo = first_query_block(n_block * BLOCK_N - offset + 1, Nq, BLOCK_M)  # the first block with any S
     last = tl.cdiv(Nq, BLOCK_M) - 1
     below = tl.zeros([BLOCK_N], tl.float32)  # column sums of dF over the rows below
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -99,16 +97,12 @@ def _penalty_backward(Q, K, DF, DQ, DK, sqb, sqm, sqd, skb, skn, skd, sgb, sgm, 
         total = tl.sum(g, axis=0)
         ds = below[None, :] + (total[None, :] - tl.cumsum(g, axis=0))  # sum of dF rows strictly below
         below += total
-        q = tl.load(Q + b * sqb + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=rows[:, None] & dims[None, :], other=0.0)
+        q = rows_tile(Q + b * sqb, offs_m, rows, sqm, offs_d, dims, sqd)
         s, active = _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT_BOS, FP32_DOT)
         dl = tl.where(active, ds, 0.0)  # gradient of L (before the scale)
-        if FP32_DOT:
-            dk += tl.dot(tl.trans(dl), q, input_precision="ieee")
-            dq = tl.dot(dl, tl.trans(kt), input_precision="ieee")
-        else:
-            dk += tl.dot(tl.trans(dl.to(q.dtype)), q)
-            dq = tl.dot(dl.to(kt.dtype), tl.trans(kt))
-        tl.atomic_add(DQ + (b * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq * scale, mask=rows[:, None] & dims[None, :])
+        dk += dot(tl.trans(dl), q, FP32_DOT)
+        tl.atomic_add(DQ + (b * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dot(dl, tl.trans(kt), FP32_DOT) * scale,
+                      mask=rows[:, None] & dims[None, :])
     tl.store(DK + (b * Nk + offs_n[:, None]) * HEAD_DIM + offs_d[None, :], dk * scale, mask=cols[:, None] & dims[None, :])
 
 
@@ -118,7 +112,7 @@ def penalty_forward(q: Tensor, k: Tensor, *, scale: float, protect_bos: bool) ->
     Nk = k.shape[1]
     out = torch.empty(B, Nq, Nk, dtype=torch.float32, device=q.device)
     _penalty_forward[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
-        q, k, out, *q.stride(), *k.stride(), *out.stride(), Nq, Nk, D, scale,
+        q, k, out, *q.stride(), *k.stride(), *out.stride(), Nq, Nk, scale, HEAD_DIM=D,
         PROTECT_BOS=protect_bos, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D))
     return out
 
@@ -130,7 +124,7 @@ def penalty_backward(q: Tensor, k: Tensor, dpen: Tensor, *, scale: float, protec
     dq = torch.zeros(B, Nq, D, dtype=torch.float32, device=q.device)  # atomically added into
     dk = torch.empty(B, Nk, D, dtype=torch.float32, device=q.device)
     _penalty_backward[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
-        q, k, dpen, dq, dk, *q.stride(), *k.stride(), *dpen.stride(), Nq, Nk, D, scale, scale,
+        q, k, dpen, dq, dk, *q.stride(), *k.stride(), *dpen.stride(), Nq, Nk, scale, scale, HEAD_DIM=D,
         PROTECT_BOS=protect_bos, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D))
     return dq, dk
 
