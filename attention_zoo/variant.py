@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor, nn
 
 from .backends import dispatch, grouped_logits

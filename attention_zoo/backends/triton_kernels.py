@@ -45,10 +45,17 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _bias_tile(base, offs_m, offs_n, visible, sbm, sbn):
-    """A bias tile in float32 and base-2 units (the softmax runs in base 2), 0 where not visible."""
-    return tl.load(base + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=visible, other=0.0).to(tl.float32) \
-        * 1.4426950408889634
+def _bias_and_mask(base, offs_m, offs_n, rows, cols, offset, sbm, sbn, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+    """One tile's bias, float32 in base-2 units (the softmax runs in base 2; 0.0 without a bias), and where
+    queries see keys: in bounds and, under the causal mask, key j <= query i + offset."""
+    visible = rows[:, None] & cols[None, :]
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(base + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=visible, other=0.0).to(tl.float32) \
+            * 1.4426950408889634
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+    return bias, visible
 
 
 @triton.jit
@@ -56,6 +63,20 @@ def _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT: tl.constexpr):
     """P = exp2(scale q k^T + bias - lse) of one tile, from the saved base-2 log-sum-exp; 0 where not visible."""
     s = dot(q, kt, FP32_DOT) * qk_scale + bias
     return tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _query_program(H, GROUP, Nq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program over (batch x head, query block) works on: its batch element, head, kv head, query
+    block (heaviest first), the block's row and head-dim offsets and their in-bounds masks."""
+    bh = tl.program_id(0)
+    m_block = heavy_first(tl.program_id(1), tl.num_programs(1))
+    b = bh // H
+    h = bh % H
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dims = offs_d < HEAD_DIM  # all true, and compiled away, when the head dim is a power of two
+    return bh, b, h, h // GROUP, m_block, offs_m, offs_d, offs_m < Nq, dims
 
 
 @tuned(ATTENTION_CONFIGS)
@@ -66,15 +87,7 @@ def _forward(Q, K, V, Bias, Out, Lse,
              H, GROUP, Nq, Nk, qk_scale, HEAD_DIM: tl.constexpr,
              HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
-    m_block = heavy_first(tl.program_id(1), tl.num_programs(1))
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_m < Nq
-    dims = offs_d < HEAD_DIM  # all true, and compiled away, when the head dim is a power of two
+    bh, b, h, hk, m_block, offs_m, offs_d, rows, dims = _query_program(H, GROUP, Nq, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = rows_tile(Q + b * sqb + h * sqh, offs_m, rows, sqm, offs_d, dims, sqd)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max, base-2 logits
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
@@ -85,13 +98,9 @@ def _forward(Q, K, V, Bias, Out, Lse,
         cols = offs_n < Nk
         kt = cols_tile(K + b * skb + hk * skh, offs_n, cols, skn, offs_d, dims, skd)  # (D, N)
         v = rows_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
-        s = dot(q, kt, FP32_DOT) * qk_scale
-        visible = rows[:, None] & cols[None, :]
-        if HAS_BIAS:
-            s += _bias_tile(Bias + b * sbb + h * sbh, offs_m, offs_n, visible, sbm, sbn)
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
-        s = tl.where(visible, s, float("-inf"))
+        bias, visible = _bias_and_mask(Bias + b * sbb + h * sbh, offs_m, offs_n, rows, cols, offset, sbm, sbn,
+                                       HAS_BIAS, CAUSAL)
+        s = tl.where(visible, dot(q, kt, FP32_DOT) * qk_scale + bias, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         p = tl.math.exp2(s - m_safe[:, None])
@@ -140,12 +149,8 @@ def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
             do = rows_tile(DO + b * sdob + h * sdoh, offs_m, rows, sdom, offs_d, dims, sdod)
             lse = tl.load(Lse + (b * H + h) * Nq + offs_m, mask=rows, other=float("inf"))
             delta = tl.load(Delta + (b * H + h) * Nq + offs_m, mask=rows, other=0.0)
-            visible = rows[:, None] & cols[None, :]
-            bias = 0.0
-            if HAS_BIAS:
-                bias = _bias_tile(Bias + b * sbb + h * sbh, offs_m, offs_n, visible, sbm, sbn)
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+            bias, visible = _bias_and_mask(Bias + b * sbb + h * sbh, offs_m, offs_n, rows, cols, offset, sbm, sbn,
+                                           HAS_BIAS, CAUSAL)
             p = _probs(q, tl.trans(k), bias, lse, visible, qk_scale, FP32_DOT)  # (M, N)
             dv += dot(tl.trans(p), do, FP32_DOT)
             ds = p * (dot(do, tl.trans(v), FP32_DOT) - delta[:, None])  # gradient of the logits
@@ -163,15 +168,7 @@ def _backward_dq(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
                  H, GROUP, Nq, Nk, qk_scale, scale, HEAD_DIM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
                  FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
-    m_block = heavy_first(tl.program_id(1), tl.num_programs(1))
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_m < Nq
-    dims = offs_d < HEAD_DIM
+    bh, b, h, hk, m_block, offs_m, offs_d, rows, dims = _query_program(H, GROUP, Nq, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = rows_tile(Q + b * sqb + h * sqh, offs_m, rows, sqm, offs_d, dims, sqd)
     do = rows_tile(DO + b * sdob + h * sdoh, offs_m, rows, sdom, offs_d, dims, sdod)
     lse = tl.load(Lse + bh * Nq + offs_m, mask=rows, other=float("inf"))
@@ -181,12 +178,8 @@ def _backward_dq(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
     for start_n in range(0, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         cols = offs_n < Nk
-        visible = rows[:, None] & cols[None, :]
-        bias = 0.0
-        if HAS_BIAS:
-            bias = _bias_tile(Bias + b * sbb + h * sbh, offs_m, offs_n, visible, sbm, sbn)
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+        bias, visible = _bias_and_mask(Bias + b * sbb + h * sbh, offs_m, offs_n, rows, cols, offset, sbm, sbn,
+                                       HAS_BIAS, CAUSAL)
         kt = cols_tile(K + b * skb + hk * skh, offs_n, cols, skn, offs_d, dims, skd)
         vt = cols_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
         p = _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT)
@@ -217,10 +210,8 @@ def _backward_dq_dbias_shared(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
     for start_n in range(0, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         cols = offs_n < Nk
-        visible = rows[:, None] & cols[None, :]
-        bias = _bias_tile(Bias + b * sbb, offs_m, offs_n, visible, sbm, sbn)  # read once for every head
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+        # the bias tile, read once here for every head
+        bias, visible = _bias_and_mask(Bias + b * sbb, offs_m, offs_n, rows, cols, offset, sbm, sbn, True, CAUSAL)
         dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for h in range(H):
             hk = h // GROUP
