@@ -116,6 +116,28 @@ def test_fwd_mode_yaml_config_and_failed_points(in_process, tmp_path, capsys):
     assert "2 failed" in capsys.readouterr().out  # vanilla and selective_gqa on xformers
 
 
+def test_profile_writes_where_each_points_time_went(in_process, tmp_path, capsys):
+    """--profile: each ok point gets torch.profiler's table (ops by their own time) in results.json and
+    profiles.md; a failed point says why it has none. Without the flag there is no profile anywhere."""
+    out = tmp_path / "out"
+    assert main(["bench", "--variants", "selective", "--backends", "sdpa,xformers", "--profile", *TINY, "--out", str(out)]) == 0
+    data, _ = read(out)
+    by_key = {(r["variant"], r["backend"]): r for r in data["results"]}
+    for variant in ("vanilla", "selective"):
+        table = by_key[(variant, "sdpa")]["profile"]
+        assert "Self CPU" in table and "aten::" in table
+        assert "profile" not in by_key[(variant, "xformers")]
+    assert "aten::bmm" in by_key[("selective", "sdpa")]["profile"] or "aten::mm" in by_key[("selective", "sdpa")]["profile"]
+    profiles = (out / "profiles.md").read_text()
+    assert profiles.count("## attention-zoo") == 4 and profiles.count("```text") == 2
+    assert "## attention-zoo selective on xformers, N=12 B=2 fwdbwd\n\nnot profiled: BackendRefused" in profiles
+    assert "profiles.md" in capsys.readouterr().out
+
+    plain = tmp_path / "plain"
+    assert main(["bench", "--variants", "vanilla", *TINY, "--out", str(plain)]) == 0
+    assert not (plain / "profiles.md").exists() and all("profile" not in r for r in read(plain)[0]["results"])
+
+
 def test_run_point_records_timeouts_kills_and_crashes(monkeypatch):
     point = points_module.Point("attention-zoo", points_module.resolve_variant("vanilla"), "sdpa", 8, 1, "fwd",
                                 dim=8, depth=1, heads=2, head_dim=4)

@@ -75,20 +75,26 @@ def test_readme_python_blocks_run():
         exec(compile(block, "README.md", "exec"), namespace)
 
 
-def test_gpu_script_is_valid_bash_and_runs_the_documented_gpu_benchmarks():
-    """`.ci/gpu` (what a session lent a GPU runs) parses, and its benchmarks are docs/benchmarks.md's GPU commands
-    with only the output folder changed, so the figures recorded there come from the documented commands."""
+def test_gpu_script_is_valid_bash_and_runs_the_documented_gpu_benchmark():
+    """`.ci/gpu` (what a session lent a GPU runs) parses, and its benchmark is one of docs/benchmarks.md's GPU
+    commands with only the output folder changed, so what it measures is documented and figures recorded
+    there come from documented commands. Its results must come back from the device tool whole: at most 8
+    files, two folders deep."""
     script = ROOT / ".ci" / "gpu"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     documented = [c for c in shell_commands(ROOT / "docs" / "benchmarks.md") if "--device cuda" in c]
     in_script = [c for c in shell_commands_in_script(script) if c.startswith("attention-zoo bench")]
-    assert documented and len(in_script) == len(documented)
+    assert len(in_script) == 1
 
     def without_out(command: str) -> list[str]:
         words = shlex.split(command)
         return words[:words.index("--out")]
 
-    assert sorted(map(without_out, in_script)) == sorted(map(without_out, documented))
+    assert without_out(in_script[0]) in [without_out(c) for c in documented]
+    text = script.read_text()
+    files = len(set(re.findall(r'"\$out/([\w.]+)"', text)))
+    bench_files = 3 + ("--profile" in in_script[0])  # results.json, .md, .png (+ profiles.md)
+    assert files - 1 + bench_files <= 8
 
 
 def shell_commands_in_script(path: Path) -> list[str]:

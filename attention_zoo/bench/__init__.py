@@ -2,7 +2,8 @@
 
 Each point runs in its own process (`worker.py`), so peak memory is that point's alone; ratios to
 vanilla are measured in the same run; `--peer x-transformers` measures the equivalent x-transformers
-models alongside. Outputs: results.json, results.md and results.png in the output folder.
+models alongside. Outputs: results.json, results.md and results.png in the output folder, and
+profiles.md with `--profile`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from ..errors import UserError
 from .points import BASELINE, DTYPES, MODES, OURS, PEER, PRESETS, Point, VariantSpec, model_config, peer_kwargs, resolve_variant
-from .report import machine, write_json, write_markdown, write_plot
+from .report import machine, write_json, write_markdown, write_plot, write_profiles
 from .runner import Outcome, peer_comparison, run_sweep, with_ratios
 
 PEERS = (PEER,)
@@ -38,6 +39,7 @@ class BenchSettings:
     rounds: int = 1
     threads: int | None = None
     timeout: float = 600.0
+    profile: bool = False  # each point also writes where one step's time went (profiles.md)
     peers: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every point's process
 
@@ -84,7 +86,7 @@ def plan(settings: BenchSettings) -> list[Point]:
     specs = [resolve_variant(n) for n in names]
     common = dict(dim=settings.dim, depth=settings.depth, heads=settings.heads, head_dim=settings.head_dim,
                   vocab_size=settings.vocab_size, dtype=settings.dtype, device=settings.device, warmup=settings.warmup,
-                  repeats=settings.repeats, threads=settings.threads)
+                  repeats=settings.repeats, threads=settings.threads, profile=settings.profile)
     points = []
     for spec in specs:  # validate each variant's config once, at the largest length
         probe = Point(OURS, spec, settings.backends[0], max(settings.seq_lens), settings.batches[0], settings.modes[0], **common)
@@ -127,6 +129,8 @@ def benchmark(settings: BenchSettings, out: str | Path, *, command: str = "", pr
     write_json(out, final)
     write_markdown(out, final)
     write_plot(out, final)
+    if settings.profile:
+        write_profiles(out, final)
     return final
 
 

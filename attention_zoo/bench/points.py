@@ -59,6 +59,7 @@ class Point:
     warmup: int = 2
     repeats: int = 5
     threads: int | None = None
+    profile: bool = False  # one more step under torch.profiler after the timed ones
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

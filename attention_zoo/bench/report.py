@@ -1,5 +1,5 @@
-"""Benchmark outputs, each written atomically: results.json, results.md (tables) and results.png
-(time and peak memory against sequence length)."""
+"""Benchmark outputs, each written atomically: results.json, results.md (tables), results.png
+(time and peak memory against sequence length) and, with --profile, profiles.md."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from typing import Any
 
 from ..checkpoint import atomic_write_text
 
-JSON, MARKDOWN, PLOT = "results.json", "results.md", "results.png"
+JSON, MARKDOWN, PLOT, PROFILES = "results.json", "results.md", "results.png", "profiles.md"
 
 
 def machine() -> dict[str, Any]:
@@ -73,6 +73,18 @@ def markdown(payload: dict[str, Any]) -> str:
 
 def write_markdown(out: Path, payload: dict[str, Any]) -> None:
     atomic_write_text(out / MARKDOWN, markdown(payload))
+
+
+def write_profiles(out: Path, payload: dict[str, Any]) -> None:
+    """One section per profiled point: torch.profiler's table of where one step's time went."""
+    lines = ["# attention-zoo bench: profiles", "", f"Command: `{payload['command']}`", "",
+             "One step per point under torch.profiler, after the timed steps; operators (kernels on CUDA) by the "
+             "time spent in them alone. The profiler slows the step it watches: read shares, not totals.", ""]
+    for row in payload["results"]:
+        title = f"## {row['impl']} {row['variant']} on {row['backend']}, N={row['seq_len']} B={row['batch']} {row['mode']}"
+        body = f"```text\n{row['profile'].rstrip()}\n```" if "profile" in row else f"not profiled: {row.get('reason', row['status'])}"
+        lines += [title, "", body, ""]
+    atomic_write_text(out / PROFILES, "\n".join(lines))
 
 
 def write_plot(out: Path, payload: dict[str, Any]) -> None:

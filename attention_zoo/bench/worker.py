@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 RESULT_PREFIX = "ATTENTION_ZOO_BENCH_RESULT "
+PROFILE_ROWS = 20  # operators (kernels on CUDA) in a point's profile, by their own time
 
 
 def rss_mb() -> float:
@@ -98,7 +99,22 @@ def measure(point) -> dict[str, Any]:
     else:
         peak = peak_rss_mb()
         result.update(peak_mb=peak, activation_mb=peak - rss_before, memory="peak RSS")
+    if point.profile:  # after the peak is read: the profiler's own buffers are not the model's memory
+        result["profile"] = profile_step(step, cuda)
     return result
+
+
+def profile_step(step, cuda: bool) -> str:
+    """One more step under torch.profiler: the operators (on CUDA, the kernels) that took the most time
+    of their own, as torch's table. Where a step's time goes, not how long a step takes: the profiler
+    slows the step it watches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        step()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=PROFILE_ROWS)
 
 
 def measure_safely(point) -> dict[str, Any]:

@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="environment for every point's process, e.g. OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads "
                         "sleep instead of spinning: steadier timings on a shared machine)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a point is recorded as failed")
+    p.add_argument("--profile", action="store_true",
+                   help="also run one step per point under torch.profiler and write profiles.md (where the time went)")
     p.add_argument("--peer", action="append", default=[], metavar="NAME",
                    help="also measure the equivalent models of NAME (x-transformers) in the same run")
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, results.png)")
@@ -77,11 +79,12 @@ def cmd_bench(args) -> int:
         variants=args.variants, backends=args.backends, seq_lens=args.seq_lens, batches=args.batch, modes=args.mode,
         dim=args.dim, depth=args.depth, heads=args.heads, head_dim=args.head_dim, vocab_size=args.vocab_size,
         dtype=args.dtype, device=args.device, repeats=args.repeats, warmup=args.warmup, rounds=args.rounds,
-        threads=args.threads, timeout=args.timeout, peers=args.peer, env=env)
+        threads=args.threads, timeout=args.timeout, profile=args.profile, peers=args.peer, env=env)
     command = "attention-zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "attention-zoo bench"
     result = benchmark(settings, args.out, command=command, progress=not args.no_progress)
     failed = [r for r in result["results"] if r["status"] != "ok"]
-    print(f"wrote {args.out}/results.md, results.json, results.png: {len(result['results'])} points"
+    written = "results.md, results.json, results.png" + (", profiles.md" if args.profile else "")
+    print(f"wrote {args.out}/{written}: {len(result['results'])} points"
           + (f", {len(failed)} failed" if failed else ""))
     for r in failed:
         print(f"  failed: {r['impl']} {r['variant']} {r['backend']} N={r['seq_len']} B={r['batch']} {r['mode']}: {r['reason']}")
