@@ -13,11 +13,14 @@ whole thing on chip, never materialising anything per head larger than (B, H, Nq
   see it for each of the G query heads of its kv head, so GQA sums into dk and dv with no copies.
 - `_backward_dq`: one program per (query block, batch x head); dq summed in registers over the key
   blocks and written once. A per-head bias (residual scores) gets this head's dS as its gradient.
-- `_backward_dq_dbias_shared`: one program per (query block, batch element), for a head-shared bias
-  that needs a gradient (selective's -F). The heads are looped *inside* the key-block loop: the bias
-  tile is read once and its gradient (sum over heads of dS) is accumulated in registers and written
-  once per tile. dq tiles are added with atomics, since a program holds one key block of every head
-  at a time (H dq accumulators would not fit in registers).
+- `_backward_dq_dbias_shared`: one program per (span of KEY_SPAN keys, query block, batch element),
+  for a head-shared bias that needs a gradient (selective's -F). The heads are looped *inside* the
+  key-block loop: the bias tile is read once and its gradient (sum over heads of dS) is accumulated in
+  registers and written once per tile. dq tiles are added with atomics, since a program holds one key
+  block of every head at a time (H dq accumulators would not fit in registers). The key spans exist
+  for parallelism: a program walks H heads per key block, so one per (query block, batch element)
+  alone would be B x Nq / BLOCK_M long programs (256 at batch 4 x 4096: two waves on an H200, the
+  longest 8 heads x 64 key blocks); the spans' dbias tiles are disjoint and their dq adds are atomic.
 
 Query blocks are launched last-first (`heavy_first`): under the causal mask they see the most keys.
 
@@ -39,7 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_tiles import cols_tile, dot, first_query_block, heavy_first, key_end, rows_tile
-from .triton_tuning import ATTENTION_CONFIGS, BACKWARD_CONFIGS, INTERPRETED, INTERPRETER_MIN_VERSION, VERSION, head_block, tuned
+from .triton_tuning import (ATTENTION_CONFIGS, BACKWARD_CONFIGS, INTERPRETED, INTERPRETER_MIN_VERSION, KEY_SPAN, VERSION,
+                            head_block, tuned)
 
 LOG2E = math.log2(math.e)
 
@@ -197,17 +201,19 @@ def _backward_dq(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
 def _backward_dq_dbias_shared(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
                               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                               sbb, sbm, sbn, sdob, sdoh, sdom, sdod, sgb, sgm, sgn,
-                              H, GROUP, Nq, Nk, qk_scale, scale, HEAD_DIM: tl.constexpr,
+                              H, GROUP, Nq, Nk, KEY_SPAN, qk_scale, scale, HEAD_DIM: tl.constexpr,
                               CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
+    span_start = tl.program_id(0) * KEY_SPAN  # this program's keys: [span_start, span_start + KEY_SPAN)
     m_block = heavy_first(tl.program_id(1), tl.num_programs(1))
+    b = tl.program_id(2)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m < Nq
     dims = offs_d < HEAD_DIM
     offset = Nk - Nq
-    for start_n in range(0, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL), BLOCK_N):
+    span_end = tl.minimum(span_start + KEY_SPAN, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL))
+    for start_n in range(span_start, span_end, BLOCK_N):  # nothing for a span in the causal future
         offs_n = start_n + tl.arange(0, BLOCK_N)
         cols = offs_n < Nk
         # the bias tile, read once here for every head
@@ -284,9 +290,9 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out
         dq32 = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device)  # atomically added into
         sbb, _, sbm, sbn = _strides4(bias)
         sgb, _, sgm, sgn = dbias.stride()
-        _backward_dq_dbias_shared[lambda meta: (B, triton.cdiv(Nq, meta["BLOCK_M"]))](
+        _backward_dq_dbias_shared[lambda meta: (triton.cdiv(Nk, KEY_SPAN), triton.cdiv(Nq, meta["BLOCK_M"]), B)](
             q, k, v, bias, dout, lse, delta, dq32, dbias, *strides, sbb, sbm, sbn, *dout.stride(), sgb, sgm, sgn,
-            H, H // Hkv, Nq, Nk, scale * LOG2E, scale, **fixed)
+            H, H // Hkv, Nq, Nk, KEY_SPAN, scale * LOG2E, scale, **fixed)
         return dq32.to(q.dtype), dk, dv, dbias
     dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     _backward_dq[lambda meta: (B * H, triton.cdiv(Nq, meta["BLOCK_M"]))](
