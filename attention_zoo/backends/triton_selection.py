@@ -39,22 +39,33 @@ def _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT
     return tl.where(active, logits, 0.0), active
 
 
-@tuned(PENALTY_CONFIGS)
 @triton.jit
-def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
-                     Nq, Nk, qk_scale, HEAD_DIM: tl.constexpr,
-                     PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    n_block = tl.program_id(0)  # ascending is heaviest first: early keys are earlier than the most queries
+def _key_program(K, skb, skn, skd, Nq, Nk, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """What a program over (key block, batch element) works on: its batch element, the block's key offsets
+    and in-bounds masks, k^T, the causal offset (query i sits at absolute position i + Nk - Nq) and the
+    first query block with any S (queries at or before the block's first key see none of its keys as
+    earlier: their F is 0). Key blocks ascend, which is heaviest first: early keys precede most queries."""
+    n_block = tl.program_id(0)
     b = tl.program_id(1)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     cols = offs_n < Nk
     dims = offs_d < HEAD_DIM
     kt = cols_tile(K + b * skb, offs_n, cols, skn, offs_d, dims, skd)
-    offset = Nk - Nq  # query i sits at absolute position i + offset
-    # Query rows i with i + offset <= first key of the block see none of its keys as "earlier": F = 0.
-    lo = first_query_block(n_block * BLOCK_N - offset + 1, Nq, BLOCK_M) * BLOCK_M
+    offset = Nk - Nq
+    return b, offs_n, cols, offs_d, dims, kt, offset, first_query_block(n_block * BLOCK_N - offset + 1, Nq, BLOCK_M)
+
+
+@tuned(PENALTY_CONFIGS)
+@triton.jit
+def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
+                     Nq, Nk, qk_scale, HEAD_DIM: tl.constexpr,
+                     PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, offs_n, cols, offs_d, dims, kt, offset, first_block = _key_program(K, skb, skn, skd, Nq, Nk, HEAD_DIM,
+                                                                          BLOCK_M, BLOCK_N, BLOCK_D)
+    lo = first_block * BLOCK_M
     zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for start_m in range(0, lo, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -77,15 +88,8 @@ def _penalty_backward(Q, K, DF, DQ, DK, sqb, sqm, sqd, skb, skn, skd, sgb, sgm, 
                       Nq, Nk, qk_scale, scale, HEAD_DIM: tl.constexpr,
                       PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    n_block = tl.program_id(0)
-    b = tl.program_id(1)
-    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    cols = offs_n < Nk
-    dims = offs_d < HEAD_DIM
-    kt = cols_tile(K + b * skb, offs_n, cols, skn, offs_d, dims, skd)
-    offset = Nk - Nq
-    lo = first_query_block(n_block * BLOCK_N - offset + 1, Nq, BLOCK_M)  # the first block with any S
+    b, offs_n, cols, offs_d, dims, kt, offset, lo = _key_program(K, skb, skn, skd, Nq, Nk, HEAD_DIM,
+                                                                 BLOCK_M, BLOCK_N, BLOCK_D)
     last = tl.cdiv(Nq, BLOCK_M) - 1
     below = tl.zeros([BLOCK_N], tl.float32)  # column sums of dF over the rows below
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
