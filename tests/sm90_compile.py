@@ -6,17 +6,23 @@ branch, a constexpr used as a value, an op the compiler lowers differently. Trit
 of time for a named target with its bundled ptxas, no GPU needed, and that is what this does: every
 kernel, in bf16 and fp32, with and without its bias paths, through PTX to a cubin for sm_90.
 
-    python tests/sm90_compile.py               # each kernel's first tile configuration
-    python tests/sm90_compile.py --all-configs  # every autotuned configuration (minutes)
+    python tests/sm90_compile.py                           # each kernel's first tile configuration
+    python tests/sm90_compile.py --all-configs --resources  # every autotuned one (minutes), and registers
 
 Prints one line per compile (the shared memory it needs; Hopper has 227 KiB per block, and the
-autotuner skips configurations that do not fit) and exits 1 if any compile failed. Must run with
+autotuner skips configurations that do not fit; with --resources also the registers per thread and the
+bytes spilled to the stack, read from the cubin by Triton's bundled cuobjdump: a spilling configuration
+goes through local memory on every iteration) and exits 1 if any compile failed. Must run with
 TRITON_INTERPRET unset: tests/test_triton.py runs it in a subprocess.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,9 +67,21 @@ def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, confi
     return triton.compile(source, target=HOPPER, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
+def resources(cubin: bytes) -> str:
+    """Registers per thread and stack bytes (spills) of a compiled kernel, from the cubin itself."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        Path(path).write_bytes(cubin)
+        usage = subprocess.run([str(tool), "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return f", {found.group(1)} registers, {found.group(2)} stack bytes" if found else ", resources unreadable"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all-configs", action="store_true", help="every autotuned configuration, not the first")
+    parser.add_argument("--resources", action="store_true", help="also registers per thread and spilled stack bytes")
     args = parser.parse_args(argv)
     if INTERPRETED:
         print("TRITON_INTERPRET=1 is set: the kernels were built for the interpreter; unset it")
@@ -76,13 +94,15 @@ def main(argv: list[str]) -> int:
             for config in configs:
                 what = f"{kernel.fn.__name__} {dtype} [{paths}] {config.kwargs} w{config.num_warps} s{config.num_stages}"
                 try:
-                    shared = compile_for_hopper(kernel, pointers, constexprs, config).metadata.shared
+                    compiled = compile_for_hopper(kernel, pointers, constexprs, config)
                 except Exception as exc:  # report every failure, not the first
                     failures += 1
                     print(f"FAILED {what}: {type(exc).__name__}: {exc}")
                     continue
+                shared = compiled.metadata.shared
                 fits = "" if shared <= HOPPER_SHARED_BYTES else " (over sm_90's limit: the autotuner skips it)"
-                print(f"ok {what}: {shared} bytes of shared memory{fits}")
+                extra = resources(compiled.asm["cubin"]) if args.resources else ""
+                print(f"ok {what}: {shared} bytes of shared memory{extra}{fits}")
     print(f"{failures} failed")
     return 1 if failures else 0
 

@@ -42,8 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_tiles import cols_tile, dot, first_query_block, heavy_first, key_end, rows_tile
-from .triton_tuning import (ATTENTION_CONFIGS, BACKWARD_CONFIGS, INTERPRETED, INTERPRETER_MIN_VERSION, KEY_SPAN, VERSION,
-                            head_block, tuned)
+from .triton_tuning import (ATTENTION_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS, INTERPRETED, INTERPRETER_MIN_VERSION, KEY_SPAN,
+                            SHARED_DQ_CONFIGS, VERSION, head_block, tuned)
 
 LOG2E = math.log2(math.e)
 
@@ -120,7 +120,7 @@ def _forward(Q, K, V, Bias, Out, Lse,
     tl.store(Lse + bh * Nq + offs_m, lse, mask=rows)
 
 
-@tuned(BACKWARD_CONFIGS)
+@tuned(DKDV_CONFIGS)
 @triton.jit
 def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -164,7 +164,7 @@ def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
     tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] & dims[None, :])
 
 
-@tuned(BACKWARD_CONFIGS)
+@tuned(DQ_CONFIGS)
 @triton.jit
 def _backward_dq(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -196,7 +196,7 @@ def _backward_dq(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
              mask=rows[:, None] & dims[None, :])
 
 
-@tuned(BACKWARD_CONFIGS, reset_to_zero=["DQ"])  # dq is added into atomically
+@tuned(SHARED_DQ_CONFIGS, reset_to_zero=["DQ"])  # dq is added into atomically
 @triton.jit
 def _backward_dq_dbias_shared(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
                               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,

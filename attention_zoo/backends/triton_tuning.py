@@ -33,15 +33,19 @@ VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 INTERPRETER_CONFIGS = [(16, 16, 1, 1), (16, 32, 1, 1)]
-# Hopper pipelines global loads deeper than two stages, and 128-row tiles keep its tensor cores busier:
-# configurations with 3 stages and 128-wide tiles were added after the first H200 run (where the 2-stage
-# list made our forward+backward 1.9x FlashAttention-2's time); the autotuner keeps whichever is fastest
-# and skips those that do not fit a GPU's shared memory or registers.
-ATTENTION_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
-                     (128, 128, 8, 3), (128, 32, 4, 2), (64, 32, 4, 2)]
-BACKWARD_CONFIGS = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (32, 128, 8, 2),
-                    (128, 64, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2)]
-PENALTY_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 3)]
+# Chosen from the resources of the sm_90 builds, read without a GPU (`python tests/sm90_compile.py
+# --all-configs --resources`, bf16, head dim 64): a configuration whose registers overflow spills tiles to
+# local memory on every iteration. Each kernel lists the shapes that build without spilling (or barely)
+# and suit its loop: the forward and dq loop over keys (wide query blocks, narrow key blocks), dk/dv over
+# queries (the reverse). The head-shared dq/d(bias) kernel holds the bias tile, its gradient and one
+# head's P and dS at once: only 32 x 32 tiles with 8 warps build spill-free, so slightly spilling wider
+# tiles are kept for the autotuner to weigh against the 2x more dq atomics of narrow key blocks.
+# Before that scan, the first H200 run used 2-stage 64/128 x 64 tiles, most of which spill.
+ATTENTION_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)]
+DKDV_CONFIGS = [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 8, 3)]
+DQ_CONFIGS = [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2), (64, 64, 8, 3), (32, 32, 8, 3)]
+SHARED_DQ_CONFIGS = [(32, 32, 8, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)]
+PENALTY_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)]
 KEY = ["Nq", "Nk", "HEAD_DIM"]
 # Keys per program of the head-shared dq/d(bias) kernel: a multiple of every BLOCK_N above. In the
 # interpreter 32, so the tests' 37 to 50 keys cross a span boundary.
@@ -71,4 +75,4 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-__all__ = ["INTERPRETED", "INTERPRETER_MIN_VERSION", "VERSION", "KEY_SPAN", "tuned", "head_block", "ATTENTION_CONFIGS", "BACKWARD_CONFIGS", "PENALTY_CONFIGS"]
+__all__ = ["INTERPRETED", "INTERPRETER_MIN_VERSION", "VERSION", "KEY_SPAN", "tuned", "head_block", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "SHARED_DQ_CONFIGS", "PENALTY_CONFIGS"]
