@@ -24,9 +24,10 @@ whole thing on chip, never materialising anything per head larger than (B, H, Nq
 
 Query blocks are launched last-first (`heavy_first`): under the causal mask they see the most keys.
 
-Both backward kernels recompute P = exp2(s - lse) from q, k and the bias, as flash attention does:
-7 tile matmuls per (query block, key block, head) in all, the count of a standard Triton flash
-backward; the bias gradient costs only the register sum over heads.
+The backward kernels (dk/dv, then one of the two dq kernels) recompute P = exp2(s - lse) from q, k and
+the bias, as flash attention does: 7 tile matmuls per (query block, key block, head) in all, the count
+of a standard Triton flash backward; the bias gradient costs only the register sum over heads.
+Tile sizes: `triton_tuning.py`; tests/sm90_compile.py compiles every kernel for sm_90 without a GPU.
 
 Nothing here knows a variant. `attention_zoo.backends.triton` wraps these in an autograd Function and
 decides when they are used; the math backend is the reference they are tested against, on CPU through
