@@ -138,6 +138,20 @@ def test_profile_writes_where_each_points_time_went(in_process, tmp_path, capsys
     assert not (plain / "profiles.md").exists() and all("profile" not in r for r in read(plain)[0]["results"])
 
 
+def test_a_failing_profiler_costs_the_table_not_the_point(monkeypatch):
+    import torch.profiler
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no profiler here")
+
+    monkeypatch.setattr(torch.profiler, "profile", broken)
+    point = points_module.Point("attention-zoo", points_module.resolve_variant("vanilla"), "sdpa", 8, 1, "fwd",
+                                dim=16, depth=1, heads=2, head_dim=8, warmup=0, repeats=1, profile=True)
+    result = worker.measure_safely(point)
+    assert result["status"] == "ok" and result["median_s"] > 0
+    assert result["profile"] == "profiling failed: RuntimeError: no profiler here"
+
+
 def test_run_point_records_timeouts_kills_and_crashes(monkeypatch):
     point = points_module.Point("attention-zoo", points_module.resolve_variant("vanilla"), "sdpa", 8, 1, "fwd",
                                 dim=8, depth=1, heads=2, head_dim=4)
