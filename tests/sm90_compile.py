@@ -51,7 +51,8 @@ def jobs(dtype: str):
         (triton_kernels._backward_dk_dv, ptrs, dict(common, HAS_BIAS=True, CAUSAL=True)),
         (triton_kernels._backward_dq, ptrs, dict(common, HAS_BIAS=True, BIAS_GRAD=True, CAUSAL=True)),
         (triton_kernels._backward_dq, ptrs, dict(common, HAS_BIAS=False, BIAS_GRAD=False, CAUSAL=False)),
-        (triton_kernels._backward_dq_dbias_shared, {**ptrs, "DQ": "*fp32"}, dict(common, CAUSAL=True)),
+        (triton_kernels._backward_dq_dbias_shared, {**ptrs, "DQ": "*fp32"}, dict(common, WITH_DQ=True, CAUSAL=True)),
+        (triton_kernels._backward_dq_dbias_shared, {**ptrs, "DQ": "*fp32"}, dict(common, WITH_DQ=False, CAUSAL=True)),
         (triton_selection._penalty_forward, ptrs, dict(common, PROTECT_BOS=True)),
         (triton_selection._penalty_backward, {**ptrs, "DQ": "*fp32", "DK": "*fp32"}, dict(common, PROTECT_BOS=True)),
     ]

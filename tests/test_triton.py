@@ -95,6 +95,45 @@ def test_matches_math_fp32(triton_backend, case, bias_kind):
                                    msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("strategy", ["atomic", "recompute"])
+@pytest.mark.parametrize("bias_kind", ["head-shared", "B1NN"])
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "B{}-H{}-Hkv{}-Nq{}-Nk{}".format(*c[:5]))
+def test_both_shared_bias_dq_strategies_match_math(triton_backend, case, bias_kind, strategy, monkeypatch):
+    """A head-shared bias's dq by atomics in the d(bias) kernel, or recomputed by the per-head dq kernel:
+    both exact (the other tests run the interpreter's default, "atomic")."""
+    from attention_zoo.backends.triton_tuning import SHARED_DQ_ENV
+
+    monkeypatch.setenv(SHARED_DQ_ENV, strategy)
+    got, want = run_both(triton_backend, case, bias_kind, torch.float32)
+    for what, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
+        torch.testing.assert_close(a.double(), b, atol=TOL[torch.float32] * max(1.0, b.abs().max().item()), rtol=0,
+                                   msg=lambda m: f"{strategy} {what}: {m}")
+
+
+def test_shared_dq_strategy_is_timed_once_per_problem_and_can_be_forced(monkeypatch):
+    from attention_zoo.backends import triton_tuning
+
+    monkeypatch.setattr(triton_tuning, "INTERPRETED", False)  # as on a GPU
+    monkeypatch.setattr(triton_tuning, "_shared_dq_chosen", {})
+    monkeypatch.delenv(triton_tuning.SHARED_DQ_ENV, raising=False)
+    ran, timed = [], []
+
+    def timer(fn):
+        fn()
+        timed.append(ran[-1])
+        return {"atomic": 2.0, "recompute": 1.0}[ran[-1]]
+
+    run = ran.append
+    assert triton_tuning.shared_dq_strategy(("problem",), run, timer) == "recompute"
+    assert triton_tuning.shared_dq_strategy(("problem",), run, timer) == "recompute"
+    assert timed == ["atomic", "recompute"]  # both timed once, the choice kept for the problem
+    monkeypatch.setenv(triton_tuning.SHARED_DQ_ENV, "atomic")
+    assert triton_tuning.shared_dq_strategy(("problem",), run, timer) == "atomic"
+    monkeypatch.setenv(triton_tuning.SHARED_DQ_ENV, "atomics")
+    with pytest.raises(ValueError, match="ATTENTION_ZOO_TRITON_SHARED_DQ='atomics': expected one of atomic, recompute"):
+        triton_tuning.shared_dq_strategy(("problem",), run, timer)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_matches_math_half(triton_backend, dtype):
     if triton_backend.refuse(call(dtype=dtype, device=DEVICE)):
@@ -180,6 +219,16 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
     assert "disagree" in reason and "dbias" in reason
     monkeypatch.setattr(triton_kernels, "attention_backward", real)
 
+    real_shared = triton_kernels._shared_bias_dq  # a wrong strategy is caught even when the other is right
+
+    def wrong_recompute(strategy, *args, **kwargs):
+        dq = real_shared(strategy, *args, **kwargs)
+        return dq * 1.01 if strategy == "recompute" else dq
+
+    monkeypatch.setattr(triton_kernels, "_shared_bias_dq", wrong_recompute)
+    assert "attention dq (recompute dq) off by" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+    monkeypatch.setattr(triton_kernels, "_shared_bias_dq", real_shared)
+
     from attention_zoo.backends import triton_selection
     monkeypatch.setattr(triton_selection, "penalty_forward", lambda q, k, **kw: torch.zeros(q.shape[0], q.shape[1], k.shape[1], device=q.device))
     assert "selection F" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
@@ -242,5 +291,5 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 16 and "0 failed" in result.stdout
+    assert len(compiled) == 18 and "0 failed" in result.stdout
 

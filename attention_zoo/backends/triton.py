@@ -168,17 +168,23 @@ def _inputs(device: str, dtype: torch.dtype, *shapes: tuple[int, ...]) -> list[T
 
 def _attention_check(device: str, dtype: torch.dtype, head_dim: int):
     from .math import math_attention
+    from .triton_tuning import SHARED_DQ_STRATEGIES, shared_dq_forced
 
     N = _check_length()
     q, k, v, dout = _inputs(device, dtype, (B, H, N, head_dim), (B, HKV, N, head_dim), (B, HKV, N, head_dim),
                             (B, H, N, head_dim))
     bias, = _inputs(device, torch.float32, (B, 1, N, N))
     ins = [t.requires_grad_() for t in (q, k, v, bias)]
-    got = _value_and_grads(lambda: TritonAttention.apply(*ins, True, head_dim ** -0.5, 0), dout, ins)
     ref = [t.detach().double().requires_grad_() for t in ins]
     want = _value_and_grads(lambda: math_attention(*ref[:3], bias=ref[3], causal=True, scale=head_dim ** -0.5),
                             dout.double(), ref)
-    return zip(("attention out", "attention dq", "dk", "dv", "dbias"), got, want)
+    results = []
+    for strategy in SHARED_DQ_STRATEGIES:  # auto may pick either per problem size: both are checked
+        with shared_dq_forced(strategy):
+            got = _value_and_grads(lambda: TritonAttention.apply(*ins, True, head_dim ** -0.5, 0), dout, ins)
+        names = (f"attention {what} ({strategy} dq)" for what in ("out", "dq", "dk", "dv", "dbias"))
+        results += zip(names, got, want)
+    return results
 
 
 def _penalty_check(device: str, dtype: torch.dtype, head_dim: int):

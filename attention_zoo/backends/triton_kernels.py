@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .triton_tiles import cols_tile, dot, first_query_block, heavy_first, key_end, rows_tile
 from .triton_tuning import (ATTENTION_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS, INTERPRETED, INTERPRETER_MIN_VERSION, KEY_SPAN,
-                            SHARED_DQ_CONFIGS, VERSION, head_block, tuned)
+                            SHARED_DQ_CONFIGS, VERSION, head_block, shared_dq_strategy, tuned)
 
 LOG2E = math.log2(math.e)
 
@@ -197,13 +197,13 @@ def _backward_dq(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
              mask=rows[:, None] & dims[None, :])
 
 
-@tuned(SHARED_DQ_CONFIGS, reset_to_zero=["DQ"])  # dq is added into atomically
+@tuned(SHARED_DQ_CONFIGS, reset_to_zero=["DQ"], also_key=("WITH_DQ",))  # dq is added into atomically
 @triton.jit
 def _backward_dq_dbias_shared(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
                               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                               sbb, sbm, sbn, sdob, sdoh, sdom, sdod, sgb, sgm, sgn,
                               H, GROUP, Nq, Nk, KEY_SPAN, qk_scale, scale, HEAD_DIM: tl.constexpr,
-                              CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+                              WITH_DQ: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     span_start = tl.program_id(0) * KEY_SPAN  # this program's keys: [span_start, span_start + KEY_SPAN)
     m_block = heavy_first(tl.program_id(1), tl.num_programs(1))
@@ -230,10 +230,11 @@ def _backward_dq_dbias_shared(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
             vt = cols_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
             p = _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT)
             ds = p * (dot(do, vt, FP32_DOT) - delta[:, None])
-            # DQ is a contiguous float32 (B, H, Nq, D) buffer; other programs add into other rows or
-            # heads only, but atomics keep the adds correct without ordering reads after writes.
-            tl.atomic_add(DQ + ((b * H + h) * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
-                          dot(ds, tl.trans(kt), FP32_DOT) * scale, mask=rows[:, None] & dims[None, :])
+            if WITH_DQ:  # the "atomic" strategy (triton_tuning.SHARED_DQ_STRATEGIES)
+                # DQ is a contiguous float32 (B, H, Nq, D) buffer; programs of other key spans add into
+                # the same rows, so the adds are atomic.
+                tl.atomic_add(DQ + ((b * H + h) * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+                              dot(ds, tl.trans(kt), FP32_DOT) * scale, mask=rows[:, None] & dims[None, :])
             dbias += ds
         tl.store(DBias + b * sgb + offs_m[:, None] * sgm + offs_n[None, :] * sgn, dbias, mask=rows[:, None] & cols[None, :])
 
@@ -281,26 +282,55 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out
             raise ValueError("a bias gradient needs a (B, 1|H, Nq, Nk) bias")
         # Tiles no query block reaches (the causal future) are never written: they start at zero.
         dbias = torch.zeros(B, 1 if shared_heads else H, Nq, Nk, dtype=torch.float32, device=q.device)
-    fixed = dict(CAUSAL=causal, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D), HEAD_DIM=D)
-    bias_arg = bias if bias is not None else q
-    strides = (*q.stride(), *k.stride(), *v.stride())
     _backward_dk_dv[lambda meta: (B * Hkv, triton.cdiv(Nk, meta["BLOCK_N"]))](
-        q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides, *_strides4(bias), *dout.stride(),
-        H, Hkv, H // Hkv, Nq, Nk, scale * LOG2E, scale, HAS_BIAS=bias is not None, **fixed)
+        q, k, v, bias if bias is not None else q, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+        *_strides4(bias), *dout.stride(), H, Hkv, H // Hkv, Nq, Nk, scale * LOG2E, scale, HAS_BIAS=bias is not None,
+        **_fixed(q, causal))
     if dbias is not None and shared_heads:  # selective's -F: one bias gradient summed over the heads
-        dq32 = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device)  # atomically added into
-        sbb, _, sbm, sbn = _strides4(bias)
-        sgb, _, sgm, sgn = dbias.stride()
-        _backward_dq_dbias_shared[lambda meta: (triton.cdiv(Nk, KEY_SPAN), triton.cdiv(Nq, meta["BLOCK_M"]), B)](
-            q, k, v, bias, dout, lse, delta, dq32, dbias, *strides, sbb, sbm, sbn, *dout.stride(), sgb, sgm, sgn,
-            H, H // Hkv, Nq, Nk, KEY_SPAN, scale * LOG2E, scale, **fixed)
-        return dq32.to(q.dtype), dk, dv, dbias
+        def run(strategy: str) -> Tensor:
+            return _shared_bias_dq(strategy, q, k, v, bias, dout, lse, delta, dbias, causal=causal, scale=scale)
+
+        strategy = shared_dq_strategy((B, H, Hkv, Nq, Nk, D, q.dtype, causal), run)
+        return run(strategy), dk, dv, dbias
+    return _per_head_dq(q, k, v, bias, dout, lse, delta, dbias, causal=causal, scale=scale), dk, dv, dbias
+
+
+def _fixed(q: Tensor, causal: bool) -> dict:
+    D = q.shape[-1]
+    return dict(CAUSAL=causal, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D), HEAD_DIM=D)
+
+
+def _per_head_dq(q, k, v, bias, dout, lse, delta, dbias, *, causal: bool, scale: float) -> Tensor:
+    """dq by the per-head kernel (in registers, written once); a per-head `dbias` gets each head's dS."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
     dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     _backward_dq[lambda meta: (B * H, triton.cdiv(Nq, meta["BLOCK_M"]))](
-        q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else dq, *strides, *_strides4(bias),
-        *dout.stride(), *(dbias.stride() if dbias is not None else (0, 0, 0, 0)),
-        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, HAS_BIAS=bias is not None, BIAS_GRAD=dbias is not None, **fixed)
-    return dq, dk, dv, dbias
+        q, k, v, bias if bias is not None else q, dout, lse, delta, dq, dbias if dbias is not None else dq,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride(),
+        *(dbias.stride() if dbias is not None else (0, 0, 0, 0)),
+        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, HAS_BIAS=bias is not None, BIAS_GRAD=dbias is not None,
+        **_fixed(q, causal))
+    return dq
+
+
+def _shared_bias_dq(strategy: str, q, k, v, bias, dout, lse, delta, dbias, *, causal: bool, scale: float) -> Tensor:
+    """dq for a head-shared bias, writing its gradient (summed over heads) into `dbias` (B, 1, Nq, Nk) on
+    the way, by either strategy of triton_tuning.SHARED_DQ_STRATEGIES."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    atomic = strategy == "atomic"
+    # atomically added into; the "recompute" strategy's kernel adds nothing (a 1-element stand-in)
+    dq32 = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device) if atomic else dbias.new_zeros(1)
+    sbb, _, sbm, sbn = _strides4(bias)
+    sgb, _, sgm, sgn = dbias.stride()
+    _backward_dq_dbias_shared[lambda meta: (triton.cdiv(Nk, KEY_SPAN), triton.cdiv(Nq, meta["BLOCK_M"]), B)](
+        q, k, v, bias, dout, lse, delta, dq32, dbias, *q.stride(), *k.stride(), *v.stride(), sbb, sbm, sbn,
+        *dout.stride(), sgb, sgm, sgn, H, H // Hkv, Nq, Nk, KEY_SPAN, scale * LOG2E, scale, WITH_DQ=atomic,
+        **_fixed(q, causal))
+    if atomic:
+        return dq32.to(q.dtype)
+    return _per_head_dq(q, k, v, bias, dout, lse, delta, None, causal=causal, scale=scale)
 
 
 __all__ = ["attention_forward", "attention_backward", "INTERPRETED", "INTERPRETER_MIN_VERSION", "VERSION"]

@@ -12,6 +12,7 @@ configuration for every dtype and head dim dominates a GPU test run, where speed
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -59,15 +60,65 @@ def _wall_clock(fn, quantiles=None):
     return [elapsed] * len(quantiles) if quantiles else elapsed
 
 
-def tuned(configs: list[tuple[int, int, int, int]], reset_to_zero: list[str] | None = None):
-    """triton.autotune over `configs` (the interpreter's own on CPU), keyed on the problem size."""
+def tuned(configs: list[tuple[int, int, int, int]], reset_to_zero: list[str] | None = None,
+          also_key: tuple[str, ...] = ()):
+    """triton.autotune over `configs` (the interpreter's own on CPU), keyed on the problem size and on
+    `also_key`: constexprs that change what the kernel does (the autotuner's key leaves constexprs out)."""
     if INTERPRETED:
         chosen = INTERPRETER_CONFIGS
     else:
         chosen = configs[:1] if os.environ.get("ATTENTION_ZOO_TRITON_AUTOTUNE") == "0" else configs
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen],
-        key=KEY, reset_to_zero=reset_to_zero, do_bench=_wall_clock if INTERPRETED else None)
+        key=[*KEY, *also_key], reset_to_zero=reset_to_zero, do_bench=_wall_clock if INTERPRETED else None)
+
+
+# Two exact ways to get dq when the bias is head-shared and needs a gradient (selective's -F):
+# "atomic": the d(bias) kernel, which walks every head per tile, also adds each head's dq tile atomically;
+# "recompute": it computes d(bias) alone and the per-head dq kernel (dq in registers, no atomics)
+# recomputes P and dS: two more tile matmuls per head, against B*H*Nq*D*Nk/BLOCK_N/2 atomic adds.
+# Which is faster depends on the GPU, so on CUDA both are timed once per problem and the faster kept;
+# ATTENTION_ZOO_TRITON_SHARED_DQ=atomic|recompute forces one (the interpreter uses "atomic").
+SHARED_DQ_STRATEGIES = ("atomic", "recompute")
+SHARED_DQ_ENV = "ATTENTION_ZOO_TRITON_SHARED_DQ"
+_shared_dq_chosen: dict[tuple, str] = {}
+_shared_dq_forced: str | None = None
+
+
+@contextlib.contextmanager
+def shared_dq_forced(strategy: str):
+    """Every head-shared dq inside the block by `strategy`: the self-check checks each one."""
+    global _shared_dq_forced
+    previous, _shared_dq_forced = _shared_dq_forced, strategy
+    try:
+        yield
+    finally:
+        _shared_dq_forced = previous
+
+
+def _gpu_milliseconds(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn)
+
+
+def shared_dq_strategy(key: tuple, run, timer=_gpu_milliseconds) -> str:
+    """The strategy for this problem `key`: forced by the environment, "atomic" in the interpreter, else
+    the faster of `run(strategy)` timed once per key (both give the same result: each run writes d(bias)
+    whole and returns a fresh dq)."""
+    if _shared_dq_forced:
+        return _shared_dq_forced
+    forced = os.environ.get(SHARED_DQ_ENV)
+    if forced:
+        if forced not in SHARED_DQ_STRATEGIES:
+            raise ValueError(f"{SHARED_DQ_ENV}={forced!r}: expected one of {', '.join(SHARED_DQ_STRATEGIES)}")
+        return forced
+    if INTERPRETED:
+        return "atomic"
+    if key not in _shared_dq_chosen:
+        times = {strategy: timer(lambda strategy=strategy: run(strategy)) for strategy in SHARED_DQ_STRATEGIES}
+        _shared_dq_chosen[key] = min(times, key=times.get)
+    return _shared_dq_chosen[key]
 
 
 def head_block(head_dim: int) -> int:
@@ -75,4 +126,4 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-__all__ = ["INTERPRETED", "INTERPRETER_MIN_VERSION", "VERSION", "KEY_SPAN", "tuned", "head_block", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "SHARED_DQ_CONFIGS", "PENALTY_CONFIGS"]
+__all__ = ["SHARED_DQ_STRATEGIES", "SHARED_DQ_ENV", "shared_dq_strategy", "shared_dq_forced", "INTERPRETED", "INTERPRETER_MIN_VERSION", "VERSION", "KEY_SPAN", "tuned", "head_block", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "SHARED_DQ_CONFIGS", "PENALTY_CONFIGS"]
