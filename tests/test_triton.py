@@ -129,6 +129,9 @@ def test_shared_dq_strategy_is_timed_once_per_problem_and_can_be_forced(monkeypa
     assert timed == ["atomic", "recompute"]  # both timed once, the choice kept for the problem
     monkeypatch.setenv(triton_tuning.SHARED_DQ_ENV, "atomic")
     assert triton_tuning.shared_dq_strategy(("problem",), run, timer) == "atomic"
+    monkeypatch.delenv(triton_tuning.SHARED_DQ_ENV)
+    monkeypatch.setattr(triton_tuning, "_capturing_cuda_graph", lambda: True)  # no timing inside a capture
+    assert triton_tuning.shared_dq_strategy(("captured",), run, timer) == "atomic" and timed == ["atomic", "recompute"]
     monkeypatch.setenv(triton_tuning.SHARED_DQ_ENV, "atomics")
     with pytest.raises(ValueError, match="ATTENTION_ZOO_TRITON_SHARED_DQ='atomics': expected one of atomic, recompute"):
         triton_tuning.shared_dq_strategy(("problem",), run, timer)

@@ -102,6 +102,12 @@ def _gpu_milliseconds(fn) -> float:
     return do_bench(fn)
 
 
+def _capturing_cuda_graph() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def shared_dq_strategy(key: tuple, run, timer=_gpu_milliseconds) -> str:
     """The strategy for this problem `key`: forced by the environment, "atomic" in the interpreter, else
     the faster of `run(strategy)` timed once per key (both give the same result: each run writes d(bias)
@@ -115,6 +121,8 @@ def shared_dq_strategy(key: tuple, run, timer=_gpu_milliseconds) -> str:
         return forced
     if INTERPRETED:
         return "atomic"
+    if key not in _shared_dq_chosen and _capturing_cuda_graph():
+        return "atomic"  # timing synchronises, which a CUDA graph capture forbids; decide on a plain call
     if key not in _shared_dq_chosen:
         times = {strategy: timer(lambda strategy=strategy: run(strategy)) for strategy in SHARED_DQ_STRATEGIES}
         _shared_dq_chosen[key] = min(times, key=times.get)
