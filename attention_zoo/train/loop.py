@@ -128,7 +128,13 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_aft
     device = D.local_device(tcfg["device"])
     world = D.init_world(device)
     try:
-        return _train(config, out, tcfg, device, world, resume, stop_after, progress)
+        summary = _train(config, out, tcfg, device, world, resume, stop_after, progress)
+        # Ranks tear down together: one rank destroying the process group while another (rank 0,
+        # writing final.json) was still running aborted the faster one at exit now and then
+        # ("terminate called without an active exception", seen in CI). Only on success: after an
+        # error the other ranks may never reach this barrier.
+        D.barrier(world)
+        return summary
     finally:
         D.shutdown(world)
 
