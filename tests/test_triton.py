@@ -85,14 +85,19 @@ def run_both(backend, case, bias_kind, dtype):
     return got, want
 
 
+def assert_matches(got, want, dtype, names=("out", "dq", "dk", "dv", "dbias"), label=""):
+    """Each result against its float64 reference, within TOL[dtype] of max(1, largest |value|)."""
+    for what, a, b in zip(names, got, want):
+        assert a.shape == b.shape, what
+        torch.testing.assert_close(a.double(), b, atol=TOL[dtype] * max(1.0, b.abs().max().item()), rtol=0,
+                                   msg=lambda m: f"{label}{what}: {m}")
+
+
 @pytest.mark.parametrize("bias_kind", list(BIASES))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-Hkv{}-Nq{}-Nk{}-D{}-{}".format(*c[:6], "causal" if c[6] else "full"))
 def test_matches_math_fp32(triton_backend, case, bias_kind):
     got, want = run_both(triton_backend, case, bias_kind, torch.float32)
-    for what, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
-        assert a.shape == b.shape, what
-        torch.testing.assert_close(a.double(), b, atol=TOL[torch.float32] * max(1.0, b.abs().max().item()), rtol=0,
-                                   msg=lambda m: f"{what}: {m}")
+    assert_matches(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("strategy", ["atomic", "recompute"])
@@ -105,9 +110,7 @@ def test_both_shared_bias_dq_strategies_match_math(triton_backend, case, bias_ki
 
     monkeypatch.setenv(SHARED_DQ_ENV, strategy)
     got, want = run_both(triton_backend, case, bias_kind, torch.float32)
-    for what, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
-        torch.testing.assert_close(a.double(), b, atol=TOL[torch.float32] * max(1.0, b.abs().max().item()), rtol=0,
-                                   msg=lambda m: f"{strategy} {what}: {m}")
+    assert_matches(got, want, torch.float32, label=f"{strategy} ")
 
 
 def test_shared_dq_strategy_is_timed_once_per_problem_and_can_be_forced(monkeypatch):
@@ -142,10 +145,9 @@ def test_matches_math_half(triton_backend, dtype):
     if triton_backend.refuse(call(dtype=dtype, device=DEVICE)):
         pytest.skip(triton_backend.refuse(call(dtype=dtype, device=DEVICE)))
     got, want = run_both(triton_backend, CASES[1], "head-shared", dtype)
-    for what, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
+    for what, a in zip(("out", "dq", "dk", "dv", "dbias"), got):
         assert a.dtype == (torch.float32 if what == "dbias" else dtype), what  # the bias leaf is float32, as F is
-        torch.testing.assert_close(a.double(), b, atol=TOL[dtype] * max(1.0, b.abs().max().item()), rtol=0,
-                                   msg=lambda m: f"{what}: {m}")
+    assert_matches(got, want, dtype)
 
 
 def test_head_shared_bias_gradient_is_compact(triton_backend, monkeypatch):
@@ -268,9 +270,7 @@ def test_penalty_kernels_match_the_equations(triton_backend, case, dtype):
     ref = penalty_from_scores(selection_scores(torch.einsum("bnd,bmd->bnm", q64, k64) * D ** -0.5, protect_bos=bos))
     want = [ref, *torch.autograd.grad(ref, (q64, k64), dpen.double())]
     assert pen.dtype == torch.float32 and got[1].dtype == dtype
-    for what, a, b in zip(("F", "dq", "dk"), got, want):
-        torch.testing.assert_close(a.double(), b, atol=TOL[dtype] * max(1.0, b.abs().max().item()), rtol=0,
-                                   msg=lambda m: f"{what}: {m}")
+    assert_matches(got, want, dtype, names=("F", "dq", "dk"))
 
 
 def test_penalty_uses_triton_where_the_backend_would(triton_backend):
