@@ -3,69 +3,139 @@
 Triton's interpreter (which the CPU tests run the kernels in) executes the kernel code in numpy and
 never compiles it, so a kernel it runs can still fail to compile: a type that changes across a
 branch, a constexpr used as a value, an op the compiler lowers differently. Triton can compile ahead
-of time for a named target with its bundled ptxas, no GPU needed, and that is what this does: every
-kernel, in bf16 and fp32, with and without its bias paths, through PTX to a cubin for sm_90.
+of time for a named target with its bundled ptxas, no GPU needed, and that is what this does, through
+PTX to a cubin for sm_90, in bf16 and fp32.
+
+The kernels are compiled exactly as the JIT compiles them at run time. The backend's own launch
+functions (`attention_forward`, `attention_backward` with either dq strategy, `penalty_forward`,
+`penalty_backward`) run on CPU tensors laid out as the model lays them out (q, k, v views of the
+projections), each launch captured instead of run, and Triton's own argument binder, built for sm_90,
+specialises the captured arguments: an integer equal to 1 (a unit stride, GROUP without GQA) becomes a
+constant, pointers and integers divisible by 16 are marked so, which lets loads vectorise. Compiled with
+plain i32 strides instead (as this script once did), the same kernels took up to twice the registers and
+seemed to spill where the real ones do not.
 
     python tests/sm90_compile.py                           # each kernel's first tile configuration
-    python tests/sm90_compile.py --all-configs --resources  # every autotuned one (minutes), and registers
+    python tests/sm90_compile.py --all-configs --resources  # every autotuned one, and registers
 
-Prints one line per compile (the shared memory it needs; Hopper has 227 KiB per block, and the
+Prints one line per distinct compile (the shared memory it needs; Hopper has 227 KiB per block, and the
 autotuner skips configurations that do not fit; with --resources also the registers per thread and the
 bytes spilled to the stack, read from the cubin by Triton's bundled cuobjdump: a spilling configuration
 goes through local memory on every iteration) and exits 1 if any compile failed. Must run with
-TRITON_INTERPRET unset: tests/test_triton.py runs it in a subprocess.
+TRITON_INTERPRET unset: tests/test_triton.py runs it in a subprocess. The binder is Triton's internal
+API (`create_function_from_signature`, `JITFunction._pack_args`; the same in triton 3.6 and 3.9).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from attention_zoo.backends import triton_kernels, triton_selection  # noqa: E402
-from attention_zoo.backends.triton_tuning import INTERPRETED  # noqa: E402
+from attention_zoo.backends.triton_tuning import INTERPRETED, SHARED_DQ_STRATEGIES, shared_dq_forced  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may take on sm_90
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BATCH, HEADS, TOKENS = 2, 8, 256  # any sizes divisible by 16 specialise as 4096 tokens would
 
 
-def jobs(dtype: str):
-    """(kernel, pointer types by argument name, constexprs) for every kernel and path the backend uses."""
-    fp32 = dtype == "fp32"
-    data = {name: f"*{dtype}" for name in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}
-    floats = {name: "*fp32" for name in ("Bias", "Lse", "Delta", "DBias", "Fpen", "DF")}
-    ptrs = {**data, **floats}
-    common = dict(HEAD_DIM=64, FP32_DOT=fp32, BLOCK_D=64)
-    return [
-        (triton_kernels._forward, ptrs, dict(common, HAS_BIAS=True, CAUSAL=True)),
-        (triton_kernels._forward, ptrs, dict(common, HEAD_DIM=48, HAS_BIAS=False, CAUSAL=False)),
-        (triton_kernels._backward_dk_dv, ptrs, dict(common, HAS_BIAS=True, CAUSAL=True)),
-        (triton_kernels._backward_dq, ptrs, dict(common, HAS_BIAS=True, BIAS_GRAD=True, CAUSAL=True)),
-        (triton_kernels._backward_dq, ptrs, dict(common, HAS_BIAS=False, BIAS_GRAD=False, CAUSAL=False)),
-        (triton_kernels._backward_dq_dbias_shared, {**ptrs, "DQ": "*fp32"}, dict(common, WITH_DQ=True, CAUSAL=True)),
-        (triton_kernels._backward_dq_dbias_shared, {**ptrs, "DQ": "*fp32"}, dict(common, WITH_DQ=False, CAUSAL=True)),
-        (triton_selection._penalty_forward, ptrs, dict(common, PROTECT_BOS=True)),
-        (triton_selection._penalty_backward, {**ptrs, "DQ": "*fp32", "DK": "*fp32"}, dict(common, PROTECT_BOS=True)),
-    ]
+@dataclass(frozen=True)
+class Case:
+    """One way the backend launches its kernels: a variant's training step, or plain attention."""
+    label: str
+    bias: str | None  # "shared" (selective's -F, read by every head), "per_head" (residual scores) or None
+    kv_heads: int = HEADS
+    head_dim: int = 64
+    causal: bool = True
 
 
-def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, config: triton.Config):
-    fn = kernel.fn  # the autotuner's JITFunction
-    names = fn.arg_names
-    const = {**constexprs, **config.kwargs}
-    scalars = {"qk_scale": "fp32", "scale": "fp32"}
-    signature = {n: "constexpr" if n in const else pointers.get(n) or scalars.get(n, "i32") for n in names}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()})
-    return triton.compile(source, target=HOPPER, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+CASES = (
+    Case("selective", "shared"),
+    Case("selective + GQA", "shared", kv_heads=2),
+    Case("residual", "per_head"),
+    Case("vanilla", None),
+    Case("head dim 48, no mask", None, head_dim=48, causal=False),
+)
+
+
+@dataclass
+class Launch:
+    case: str
+    kernel: Autotuner
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def captured_launches(into: list, case: str):
+    """Every autotuned kernel launch inside the block is recorded into `into`, not run."""
+    run = Autotuner.run
+
+    def capture(self, *args, **kwargs):
+        into.append(Launch(case, self, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
+
+    Autotuner.run = capture
+    try:
+        yield
+    finally:
+        Autotuner.run = run
+
+
+def launches(dtype: torch.dtype) -> list[Launch]:
+    """The launches of every case's forward and backward (each dq strategy), and the penalty kernels."""
+    found: list[Launch] = []
+    gen = torch.Generator().manual_seed(0)
+    for case in CASES:
+        B, H, Hkv, N, D = BATCH, HEADS, case.kv_heads, TOKENS, case.head_dim
+        q = torch.randn(B, N, H, D, generator=gen).to(dtype).transpose(1, 2)  # (B, H, N, D) as the model's
+        k, v = torch.randn(B, N, 2, Hkv, D, generator=gen).to(dtype).permute(2, 0, 3, 1, 4)
+        bias = None
+        if case.bias == "shared":  # the (B, 1, N, N) source the backend reads, broadcast over heads
+            bias = torch.randn(B, 1, N, N, generator=gen).expand(B, H, N, N)
+        elif case.bias == "per_head":
+            bias = torch.randn(B, H, N, N, generator=gen)
+        out, lse, dout = torch.empty(B, H, N, D, dtype=dtype), torch.zeros(B, H, N), torch.randn(B, H, N, D).to(dtype)
+        common = dict(causal=case.causal, scale=D ** -0.5)
+        with captured_launches(found, case.label):
+            triton_kernels.attention_forward(q, k, v, bias, **common)
+            for strategy in SHARED_DQ_STRATEGIES if case.bias == "shared" else SHARED_DQ_STRATEGIES[:1]:
+                with shared_dq_forced(strategy):
+                    triton_kernels.attention_backward(q, k, v, bias, out, lse, dout, bias_grad=bias is not None,
+                                                      **common)
+            if case.bias == "shared":
+                triton_selection.penalty_forward(q[:, 0], k[:, 0], scale=D ** -0.5, protect_bos=True)
+                triton_selection.penalty_backward(q[:, 0], k[:, 0], torch.randn(B, N, N), scale=D ** -0.5,
+                                                  protect_bos=True)
+    return found
+
+
+def compile_for_hopper(launch: Launch, config: triton.Config):
+    """(compiled kernel, what identifies its build): Triton's run-time binder, but for sm_90."""
+    fn = launch.kernel.fn  # the autotuner's JITFunction
+    backend = make_backend(HOPPER)
+    kwargs = {**launch.kwargs, **config.all_kwargs()}
+    bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(
+        *launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    identity = (fn.__name__, str(signature), str(constexprs), str(attrs), str(config))
+    return (lambda: triton.compile(ASTSource(fn, signature, constexprs, attrs), target=HOPPER,
+                                   options=options.__dict__)), identity, constexprs
 
 
 def resources(cubin: bytes) -> str:
@@ -79,6 +149,14 @@ def resources(cubin: bytes) -> str:
     return f", {found.group(1)} registers, {found.group(2)} stack bytes" if found else ", resources unreadable"
 
 
+def describe(launch: Launch, constexprs: dict, config: triton.Config) -> str:
+    names = launch.kernel.fn.arg_names
+    flags = ", ".join(f"{names[path[0]]}={value}" for path, value in constexprs.items()
+                      if isinstance(value, bool) and names[path[0]] != "FP32_DOT")
+    tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+    return f"{launch.kernel.fn.__name__} [{launch.case}{', ' + flags if flags else ''}] {tile}"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all-configs", action="store_true", help="every autotuned configuration, not the first")
@@ -88,14 +166,17 @@ def main(argv: list[str]) -> int:
         print("TRITON_INTERPRET=1 is set: the kernels were built for the interpreter; unset it")
         return 2
     failures = 0
-    for dtype in ("bf16", "fp32"):
-        for kernel, pointers, constexprs in jobs(dtype):
-            configs = kernel.configs if args.all_configs else kernel.configs[:1]
-            paths = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k not in ("FP32_DOT", "BLOCK_D"))
-            for config in configs:
-                what = f"{kernel.fn.__name__} {dtype} [{paths}] {config.kwargs} w{config.num_warps} s{config.num_stages}"
+    for dtype_name, dtype in DTYPES.items():
+        seen = set()
+        for launch in launches(dtype):
+            for config in launch.kernel.configs if args.all_configs else launch.kernel.configs[:1]:
+                build, identity, constexprs = compile_for_hopper(launch, config)
+                if identity in seen:  # another case launching the very same build
+                    continue
+                seen.add(identity)
+                what = f"{dtype_name} {describe(launch, constexprs, config)}"
                 try:
-                    compiled = compile_for_hopper(kernel, pointers, constexprs, config)
+                    compiled = build()
                 except Exception as exc:  # report every failure, not the first
                     failures += 1
                     print(f"FAILED {what}: {type(exc).__name__}: {exc}")
@@ -103,7 +184,7 @@ def main(argv: list[str]) -> int:
                 shared = compiled.metadata.shared
                 fits = "" if shared <= HOPPER_SHARED_BYTES else " (over sm_90's limit: the autotuner skips it)"
                 extra = resources(compiled.asm["cubin"]) if args.resources else ""
-                print(f"ok {what}: {shared} bytes of shared memory{extra}{fits}")
+                print(f"ok {what}: {shared} bytes of shared memory{extra}{fits}", flush=True)
     print(f"{failures} failed")
     return 1 if failures else 0
 

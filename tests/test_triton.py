@@ -284,8 +284,8 @@ def test_penalty_uses_triton_where_the_backend_would(triton_backend):
 
 
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
-    """Every kernel, bf16 and fp32, each bias path, compiles through PTX to an sm_90 cubin
-    (tests/sm90_compile.py): what the interpreter never does. A subprocess, as the kernels must be built
+    """Every kernel, bf16 and fp32, as the backend launches it for each variant's kind of bias (and both dq
+    strategies), compiles through PTX to an sm_90 cubin (tests/sm90_compile.py): what the interpreter never does. A subprocess, as the kernels must be built
     without TRITON_INTERPRET, and a fresh Triton cache, so nothing compiled earlier answers for them."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -293,6 +293,20 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py")], env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 18 and "0 failed" in result.stdout
+    compiled = {tuple(line.split()[1:3]) for line in result.stdout.splitlines() if line.startswith("ok ")}
+    kernels = {"_forward", "_backward_dk_dv", "_backward_dq", "_backward_dq_dbias_shared", "_penalty_forward",
+               "_penalty_backward"}
+    assert compiled == {(dtype, kernel) for dtype in ("bf16", "fp32") for kernel in kernels}, result.stdout
+    assert "WITH_DQ=True" in result.stdout and "WITH_DQ=False" in result.stdout  # both dq strategies
+    assert "\n0 failed" in result.stdout
+
+
+def test_key_spans_hold_whole_key_blocks():
+    """The head-shared dq/d(bias) kernel splits the keys into spans, one program each: a key block
+    crossing a span's end would be computed twice. Every tuned BLOCK_N must divide the span."""
+    pytest.importorskip("triton")
+    from attention_zoo.backends import triton_tuning as tuning
+
+    assert all(tuning.COMPILED_KEY_SPAN % n == 0 for _, n, _, _ in tuning.SHARED_DQ_CONFIGS)
+    assert all(tuning.INTERPRETER_KEY_SPAN % n == 0 for _, n, _, _ in tuning.INTERPRETER_CONFIGS)
 

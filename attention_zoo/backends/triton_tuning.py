@@ -34,23 +34,27 @@ VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 INTERPRETER_CONFIGS = [(16, 16, 1, 1), (16, 32, 1, 1)]
-# Chosen from the resources of the sm_90 builds, read without a GPU (`python tests/sm90_compile.py
-# --all-configs --resources`, bf16, head dim 64): a configuration whose registers overflow spills tiles to
-# local memory on every iteration. Each kernel lists the shapes that build without spilling (or barely)
-# and suit its loop: the forward and dq loop over keys (wide query blocks, narrow key blocks), dk/dv over
-# queries (the reverse). The head-shared dq/d(bias) kernel holds the bias tile, its gradient and one
-# head's P and dS at once: only 32 x 32 tiles with 8 warps build spill-free, so slightly spilling wider
-# tiles are kept for the autotuner to weigh against the 2x more dq atomics of narrow key blocks.
-# Before that scan, the first H200 run used 2-stage 64/128 x 64 tiles, most of which spill.
-ATTENTION_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)]
-DKDV_CONFIGS = [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 8, 3)]
-DQ_CONFIGS = [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2), (64, 64, 8, 3), (32, 32, 8, 3)]
-SHARED_DQ_CONFIGS = [(32, 32, 8, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)]
-PENALTY_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)]
+# Candidates for the autotuner, which times them on the GPU; the first is what ATTENTION_ZOO_TRITON_AUTOTUNE=0
+# keeps. Chosen from the registers of the sm_90 builds as the JIT specialises them (unit strides constant,
+# 16-divisible sizes marked), read without a GPU: `python tests/sm90_compile.py --all-configs --resources`.
+# In bf16 at head dim 64 every configuration below builds without spilling for selective's bias, except
+# forward 128x128 and dk/dv 64x128 (about 100 bytes a thread; kept as flash-attention's own shapes, which
+# without a bias spill none and 24 bytes). The forward and dq loop over keys (wide query blocks), dk/dv
+# over queries (the reverse). fp32, which is for exactness, spills in its larger tiles.
+# (An earlier scan compiled every integer argument as a plain i32, which takes up to twice the registers:
+# it showed spills everywhere and cut the head-shared dq/d(bias) kernel to 32x32 tiles. Its runtime builds
+# hold 64x64, 128x32 and 32x128 tiles spill-free.)
+ATTENTION_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3)]
+DKDV_CONFIGS = [(32, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 8, 2), (64, 128, 8, 2)]
+DQ_CONFIGS = [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2), (64, 32, 8, 3)]
+SHARED_DQ_CONFIGS = [(64, 64, 8, 2), (128, 32, 8, 2), (32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 2), (32, 32, 8, 3)]
+PENALTY_CONFIGS = [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2)]
 KEY = ["Nq", "Nk", "HEAD_DIM"]
-# Keys per program of the head-shared dq/d(bias) kernel: a multiple of every BLOCK_N above. In the
-# interpreter 32, so the tests' 37 to 50 keys cross a span boundary.
-KEY_SPAN = 32 if INTERPRETED else 512
+# Keys per program of the head-shared dq/d(bias) kernel: a multiple of every BLOCK_N it is tuned over (a key
+# block crossing a span boundary would be computed by two programs). In the interpreter 32, so the tests'
+# 37 to 50 keys cross a span boundary.
+COMPILED_KEY_SPAN, INTERPRETER_KEY_SPAN = 512, 32
+KEY_SPAN = INTERPRETER_KEY_SPAN if INTERPRETED else COMPILED_KEY_SPAN
 
 
 def _wall_clock(fn, quantiles=None):
@@ -134,4 +138,4 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-__all__ = ["SHARED_DQ_STRATEGIES", "SHARED_DQ_ENV", "shared_dq_strategy", "shared_dq_forced", "INTERPRETED", "INTERPRETER_MIN_VERSION", "VERSION", "KEY_SPAN", "tuned", "head_block", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "SHARED_DQ_CONFIGS", "PENALTY_CONFIGS"]
+__all__ = ["SHARED_DQ_STRATEGIES", "SHARED_DQ_ENV", "shared_dq_strategy", "shared_dq_forced", "INTERPRETED", "INTERPRETER_MIN_VERSION", "VERSION", "KEY_SPAN", "COMPILED_KEY_SPAN", "INTERPRETER_KEY_SPAN", "tuned", "head_block", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "SHARED_DQ_CONFIGS", "PENALTY_CONFIGS"]
