@@ -17,6 +17,7 @@ seemed to spill where the real ones do not.
 
     python tests/sm90_compile.py                           # each kernel's first tile configuration
     python tests/sm90_compile.py --all-configs --resources  # every autotuned one, and registers
+    python tests/sm90_compile.py --all-configs --resources --dtype bf16
 
 Prints one line per distinct compile (the shared memory it needs; Hopper has 227 KiB per block, and the
 autotuner skips configurations that do not fit; with --resources also the registers per thread and the
@@ -161,13 +162,14 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all-configs", action="store_true", help="every autotuned configuration, not the first")
     parser.add_argument("--resources", action="store_true", help="also registers per thread and spilled stack bytes")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="only this dtype (repeatable)")
     args = parser.parse_args(argv)
     if INTERPRETED:
         print("TRITON_INTERPRET=1 is set: the kernels were built for the interpreter; unset it")
         return 2
     failures = 0
-    for dtype_name, dtype in DTYPES.items():
-        seen = set()
+    for dtype_name in args.dtype or DTYPES:
+        dtype, seen = DTYPES[dtype_name], set()
         for launch in launches(dtype):
             for config in launch.kernel.configs if args.all_configs else launch.kernel.configs[:1]:
                 build, identity, constexprs = compile_for_hopper(launch, config)

@@ -23,6 +23,9 @@ whole thing on chip, never materialising anything per head larger than (B, H, Nq
   longest 8 heads x 64 key blocks); the spans' dbias tiles are disjoint and their dq adds are atomic.
 
 Query blocks are launched last-first (`heavy_first`): under the causal mask they see the most keys.
+Every kernel walks its tiles in two loops, as flash attention does: the tiles all of whose rows see all
+of whose keys (`unmasked_key_end`, `unmasked_query_start`) without the mask and its select, then the
+few on the causal diagonal or at the end of the keys with it (each loop body is one `*_tile` function).
 
 The backward kernels (dk/dv, then one of the two dq kernels) recompute P = exp2(s - lse) from q, k and
 the bias, as flash attention does: 7 tile matmuls per (query block, key block, head) in all, the count
@@ -42,7 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_tiles import cols_tile, dot, first_query_block, heavy_first, key_end, rows_tile
+from .triton_tiles import (cols_tile, dot, first_query_block, heavy_first, key_end, rows_tile, unmasked_key_end,
+                           unmasked_query_start)
 from .triton_tuning import (ATTENTION_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS, INTERPRETED, INTERPRETER_MIN_VERSION, KEY_SPAN,
                             SHARED_DQ_CONFIGS, VERSION, head_block, shared_dq_strategy, tuned)
 
@@ -64,10 +68,13 @@ def _bias_and_mask(base, offs_m, offs_n, rows, cols, offset, sbm, sbn, HAS_BIAS:
 
 
 @triton.jit
-def _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT: tl.constexpr):
-    """P = exp2(scale q k^T + bias - lse) of one tile, from the saved base-2 log-sum-exp; 0 where not visible."""
-    s = dot(q, kt, FP32_DOT) * qk_scale + bias
-    return tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+def _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
+    """P = exp2(scale q k^T + bias - lse) of one tile, from the saved base-2 log-sum-exp; 0 where not visible.
+    Unmasked tiles (MASKED false) skip the select: rows past the end read lse = inf, so their P is 0."""
+    p = tl.math.exp2(dot(q, kt, FP32_DOT) * qk_scale + bias - lse[:, None])
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
+    return p
 
 
 @triton.jit
@@ -84,6 +91,29 @@ def _query_program(H, GROUP, Nq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, 
     return bh, b, h, h // GROUP, m_block, offs_m, offs_d, offs_m < Nq, dims
 
 
+@triton.jit
+def _forward_tile(acc, l_i, m_i, q, K, V, Bias, start_n, offs_m, offs_d, rows, dims, Nk, offset, qk_scale,
+                  skn, skd, svn, svd, sbm, sbn, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the online softmax. MASKED: the tile crosses the causal diagonal or the end of the
+    keys, so invisible logits become -inf; other tiles skip that select."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    cols = offs_n < Nk
+    kt = cols_tile(K, offs_n, cols, skn, offs_d, dims, skd)  # (D, N)
+    v = rows_tile(V, offs_n, cols, svn, offs_d, dims, svd)
+    bias, visible = _bias_and_mask(Bias, offs_m, offs_n, rows, cols, offset, sbm, sbn, HAS_BIAS, CAUSAL)
+    s = dot(q, kt, FP32_DOT) * qk_scale + bias
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p, v, FP32_DOT)
+    return acc, l_i, m_new
+
+
 @tuned(ATTENTION_CONFIGS)
 @triton.jit
 def _forward(Q, K, V, Bias, Out, Lse,
@@ -94,31 +124,43 @@ def _forward(Q, K, V, Bias, Out, Lse,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh, b, h, hk, m_block, offs_m, offs_d, rows, dims = _query_program(H, GROUP, Nq, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = rows_tile(Q + b * sqb + h * sqh, offs_m, rows, sqm, offs_d, dims, sqd)
+    K, V, Bias = K + b * skb + hk * skh, V + b * svb + hk * svh, Bias + b * sbb + h * sbh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max, base-2 logits
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offset = Nk - Nq  # bottom-right aligned causal: query i sees keys j <= i + offset
-    for start_n in range(0, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        cols = offs_n < Nk
-        kt = cols_tile(K + b * skb + hk * skh, offs_n, cols, skn, offs_d, dims, skd)  # (D, N)
-        v = rows_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
-        bias, visible = _bias_and_mask(Bias + b * sbb + h * sbh, offs_m, offs_n, rows, cols, offset, sbm, sbn,
-                                       HAS_BIAS, CAUSAL)
-        s = tl.where(visible, dot(q, kt, FP32_DOT) * qk_scale + bias, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p, v, FP32_DOT)
-        m_i = m_new
+    unmasked_end = unmasked_key_end(m_block, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
+    for start_n in range(0, unmasked_end, BLOCK_N):  # keys every row sees: no mask (flash attention's split)
+        acc, l_i, m_i = _forward_tile(acc, l_i, m_i, q, K, V, Bias, start_n, offs_m, offs_d, rows, dims, Nk, offset,
+                                      qk_scale, skn, skd, svn, svd, sbm, sbn, HAS_BIAS, CAUSAL, FP32_DOT, False, BLOCK_N)
+    for start_n in range(unmasked_end, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL), BLOCK_N):  # the diagonal, the end
+        acc, l_i, m_i = _forward_tile(acc, l_i, m_i, q, K, V, Bias, start_n, offs_m, offs_d, rows, dims, Nk, offset,
+                                      qk_scale, skn, skd, svn, svd, sbm, sbn, HAS_BIAS, CAUSAL, FP32_DOT, True, BLOCK_N)
     seen = l_i > 0.0  # a query that sees no key (more queries than keys) gets 0, and no gradient
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
              mask=rows[:, None] & dims[None, :])
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(Lse + bh * Nq + offs_m, lse, mask=rows)
+
+
+@triton.jit
+def _dk_dv_tile(dk, dv, k, v, Q, DO, Lse, Delta, Bias, start_m, offs_n, offs_d, cols, dims, Nq, offset, qk_scale,
+                sqm, sqd, sdom, sdod, sbm, sbn, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query block's share of a key block's dk and dv (for one query head)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = offs_m < Nq
+    q = rows_tile(Q, offs_m, rows, sqm, offs_d, dims, sqd)
+    do = rows_tile(DO, offs_m, rows, sdom, offs_d, dims, sdod)
+    lse = tl.load(Lse + offs_m, mask=rows, other=float("inf"))
+    delta = tl.load(Delta + offs_m, mask=rows, other=0.0)
+    bias, visible = _bias_and_mask(Bias, offs_m, offs_n, rows, cols, offset, sbm, sbn, HAS_BIAS, CAUSAL)
+    p = _probs(q, tl.trans(k), bias, lse, visible, qk_scale, FP32_DOT, MASKED)  # (M, N)
+    dv += dot(tl.trans(p), do, FP32_DOT)
+    ds = p * (dot(do, tl.trans(v), FP32_DOT) - delta[:, None])  # gradient of the logits
+    dk += dot(tl.trans(ds), q, FP32_DOT)
+    return dk, dv
 
 
 @tuned(DKDV_CONFIGS)
@@ -145,24 +187,40 @@ def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
     lo = 0
     if CAUSAL:  # the block of the first query that sees this block's first key
         lo = first_query_block(n_block * BLOCK_N - offset, Nq, BLOCK_M) * BLOCK_M
+    unmasked_start = tl.maximum(unmasked_query_start(n_block, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL), lo)
     for g in range(GROUP):  # the query heads that read this kv head: GQA sums here, nothing copied
         h = hk * GROUP + g
-        for start_m in range(lo, Nq, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            rows = offs_m < Nq
-            q = rows_tile(Q + b * sqb + h * sqh, offs_m, rows, sqm, offs_d, dims, sqd)
-            do = rows_tile(DO + b * sdob + h * sdoh, offs_m, rows, sdom, offs_d, dims, sdod)
-            lse = tl.load(Lse + (b * H + h) * Nq + offs_m, mask=rows, other=float("inf"))
-            delta = tl.load(Delta + (b * H + h) * Nq + offs_m, mask=rows, other=0.0)
-            bias, visible = _bias_and_mask(Bias + b * sbb + h * sbh, offs_m, offs_n, rows, cols, offset, sbm, sbn,
-                                           HAS_BIAS, CAUSAL)
-            p = _probs(q, tl.trans(k), bias, lse, visible, qk_scale, FP32_DOT)  # (M, N)
-            dv += dot(tl.trans(p), do, FP32_DOT)
-            ds = p * (dot(do, tl.trans(v), FP32_DOT) - delta[:, None])  # gradient of the logits
-            dk += dot(tl.trans(ds), q, FP32_DOT)
+        Qh, DOh, Bias_h = Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, Bias + b * sbb + h * sbh
+        Lse_h, Delta_h = Lse + (b * H + h) * Nq, Delta + (b * H + h) * Nq
+        for start_m in range(lo, unmasked_start, BLOCK_M):  # blocks crossing the diagonal
+            dk, dv = _dk_dv_tile(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, Bias_h, start_m, offs_n, offs_d, cols, dims,
+                                 Nq, offset, qk_scale, sqm, sqd, sdom, sdod, sbm, sbn, HAS_BIAS, CAUSAL, FP32_DOT,
+                                 True, BLOCK_M)
+        for start_m in range(unmasked_start, Nq, BLOCK_M):  # blocks that see every key of this one
+            dk, dv = _dk_dv_tile(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, Bias_h, start_m, offs_n, offs_d, cols, dims,
+                                 Nq, offset, qk_scale, sqm, sqd, sdom, sdod, sbm, sbn, HAS_BIAS, CAUSAL, FP32_DOT,
+                                 False, BLOCK_M)
     out_offsets = bhk * Nk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # DK, DV contiguous
     tl.store(DK + out_offsets, (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None] & dims[None, :])
     tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] & dims[None, :])
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, K, V, Bias, DBias, start_n, offs_m, offs_d, rows, dims, Nk, offset, qk_scale,
+             skn, skd, svn, svd, sbm, sbn, sgm, sgn, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+             CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block's share of a query block's dq (one head); a per-head bias gets this head's dS."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    cols = offs_n < Nk
+    bias, visible = _bias_and_mask(Bias, offs_m, offs_n, rows, cols, offset, sbm, sbn, HAS_BIAS, CAUSAL)
+    kt = cols_tile(K, offs_n, cols, skn, offs_d, dims, skd)
+    vt = cols_tile(V, offs_n, cols, svn, offs_d, dims, svd)
+    p = _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT, MASKED)
+    ds = p * (dot(do, vt, FP32_DOT) - delta[:, None])
+    dq += dot(ds, tl.trans(kt), FP32_DOT)
+    if BIAS_GRAD:
+        tl.store(DBias + offs_m[:, None] * sgm + offs_n[None, :] * sgn, ds, mask=rows[:, None] & cols[None, :])
+    return dq
 
 
 @tuned(DQ_CONFIGS)
@@ -178,23 +236,48 @@ def _backward_dq(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
     do = rows_tile(DO + b * sdob + h * sdoh, offs_m, rows, sdom, offs_d, dims, sdod)
     lse = tl.load(Lse + bh * Nq + offs_m, mask=rows, other=float("inf"))
     delta = tl.load(Delta + bh * Nq + offs_m, mask=rows, other=0.0)
+    K, V, Bias, DBias = K + b * skb + hk * skh, V + b * svb + hk * svh, Bias + b * sbb + h * sbh, DBias + b * sgb + h * sgh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offset = Nk - Nq
-    for start_n in range(0, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        cols = offs_n < Nk
-        bias, visible = _bias_and_mask(Bias + b * sbb + h * sbh, offs_m, offs_n, rows, cols, offset, sbm, sbn,
-                                       HAS_BIAS, CAUSAL)
-        kt = cols_tile(K + b * skb + hk * skh, offs_n, cols, skn, offs_d, dims, skd)
-        vt = cols_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
-        p = _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT)
-        ds = p * (dot(do, vt, FP32_DOT) - delta[:, None])
-        dq += dot(ds, tl.trans(kt), FP32_DOT)
-        if BIAS_GRAD:  # a per-head bias: its gradient is this head's dS
-            tl.store(DBias + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn, ds,
-                     mask=rows[:, None] & cols[None, :])
+    unmasked_end = unmasked_key_end(m_block, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
+    for start_n in range(0, unmasked_end, BLOCK_N):  # keys every row sees: no mask
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, Bias, DBias, start_n, offs_m, offs_d, rows, dims, Nk, offset, qk_scale,
+                      skn, skd, svn, svd, sbm, sbn, sgm, sgn, HAS_BIAS, BIAS_GRAD, CAUSAL, FP32_DOT, False, BLOCK_N)
+    for start_n in range(unmasked_end, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL), BLOCK_N):  # the diagonal, the end
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, Bias, DBias, start_n, offs_m, offs_d, rows, dims, Nk, offset, qk_scale,
+                      skn, skd, svn, svd, sbm, sbn, sgm, sgn, HAS_BIAS, BIAS_GRAD, CAUSAL, FP32_DOT, True, BLOCK_N)
     tl.store(DQ + (bh * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=rows[:, None] & dims[None, :])
+
+
+@triton.jit
+def _shared_bias_tile(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias, b, start_n, offs_m, offs_d, rows, dims, Nq, Nk, offset,
+                      qk_scale, scale, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbm, sbn,
+                      sdob, sdoh, sdom, sdod, sgm, sgn, H, GROUP, HEAD_DIM: tl.constexpr, WITH_DQ: tl.constexpr,
+                      CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (query block, key block) tile of a head-shared bias: its gradient summed over every head, each
+    head's dq tile added atomically (WITH_DQ). The bias tile is read once here for all heads."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    cols = offs_n < Nk
+    bias, visible = _bias_and_mask(Bias, offs_m, offs_n, rows, cols, offset, sbm, sbn, True, CAUSAL)
+    dbias = tl.zeros_like(bias)
+    for h in range(H):
+        hk = h // GROUP
+        q = rows_tile(Q + b * sqb + h * sqh, offs_m, rows, sqm, offs_d, dims, sqd)
+        do = rows_tile(DO + b * sdob + h * sdoh, offs_m, rows, sdom, offs_d, dims, sdod)
+        lse = tl.load(Lse + (b * H + h) * Nq + offs_m, mask=rows, other=float("inf"))
+        delta = tl.load(Delta + (b * H + h) * Nq + offs_m, mask=rows, other=0.0)
+        kt = cols_tile(K + b * skb + hk * skh, offs_n, cols, skn, offs_d, dims, skd)
+        vt = cols_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
+        p = _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT, MASKED)
+        ds = p * (dot(do, vt, FP32_DOT) - delta[:, None])
+        if WITH_DQ:  # the "atomic" strategy (triton_tuning.SHARED_DQ_STRATEGIES)
+            # DQ is a contiguous float32 (B, H, Nq, D) buffer; programs of other key spans add into
+            # the same rows, so the adds are atomic.
+            tl.atomic_add(DQ + ((b * H + h) * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+                          dot(ds, tl.trans(kt), FP32_DOT) * scale, mask=rows[:, None] & dims[None, :])
+        dbias += ds
+    tl.store(DBias + offs_m[:, None] * sgm + offs_n[None, :] * sgn, dbias, mask=rows[:, None] & cols[None, :])
 
 
 @tuned(SHARED_DQ_CONFIGS, reset_to_zero=["DQ"], also_key=("WITH_DQ",))  # dq is added into atomically
@@ -213,30 +296,19 @@ def _backward_dq_dbias_shared(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
     rows = offs_m < Nq
     dims = offs_d < HEAD_DIM
     offset = Nk - Nq
+    Bias, DBias = Bias + b * sbb, DBias + b * sgb
     span_end = tl.minimum(span_start + KEY_SPAN, key_end(m_block, Nq, Nk, BLOCK_M, CAUSAL))
-    for start_n in range(span_start, span_end, BLOCK_N):  # nothing for a span in the causal future
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        cols = offs_n < Nk
-        # the bias tile, read once here for every head
-        bias, visible = _bias_and_mask(Bias + b * sbb, offs_m, offs_n, rows, cols, offset, sbm, sbn, True, CAUSAL)
-        dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for h in range(H):
-            hk = h // GROUP
-            q = rows_tile(Q + b * sqb + h * sqh, offs_m, rows, sqm, offs_d, dims, sqd)
-            do = rows_tile(DO + b * sdob + h * sdoh, offs_m, rows, sdom, offs_d, dims, sdod)
-            lse = tl.load(Lse + (b * H + h) * Nq + offs_m, mask=rows, other=float("inf"))
-            delta = tl.load(Delta + (b * H + h) * Nq + offs_m, mask=rows, other=0.0)
-            kt = cols_tile(K + b * skb + hk * skh, offs_n, cols, skn, offs_d, dims, skd)
-            vt = cols_tile(V + b * svb + hk * svh, offs_n, cols, svn, offs_d, dims, svd)
-            p = _probs(q, kt, bias, lse, visible, qk_scale, FP32_DOT)
-            ds = p * (dot(do, vt, FP32_DOT) - delta[:, None])
-            if WITH_DQ:  # the "atomic" strategy (triton_tuning.SHARED_DQ_STRATEGIES)
-                # DQ is a contiguous float32 (B, H, Nq, D) buffer; programs of other key spans add into
-                # the same rows, so the adds are atomic.
-                tl.atomic_add(DQ + ((b * H + h) * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
-                              dot(ds, tl.trans(kt), FP32_DOT) * scale, mask=rows[:, None] & dims[None, :])
-            dbias += ds
-        tl.store(DBias + b * sgb + offs_m[:, None] * sgm + offs_n[None, :] * sgn, dbias, mask=rows[:, None] & cols[None, :])
+    # nothing for a span in the causal future; spans and the unmasked end are whole key blocks
+    unmasked_end = tl.minimum(tl.maximum(unmasked_key_end(m_block, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL), span_start),
+                              span_end)
+    for start_n in range(span_start, unmasked_end, BLOCK_N):  # keys every row sees: no mask
+        _shared_bias_tile(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias, b, start_n, offs_m, offs_d, rows, dims, Nq, Nk,
+                          offset, qk_scale, scale, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbm, sbn,
+                          sdob, sdoh, sdom, sdod, sgm, sgn, H, GROUP, HEAD_DIM, WITH_DQ, CAUSAL, FP32_DOT, False, BLOCK_N)
+    for start_n in range(unmasked_end, span_end, BLOCK_N):  # the diagonal, the end
+        _shared_bias_tile(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias, b, start_n, offs_m, offs_d, rows, dims, Nq, Nk,
+                          offset, qk_scale, scale, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbm, sbn,
+                          sdob, sdoh, sdom, sdod, sgm, sgn, H, GROUP, HEAD_DIM, WITH_DQ, CAUSAL, FP32_DOT, True, BLOCK_N)
 
 
 def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:

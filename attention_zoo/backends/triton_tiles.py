@@ -53,10 +53,32 @@ def key_end(m_block, Nq, Nk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def unmasked_key_end(m_block, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The keys before this (a whole number of key blocks) are in bounds and seen by every row of query block
+    `m_block`: their tiles need no mask. Its first row sees the fewest keys, j <= first row + Nk - Nq."""
+    end = Nk
+    if CAUSAL:
+        end = tl.minimum(Nk, tl.maximum(m_block * BLOCK_M + Nk - Nq + 1, 0))
+    return end // BLOCK_N * BLOCK_N
+
+
+@triton.jit
+def unmasked_query_start(n_block, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The query blocks from this row on see every key of key block `n_block` (its last key included):
+    their tiles need no causal mask. Rows and keys past the ends need none either in the dk/dv walk, since
+    P is 0 on rows past the end (their log-sum-exp reads as inf) and keys past the end are never stored."""
+    start = 0
+    if CAUSAL:
+        last_key = n_block * BLOCK_N + BLOCK_N - 1
+        start = tl.minimum(tl.cdiv(tl.maximum(last_key - (Nk - Nq), 0), BLOCK_M) * BLOCK_M, tl.cdiv(Nq, BLOCK_M) * BLOCK_M)
+    return start
+
+
+@triton.jit
 def heavy_first(pid, count):
     """Program `pid` of `count` takes block count - 1 - pid: under a causal mask the last query blocks see
     the most keys, and launching them first keeps the last wave of the grid from being its longest."""
     return count - 1 - pid
 
 
-__all__ = ["rows_tile", "cols_tile", "dot", "first_query_block", "key_end", "heavy_first"]
+__all__ = ["rows_tile", "cols_tile", "dot", "first_query_block", "key_end", "unmasked_key_end", "unmasked_query_start", "heavy_first"]
