@@ -273,9 +273,10 @@ def _shared_bias_tile(Q, K, V, Bias, DO, Lse, Delta, DQ, DBias, b, start_n, offs
         ds = p * (dot(do, vt, FP32_DOT) - delta[:, None])
         if WITH_DQ:  # the "atomic" strategy (triton_tuning.SHARED_DQ_STRATEGIES)
             # DQ is a contiguous float32 (B, H, Nq, D) buffer; programs of other key spans add into
-            # the same rows, so the adds are atomic.
+            # the same rows, so the adds are atomic. Relaxed: a sum needs no ordering (Triton's default,
+            # acq_rel, fences every add).
             tl.atomic_add(DQ + ((b * H + h) * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
-                          dot(ds, tl.trans(kt), FP32_DOT) * scale, mask=rows[:, None] & dims[None, :])
+                          dot(ds, tl.trans(kt), FP32_DOT) * scale, mask=rows[:, None] & dims[None, :], sem="relaxed")
         dbias += ds
     tl.store(DBias + offs_m[:, None] * sgm + offs_n[None, :] * sgn, dbias, mask=rows[:, None] & cols[None, :])
 
