@@ -127,6 +127,21 @@ def test_fused_backends_agree_with_math(name, params, fast, request):
         torch.testing.assert_close(grads[fast][pname], g, atol=1e-5 * max(1.0, gscale), rtol=0, msg=lambda m: f"{pname}: {m}")
 
 
+@pytest.mark.parametrize("name,params", CONTRACT, ids=IDS)
+def test_flex_forward_agrees_with_math(name, params):
+    """backend: flex, forward only: torch has no FlexAttention backward on CPU (on CUDA,
+    tests/gpu/test_fused_gpu.py runs every variant on flex, gradients included). Head dim 16, its minimum."""
+    if torch.cuda.is_available():
+        pytest.skip("these models are on CPU; on CUDA tests/gpu/test_fused_gpu.py runs every variant on flex")
+    models = {b: build_model(case_config(name, params, backend=b, dim=64)) for b in ("math", "flex")}
+    randomized(models["math"], std=0.1)
+    models["flex"].load_state_dict(models["math"].state_dict())
+    with torch.no_grad():
+        logits = {b: model(tokens()) for b, model in models.items()}
+    scale = logits["math"].abs().max().item()
+    torch.testing.assert_close(logits["flex"], logits["math"], atol=1e-5 * max(1.0, scale), rtol=0)
+
+
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 @pytest.mark.parametrize("name,params", CONTRACT, ids=IDS)
 def test_float64_gradcheck_through_the_layers(name, params, backend):

@@ -231,7 +231,7 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
         return dq * 1.01 if strategy == "recompute" else dq
 
     monkeypatch.setattr(triton_kernels, "_shared_bias_dq", wrong_recompute)
-    assert "attention dq (recompute dq) off by" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+    assert "attention (recompute dq) dq off by" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
     monkeypatch.setattr(triton_kernels, "_shared_bias_dq", real_shared)
 
     from attention_zoo.backends import triton_selection

@@ -29,13 +29,16 @@ try:  # the xformers backend module imports xformers lazily, so registering it i
 except ImportError:  # pragma: no cover - only while the module does not exist
     pass
 from .triton import TritonBackend  # noqa: E402  (imports triton itself only on first use)
+from .flex import FlexBackend  # noqa: E402  (compiles only on first CUDA use)
 
 BACKENDS.add("triton", TritonBackend())
+BACKENDS.add("flex", FlexBackend())
 
 # triton first, though `auto` hands it only training with a trainable bias (it defers every other call):
 # the one call no other fused kernel serves whole.
 AUTO_ORDER = ("triton", "xformers", "sdpa", "math")
-BACKEND_CHOICES = ("auto", *AUTO_ORDER)
+# Named only, not tried by auto: flex, until a GPU benchmark shows it faster than triton for that call.
+BACKEND_CHOICES = ("auto", *AUTO_ORDER, "flex")
 
 
 class BackendRefused(RuntimeError):

@@ -30,11 +30,10 @@ from torch.autograd.function import once_differentiable
 
 from .base import AttentionCall, Backend
 from .fused import spread_over_heads, trainable_bias
+from .self_check import BATCH, attention_agreement, first_disagreement, random_inputs, value_and_grads
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # the autotuned tile configurations (triton_tuning.py) are chosen up to here
-# Self-check tolerance against math, relative to the largest |value| (fp32 dots run in IEEE fp32).
-SELF_CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def interpreter_requested() -> bool:
@@ -137,17 +136,13 @@ class TritonAttention(torch.autograd.Function):
 
 @functools.lru_cache(maxsize=None)
 def self_check(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Run every Triton kernel once on a small problem against a float64 PyTorch reference: None if they
-    agree, else why not. Cached: once per (device, dtype, head dim) and process."""
+    """Run every Triton kernel once on a small problem against a float64 PyTorch reference
+    (`self_check.py`): None if they agree, else why not. Cached: once per (device, dtype, head dim) and process."""
     try:
         results = [*_attention_check(device, dtype, head_dim), *_penalty_check(device, dtype, head_dim)]
     except Exception as exc:  # a compile error, a launch failure, ...
         return f"the kernels failed their self-check on this {device} ({type(exc).__name__}: {exc})"
-    for what, got, want in results:
-        err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
-        if not err <= SELF_CHECK_TOL[dtype]:
-            return f"the kernels disagree with PyTorch on this {device} ({what} off by {err:.2e} for {dtype}, head dim {head_dim})"
-    return None
+    return first_disagreement(results, device, dtype, head_dim)
 
 
 def _check_length() -> int:
@@ -158,32 +153,14 @@ def _check_length() -> int:
     return KEY_SPAN + 48
 
 
-B, H, HKV = 2, 4, 2  # GQA
-
-
-def _inputs(device: str, dtype: torch.dtype, *shapes: tuple[int, ...]) -> list[Tensor]:
-    gen = torch.Generator(device=device).manual_seed(0)
-    return [torch.randn(shape, device=device, generator=gen).to(dtype) for shape in shapes]
-
-
 def _attention_check(device: str, dtype: torch.dtype, head_dim: int):
-    from .math import math_attention
     from .triton_tuning import SHARED_DQ_STRATEGIES, shared_dq_forced
 
-    N = _check_length()
-    q, k, v, dout = _inputs(device, dtype, (B, H, N, head_dim), (B, HKV, N, head_dim), (B, HKV, N, head_dim),
-                            (B, H, N, head_dim))
-    bias, = _inputs(device, torch.float32, (B, 1, N, N))
-    ins = [t.requires_grad_() for t in (q, k, v, bias)]
-    ref = [t.detach().double().requires_grad_() for t in ins]
-    want = _value_and_grads(lambda: math_attention(*ref[:3], bias=ref[3], causal=True, scale=head_dim ** -0.5),
-                            dout.double(), ref)
     results = []
     for strategy in SHARED_DQ_STRATEGIES:  # auto may pick either per problem size: both are checked
         with shared_dq_forced(strategy):
-            got = _value_and_grads(lambda: TritonAttention.apply(*ins, True, head_dim ** -0.5, 0), dout, ins)
-        names = (f"attention {what} ({strategy} dq)" for what in ("out", "dq", "dk", "dv", "dbias"))
-        results += zip(names, got, want)
+            results += attention_agreement(lambda q, k, v, bias, scale: TritonAttention.apply(q, k, v, bias, True, scale, 0),
+                                           device, dtype, head_dim, _check_length(), label=f"attention ({strategy} dq)")
     return results
 
 
@@ -192,18 +169,13 @@ def _penalty_check(device: str, dtype: torch.dtype, head_dim: int):
     from .penalty import TritonSelectionPenalty
 
     N = _check_length()
-    q, k = (t.requires_grad_() for t in _inputs(device, dtype, (B, N, head_dim), (B, N, head_dim)))
-    dpen, = _inputs(device, torch.float32, (B, N, N))
-    got = _value_and_grads(lambda: TritonSelectionPenalty.apply(q, k, head_dim ** -0.5, True), dpen, (q, k))
+    q, k = (t.requires_grad_() for t in random_inputs(device, dtype, (BATCH, N, head_dim), (BATCH, N, head_dim)))
+    dpen, = random_inputs(device, torch.float32, (BATCH, N, N))
+    got = value_and_grads(lambda: TritonSelectionPenalty.apply(q, k, head_dim ** -0.5, True), dpen, (q, k))
     ref = [t.detach().double().requires_grad_() for t in (q, k)]
     logits = lambda: torch.einsum("bnd,bmd->bnm", ref[0], ref[1]) * head_dim ** -0.5  # noqa: E731
-    want = _value_and_grads(lambda: penalty_from_scores(selection_scores(logits(), protect_bos=True)), dpen.double(), ref)
+    want = value_and_grads(lambda: penalty_from_scores(selection_scores(logits(), protect_bos=True)), dpen.double(), ref)
     return zip(("selection F", "selection dq", "selection dk"), got, want)
-
-
-def _value_and_grads(fn, dout: Tensor, inputs) -> list[Tensor]:
-    out = fn()
-    return [out.detach(), *torch.autograd.grad(out, list(inputs), dout.to(out.dtype))]
 
 
 __all__ = ["TritonBackend", "TritonAttention", "load_kernels", "self_check"]

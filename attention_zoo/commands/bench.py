@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated presets (vanilla, gqa, mqa, residual, selective, selective_gqa, "
                         "selective_residual, cross_layer_share, cross_layer_accumulate), registered variant names, "
                         "or YAML config paths (their attention/layers, with the dims below); vanilla is always added")
-    p.add_argument("--backends", type=_list(str), default=["sdpa"], help="comma-separated: auto, triton, xformers, sdpa, math")
+    p.add_argument("--backends", type=_list(str), default=["sdpa"], help="comma-separated: auto, triton, xformers, sdpa, math, flex")
     p.add_argument("--seq-lens", type=_list(int), default=[256, 1024], help="comma-separated sequence lengths")
     p.add_argument("--batch", type=_list(int), default=[4], help="comma-separated batch sizes")
     p.add_argument("--mode", type=_list(str), default=["fwdbwd"],

@@ -1,5 +1,5 @@
-"""Every registered variant on the xformers and triton backends against `math`, on a GPU (skipped
-without CUDA).
+"""Every registered variant on the xformers, triton and flex backends against `math`, on a GPU (skipped
+without CUDA). flex last: its first call per shape compiles (torch.compile), the slowest to run.
 
 fp32, fp16 and bf16; logits and every parameter gradient; |difference| <= tol * max(1, largest |value|)
 with tol 2e-3 (fp32: xformers' own fp32 kernels are checked at 9e-4 atol), 2e-2 (fp16), 6e-2 (bf16).
@@ -18,6 +18,10 @@ from attention_zoo.backends import BACKENDS, AttentionCall  # noqa: E402
 from attention_zoo.variant_registry import get_variant  # noqa: E402
 
 TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# Each variant x dtype compiles flex's kernels anew (another shape, dtype or kind of bias): past dynamo's
+# default of 8 recompiles of one function it would run flex eagerly and stop testing the compiled kernels.
+torch._dynamo.config.recompile_limit = 1024
+torch._dynamo.config.accumulated_recompile_limit = 8192
 # parameters worth covering per variant (a variant not listed runs with its defaults)
 CASES: dict[str, list[dict]] = {
     "gqa": [{"kv_heads": 2}, {"kv_heads": 1}],
@@ -47,7 +51,7 @@ def close(actual, expected, dtype, what):
                                msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["xformers", "triton"])
+@pytest.mark.parametrize("backend", ["xformers", "triton", "flex"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,params", VARIANTS, ids=IDS)
 def test_variant_on_fused_backend_matches_math(name, params, dtype, backend):
