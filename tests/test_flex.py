@@ -114,3 +114,25 @@ def test_a_model_names_it_in_its_config():
                                                       "max_seq_len": 16, "attention": {"variant": "selective"}}})
     with torch.no_grad():
         assert model(torch.randint(0, 32, (2, 12))).shape == (2, 12, 32)
+
+
+def test_the_compiled_call_traces_once_and_matches_math(monkeypatch):
+    """The function CUDA runs, compiled whole by torch.compile, here through inductor's CPU code
+    (forward only): it agrees with math, and a second call with another bias of the same shape reuses
+    the compiled graph (the bias is a graph input, not a closure dynamo would guard and recompile on)."""
+    import torch._dynamo
+
+    B, H, Hkv, N, D = 1, 4, 2, 128, 16
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, N, D, generator=gen)
+    k, v = (torch.randn(B, Hkv, N, D, generator=gen) for _ in range(2))
+    block_mask = flex_module.causal_block_mask(N, N, "cpu")
+    compiled = flex_module._compiled()
+    with torch.no_grad():
+        for attempt in range(2):
+            source = torch.randn(B, 1, N, N, generator=gen)
+            bias = flex_module.read_once(source.expand(B, H, N, N), q, k)
+            got = compiled(q, k, v, bias, block_mask, D ** -0.5, True, False, False)
+            want = math_attention(q, k, v, bias=source.expand(B, H, N, N), causal=True, scale=D ** -0.5)
+            torch.testing.assert_close(got, want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=0)
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)

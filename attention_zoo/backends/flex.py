@@ -32,14 +32,15 @@ MIN_HEAD_DIM = 16  # the smallest tile dimension of its kernels
 CHECK_LENGTH = 200  # self-check tokens: more than one 128-token block, with a partial one
 
 
-@functools.lru_cache(maxsize=None)
+try:  # part of torch since 2.5, imported with it (no cost here)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    create_block_mask = flex_attention = None
+
+
 def flex_api():
     """(flex_attention, create_block_mask), or None where this torch has no FlexAttention (before 2.5)."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
-    return flex_attention, create_block_mask
+    return None if flex_attention is None else (flex_attention, create_block_mask)
 
 
 class FlexBackend(Backend):
@@ -97,7 +98,6 @@ def read_once(bias: Tensor, q: Tensor, k: Tensor) -> Tensor:
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, block_mask, scale: float, gqa: bool,
           per_batch: bool, per_head: bool) -> Tensor:
-    flex_attention, _ = flex_api()
     score_mod = None
     if bias is not None:
         def score_mod(score, b, h, i, j):
@@ -115,7 +115,6 @@ def _compiled():
 @functools.lru_cache(maxsize=64)
 def causal_block_mask(q_len: int, k_len: int, device: str):
     """Bottom-right aligned causal BlockMask: query i sees keys j <= i + k_len - q_len."""
-    _, create_block_mask = flex_api()
     offset = k_len - q_len
 
     def causal(b, h, i, j):
