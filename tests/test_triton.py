@@ -281,6 +281,7 @@ def test_penalty_uses_triton_where_the_backend_would(triton_backend):
     assert triton_penalty_refusal(q, q, "triton") is None
     if DEVICE == "cpu":
         assert "CUDA only" in triton_penalty_refusal(q, q, "auto")  # auto never runs the interpreter
+        assert "CUDA only" in triton_penalty_refusal(q, q, "flex")
 
 
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):

@@ -115,13 +115,15 @@ class TritonSelectionPenalty(torch.autograd.Function):
 
 def triton_penalty_refusal(q: Tensor, k: Tensor, backend: str) -> str | None:
     """Why F is not computed by the Triton kernels for this call (None: it is). They run where the triton
-    backend would (`backend: triton`, or `auto` on CUDA) and it refuses nothing of q's dtype and size."""
+    backend would (`backend: triton`, or `auto` on CUDA), with `flex` on CUDA (its kernels are Triton's
+    too, and its benchmark should differ from triton's in the attention alone), and only where the triton
+    backend refuses nothing of q's dtype and size."""
     from . import BACKENDS, AttentionCall
 
-    if backend not in ("auto", "triton"):
+    if backend not in ("auto", "triton", "flex"):
         return f"backend {backend!r} is named"
-    if backend == "auto" and q.device.type != "cuda":
-        return "auto uses Triton on CUDA only"
+    if backend in ("auto", "flex") and q.device.type != "cuda":
+        return f"{backend} uses Triton on CUDA only"
     call = AttentionCall(device=q.device.type, dtype=q.dtype, heads=1, kv_heads=1, head_dim=q.shape[-1], q_len=q.shape[1],
                          k_len=k.shape[1])
     return BACKENDS.get("triton").refuse(call)
