@@ -6,6 +6,8 @@ Tolerance: fp32, 1e-5 relative to the largest |value|.
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -116,6 +118,8 @@ def test_a_model_names_it_in_its_config():
         assert model(torch.randint(0, 32, (2, 12))).shape == (2, 12, 32)
 
 
+@pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "clang++", "c++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_the_compiled_call_traces_once_and_matches_math(monkeypatch):
     """The function CUDA runs, compiled whole by torch.compile, here through inductor's CPU code
     (forward only): it agrees with math, and a second call with another bias of the same shape reuses
