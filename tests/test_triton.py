@@ -59,8 +59,9 @@ CASES = [  # (B, H, Hkv, Nq, Nk, D, causal)
     (2, 2, 2, 19, 50, 16, True),   # a cached chunk: queries sit at the end (bottom-right causal)
     (2, 4, 2, 30, 45, 16, False),  # no mask
 ]
-if DEVICE == "cuda":  # compiled: past the head-shared backward's 512-key spans (the interpreter's are 32)
-    CASES.append((2, 4, 2, 600, 600, 64, True))
+if DEVICE == "cuda":  # compiled: past the head-shared backward's 512-key spans (the interpreter's are 32), and
+    # whole tiles below the diagonal (the unmasked loops), also with cached keys before the queries
+    CASES += [(2, 4, 2, 600, 600, 64, True), (1, 4, 2, 200, 600, 64, True)]
 
 
 def run_both(backend, case, bias_kind, dtype):
