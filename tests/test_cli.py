@@ -2,6 +2,7 @@
 route, exit codes and tracebacks included, is covered in test_config.py and test_plugins.py)."""
 from __future__ import annotations
 
+
 import re
 from pathlib import Path
 
@@ -105,6 +106,22 @@ def test_describe_says_why_a_backend_was_skipped(capsys, monkeypatch):
     monkeypatch.setattr(backends, "AUTO_ORDER", ("picky", "math"))
     _, layers = describe(capsys, str(CONFIGS / "vanilla.yaml"))
     assert all(re.search(r"\): math \(skipped picky: needs head_dim 128, got 32\)", layer) for layer in layers)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "xformers", "flex"])
+def test_describe_plans_a_named_gpu_backend_from_a_cpu_machine(capsys, backend, device):
+    """The dry run on the meta device never asks the named backend to run (it would refuse meta, and
+    describe died with a traceback): the plan is made for --device, where the backend runs or is
+    refused with its reason."""
+    _, layers = describe(capsys, str(CONFIGS / "selective.yaml"), "--train", "--device", device, f"backend={backend}")
+    assert len(layers) == 4
+    for layer in layers:
+        assert re.search(rf"^    backend \({backend}, {device}, float32, train; bias with grad\): "
+                         rf"({backend}|none: backend '{backend}' refused: .+)$", layer, re.M), layer
+    if backend == "flex":  # no FlexAttention backward on CPU; on a CUDA machine it would run
+        assert all(("refused: torch has no FlexAttention backward on CPU" in layer) == (device == "cpu")
+                   for layer in layers)
 
 
 def test_describe_a_bad_config_exits_2(capsys, tmp_path):
