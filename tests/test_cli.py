@@ -136,3 +136,13 @@ def test_usage_errors_exit_2(capsys, argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
+
+
+def test_a_named_backend_that_refuses_training_exits_2_with_the_reason(capsys, tmp_path):
+    """No traceback: the refusal, and the backends that would run the call instead."""
+    code, _, err = run(capsys, "train", str(CONFIGS / "train" / "shakespeare_tiny.yaml"), "backend=flex",
+                       "--out", str(tmp_path / "run"))
+    assert code == 2 and "Traceback" not in err
+    assert ("attention-zoo train: error: backend 'flex' refused: torch has no FlexAttention backward on CPU "
+            "(train there with sdpa or math); backend: auto, or one that accepts this call: ") in err
+    assert "sdpa, math" in err

@@ -12,6 +12,7 @@ from typing import Iterator
 
 from torch import Tensor
 
+from ..errors import UserError
 from ..registry import Registry
 from .base import AttentionCall, Backend, causal_mask
 from .math import MathBackend, grouped_logits, math_attention
@@ -41,8 +42,9 @@ AUTO_ORDER = ("triton", "xformers", "sdpa", "math")
 BACKEND_CHOICES = ("auto", *AUTO_ORDER, "flex")
 
 
-class BackendRefused(RuntimeError):
-    pass
+class BackendRefused(UserError, RuntimeError):
+    """The named backend cannot run a call (or, under auto, none can). A UserError: the CLI prints it and
+    exits 2, since the fix is the config's `backend:` key."""
 
 
 _logged: set[tuple[str, str]] = set()
@@ -67,7 +69,9 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
         backend = BACKENDS.get(name)
         reason = backend.refuse(call)
         if reason:
-            raise BackendRefused(f"backend {name!r} refused: {reason}")
+            others = [n for n in BACKEND_CHOICES if n not in ("auto", name) and not BACKENDS.get(n).refuse(call)]
+            raise BackendRefused(f"backend {name!r} refused: {reason}; backend: auto, or one that accepts this call: "
+                                 f"{', '.join(others) or 'none'}")
         return backend, []
     skipped = []
     for candidate in AUTO_ORDER:
