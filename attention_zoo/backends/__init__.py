@@ -69,7 +69,8 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
         backend = BACKENDS.get(name)
         reason = backend.refuse(call)
         if reason:
-            others = [n for n in BACKEND_CHOICES if n not in ("auto", name) and not BACKENDS.get(n).refuse(call)]
+            # Only the plain backends are offered: asking triton or flex would compile their self-checks.
+            others = [n for n in ("sdpa", "math") if n != name and not BACKENDS.get(n).refuse(call)]
             raise BackendRefused(f"backend {name!r} refused: {reason}; backend: auto, or one that accepts this call: "
                                  f"{', '.join(others) or 'none'}")
         return backend, []
