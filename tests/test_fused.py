@@ -160,17 +160,19 @@ def test_selective_forward_and_backward_never_materialise_per_head_scores(kv_hea
 
 # --- the fused selection penalty --------------------------------------------------------------------
 
+@pytest.mark.parametrize("negate", [False, True], ids=["F", "minus-F"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("Nq,Nk,accumulated,protect_bos", [(100, 100, False, True), (37, 130, True, False),
                                                           (1, 9, True, True), (128, 128, False, False)])
-def test_fused_penalty_matches_unfused(dtype, Nq, Nk, accumulated, protect_bos):
+def test_fused_penalty_matches_unfused(dtype, Nq, Nk, accumulated, protect_bos, negate):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, Nq, Nk, generator=g, dtype=dtype, requires_grad=True)
     acc = torch.rand(2, Nk, generator=g, dtype=dtype, requires_grad=True) if accumulated else None
     tensors = [logits] + ([acc] if acc is not None else [])
-    ours = grads_of(lambda: penalty.fused_selection_penalty(logits, protect_bos=protect_bos, accumulated=acc),
-                    tensors, (2, Nq, Nk), dtype)
-    ref = grads_of(lambda: penalty_from_scores(selection_scores(logits, protect_bos=protect_bos), acc),
+    sign = -1 if negate else 1
+    ours = grads_of(lambda: penalty.fused_selection_penalty(logits, protect_bos=protect_bos, accumulated=acc,
+                                                            negate=negate), tensors, (2, Nq, Nk), dtype)
+    ref = grads_of(lambda: sign * penalty_from_scores(selection_scores(logits, protect_bos=protect_bos), acc),
                    tensors, (2, Nq, Nk), dtype)
     for name, a, b in zip(["F", "dlogits", "daccumulated"], ours, ref):
         close(a, b, dtype, name)
@@ -182,11 +184,13 @@ def test_fused_penalty_keeps_float32_for_half_logits():
     assert penalty.fused_selection_penalty(logits).dtype == torch.float32
 
 
+@pytest.mark.parametrize("negate", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_exclusive_row_cumsum(reverse):
+def test_exclusive_row_cumsum(reverse, negate):
     x = torch.randn(3, 150, 7, dtype=torch.float64)
     inclusive = x.flip(1).cumsum(1).flip(1) if reverse else x.cumsum(1)
-    close(penalty.exclusive_row_cumsum(x, reverse=reverse), inclusive - x, torch.float64, "cumsum")
+    close(penalty.exclusive_row_cumsum(x, reverse=reverse, negate=negate), (inclusive - x) * (-1 if negate else 1),
+          torch.float64, "cumsum")
 
 
 def test_fused_penalty_saves_only_a_bool_mask():
@@ -240,3 +244,37 @@ def test_bfloat16_inputs_with_a_float32_penalty(small_blocks):
     for name, a, b in zip(["out", "dq", "dk", "dv", "dF"], ours, ref):
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a.float(), b, atol=3e-2 * scale, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("variant", [{"variant": "selective"}, {"variant": "selective", "kv_heads": 2},
+                                     {"variant": "cross_layer_selective", "mode": "share", "sources": [0]}],
+                         ids=["selective", "selective-gqa", "cross-layer-share"])
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_selective_writes_minus_F_once_and_never_negates_it(backend, variant):
+    """The penalty op writes -F, which the attention adds as its bias; the state channel's F is a negated
+    view of that same storage. So a training step runs no (B, Nq, Nk) negation, forward or backward,
+    except what the cross-layer readers of F pay in their backward (a gradient through the view)."""
+    from attention_zoo import build_model
+
+    B, N = 2, 24
+    model = build_model({"backend": backend, "model": {"vocab_size": 32, "dim": 32, "depth": 2, "heads": 4,
+                                                       "max_seq_len": N, "attention": variant}})
+    negations = []
+
+    class Negations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.neg.default and out.numel() >= B * N * N:
+                negations.append(func)
+            return out
+
+    tokens = torch.randint(0, 32, (B, N), generator=torch.Generator().manual_seed(0))
+    with Negations():
+        logits, updates = model(tokens, return_state=True)
+        forward = len(negations)
+        logits.sum().backward()
+    assert forward == 0
+    readers = 1 if variant["variant"] == "cross_layer_selective" else 0  # layer 1 reads layer 0's F
+    assert len(negations) - forward == 2 * readers  # backward: the reader's bias view and the channel's view
+    F0 = updates[0]["selection_penalty"]
+    assert F0.is_neg() and (F0 > -1e-6).all()  # reads as F: non-negative sums of ReLUs

@@ -252,11 +252,12 @@ PENALTY_CASES = [  # (B, Nq, Nk, D, protect_bos)
 ]
 
 
+@pytest.mark.parametrize("negate", [False, True], ids=["F", "minus-F"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", PENALTY_CASES, ids=lambda c: "B{}-Nq{}-Nk{}-D{}-bos{}".format(*c))
-def test_penalty_kernels_match_the_equations(triton_backend, case, dtype):
-    """F = exclusive row cumsum of masked ReLU(scale q_s k_s^T), and its q_s, k_s gradients, against the
-    unfused float64 functions (functional.selection_scores, penalty_from_scores)."""
+def test_penalty_kernels_match_the_equations(triton_backend, case, dtype, negate):
+    """F = exclusive row cumsum of masked ReLU(scale q_s k_s^T) (or -F, written as such), and its q_s, k_s
+    gradients, against the unfused float64 functions (functional.selection_scores, penalty_from_scores)."""
     from attention_zoo.backends.penalty import TritonSelectionPenalty
     from attention_zoo.functional import penalty_from_scores, selection_scores
 
@@ -265,10 +266,11 @@ def test_penalty_kernels_match_the_equations(triton_backend, case, dtype):
     q = torch.randn(B, Nq, D, generator=g).to(DEVICE, dtype).requires_grad_()
     k = torch.randn(B, Nk, D, generator=g).to(DEVICE, dtype).requires_grad_()
     dpen = torch.randn(B, Nq, Nk, generator=g).to(DEVICE)
-    pen = TritonSelectionPenalty.apply(q, k, D ** -0.5, bos)
+    pen = TritonSelectionPenalty.apply(q, k, D ** -0.5, bos, negate)
     got = [pen, *torch.autograd.grad(pen, (q, k), dpen)]
     q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
     ref = penalty_from_scores(selection_scores(torch.einsum("bnd,bmd->bnm", q64, k64) * D ** -0.5, protect_bos=bos))
+    ref = -ref if negate else ref
     want = [ref, *torch.autograd.grad(ref, (q64, k64), dpen.double())]
     assert pen.dtype == torch.float32 and got[1].dtype == dtype
     assert_matches(got, want, dtype, names=("F", "dq", "dk"))

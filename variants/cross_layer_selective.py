@@ -12,7 +12,7 @@ from typing import Mapping
 
 from torch import Tensor
 
-from attention_zoo.functional import penalty_bias
+from attention_zoo.functional import head_broadcast, penalty_bias
 from attention_zoo.state import SELECTION_PENALTY
 from attention_zoo.variant import KV_HEADS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, Param, ProjectedAttention
 from attention_zoo.variant_registry import register_variant
@@ -66,14 +66,18 @@ class CrossLayerSelective(SelectionMixin, ProjectedAttention):
     def attention_bias(self, q, k, state: Mapping[str, Tensor], cache):
         channel = SELECTION_PENALTY.name
         if self.mode == "share":
-            Fpen = self.own_penalty(q, k, cache) if self.is_source else state[channel]
-            return penalty_bias(Fpen, self.heads), ({channel: Fpen} if self.is_source else {})
+            if not self.is_source:
+                return penalty_bias(state[channel], self.heads), {}
+            Fpen, negated = self.own_penalty(q, k, cache)
+            return head_broadcast(negated, self.heads), {channel: Fpen}
         previous = state.get(channel)
-        Fpen = self.own_penalty(q, k, cache) if self.is_source else None
-        if previous is not None and self.decay:
-            Fpen = self.decay * previous if Fpen is None else Fpen + self.decay * previous
-        if Fpen is None:  # no source at or below this layer yet: plain attention
-            return None, {}
+        own = self.own_penalty(q, k, cache) if self.is_source else None
+        if previous is None or not self.decay:
+            if own is None:  # no source at or below this layer yet: plain attention
+                return None, {}
+            Fpen, negated = own
+            return head_broadcast(negated, self.heads), {channel: Fpen}
+        Fpen = self.decay * previous if own is None else own[0] + self.decay * previous
         return penalty_bias(Fpen, self.heads), {channel: Fpen}
 
     def extra_repr(self) -> str:

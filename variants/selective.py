@@ -11,7 +11,7 @@ from typing import Mapping
 from torch import Tensor
 
 from attention_zoo.cache import LayerCache
-from attention_zoo.functional import (penalty_bias, penalty_from_scores, selection_logits, selection_penalty_qk,
+from attention_zoo.functional import (head_broadcast, penalty_and_bias_source, penalty_from_scores, selection_logits,
                                       selection_scores)
 from attention_zoo.state import SELECTION_PENALTY
 from attention_zoo.variant import KV_HEADS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, ProjectedAttention
@@ -26,16 +26,19 @@ class SelectionMixin:
     selection_head: int
     protect_bos: bool
 
-    def own_penalty(self, q: Tensor, k: Tensor, cache: LayerCache | None) -> Tensor:
+    def own_penalty(self, q: Tensor, k: Tensor, cache: LayerCache | None) -> tuple[Tensor, Tensor]:
+        """(F, -F) of this layer, (B, Nq, Nk) each: F for the state channel, -F for the bias. Over a whole
+        sequence both are one tensor (`functional.penalty_and_bias_source`: no negation pass)."""
         if cache is None:
-            return selection_penalty_qk(q, k, self.selection_head, self.scale, protect_bos=self.protect_bos,
-                                        backend=self.backend)
+            return penalty_and_bias_source(q, k, self.selection_head, self.scale, protect_bos=self.protect_bos,
+                                           backend=self.backend)
         logits = selection_logits(q, k, self.selection_head, self.scale)  # (B, Nq, Nk)
         # F = a + exclusive cumsum of this chunk's S rows; then a += the chunk's column sums.
         acc = cache.stat(ACCUMULATOR, q.shape[0], q.device)  # (B, Nk)
         S = selection_scores(logits, protect_bos=self.protect_bos)
         cache.per_key[ACCUMULATOR] = acc + S.sum(dim=1).detach()
-        return penalty_from_scores(S, acc)
+        Fpen = penalty_from_scores(S, acc)
+        return Fpen, -Fpen
 
 
 @register_variant("selective")
@@ -53,5 +56,5 @@ class Selective(SelectionMixin, ProjectedAttention):
         self.writes = (*self.writes, SELECTION_PENALTY.name)
 
     def attention_bias(self, q, k, state: Mapping[str, Tensor], cache):
-        Fpen = self.own_penalty(q, k, cache)
-        return penalty_bias(Fpen, self.heads), {SELECTION_PENALTY.name: Fpen}
+        Fpen, negated = self.own_penalty(q, k, cache)
+        return head_broadcast(negated, self.heads), {SELECTION_PENALTY.name: Fpen}

@@ -31,8 +31,9 @@ def selection_keep(q_len: int, k_len: int, protect_bos: bool, device) -> Tensor:
     return keep
 
 
-def exclusive_row_cumsum(x: Tensor, reverse: bool = False) -> Tensor:
-    """out[..., i, :] = sum of x[..., k, :] over k < i (reverse: over k > i), for (B, N, M) x.
+def exclusive_row_cumsum(x: Tensor, reverse: bool = False, negate: bool = False) -> Tensor:
+    """out[..., i, :] = sum of x[..., k, :] over k < i (reverse: over k > i), for (B, N, M) x; with
+    `negate`, minus that sum, at no extra cost on CPU.
 
     The rows of every block of ROW_BLOCK rows are walked together: each step writes the running sums
     of all blocks and columns at once, then adds that row. The exclusive prefix of the block totals
@@ -40,8 +41,10 @@ def exclusive_row_cumsum(x: Tensor, reverse: bool = False) -> Tensor:
     """
     if x.device.type != "cpu":  # GPU scans are fast; the walk below would be 2 * ROW_BLOCK tiny launches
         if reverse:
-            return F.pad(x.flip(1).cumsum(1).flip(1)[:, 1:], (0, 0, 0, 1))
-        return F.pad(x.cumsum(1)[:, :-1], (0, 0, 1, 0))
+            out = F.pad(x.flip(1).cumsum(1).flip(1)[:, 1:], (0, 0, 0, 1))
+        else:
+            out = F.pad(x.cumsum(1)[:, :-1], (0, 0, 1, 0))
+        return out.neg_() if negate else out
     B, N, M = x.shape
     b = min(ROW_BLOCK, N)
     pad = -N % b
@@ -52,7 +55,10 @@ def exclusive_row_cumsum(x: Tensor, reverse: bool = False) -> Tensor:
     running = torch.zeros(B, blocks.shape[1], M, dtype=x.dtype, device=x.device)
     for r in (range(b - 1, -1, -1) if reverse else range(b)):
         out[:, :, r] = running
-        running += blocks[:, :, r]
+        if negate:
+            running -= blocks[:, :, r]
+        else:
+            running += blocks[:, :, r]
     if reverse:  # running now holds each block's total
         before = F.pad(running.flip(1).cumsum(1).flip(1)[:, 1:], (0, 0, 0, 1))
     else:
@@ -63,45 +69,48 @@ def exclusive_row_cumsum(x: Tensor, reverse: bool = False) -> Tensor:
 
 
 class SelectionPenalty(torch.autograd.Function):
-    """logits (B, Nq, Nk), keep (Nq, Nk) bool, accumulated (B, Nk) or None -> F (B, Nq, Nk)."""
+    """logits (B, Nq, Nk), keep (Nq, Nk) bool, accumulated (B, Nk) or None, negate -> F (B, Nq, Nk), or -F
+    with `negate` (the attention bias itself, for no negation pass in either direction)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, keep: Tensor, accumulated: Tensor | None) -> Tensor:
+    def forward(ctx, logits: Tensor, keep: Tensor, accumulated: Tensor | None, negate: bool = False) -> Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)  # never less precise than float32
         scores = torch.relu(logits.to(dtype)).mul_(keep)  # S; in-place bool products are cheap, where() is not
         active = scores > 0  # where S = L; elsewhere S = 0 and so is its gradient
-        penalty = exclusive_row_cumsum(scores)
+        penalty = exclusive_row_cumsum(scores, negate=negate)
         del scores
         if accumulated is not None:
-            penalty += accumulated[:, None, :].to(dtype)
+            penalty.add_(accumulated[:, None, :].to(dtype), alpha=-1 if negate else 1)
         ctx.save_for_backward(active)
         ctx.logits_dtype = logits.dtype
         ctx.accumulated_dtype = None if accumulated is None else accumulated.dtype
+        ctx.negate = negate
         return penalty
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (active,) = ctx.saved_tensors
-        dlogits = None
-        if ctx.needs_input_grad[0]:
-            dscores = exclusive_row_cumsum(grad, reverse=True)  # dS[k] = sum of dF[i] over i > k
+        dlogits = dacc = None
+        if ctx.needs_input_grad[0]:  # dS[k] = sum of dF[i] over i > k (dF = -grad when the output was -F)
+            dscores = exclusive_row_cumsum(grad, reverse=True, negate=ctx.negate)
             dlogits = dscores.mul_(active).to(ctx.logits_dtype)
-        dacc = grad.sum(dim=1).to(ctx.accumulated_dtype) if ctx.needs_input_grad[2] else None
-        return dlogits, None, dacc
+        if ctx.needs_input_grad[2]:
+            dacc = grad.sum(dim=1).mul_(-1 if ctx.negate else 1).to(ctx.accumulated_dtype)
+        return dlogits, None, dacc, None
 
 
 class TritonSelectionPenalty(torch.autograd.Function):
-    """q_s (B, Nq, D), k_s (B, Nk, D) -> F (B, Nq, Nk) float32 with the Triton kernels of
-    `triton_selection.py`: L and S are never stored, in the forward or the backward."""
+    """q_s (B, Nq, D), k_s (B, Nk, D) -> F (B, Nq, Nk) float32, or -F with `negate`, with the Triton kernels
+    of `triton_selection.py`: L and S are never stored, in the forward or the backward."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, scale: float, protect_bos: bool) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, scale: float, protect_bos: bool, negate: bool = False) -> Tensor:
         from .triton_selection import penalty_forward
 
         ctx.save_for_backward(q, k)
-        ctx.scale, ctx.protect_bos = scale, protect_bos
-        return penalty_forward(q.detach(), k.detach(), scale=scale, protect_bos=protect_bos)
+        ctx.scale, ctx.protect_bos, ctx.negate = scale, protect_bos, negate
+        return penalty_forward(q.detach(), k.detach(), scale=scale, protect_bos=protect_bos, negate=negate)
 
     @staticmethod
     @once_differentiable
@@ -109,8 +118,8 @@ class TritonSelectionPenalty(torch.autograd.Function):
         from .triton_selection import penalty_backward
 
         q, k = ctx.saved_tensors
-        dq, dk = penalty_backward(q, k, grad, scale=ctx.scale, protect_bos=ctx.protect_bos)
-        return dq.to(q.dtype), dk.to(k.dtype), None, None
+        dq, dk = penalty_backward(q, k, grad, scale=ctx.scale, protect_bos=ctx.protect_bos, negate=ctx.negate)
+        return dq.to(q.dtype), dk.to(k.dtype), None, None, None
 
 
 def triton_penalty_refusal(q: Tensor, k: Tensor, backend: str) -> str | None:
@@ -129,20 +138,22 @@ def triton_penalty_refusal(q: Tensor, k: Tensor, backend: str) -> str | None:
     return BACKENDS.get("triton").refuse(call)
 
 
-def penalty_from_qk(q: Tensor, k: Tensor, *, scale: float, protect_bos: bool = True, backend: str = "auto") -> Tensor:
-    """F (B, Nq, Nk) from the selection head's queries (B, Nq, D) and keys (B, Nk, D): fused Triton kernels
-    where `triton_penalty_refusal` allows, else the logits and `fused_selection_penalty`."""
+def penalty_from_qk(q: Tensor, k: Tensor, *, scale: float, protect_bos: bool = True, backend: str = "auto",
+                    negate: bool = False) -> Tensor:
+    """F (B, Nq, Nk) from the selection head's queries (B, Nq, D) and keys (B, Nk, D), or -F with `negate`:
+    fused Triton kernels where `triton_penalty_refusal` allows, else the logits and `fused_selection_penalty`."""
     if triton_penalty_refusal(q, k, backend) is None:
-        return TritonSelectionPenalty.apply(q, k, scale, protect_bos)
+        return TritonSelectionPenalty.apply(q, k, scale, protect_bos, negate)
     logits = torch.einsum("bnd,bmd->bnm", q * scale, k)  # scaled (B, Nq, D), not the (B, Nq, Nk) product
-    return fused_selection_penalty(logits, protect_bos=protect_bos)
+    return fused_selection_penalty(logits, protect_bos=protect_bos, negate=negate)
 
 
-def fused_selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: Tensor | None = None) -> Tensor:
+def fused_selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: Tensor | None = None,
+                            negate: bool = False) -> Tensor:
     """F from the selection head's logits (B, Nq, Nk), exactly `penalty_from_scores(selection_scores(...))`
-    up to summation order; float32 (float64 for float64 logits)."""
+    up to summation order; float32 (float64 for float64 logits). With `negate`, -F."""
     keep = selection_keep(logits.shape[-2], logits.shape[-1], protect_bos, logits.device)
-    return SelectionPenalty.apply(logits, keep, accumulated)
+    return SelectionPenalty.apply(logits, keep, accumulated, negate)
 
 
 __all__ = ["fused_selection_penalty", "penalty_from_qk", "TritonSelectionPenalty", "triton_penalty_refusal", "exclusive_row_cumsum", "selection_keep", "SelectionPenalty"]

@@ -2,7 +2,8 @@
 
     L = scale q_s k_s^T                      (B, Nq, Nk), never stored
     S = ReLU(L) where key j < query i (and j != 0 with protect_bos), else 0
-    F[i, j] = sum over k < i of S[k, j]      (B, Nq, Nk) float32, the one tensor written
+    F[i, j] = sum over k < i of S[k, j]      (B, Nq, Nk) float32, the one tensor written (or -F,
+                                             the attention's bias, when asked: one multiply)
 
 The PyTorch path (`functional.selection_logits` then `backends/penalty.py`) makes L, S, the row
 cumulative sum and its mask as separate (B, N, N) passes, each more memory traffic than the attention
@@ -60,7 +61,7 @@ def _key_program(K, skb, skn, skd, Nq, Nk, HEAD_DIM: tl.constexpr, BLOCK_M: tl.c
 @tuned(PENALTY_CONFIGS)
 @triton.jit
 def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
-                     Nq, Nk, qk_scale, HEAD_DIM: tl.constexpr,
+                     Nq, Nk, qk_scale, sign, HEAD_DIM: tl.constexpr,
                      PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b, offs_n, cols, offs_d, dims, kt, offset, first_block = _key_program(K, skb, skn, skd, Nq, Nk, HEAD_DIM,
@@ -78,14 +79,15 @@ def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
         q = rows_tile(Q + b * sqb, offs_m, rows, sqm, offs_d, dims, sqd)
         s, active = _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT_BOS, FP32_DOT)
         tile = running[None, :] + (tl.cumsum(s, axis=0) - s)  # rows strictly above, inside the tile too
-        tl.store(Fpen + b * sfb + offs_m[:, None] * sfm + offs_n[None, :] * sfn, tile, mask=rows[:, None] & cols[None, :])
+        tl.store(Fpen + b * sfb + offs_m[:, None] * sfm + offs_n[None, :] * sfn, tile * sign,
+                 mask=rows[:, None] & cols[None, :])
         running += tl.sum(s, axis=0)
 
 
 @tuned(PENALTY_CONFIGS, reset_to_zero=["DQ"])  # dq is added into atomically
 @triton.jit
 def _penalty_backward(Q, K, DF, DQ, DK, sqb, sqm, sqd, skb, skn, skd, sgb, sgm, sgn,
-                      Nq, Nk, qk_scale, scale, HEAD_DIM: tl.constexpr,
+                      Nq, Nk, qk_scale, scale, sign, HEAD_DIM: tl.constexpr,
                       PROTECT_BOS: tl.constexpr, FP32_DOT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b, offs_n, cols, offs_d, dims, kt, offset, lo = _key_program(K, skb, skn, skd, Nq, Nk, HEAD_DIM,
@@ -97,7 +99,7 @@ def _penalty_backward(Q, K, DF, DQ, DK, sqb, sqm, sqd, skb, skn, skd, sgb, sgm, 
         offs_m = (last - step) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m < Nq
         g = tl.load(DF + b * sgb + offs_m[:, None] * sgm + offs_n[None, :] * sgn, mask=rows[:, None] & cols[None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0).to(tl.float32) * sign  # dF (the output was -F when sign is -1)
         total = tl.sum(g, axis=0)
         ds = below[None, :] + (total[None, :] - tl.cumsum(g, axis=0))  # sum of dF rows strictly below
         below += total
@@ -110,25 +112,28 @@ def _penalty_backward(Q, K, DF, DQ, DK, sqb, sqm, sqd, skb, skn, skd, sgb, sgm, 
     tl.store(DK + (b * Nk + offs_n[:, None]) * HEAD_DIM + offs_d[None, :], dk * scale, mask=cols[:, None] & dims[None, :])
 
 
-def penalty_forward(q: Tensor, k: Tensor, *, scale: float, protect_bos: bool) -> Tensor:
-    """F (B, Nq, Nk) float32 from the selection head's q (B, Nq, D) and k (B, Nk, D), no autograd."""
+def penalty_forward(q: Tensor, k: Tensor, *, scale: float, protect_bos: bool, negate: bool = False) -> Tensor:
+    """F (B, Nq, Nk) float32 from the selection head's q (B, Nq, D) and k (B, Nk, D), or -F with `negate`
+    (written as such: no negation pass), no autograd."""
     B, Nq, D = q.shape
     Nk = k.shape[1]
     out = torch.empty(B, Nq, Nk, dtype=torch.float32, device=q.device)
     _penalty_forward[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
-        q, k, out, *q.stride(), *k.stride(), *out.stride(), Nq, Nk, scale, HEAD_DIM=D,
+        q, k, out, *q.stride(), *k.stride(), *out.stride(), Nq, Nk, scale, -1.0 if negate else 1.0, HEAD_DIM=D,
         PROTECT_BOS=protect_bos, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D))
     return out
 
 
-def penalty_backward(q: Tensor, k: Tensor, dpen: Tensor, *, scale: float, protect_bos: bool) -> tuple[Tensor, Tensor]:
-    """dq (B, Nq, D), dk (B, Nk, D) in float32 from dF (B, Nq, Nk)."""
+def penalty_backward(q: Tensor, k: Tensor, dpen: Tensor, *, scale: float, protect_bos: bool, negate: bool = False
+                     ) -> tuple[Tensor, Tensor]:
+    """dq (B, Nq, D), dk (B, Nk, D) in float32 from dF (B, Nq, Nk), or from d(-F) with `negate`."""
     B, Nq, D = q.shape
     Nk = k.shape[1]
     dq = torch.zeros(B, Nq, D, dtype=torch.float32, device=q.device)  # atomically added into
     dk = torch.empty(B, Nk, D, dtype=torch.float32, device=q.device)
     _penalty_backward[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
-        q, k, dpen, dq, dk, *q.stride(), *k.stride(), *dpen.stride(), Nq, Nk, scale, scale, HEAD_DIM=D,
+        q, k, dpen, dq, dk, *q.stride(), *k.stride(), *dpen.stride(), Nq, Nk, scale, scale, -1.0 if negate else 1.0,
+        HEAD_DIM=D,
         PROTECT_BOS=protect_bos, FP32_DOT=q.dtype == torch.float32, BLOCK_D=head_block(D))
     return dq, dk
 
