@@ -13,7 +13,8 @@ from attention_zoo.backends import fused, penalty
 from attention_zoo.backends.fused import bias_grad_attention, head_source
 from attention_zoo.backends.math import math_attention
 from attention_zoo.backends.sdpa import sdpa_forward
-from attention_zoo.functional import penalty_bias, penalty_from_scores, selection_logits, selection_scores
+from attention_zoo.functional import (head_broadcast, penalty_and_bias_source, penalty_bias, penalty_from_scores,
+                                      selection_logits, selection_scores)
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -57,7 +58,7 @@ def small_blocks(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}-Hkv{}-Nq{}-Nk{}-D{}".format(*s))
-@pytest.mark.parametrize("bias_kind", ["selective", "per_head", "batch_broadcast"])
+@pytest.mark.parametrize("bias_kind", ["selective", "selective_as_the_variant_builds_it", "per_head", "batch_broadcast"])
 def test_bias_grad_attention_matches_math(small_blocks, shape, dtype, bias_kind):
     B, H, Hkv, Nq, Nk, D = shape
     q, k, v = qkv(B, H, Hkv, Nq, Nk, D, dtype)
@@ -73,6 +74,9 @@ def test_bias_grad_attention_matches_math(small_blocks, shape, dtype, bias_kind)
             if Nq < Nk:  # a cached chunk: what the cache accumulated for earlier queries
                 F = F + torch.linspace(0, 2, Nk, dtype=F.dtype)
             return penalty_bias(F, H)
+        if bias_kind == "selective_as_the_variant_builds_it":  # -F written once; F (a negated view) round-trips
+            F, negated = penalty_and_bias_source(q, k, H - 1)
+            return penalty_bias(F, H) if Nq % 2 else head_broadcast(negated, H)
         return leaf
 
     scale = D ** -0.5
@@ -104,6 +108,8 @@ def test_head_source_finds_the_tensor_before_the_expand():
     assert source.data_ptr() == bias.data_ptr() and source.grad_fn is not None
     assert torch.equal(source.expand_as(bias), bias)
     assert head_source(neg.unsqueeze(1)) is not None  # a size-1 head dim is its own source
+    # A negated view shares its base's memory but not its values: the base is no source for it.
+    assert head_source(torch._neg_view(neg).unsqueeze(1).expand(2, 4, 5, 5)) is None
 
 
 def test_spread_fallback_when_the_source_is_unknown(monkeypatch):

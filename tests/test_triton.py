@@ -36,6 +36,13 @@ def shared_without_base(B, H, Nq, Nk, g):
     return wide, wide[:, :, :Nk].unsqueeze(1).expand(B, H, Nq, Nk)
 
 
+def shared_negated_view(B, H, Nq, Nk, g):
+    """A negated view (torch._neg_view, as selective's F is of -F) expanded over heads: its `_base` holds
+    the opposite values in the same memory, which must not be taken for its source."""
+    base = torch.randn(B, Nq, Nk, generator=g).to(DEVICE).requires_grad_()
+    return base, torch._neg_view(base).unsqueeze(1).expand(B, H, Nq, Nk)
+
+
 def compact(shape):
     def make(B, H, Nq, Nk, g):
         b, h = shape
@@ -47,6 +54,7 @@ def compact(shape):
 BIASES = {
     "head-shared": shared_from_base,
     "head-shared-no-base": shared_without_base,
+    "head-shared-negated-view": shared_negated_view,
     "B1NN": compact((0, 1)),
     "per-head": compact((0, 0)),
     "batch-and-head-shared": compact((1, 1)),
@@ -80,7 +88,8 @@ def run_both(backend, case, bias_kind, dtype):
     if leaf is not None:  # the same view of the float64 leaf
         rleaf = ref_inputs[3]
         rbias = {"head-shared": lambda: rleaf.unsqueeze(1).expand(B, H, Nq, Nk),
-                 "head-shared-no-base": lambda: rleaf[:, :, :Nk].unsqueeze(1).expand(B, H, Nq, Nk)}.get(bias_kind, lambda: rleaf)()
+                 "head-shared-no-base": lambda: rleaf[:, :, :Nk].unsqueeze(1).expand(B, H, Nq, Nk),
+                 "head-shared-negated-view": lambda: (-rleaf).unsqueeze(1).expand(B, H, Nq, Nk)}.get(bias_kind, lambda: rleaf)()
     ref = math_attention(rq, rk, rv, bias=rbias, causal=causal, scale=D ** -0.5)
     want = [ref, *torch.autograd.grad(ref, ref_inputs, dout.double())]
     return got, want

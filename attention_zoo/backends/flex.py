@@ -93,7 +93,7 @@ def read_once(bias: Tensor, q: Tensor, k: Tensor) -> Tensor:
         bias = bias[:, :1]
     if bias.shape[0] > 1 and bias.stride(0) == 0:
         bias = bias[:1]
-    return bias
+    return bias.resolve_neg()  # compiled code reads memory: a negated view becomes the values it reads as
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, block_mask, scale: float, gqa: bool,

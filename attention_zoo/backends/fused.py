@@ -83,7 +83,9 @@ def head_source(bias: Tensor) -> Tensor | None:
 
 
 def _same_geometry(a: Tensor, b: Tensor) -> bool:
-    if a.shape != b.shape or a.data_ptr() != b.data_ptr() or a.dtype != b.dtype:
+    """The same values: shape, memory, dtype, strides, and the same negative bit (`torch._neg_view` of a
+    tensor shares its memory but reads as its negation; selective's F is one, see functional.py)."""
+    if a.shape != b.shape or a.data_ptr() != b.data_ptr() or a.dtype != b.dtype or a.is_neg() != b.is_neg():
         return False
     return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
