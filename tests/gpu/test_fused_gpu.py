@@ -3,7 +3,7 @@ without CUDA). flex last: its first call per shape compiles (torch.compile), the
 
 fp32, fp16 and bf16; logits and every parameter gradient; |difference| <= tol * max(1, largest |value|)
 with tol 2e-3 (fp32: xformers' own fp32 kernels are checked at 9e-4 atol), 2e-2 (fp16), 6e-2 (bf16).
-Run: `python -m pytest tests/gpu tests/test_triton.py -q` on a machine with CUDA, xformers and triton
+Run: `python -m pytest tests/test_triton.py tests/gpu -q` on a machine with CUDA, xformers and triton
 (tests/test_triton.py then runs the compiled kernels, not the interpreter).
 """
 from __future__ import annotations
