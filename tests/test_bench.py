@@ -218,3 +218,29 @@ def test_ratios_with_rounds_are_taken_within_each_round():
     # round 2 was loaded from the middle on: selective's 2.4 s there says nothing about selective
     rows = runner.with_ratios([row("vanilla", [1.0, 1.0, 2.0]), row("selective", [1.1, 2.4, 2.2])])
     assert rows[1]["time_vs_vanilla"] == pytest.approx(1.1)  # median of 1.1, 2.4, 1.1
+
+
+def test_an_interrupted_sweep_still_reports_the_points_that_finished(monkeypatch, tmp_path, capsys):
+    """Ctrl-C, or .ci/gpu's time limit (SIGINT), in the middle of a sweep: results.json/md/png hold the
+    finished points and mark the rest pending; the command exits 130 without a traceback."""
+    import torch
+
+    threads = torch.get_num_threads()
+    calls = []
+
+    def first_then_interrupt(point, timeout, env=None):
+        calls.append(point)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return worker.measure_safely(point)
+
+    monkeypatch.setattr(runner, "run_point", first_then_interrupt)
+    out = tmp_path / "out"
+    code = main(["bench", "--variants", "selective", "--backends", "sdpa", "--mode", "fwd", *TINY, "--out", str(out)])
+    torch.set_num_threads(threads)
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    data, markdown = read(out)
+    assert not data["complete"] and [r["status"] for r in data["results"]] == ["ok", "pending"]
+    assert "**Interrupted** after 1 of 2 points" in markdown
+    assert [row[-1] for row in table_rows(markdown)] == ["ok", "pending"]
+    assert (out / "results.png").is_file()

@@ -123,14 +123,28 @@ def benchmark(settings: BenchSettings, out: str | Path, *, command: str = "", pr
         rows, comparison = summarize(outcomes)
         return {**base, "complete": done, "results": rows, "comparison": comparison}
 
-    outcomes = run_sweep(points, rounds=settings.rounds, timeout=settings.timeout, progress=progress, env=settings.env,
-                         on_result=lambda o: write_json(out, payload(o, False)))
+    def write_all(result: dict[str, Any]) -> None:
+        write_json(out, result)
+        write_markdown(out, result)
+        write_plot(out, result)
+        if settings.profile:
+            write_profiles(out, result)
+
+    so_far: list[Outcome] = []
+
+    def record(outcomes: list[Outcome]) -> None:
+        so_far[:] = outcomes
+        write_json(out, payload(outcomes, False))
+
+    try:
+        outcomes = run_sweep(points, rounds=settings.rounds, timeout=settings.timeout, progress=progress,
+                             env=settings.env, on_result=record)
+    except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: the points that finished still get their report
+        if so_far:
+            write_all(payload(so_far, False))
+        raise
     final = payload(outcomes, True)
-    write_json(out, final)
-    write_markdown(out, final)
-    write_plot(out, final)
-    if settings.profile:
-        write_profiles(out, final)
+    write_all(final)
     return final
 
 

@@ -51,8 +51,11 @@ def markdown(payload: dict[str, Any]) -> str:
         "| time / vanilla | memory / vanilla | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if not payload.get("complete", True):
+        done = sum(r["status"] != "pending" for r in payload["results"])
+        lines[4:4] = [f"**Interrupted** after {done} of {len(payload['results'])} points: the others are pending.", ""]
     for r in payload["results"]:
-        status = "ok" if r["status"] == "ok" else f"failed: {r['reason']}"
+        status = {"ok": "ok", "pending": "pending"}.get(r["status"], f"failed: {r.get('reason')}")
         lines.append(
             f"| {r['impl']} | {r['variant']} | {r['backend']} | {r['seq_len']} | {r['batch']} | {r['mode']} "
             f"| {_f(r.get('median_s'), '.3f')} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_mb'), ',.0f')} "
