@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .base import AttentionCall, Backend
 from .fused import trainable_bias
-from .self_check import attention_agreement, first_disagreement
+from .self_check import attention_agreement, first_disagreement, on_this_gpu
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM = 16  # the smallest tile dimension of its kernels
@@ -58,9 +58,7 @@ class FlexBackend(Backend):
             return f"dtype {call.dtype} not supported (supported: float16, bfloat16, float32)"
         if call.head_dim < MIN_HEAD_DIM:
             return f"head dim {call.head_dim} is below {MIN_HEAD_DIM}"
-        if call.device == "cuda" and torch.cuda.is_available():  # not when planning for CUDA elsewhere
-            return self_check(str(torch.device("cuda", torch.cuda.current_device())), call.dtype, call.head_dim)
-        return None
+        return on_this_gpu(self_check, call)
 
     def defer(self, call: AttentionCall) -> str | None:
         return "not in auto's order until a GPU benchmark shows it faster: name it to use it"

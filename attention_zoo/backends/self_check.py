@@ -47,6 +47,14 @@ def attention_agreement(run: Callable[..., Tensor], device: str, dtype: torch.dt
     return list(zip(names, got, want))
 
 
+def on_this_gpu(check: Callable[[str, torch.dtype, int], str | None], call) -> str | None:
+    """`check(device, dtype, head dim)` (a cached self-check) for a CUDA call on this machine's current GPU;
+    None for any other call, and for CUDA planned from a machine without one (`describe --device cuda`)."""
+    if call.device != "cuda" or not torch.cuda.is_available():
+        return None
+    return check(str(torch.device("cuda", torch.cuda.current_device())), call.dtype, call.head_dim)
+
+
 def first_disagreement(results: Iterable[Result], device: str, dtype: torch.dtype, head_dim: int,
                        kernels: str = "kernels") -> str | None:
     """Why the results disagree with math (the first that does), or None."""
@@ -57,4 +65,4 @@ def first_disagreement(results: Iterable[Result], device: str, dtype: torch.dtyp
     return None
 
 
-__all__ = ["TOLERANCE", "attention_agreement", "first_disagreement", "random_inputs", "value_and_grads"]
+__all__ = ["TOLERANCE", "attention_agreement", "first_disagreement", "on_this_gpu", "random_inputs", "value_and_grads"]

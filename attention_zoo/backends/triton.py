@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from .base import AttentionCall, Backend
 from .fused import spread_over_heads, trainable_bias
-from .self_check import BATCH, attention_agreement, first_disagreement, random_inputs, value_and_grads
+from .self_check import BATCH, attention_agreement, first_disagreement, on_this_gpu, random_inputs, value_and_grads
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # the autotuned tile configurations (triton_tuning.py) are chosen up to here
@@ -75,9 +75,7 @@ class TritonBackend(Backend):
             return "Triton's interpreter computes bfloat16 tl.dot wrongly (triton 3.9); bfloat16 runs on CUDA only"
         if call.head_dim > MAX_HEAD_DIM:
             return f"head dim {call.head_dim} is above {MAX_HEAD_DIM}"
-        if call.device == "cuda" and torch.cuda.is_available():  # not when planning for CUDA elsewhere
-            return self_check(str(torch.device("cuda", torch.cuda.current_device())), call.dtype, call.head_dim)
-        return None
+        return on_this_gpu(self_check, call)
 
     def defer(self, call: AttentionCall) -> str | None:
         if call.device != "cuda":

@@ -34,9 +34,14 @@ def _f(value: Any, fmt: str) -> str:
 
 def markdown(payload: dict[str, Any]) -> str:
     s = payload["settings"]
+    interrupted = []
+    if not payload.get("complete", True):
+        done = sum(r["status"] != "pending" for r in payload["results"])
+        interrupted = [f"**Interrupted** after {done} of {len(payload['results'])} points: the others are pending.", ""]
     lines = [
         "# attention-zoo bench", "",
         f"Command: `{payload['command']}`", "",
+        *interrupted,
         f"Machine: {payload['machine'].get('gpu') or 'CPU'}, {payload['machine']['cpu_count']} cores, "
         f"torch {payload['machine']['torch']} ({payload['machine']['torch_threads']} threads). "
         f"dim {s['dim']}, depth {s['depth']}, heads {s['heads']} x {s['head_dim']}, {s['dtype']} on {s['device']}; "
@@ -51,9 +56,6 @@ def markdown(payload: dict[str, Any]) -> str:
         "| time / vanilla | memory / vanilla | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    if not payload.get("complete", True):
-        done = sum(r["status"] != "pending" for r in payload["results"])
-        lines[4:4] = [f"**Interrupted** after {done} of {len(payload['results'])} points: the others are pending.", ""]
     for r in payload["results"]:
         status = {"ok": "ok", "pending": "pending"}.get(r["status"], f"failed: {r.get('reason')}")
         lines.append(
