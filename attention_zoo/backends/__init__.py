@@ -87,7 +87,7 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
 
 
 def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float, backend: str = "auto") -> Tensor:
-    call = AttentionCall.from_tensors(q, k, bias)
+    call = AttentionCall.from_tensors(q, k, bias, v)
     for calls in _recorders:
         calls.append(call)
     if call.device == "meta":  # a dry run (`describe`) computes shapes only; backends are chosen for a real device
