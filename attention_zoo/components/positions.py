@@ -101,8 +101,9 @@ def rotate_half(x: Tensor) -> Tensor:
 
 @register_position("rope")
 class RotaryPositions(PositionalScheme):
-    """Rotary position embedding (Su et al., "RoFormer", 2021) in the rotate-half convention of
-    transformers' Llama and GPT-NeoX: dimension i is rotated together with i + D/2 by the angle
+    """RoPE (Su et al., "RoFormer", 2021), rotate-half convention as Llama's: q, k rotated by position.
+
+    As in transformers' Llama and GPT-NeoX, dimension i is rotated together with i + D/2 by the angle
     position * rope_theta^(-2i/D), i < D/2. q and k of every head are rotated; v is not.
 
     RoFormer's own form pairs (2i, 2i + 1) instead: the same rotation up to a fixed permutation of the head
