@@ -224,10 +224,7 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
         problems.append(Problem(source, "model.heads", model["heads"],
                                 f"dim ({model['dim']}) must be divisible by heads, or set model.head_dim"))
         return model, problems
-    head_dim = model["head_dim"] or model["dim"] // model["heads"]
-    if model.get("position") == "rope" and head_dim % 2:
-        problems.append(Problem(source, "model.position", "rope",
-                                f"rope rotates pairs of dimensions: head_dim ({head_dim}) must be even"))
+    problems += _check_components(model, source)
     for n, override in enumerate(model["layers"]):
         where = f"model.layers[{n}]"
         if not isinstance(override, dict):
@@ -266,6 +263,18 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
     if not any(p.path.startswith(("model.attention", "model.layers")) for p in problems):
         problems += check_state_flow(model, source)
     return model, problems
+
+
+def _check_components(model: dict, source: str) -> list[Problem]:
+    """Each chosen component's own check of the model's shape (e.g. rope needs an even head_dim)."""
+    from .components import KINDS
+
+    problems = []
+    for key, kind in KINDS.items():
+        name = model.get(key)
+        if name in kind.names() and (message := kind.get(name).check_shape(stack_shape(model))):
+            problems.append(Problem(source, f"model.{key}", name, message))
+    return problems
 
 
 def build_attentions(model: dict, backend: str = "auto") -> list[torch.nn.Module]:

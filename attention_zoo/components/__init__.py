@@ -9,12 +9,12 @@ The model file composes them and never names one.
 """
 from __future__ import annotations
 
-from .base import ComponentKind, StackShape
+from .base import Component, ComponentKind, StackShape
 from .mlps import MLPS, register_mlp
 from .norms import NORMS, register_norm
 from .positions import POSITIONS, Positions, PositionalScheme, register_position
 
 KINDS: dict[str, ComponentKind] = {kind.key: kind for kind in (POSITIONS, NORMS, MLPS)}
 
-__all__ = ["ComponentKind", "StackShape", "KINDS", "POSITIONS", "NORMS", "MLPS", "Positions", "PositionalScheme",
+__all__ = ["Component", "ComponentKind", "StackShape", "KINDS", "POSITIONS", "NORMS", "MLPS", "Positions", "PositionalScheme",
            "register_position", "register_norm", "register_mlp"]

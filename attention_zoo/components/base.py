@@ -36,6 +36,20 @@ class StackShape:
     dropout: float = 0.0
 
 
+class Component:
+    """What every component class offers the config check (mix in, or define the same names).
+
+    params: the model keys it reads, declared as Params (validated before anything is built).
+    check_shape(shape): why it cannot be built for these sizes, or None; run at validation.
+    """
+
+    params: dict[str, Param] = {}
+
+    @classmethod
+    def check_shape(cls, shape: StackShape) -> str | None:
+        return None
+
+
 class ComponentKind(Generic[T]):
     """A registry of one kind of component, named in the model section under `key`.
 
@@ -52,8 +66,9 @@ class ComponentKind(Generic[T]):
         """Class decorator: `@POSITIONS.register("alibi") class ALiBi(PositionalScheme): ...`."""
 
         def decorator(cls: T) -> T:
-            if not isinstance(getattr(cls, "params", None), dict):
-                raise RegistryError(f"{self.key} {name!r} ({cls.__qualname__}) must declare `params: dict[str, Param]`")
+            if not isinstance(getattr(cls, "params", None), dict) or not callable(getattr(cls, "check_shape", None)):
+                raise RegistryError(f"{self.key} {name!r} ({cls.__qualname__}) must declare `params: dict[str, Param]` "
+                                    "and `check_shape(shape)` (subclass components.Component)")
             for key, param in cls.params.items():
                 for other_name in self.registry._entries:
                     other = self.registry._entries[other_name].params.get(key)

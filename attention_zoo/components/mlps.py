@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..initialization import residual_output
 from ..variant import Param
-from .base import ComponentKind, StackShape
+from .base import Component, ComponentKind, StackShape
 
 MLPS: ComponentKind = ComponentKind("mlp", "attention_zoo.mlps", __name__, "the feed-forward sub-layer")
 register_mlp = MLPS.register
@@ -28,7 +28,7 @@ MLP_HIDDEN = Param((int, type(None)), None, "MLP hidden width; null: the MLP's r
 MLP_BIAS = Param(bool, False, "biases in the MLP's linear layers (GPT-2 has them, Llama does not)")
 
 
-class _MLPBase(nn.Module):
+class _MLPBase(Component, nn.Module):
     params = {"mlp_hidden": MLP_HIDDEN, "mlp_bias": MLP_BIAS}
 
     def __init__(self, shape: StackShape):

@@ -6,7 +6,7 @@ import math
 from torch import nn
 
 from ..variant import Param
-from .base import ComponentKind, StackShape
+from .base import Component, ComponentKind, StackShape
 
 NORMS: ComponentKind = ComponentKind("norm", "attention_zoo.norms", __name__, "the pre-norm before each sub-layer and at the top")
 register_norm = NORMS.register
@@ -20,7 +20,7 @@ NORM_EPS = Param(float, 1e-5, "epsilon added to the variance in every norm", che
 
 
 @register_norm("rmsnorm")
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(Component, nn.RMSNorm):
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension (no mean subtraction, no bias).
     x: (..., dim) -> (..., dim), same dtype."""
 
@@ -31,7 +31,7 @@ class RMSNorm(nn.RMSNorm):
 
 
 @register_norm("layernorm")
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(Component, nn.LayerNorm):
     """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension. x: (..., dim) -> (..., dim)."""
 
     params = {"norm_eps": NORM_EPS}

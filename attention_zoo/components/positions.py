@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..variant import Param
-from .base import ComponentKind, StackShape
+from .base import Component, ComponentKind, StackShape
 
 POSITIONS: ComponentKind = ComponentKind("position", "attention_zoo.positions", __name__,
                                          "how token positions enter the model")
@@ -43,13 +43,12 @@ class Positions:
         return cls(torch.arange(start, start + length, device=device).expand(batch, length))
 
 
-class PositionalScheme(nn.Module):
+class PositionalScheme(Component, nn.Module):
     """Base class: no effect anywhere. Subclasses override `embed`, or `prepare` and `rotate`.
 
     max_positions: the largest sequence the scheme can encode (learned tables), or None (no cap).
     """
 
-    params: dict[str, Param] = {}
     max_positions: int | None = None
 
     def __init__(self, shape: StackShape):
@@ -112,10 +111,14 @@ class RotaryPositions(PositionalScheme):
 
     params = {"rope_theta": ROPE_THETA}
 
+    @classmethod
+    def check_shape(cls, shape: StackShape) -> str | None:
+        return None if shape.head_dim % 2 == 0 else f"rope rotates pairs of dimensions: head_dim ({shape.head_dim}) must be even"
+
     def __init__(self, shape: StackShape, rope_theta: float = 10000.0):
         super().__init__(shape)
-        if shape.head_dim % 2:
-            raise ValueError(f"rope needs an even head_dim, got {shape.head_dim}")
+        if message := self.check_shape(shape):
+            raise ValueError(message)
         self.theta = float(rope_theta)
         self.head_dim = shape.head_dim
 
