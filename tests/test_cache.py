@@ -143,7 +143,7 @@ def test_cache_nbytes_counts_keys_values_and_stats():
 
 
 @pytest.mark.parametrize("stack", ["rope", "none"])
-@pytest.mark.parametrize("name", ["vanilla-defaults", "selective-defaults", "differential-defaults"])
+@pytest.mark.parametrize("name", list(CASES))
 @torch.no_grad()
 def test_decoding_runs_past_max_seq_len_without_learned_positions(name, stack):
     """max_seq_len is the training length, not a cap, with rope and none: 3x past it the cache still equals
