@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import LayerCache, ModelCache
-from .components import Positions, PositionalScheme
+from .components import PositionalScheme, Positions
 from .initialization import init_gpt2
 from .state import fresh_view, merge
 

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import attention_zoo.config as config_module
+from attention_zoo import build_model, load_config
 from attention_zoo.backends import BackendRefused
-from attention_zoo import build_model, list_variants, load_config
 from attention_zoo.config import build_attentions
 from attention_zoo.state import CHANNELS, fresh_view, merge
 from tests.cases import STACKS, case_id, variant_cases, variant_config
-
 
 DEPTH, DIM, HEADS, VOCAB, N, B = 3, 32, 4, 32, 10, 2
 CONTRACT = variant_cases()

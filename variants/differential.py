@@ -35,7 +35,8 @@ class Differential(ProjectedAttention):
 
     def __init__(self, shape: LayerShape, **base):
         if shape.head_dim % 2:
-            raise ValueError(f"differential attention splits each head's q and k in halves: head_dim {shape.head_dim} must be even")
+            raise ValueError(f"differential attention splits each head's q and k in halves: "
+                             f"head_dim {shape.head_dim} must be even")
         super().__init__(shape, **base)
         half = self.head_dim // 2
         self.scale = half ** -0.5  # each map's logits are scaled by its own width d = D/2

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .base import Component, ComponentKind, StackShape
 from .mlps import MLPS, register_mlp
 from .norms import NORMS, register_norm
-from .positions import POSITIONS, Positions, PositionalScheme, register_position
+from .positions import POSITIONS, PositionalScheme, Positions, register_position
 
 KINDS: dict[str, ComponentKind] = {kind.key: kind for kind in (POSITIONS, NORMS, MLPS)}
 
