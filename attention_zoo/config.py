@@ -208,11 +208,11 @@ def layer_shape(model: dict, index: int) -> LayerShape:
 
 
 def stack_shape(model: dict):
-    """The sizes the stack's components are built for."""
+    """The sizes the stack's components are built for (defaults where a key failed validation)."""
     from .components import StackShape
 
-    return StackShape(model["dim"], model["heads"], model["head_dim"] or model["dim"] // model["heads"],
-                      model["max_seq_len"], model["mlp_ratio"], model["dropout"])
+    sizes = {k: model.get(k, MODEL_FIELDS[k].default) for k in ("max_seq_len", "mlp_ratio", "dropout")}
+    return StackShape(model["dim"], model["heads"], model["head_dim"] or model["dim"] // model["heads"], **sizes)
 
 
 def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tuple[dict, list[Problem]]:
