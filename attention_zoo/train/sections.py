@@ -51,6 +51,8 @@ TRAIN_FIELDS = {
     "checkpoint_every": Field(int, 500, "checkpoint every N steps (and at the end); 0: only at the end", minimum=0),
     "log_every": Field(int, 10, "append a train record to metrics.jsonl every N steps", minimum=1),
     "aux_losses": Field(dict, {}, "auxiliary losses added to the LM loss: {name: {params}}"),
+    "init_from": Field((str, type(None)), None, "a checkpoint folder (e.g. written by import-hf) whose weights start "
+                       "the run; its model section must match this config's; optimizer, schedule and step start fresh"),
 }
 
 
