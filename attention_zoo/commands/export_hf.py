@@ -27,9 +27,13 @@ def cmd_export_hf(args) -> int:
     path = Path(args.checkpoint)
     if (path / "checkpoint").is_dir():
         path = path / "checkpoint"
-    hf = to_hf(load_model(path))
+    model = load_model(path)
+    hf = to_hf(model)
     out = Path(args.out)
     hf.save_pretrained(str(out))
     copied = copy_tokenizer_files(path, out)
+    init_from = (model.config.get("train") or {}).get("init_from")
+    if not copied and init_from and Path(init_from).is_dir():  # a fine-tuned run: its tokenizer came with init_from
+        copied = copy_tokenizer_files(init_from, out)
     print(f"attention-zoo export-hf: {path} -> {out} ({type(hf).__name__}; tokenizer files: {', '.join(copied) or 'none'})")
     return 0
