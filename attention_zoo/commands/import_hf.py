@@ -29,7 +29,30 @@ def cmd_import_hf(args) -> int:
     model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads)
     out = save_checkpoint(args.out, model)
     copied = copy_tokenizer_files(args.src, out)
+    tokenizer = use_tokenizer(model, out) if set(copied) - {"generation_config.json"} else None
     attention = model.config["model"]["attention"]
     print(f"attention-zoo import-hf: {args.src} -> {out} ({model.num_parameters():,} parameters, attention "
           f"{attention}; tokenizer files: {', '.join(copied) or 'none'})")
+    if tokenizer:
+        print(f"attention-zoo import-hf: data.tokenizer = {tokenizer} (train, eval and generate use these tokens)")
     return 0
+
+
+def use_tokenizer(model, out) -> str | None:
+    """If the checkpoint folder's tokenizer files load, make them the config's data.tokenizer (an absolute path, so
+    runs started from the checkpoint find it) and rewrite config.yaml; the path, or None."""
+    import yaml
+
+    from ..checkpoint import CONFIG, atomic_write_text
+    from ..data import DataError
+    from ..data.tokenized import load_tokenizer
+
+    try:
+        load_tokenizer(out, str(out))
+    except DataError as exc:
+        print(f"attention-zoo import-hf: tokenizer files copied but not loadable ({exc}); data stays byte-level")
+        return None
+    path = str(out.resolve())
+    model.config["data"] = {**(model.config.get("data") or {}), "tokenizer": path}
+    atomic_write_text(out / CONFIG, yaml.safe_dump(dict(model.config), sort_keys=False))
+    return path

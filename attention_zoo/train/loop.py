@@ -42,6 +42,7 @@ from .metrics import MetricsLog, evaluate, token_losses
 from .optim import build_optimizer, build_schedule
 
 CHECKPOINT_DIR, METRICS, FINAL, CONFIG = "checkpoint", "metrics.jsonl", "final.json", "config.yaml"
+TOKENS = "tokens"  # tokenized corpora's cached token files (data.tokenizer), reused by eval
 
 
 @dataclass
@@ -53,11 +54,13 @@ class RunPlan:
     eval_batch_size: int
 
 
-def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None = None) -> RunPlan:
+def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None = None,
+             cache_dir: str | Path | None = None) -> RunPlan:
     """Build the dataset and check what needs model, data and process count together. Raises
-    ConfigError (every problem at once) or DataError."""
+    ConfigError (every problem at once) or DataError. cache_dir: where tokenized corpora keep their
+    token files (data.tokenizer), e.g. OUT/tokens."""
     train, model = config["train"], config["model"]
-    dataset = dataset or build_dataset(config["data"], source=config.source)
+    dataset = dataset or build_dataset(config["data"], source=config.source, cache_dir=cache_dir)
     seq_len = train["seq_len"] or dataset.fixed_seq_len or model["max_seq_len"]
     problems = []
     if seq_len > model["max_seq_len"]:
@@ -176,7 +179,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_aft
 
 def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D.World, resume: bool,
            stop_after: int | None, progress: bool) -> dict[str, Any]:
-    plan = plan_run(config, world)
+    plan = plan_run(config, world, cache_dir=out / TOKENS)
     dataset, seq_len = plan.dataset, plan.seq_len
     checkpoint = _prepare_out_dir(out, resume, world)
     D.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
