@@ -6,6 +6,7 @@ with a max absolute difference of 1e-4 (the issue's bar; differences seen are ~1
 """
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import subprocess
@@ -387,3 +388,101 @@ def test_hf_doc_runs_as_written(tmp_path, capsys, monkeypatch):
         assert main(argv) == 0, f"docs/hf.md: `attention-zoo {' '.join(step)}` failed:\n{capsys.readouterr().err}"
     difference = re.search(r"LlamaForCausalLM max \|logits difference\|: (\S+)", printed)
     assert difference and float(difference.group(1)) < TOL  # the exported folder computes what the run computes
+
+
+# -- data.tokenizer: corpora tokenized with a local transformers tokenizer -------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenized_llama(tmp_path_factory):
+    """A folder with a byte-level BPE tokenizer (300 tokens, trained here on a slice of Hamlet) and a tiny Llama of
+    that vocabulary, plus `small.txt`, 40 kB of Hamlet for data.text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from attention_zoo.data.corpus import shakespeare_works
+
+    path = tmp_path_factory.mktemp("tokenized")
+    text = shakespeare_works()["hamlet"][:40_000]
+    (path / "small.txt").write_bytes(text)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text.decode()], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
+                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>")
+    tokenizer.save_pretrained(path / "llm")
+    tiny("llama", vocab_size=len(tokenizer)).save_pretrained(path / "llm")
+    return path
+
+
+def test_tokenized_corpus_round_trips_and_caches_its_tokens(tokenized_llama, tmp_path, monkeypatch):
+    from attention_zoo.data import build_dataset
+    from attention_zoo.data import tokenized
+
+    spec = {"text": str(tokenized_llama / "small.txt"), "tokenizer": str(tokenized_llama / "llm")}
+    plain = build_dataset({"text": spec["text"]})
+    data = build_dataset(spec, cache_dir=tmp_path / "tokens")
+    assert data.vocab_size == 300 and data.data["train"].dtype == torch.int32
+    for split in ("train", "val"):
+        text = bytes(plain.data[split].numpy().tobytes())
+        assert data.decode(data.data[split]).encode() == text  # byte-level BPE: lossless
+        assert data.bytes_per_token[split] == pytest.approx(len(text) / data.data[split].numel())
+        assert data.bytes_per_token[split] > 1.3  # a real tokenization, not bytes
+    assert len(list((tmp_path / "tokens").glob("*.pt"))) == 3
+    monkeypatch.setattr(tokenized, "tokenize", lambda *a: pytest.fail("cached token files were not reused"))
+    again = build_dataset(spec, cache_dir=tmp_path / "tokens")
+    assert torch.equal(again.data["val"], data.data["val"])
+
+
+def test_bits_per_byte_counts_the_bytes_a_token_stands_for(tokenized_llama):
+    """A model with uniform logits loses ln(V) nats per token: that is log2(V) / (bytes per token) bits per byte,
+    and 8 bits per byte on the byte-level corpus (V = 256, one byte per token)."""
+    from attention_zoo.data import build_dataset
+    from attention_zoo.train.metrics import evaluate
+
+    class Uniform(torch.nn.Module):
+        def __init__(self, vocab):
+            super().__init__()
+            self.vocab = vocab
+
+        def forward(self, tokens):
+            return torch.zeros(*tokens.shape, self.vocab)
+
+    text = str(tokenized_llama / "small.txt")
+    data = build_dataset({"text": text, "tokenizer": str(tokenized_llama / "llm")})
+    metrics = evaluate(Uniform(300), data, "val", 2, 32, 2, torch.device("cpu"))
+    assert metrics["bpb"] == pytest.approx(math.log2(300) / data.bytes_per_token["val"], rel=1e-6)
+    assert evaluate(Uniform(256), build_dataset({"text": text}), "val", 2, 32, 2, torch.device("cpu"))["bpb"] == \
+        pytest.approx(8.0, rel=1e-6)
+
+
+def test_import_hf_brings_its_tokenizer_to_train_eval_and_generate(tokenized_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["import-hf", str(tokenized_llama / "llm"), "--out", "zoo", "--variant", "selective"]) == 0
+    assert "data.tokenizer" in capsys.readouterr().out
+    zoo = load_model("zoo")
+    assert Path(zoo.config["data"]["tokenizer"]) == (tmp_path / "zoo").resolve()
+    text = str(tokenized_llama / "small.txt")
+    assert main(["train", "zoo", "--out", "run", "train.init_from=zoo", "data.name=text", f"data.text={text}",
+                 *TINY_TRAIN]) == 0
+    assert "(zoo tokens)" in capsys.readouterr().out
+    cached = sorted((tmp_path / "run" / "tokens").glob("*.pt"))
+    assert len(cached) == 3
+    stamps = [f.stat().st_mtime_ns for f in cached]
+    assert main(["eval", "run", "--batches", "1"]) == 0
+    assert "bpb" in capsys.readouterr().out
+    assert [f.stat().st_mtime_ns for f in cached] == stamps  # eval reused the run's token files
+    prompt = "And the king"
+    assert main(["generate", "run", "--prompt", prompt, "--max-tokens", "5", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    prompt_tokens = len(transformers.AutoTokenizer.from_pretrained(tokenized_llama / "llm")(prompt)["input_ids"])
+    assert out.startswith(prompt) and f"prompt {prompt_tokens} tokens" in out and "generated 5 tokens" in out
+    assert prompt_tokens < len(prompt)  # the prompt went in as the tokenizer's tokens, not bytes
+
+
+def test_data_tokenizer_problems_are_named(tmp_path):
+    from attention_zoo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.tokenizer = 'nowhere': no such folder"):
+        load_config({"data": {"name": "shakespeare", "tokenizer": "nowhere"}})
+    with pytest.raises(ConfigError, match=r"data.tokenizer.*unknown key for dataset 'variable_assignment'"):
+        load_config({"data": {"name": "variable_assignment", "tokenizer": str(tmp_path)}})
