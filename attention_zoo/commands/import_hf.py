@@ -26,6 +26,14 @@ def cmd_import_hf(args) -> int:
 
     quiet_transformers()
 
+    from pathlib import Path
+
+    from ..checkpoint import CONFIG, WEIGHTS
+    from ..errors import UserError
+
+    target = Path(args.out)
+    if target.exists() and any(target.iterdir()) and not ((target / CONFIG).is_file() and (target / WEIGHTS).is_file()):
+        raise UserError(f"--out {args.out}: exists and is not a zoo checkpoint; it would be replaced, choose another folder")
     model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads)
     out = save_checkpoint(args.out, model)
     copied = copy_tokenizer_files(args.src, out)

@@ -47,6 +47,7 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
         variant adds (none for selective) keep their initialisation.
     kv_heads: fewer key/value heads than the checkpoint has: each group of consecutive kv heads is mean-pooled
         into one (the GQA paper's uptraining conversion); query head h reads pooled head h // (H / kv_heads).
+    backend: the zoo attention backend the model runs on (auto, math, sdpa, ...).
     Returns the model in float32, eval mode, with `.config` the validated zoo config (tied or untied embeddings
     as the checkpoint has them). Logits equal transformers' in float32 (vanilla, no pooling) up to rounding.
     Raises ConversionError (a UserError) for an unsupported architecture or option, ConfigError for invalid
