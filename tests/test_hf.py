@@ -146,6 +146,18 @@ def test_selective_conversion_same_parameters_new_logits_and_cached_decoding_mat
     assert max_diff(torch.cat(steps, dim=1), full) < TOL
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "selective", "residual", "differential", "cross_layer_selective"])
+def test_every_variant_with_defaults_runs_on_the_checkpoints_weights(variant):
+    hf = tiny("llama")
+    zoo = from_hf(hf, variant=variant)
+    reference = from_hf(hf)
+    own = {k: v for k, v in reference.state_dict().items()}
+    for key, value in zoo.state_dict().items():
+        if key in own:
+            assert torch.equal(value, own[key]), key  # the checkpoint's weights, unchanged
+    assert torch.isfinite(logits(zoo, tokens())).all()
+
+
 def test_variant_params_reach_the_variant_and_bad_ones_are_named():
     zoo = from_hf(tiny("llama"), variant="selective", selection_head=2)
     assert zoo.blocks[0].attention.selection_head == 2
