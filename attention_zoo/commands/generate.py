@@ -54,7 +54,8 @@ def cmd_generate(args) -> int:
         shown = [""]
 
         def show(token: torch.Tensor) -> None:  # decode the whole continuation: tokens may split characters
-            generated.append(int(token[0, 0]))
+            if int(token[0, 0]) < len(tokenizer):  # a model's vocabulary may be padded past its tokenizer's
+                generated.append(int(token[0, 0]))
             text = tokenizer.decode(generated)
             out.write(text[len(shown[0]):])
             shown[0] = text
