@@ -233,9 +233,10 @@ def _metric_problem(metric: str, plan) -> str | None:
     if not metric.startswith("val.") or metric == "val.loss":
         return None
     batch = next(iter(plan.dataset.eval_batches("val", 1, plan.seq_len, 1)))
+    tokenized = getattr(plan.dataset, "bytes_per_token", None) is not None  # data.tokenizer: bpb over its bytes
     has = {"val.accuracy": batch.metric_mask is not None,
-           "val.bpb": batch.metric_mask is None and plan.dataset.vocab_size == 256,
-           "val.ppl": batch.metric_mask is None and plan.dataset.vocab_size != 256}
+           "val.bpb": batch.metric_mask is None and (plan.dataset.vocab_size == 256 or tokenized),
+           "val.ppl": batch.metric_mask is None and plan.dataset.vocab_size != 256 and not tokenized}
     if has[metric]:
         return None
     offer = [m for m, ok in has.items() if ok] + ["val.loss"]

@@ -55,7 +55,7 @@ def cmd_eval(args) -> int:
     from ..config import load_config
     from ..train import evaluate, plan_run
     from ..train.distributed import local_device
-    from ..train.loop import autocast_context
+    from ..train.loop import TOKENS, autocast_context
 
     path = Path(args.checkpoint)
     if (path / "checkpoint").is_dir():
@@ -82,7 +82,9 @@ def cmd_eval(args) -> int:
             problem.source = label
         raise ConfigError(exc.problems) from None
     config.source = label
-    plan = plan_run(config)
+    # a run's tokenized corpora (data.tokenizer) are cached in the run folder; reuse its token files
+    run_folder = path.parent if path.name == "checkpoint" else path
+    plan = plan_run(config, cache_dir=run_folder / TOKENS)
     with torch.no_grad():
         metrics = evaluate(model, plan.dataset, args.split, plan.eval_batch_size, plan.seq_len,
                            args.batches or train["eval_batches"], device, autocast_context(train, device))

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Prefill PROMPT, then sample one token at a time through the per-layer KV cache. "
                        "Prints the text, tokens/s and the cache size (bytes, keys kept per layer).")
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder holding checkpoint/")
-    p.add_argument("--prompt", required=True, help="text to continue (byte-level tokens; its first byte is the BOS)")
+    p.add_argument("--prompt", required=True, help="text to continue (byte-level tokens, its first byte the BOS; or the run's data.tokenizer "
+                   "tokens, with the tokenizer's BOS if it adds one)")
     p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, help="sample among the K most likely tokens")
@@ -40,20 +41,40 @@ def cmd_generate(args) -> int:
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     model, path = load_for_inference(args.checkpoint, args.device, args.backend)
     pruner = Pruner(model, parse_prune_spec(args.prune)) if args.prune else None
-    data = args.prompt.encode("utf-8")
-    if max(data, default=0) >= model.vocab_size:
-        raise UserError(f"--prompt: byte {max(data)} is outside the model's vocabulary ({model.vocab_size} tokens)")
-    prompt = torch.tensor([list(data)], dtype=torch.long, device=args.device)
+    tokenizer_path = (model.config.get("data") or {}).get("tokenizer")
+    if tokenizer_path:  # the run's data.tokenizer: prompt and output in its tokens
+        from ..data.tokenized import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path, f"{path}/config.yaml")
+        ids = tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
+        if not ids or max(ids) >= model.vocab_size:
+            raise UserError(f"--prompt: its tokens do not fit the model's vocabulary ({model.vocab_size} tokens)")
+        prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
+        generated: list[int] = []
+        shown = [""]
+
+        def show(token: torch.Tensor) -> None:  # decode the whole continuation: tokens may split characters
+            if int(token[0, 0]) < len(tokenizer):  # a model's vocabulary may be padded past its tokenizer's
+                generated.append(int(token[0, 0]))
+            text = tokenizer.decode(generated)
+            out.write(text[len(shown[0]):])
+            shown[0] = text
+            out.flush()
+    else:
+        data = args.prompt.encode("utf-8")
+        if max(data, default=0) >= model.vocab_size:
+            raise UserError(f"--prompt: byte {max(data)} is outside the model's vocabulary ({model.vocab_size} tokens)")
+        prompt = torch.tensor([list(data)], dtype=torch.long, device=args.device)
+
+        def show(token: torch.Tensor) -> None:
+            value = int(token[0, 0])
+            out.write(decoder.decode(bytes([value])) if value < 256 else "")
+            out.flush()
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
-
-    def show(token: torch.Tensor) -> None:
-        value = int(token[0, 0])
-        out.write(decoder.decode(bytes([value])) if value < 256 else "")
-        out.flush()
 
     result = generate(model, prompt, args.max_tokens, sampler, pruner=pruner, prefill_chunk=args.prefill_chunk,
                       on_token=show)

@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a config (torchrun for several processes)",
                        description="Train from CONFIG; KEY.PATH=VALUE overrides any key, e.g. train.steps=200. "
                        "Writes OUT/metrics.jsonl, OUT/checkpoint/ and OUT/final.json.")
-    p.add_argument("config", help="YAML config (model, data, train sections)")
+    p.add_argument("config", help="YAML config (model, data, train sections), or a checkpoint folder (its config.yaml, "
+                   "e.g. one import-hf wrote, fine-tuned with train.init_from=FOLDER)")
     p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides, e.g. train.lr=3e-4 model.depth=6")
     p.add_argument("--out", help="run folder (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (start fresh if there is none)")
@@ -24,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args) -> int:
     from ..train import train
 
-    config = load_config(args.config, args.overrides)
-    out = args.out or str(Path("runs") / Path(args.config).stem)
+    path = Path(args.config)
+    folder = path.is_dir() and (path / "config.yaml").is_file()  # a checkpoint folder: train its saved config
+    config = load_config(path / "config.yaml" if folder else path, args.overrides)
+    out = args.out or str(Path("runs") / (path.name if folder else path.stem))
     train(config, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     return 0

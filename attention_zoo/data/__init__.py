@@ -9,6 +9,7 @@ Nothing is downloaded at run time. See docs/data.md for every option and the spl
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from .base import IGNORE_INDEX, SPLITS, VOCAB_SIZE, Batch, DataError, Dataset, did_you_mean
@@ -31,9 +32,23 @@ DATASETS: dict[str, Callable[[dict, str], Dataset]] = {
 DEFAULT_DATASET = "shakespeare"
 
 
-def build_dataset(spec: dict[str, Any] | None, *, source: str = "<config>") -> Dataset:
+def build_dataset(spec: dict[str, Any] | None, *, source: str = "<config>", cache_dir: str | Path | None = None) -> Dataset:
     """Build the dataset a config's `data:` section describes. `source` names the config file in
-    error messages. An empty/None spec means the embedded Shakespeare; `{text: PATH}` needs no name."""
+    error messages. An empty/None spec means the embedded Shakespeare; `{text: PATH}` needs no name.
+    `tokenizer: PATH` tokenizes a text corpus with that local transformers tokenizer (see tokenized.py);
+    its token files are cached in `cache_dir` when given."""
+    if isinstance(spec, dict) and spec.get("tokenizer") is not None:
+        spec = dict(spec)
+        tokenizer_path = spec.pop("tokenizer")
+        corpus = build_dataset(spec, source=source)
+        if not isinstance(corpus, CorpusDataset):
+            raise DataError(source, "data.tokenizer", tokenizer_path, f"dataset {corpus.name!r} is a task with its own "
+                            "tokens; a tokenizer applies to text corpora (shakespeare, text, ptb)")
+        from .tokenized import TokenizedCorpus, load_tokenizer
+
+        if not isinstance(tokenizer_path, (str, Path)):
+            raise DataError(source, "data.tokenizer", tokenizer_path, "expected a path to a tokenizer folder")
+        return TokenizedCorpus(corpus, load_tokenizer(tokenizer_path, source), tokenizer_path, cache_dir)
     if not spec:
         spec = {"name": DEFAULT_DATASET}
     if not isinstance(spec, dict):

@@ -42,6 +42,7 @@ from .metrics import MetricsLog, evaluate, token_losses
 from .optim import build_optimizer, build_schedule
 
 CHECKPOINT_DIR, METRICS, FINAL, CONFIG = "checkpoint", "metrics.jsonl", "final.json", "config.yaml"
+TOKENS = "tokens"  # tokenized corpora's cached token files (data.tokenizer), reused by eval
 
 
 @dataclass
@@ -53,11 +54,13 @@ class RunPlan:
     eval_batch_size: int
 
 
-def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None = None) -> RunPlan:
+def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None = None,
+             cache_dir: str | Path | None = None) -> RunPlan:
     """Build the dataset and check what needs model, data and process count together. Raises
-    ConfigError (every problem at once) or DataError."""
+    ConfigError (every problem at once) or DataError. cache_dir: where tokenized corpora keep their
+    token files (data.tokenizer), e.g. OUT/tokens."""
     train, model = config["train"], config["model"]
-    dataset = dataset or build_dataset(config["data"], source=config.source)
+    dataset = dataset or build_dataset(config["data"], source=config.source, cache_dir=cache_dir)
     seq_len = train["seq_len"] or dataset.fixed_seq_len or model["max_seq_len"]
     problems = []
     if seq_len > model["max_seq_len"]:
@@ -119,6 +122,41 @@ def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
     return checkpoint if resume and has_checkpoint else None
 
 
+def model_differences(saved: dict, wanted: dict, path: str = "model") -> list[str]:
+    """`path.key: checkpoint X, config Y` for every key where two model sections differ (nested mappings
+    compared key by key). dropout changes no weight and is not compared."""
+    out = []
+    for key in sorted(set(saved) | set(wanted), key=str):
+        a, b = saved.get(key, "(absent)"), wanted.get(key, "(absent)")
+        if key == "dropout" and path == "model":
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += model_differences(a, b, f"{path}.{key}")
+        elif a != b:
+            out.append(f"{path}.{key}: checkpoint {a!r}, config {b!r}")
+    return out
+
+
+def init_weights(model: torch.nn.Module, init_from: str, config: Config, device: torch.device) -> None:
+    """Load the weights of checkpoint `init_from` (train.init_from) into `model`, built from `config`.
+    Raises UserError if the folder is not a checkpoint or its model section differs from the config's."""
+    from ..checkpoint import CONFIG as SAVED_CONFIG
+    from ..checkpoint import with_legacy_stack
+    from ..config import load_config
+
+    path = Path(init_from).expanduser()
+    if not (path / WEIGHTS).is_file() or not (path / SAVED_CONFIG).is_file():
+        raise UserError(f"{config.source}: train.init_from = {init_from!r}: not a checkpoint folder (expected "
+                        f"{WEIGHTS} and {SAVED_CONFIG}, as import-hf and train write)")
+    saved = load_config({"model": with_legacy_stack(yaml.safe_load((path / SAVED_CONFIG).read_text()))["model"]})
+    differences = model_differences(saved["model"], config["model"])
+    if differences:
+        raise UserError(f"{config.source}: train.init_from = {init_from!r}: the config's model section differs from "
+                        "the checkpoint's (start from its config.yaml, e.g. `base: " + f"{path / SAVED_CONFIG}`):\n  "
+                        + "\n  ".join(differences))
+    load_weights(model, str(path / WEIGHTS), device=str(device))
+
+
 def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
           progress: bool = True) -> dict[str, Any]:
     """Train as `config` says, writing the run folder `out_dir`. Returns the summary (final.json),
@@ -141,7 +179,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_aft
 
 def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D.World, resume: bool,
            stop_after: int | None, progress: bool) -> dict[str, Any]:
-    plan = plan_run(config, world)
+    plan = plan_run(config, world, cache_dir=out / TOKENS)
     dataset, seq_len = plan.dataset, plan.seq_len
     checkpoint = _prepare_out_dir(out, resume, world)
     D.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
@@ -159,6 +197,8 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     log = MetricsLog(out / METRICS, enabled=world.is_main)
 
     start_step, tokens_seen, train_time, loss_value = 0, 0, 0.0, float("nan")
+    if checkpoint is None and tcfg.get("init_from"):  # resuming restores the run's own weights instead
+        init_weights(model, tcfg["init_from"], config, device)
     if checkpoint is not None:
         saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
         if saved.get("model") != config["model"]:

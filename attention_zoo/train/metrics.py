@@ -2,7 +2,8 @@
 
 Metrics of one evaluation (over the fixed batches `dataset.eval_batches` gives):
 - `loss`: mean cross-entropy (nats) per scored target token;
-- `bpb`: bits per byte, loss / ln 2, for byte-level corpora (every dataset here is byte-level);
+- `bpb`: bits per byte, loss / ln 2, for byte-level corpora; for corpora tokenized with `data.tokenizer`,
+  loss / ln 2 / (the split's bytes per token), so models with different tokenizers compare;
   `ppl` = exp(loss) for any other vocabulary;
 - `accuracy`: for tasks whose batches carry `metric_mask`, the fraction of examples whose every
   masked position is predicted right by argmax (exact match).
@@ -58,7 +59,10 @@ def evaluate(model: nn.Module, dataset: Dataset, split: str, batch_size: int, se
     model.train(was_training)
     loss = (sums[0] / sums[1].clamp(min=1)).item()
     metrics = {"loss": loss}
-    if dataset.vocab_size == VOCAB_SIZE and not has_mask:
+    bytes_per_token = getattr(dataset, "bytes_per_token", None)  # tokenized corpora (data.tokenizer)
+    if bytes_per_token is not None and not has_mask:  # nats per token -> bits per byte of the text
+        metrics["bpb"] = loss / math.log(2) / bytes_per_token[split]
+    elif dataset.vocab_size == VOCAB_SIZE and not has_mask:
         metrics["bpb"] = loss / math.log(2)
     elif not has_mask:
         metrics["ppl"] = math.exp(min(loss, 50.0))

@@ -51,6 +51,8 @@ TRAIN_FIELDS = {
     "checkpoint_every": Field(int, 500, "checkpoint every N steps (and at the end); 0: only at the end", minimum=0),
     "log_every": Field(int, 10, "append a train record to metrics.jsonl every N steps", minimum=1),
     "aux_losses": Field(dict, {}, "auxiliary losses added to the LM loss: {name: {params}}"),
+    "init_from": Field((str, type(None)), None, "a checkpoint folder (e.g. written by import-hf) whose weights start "
+                       "the run; its model section must match this config's; optimizer, schedule and step start fresh"),
 }
 
 
@@ -96,7 +98,7 @@ def _validate_aux_losses(value: dict, source: str) -> tuple[dict, list[Problem]]
 
 def _data_keys() -> dict[str, set[str] | None]:
     from ..data.synthetic import INT_PARAMS
-    return {"shakespeare": {"name"}, "text": {"name", "text"}, "ptb": {"name"},
+    return {"shakespeare": {"name", "tokenizer"}, "text": {"name", "text", "tokenizer"}, "ptb": {"name", "tokenizer"},
             "variable_assignment": {"name", "loss_on", *INT_PARAMS}}
 
 
@@ -125,6 +127,12 @@ def validate_data(value: Any, source: str) -> tuple[dict, list[Problem]]:
                                         f"{did_you_mean(str(key), sorted(allowed))}valid: {', '.join(sorted(allowed))}"))
     if problems:
         return spec, problems
+    tokenizer = spec.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        problems.append(Problem(source, "data.tokenizer", tokenizer, "expected a path to a local tokenizer folder"))
+    elif tokenizer is not None and not Path(tokenizer).expanduser().is_dir():
+        problems.append(Problem(source, "data.tokenizer", tokenizer, "no such folder (a local folder with tokenizer "
+                                "files, e.g. a transformers checkpoint or one import-hf wrote)"))
     if name == "variable_assignment":  # building it generates nothing until asked: cheap, and checks ranges
         problems += _build_problems(spec, source)
     elif name == "text":

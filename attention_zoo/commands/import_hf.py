@@ -1,0 +1,66 @@
+"""`import-hf`: a local transformers checkpoint (Llama, Mistral, Qwen2, GPT-2) as a zoo checkpoint."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-hf", help="convert a local transformers checkpoint into a zoo checkpoint",
+                       description="Read SRC (a local transformers folder: LlamaForCausalLM, MistralForCausalLM without "
+                       "sliding window, Qwen2ForCausalLM, GPT2LMHeadModel) and write a zoo checkpoint to OUT "
+                       "(model.safetensors, config.yaml and SRC's tokenizer files) that eval, generate, calibrate and "
+                       "train (train.init_from) accept. Needs transformers: pip install 'attention-zoo[hf]'.")
+    p.add_argument("src", help="local transformers checkpoint folder (config.json + weights); nothing is downloaded")
+    p.add_argument("--out", required=True, help="zoo checkpoint folder to write")
+    p.add_argument("--variant", help="attention variant to run on the weights (default: vanilla, or gqa for a GQA "
+                   "checkpoint); its other parameters take their defaults")
+    p.add_argument("--kv-heads", type=int, metavar="N", help="mean-pool consecutive key/value heads into N groups "
+                   "(GQA uptraining); N must divide the checkpoint's kv heads")
+    p.set_defaults(run=cmd_import_hf)
+
+
+def cmd_import_hf(args) -> int:
+    from ..checkpoint import save_checkpoint
+    from ..hf import from_hf
+    from ..hf.files import copy_tokenizer_files, quiet_transformers
+
+    quiet_transformers()
+
+    from pathlib import Path
+
+    from ..checkpoint import CONFIG, WEIGHTS
+    from ..errors import UserError
+
+    target = Path(args.out)
+    if target.exists() and any(target.iterdir()) and not ((target / CONFIG).is_file() and (target / WEIGHTS).is_file()):
+        raise UserError(f"--out {args.out}: exists and is not a zoo checkpoint; it would be replaced, choose another folder")
+    model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads)
+    out = save_checkpoint(args.out, model)
+    copied = copy_tokenizer_files(args.src, out)
+    tokenizer = use_tokenizer(model, out) if set(copied) - {"generation_config.json"} else None
+    attention = model.config["model"]["attention"]
+    print(f"attention-zoo import-hf: {args.src} -> {out} ({model.num_parameters():,} parameters, attention "
+          f"{attention}; tokenizer files: {', '.join(copied) or 'none'})")
+    if tokenizer:
+        print(f"attention-zoo import-hf: data.tokenizer = {tokenizer} (train, eval and generate use these tokens)")
+    return 0
+
+
+def use_tokenizer(model, out) -> str | None:
+    """If the checkpoint folder's tokenizer files load, make them the config's data.tokenizer (an absolute path, so
+    runs started from the checkpoint find it) and rewrite config.yaml; the path, or None."""
+    import yaml
+
+    from ..checkpoint import CONFIG, atomic_write_text
+    from ..data import DataError
+    from ..data.tokenized import load_tokenizer
+
+    try:
+        load_tokenizer(out, str(out))
+    except DataError as exc:
+        print(f"attention-zoo import-hf: tokenizer files copied but not loadable ({exc}); data stays byte-level")
+        return None
+    path = str(out.resolve())
+    model.config["data"] = {**(model.config.get("data") or {}), "tokenizer": path}
+    atomic_write_text(out / CONFIG, yaml.safe_dump(dict(model.config), sort_keys=False))
+    return path

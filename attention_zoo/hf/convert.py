@@ -1,0 +1,101 @@
+"""`from_hf`: a transformers causal LM (in memory, or a local folder) as a zoo CausalLM with the same weights."""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, build_model
+from .errors import ConversionError, require_transformers
+from .families import family_of, zoo_model_section
+from .weights import Source, gpt2_to_zoo, llama_to_zoo, pool_kv_heads
+
+# The parameters of the plain projected-attention stack; a variant may add its own (left as initialised).
+_MAPPED = ("q_proj.", "kv_proj.", "out_proj.")
+
+
+def load_hf(path: str | Path) -> Any:
+    """A local transformers folder as a float32 model in eval mode; checked before its weights are read.
+    Raises ConversionError if the folder is missing or unreadable, or its architecture unsupported."""
+    transformers = require_transformers()
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{path}: no such folder (give a local transformers checkpoint folder with config.json; "
+                              "nothing is downloaded)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for an unreadable folder
+        raise ConversionError(f"{path}: not a readable transformers checkpoint: {type(exc).__name__}: {exc}") from None
+    zoo_model_section(config)  # refuse unsupported models before reading gigabytes of weights
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001
+        raise ConversionError(f"{path}: could not load the weights: {type(exc).__name__}: {exc}") from None
+    return model.eval()
+
+
+def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | None = None, backend: str = "auto",
+            **variant_params: Any):
+    """A zoo CausalLM with the weights of a transformers Llama / Mistral / Qwen2 / GPT-2 causal LM.
+
+    model_or_path: a transformers model (LlamaForCausalLM, MistralForCausalLM without sliding window,
+        Qwen2ForCausalLM, GPT2LMHeadModel) or a local folder holding one (never downloaded).
+    variant: the zoo attention to run on those weights (default: vanilla, or gqa for a GQA checkpoint);
+        any registered variant whose other parameters have defaults, given in `variant_params`. Parameters a
+        variant adds (none for selective) keep their initialisation.
+    kv_heads: fewer key/value heads than the checkpoint has: each group of consecutive kv heads is mean-pooled
+        into one (the GQA paper's uptraining conversion); query head h reads pooled head h // (H / kv_heads).
+    backend: the zoo attention backend the model runs on (auto, math, sdpa, ...).
+    Returns the model in float32, eval mode, with `.config` the validated zoo config (tied or untied embeddings
+    as the checkpoint has them). Logits equal transformers' in float32 (vanilla, no pooling) up to rounding.
+    Raises ConversionError (a UserError) for an unsupported architecture or option, ConfigError for invalid
+    variant parameters.
+    """
+    hf = load_hf(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
+    family, model_section, attention = zoo_model_section(hf.config)
+    heads, checkpoint_kv = model_section["heads"], attention["kv_heads"]
+    new_kv = checkpoint_kv if kv_heads is None else kv_heads
+    if not (isinstance(new_kv, int) and 1 <= new_kv <= checkpoint_kv and checkpoint_kv % new_kv == 0):
+        raise ConversionError(f"kv_heads = {kv_heads!r}: must divide the checkpoint's {checkpoint_kv} key/value heads "
+                              f"(pooling only merges heads); valid: "
+                              f"{', '.join(str(d) for d in range(1, checkpoint_kv + 1) if checkpoint_kv % d == 0)}")
+    if variant is None:
+        variant = "vanilla" if new_kv == heads else "gqa"
+    section: dict[str, Any] = {"variant": variant}
+    if new_kv != heads:
+        section["kv_heads"] = new_kv
+    section.update({k: True for k in ("qkv_bias", "out_bias") if attention[k]})
+    section.update(variant_params)
+    where = type(hf).__name__ if not isinstance(model_or_path, (str, Path)) else str(model_or_path)
+    try:
+        zoo = build_model({"backend": backend, "model": {**model_section, "attention": section}})
+    except ConfigError as exc:
+        for problem in exc.problems:
+            problem.source = f"from_hf({where})"
+        raise ConfigError(exc.problems) from None
+    pool = (lambda w: w) if new_kv == checkpoint_kv else partial(pool_kv_heads, kv_heads=checkpoint_kv,
+                                                                 new_kv_heads=new_kv)
+    to_zoo = llama_to_zoo if family == "llama" else gpt2_to_zoo
+    src = Source(hf.state_dict(), where)
+    state = to_zoo(src, model_section["depth"], model_section["tie_embeddings"], pool)
+    src.check_all_used()
+    _load(zoo, state, where)
+    return zoo.float().eval()
+
+
+def _load(zoo: torch.nn.Module, state: dict, where: str) -> None:
+    """Copy `state` into `zoo`; only parameters a variant adds beyond the projections may stay as initialised."""
+    state = {k: v.detach().to(torch.float32) for k, v in state.items()}
+    try:
+        missing, unexpected = zoo.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: a variant that lays out its projections differently
+        raise ConversionError(f"{where}: the weights do not fit the zoo model: {exc}") from None
+    mapped_missing = [k for k in missing if ".attention." not in k or any(m in k for m in _MAPPED)]
+    if unexpected or mapped_missing:
+        raise ConversionError(f"{where}: weights do not line up with the zoo model "
+                              f"(missing {mapped_missing}, unexpected {unexpected})")
+
+
+__all__ = ["from_hf", "load_hf", "family_of"]

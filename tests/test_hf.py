@@ -1,0 +1,504 @@
+"""attention_zoo.hf and the import-hf / export-hf commands against transformers itself.
+
+Nothing is downloaded: every transformers model is built from a config with random weights (tiny: hidden 32,
+2 layers, vocab 64) and, where a folder is needed, saved to a temporary one. Logits are compared in float32
+with a max absolute difference of 1e-4 (the issue's bar; differences seen are ~1e-7).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from attention_zoo.checkpoint import load_model  # noqa: E402
+from attention_zoo.cli import main  # noqa: E402
+from attention_zoo.hf import ConversionError, from_hf, pool_kv_heads, register, to_hf  # noqa: E402
+
+TOL = 1e-4
+VOCAB = 64
+
+
+def tiny(family: str, **overrides):
+    """A tiny transformers causal LM with random weights (seeded). initializer_range 0.1 (not 0.02) so attention
+    logits are large enough for selective attention to change the output measurably."""
+    torch.manual_seed(0)
+    llama_like = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.1)
+    if family == "llama":
+        config = transformers.LlamaConfig(**{"num_key_value_heads": 4, **llama_like, **overrides})
+        return transformers.LlamaForCausalLM(config).eval()
+    if family == "llama_gqa":
+        config = transformers.LlamaConfig(**{"num_key_value_heads": 2, **llama_like, **overrides})
+        return transformers.LlamaForCausalLM(config).eval()
+    if family == "mistral":
+        config = transformers.MistralConfig(**{"num_key_value_heads": 2, "sliding_window": None, **llama_like, **overrides})
+        return transformers.MistralForCausalLM(config).eval()
+    if family == "qwen2":
+        config = transformers.Qwen2Config(**{"num_key_value_heads": 2, "tie_word_embeddings": True, **llama_like,
+                                             **overrides})
+        return transformers.Qwen2ForCausalLM(config).eval()
+    if family == "gpt2":
+        config = transformers.GPT2Config(**{"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB,
+                                            "n_positions": 64, "initializer_range": 0.1, "bos_token_id": 0,
+                                            "eos_token_id": 0, **overrides})
+        return transformers.GPT2LMHeadModel(config).eval()
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "llama_gqa", "mistral", "qwen2", "gpt2"]
+
+
+def tokens(n: int = 12, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_transformers_in_memory_and_from_a_folder(family, tmp_path):
+    hf = tiny(family)
+    x = tokens()
+    expected = logits(hf, x)
+    assert expected.std() > 0.05  # a real, non-degenerate model
+    hf.save_pretrained(tmp_path / "hf")
+    for source in (hf, tmp_path / "hf", str(tmp_path / "hf")):
+        zoo = from_hf(source)
+        assert max_diff(logits(zoo, x), expected) < TOL, source
+    tied = hf.config.tie_word_embeddings
+    assert (zoo.lm_head.weight is zoo.token_embedding.weight) == tied
+    assert zoo.config["model"]["tie_embeddings"] == tied
+    assert zoo.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
+def test_gqa_checkpoint_becomes_gqa_and_llama_attention_bias_covers_the_output():
+    assert from_hf(tiny("llama_gqa")).config["model"]["attention"] == {"variant": "gqa", "kv_heads": 2}
+    hf = tiny("llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
+    zoo = from_hf(hf)
+    assert zoo.config["model"]["attention"] == {"variant": "vanilla", "qkv_bias": True, "out_bias": True}
+    assert zoo.blocks[0].attention.out_proj.bias is not None and zoo.blocks[0].mlp.up.bias is not None
+    x = tokens()
+    assert max_diff(logits(zoo, x), logits(hf, x)) < TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_to_hf_round_trip(family):
+    hf = tiny(family)
+    back = to_hf(from_hf(hf))
+    expected_class = {"mistral": "LlamaForCausalLM"}.get(family, type(hf).__name__)
+    assert type(back).__name__ == expected_class
+    x = tokens()
+    assert max_diff(logits(back, x), logits(hf, x)) < TOL
+    assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
+
+
+def test_export_hf_folder_loads_with_from_pretrained(tmp_path, capsys):
+    hf = tiny("qwen2")
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 0
+    assert main(["export-hf", str(tmp_path / "zoo"), "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", local_files_only=True).eval()
+    assert type(back).__name__ == "Qwen2ForCausalLM"
+    x = tokens()
+    assert max_diff(logits(back, x), logits(hf, x)) < TOL
+
+
+def test_import_hf_writes_a_checkpoint_load_model_reads(tmp_path, capsys):
+    hf = tiny("llama_gqa")
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text("{}")  # tokenizer files travel with the checkpoint
+    code = main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")])
+    assert code == 0
+    assert (tmp_path / "zoo" / "tokenizer_config.json").is_file()
+    zoo = load_model(tmp_path / "zoo")
+    x = tokens()
+    assert max_diff(logits(zoo, x), logits(hf, x)) < TOL
+
+
+def test_selective_conversion_same_parameters_new_logits_and_cached_decoding_matches():
+    hf = tiny("llama")
+    x = tokens(16)
+    vanilla, selective = from_hf(hf), from_hf(hf, variant="selective")
+    assert selective.config["model"]["attention"]["variant"] == "selective"
+    assert selective.num_parameters() == vanilla.num_parameters()
+    full = logits(selective, x)
+    assert max_diff(full, logits(vanilla, x)) > 1e-2  # the penalty changes what the model computes
+    # the zoo's cache carries selective's accumulator: prefill 5 tokens, then one token at a time
+    cache = selective.new_cache()
+    with torch.no_grad():
+        steps = [selective(x[:, :5], cache=cache)] + [selective(x[:, i:i + 1], cache=cache) for i in range(5, 16)]
+    assert max_diff(torch.cat(steps, dim=1), full) < TOL
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "selective", "residual", "differential", "cross_layer_selective"])
+def test_every_variant_with_defaults_runs_on_the_checkpoints_weights(variant):
+    hf = tiny("llama")
+    zoo = from_hf(hf, variant=variant)
+    reference = from_hf(hf)
+    own = {k: v for k, v in reference.state_dict().items()}
+    for key, value in zoo.state_dict().items():
+        if key in own:
+            assert torch.equal(value, own[key]), key  # the checkpoint's weights, unchanged
+    assert torch.isfinite(logits(zoo, tokens())).all()
+
+
+def test_variant_params_reach_the_variant_and_bad_ones_are_named():
+    zoo = from_hf(tiny("llama"), variant="selective", selection_head=2)
+    assert zoo.blocks[0].attention.selection_head == 2
+    with pytest.raises(ValueError, match="selection_head"):
+        from_hf(tiny("llama"), variant="selective", selection_head=9)
+
+
+def _hand_pooled_llama(hf, groups: int, bias: bool):
+    """A transformers Llama with `groups` kv heads whose k/v weights (and biases) are the means of consecutive
+    groups of `hf`'s kv heads, pooled here by hand with plain reshapes."""
+    config = hf.config.to_dict()
+    config.update(num_key_value_heads=groups)
+    pooled = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    state = hf.state_dict()
+    heads, head_dim = hf.config.num_key_value_heads, hf.config.hidden_size // hf.config.num_attention_heads
+    for key, value in state.items():
+        if ".k_proj." in key or ".v_proj." in key:
+            state[key] = value.reshape(groups, heads // groups, head_dim, *value.shape[1:]).mean(dim=1).reshape(
+                groups * head_dim, *value.shape[1:])
+    pooled.load_state_dict(state)
+    return pooled
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_kv_head_pooling_equals_a_hand_pooled_transformers_model(bias):
+    hf = tiny("llama", attention_bias=bias)  # 4 kv heads
+    x = tokens()
+    for groups in (2, 1):
+        zoo = from_hf(hf, kv_heads=groups)
+        assert zoo.config["model"]["attention"]["kv_heads"] == groups
+        assert zoo.config["model"]["attention"]["variant"] == "gqa"
+        assert max_diff(logits(zoo, x), logits(_hand_pooled_llama(hf, groups, bias), x)) < TOL
+    assert max_diff(logits(from_hf(hf, kv_heads=2), x), logits(hf, x)) > 1e-3  # pooling is a real change
+
+
+def test_pool_kv_heads_order():
+    w = torch.arange(4.0).repeat_interleave(3)[:, None]  # 4 heads of head_dim 3, head i all i
+    assert pool_kv_heads(w, 4, 2).flatten().tolist() == [0.5] * 3 + [2.5] * 3
+
+
+def test_kv_heads_selective_and_gqa_together():
+    zoo = from_hf(tiny("llama_gqa"), variant="selective", kv_heads=1)
+    assert zoo.config["model"]["attention"] == {"variant": "selective", "kv_heads": 1}
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: tiny("mistral", sliding_window=16), "sliding_window"),
+    (lambda: tiny("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type"),
+    (lambda: tiny("llama", hidden_act="gelu"), "hidden_act"),
+    (lambda: tiny("gpt2", activation_function="relu"), "activation_function"),
+    (lambda: tiny("gpt2", scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+    (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                                                num_attention_heads=2, vocab_size=VOCAB,
+                                                                word_embed_proj_dim=16)), "unsupported architecture"),
+])
+def test_what_the_zoo_cannot_reproduce_is_refused_by_name(make, match):
+    with pytest.raises(ConversionError, match=match):
+        from_hf(make())
+
+
+def test_kv_heads_must_divide_the_checkpoints():
+    with pytest.raises(ConversionError, match="kv_heads = 3.*valid: 1, 2, 4"):
+        from_hf(tiny("llama"), kv_heads=3)
+    with pytest.raises(ConversionError, match="valid: 1, 2"):
+        from_hf(tiny("llama_gqa"), kv_heads=4)  # pooling cannot add heads
+
+
+def test_to_hf_refuses_what_transformers_cannot_run():
+    with pytest.raises(ConversionError, match="variant 'selective'"):
+        to_hf(from_hf(tiny("llama"), variant="selective"))
+    with pytest.raises(ConversionError, match="qk_norm"):
+        to_hf(from_hf(tiny("llama"), qk_norm=True))
+
+
+# -- register(): zoo attention inside stock transformers models ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    tiny("llama_gqa").save_pretrained(path)
+    return path
+
+
+def stock(path, implementation: str):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=implementation,
+                                                             local_files_only=True).eval()
+
+
+def test_register_names_the_single_layer_variants():
+    names = register()
+    assert {"zoo_vanilla", "zoo_gqa", "zoo_selective"} <= set(names)
+    assert not {"zoo_residual", "zoo_cross_layer_selective", "zoo_differential"} & set(names)  # cross-layer / own params
+
+
+def test_registered_vanilla_gives_transformers_logits_and_selective_the_zoo_models(llama_folder):
+    register()
+    x = tokens(16)
+    reference = logits(stock(llama_folder, "eager"), x)
+    assert max_diff(logits(stock(llama_folder, "zoo_vanilla"), x), reference) < TOL
+    selective = logits(stock(llama_folder, "zoo_selective"), x)
+    assert max_diff(selective, logits(from_hf(llama_folder, variant="selective"), x)) < TOL
+    assert max_diff(selective, reference) > 1e-2
+
+
+@pytest.mark.parametrize("implementation", ["zoo_vanilla", "zoo_selective"])
+def test_registered_attention_is_causal(llama_folder, implementation):
+    register()
+    model = stock(llama_folder, implementation)
+    x = tokens(16)
+    changed = x.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % VOCAB
+    a, b = logits(model, x), logits(model, changed)
+    assert max_diff(a[:, :10], b[:, :10]) == 0.0  # earlier positions never see later tokens
+    assert max_diff(a[:, 10:], b[:, 10:]) > 1e-3
+
+
+def test_registered_attention_honours_padding(llama_folder):
+    register()
+    model = stock(llama_folder, "zoo_vanilla")
+    x = tokens(8, batch=1)
+    padded = torch.cat((torch.zeros(1, 3, dtype=torch.long), x), dim=1)
+    mask = torch.cat((torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)), dim=1)
+    position_ids = torch.cat((torch.zeros(1, 3, dtype=torch.long), torch.arange(8)[None]), dim=1)
+    with torch.no_grad():
+        out = model(padded, attention_mask=mask, position_ids=position_ids).logits[:, 3:]
+    assert max_diff(out, logits(model, x)) < TOL
+
+
+def test_generating_with_registered_selective_points_to_the_zoo_cache(llama_folder):
+    register()
+    model = stock(llama_folder, "zoo_selective")
+    with pytest.raises(NotImplementedError, match="from_hf"):
+        model.generate(tokens(4, batch=1), max_new_tokens=3, do_sample=False)
+    register()
+    vanilla = stock(llama_folder, "zoo_vanilla")  # vanilla needs no accumulator: HF's cache serves it
+    out = vanilla.generate(tokens(4, batch=1), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+# -- train.init_from ---------------------------------------------------------------------------------------
+
+def test_train_init_from_starts_from_the_imported_weights(tmp_path, capsys):
+    hf = tiny("llama", vocab_size=256)  # the byte-level Shakespeare corpus has 256 tokens
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo"), "--variant", "selective"]) == 0
+    config = str(tmp_path / "zoo" / "config.yaml")
+    tiny_run = ["train.steps=1", "train.seq_len=16", "train.batch_size=2", "train.eval_batches=1", "train.warmup=0",
+                "--no-progress"]
+    # lr 0: the one step changes nothing, so the run's checkpoint holds exactly the imported weights
+    assert main(["train", config, "--out", str(tmp_path / "run"), f"train.init_from={tmp_path / 'zoo'}",
+                 "train.lr=0", *tiny_run]) == 0
+    trained, imported = load_model(tmp_path / "run" / "checkpoint"), load_model(tmp_path / "zoo")
+    x = tokens()
+    assert max_diff(logits(trained, x), logits(imported, x)) == 0.0
+    code = main(["train", config, "--out", str(tmp_path / "bad"), f"train.init_from={tmp_path / 'zoo'}",
+                 "model.attention.variant=vanilla", "model.depth=3", *tiny_run])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "model.attention.variant: checkpoint 'selective', config 'vanilla'" in err
+    assert "model.depth: checkpoint 2, config 3" in err
+    code = main(["train", config, "--out", str(tmp_path / "bad2"), f"train.init_from={tmp_path / 'nothing'}", *tiny_run])
+    assert code == 2 and "not a checkpoint folder" in capsys.readouterr().err
+
+
+# -- CLI errors: one message, exit 2, no traceback ---------------------------------------------------------
+
+def test_cli_errors_exit_2_with_one_message(tmp_path, capsys, monkeypatch):
+    """In-process through cli.main (an exception escaping it would fail the test), then one subprocess run
+    for the exit code and the absence of a traceback as a user sees them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                                             num_attention_heads=2, vocab_size=VOCAB,
+                                                             word_embed_proj_dim=16))
+    opt.save_pretrained(tmp_path / "opt")
+    tiny("llama").save_pretrained(tmp_path / "llama")
+    assert main(["import-hf", "llama", "--out", "sel", "--variant", "selective"]) == 0
+    cases = [(("import-hf", "missing", "--out", "z"), "missing: no such folder"),
+             (("import-hf", "empty", "--out", "z"), "empty: not a readable transformers checkpoint"),
+             (("import-hf", "opt", "--out", "z"), "unsupported architecture OPTForCausalLM"),
+             (("import-hf", "llama", "--out", "z", "--kv-heads", "3"), "kv_heads = 3"),
+             (("import-hf", "llama", "--out", "z", "--variant", "nope"), "unknown variant"),
+             (("export-hf", "missing", "--out", "h"), "missing: not a checkpoint"),
+             (("export-hf", "sel", "--out", "h"), "variant 'selective'"),
+             (("import-hf", "llama", "--out", "opt"), "exists and is not a zoo checkpoint")]
+    capsys.readouterr()
+    for argv, message in cases:
+        code = main(list(argv))
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert message in err and err.startswith(f"attention-zoo {argv[0]}: error: ") and err.count("error:") == 1, err
+    assert not (tmp_path / "z").exists() and not (tmp_path / "h").exists()
+    result = subprocess.run([sys.executable, "-m", "attention_zoo", "import-hf", "opt", "--out", "z"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "unsupported architecture OPTForCausalLM" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- docs/hf.md runs as written (tiny budgets), up to the section on users' own checkpoints --------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TRAIN = ["train.steps=2", "train.seq_len=32", "train.batch_size=4", "train.eval_batches=1", "train.eval_every=0",
+              "train.checkpoint_every=0", "train.warmup=0", "--no-progress"]
+
+
+def doc_steps() -> list[tuple[str, object]]:
+    """('python', code) for heredoc scripts and python blocks, ('cli', argv) for attention-zoo lines, in order."""
+    text = (ROOT / "docs" / "hf.md").read_text().split("## Your own checkpoint")[0]
+    steps: list[tuple[str, object]] = []
+    for lang, block in re.findall(r"```(bash|python)\n(.*?)```", text, flags=re.S):
+        if lang == "python":
+            steps.append(("python", block))
+            continue
+        lines = block.splitlines()
+        while lines:
+            line = lines.pop(0).split(" #")[0].strip()
+            if line.startswith("python - <<'EOF'"):
+                end = lines.index("EOF")
+                steps.append(("python", "\n".join(lines[:end])))
+                lines = lines[end + 1:]
+            elif line.startswith("attention-zoo "):
+                steps.append(("cli", shlex.split(line)[1:]))
+            elif line:
+                raise AssertionError(f"docs/hf.md: unexpected shell line {line!r}")
+    return steps
+
+
+def test_hf_doc_runs_as_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    steps, printed = doc_steps(), ""
+    assert [s for kind, s in steps if kind == "cli" and s[0] in ("import-hf", "train", "eval", "export-hf")]
+    for kind, step in steps:
+        if kind == "python":  # in-process (a subprocess would import torch and transformers again)
+            output = io.StringIO()
+            with contextlib.redirect_stdout(output):
+                exec(compile(step, "docs/hf.md", "exec"), {"__name__": "hf_doc"})
+            printed += output.getvalue()
+            continue
+        argv = list(step)
+        if argv[0] == "train":
+            argv += TINY_TRAIN
+        elif argv[0] == "eval":
+            argv += ["--batches", "1"]
+        assert main(argv) == 0, f"docs/hf.md: `attention-zoo {' '.join(step)}` failed:\n{capsys.readouterr().err}"
+    difference = re.search(r"LlamaForCausalLM max \|logits difference\|: (\S+)", printed)
+    assert difference and float(difference.group(1)) < TOL  # the exported folder computes what the run computes
+
+
+# -- data.tokenizer: corpora tokenized with a local transformers tokenizer -------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenized_llama(tmp_path_factory):
+    """A folder with a byte-level BPE tokenizer (300 tokens, trained here on a slice of Hamlet) and a tiny Llama of
+    that vocabulary, plus `small.txt`, 40 kB of Hamlet for data.text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from attention_zoo.data.corpus import shakespeare_works
+
+    path = tmp_path_factory.mktemp("tokenized")
+    text = shakespeare_works()["hamlet"][:40_000]
+    (path / "small.txt").write_bytes(text)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text.decode()], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
+                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>")
+    tokenizer.save_pretrained(path / "llm")
+    tiny("llama", vocab_size=len(tokenizer)).save_pretrained(path / "llm")
+    return path
+
+
+def test_tokenized_corpus_round_trips_and_caches_its_tokens(tokenized_llama, tmp_path, monkeypatch):
+    from attention_zoo.data import build_dataset
+    from attention_zoo.data import tokenized
+
+    spec = {"text": str(tokenized_llama / "small.txt"), "tokenizer": str(tokenized_llama / "llm")}
+    plain = build_dataset({"text": spec["text"]})
+    data = build_dataset(spec, cache_dir=tmp_path / "tokens")
+    assert data.vocab_size == 300 and data.data["train"].dtype == torch.int32
+    for split in ("train", "val"):
+        text = bytes(plain.data[split].numpy().tobytes())
+        assert data.decode(data.data[split]).encode() == text  # byte-level BPE: lossless
+        assert data.bytes_per_token[split] == pytest.approx(len(text) / data.data[split].numel())
+        assert data.bytes_per_token[split] > 1.3  # a real tokenization, not bytes
+    assert len(list((tmp_path / "tokens").glob("*.pt"))) == 3
+    monkeypatch.setattr(tokenized, "tokenize", lambda *a: pytest.fail("cached token files were not reused"))
+    again = build_dataset(spec, cache_dir=tmp_path / "tokens")
+    assert torch.equal(again.data["val"], data.data["val"])
+
+
+def test_bits_per_byte_counts_the_bytes_a_token_stands_for(tokenized_llama):
+    """A model with uniform logits loses ln(V) nats per token: that is log2(V) / (bytes per token) bits per byte,
+    and 8 bits per byte on the byte-level corpus (V = 256, one byte per token)."""
+    from attention_zoo.data import build_dataset
+    from attention_zoo.train.metrics import evaluate
+
+    class Uniform(torch.nn.Module):
+        def __init__(self, vocab):
+            super().__init__()
+            self.vocab = vocab
+
+        def forward(self, tokens):
+            return torch.zeros(*tokens.shape, self.vocab)
+
+    text = str(tokenized_llama / "small.txt")
+    data = build_dataset({"text": text, "tokenizer": str(tokenized_llama / "llm")})
+    metrics = evaluate(Uniform(300), data, "val", 2, 32, 2, torch.device("cpu"))
+    assert metrics["bpb"] == pytest.approx(math.log2(300) / data.bytes_per_token["val"], rel=1e-6)
+    assert evaluate(Uniform(256), build_dataset({"text": text}), "val", 2, 32, 2, torch.device("cpu"))["bpb"] == \
+        pytest.approx(8.0, rel=1e-6)
+
+
+def test_import_hf_brings_its_tokenizer_to_train_eval_and_generate(tokenized_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["import-hf", str(tokenized_llama / "llm"), "--out", "zoo", "--variant", "selective"]) == 0
+    assert "data.tokenizer" in capsys.readouterr().out
+    zoo = load_model("zoo")
+    assert Path(zoo.config["data"]["tokenizer"]) == (tmp_path / "zoo").resolve()
+    text = str(tokenized_llama / "small.txt")
+    assert main(["train", "zoo", "--out", "run", "train.init_from=zoo", "data.name=text", f"data.text={text}",
+                 *TINY_TRAIN]) == 0
+    assert "(zoo tokens)" in capsys.readouterr().out
+    cached = sorted((tmp_path / "run" / "tokens").glob("*.pt"))
+    assert len(cached) == 3
+    stamps = [f.stat().st_mtime_ns for f in cached]
+    assert main(["eval", "run", "--batches", "1"]) == 0
+    assert "bpb" in capsys.readouterr().out
+    assert [f.stat().st_mtime_ns for f in cached] == stamps  # eval reused the run's token files
+    prompt = "And the king"
+    assert main(["generate", "run", "--prompt", prompt, "--max-tokens", "5", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    prompt_tokens = len(transformers.AutoTokenizer.from_pretrained(tokenized_llama / "llm")(prompt)["input_ids"])
+    assert out.startswith(prompt) and f"prompt {prompt_tokens} tokens" in out and "generated 5 tokens" in out
+    assert prompt_tokens < len(prompt)  # the prompt went in as the tokenizer's tokens, not bytes
+
+
+def test_data_tokenizer_problems_are_named(tmp_path):
+    from attention_zoo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.tokenizer = 'nowhere': no such folder"):
+        load_config({"data": {"name": "shakespeare", "tokenizer": "nowhere"}})
+    with pytest.raises(ConfigError, match=r"data.tokenizer.*unknown key for dataset 'variable_assignment'"):
+        load_config({"data": {"name": "variable_assignment", "tokenizer": str(tmp_path)}})
