@@ -51,6 +51,8 @@ TRAIN_FIELDS = {
     "checkpoint_every": Field(int, 500, "checkpoint every N steps (and at the end); 0: only at the end", minimum=0),
     "log_every": Field(int, 10, "append a train record to metrics.jsonl every N steps", minimum=1),
     "aux_losses": Field(dict, {}, "auxiliary losses added to the LM loss: {name: {params}}"),
+    "tensorboard": Field(bool, False, "also write metrics as TensorBoard event files into the run folder "
+                         "(needs the optional package: pip install tensorboard)"),
 }
 
 
@@ -62,6 +64,11 @@ def validate_train(value: Any, source: str) -> tuple[dict, list[Problem]]:
     if "aux_losses" in train:
         train["aux_losses"], aux_problems = _validate_aux_losses(train["aux_losses"], source)
         problems += aux_problems
+    if train.get("tensorboard"):
+        from .tensorboard import MISSING_HINT, tensorboard_installed
+
+        if not tensorboard_installed():  # caught here, before a sweep or a run starts, not at the first log line
+            problems.append(Problem(source, "train.tensorboard", True, MISSING_HINT))
     return train, problems
 
 
