@@ -128,7 +128,7 @@ class SweepProgress:
         return estimate_remaining(self.finished, current, self.steps_left())
 
     def status(self) -> str:
-        """`sweep: 2/7 runs, 500/1750 steps, about 4 min 10 s left`."""
+        """`sweep: 500/1750 steps, about 4 min 10 s left` (steps of the runs this invocation trains)."""
         left = self.remaining()
         when = "estimating the time left" if left is None else f"about {format_duration(left)} left"
         return f"sweep: {self.total - self.steps_left()}/{self.total} steps, {when}"
