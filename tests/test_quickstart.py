@@ -20,7 +20,8 @@ DOCS = ["docs/training.md", "docs/ablations.md", "docs/results.md"]
 TINY_TRAIN = ["train.steps=2", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=4", "train.checkpoint_every=1",
               "train.log_every=1"]
 TINY_SWEEP = [a for o in ("train.steps=2", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=4") for a in ("--set", o)]
-QUICKSTART_LABELS = ["vanilla", "gqa (kv_heads=2)", "selective", "selective+gqa", "residual", "cross-layer selective (share)"]
+QUICKSTART_LABELS = ["vanilla", "gqa (kv_heads=2)", "selective", "selective+gqa", "residual", "cross-layer selective (share)",
+                     "vanilla (learned positions)"]
 
 
 def documented_commands(doc: str) -> list[str]:
@@ -124,3 +125,22 @@ def test_quickstart_sweep_prints_the_table_and_writes_the_plots(workdir, capsys)
         assert (out / name).stat().st_size > 0
     sweep = yaml.safe_load((ROOT / "configs/ablations/quickstart.yaml").read_text())
     assert sweep["base"]["data"]["name"] == "shakespeare" and sweep["seeds"] == [0]
+    stack = {k: sweep["base"]["model"][k] for k in ("position", "norm", "mlp")}
+    assert stack == {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}  # stated, not left to defaults
+    # the learned-positions run differs from vanilla in its positions only
+    learned, vanilla = sweep["runs"]["vanilla (learned positions)"], sweep["runs"]["vanilla"]
+    assert learned == {**vanilla, "model.position": "learned"}
+
+
+def test_documented_tensorboard_sweep_writes_event_files_per_run(workdir, capsys):
+    pytest.importorskip("tensorboard")
+    command = ("attention-zoo ablate configs/ablations/quickstart.yaml --out runs/quickstart-tensorboard "
+               "--set train.tensorboard=true --no-progress")
+    assert command in documented_commands("docs/ablations.md")
+    out = workdir / "runs" / "quickstart-tensorboard"
+    if not (out / "results.md").exists():  # normally already run by the docs test above
+        code, output = run_documented(command, workdir, capsys)
+        assert code == 0, output
+    with_events = sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/seed0/events.out.tfevents.*"))
+    slugs = sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/seed0/run.yaml"))
+    assert with_events == slugs and len(slugs) == len(QUICKSTART_LABELS)

@@ -23,7 +23,9 @@ import yaml
 
 from ..checkpoint import atomic_write_text
 from ..errors import UserError
+from ..train.loop import METRICS
 from .plots import write_plots
+from .progress import SweepProgress, latest_train_record
 from .records import RESULTS, append_record, current_records, make_record, metric_of, read_records
 from .summary import write_csv, write_markdown
 from .sweep import Run, Sweep
@@ -76,8 +78,8 @@ def _stop_when_gone(sweep_pid: int) -> None:
             return
 
 
-def _child(argv: list[str], log_path: str, show_progress: bool, environ: dict[str, str], sweep_pid: int) -> None:
-    """In the run's process: the parent's environment, output to train.log, then `attention-zoo train`."""
+def _child(argv: list[str], log_path: str, environ: dict[str, str], sweep_pid: int) -> None:
+    """In the run's process: the parent's environment, stdout and stderr to train.log, then `attention-zoo train`."""
     threading.Thread(target=_stop_when_gone, args=(sweep_pid,), daemon=True).start()
     os.environ.clear()
     os.environ.update(environ)  # the server was started with an older environment
@@ -88,8 +90,7 @@ def _child(argv: list[str], log_path: str, show_progress: bool, environ: dict[st
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(fd, 1)
-    if not show_progress:  # the progress bar goes to the terminal when there is one
-        os.dup2(fd, 2)
+    os.dup2(fd, 2)
     from ..cli import main
 
     try:
@@ -99,14 +100,20 @@ def _child(argv: list[str], log_path: str, show_progress: bool, environ: dict[st
     sys.exit(code)
 
 
-def _train(run_dir: Path, show_progress: bool) -> int:
-    argv = ["train", str(run_dir / RUN_CONFIG), "--out", str(run_dir), "--resume"]
-    if not show_progress:
-        argv.append("--no-progress")
-    process = _context().Process(target=_child, args=(argv, str(run_dir / LOG), show_progress, dict(os.environ), os.getpid()))
+POLL_S = 1.0  # how often the sweep's bar reads the running run's metrics.jsonl
+
+
+def _train(run_dir: Path, progress: SweepProgress) -> int:
+    # The run's own bar is off: the sweep's bar shows its step and loss (read from metrics.jsonl), and
+    # two bars from two processes on one terminal line would garble each other.
+    argv = ["train", str(run_dir / RUN_CONFIG), "--out", str(run_dir), "--resume", "--no-progress"]
+    process = _context().Process(target=_child, args=(argv, str(run_dir / LOG), dict(os.environ), os.getpid()))
     process.start()
     try:
-        process.join()
+        while process.exitcode is None:
+            process.join(POLL_S)
+            if progress.bar is not None and (record := latest_train_record(run_dir / METRICS)) is not None:
+                progress.update(record["step"], record.get("loss"))
     except KeyboardInterrupt:
         process.terminate()
         process.join()
@@ -125,38 +132,20 @@ def write_summaries(out: Path, sweep: Sweep, records: list[dict], plots: bool = 
 
 
 def run_sweep(sweep: Sweep, out: Path, *, progress: bool | None = None) -> int:
-    """Run what is not finished; rewrite the summaries after every run. Returns the number of failed runs."""
+    """Run what is not finished; rewrite the summaries after every run. Returns the number of failed runs.
+
+    progress: True shows a bar of the whole sweep (steps, the running run and its loss, the time left)
+    on stderr and the estimated time left after each finished run's line; None (default) does the
+    latter, and the bar only when stderr is a terminal; False neither."""
     out.mkdir(parents=True, exist_ok=True)
-    show_progress = sys.stderr.isatty() if progress is None else progress
     finished = {(r.get("label"), r.get("seed"), r.get("fingerprint")) for r in read_records(out)}
-    failed: list[str] = []
-    total = len(sweep.runs)
-    last_plot = time.monotonic()
-    for i, run in enumerate(sweep.runs, 1):
-        name = f"[{i}/{total}] {run.label} (seed {run.seed})"
-        if (run.label, run.seed, run.fingerprint) in finished:
-            print(f"{name}: finished earlier, skipped", flush=True)
-            continue
-        run_dir = run_dir_for(out, run)
-        _prepare(run, run_dir)
-        print(f"{name}: training -> {run_dir}", flush=True)
-        start = time.perf_counter()
-        code = _train(run_dir, show_progress)
-        wall = time.perf_counter() - start
-        if code != 0:
-            failed.append(f"{run.label} (seed {run.seed})")
-            log = run_dir / LOG
-            log_tail = "".join(log.read_text().splitlines(keepends=True)[-15:]) if log.exists() else "(no log)\n"
-            print(f"{name}: FAILED (exit {code}); end of {run_dir / LOG}:\n{log_tail}", flush=True)
-            continue
-        record = make_record(run, run_dir, wall)
-        append_record(out, record)  # durable before anything else happens
-        value = metric_of(record, sweep.metric)
-        shown = "-" if value is None else f"{value:.4f}"
-        print(f"{name}: {sweep.metric} {shown}, {record['tokens_per_s']:,.0f} tokens/s, {wall:.0f} s", flush=True)
-        redraw = time.monotonic() - last_plot >= PLOT_INTERVAL_S
-        write_summaries(out, sweep, current_records(read_records(out), sweep.runs), plots=redraw)
-        last_plot = time.monotonic() if redraw else last_plot
+    todo = [run for run in sweep.runs if (run.label, run.seed, run.fingerprint) not in finished]
+    tracker = SweepProgress([run.config["train"]["steps"] for run in todo], eta=progress is not False,
+                            bar=sys.stderr.isatty() if progress is None else progress)
+    try:
+        failed = _run_all(sweep, out, finished, tracker)
+    finally:
+        tracker.close()
 
     records = current_records(read_records(out), sweep.runs)
     table = write_summaries(out, sweep, records)
@@ -166,3 +155,44 @@ def run_sweep(sweep: Sweep, out: Path, *, progress: bool | None = None) -> int:
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix and rerun the same command to retry them")
     return len(failed)
+
+
+def _run_all(sweep: Sweep, out: Path, finished: set, progress: SweepProgress) -> list[str]:
+    """Train each unfinished run in turn, recording and summarising each; the failed runs' names."""
+    failed: list[str] = []
+    total = len(sweep.runs)
+    last_plot = time.monotonic()
+    for i, run in enumerate(sweep.runs, 1):
+        name = f"[{i}/{total}] {run.label} (seed {run.seed})"
+        if (run.label, run.seed, run.fingerprint) in finished:
+            progress.say(f"{name}: finished earlier, skipped")
+            continue
+        run_dir = run_dir_for(out, run)
+        _prepare(run, run_dir)
+        progress.say(f"{name}: training -> {run_dir}")
+        # A killed run resumes: its steps logged so far count as done (a few past its checkpoint are redone).
+        resumed = latest_train_record(run_dir / METRICS)
+        progress.start_run(run.label, resumed["step"] if resumed else 0)
+        start = time.perf_counter()
+        code = _train(run_dir, progress)
+        wall = time.perf_counter() - start
+        if code != 0:
+            progress.end_run(None)
+            failed.append(f"{run.label} (seed {run.seed})")
+            log = run_dir / LOG
+            log_tail = "".join(log.read_text().splitlines(keepends=True)[-15:]) if log.exists() else "(no log)\n"
+            progress.say(f"{name}: FAILED (exit {code}); end of {run_dir / LOG}:\n{log_tail}")
+            continue
+        progress.end_run(wall)
+        record = make_record(run, run_dir, wall)
+        append_record(out, record)  # durable before anything else happens
+        value = metric_of(record, sweep.metric)
+        shown = "-" if value is None else f"{value:.4f}"
+        line = f"{name}: {sweep.metric} {shown}, {record['tokens_per_s']:,.0f} tokens/s, {wall:.0f} s"
+        if progress.eta and progress.steps_left():
+            line += f"; {progress.status()}"
+        progress.say(line)
+        redraw = time.monotonic() - last_plot >= PLOT_INTERVAL_S
+        write_summaries(out, sweep, current_records(read_records(out), sweep.runs), plots=redraw)
+        last_plot = time.monotonic() if redraw else last_plot
+    return failed

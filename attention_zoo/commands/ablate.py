@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a key of every run, e.g. --set train.steps=50 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate every run's config and list the runs; train nothing")
     p.add_argument("--summarize", action="store_true", help="only rebuild the table and plots from results.jsonl")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar and no estimate of the time left (the bar shows only on a terminal anyway)")
     p.set_defaults(run=cmd_ablate)
 
 
@@ -33,4 +35,4 @@ def cmd_ablate(args) -> int:
     if args.summarize:
         print(write_summaries(out, sweep, current_records(read_records(out), sweep.runs)))
         return 0
-    return 1 if run_sweep(sweep, out) else 0
+    return 1 if run_sweep(sweep, out, progress=False if args.no_progress else None) else 0

@@ -5,6 +5,7 @@
       metrics.jsonl    {"kind": "train"|"val", "step": ..., ...}, appended as the run goes
       checkpoint/      the latest checkpoint (checkpoint.save_checkpoint: atomic folder)
       final.json       summary of a finished run (written atomically, last)
+      events.out.tfevents.*   with train.tensorboard: true, the metrics.jsonl records as TensorBoard scalars
 
 Determinism: weight init, dropout and the batch sampler are seeded from `train.seed`, and a
 checkpoint holds every RNG state (the sampler's generator included), so a run stopped after step k and
@@ -39,6 +40,7 @@ from ..errors import UserError
 from . import distributed as D
 from .aux_losses import get_aux_loss
 from .metrics import MetricsLog, evaluate, token_losses
+from .tensorboard import TensorBoardLog
 from .optim import build_optimizer, build_schedule
 
 CHECKPOINT_DIR, METRICS, FINAL, CONFIG = "checkpoint", "metrics.jsonl", "final.json", "config.yaml"
@@ -166,7 +168,8 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_aft
     device = D.local_device(tcfg["device"])
     world = D.init_world(device)
     try:
-        summary = _train(config, out, tcfg, device, world, resume, stop_after, progress)
+        with contextlib.ExitStack() as closing:  # what _train opens (the TensorBoard writer) is closed on any exit
+            summary = _train(config, out, tcfg, device, world, resume, stop_after, progress, closing)
         # Ranks tear down together: one rank destroying the process group while another (rank 0,
         # writing final.json) was still running aborted the faster one at exit now and then
         # ("terminate called without an active exception", seen in CI). Only on success: after an
@@ -178,7 +181,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_aft
 
 
 def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D.World, resume: bool,
-           stop_after: int | None, progress: bool) -> dict[str, Any]:
+           stop_after: int | None, progress: bool, closing: contextlib.ExitStack) -> dict[str, Any]:
     plan = plan_run(config, world, cache_dir=out / TOKENS)
     dataset, seq_len = plan.dataset, plan.seq_len
     checkpoint = _prepare_out_dir(out, resume, world)
@@ -212,6 +215,8 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         start_step, tokens_seen, train_time = state["step"], state["tokens_seen"], state["train_time"]
         loss_value = state["train_loss"]
         log.truncate_after(start_step)
+    if tcfg["tensorboard"] and world.is_main:
+        log.mirror = closing.enter_context(TensorBoardLog(out, resumed_from=start_step))
     if world.is_main and start_step < tcfg["steps"]:
         print(f"attention-zoo train: {model.num_parameters():,} parameters, {dataset.name}, seq_len {seq_len}, "
               f"batch {tcfg['batch_size']} on {world.size} process(es), {device}, step {start_step} -> {tcfg['steps']}, "

@@ -73,11 +73,13 @@ def evaluate(model: nn.Module, dataset: Dataset, split: str, batch_size: int, se
 
 class MetricsLog:
     """Append-only JSON lines, one record per event (`{"kind": "train" | "val", "step": ..., ...}`).
-    Each record is flushed as written, so a killed run keeps everything it logged."""
+    Each record is flushed as written, so a killed run keeps everything it logged. `mirror`, when set
+    (an object with `append(record)`, e.g. tensorboard.TensorBoardLog), gets every record too."""
 
     def __init__(self, path: str | Path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+        self.mirror = None
 
     def append(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -86,6 +88,8 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        if self.mirror is not None:
+            self.mirror.append(record)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop what a killed run logged after its last checkpoint (it will be redone).

@@ -53,6 +53,8 @@ TRAIN_FIELDS = {
     "aux_losses": Field(dict, {}, "auxiliary losses added to the LM loss: {name: {params}}"),
     "init_from": Field((str, type(None)), None, "a checkpoint folder (e.g. written by import-hf) whose weights start "
                        "the run; its model section must match this config's; optimizer, schedule and step start fresh"),
+    "tensorboard": Field(bool, False, "also write metrics as TensorBoard event files into the run folder "
+                         "(needs the optional package: pip install tensorboard)"),
 }
 
 
@@ -64,6 +66,11 @@ def validate_train(value: Any, source: str) -> tuple[dict, list[Problem]]:
     if "aux_losses" in train:
         train["aux_losses"], aux_problems = _validate_aux_losses(train["aux_losses"], source)
         problems += aux_problems
+    if train.get("tensorboard"):
+        from .tensorboard import MISSING_HINT, tensorboard_installed
+
+        if not tensorboard_installed():  # caught here, before a sweep or a run starts, not at the first log line
+            problems.append(Problem(source, "train.tensorboard", True, MISSING_HINT))
     return train, problems
 
 
