@@ -32,7 +32,8 @@ def selection_scores(logits: Tensor, *, protect_bos: bool = True) -> Tensor:
     keep = F.pad(strictly_earlier, (0, 1), value=False)  # (Nq, Nk): j <= pos - 1
     if protect_bos:
         keep[:, 0] = False
-    return torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32))) * keep
+    # selected, not multiplied by the mask: an infinite logit at an excluded key would give inf * 0 = NaN
+    return torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32))).masked_fill(~keep, 0.0)
 
 
 def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: Tensor | None = None) -> Tensor:

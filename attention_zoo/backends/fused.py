@@ -266,6 +266,9 @@ def _backward_one(q, k, v, work: list[tuple[Block, Tensor | None]], delta, dout,
         elif blk.hidden is not None:  # mask only the diagonal band, not the whole block
             grouped[..., blk.first_hidden:].masked_fill_(blk.hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1, out=buf.probs[:size].view(Hkv, G * n, kv))
+        # A row that sees no key (more queries than keys, or a bias that masks it whole) has an all -inf
+        # score row, whose softmax is NaN: its P is 0 instead (selected, as NaN * 0 would stay NaN).
+        probs.masked_fill_(scores.amax(dim=-1, keepdim=True) == float("-inf"), 0.0)
         kv_grad = buf.kv_grad[: Hkv * kv * D].view(Hkv, kv, D)
         g.dv[b, :, :kv] += torch.bmm(probs.transpose(1, 2), dob, out=kv_grad)  # sums the G heads and n rows
         dS = torch.bmm(dob, vb.transpose(1, 2), out=scores)  # dP, turned into dS in place
