@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from .errors import UserError
+from .numbers import finite_problem
 from .registry import RegistryError, did_you_mean, import_plugins
 from .state import CHANNELS
 from .variant import LayerShape, type_name, type_ok
@@ -64,6 +65,8 @@ class Field:
     minimum: float | None = None
     # check(value) -> message or None; runs once the type and bounds are right
     check: Callable[[Any], str | None] | None = None
+    # False only where the doc says what NaN or an infinity means for this key (numbers.py's rule)
+    finite: bool = True
 
     def type_name(self) -> str:
         return type_name(self.type)
@@ -103,6 +106,8 @@ def validate_fields(value: Any, fields: dict[str, Field], path: str, source: str
         where = f"{path}.{key}"
         if not type_ok(v, spec.type):
             problems.append(Problem(source, where, v, f"expected {spec.type_name()}"))
+        elif message := finite_problem(v, spec):
+            problems.append(Problem(source, where, v, message))
         elif spec.choices is not None and v not in spec.choices:
             problems.append(Problem(source, where, v,
                                     f"{did_you_mean(str(v), [str(c) for c in spec.choices])}valid: {', '.join(map(str, spec.choices))}"))
@@ -284,8 +289,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, list[Pro
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
         return {}, [Problem(source, where, _MISSING, f"invalid YAML: {getattr(exc, 'problem', exc)}")]
-    if data is None:
-        data = {}
+    if data is None:  # nothing but whitespace or comments: a mistake (a wrong path, a truncated file), not defaults
+        return {}, [Problem(source, "(file)", _MISSING, "the file is empty; expected a mapping of sections "
+                                                         "(model, backend, ...); write `model: {}` for every default")]
     if not isinstance(data, dict):
         return {}, [Problem(source, "(top level)", data, "expected a mapping of sections (model, backend, ...)")]
     base = data.pop("base", None)

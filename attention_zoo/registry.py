@@ -34,6 +34,17 @@ def _where(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}{loc}"
 
 
+def _definition(obj: Any) -> tuple[str, int, str] | None:
+    """(file, line, qualified name) of a class or function; None when its source cannot be found.
+
+    The module name is left out on purpose: one file imported under two module names (a script run as
+    `__main__` that also lists itself under `plugins:`) makes two objects of one definition."""
+    try:
+        return inspect.getsourcefile(obj), inspect.getsourcelines(obj)[1], obj.__qualname__
+    except (OSError, TypeError, AttributeError):
+        return None
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
     return f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
@@ -67,8 +78,10 @@ class Registry(Generic[T]):
             raise RegistryError(f"{self.kind} name must be an identifier, got {name!r}")
         old = self._entries.get(name)
         if old is not None and old is not obj:
-            # Re-importing the same module (e.g. reload) re-registers an identical definition.
-            if _where(old) != _where(obj):
+            # The same definition registered again (a reload, or one file imported under two module names)
+            # is no duplicate: the newer object replaces the older.
+            same = _definition(old) is not None and _definition(old) == _definition(obj)
+            if not same and _where(old) != _where(obj):
                 raise RegistryError(
                     f"duplicate {self.kind} {name!r}: already registered by {_where(old)}, "
                     f"registered again by {_where(obj)}"

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .numbers import finite_problem
 from .registry import Registry, RegistryError, did_you_mean
 from .variant import LayerShape, Param, type_ok
 
@@ -67,6 +68,10 @@ def check_params(name: str, params: dict[str, Any], shape: LayerShape) -> list[P
         value = params[key]
         if not type_ok(value, spec.type):
             problems.append(ParamProblem(key, value, f"expected {spec.type_name()}"))
+            continue
+        message = finite_problem(value, spec)
+        if message:
+            problems.append(ParamProblem(key, value, message))
             continue
         if spec.choices is not None and value not in spec.choices:
             hint = did_you_mean(str(value), [str(c) for c in spec.choices])

@@ -5,6 +5,7 @@ import argparse
 import shlex
 import sys
 
+from ..numbers import finite_float
 from ..errors import UserError
 
 
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for every point's process, e.g. OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads "
                         "sleep instead of spinning: steadier timings on a shared machine)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a point is recorded as failed")
+    p.add_argument("--timeout", type=finite_float, default=600.0, help="seconds before a point is recorded as failed")
     p.add_argument("--profile", action="store_true",
                    help="also run one step per point under torch.profiler and write profiles.md (where the time went)")
     p.add_argument("--peer", action="append", default=[], metavar="NAME",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Field, Problem, register_section, validate_fields
+from ..numbers import finite_problem
 from ..registry import did_you_mean
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -83,6 +84,10 @@ def _validate_aux_losses(value: dict, source: str) -> tuple[dict, list[Problem]]
         if spec.fields is None:  # the loss declares no parameters: take them as given
             if params is not None and not isinstance(params, dict):
                 problems.append(Problem(source, where, params, "expected a mapping of parameters"))
+                continue
+            for key, param in (params or {}).items():  # undeclared, yet numbers all the same
+                if message := finite_problem(param):
+                    problems.append(Problem(source, f"{where}.{key}", param, message))
             out[name] = dict(params or {})
         else:
             out[name], p = validate_fields(params, spec.fields, where, source)
