@@ -1,7 +1,8 @@
 """The variant registry: `register_variant`, `list_variants`, `create_variant`, parameter validation.
 
-Built-in variants live in the top-level `variants` package and register themselves on import;
-third-party packages join through the `attention_zoo.variants` entry-point group.
+Built-in variants live in `attention_zoo.variants` (the repository's `variants/` folder, installed inside
+the package) and register themselves on import; third-party packages join through the
+`attention_zoo.variants` entry-point group.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .numbers import finite_problem
 from .registry import Registry, RegistryError, did_you_mean
 from .variant import LayerShape, Param, type_ok
 
-VARIANTS: Registry[type] = Registry("variant", entry_point_group="attention_zoo.variants", builtin_modules=("variants",))
+VARIANTS: Registry[type] = Registry("variant", entry_point_group="attention_zoo.variants", builtin_modules=("attention_zoo.variants",))
 
 
 def register_variant(name: str) -> Callable[[type], type]:

@@ -105,7 +105,7 @@ def test_duplicate_registration_names_both_definitions(isolated_registry):
 
     message = str(info.value)
     assert "duplicate variant 'selective'" in message
-    assert "variants.selective.Selective" in message and "selective.py" in message  # the first definition
+    assert "attention_zoo.variants.selective.Selective" in message and "selective.py" in message  # the first definition
     assert "Impostor" in message and "test_plugins.py" in message  # the second one
     assert create_variant("selective").__class__.__name__ == "Selective"  # the original is kept
 
@@ -115,7 +115,7 @@ def test_duplicate_in_a_plugin_module_is_reported(isolated_registry, monkeypatch
     with caplog.at_level(logging.WARNING):
         load_config(small_model({"variant": "vanilla"}, plugins=["zoo_duplicate_plugin"]))
     assert "zoo_duplicate_plugin" in caplog.text
-    assert "variants.vanilla.Vanilla" in caplog.text and "AnotherVanilla" in caplog.text
+    assert "attention_zoo.variants.vanilla.Vanilla" in caplog.text and "AnotherVanilla" in caplog.text
 
 
 TWICE = """

@@ -13,7 +13,7 @@ from attention_zoo.inference import (BudgetPolicy, Pruner, PruningError, Thresho
 from attention_zoo.inference.memory_loss import memory_needed, selective_memory_loss
 from attention_zoo.inference.pruning import keep_lowest
 from attention_zoo.train.aux_losses import get_aux_loss
-from variants.selective import ACCUMULATOR
+from attention_zoo.variants.selective import ACCUMULATOR
 
 DEPTH = 4
 
