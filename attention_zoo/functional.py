@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import causal_mask, dispatch, grouped_logits
+from .backends import causal_mask, dispatch
 from .backends.penalty import fused_selection_penalty, penalty_from_qk
 
 
@@ -108,13 +108,6 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, *, selection_head: int 
     return attention(q, k, v, bias=head_broadcast(negated, q.shape[1]), causal=True, backend=backend, scale=scale)
 
 
-def residual_scores(q: Tensor, k: Tensor, previous: Tensor | None, scale: float | None = None) -> Tensor:
-    """RealFormer's carried scores R_l = L_l + R_{l-1}: (B, H, Nq, Nk), before any mask."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = grouped_logits(q, k, scale)
-    return logits if previous is None else logits + previous
-
-
 def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected 4-D (B, H, N, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
@@ -126,4 +119,4 @@ def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 __all__ = ["attention", "selection_scores", "selection_penalty", "penalty_from_scores", "selection_logits", "penalty_bias",
            "head_broadcast", "penalty_and_bias_source", "selection_penalty_qk",
-           "selective_attention", "residual_scores"]
+           "selective_attention"]

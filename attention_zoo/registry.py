@@ -1,4 +1,4 @@
-"""A name -> factory registry with decorator registration, wildcards and entry points.
+"""A name -> object registry with wildcards and entry points (the variant and backend registries).
 
 Unlike timm's registry, a second registration under a taken name is an error that names both
 definitions, and third-party packages join through an entry-point group without being imported
@@ -13,7 +13,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,6 +57,13 @@ class PluginFailure:
 
 
 class Registry(Generic[T]):
+    """Objects by name. The built-in modules and the entry-point group are imported on the first lookup
+    (`names`, `in`, `get`), not at construction.
+
+    Raises RegistryError: `add` for a name that is not an identifier or is taken by another definition;
+    `get` for an unknown name (with close matches and every known name). A plugin that fails to load is
+    not raised: it is logged and kept in `failures`."""
+
     def __init__(self, kind: str, entry_point_group: str | None = None, builtin_modules: tuple[str, ...] = ()):
         self.kind = kind
         self.entry_point_group = entry_point_group
@@ -66,14 +73,9 @@ class Registry(Generic[T]):
         self.failures: list[PluginFailure] = []
 
     # -- registration ------------------------------------------------------------------------
-    def register(self, name: str) -> Callable[[T], T]:
-        def decorator(obj: T) -> T:
-            self.add(name, obj)
-            return obj
-
-        return decorator
-
     def add(self, name: str, obj: T) -> None:
+        """Register `obj` under `name` and set its `registered_name`. Raises RegistryError for a name that is
+        not an identifier, or one taken by another definition (the message names both)."""
         if not isinstance(name, str) or not name.isidentifier():
             raise RegistryError(f"{self.kind} name must be an identifier, got {name!r}")
         old = self._entries.get(name)
@@ -92,9 +94,6 @@ class Registry(Generic[T]):
         except (AttributeError, TypeError):
             pass
 
-    def unregister(self, name: str) -> None:
-        self._entries.pop(name, None)
-
     # -- discovery ---------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
         if self._loaded:
@@ -111,6 +110,7 @@ class Registry(Generic[T]):
                     log.warning("attention-zoo: could not load plugin %s (%s): %s", ep.name, ep.value, exc)
 
     def names(self, pattern: str = "*") -> list[str]:
+        """Sorted registered names matching a shell-style wildcard."""
         self._ensure_loaded()
         return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
 
@@ -119,6 +119,7 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def get(self, name: str) -> T:
+        """The object registered as `name`. Raises RegistryError naming close matches and every known name."""
         self._ensure_loaded()
         try:
             return self._entries[name]
