@@ -50,6 +50,11 @@ def did_you_mean(name: str, choices: list[str]) -> str:
     return f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
 
 
+def valid_choices(name: str, choices: list[str]) -> str:
+    """`did you mean 'x'? valid: a, b, c`: the end of a message about a name that is not one of `choices`."""
+    return f"{did_you_mean(name, choices)}valid: {', '.join(choices)}"
+
+
 @dataclass
 class PluginFailure:
     source: str  # entry point or module name

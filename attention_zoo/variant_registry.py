@@ -16,7 +16,8 @@ from .numbers import finite_problem
 from .registry import Registry, RegistryError, did_you_mean
 from .variant import LayerShape, Param, type_ok
 
-VARIANTS: Registry[type] = Registry("variant", entry_point_group="attention_zoo.variants", builtin_modules=("attention_zoo.variants",))
+VARIANTS: Registry[type] = Registry("variant", entry_point_group="attention_zoo.variants",
+                                    builtin_modules=("attention_zoo.variants",))
 
 
 def register_variant(name: str) -> Callable[[type], type]:
@@ -60,7 +61,8 @@ def check_params(name: str, params: dict[str, Any], shape: LayerShape) -> list[P
     for key, value in params.items():
         if key not in declared:
             hint = did_you_mean(key, list(declared))
-            problems.append(ParamProblem(key, value, f"unknown parameter for variant {name!r}; {hint}valid: {', '.join(sorted(declared)) or '(none)'}"))
+            valid = ", ".join(sorted(declared)) or "(none)"
+            problems.append(ParamProblem(key, value, f"unknown parameter for variant {name!r}; {hint}valid: {valid}"))
     for key, spec in declared.items():
         if key not in params:
             if spec.required:

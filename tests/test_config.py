@@ -98,7 +98,8 @@ BROKEN = [
     ("comments-only", {"bad.yaml": "# model: {dim: 64}\n\n"}, ["{main}: (file): the file is empty"]),
     ("empty-base", {"bad.yaml": "base: empty.yaml\nmodel: {dim: 64}\n", "empty.yaml": ""},
      ["empty.yaml: (file): the file is empty"]),
-    ("plugins-not-a-list", {"bad.yaml": "plugins: my_plugin\n"}, ["{main}", "plugins", "'my_plugin'", "list of importable module names"]),
+    ("plugins-not-a-list", {"bad.yaml": "plugins: my_plugin\n"},
+     ["{main}", "plugins", "'my_plugin'", "list of importable module names"]),
 ]
 
 

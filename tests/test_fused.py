@@ -13,8 +13,14 @@ from attention_zoo.backends import fused, penalty
 from attention_zoo.backends.fused import bias_grad_attention, head_source
 from attention_zoo.backends.math import math_attention
 from attention_zoo.backends.sdpa import sdpa_forward
-from attention_zoo.functional import (head_broadcast, penalty_and_bias_source, penalty_bias, penalty_from_scores,
-                                      selection_logits, selection_scores)
+from attention_zoo.functional import (
+    head_broadcast,
+    penalty_and_bias_source,
+    penalty_bias,
+    penalty_from_scores,
+    selection_logits,
+    selection_scores,
+)
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -249,7 +255,7 @@ def test_bfloat16_inputs_with_a_float32_penalty(small_blocks):
     assert [t.dtype for t in ours] == [torch.bfloat16] * 4 + [torch.float32]
     for name, a, b in zip(["out", "dq", "dk", "dv", "dF"], ours, ref):
         scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a.float(), b, atol=3e-2 * scale, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.float(), b, atol=3e-2 * scale, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("variant", [{"variant": "selective"}, {"variant": "selective", "kv_heads": 2},

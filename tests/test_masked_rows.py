@@ -138,7 +138,7 @@ def test_rows_that_see_no_key(backend, case, trainable_bias):
         if name in ("dq", "dbias"):
             assert torch.equal(a[:, :, dead], torch.zeros_like(a[:, :, dead])), name
             a, b = a[:, :, live], b[:, :, live]
-        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # --- masks are applied by selection, never by multiplication ----------------------------------------------

@@ -81,7 +81,8 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
     raise BackendRefused("no backend accepts this call: " + "; ".join(skipped))
 
 
-def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float, backend: str = "auto") -> Tensor:
+def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float,
+             backend: str = "auto") -> Tensor:
     call = AttentionCall.from_tensors(q, k, bias)
     for calls in _recorders:
         calls.append(call)
@@ -96,6 +97,6 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bo
 
 
 __all__ = [
-    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch", "recording_calls",
-    "causal_mask", "math_attention", "grouped_logits",
+    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
+    "recording_calls", "causal_mask", "math_attention", "grouped_logits"
 ]

@@ -44,7 +44,8 @@ class AttentionCall:
             k_len=k.shape[2],
             has_bias=bias is not None,
             bias_requires_grad=bias is not None and bias.requires_grad,
-            grad_enabled=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or bias is not None and bias.requires_grad),
+            grad_enabled=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                      or bias is not None and bias.requires_grad),
         )
 
 

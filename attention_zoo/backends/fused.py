@@ -354,7 +354,8 @@ def trainable_bias(bias: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, int]:
     hands the head-summed gradient back spread over the H views (`spread_over_heads`)."""
     if bias.dim() != 4:
         raise ValueError(f"bias must be 4-D (B, H, Nq, Nk), got shape {tuple(bias.shape)}")
-    bias = bias.expand(bias.shape[0], bias.shape[1], q.shape[2], k.shape[2]) if bias.shape[2:] != (q.shape[2], k.shape[2]) else bias
+    if bias.shape[2:] != (q.shape[2], k.shape[2]):
+        bias = bias.expand(bias.shape[0], bias.shape[1], q.shape[2], k.shape[2])
     if is_head_broadcast(bias):
         source = head_source(bias)
         if source is not None:
@@ -376,5 +377,8 @@ def bias_grad_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, causal
     return BiasGradAttention.apply(q, k, v, bias, causal, scale, kernel, spread_heads)
 
 
-__all__ = ["BiasGradAttention", "Block", "BlockKernel", "attention_backward", "bias_grad_attention", "head_source", "is_head_broadcast",
-           "masked_bias_blocks", "plan_blocks", "spread_over_heads", "trainable_bias", "visible_keys", "causal_key_stop", "ForwardKernel"]
+__all__ = [
+    "BiasGradAttention", "Block", "BlockKernel", "attention_backward", "bias_grad_attention", "head_source",
+    "is_head_broadcast", "masked_bias_blocks", "plan_blocks", "spread_over_heads", "trainable_bias", "visible_keys",
+    "causal_key_stop", "ForwardKernel"
+]

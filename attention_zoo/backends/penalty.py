@@ -158,4 +158,7 @@ def fused_selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumul
     return SelectionPenalty.apply(logits, keep, accumulated, negate)
 
 
-__all__ = ["fused_selection_penalty", "penalty_from_qk", "TritonSelectionPenalty", "triton_penalty_refusal", "exclusive_row_cumsum", "selection_keep", "SelectionPenalty"]
+__all__ = [
+    "fused_selection_penalty", "penalty_from_qk", "TritonSelectionPenalty", "triton_penalty_refusal",
+    "exclusive_row_cumsum", "selection_keep", "SelectionPenalty"
+]

@@ -88,7 +88,8 @@ class XFormersBackend(Backend):
                 return f"bfloat16 needs compute capability >= 8.0 (this GPU has {capability})"
             top = fmha.cutlass.FwOp.CUDA_MAXIMUM_COMPUTE_CAPABILITY
             if call.has_bias and top is not None and capability > top:
-                return f"a tensor bias needs xformers' cutlass kernels, built for compute capability <= {top} (this GPU has {capability})"
+                return (f"a tensor bias needs xformers' cutlass kernels, built for compute capability <= {top} "
+                        f"(this GPU has {capability})")
         return None
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:

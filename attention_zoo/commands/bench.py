@@ -5,8 +5,8 @@ import argparse
 import shlex
 import sys
 
-from ..numbers import finite_float
 from ..errors import UserError
+from ..numbers import finite_float
 
 
 def _list(kind):
@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated presets (vanilla, gqa, mqa, residual, selective, selective_gqa, "
                         "selective_residual, cross_layer_share, cross_layer_accumulate), registered variant names, "
                         "or YAML config paths (their attention/layers, with the dims below); vanilla is always added")
-    p.add_argument("--backends", type=_list(str), default=["sdpa"], help="comma-separated: auto, triton, xformers, sdpa, math, flex")
+    p.add_argument("--backends", type=_list(str), default=["sdpa"],
+                   help="comma-separated: auto, triton, xformers, sdpa, math, flex")
     p.add_argument("--seq-lens", type=_list(int), default=[256, 1024], help="comma-separated sequence lengths")
     p.add_argument("--batch", type=_list(int), default=[4], help="comma-separated batch sizes")
     p.add_argument("--mode", type=_list(str), default=["fwdbwd"],

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..numbers import finite_float
 from ..errors import UserError
+from ..numbers import finite_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -35,7 +35,8 @@ def _fraction_check(value: float) -> str | None:
 TRAIN_FIELDS = {
     "steps": Field(int, 1000, "optimizer steps (the cosine schedule ends here)", minimum=1),
     "batch_size": Field(int, 16, "sequences per optimizer step, over all processes and accumulation steps", minimum=1),
-    "seq_len": Field((int, type(None)), None, "tokens per sequence; null: a task's example length, else model.max_seq_len", minimum=1),
+    "seq_len": Field((int, type(None)), None, "tokens per sequence; null: a task's example length, else model.max_seq_len",
+                     minimum=1),
     "grad_accum": Field(int, 1, "micro-batches per optimizer step (batch_size must divide evenly)", minimum=1),
     "lr": Field(float, 1e-3, "peak learning rate", minimum=0),
     "min_lr_ratio": Field(float, 0.1, "final learning rate / peak (cosine floor)", minimum=0, check=_fraction_check),
