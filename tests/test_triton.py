@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,7 @@ if DEVICE == "cuda":  # compiled: past the head-shared backward's 512-key spans 
 
 def run_both(backend, case, bias_kind, dtype):
     B, H, Hkv, Nq, Nk, D, causal = case
-    g = torch.Generator().manual_seed(hash((case, bias_kind)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((case, bias_kind)).encode()))  # the same in every process
     q = torch.randn(B, H, Nq, D, generator=g).to(DEVICE, dtype).requires_grad_()
     k, v = (torch.randn(B, Hkv, Nk, D, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
     leaf, bias = BIASES[bias_kind](B, H, Nq, Nk, g) if BIASES[bias_kind] else (None, None)
