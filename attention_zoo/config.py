@@ -351,7 +351,14 @@ TOP_LEVEL = ("plugins", "backend", "model")
 
 
 def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> Config:
-    """Load and validate a config; raise ConfigError listing every problem."""
+    """Load and validate a config: a YAML path (with its `base:` chain) or a dict, then `a.b=value` overrides.
+    Imports the `plugins:` modules. Returns a Config (nested dicts, defaults filled in, `.source` the path).
+
+    Raises ConfigError (a ValueError and a UserError) listing every problem at once, each with the file, the
+    key path, the bad value and what is valid: a missing, unreadable, empty or invalid YAML file, unknown keys
+    or sections, wrong types, non-finite numbers, values out of range, unknown variants or parameters, and a
+    state flow that does not hold. A plugin that fails to import is not raised: it is logged and named in
+    the error of a layer that needs its variant."""
     _load_section_modules()
     if isinstance(path_or_dict, dict):
         source, data, problems = "<dict>", copy.deepcopy(path_or_dict), []
@@ -405,7 +412,9 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
 
 
 def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[str] = ()):
-    """A CausalLM from a config (validated here unless it already is)."""
+    """A CausalLM from a config (a path, a dict or a loaded Config; validated here unless it already is, or
+    when `overrides` are given). Raises ConfigError as `load_config` does; weights are allocated on the
+    current default device."""
     from .model import CausalLM
 
     config = config_or_path if isinstance(config_or_path, Config) and not overrides else load_config(config_or_path, overrides)

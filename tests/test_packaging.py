@@ -4,6 +4,7 @@ No top-level `variants` module is installed (an unrelated PyPI package has that 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,11 +23,17 @@ def subpackages() -> set[str]:
 
 
 def test_a_wheel_holds_every_package_and_the_variants_inside_attention_zoo(tmp_path):
+    """Built offline from a copy of the checkout: the build writes build/ and *.egg-info where it runs, which
+    other tests' processes (with the checkout on PYTHONPATH) would otherwise read mid-write."""
     pytest.importorskip("setuptools")
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "-w", str(tmp_path), "--no-deps",
-                             "--no-build-isolation", "--no-index", "-q"], capture_output=True, text=True, timeout=300)
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
+                                                                 "runs", ".pytest_cache"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "-w", str(tmp_path / "dist"),
+                             "--no-deps", "--no-build-isolation", "--no-index", "-q"], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    (wheel,) = tmp_path.glob("*.whl")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     folders = {n.rsplit("/", 1)[0].replace("/", ".") for n in names if n.endswith("/__init__.py")}
     assert folders == subpackages()  # pyproject.toml lists the packages: a new one must be added there

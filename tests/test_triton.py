@@ -299,22 +299,31 @@ def test_penalty_uses_triton_where_the_backend_would(triton_backend):
         assert "CUDA only" in triton_penalty_refusal(q, q, "flex")
 
 
-def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
-    """Every kernel, bf16 and fp32, as the backend launches it for each variant's kind of bias (and both dq
-    strategies), compiles through PTX to an sm_90 cubin (tests/sm90_compile.py): what the interpreter never does.
-    A subprocess, as the kernels must be built without TRITON_INTERPRET, and a fresh Triton cache, so nothing
-    compiled earlier answers for them."""
+KERNELS = {"_forward", "_backward_dk_dv", "_backward_dq", "_backward_dq_dbias_shared", "_penalty_forward",
+           "_penalty_backward"}
+
+
+@pytest.mark.parametrize("dtype,options", [("bf16", []), ("fp32", ["--each-kernel-once"])], ids=["bf16", "fp32"])
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path, dtype, options):
+    """Every kernel, as the backend launches it for each variant's kind of bias (and both dq strategies), compiles
+    through PTX to an sm_90 cubin (tests/sm90_compile.py): what the interpreter never does. bf16 (the dtype of GPU
+    training) compiles every distinct build, fp32 each kernel and dq strategy once; one dtype per test, so
+    pytest-xdist runs the two side by side. A subprocess, as the kernels must be built without TRITON_INTERPRET,
+    and a fresh Triton cache, so nothing compiled earlier answers for them."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py")], env=env, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py"), "--dtype", dtype, *options],
+                            env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    compiled = {tuple(line.split()[1:3]) for line in result.stdout.splitlines() if line.startswith("ok ")}
-    kernels = {"_forward", "_backward_dk_dv", "_backward_dq", "_backward_dq_dbias_shared", "_penalty_forward",
-               "_penalty_backward"}
-    assert compiled == {(dtype, kernel) for dtype in ("bf16", "fp32") for kernel in kernels}, result.stdout
+    compiled = [tuple(line.split()[1:3]) for line in result.stdout.splitlines() if line.startswith("ok ")]
+    assert set(compiled) == {(dtype, kernel) for kernel in KERNELS}, result.stdout
     assert "WITH_DQ=True" in result.stdout and "WITH_DQ=False" in result.stdout  # both dq strategies
+    if not options:  # every constexpr branch the cases reach
+        for flags in ("HAS_BIAS=False", "CAUSAL=False", "BIAS_GRAD=True", "selective + GQA", "head dim 48"):
+            assert flags in result.stdout, flags
+    else:
+        assert len(compiled) == len(KERNELS) + 1  # the shared-bias kernel once per dq strategy
     assert "\n0 failed" in result.stdout
 
 

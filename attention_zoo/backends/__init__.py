@@ -59,7 +59,8 @@ def recording_calls() -> Iterator[list[AttentionCall]]:
 
 
 def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
-    """The backend that will run `call`, and why each one before it refused."""
+    """The backend that will run `call`, and why each one before it refused. Raises BackendRefused when the named
+    backend refuses (or, under auto, every backend does), RegistryError for an unknown name."""
     if name != "auto":
         backend = BACKENDS.get(name)
         reason = backend.refuse(call)
@@ -83,6 +84,13 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
 
 def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float,
              backend: str = "auto") -> Tensor:
+    """softmax(scale q k^T + bias + causal mask) v on the named backend, or the first that accepts the call
+    under `auto`. q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D), H % Hkv == 0; bias broadcastable to (B, H, Nq, Nk)
+    or None; causal is bottom-right aligned. Returns (B, H, Nq, D) in q's dtype; a row that sees no key is 0.
+
+    Raises BackendRefused (a UserError) when the named backend refuses the call, or none does under auto; a
+    RegistryError for a backend name that is not registered. Shapes are not checked here (see
+    `functional.attention`)."""
     call = AttentionCall.from_tensors(q, k, bias)
     for calls in _recorders:
         calls.append(call)

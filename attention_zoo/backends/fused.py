@@ -168,7 +168,7 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias_blocks: list[Tensor
     One batch element at a time: its heads are a plain bmm batch whatever the strides of the projected
     q, k, v (no copies). On CPU the batch elements are shared out among the intra-op threads, each
     running its ops single-threaded: the blocks' ops are too small for torch's own threading to pay
-    (on 2 cores this backward took 130 ms per layer that way, 90 ms split by batch).
+    (docs/benchmarks.md, "Measurements behind the code's constants").
     """
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -198,8 +198,8 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias_blocks: list[Tensor
     if workers < 2 or shared_bias_grad:
         run(range(B), _Buffers(H, Hkv, rows, Nq, Nk, D, ct, q.device), single_thread=False)
     else:
-        # Buffers come from this thread: allocations made in the workers inflated the resident size
-        # (glibc per-thread heaps) by ~60 MB at B 4, N 1024.
+        # Buffers come from this thread: allocations made in the workers inflate the resident size through
+        # glibc's per-thread heaps (docs/benchmarks.md).
         buffers = [_Buffers(H, Hkv, rows, Nq, Nk, D, ct, q.device) for _ in range(workers)]
         threads = torch.get_num_threads()
         try:

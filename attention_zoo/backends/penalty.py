@@ -5,9 +5,9 @@ itself and future keys zeroed: `functional.penalty_from_scores(functional.select
 computed differently:
 
 - The exclusive cumulative sum runs down the rows of a row-major (B, Nq, Nk) tensor, which torch's
-  cumsum does with strided reads (30 ms for B 4, N 1024 on one core, 60 ms in the backward with its
-  two flips). Here the rows of all blocks of 64 are walked together, each step vectorised over every
-  block and column, plus a prefix sum over the block totals (4 ms).
+  cumsum does with strided reads (and two flips in the backward). Here the rows of all blocks of 64 are
+  walked together, each step vectorised over every block and column, plus a prefix sum over the block
+  totals: several times faster on CPU (docs/benchmarks.md, "Measurements behind the code's constants").
 - Autograd of the unfused chain keeps ReLU's float output, (B, Nq, Nk) per layer; this op keeps a bool
   mask (a quarter of it) and makes two float buffers instead of five.
 """

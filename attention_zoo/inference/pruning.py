@@ -1,6 +1,6 @@
 """Context pruning: drop cached keys that selective attention has masked, freeing their memory.
 
-Policies (SPEC.md, "Inference with selective attention"), each applied after every forward call:
+Policies (docs/inference.md), each applied after every forward call:
 - `threshold:TAU`  drop key j once the F the next query would give it is >= TAU (its attention weight
                    is then below exp(-TAU) times what it would be unmasked; F never decreases, so it
                    stays masked).
