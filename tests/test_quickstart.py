@@ -50,6 +50,11 @@ def tiny(argv: list[str]) -> list[str]:
     return argv
 
 
+# One worker runs them all: they share the runs that `workdir` accumulates (the quickstart sweep, the results
+# ablation), which another worker would train again.
+pytestmark = pytest.mark.xdist_group("quickstart")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A scratch folder that sees the repository's configs, so documented relative paths work and
