@@ -1,4 +1,4 @@
-"""A name -> object registry with wildcards and entry points (the variant and backend registries).
+"""A name -> object registry with wildcards and entry points (variants, backends, stack components).
 
 Unlike timm's registry, a second registration under a taken name is an error that names both
 definitions, and third-party packages join through an entry-point group without being imported
@@ -98,6 +98,10 @@ class Registry(Generic[T]):
             obj.registered_name = name  # type: ignore[attr-defined]
         except (AttributeError, TypeError):
             pass
+
+    def unregister(self, name: str) -> None:
+        """Forget `name` (a plug-in's test cleans up after itself); an unknown name is ignored."""
+        self._entries.pop(name, None)
 
     # -- discovery ---------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:

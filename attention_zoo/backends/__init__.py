@@ -85,13 +85,14 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
 def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float,
              backend: str = "auto") -> Tensor:
     """softmax(scale q k^T + bias + causal mask) v on the named backend, or the first that accepts the call
-    under `auto`. q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D), H % Hkv == 0; bias broadcastable to (B, H, Nq, Nk)
-    or None; causal is bottom-right aligned. Returns (B, H, Nq, D) in q's dtype; a row that sees no key is 0.
+    under `auto`. q: (B, H, Nq, D); k: (B, Hkv, Nk, D), H % Hkv == 0; v: (B, Hkv, Nk, Dv) (Dv = D but for
+    backends that take other value widths); bias broadcastable to (B, H, Nq, Nk) or None; causal is
+    bottom-right aligned. Returns (B, H, Nq, Dv) in q's dtype; a row that sees no key is 0.
 
     Raises BackendRefused (a UserError) when the named backend refuses the call, or none does under auto; a
     RegistryError for a backend name that is not registered. Shapes are not checked here (see
     `functional.attention`)."""
-    call = AttentionCall.from_tensors(q, k, bias)
+    call = AttentionCall.from_tensors(q, k, bias, v)
     for calls in _recorders:
         calls.append(call)
     if call.device == "meta":  # a dry run (`describe`) computes shapes only; backends are chosen for a real device

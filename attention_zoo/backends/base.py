@@ -31,9 +31,16 @@ class AttentionCall:
     has_bias: bool = False
     bias_requires_grad: bool = False
     grad_enabled: bool = False
+    value_dim: int | None = None  # v's width when it differs from q/k's (differential attention), else None
+
+    def unequal_value_dim(self) -> str | None:
+        """The refusal of a kernel that needs v as wide as q and k, or None when it is."""
+        if self.value_dim is None or self.value_dim == self.head_dim:
+            return None
+        return f"values of width {self.value_dim} differ from q/k's head dim {self.head_dim}; its kernels need them equal"
 
     @classmethod
-    def from_tensors(cls, q: Tensor, k: Tensor, bias: Tensor | None) -> "AttentionCall":
+    def from_tensors(cls, q: Tensor, k: Tensor, bias: Tensor | None, v: Tensor | None = None) -> "AttentionCall":
         return cls(
             device=q.device.type,
             dtype=q.dtype,
@@ -46,6 +53,7 @@ class AttentionCall:
             bias_requires_grad=bias is not None and bias.requires_grad,
             grad_enabled=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                       or bias is not None and bias.requires_grad),
+            value_dim=None if v is None or v.shape[-1] == q.shape[-1] else v.shape[-1],
         )
 
 

@@ -52,6 +52,8 @@ class FlexBackend(Backend):
             return f"torch {torch.__version__} has no FlexAttention (torch 2.5 or later)"
         if call.device not in ("cuda", "cpu"):
             return f"FlexAttention runs on CUDA (tensors are on {call.device})"
+        if unequal := call.unequal_value_dim():
+            return unequal
         if call.device == "cpu" and call.grad_enabled:
             return "torch has no FlexAttention backward on CPU (train there with sdpa or math)"
         if call.dtype not in SUPPORTED_DTYPES:
