@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spies import LargestTensor
 
 import attention_zoo.backends.sdpa as sdpa_module
 from attention_zoo.backends import BACKENDS, AttentionCall, choose
+from tests.spies import LargestTensor
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2}
 SDPA, MATH = BACKENDS.get("sdpa"), BACKENDS.get("math")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spies import LargestTensor
 
 from attention_zoo.backends import fused, penalty
 from attention_zoo.backends.fused import bias_grad_attention, head_source
@@ -21,6 +20,7 @@ from attention_zoo.functional import (
     selection_logits,
     selection_scores,
 )
+from tests.spies import LargestTensor
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 

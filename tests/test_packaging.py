@@ -3,6 +3,7 @@ top-level `variants/` folder: in a wheel, in an editable install, and from a bar
 No top-level `variants` module is installed (an unrelated PyPI package has that name)."""
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -54,5 +55,7 @@ def test_a_bare_checkout_on_pythonpath_imports_the_variants():
     result = subprocess.run([sys.executable, "-S", "-c", code], env=env, cwd="/", capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.splitlines() == [str(ROOT / "variants" / "__init__.py"),
-                                          str(['cross_layer_selective', 'gqa', 'residual', 'selective', 'vanilla'])]
+    folder, names = result.stdout.splitlines()
+    assert folder == str(ROOT / "variants" / "__init__.py")
+    builtins = sorted(p.stem for p in (ROOT / "variants").glob("*.py") if p.stem != "__init__")
+    assert set(builtins) <= set(ast.literal_eval(names)) and "selective" in builtins  # every built-in module registered
