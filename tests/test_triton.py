@@ -225,6 +225,8 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
     from attention_zoo.backends import triton_kernels
 
     assert triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16) is None
+    if DEVICE == "cpu":  # the wrong kernels below show at any length: past one interpreter key span (32) is enough
+        monkeypatch.setattr(triton_module, "_check_length", lambda: 40)
     real = triton_kernels.attention_backward
 
     def wrong(*args, **kwargs):
