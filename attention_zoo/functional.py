@@ -9,13 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import causal_mask, dispatch, grouped_logits
+from .backends import causal_mask, dispatch
 from .backends.penalty import fused_selection_penalty, penalty_from_qk
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = True,
               backend: str = "auto", scale: float | None = None) -> Tensor:
-    """softmax(scale q k^T + bias + causal mask) v on the chosen backend. Returns (B, H, Nq, D)."""
+    """softmax(scale q k^T + bias + causal mask) v on the chosen backend. Returns (B, H, Nq, D); a query row
+    that sees no key (more queries than keys under the causal mask, or a bias of -inf over the whole row)
+    gives 0 and no gradient.
+
+    Raises ValueError for tensors that are not (B, H, N, D) with matching batch and head dim and H a multiple
+    of Hkv; BackendRefused when the named backend (or, under auto, every backend) refuses the call."""
     _check_layout(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return dispatch(q, k, v, bias=bias, causal=causal, scale=scale, backend=backend)
@@ -25,14 +30,16 @@ def selection_scores(logits: Tensor, *, protect_bos: bool = True) -> Tensor:
     """S = ReLU(logits) with key 0 (BOS, if protected), the query itself and future keys zeroed.
 
     logits: (B, Nq, Nk) of the selection head. Returns (B, Nq, Nk) in float32, or float64 for
-    float64 logits: at least float32 whatever the compute dtype, never less precise than it.
+    float64 logits: at least float32 whatever the compute dtype, never less precise than it. Excluded
+    entries are 0 whatever the logit there, +-inf included. Raises nothing of its own.
     """
     Nq, Nk = logits.shape[-2:]
     strictly_earlier = causal_mask(Nq, Nk - 1, logits.device)  # j < own position, as (Nq, Nk - 1)
     keep = F.pad(strictly_earlier, (0, 1), value=False)  # (Nq, Nk): j <= pos - 1
     if protect_bos:
         keep[:, 0] = False
-    return torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32))) * keep
+    # selected, not multiplied by the mask: an infinite logit at an excluded key would give inf * 0 = NaN
+    return torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32))).masked_fill(~keep, 0.0)
 
 
 def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: Tensor | None = None) -> Tensor:
@@ -41,7 +48,7 @@ def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: 
     The sum runs along the *query* axis (shift one row down, cumulative sum over rows). logits:
     (B, Nq, Nk) of the selection head; accumulated: (B, Nk) float32 column sums of S over queries
     already processed (the selective KV cache), or None. Returns (B, Nq, Nk) in at least float32, non-decreasing
-    along queries.
+    along queries. Raises nothing of its own (torch raises for an `accumulated` that does not broadcast).
     """
     # The same values as penalty_from_scores(selection_scores(...)) from one fused autograd op: a fast
     # row cumsum, and a bool mask kept for the backward instead of S (see backends/penalty.py).
@@ -53,7 +60,9 @@ def selection_penalty_qk(q: Tensor, k: Tensor, selection_head: int, scale: float
     """F of a whole sequence straight from q (B, H, Nq, D) and k (B, Hkv, Nk, D): the same values as
     `selection_penalty(selection_logits(q, k, selection_head, scale))`, or -F with `negate` (computed as
     such, no extra pass). With `backend` auto or flex on CUDA, or triton, one Triton kernel each way never
-    stores the (B, Nq, Nk) logits (backends/triton_selection.py)."""
+    stores the (B, Nq, Nk) logits (backends/triton_selection.py). Raises ValueError for a selection head
+    outside [0, H)."""
+    _check_selection_head(q, selection_head)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[1] // k.shape[1]
     return penalty_from_qk(q[:, selection_head], k[:, selection_head // group], scale=scale, protect_bos=protect_bos,
@@ -66,19 +75,22 @@ def penalty_and_bias_source(q: Tensor, k: Tensor, selection_head: int, scale: fl
     adds as its bias (`head_broadcast(-F, H)`), and F is a negated view of it (torch._neg_view: no copy;
     torch ops read it as F, and its gradient flows back into -F). `penalty_bias(F)` would cost a
     (B, Nq, Nk) negation in the forward and another in the backward, per layer.
-    (A neg-bit tensor refuses .numpy(): call .resolve_neg() first.)"""
+    (A neg-bit tensor refuses .numpy(): call .resolve_neg() first.) Raises as `selection_penalty_qk`."""
     negated = selection_penalty_qk(q, k, selection_head, scale, protect_bos=protect_bos, backend=backend, negate=True)
     return torch._neg_view(negated), negated
 
 
 def penalty_from_scores(S: Tensor, accumulated: Tensor | None = None) -> Tensor:
-    """Exclusive cumulative sum of S over queries (rows), plus the cache's accumulated column sums."""
+    """Exclusive cumulative sum of S (B, Nq, Nk) over queries (rows), plus the cache's accumulated (B, Nk) column
+    sums. Raises nothing of its own."""
     Fpen = F.pad(S.cumsum(dim=-2)[..., :-1, :], (0, 0, 1, 0))  # row i: sum of rows k < i
     return Fpen if accumulated is None else Fpen + accumulated[:, None, :]
 
 
 def selection_logits(q: Tensor, k: Tensor, selection_head: int, scale: float | None = None) -> Tensor:
-    """Logits of one query head against its kv head: (B, Nq, Nk). Only this head is computed."""
+    """Logits of one query head against its kv head: (B, Nq, Nk). Only this head is computed. Raises ValueError
+    for a selection head outside [0, H)."""
+    _check_selection_head(q, selection_head)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[1] // k.shape[1]
     qs = q[:, selection_head] * scale  # (B, Nq, D): scaled here, not the (B, Nq, Nk) product
@@ -88,30 +100,30 @@ def selection_logits(q: Tensor, k: Tensor, selection_head: int, scale: float | N
 
 def penalty_bias(Fpen: Tensor, heads: int) -> Tensor:
     """-F as a head-broadcast bias (B, H, Nq, Nk) with stride 0 over heads: never copied per head. An F that
-    is a negated view (`penalty_and_bias_source`) gives back the -F it views, without a copy."""
+    is a negated view (`penalty_and_bias_source`) gives back the -F it views, without a copy. Raises nothing
+    of its own."""
     return head_broadcast(torch._neg_view(Fpen) if Fpen.is_neg() else -Fpen, heads)
 
 
 def head_broadcast(bias: Tensor, heads: int) -> Tensor:
-    """(B, Nq, Nk) -> (B, H, Nq, Nk), a view with stride 0 over heads: the backends read it once for all."""
+    """(B, Nq, Nk) -> (B, H, Nq, Nk), a view with stride 0 over heads: the backends read it once for all. Raises
+    nothing of its own."""
     return bias.unsqueeze(1).expand(-1, heads, -1, -1)
 
 
 def selective_attention(q: Tensor, k: Tensor, v: Tensor, *, selection_head: int = 0, protect_bos: bool = True,
                         backend: str = "auto", scale: float | None = None) -> Tensor:
-    """Every head attends with softmax(L^h - F + mask); F from `selection_head` (SPEC.md, section 3)."""
+    """Every head attends with softmax(L^h - F + mask); F from `selection_head` (docs/variants.md, selective).
+    Returns (B, H, Nq, D). Raises ValueError as `attention` does and for a selection head outside [0, H);
+    BackendRefused as `attention` does."""
     _check_layout(q, k, v)
-    if not 0 <= selection_head < q.shape[1]:
-        raise ValueError(f"selection_head must be in [0, {q.shape[1]}), got {selection_head}")
     negated = selection_penalty_qk(q, k, selection_head, scale, protect_bos=protect_bos, backend=backend, negate=True)
     return attention(q, k, v, bias=head_broadcast(negated, q.shape[1]), causal=True, backend=backend, scale=scale)
 
 
-def residual_scores(q: Tensor, k: Tensor, previous: Tensor | None, scale: float | None = None) -> Tensor:
-    """RealFormer's carried scores R_l = L_l + R_{l-1}: (B, H, Nq, Nk), before any mask."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = grouped_logits(q, k, scale)
-    return logits if previous is None else logits + previous
+def _check_selection_head(q: Tensor, selection_head: int) -> None:
+    if not 0 <= selection_head < q.shape[1]:
+        raise ValueError(f"selection_head must be in [0, {q.shape[1]}), got {selection_head}")
 
 
 def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -125,4 +137,4 @@ def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 __all__ = ["attention", "selection_scores", "selection_penalty", "penalty_from_scores", "selection_logits", "penalty_bias",
            "head_broadcast", "penalty_and_bias_source", "selection_penalty_qk",
-           "selective_attention", "residual_scores"]
+           "selective_attention"]

@@ -12,12 +12,18 @@ functions (`attention_forward`, `attention_backward` with either dq strategy, `p
 projections), each launch captured instead of run, and Triton's own argument binder, built for sm_90,
 specialises the captured arguments: an integer equal to 1 (a unit stride, GROUP without GQA) becomes a
 constant, pointers and integers divisible by 16 are marked so, which lets loads vectorise. Compiled with
-plain i32 strides instead (as this script once did), the same kernels took up to twice the registers and
-seemed to spill where the real ones do not.
+plain i32 strides, the same kernels would report more registers and spills than the run-time ones have
+(docs/benchmarks.md, "Measurements behind the code's constants").
 
     python tests/sm90_compile.py                           # each kernel's first tile configuration
     python tests/sm90_compile.py --all-configs --resources  # every autotuned one, and registers
     python tests/sm90_compile.py --all-configs --resources --dtype bf16
+    python tests/sm90_compile.py --dtype fp32 --each-kernel-once  # the first build of each kernel only
+
+By default every distinct build the cases launch is compiled (a kernel's constexpr branches: bias or
+none, causal or not, a per-head bias gradient, GQA, a head dim below its tile). tests/test_triton.py
+compiles all of them in bf16 (the dtype of GPU training) and, in fp32, each kernel and dq strategy once:
+every kernel in both dtypes, at about half the compile time of every build in both.
 
 Prints one line per distinct compile (the shared memory it needs; Hopper has 227 KiB per block, and the
 autotuner skips configurations that do not fit; with --resources also the registers per thread and the
@@ -163,6 +169,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--all-configs", action="store_true", help="every autotuned configuration, not the first")
     parser.add_argument("--resources", action="store_true", help="also registers per thread and spilled stack bytes")
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="only this dtype (repeatable)")
+    parser.add_argument("--each-kernel-once", action="store_true",
+                        help="only the first build of each kernel (and each dq strategy), not every constexpr branch")
     args = parser.parse_args(argv)
     if INTERPRETED:
         print("TRITON_INTERPRET=1 is set: the kernels were built for the interpreter; unset it")
@@ -173,6 +181,10 @@ def main(argv: list[str]) -> int:
         for launch in launches(dtype):
             for config in launch.kernel.configs if args.all_configs else launch.kernel.configs[:1]:
                 build, identity, constexprs = compile_for_hopper(launch, config)
+                if args.each_kernel_once:  # one build per kernel, per dq strategy and per tile configuration
+                    names = launch.kernel.fn.arg_names
+                    strategy = [v for path, v in constexprs.items() if names[path[0]] == "WITH_DQ"]
+                    identity = (launch.kernel.fn.__name__, str(strategy), str(config))
                 if identity in seen:  # another case launching the very same build
                     continue
                 seen.add(identity)

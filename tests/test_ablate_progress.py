@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_ablate import one_thread_children, sweep_file  # noqa: F401 (one_thread_children: a fixture)
 
 from attention_zoo.ablate import progress as P
-from attention_zoo.ablate.progress import (SweepProgress, estimate_remaining, format_duration, latest_train_record,
-                                           seconds_per_step)
+from attention_zoo.ablate.progress import (
+    SweepProgress,
+    estimate_remaining,
+    format_duration,
+    latest_train_record,
+    seconds_per_step,
+)
 from attention_zoo.cli import main
-
-from test_ablate import one_thread_children, sweep_file  # noqa: F401 (a fixture)
 
 
 def test_rate_is_wall_time_over_trained_steps_of_finished_runs():
@@ -57,7 +61,8 @@ def test_latest_train_record_reads_the_tail_and_skips_val_and_torn_lines(tmp_pat
     assert latest_train_record(path)["step"] == 399
 
 
-def test_ablate_shows_the_bar_and_the_time_left_and_no_progress_silences_both(tmp_path, one_thread_children, capsys):
+@pytest.mark.usefixtures("one_thread_children")
+def test_ablate_shows_the_bar_and_the_time_left_and_no_progress_silences_both(tmp_path, capsys):
     from attention_zoo.ablate import read_sweep_file, run_sweep
 
     path = sweep_file(tmp_path, runs={"a": {}, "b": {"model.attention.variant": "selective"}}, metric="val.bpb")

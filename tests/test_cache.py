@@ -12,8 +12,8 @@ from attention_zoo import build_model, list_variants
 from attention_zoo.backends.base import causal_mask
 from attention_zoo.functional import selection_logits, selection_scores
 from attention_zoo.inference.key_scores import next_query_penalties
+from attention_zoo.variants.selective import ACCUMULATOR
 from tests.cases import STACKS, case_id, variant_cases
-from variants.selective import ACCUMULATOR
 
 DEPTH, SEQ, PROMPT = 4, 14, 8
 

@@ -2,7 +2,6 @@
 route, exit codes and tracebacks included, is covered in test_config.py and test_plugins.py)."""
 from __future__ import annotations
 
-
 import re
 from pathlib import Path
 
@@ -70,8 +69,10 @@ def test_describe_shows_layers_state_backend_and_parameter_count(capsys):
     assert layers[0].startswith("layer 0: selective {'kv_heads': None, 'qk_norm': False, 'qkv_bias': False, "
                                 "'out_bias': False, 'selection_head': 0, 'protect_bos': True, 'residual': False}")
     assert "state read: -; written: selection_penalty" in layers[0]
-    assert "residual': True" in layers[1] and "(optional: residual_scores); written: residual_scores, selection_penalty" in layers[1]
-    assert layers[3].startswith("layer 3: vanilla {'kv_heads': None, 'qk_norm': False") and "state read: -; written: -" in layers[3]
+    assert "residual': True" in layers[1]
+    assert "(optional: residual_scores); written: residual_scores, selection_penalty" in layers[1]
+    assert layers[3].startswith("layer 3: vanilla {'kv_heads': None, 'qk_norm': False")
+    assert "state read: -; written: -" in layers[3]
     for layer in layers:
         assert re.search(r"^    backend \(auto, cpu, float32.*\): (sdpa|math|xformers)", layer, re.M), layer
 

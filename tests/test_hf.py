@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
 import pytest
 import torch
 
@@ -431,8 +432,7 @@ def tokenized_llama(tmp_path_factory):
 
 
 def test_tokenized_corpus_round_trips_and_caches_its_tokens(tokenized_llama, tmp_path, monkeypatch):
-    from attention_zoo.data import build_dataset
-    from attention_zoo.data import tokenized
+    from attention_zoo.data import build_dataset, tokenized
 
     spec = {"text": str(tokenized_llama / "small.txt"), "tokenizer": str(tokenized_llama / "llm")}
     plain = build_dataset({"text": spec["text"]})

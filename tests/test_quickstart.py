@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["docs/training.md", "docs/ablations.md", "docs/results.md"]
 TINY_TRAIN = ["train.steps=2", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=4", "train.checkpoint_every=1",
               "train.log_every=1"]
-TINY_SWEEP = [a for o in ("train.steps=2", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=4") for a in ("--set", o)]
+TINY_SWEEP = [a for o in ("train.steps=2", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=4")
+              for a in ("--set", o)]
 QUICKSTART_LABELS = ["vanilla", "gqa (kv_heads=2)", "selective", "selective+gqa", "residual", "cross-layer selective (share)",
                      "vanilla (learned positions)"]
 
@@ -48,6 +49,11 @@ def tiny(argv: list[str]) -> list[str]:
     if argv[0] == "ablate" and "--dry-run" not in argv and "--summarize" not in argv:
         return argv + TINY_SWEEP
     return argv
+
+
+# One worker runs them all: they share the runs that `workdir` accumulates (the quickstart sweep, the results
+# ablation), which another worker would train again.
+pytestmark = pytest.mark.xdist_group("quickstart")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +98,8 @@ def test_training_doc_python_blocks_run(workdir, monkeypatch):
 
     monkeypatch.chdir(workdir)
     for block in re.findall(r"```python\n(.*?)```", (ROOT / "docs/training.md").read_text(), flags=re.S):
-        exec(compile(block.replace('["train.steps=2"]', '["train.steps=2", "train.batch_size=4"]'), "docs/training.md", "exec"), {})
+        block = block.replace('["train.steps=2"]', '["train.steps=2", "train.batch_size=4"]')
+        exec(compile(block, "docs/training.md", "exec"), {})
     aux_losses.AUX_LOSSES.pop("mean_penalty", None)
 
 

@@ -1,4 +1,4 @@
-"""Every built-in variant against a naive reference written here from SPEC.md's equations.
+"""Every built-in variant against a naive reference written here from the equations of docs/variants.md.
 
 The reference never imports attention_zoo.functional or the backends: it loops over heads, repeats
 k/v with repeat_interleave, and builds the selection penalty F with Python loops over queries i and
@@ -31,7 +31,7 @@ def assert_matches(actual, expected, dtype, what=""):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The naive reference (SPEC.md, "The math, exactly").
+# The naive reference (docs/variants.md, the equations of each variant).
 
 def ref_logits(q, k):
     """L^h[i, j] = q^h_i . k^{g(h)}_j / sqrt(D), one head at a time; k repeated to H heads."""
@@ -79,7 +79,8 @@ def ref_selective(q, k, v, selection_head=0, protect_bos=True):
 
 def qkv(H=4, Hkv=4, N=8, D=8, B=2, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    make = lambda h: torch.randn(B, h, N, D, generator=g, dtype=dtype).requires_grad_()
+    def make(h):
+        return torch.randn(B, h, N, D, generator=g, dtype=dtype).requires_grad_()
     return make(H), make(Hkv), make(Hkv)
 
 
@@ -139,7 +140,8 @@ def test_gqa_model_equals_mha_model_with_kv_weights_repeated():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
-@pytest.mark.parametrize("kv_heads,selection_head,protect_bos", [(4, 0, True), (4, 2, False), (2, 2, True), (2, 1, True), (1, 3, True)])
+@pytest.mark.parametrize("kv_heads,selection_head,protect_bos",
+                         [(4, 0, True), (4, 2, False), (2, 2, True), (2, 1, True), (1, 3, True)])
 def test_selective_attention_matches_reference(kv_heads, selection_head, protect_bos, backend, dtype):
     q, k, v = qkv(Hkv=kv_heads, dtype=dtype)
     out = functional.selective_attention(q, k, v, selection_head=selection_head, protect_bos=protect_bos, backend=backend)

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_train import tiny
 
 from attention_zoo.cli import main
 from attention_zoo.config import load_config
 from attention_zoo.train import train
 from attention_zoo.train.metrics import read_jsonl
-
-from test_train import tiny
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:

@@ -16,7 +16,7 @@ from attention_zoo.functional import head_broadcast, penalty_bias
 from attention_zoo.state import SELECTION_PENALTY
 from attention_zoo.variant import BASE_PARAMS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, Param, ProjectedAttention
 from attention_zoo.variant_registry import register_variant
-from variants.selective import SelectionMixin
+from attention_zoo.variants.selective import SelectionMixin
 
 
 def _sources_check(value, shape: LayerShape):

@@ -11,8 +11,13 @@ from typing import Mapping
 from torch import Tensor
 
 from attention_zoo.cache import LayerCache
-from attention_zoo.functional import (head_broadcast, penalty_and_bias_source, penalty_from_scores, selection_logits,
-                                      selection_scores)
+from attention_zoo.functional import (
+    head_broadcast,
+    penalty_and_bias_source,
+    penalty_from_scores,
+    selection_logits,
+    selection_scores,
+)
 from attention_zoo.state import SELECTION_PENALTY
 from attention_zoo.variant import BASE_PARAMS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, ProjectedAttention
 from attention_zoo.variant_registry import register_variant

@@ -56,9 +56,9 @@ def _context():
     torch start-up again. The server never computes anything, so forking it is safe."""
     global _CONTEXT
     if _CONTEXT is None:
-        # OpenMP threads that wait by spinning make torch's default 2 threads ~20x slower than 1 on a
-        # 2-core CPU that anything else is using (measured: 3.7 s against 0.19 s per quickstart step);
-        # waiting by sleeping costs little when the CPU is free. Read once, when the server imports torch.
+        # OpenMP threads that wait by spinning make torch's default 2 threads many times slower than 1 on
+        # a 2-core CPU that anything else is using (docs/benchmarks.md); waiting by sleeping costs little
+        # when the CPU is free. Read once, when the server imports torch.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "torch.optim", "attention_zoo.cli", "attention_zoo.train.loop",

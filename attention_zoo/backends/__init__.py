@@ -15,23 +15,18 @@ from torch import Tensor
 from ..errors import UserError
 from ..registry import Registry
 from .base import AttentionCall, Backend, causal_mask
+from .flex import FlexBackend
 from .math import MathBackend, grouped_logits, math_attention
 from .sdpa import SDPABackend
+from .triton import TritonBackend
+from .xformers import XFormersBackend
 
 log = logging.getLogger("attention_zoo.backends")
 
 BACKENDS: Registry[Backend] = Registry("backend", entry_point_group="attention_zoo.backends")
 BACKENDS.add("math", MathBackend())
 BACKENDS.add("sdpa", SDPABackend())
-try:  # the xformers backend module imports xformers lazily, so registering it is always safe
-    from .xformers import XFormersBackend
-
-    BACKENDS.add("xformers", XFormersBackend())
-except ImportError:  # pragma: no cover - only while the module does not exist
-    pass
-from .triton import TritonBackend  # noqa: E402  (imports triton itself only on first use)
-from .flex import FlexBackend  # noqa: E402  (compiles only on first CUDA use)
-
+BACKENDS.add("xformers", XFormersBackend())  # each of these imports its library only on first use
 BACKENDS.add("triton", TritonBackend())
 BACKENDS.add("flex", FlexBackend())
 
@@ -64,7 +59,8 @@ def recording_calls() -> Iterator[list[AttentionCall]]:
 
 
 def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
-    """The backend that will run `call`, and why each one before it refused."""
+    """The backend that will run `call`, and why each one before it refused. Raises BackendRefused when the named
+    backend refuses (or, under auto, every backend does), RegistryError for an unknown name."""
     if name != "auto":
         backend = BACKENDS.get(name)
         reason = backend.refuse(call)
@@ -86,7 +82,16 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
     raise BackendRefused("no backend accepts this call: " + "; ".join(skipped))
 
 
-def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float, backend: str = "auto") -> Tensor:
+def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float,
+             backend: str = "auto") -> Tensor:
+    """softmax(scale q k^T + bias + causal mask) v on the named backend, or the first that accepts the call
+    under `auto`. q: (B, H, Nq, D); k: (B, Hkv, Nk, D), H % Hkv == 0; v: (B, Hkv, Nk, Dv) (Dv = D but for
+    backends that take other value widths); bias broadcastable to (B, H, Nq, Nk) or None; causal is
+    bottom-right aligned. Returns (B, H, Nq, Dv) in q's dtype; a row that sees no key is 0.
+
+    Raises BackendRefused (a UserError) when the named backend refuses the call, or none does under auto; a
+    RegistryError for a backend name that is not registered. Shapes are not checked here (see
+    `functional.attention`)."""
     call = AttentionCall.from_tensors(q, k, bias, v)
     for calls in _recorders:
         calls.append(call)
@@ -101,6 +106,6 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bo
 
 
 __all__ = [
-    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch", "recording_calls",
-    "causal_mask", "math_attention", "grouped_logits",
+    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
+    "recording_calls", "causal_mask", "math_attention", "grouped_logits"
 ]

@@ -21,8 +21,8 @@ from .fused import BlockKernel, bias_grad_attention, is_head_broadcast, plan_blo
 # `enable_gqa` arrived in torch 2.5; the builtin has no inspectable signature, so read its docstring.
 _HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
-# Query rows per SDPA call when a mask is needed. Measured on 2 CPU cores (B 4, H 8, N 1024, D 64):
-# one call 52 ms, blocks of 128 rows 33 ms, is_causal 36 ms.
+# Query rows per SDPA call when a mask is needed: on CPU, blocks of 128 beat one call and is_causal
+# (docs/benchmarks.md, "Measurements behind the code's constants").
 FORWARD_BLOCK = {"cpu": 128}
 DEFAULT_FORWARD_BLOCK = 512
 

@@ -153,5 +153,5 @@ def peer_stack(stack: dict[str, str], head_dim: int) -> tuple[dict[str, Any], di
     return wrapper, decoder
 
 
-__all__ = ["PRESETS", "VariantSpec", "Point", "resolve_variant", "model_config", "peer_kwargs", "peer_stack", "OURS", "PEER", "MODES",
-           "DTYPES", "BASELINE"]
+__all__ = ["PRESETS", "VariantSpec", "Point", "resolve_variant", "model_config", "peer_kwargs", "peer_stack", "OURS",
+           "PEER", "MODES", "DTYPES", "BASELINE"]

@@ -13,9 +13,9 @@ this package, and nothing here downloads anything: sources are local folders or 
 from __future__ import annotations
 
 from .convert import from_hf
-from .weights import pool_kv_heads
 from .errors import ConversionError
 from .export import to_hf
 from .interface import register
+from .weights import pool_kv_heads
 
 __all__ = ["from_hf", "to_hf", "register", "pool_kv_heads", "ConversionError"]

@@ -1,6 +1,6 @@
 """Context pruning: drop cached keys that selective attention has masked, freeing their memory.
 
-Policies (SPEC.md, "Inference with selective attention"), each applied after every forward call:
+Policies (docs/inference.md), each applied after every forward call:
 - `threshold:TAU`  drop key j once the F the next query would give it is >= TAU (its attention weight
                    is then below exp(-TAU) times what it would be unmasked; F never decreases, so it
                    stays masked).
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..cache import ModelCache
 from ..errors import UserError
+from ..numbers import finite_problem
 from .key_scores import KeyGroup, attentions, has_penalty_rule, key_groups, next_query_penalties
 
 SPEC_FORMS = "threshold:TAU (e.g. threshold:1.0), budget:K or budget:K1,K2,... (one per layer, 'none' = not pruned), window:K"
@@ -124,6 +125,8 @@ def parse_prune_spec(text: str) -> PruningPolicy:
             tau = float(value)
         except ValueError:
             raise bad(f"threshold {value!r} is not a number") from None
+        if message := finite_problem(tau):
+            raise bad(f"the threshold {message}")
         if not tau > 0:
             raise bad("the threshold must be > 0")
         return ThresholdPolicy(tau)

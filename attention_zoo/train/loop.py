@@ -40,8 +40,8 @@ from ..errors import UserError
 from . import distributed as D
 from .aux_losses import get_aux_loss
 from .metrics import MetricsLog, evaluate, token_losses
-from .tensorboard import TensorBoardLog
 from .optim import build_optimizer, build_schedule
+from .tensorboard import TensorBoardLog
 
 CHECKPOINT_DIR, METRICS, FINAL, CONFIG = "checkpoint", "metrics.jsonl", "final.json", "config.yaml"
 TOKENS = "tokens"  # tokenized corpora's cached token files (data.tokenizer), reused by eval
