@@ -170,7 +170,7 @@ def model_fields() -> dict[str, Field]:
         fields[key] = Field(str, STACK_DEFAULTS[key], kind.doc, choices=tuple(kind.names()))
         for name, param in kind.params().items():
             check = (lambda p: (lambda v: p.check(v, None)))(param) if param.check else None
-            fields[name] = Field(param.type, param.default, param.doc, param.choices, check=check)
+            fields[name] = Field(param.type, param.default, param.doc, param.choices, check=check, finite=param.finite)
     return fields
 
 

@@ -60,6 +60,7 @@ class Param:
     required: bool = False
     # check(value, shape) -> error message or None; runs only when the type is right
     check: Callable[[Any, LayerShape], str | None] | None = None
+    finite: bool = True  # False: NaN or an infinity is a meaningful value here (the doc says which)
 
     def type_name(self) -> str:
         return type_name(self.type)
