@@ -179,3 +179,21 @@ def test_every_kind_lists_its_builtins():
     assert set(POSITIONS.names()) >= {"rope", "learned", "none"}
     assert set(NORMS.names()) >= {"rmsnorm", "layernorm"}
     assert set(MLPS.names()) >= {"swiglu", "gelu", "gelu_tanh"}
+
+
+def test_streaming_evaluation_runs_past_max_seq_len_under_rope():
+    """Streaming (token by token through the cache, pruned or not) is not capped by the training length with
+    rope: unpruned it equals the full forward's loss over 3x max_seq_len, and a budget-pruned cache stays at
+    its budget."""
+    from attention_zoo.data import Batch
+    from attention_zoo.inference import BudgetPolicy, Pruner, streaming_loss
+
+    torch.manual_seed(0)
+    model = build_model({"model": {**SMALL, "attention": {"variant": "selective"}}}).eval()
+    tokens = torch.randint(0, 32, (2, 3 * SMALL["max_seq_len"] + 1))
+    batch = Batch(tokens[:, :-1], tokens[:, 1:])
+    with torch.no_grad():
+        full = torch.nn.functional.cross_entropy(model(batch.inputs).flatten(0, 1), batch.targets.flatten()).item()
+    assert streaming_loss(model, [batch], prefill=1).loss == pytest.approx(full, abs=1e-5)
+    pruned = streaming_loss(model, [batch], Pruner(model, BudgetPolicy([4, 4])), prefill=1)
+    assert pruned.peak_kept == [4, 4] and math.isfinite(pruned.loss)
