@@ -11,11 +11,13 @@ from torch import Tensor
 
 from .backends import causal_mask, dispatch, grouped_logits
 from .backends.penalty import fused_selection_penalty, penalty_from_qk
+from .ops.selection import Selection
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = True,
+def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None = None, causal: bool = True,
               backend: str = "auto", scale: float | None = None) -> Tensor:
-    """softmax(scale q k^T + bias + causal mask) v on the chosen backend. Returns (B, H, Nq, D)."""
+    """softmax(scale q k^T + bias + causal mask) v on the chosen backend. Returns (B, H, Nq, D).
+    `bias`: broadcastable to (B, H, Nq, Nk), or a structured `Selection` (the bias is then -F)."""
     _check_layout(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return dispatch(q, k, v, bias=bias, causal=causal, scale=scale, backend=backend)
@@ -99,12 +101,15 @@ def head_broadcast(bias: Tensor, heads: int) -> Tensor:
 
 def selective_attention(q: Tensor, k: Tensor, v: Tensor, *, selection_head: int = 0, protect_bos: bool = True,
                         backend: str = "auto", scale: float | None = None) -> Tensor:
-    """Every head attends with softmax(L^h - F + mask); F from `selection_head` (SPEC.md, section 3)."""
+    """Every head attends with softmax(L^h - F + mask); F from `selection_head` (Leviathan et al., ICLR 2025,
+    section 3), handed to the backend as a structured Selection: sdpa never makes the (B, Nq, Nk) F."""
     _check_layout(q, k, v)
     if not 0 <= selection_head < q.shape[1]:
         raise ValueError(f"selection_head must be in [0, {q.shape[1]}), got {selection_head}")
-    negated = selection_penalty_qk(q, k, selection_head, scale, protect_bos=protect_bos, backend=backend, negate=True)
-    return attention(q, k, v, bias=head_broadcast(negated, q.shape[1]), causal=True, backend=backend, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    selection = Selection.of_head(q[:, selection_head], k[:, selection_head // group], scale, protect_bos=protect_bos)
+    return attention(q, k, v, bias=selection, causal=True, backend=backend, scale=scale)
 
 
 def residual_scores(q: Tensor, k: Tensor, previous: Tensor | None, scale: float | None = None) -> Tensor:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .backends import dispatch, grouped_logits
 from .cache import LayerCache
+from .ops.selection import Selection
 from .state import RESIDUAL_SCORES
 
 
@@ -121,7 +122,8 @@ class ProjectedAttention(nn.Module):
 
     def attention_bias(self, q: Tensor, k: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None
                        ) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """The variant's own bias (broadcastable to (B, H, Nq, Nk)) and its state updates."""
+        """The variant's own bias and its state updates. The bias: a tensor broadcastable to (B, H, Nq, Nk), a
+        structured `Selection` (the bias is then -F, which fusing backends never materialise), or None."""
         return None, {}
 
     def forward(self, x: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None = None
@@ -133,6 +135,8 @@ class ProjectedAttention(nn.Module):
             start = int(cache.positions[0, -1]) + 1 if cache.length else 0
             k, v = cache.extend(k, v, start)  # (B, Hkv, T + N, D)
         bias, updates = self.attention_bias(q, k, state, cache)
+        if self.carry_residual and isinstance(bias, Selection):  # the carried scores include -F, made dense here
+            bias = bias.dense_bias()
         if self.carry_residual:
             previous = state.get(RESIDUAL_SCORES.name)
             if previous is not None:

@@ -250,37 +250,3 @@ def test_bfloat16_inputs_with_a_float32_penalty(small_blocks):
     for name, a, b in zip(["out", "dq", "dk", "dv", "dF"], ours, ref):
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a.float(), b, atol=3e-2 * scale, rtol=0, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("variant", [{"variant": "selective"}, {"variant": "selective", "kv_heads": 2},
-                                     {"variant": "cross_layer_selective", "mode": "share", "sources": [0]}],
-                         ids=["selective", "selective-gqa", "cross-layer-share"])
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
-def test_selective_writes_minus_F_once_and_never_negates_it(backend, variant):
-    """The penalty op writes -F, which the attention adds as its bias; the state channel's F is a negated
-    view of that same storage. So a training step runs no (B, Nq, Nk) negation, forward or backward,
-    except what the cross-layer readers of F pay in their backward (a gradient through the view)."""
-    from attention_zoo import build_model
-
-    B, N = 2, 24
-    model = build_model({"backend": backend, "model": {"vocab_size": 32, "dim": 32, "depth": 2, "heads": 4,
-                                                       "max_seq_len": N, "attention": variant}})
-    negations = []
-
-    class Negations(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func is torch.ops.aten.neg.default and out.numel() >= B * N * N:
-                negations.append(func)
-            return out
-
-    tokens = torch.randint(0, 32, (B, N), generator=torch.Generator().manual_seed(0))
-    with Negations():
-        logits, updates = model(tokens, return_state=True)
-        forward = len(negations)
-        logits.sum().backward()
-    assert forward == 0
-    readers = 1 if variant["variant"] == "cross_layer_selective" else 0  # layer 1 reads layer 0's F
-    assert len(negations) - forward == 2 * readers  # backward: the reader's bias view and the channel's view
-    F0 = updates[0]["selection_penalty"]
-    assert F0.is_neg() and (F0 > -1e-6).all()  # reads as F: non-negative sums of ReLUs

@@ -18,6 +18,7 @@ import torch.nn.functional as tF
 
 import attention_zoo.variant as variant_module
 from attention_zoo import build_model, create_variant, functional
+from attention_zoo.ops.selection import Selection, penalty_tensor
 from attention_zoo.state import RESIDUAL_SCORES, SELECTION_PENALTY
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -306,7 +307,7 @@ def test_stack_matches_reference(case, backend, dtype):
     assert_matches(logits, ref, dtype, "logits")
     for index, (updates, expected) in enumerate(zip(per_layer, trace)):
         if F_KEY in updates:
-            assert_matches(updates[F_KEY], expected["F"], dtype, f"layer {index} F")
+            assert_matches(penalty_tensor(updates[F_KEY]), expected["F"], dtype, f"layer {index} F")
         if R_KEY in updates:
             assert_matches(updates[R_KEY], expected["R"], dtype, f"layer {index} R")
     names, params = zip(*model.named_parameters())
@@ -346,7 +347,7 @@ def test_another_selection_head_changes_F():
         model, specs = stack({"variant": "selective", "selection_head": head}, depth=1, seed=5)
         tokens = torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(2))
         _, per_layer = model(tokens, return_state=True)
-        penalties.append(per_layer[0][F_KEY])
+        penalties.append(penalty_tensor(per_layer[0][F_KEY]))
         assert_matches(penalties[-1], reference_lm(model, tokens, specs)[1][0]["F"], torch.float32)
     assert (penalties[0] - penalties[1]).abs().max() > 1e-2
 
@@ -355,7 +356,8 @@ def test_stack_penalty_properties():
     model, _ = stack({"variant": "selective"}, depth=3)
     _, per_layer = model(torch.randint(0, VOCAB, (B, N)), return_state=True)
     for updates in per_layer:
-        Fpen = updates[F_KEY]
+        assert isinstance(updates[F_KEY], Selection)  # structured: no (B, N, N) unless asked for
+        Fpen = updates[F_KEY].dense()
         assert Fpen.dtype == torch.float32 and Fpen.shape == (B, N, N)  # one tensor for all heads
         assert (Fpen[:, 1:] >= Fpen[:, :-1]).all()
         assert (Fpen[:, :, 0] == 0).all() and (torch.diagonal(Fpen, dim1=1, dim2=2) == 0).all()
@@ -363,22 +365,17 @@ def test_stack_penalty_properties():
 
 @pytest.fixture
 def selection_calls(monkeypatch):
-    """Counts, per layer, calls to the functions that compute a selection head's logits (whole sequence:
-    functional.selection_penalty_qk; with a cache: selection_logits), wherever a module imported them from."""
+    """Counts, per layer, the selection heads a layer defines (`Selection.of_head`: the only way a built-in
+    layer asks for selection logits to be computed)."""
     calls: list[int] = []
     current = [-1]
+    original = Selection.of_head.__func__
 
-    def counting(original):
-        def count(*args, **kwargs):
-            calls.append(current[0])
-            return original(*args, **kwargs)
-        return count
+    def count(cls, *args, **kwargs):
+        calls.append(current[0])
+        return original(cls, *args, **kwargs)
 
-    for name in ("selection_logits", "selection_penalty_qk"):
-        original = getattr(functional, name)
-        for module in list(sys.modules.values()):
-            if getattr(module, name, None) is original:
-                monkeypatch.setattr(module, name, counting(original))
+    monkeypatch.setattr(Selection, "of_head", classmethod(count))
 
     def track(model):
         for index, block in enumerate(model.blocks):
@@ -411,10 +408,10 @@ def test_share_reuses_the_source_F_exactly_and_computes_no_selection_elsewhere(s
     assert F_KEY in per_layer[0] and F_KEY in per_layer[2]
     assert F_KEY not in per_layer[1] and F_KEY not in per_layer[3], "a sharing layer writes nothing new"
     for layer, source in [(1, 0), (3, 2)]:
-        assert torch.equal(biases[layer], -per_layer[source][F_KEY][:, None].expand(-1, HEADS, -1, -1))
+        assert biases[layer] is per_layer[source][F_KEY]  # the source's very selection, nothing recomputed
     _, trace = reference_lm(model, tokens, specs)
-    assert_matches(per_layer[0][F_KEY], trace[0]["F"], torch.float32)
-    assert_matches(per_layer[2][F_KEY], trace[2]["F"], torch.float32)
+    assert_matches(per_layer[0][F_KEY].dense(), trace[0]["F"], torch.float32)
+    assert_matches(per_layer[2][F_KEY].dense(), trace[2]["F"], torch.float32)
 
 
 @pytest.mark.parametrize("decay", [0.5, 1.0])
@@ -431,5 +428,5 @@ def test_accumulate_matches_its_formula(decay, selection_calls):
     previous = torch.zeros(B, N, N)
     for layer in range(1, 4):
         own = ref_penalty(trace[layer]["L"][:, 0]) if layer in sources else 0
-        assert_matches(per_layer[layer][F_KEY], own + decay * previous, torch.float32, f"layer {layer}")
-        previous = per_layer[layer][F_KEY]
+        assert_matches(per_layer[layer][F_KEY].dense(), own + decay * previous, torch.float32, f"layer {layer}")
+        previous = per_layer[layer][F_KEY].dense()

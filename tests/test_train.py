@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from attention_zoo.ops.selection import penalty_tensor
 from attention_zoo.cli import main
 from attention_zoo.config import ConfigError, Field, build_model, load_config
 from attention_zoo.data import IGNORE_INDEX, build_dataset
@@ -181,7 +182,7 @@ def penalty_loss():
     @aux_losses.register_aux_loss("test_penalty_mean", fields={"weight": Field(float, 1.0, "weight", minimum=0)})
     def penalty_mean(per_layer, params, model):
         seen.append([sorted(u) for u in per_layer])
-        return params["weight"] * torch.stack([u["selection_penalty"].mean() for u in per_layer]).mean()
+        return params["weight"] * torch.stack([penalty_tensor(u["selection_penalty"]).mean() for u in per_layer]).mean()
 
     yield seen
     aux_losses.AUX_LOSSES.pop("test_penalty_mean")

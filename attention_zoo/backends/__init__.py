@@ -13,6 +13,8 @@ from typing import Iterator
 from torch import Tensor
 
 from ..errors import UserError
+from ..ops.selection.dense import penalty as dense_penalty
+from ..ops.selection.structure import Selection
 from ..registry import Registry
 from .base import AttentionCall, Backend, causal_mask
 from .math import MathBackend, grouped_logits, math_attention
@@ -86,21 +88,35 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
     raise BackendRefused("no backend accepts this call: " + "; ".join(skipped))
 
 
-def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float, backend: str = "auto") -> Tensor:
-    call = AttentionCall.from_tensors(q, k, bias)
+def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None, causal: bool, scale: float,
+             backend: str = "auto") -> Tensor:
+    """softmax(scale q k^T + bias + causal) v on `backend`. `bias`: a tensor broadcastable to (B, H, Nq, Nk), a
+    structured `Selection` (the bias is then -F, see ops/selection), or None."""
+    call = AttentionCall.from_tensors(q, k, bias, v)
     for calls in _recorders:
         calls.append(call)
     if call.device == "meta":  # a dry run (`describe`) computes shapes only; backends are chosen for a real device
-        return BACKENDS.get("math").attention(q, k, v, bias=bias, causal=causal, scale=scale)
+        return run_on(BACKENDS.get("math"), q, k, v, bias, causal, scale)
     chosen, skipped = choose(backend, call)
     for why in skipped:
         if (why, chosen.name) not in _logged:
             _logged.add((why, chosen.name))
             log.info("attention-zoo auto backend: using %s (%s)", chosen.name, why)
-    return chosen.attention(q, k, v, bias=bias, causal=causal, scale=scale)
+    return run_on(chosen, q, k, v, bias, causal, scale)
+
+
+def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None, causal: bool,
+           scale: float) -> Tensor:
+    """Run the primitive on `backend`. A Selection goes to the backend's own `selective_attention` where it has
+    one; otherwise -F is made dense, (B, 1, Nq, Nk), and passed as a bias (the only place that happens)."""
+    if isinstance(bias, Selection):
+        if backend.selective_attention is not None:
+            return backend.selective_attention(q, k, v, bias, causal=causal, scale=scale)
+        bias = dense_penalty(bias, negate=True, backend=backend.name).unsqueeze(1)
+    return backend.attention(q, k, v, bias=bias, causal=causal, scale=scale)
 
 
 __all__ = [
-    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch", "recording_calls",
+    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch", "run_on", "recording_calls",
     "causal_mask", "math_attention", "grouped_logits",
 ]

@@ -1,0 +1,13 @@
+"""Selective attention's op: attention with the bias -F, F defined by a structured `Selection`.
+
+Implementations side by side, one job each:
+- `structure.py`: what defines F (the selection head's q and k, protect_bos, scale, weights, a cache's
+  accumulator): the value variants hand the backends and pass up the stack.
+- `reference.py`: the naive reference from the equations (F materialised); the `math` backend runs it.
+- `blocked.py`: PyTorch over query blocks, F kept at block boundaries only; the `sdpa` backend runs it.
+- `dense.py`: F as one dense tensor, fast (CPU blocked cumsum, or Triton kernels on CUDA), for backends
+  that take a dense bias and for readers that need F itself (auxiliary losses).
+"""
+from .structure import Selection, SelectionTerm, penalty_tensor
+
+__all__ = ["Selection", "SelectionTerm", "penalty_tensor"]
