@@ -11,9 +11,9 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from .backends import dispatch, grouped_logits
+from .backends import dispatch, head_dim_limit
 from .cache import LayerCache
-from .ops.selection import Selection
+from .ops import residual
 from .state import RESIDUAL_SCORES
 
 
@@ -98,8 +98,9 @@ class ProjectedAttention(nn.Module):
     """Multi-head attention with grouped k/v; subclasses only say what bias they add.
 
     forward: project, extend the cache, ask `attention_bias` for (bias, updates), call the backend,
-    project back. With `carry_residual`, the bias also gets the previous layer's residual scores and
-    the layer writes R_l = L_l + bias (RealFormer, including whatever bias the variant adds).
+    project back. With `carry_residual`, the layer attends with R_l = L_l + bias + R_{l-1} and writes R_l
+    (RealFormer, including whatever bias the variant adds), as q and k concatenated over layers where it
+    can (ops/residual.py), else as a dense (B, H, Nq, Nk) tensor.
     """
 
     params: ClassVar[dict[str, Param]] = {"kv_heads": KV_HEADS}
@@ -135,15 +136,16 @@ class ProjectedAttention(nn.Module):
             start = int(cache.positions[0, -1]) + 1 if cache.length else 0
             k, v = cache.extend(k, v, start)  # (B, Hkv, T + N, D)
         bias, updates = self.attention_bias(q, k, state, cache)
-        if self.carry_residual and isinstance(bias, Selection):  # the carried scores include -F, made dense here
-            bias = bias.dense_bias()
-        if self.carry_residual:
-            previous = state.get(RESIDUAL_SCORES.name)
-            if previous is not None:
-                bias = previous if bias is None else previous + bias
-            logits = grouped_logits(q, k, self.scale)  # (B, H, N, T + N)
-            updates[RESIDUAL_SCORES.name] = logits if bias is None else logits + bias
-        out = dispatch(q, k, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)  # (B, H, N, D)
+        if self.carry_residual:  # RealFormer: R_l = L_l + bias + R_{l-1}, structured where it can be (ops/residual.py)
+            limit = head_dim_limit(self.backend, q.device.type)
+            carried, dense_bias = residual.carry(state.get(RESIDUAL_SCORES.name), q, k, bias, self.scale, limit)
+            updates[RESIDUAL_SCORES.name] = carried
+            if isinstance(carried, residual.ResidualScores):
+                out = residual.attend(carried, v, backend=self.backend)
+            else:
+                out = dispatch(q, k, v, bias=dense_bias, causal=True, scale=self.scale, backend=self.backend)
+        else:
+            out = dispatch(q, k, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)  # (B, H, N, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)), updates
 
     def extra_repr(self) -> str:

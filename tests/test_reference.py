@@ -18,6 +18,7 @@ import torch.nn.functional as tF
 
 import attention_zoo.variant as variant_module
 from attention_zoo import build_model, create_variant, functional
+from attention_zoo.ops.residual import scores_tensor
 from attention_zoo.ops.selection import Selection, penalty_tensor
 from attention_zoo.state import RESIDUAL_SCORES, SELECTION_PENALTY
 
@@ -309,7 +310,7 @@ def test_stack_matches_reference(case, backend, dtype):
         if F_KEY in updates:
             assert_matches(penalty_tensor(updates[F_KEY]), expected["F"], dtype, f"layer {index} F")
         if R_KEY in updates:
-            assert_matches(updates[R_KEY], expected["R"], dtype, f"layer {index} R")
+            assert_matches(scores_tensor(updates[R_KEY]), expected["R"], dtype, f"layer {index} R")
     names, params = zip(*model.named_parameters())
     for name, got, want in zip(names, grads(logits, params), grads(ref, params)):
         assert_matches(got, want, dtype, f"grad {name}")
@@ -324,7 +325,7 @@ def test_residual_layer0_equals_vanilla():
     torch.testing.assert_close(y, vanilla(x, {})[0], atol=0, rtol=0)
     q = residual.q_proj(x).view(B, N, HEADS, -1).transpose(1, 2)
     k = residual.kv_proj(x).view(B, N, 2, HEADS, -1)[:, :, 0].transpose(1, 2)
-    torch.testing.assert_close(updates[R_KEY], ref_logits(q, k), atol=1e-6, rtol=0)  # R_0 = L_0
+    torch.testing.assert_close(scores_tensor(updates[R_KEY]), ref_logits(q, k), atol=1e-6, rtol=0)  # R_0 = L_0
 
 
 @pytest.mark.parametrize("variant", [{"variant": "residual"}, {"variant": "selective", "residual": True}])
@@ -337,8 +338,8 @@ def test_residual_carries_the_sum_of_earlier_scores(variant):
     previous = 0
     for updates, expected in zip(per_layer, trace):
         own = expected["L"] - (0 if expected["F"] is None else expected["F"][:, None])
-        assert_matches(updates[R_KEY], own + previous, torch.float32)
-        previous = updates[R_KEY]
+        assert_matches(scores_tensor(updates[R_KEY]), own + previous, torch.float32)
+        previous = scores_tensor(updates[R_KEY])
 
 
 def test_another_selection_head_changes_F():

@@ -105,6 +105,12 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None
     return run_on(chosen, q, k, v, bias, causal, scale)
 
 
+def head_dim_limit(name: str, device: str) -> int | None:
+    """The largest q/k head dim backend `name` runs fast on `device` (None: no limit): where residual attention
+    stops concatenating layers' q and k. `auto` answers for sdpa, which serves plain calls."""
+    return BACKENDS.get("sdpa" if name == "auto" else name).head_dim_limit(device)
+
+
 def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None, causal: bool,
            scale: float) -> Tensor:
     """Run the primitive on `backend`. A Selection goes to the backend's own `selective_attention` where it has
@@ -117,6 +123,6 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
 
 
 __all__ = [
-    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch", "run_on", "recording_calls",
+    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch", "head_dim_limit", "run_on", "recording_calls",
     "causal_mask", "math_attention", "grouped_logits",
 ]

@@ -74,6 +74,10 @@ class Backend:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
         raise NotImplementedError
 
+    def head_dim_limit(self, device: str) -> int | None:
+        """The largest q/k head dim this backend runs with its fast kernels on `device`, or None (no limit)."""
+        return None
+
     # A backend that fuses a structured selection (-F built inside its attention, see ops/selection) sets this to
     # a method (q, k, v, selection, *, causal, scale) -> out. Otherwise the dispatcher hands it -F as a dense
     # (B, 1, Nq, Nk) bias.

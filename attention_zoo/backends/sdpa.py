@@ -43,6 +43,9 @@ class SDPABackend(Backend):
             return bias_grad_attention(q, k, v, bias, causal=causal, scale=scale, kernel=SDPA_ON_BLOCKS)
         return sdpa_forward(q, k, v, bias, causal, scale)
 
+    def head_dim_limit(self, device: str) -> int | None:
+        return None if device == "cpu" else 256  # flash kernels on CUDA take head dims up to 256
+
     def selective_attention(self, q: Tensor, k: Tensor, v: Tensor, selection, *, causal: bool, scale: float) -> Tensor:
         """SDPA per query block with that block's -F, F kept at block boundaries (ops/selection/blocked.py)."""
         from ..ops.selection.blocked import selective_attention

@@ -77,6 +77,9 @@ class TritonBackend(Backend):
             return f"head dim {call.head_dim} is above {MAX_HEAD_DIM}"
         return on_this_gpu(self_check, call)
 
+    def head_dim_limit(self, device: str) -> int | None:
+        return MAX_HEAD_DIM
+
     def defer(self, call: AttentionCall) -> str | None:
         if call.device != "cuda":
             return "on CPU it runs in Triton's interpreter, for tests only: name it to use it"
