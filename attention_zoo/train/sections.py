@@ -51,6 +51,9 @@ TRAIN_FIELDS = {
     "checkpoint_every": Field(int, 500, "checkpoint every N steps (and at the end); 0: only at the end", minimum=0),
     "log_every": Field(int, 10, "append a train record to metrics.jsonl every N steps", minimum=1),
     "aux_losses": Field(dict, {}, "auxiliary losses added to the LM loss: {name: {params}}"),
+    "activation_checkpointing": Field(bool, False, "recompute each block's activations in the backward (less memory, "
+                                      "same gradients)"),
+    "compile": Field(bool, False, "run the model under torch.compile"),
 }
 
 
