@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from .errors import UserError
-from .registry import RegistryError, did_you_mean, import_plugins
+from .numbers import finite_problem
+from .registry import RegistryError, did_you_mean, import_plugins, valid_choices
 from .state import CHANNELS
 from .variant import LayerShape, type_name, type_ok
 from .variant_registry import VARIANTS, check_params, get_variant, resolved_params
@@ -64,6 +65,8 @@ class Field:
     minimum: float | None = None
     # check(value) -> message or None; runs once the type and bounds are right
     check: Callable[[Any], str | None] | None = None
+    # False only where the doc says what NaN or an infinity means for this key (numbers.py's rule)
+    finite: bool = True
 
     def type_name(self) -> str:
         return type_name(self.type)
@@ -103,9 +106,11 @@ def validate_fields(value: Any, fields: dict[str, Field], path: str, source: str
         where = f"{path}.{key}"
         if not type_ok(v, spec.type):
             problems.append(Problem(source, where, v, f"expected {spec.type_name()}"))
+        elif message := finite_problem(v, spec):
+            problems.append(Problem(source, where, v, message))
         elif spec.choices is not None and v not in spec.choices:
             problems.append(Problem(source, where, v,
-                                    f"{did_you_mean(str(v), [str(c) for c in spec.choices])}valid: {', '.join(map(str, spec.choices))}"))
+                                    valid_choices(str(v), [str(c) for c in spec.choices])))
         elif spec.minimum is not None and v is not None and v < spec.minimum:
             problems.append(Problem(source, where, v, f"must be >= {spec.minimum}"))
         elif spec.check is not None and (message := spec.check(v)):
@@ -201,7 +206,8 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
             continue
         for key in override:
             if key not in ("at", "attention"):
-                problems.append(Problem(source, f"{where}.{key}", override[key], f"unknown key; {did_you_mean(str(key), ['at', 'attention'])}valid: at, attention"))
+                problems.append(Problem(source, f"{where}.{key}", override[key],
+                                        f"unknown key; {valid_choices(str(key), ['at', 'attention'])}"))
         at = override.get("at", _MISSING)
         indices = [at] if isinstance(at, int) and not isinstance(at, bool) else at
         if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
@@ -222,7 +228,7 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
                 hint = f"; plugins that failed to import: {'; '.join(plugin_failures)}" if plugin_failures else ""
                 known = VARIANTS.names()
                 problems.append(Problem(source, path, spec.variant,
-                                        f"unknown variant; {did_you_mean(str(spec.variant), known)}valid: {', '.join(known)}{hint}"))
+                                        f"unknown variant; {valid_choices(str(spec.variant), known)}{hint}"))
             continue
         for p in check_params(spec.variant, spec.params, layer_shape(model, spec.index)):
             path = f"{spec.origin.get(p.key, 'model.attention')}.{p.key}"
@@ -284,8 +290,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, list[Pro
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
         return {}, [Problem(source, where, _MISSING, f"invalid YAML: {getattr(exc, 'problem', exc)}")]
-    if data is None:
-        data = {}
+    if data is None:  # nothing but whitespace or comments: a mistake (a wrong path, a truncated file), not defaults
+        return {}, [Problem(source, "(file)", _MISSING, "the file is empty; expected a mapping of sections "
+                                                         "(model, backend, ...); write `model: {}` for every default")]
     if not isinstance(data, dict):
         return {}, [Problem(source, "(top level)", data, "expected a mapping of sections (model, backend, ...)")]
     base = data.pop("base", None)
@@ -301,7 +308,8 @@ def deep_merge(base: dict, override: dict) -> dict:
     """Mappings merge key by key; anything else (lists included) is replaced."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+        both_mappings = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if both_mappings else copy.deepcopy(value)
     return out
 
 
@@ -367,7 +375,7 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
     known = (*TOP_LEVEL, *SECTIONS)
     for key in data:
         if key not in known:
-            problems.append(Problem(source, str(key), data[key], f"unknown section; {did_you_mean(str(key), list(known))}valid: {', '.join(known)}"))
+            problems.append(Problem(source, str(key), data[key], f"unknown section; {valid_choices(str(key), list(known))}"))
 
     plugins = data.get("plugins", []) or []
     plugin_failures: list[str] = []
@@ -380,7 +388,7 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
 
     backend = data.get("backend", "auto")
     if backend not in _backend_choices():
-        problems.append(Problem(source, "backend", backend, f"{did_you_mean(str(backend), list(_backend_choices()))}valid: {', '.join(_backend_choices())}"))
+        problems.append(Problem(source, "backend", backend, valid_choices(str(backend), list(_backend_choices()))))
     config["backend"] = backend
 
     try:

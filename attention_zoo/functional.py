@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import causal_mask, dispatch, grouped_logits
+from .backends import causal_mask, dispatch
 from .backends.penalty import fused_selection_penalty, penalty_from_qk
 from .ops.selection import Selection
 
@@ -34,7 +34,8 @@ def selection_scores(logits: Tensor, *, protect_bos: bool = True) -> Tensor:
     keep = F.pad(strictly_earlier, (0, 1), value=False)  # (Nq, Nk): j <= pos - 1
     if protect_bos:
         keep[:, 0] = False
-    return torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32))) * keep
+    # selected, not multiplied by the mask: an infinite logit at an excluded key would give inf * 0 = NaN
+    return torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32))).masked_fill(~keep, 0.0)
 
 
 def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: Tensor | None = None) -> Tensor:
@@ -112,13 +113,6 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, *, selection_head: int 
     return attention(q, k, v, bias=selection, causal=True, backend=backend, scale=scale)
 
 
-def residual_scores(q: Tensor, k: Tensor, previous: Tensor | None, scale: float | None = None) -> Tensor:
-    """RealFormer's carried scores R_l = L_l + R_{l-1}: (B, H, Nq, Nk), before any mask."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = grouped_logits(q, k, scale)
-    return logits if previous is None else logits + previous
-
-
 def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected 4-D (B, H, N, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
@@ -130,4 +124,4 @@ def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 __all__ = ["attention", "selection_scores", "selection_penalty", "penalty_from_scores", "selection_logits", "penalty_bias",
            "head_broadcast", "penalty_and_bias_source", "selection_penalty_qk",
-           "selective_attention", "residual_scores"]
+           "selective_attention"]

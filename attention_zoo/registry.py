@@ -1,4 +1,4 @@
-"""A name -> factory registry with decorator registration, wildcards and entry points.
+"""A name -> object registry with wildcards and entry points (the variant and backend registries).
 
 Unlike timm's registry, a second registration under a taken name is an error that names both
 definitions, and third-party packages join through an entry-point group without being imported
@@ -13,7 +13,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,9 +34,25 @@ def _where(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}{loc}"
 
 
+def _definition(obj: Any) -> tuple[str, int, str] | None:
+    """(file, line, qualified name) of a class or function; None when its source cannot be found.
+
+    The module name is left out on purpose: one file imported under two module names (a script run as
+    `__main__` that also lists itself under `plugins:`) makes two objects of one definition."""
+    try:
+        return inspect.getsourcefile(obj), inspect.getsourcelines(obj)[1], obj.__qualname__
+    except (OSError, TypeError, AttributeError):
+        return None
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
     return f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+
+
+def valid_choices(name: str, choices: list[str]) -> str:
+    """`did you mean 'x'? valid: a, b, c`: the end of a message about a name that is not one of `choices`."""
+    return f"{did_you_mean(name, choices)}valid: {', '.join(choices)}"
 
 
 @dataclass
@@ -46,6 +62,13 @@ class PluginFailure:
 
 
 class Registry(Generic[T]):
+    """Objects by name. The built-in modules and the entry-point group are imported on the first lookup
+    (`names`, `in`, `get`), not at construction.
+
+    Raises RegistryError: `add` for a name that is not an identifier or is taken by another definition;
+    `get` for an unknown name (with close matches and every known name). A plugin that fails to load is
+    not raised: it is logged and kept in `failures`."""
+
     def __init__(self, kind: str, entry_point_group: str | None = None, builtin_modules: tuple[str, ...] = ()):
         self.kind = kind
         self.entry_point_group = entry_point_group
@@ -55,20 +78,17 @@ class Registry(Generic[T]):
         self.failures: list[PluginFailure] = []
 
     # -- registration ------------------------------------------------------------------------
-    def register(self, name: str) -> Callable[[T], T]:
-        def decorator(obj: T) -> T:
-            self.add(name, obj)
-            return obj
-
-        return decorator
-
     def add(self, name: str, obj: T) -> None:
+        """Register `obj` under `name` and set its `registered_name`. Raises RegistryError for a name that is
+        not an identifier, or one taken by another definition (the message names both)."""
         if not isinstance(name, str) or not name.isidentifier():
             raise RegistryError(f"{self.kind} name must be an identifier, got {name!r}")
         old = self._entries.get(name)
         if old is not None and old is not obj:
-            # Re-importing the same module (e.g. reload) re-registers an identical definition.
-            if _where(old) != _where(obj):
+            # The same definition registered again (a reload, or one file imported under two module names)
+            # is no duplicate: the newer object replaces the older.
+            same = _definition(old) is not None and _definition(old) == _definition(obj)
+            if not same and _where(old) != _where(obj):
                 raise RegistryError(
                     f"duplicate {self.kind} {name!r}: already registered by {_where(old)}, "
                     f"registered again by {_where(obj)}"
@@ -78,9 +98,6 @@ class Registry(Generic[T]):
             obj.registered_name = name  # type: ignore[attr-defined]
         except (AttributeError, TypeError):
             pass
-
-    def unregister(self, name: str) -> None:
-        self._entries.pop(name, None)
 
     # -- discovery ---------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
@@ -98,6 +115,7 @@ class Registry(Generic[T]):
                     log.warning("attention-zoo: could not load plugin %s (%s): %s", ep.name, ep.value, exc)
 
     def names(self, pattern: str = "*") -> list[str]:
+        """Sorted registered names matching a shell-style wildcard."""
         self._ensure_loaded()
         return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
 
@@ -106,6 +124,7 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def get(self, name: str) -> T:
+        """The object registered as `name`. Raises RegistryError naming close matches and every known name."""
         self._ensure_loaded()
         try:
             return self._entries[name]

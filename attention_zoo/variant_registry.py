@@ -1,7 +1,8 @@
 """The variant registry: `register_variant`, `list_variants`, `create_variant`, parameter validation.
 
-Built-in variants live in the top-level `variants` package and register themselves on import;
-third-party packages join through the `attention_zoo.variants` entry-point group.
+Built-in variants live in `attention_zoo.variants` (the repository's `variants/` folder, installed inside
+the package) and register themselves on import; third-party packages join through the
+`attention_zoo.variants` entry-point group.
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .numbers import finite_problem
 from .registry import Registry, RegistryError, did_you_mean
 from .variant import LayerShape, Param, type_ok
 
-VARIANTS: Registry[type] = Registry("variant", entry_point_group="attention_zoo.variants", builtin_modules=("variants",))
+VARIANTS: Registry[type] = Registry("variant", entry_point_group="attention_zoo.variants",
+                                    builtin_modules=("attention_zoo.variants",))
 
 
 def register_variant(name: str) -> Callable[[type], type]:
@@ -58,7 +61,8 @@ def check_params(name: str, params: dict[str, Any], shape: LayerShape) -> list[P
     for key, value in params.items():
         if key not in declared:
             hint = did_you_mean(key, list(declared))
-            problems.append(ParamProblem(key, value, f"unknown parameter for variant {name!r}; {hint}valid: {', '.join(sorted(declared)) or '(none)'}"))
+            valid = ", ".join(sorted(declared)) or "(none)"
+            problems.append(ParamProblem(key, value, f"unknown parameter for variant {name!r}; {hint}valid: {valid}"))
     for key, spec in declared.items():
         if key not in params:
             if spec.required:
@@ -67,6 +71,10 @@ def check_params(name: str, params: dict[str, Any], shape: LayerShape) -> list[P
         value = params[key]
         if not type_ok(value, spec.type):
             problems.append(ParamProblem(key, value, f"expected {spec.type_name()}"))
+            continue
+        message = finite_problem(value, spec)
+        if message:
+            problems.append(ParamProblem(key, value, message))
             continue
         if spec.choices is not None and value not in spec.choices:
             hint = did_you_mean(str(value), [str(c) for c in spec.choices])

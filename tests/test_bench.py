@@ -60,7 +60,8 @@ def test_cli_end_to_end_in_subprocesses(run_cli, tmp_path):
     assert rows["selective"]["memory_vs_vanilla"] == pytest.approx(rows["selective"]["peak_mb"] / rows["vanilla"]["peak_mb"])
     assert data["complete"] and data["command"].startswith("attention-zoo bench")
     table = table_rows(markdown)
-    assert [(r[1], r[2], r[3], r[5]) for r in table] == [("vanilla", "sdpa", "12", "fwdbwd"), ("selective", "sdpa", "12", "fwdbwd")]
+    assert [(r[1], r[2], r[3], r[5]) for r in table] == [("vanilla", "sdpa", "12", "fwdbwd"),
+                                                         ("selective", "sdpa", "12", "fwdbwd")]
     assert all(r[-1] == "ok" for r in table)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]  # no temp files left
@@ -104,7 +105,8 @@ def test_fwd_mode_yaml_config_and_failed_points(in_process, tmp_path, capsys):
     """A YAML config is a variant (labelled by its file name); xformers on CPU fails per point with its
     reason while the rest of the sweep completes."""
     out = tmp_path / "out"
-    code = main(["bench", "--variants", str(ROOT / "configs" / "selective_gqa.yaml"), "--backends", "sdpa,xformers", "--mode", "fwd",
+    code = main(["bench", "--variants", str(ROOT / "configs" / "selective_gqa.yaml"), "--backends", "sdpa,xformers",
+                 "--mode", "fwd",
                  *TINY, "--out", str(out)])
     assert code == 0
     data, markdown = read(out)

@@ -13,7 +13,7 @@ from attention_zoo.backends.base import causal_mask
 from attention_zoo.functional import selection_logits, selection_scores
 from attention_zoo.inference.key_scores import next_query_penalties
 from attention_zoo.ops.selection import penalty_tensor
-from variants.selective import ACCUMULATOR
+from attention_zoo.variants.selective import ACCUMULATOR
 
 DEPTH, SEQ, PROMPT = 4, 14, 8
 

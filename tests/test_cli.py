@@ -2,7 +2,6 @@
 route, exit codes and tracebacks included, is covered in test_config.py and test_plugins.py)."""
 from __future__ import annotations
 
-
 import re
 from pathlib import Path
 
@@ -67,9 +66,11 @@ def test_describe_shows_layers_state_backend_and_parameter_count(capsys):
     count = build_model(CONFIGS / "selective_hybrid.yaml").num_parameters()
     assert f"parameters: {count:,}" in header and "depth 4, dim 256, heads 8 x 32" in header
     assert len(layers) == 4
-    assert layers[0].startswith("layer 0: selective {'kv_heads': None, 'selection_head': 0, 'protect_bos': True, 'residual': False}")
+    assert layers[0].startswith("layer 0: selective "
+                                "{'kv_heads': None, 'selection_head': 0, 'protect_bos': True, 'residual': False}")
     assert "state read: -; written: selection_penalty" in layers[0]
-    assert "residual': True" in layers[1] and "(optional: residual_scores); written: residual_scores, selection_penalty" in layers[1]
+    assert "residual': True" in layers[1]
+    assert "(optional: residual_scores); written: residual_scores, selection_penalty" in layers[1]
     assert layers[3].startswith("layer 3: vanilla {'kv_heads': None}") and "state read: -; written: -" in layers[3]
     for layer in layers:
         assert re.search(r"^    backend \(auto, cpu, float32.*\): (sdpa|math|xformers)", layer, re.M), layer

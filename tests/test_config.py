@@ -94,7 +94,12 @@ BROKEN = [
     ("model-not-a-mapping", {"bad.yaml": "model: 3\n"}, ["{main}", "model = 3", "expected a mapping with keys: vocab_size, dim"]),
     ("variant-not-a-name", {"bad.yaml": SMALL + "  layers: [{at: [1], attention: {variant: [selective]}}]\n"},
      ["{main}", "model.layers[0].attention.variant = ['selective']", "unknown variant", "valid: "]),
-    ("plugins-not-a-list", {"bad.yaml": "plugins: my_plugin\n"}, ["{main}", "plugins", "'my_plugin'", "list of importable module names"]),
+    ("empty-file", {"bad.yaml": ""}, ["{main}: (file): the file is empty", "expected a mapping of sections"]),
+    ("comments-only", {"bad.yaml": "# model: {dim: 64}\n\n"}, ["{main}: (file): the file is empty"]),
+    ("empty-base", {"bad.yaml": "base: empty.yaml\nmodel: {dim: 64}\n", "empty.yaml": ""},
+     ["empty.yaml: (file): the file is empty"]),
+    ("plugins-not-a-list", {"bad.yaml": "plugins: my_plugin\n"},
+     ["{main}", "plugins", "'my_plugin'", "list of importable module names"]),
 ]
 
 

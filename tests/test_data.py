@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from attention_zoo.data import (
-    DATASETS, IGNORE_INDEX, Batch, CorpusDataset, DataError, VariableAssignment, build_dataset,
+    DATASETS,
+    IGNORE_INDEX,
+    Batch,
+    CorpusDataset,
+    DataError,
+    VariableAssignment,
+    build_dataset,
 )
 from attention_zoo.data.corpus import PTB_BYTES, shakespeare_works
 

@@ -37,7 +37,8 @@ def test_two_processes_match_one(tmp_path):
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(CONFIG))
     # 2 processes x 2 accumulation steps x 2 rows against 1 process x 8 rows: the same 8 examples per step.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "attention_zoo",
                "train", str(config_file), "train.grad_accum=2", "--out", str(tmp_path / "two"), "--no-progress"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -53,6 +54,6 @@ def test_two_processes_match_one(tmp_path):
     for kind in ("train", "val"):
         one, two = losses(tmp_path / "one", kind), losses(tmp_path / "two", kind)
         assert [s for s, _ in one] == [s for s, _ in two] and len(one) >= 2
-        assert [l for _, l in two] == pytest.approx([l for _, l in one], abs=1e-5)
+        assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], abs=1e-5)
     assert (tmp_path / "two" / "checkpoint" / "model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint", "config.yaml", "final.json", "metrics.jsonl"]

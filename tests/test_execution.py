@@ -76,7 +76,8 @@ def test_train_runs_with_activation_checkpointing(tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler on CPU")
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None,
+                    reason="torch.compile needs a C++ compiler on CPU")
 def test_compiled_selective_training_step_matches_eager():
     """A selective training step under torch.compile on CPU: logits and every gradient as in eager (fp32, 1e-5)."""
     attention = {"variant": "selective", "kv_heads": 2}

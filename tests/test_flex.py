@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from attention_zoo.backends import BACKENDS, AUTO_ORDER, AttentionCall, choose
+from attention_zoo.backends import AUTO_ORDER, BACKENDS, AttentionCall, choose
 from attention_zoo.backends import flex as flex_module
 from attention_zoo.backends.math import math_attention
 
@@ -123,7 +123,7 @@ def test_a_model_names_it_in_its_config():
 
 @pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "clang++", "c++")),
                     reason="torch.compile on CPU needs a C++ compiler")
-def test_the_compiled_call_traces_once_and_matches_math(monkeypatch):
+def test_the_compiled_call_traces_once_and_matches_math():
     """The function CUDA runs, compiled whole by torch.compile, here through inductor's CPU code
     (forward only): it agrees with math, and a second call with another bias of the same shape reuses
     the compiled graph (the bias is a graph input, not a closure dynamo would guard and recompile on)."""
@@ -136,10 +136,12 @@ def test_the_compiled_call_traces_once_and_matches_math(monkeypatch):
     block_mask = flex_module.causal_block_mask(N, N, "cpu")
     compiled = flex_module._compiled()
     with torch.no_grad():
-        for attempt in range(2):
+        for call in range(2):
             source = torch.randn(B, 1, N, N, generator=gen)
             bias = flex_module.read_once(source.expand(B, H, N, N), q, k)
-            got = compiled(q, k, v, bias, block_mask, D ** -0.5, True, False, False)
+            # the second call must reuse the first one's graph (config.patch restores the setting; monkeypatch's
+            # undo deleted it from dynamo's config module, breaking every later compile in the process)
+            with torch._dynamo.config.patch(error_on_recompile=call > 0):
+                got = compiled(q, k, v, bias, block_mask, D ** -0.5, True, False, False)
             want = math_attention(q, k, v, bias=source.expand(B, H, N, N), causal=True, scale=D ** -0.5)
             torch.testing.assert_close(got, want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=0)
-            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)

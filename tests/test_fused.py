@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from spies import LargestTensor
 
 from attention_zoo.backends import fused, penalty
 from attention_zoo.backends.fused import bias_grad_attention, head_source
 from attention_zoo.backends.math import math_attention
 from attention_zoo.backends.sdpa import sdpa_forward
-from attention_zoo.functional import (head_broadcast, penalty_and_bias_source, penalty_bias, penalty_from_scores,
-                                      selection_logits, selection_scores)
+from attention_zoo.functional import (
+    head_broadcast,
+    penalty_and_bias_source,
+    penalty_bias,
+    penalty_from_scores,
+    selection_logits,
+    selection_scores,
+)
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -127,22 +133,6 @@ def test_spread_fallback_when_the_source_is_unknown(monkeypatch):
         close(a, b, torch.float64, name)
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest storage (in elements) behind any tensor an aten op returns: views such as
-    the stride-0 expansion over heads share a small storage and do not count as materialised."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() // t.element_size() > self.largest:
-                self.largest, self.op = t.untyped_storage().nbytes() // t.element_size(), func
-        return out
-
-
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_selective_forward_and_backward_never_materialise_per_head_scores(kv_heads):
     """The whole selective step, penalty included, on the sdpa backend: no tensor as large as
@@ -249,4 +239,4 @@ def test_bfloat16_inputs_with_a_float32_penalty(small_blocks):
     assert [t.dtype for t in ours] == [torch.bfloat16] * 4 + [torch.float32]
     for name, a, b in zip(["out", "dq", "dk", "dv", "dF"], ours, ref):
         scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a.float(), b, atol=3e-2 * scale, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.float(), b, atol=3e-2 * scale, rtol=0, msg=lambda m, name=name: f"{name}: {m}")

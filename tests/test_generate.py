@@ -14,7 +14,6 @@ from attention_zoo.errors import UserError
 from attention_zoo.inference import Pruner, Sampler, generate, parse_prune_spec
 
 
-
 def tiny_model(attention: dict | None = None, max_seq_len: int = 48, seed: int = 0):
     torch.manual_seed(seed)
     return build_model({"model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": max_seq_len,

@@ -7,6 +7,7 @@ Registrations made here are undone after each test (the `isolated_registry` fixt
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def test_duplicate_registration_names_both_definitions(isolated_registry):
 
     message = str(info.value)
     assert "duplicate variant 'selective'" in message
-    assert "variants.selective.Selective" in message and "selective.py" in message  # the first definition
+    assert "attention_zoo.variants.selective.Selective" in message and "selective.py" in message  # the first definition
     assert "Impostor" in message and "test_plugins.py" in message  # the second one
     assert create_variant("selective").__class__.__name__ == "Selective"  # the original is kept
 
@@ -114,15 +115,62 @@ def test_duplicate_in_a_plugin_module_is_reported(isolated_registry, monkeypatch
     with caplog.at_level(logging.WARNING):
         load_config(small_model({"variant": "vanilla"}, plugins=["zoo_duplicate_plugin"]))
     assert "zoo_duplicate_plugin" in caplog.text
-    assert "variants.vanilla.Vanilla" in caplog.text and "AnotherVanilla" in caplog.text
+    assert "attention_zoo.variants.vanilla.Vanilla" in caplog.text and "AnotherVanilla" in caplog.text
 
 
-def test_registering_the_same_definition_twice_is_allowed(isolated_registry):
-    """Reloading a module re-registers an identical definition: that is not a clash."""
-    from variants.vanilla import Vanilla
+TWICE = """
+from attention_zoo import ProjectedAttention, register_variant
 
-    register_variant("vanilla")(Vanilla)
-    assert list_variants("vanilla") == ["vanilla"]
+
+@register_variant("zoo_twice")
+class Twice(ProjectedAttention):
+    \"\"\"A plug-in whose file is imported twice.\"\"\"
+
+    params = {}
+"""
+
+
+def load_file_as(path: Path, module_name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # as an import does (isolated_registry removes zoo_* modules)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_definition_imported_under_two_module_names_is_no_duplicate(isolated_registry, tmp_path):
+    """The same file, line and qualified name registered again (a reload, or a script run as __main__ that
+    lists itself under plugins:) replaces the entry; another definition under the name is still a clash."""
+    path = tmp_path / "zoo_twice.py"
+    path.write_text(TWICE)
+    first = load_file_as(path, "zoo_twice_as_main")
+    second = load_file_as(path, "zoo_twice")  # no RegistryError
+    assert first.Twice is not second.Twice
+    assert list_variants("zoo_twice") == ["zoo_twice"] and isolated_registry.get("zoo_twice") is second.Twice
+    other = tmp_path / "zoo_other.py"
+    other.write_text("\n" + TWICE)  # the same class one line further down: another definition
+    with pytest.raises(RegistryError, match=r"duplicate variant 'zoo_twice'.*zoo_twice.py:5.*zoo_other.py:6"):
+        load_file_as(other, "zoo_other")
+
+
+def test_a_script_that_lists_itself_as_a_plugin_logs_no_duplicate(tmp_path):
+    """The reported case end to end: `python zoo_script.py`, whose config lists zoo_script under plugins:."""
+    import subprocess
+
+    script = tmp_path / "zoo_script.py"
+    script.write_text(TWICE + """
+if __name__ == "__main__":
+    from attention_zoo import build_model
+
+    build_model({"plugins": ["zoo_script"], "model": {"dim": 32, "depth": 1, "heads": 4,
+                                                       "attention": {"variant": "zoo_twice"}}})
+    print("built")
+""")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "built" in result.stdout and "duplicate" not in result.stderr + result.stdout
 
 
 def test_a_variant_must_declare_params(isolated_registry):

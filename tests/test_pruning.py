@@ -8,13 +8,22 @@ import torch.nn.functional as F
 
 from attention_zoo import build_model
 from attention_zoo.data import Batch
-from attention_zoo.inference import (BudgetPolicy, Pruner, PruningError, ThresholdPolicy, WindowPolicy, key_groups,
-                                     next_query_penalties, parse_prune_spec, streaming_loss)
+from attention_zoo.inference import (
+    BudgetPolicy,
+    Pruner,
+    PruningError,
+    ThresholdPolicy,
+    WindowPolicy,
+    key_groups,
+    next_query_penalties,
+    parse_prune_spec,
+    streaming_loss,
+)
 from attention_zoo.inference.memory_loss import memory_needed, selective_memory_loss
 from attention_zoo.inference.pruning import keep_lowest
 from attention_zoo.ops.selection import penalty_tensor
 from attention_zoo.train.aux_losses import get_aux_loss
-from variants.selective import ACCUMULATOR
+from attention_zoo.variants.selective import ACCUMULATOR
 
 DEPTH = 4
 
@@ -270,7 +279,8 @@ def test_unpruned_streaming_loss_equals_full_forward_loss():
     streamed = streaming_loss(model, batches, prefill=1)  # strictly one token at a time
     assert streamed.tokens == count
     assert abs(streamed.loss - total.item() / count) < 1e-5
-    assert streaming_loss(model, batches, Pruner(model, BudgetPolicy(64)), prefill=1).loss == pytest.approx(streamed.loss, abs=1e-5)
+    pruned = streaming_loss(model, batches, Pruner(model, BudgetPolicy(64)), prefill=1)
+    assert pruned.loss == pytest.approx(streamed.loss, abs=1e-5)
 
 
 def test_streaming_prefill_shortcut_is_exact_for_budgets():

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["docs/training.md", "docs/ablations.md", "docs/results.md"]
 TINY_TRAIN = ["train.steps=2", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=4", "train.checkpoint_every=1",
               "train.log_every=1"]
-TINY_SWEEP = [a for o in ("train.steps=2", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=4") for a in ("--set", o)]
+TINY_SWEEP = [a for o in ("train.steps=2", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=4")
+              for a in ("--set", o)]
 QUICKSTART_LABELS = ["vanilla", "gqa (kv_heads=2)", "selective", "selective+gqa", "residual", "cross-layer selective (share)"]
 
 
@@ -91,7 +92,8 @@ def test_training_doc_python_blocks_run(workdir, monkeypatch):
 
     monkeypatch.chdir(workdir)
     for block in re.findall(r"```python\n(.*?)```", (ROOT / "docs/training.md").read_text(), flags=re.S):
-        exec(compile(block.replace('["train.steps=2"]', '["train.steps=2", "train.batch_size=4"]'), "docs/training.md", "exec"), {})
+        block = block.replace('["train.steps=2"]', '["train.steps=2", "train.batch_size=4"]')
+        exec(compile(block, "docs/training.md", "exec"), {})
     aux_losses.AUX_LOSSES.pop("mean_penalty", None)
 
 

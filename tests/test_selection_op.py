@@ -16,7 +16,8 @@ from torch.utils._pytree import tree_leaves
 
 from attention_zoo import build_model
 from attention_zoo.ops.selection import Selection, SelectionTerm, reference
-from attention_zoo.ops.selection.blocked import column_sums, selective_attention as blocked_attention
+from attention_zoo.ops.selection.blocked import column_sums
+from attention_zoo.ops.selection.blocked import selective_attention as blocked_attention
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 

@@ -10,12 +10,11 @@ import pytest
 import torch
 import yaml
 
-from attention_zoo.ops.selection import penalty_tensor
 from attention_zoo.cli import main
 from attention_zoo.config import ConfigError, Field, build_model, load_config
 from attention_zoo.data import IGNORE_INDEX, build_dataset
-from attention_zoo.train import evaluate, train
-from attention_zoo.train import aux_losses
+from attention_zoo.ops.selection import penalty_tensor
+from attention_zoo.train import aux_losses, evaluate, train
 from attention_zoo.train.metrics import read_jsonl
 from attention_zoo.train.optim import build_optimizer, lr_factor
 

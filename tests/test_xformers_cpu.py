@@ -130,7 +130,8 @@ def test_built_inputs_pass_xformers_checks(case, dtype, bias_kind, training):
     if isinstance(inputs.attn_bias, torch.Tensor):
         assert inputs.attn_bias.dtype == dtype
         if bias_kind == "selective":  # one (Nq, Nk) slice per batch element, read by every head
-            assert inputs.attn_bias.untyped_storage().nbytes() < 2 * case[0] * case[3] * (case[4] + 8) * inputs.attn_bias.element_size()
+            one_slice_each = case[0] * case[3] * (case[4] + 8) * inputs.attn_bias.element_size()
+            assert inputs.attn_bias.untyped_storage().nbytes() < 2 * one_slice_each
 
 
 @needs_xformers
@@ -169,7 +170,8 @@ def test_backend_matches_math_with_the_reference_kernel(monkeypatch, case, bias_
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
         results.append([out.detach()] + [t.grad.clone() for t in tensors])
     for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], *results):
-        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @needs_xformers

@@ -17,7 +17,7 @@ from attention_zoo.ops.selection import Selection
 from attention_zoo.state import SELECTION_PENALTY
 from attention_zoo.variant import KV_HEADS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, Param, ProjectedAttention
 from attention_zoo.variant_registry import register_variant
-from variants.selective import SelectionMixin
+from attention_zoo.variants.selective import SelectionMixin
 
 
 def _sources_check(value, shape: LayerShape):
@@ -34,7 +34,8 @@ def _decay_check(value, shape: LayerShape):
 def as_selection(value) -> Selection:
     """The channel's value as a Selection (a plug-in layer may have written a dense F: rejected clearly)."""
     if not isinstance(value, Selection):
-        raise TypeError(f"state 'selection_penalty' must hold a Selection (attention_zoo.ops.selection), got {type(value).__name__}")
+        raise TypeError("state 'selection_penalty' must hold a Selection (attention_zoo.ops.selection), "
+                        f"got {type(value).__name__}")
     return value
 
 

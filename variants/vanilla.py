@@ -1,5 +1,5 @@
-from attention_zoo.variant_registry import register_variant
 from attention_zoo.variant import ProjectedAttention
+from attention_zoo.variant_registry import register_variant
 
 
 @register_variant("vanilla")

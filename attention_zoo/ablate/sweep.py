@@ -154,7 +154,7 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
     if not combos:
         combos = [("base", {})]
     labels = [label for label, _ in combos]
-    for label in sorted({l for l in labels if labels.count(l) > 1}):
+    for label in sorted({name for name in labels if labels.count(name) > 1}):
         problems.append(Problem(source, "runs", label, "two runs have this label; rename the named run"))
 
     # Seed-major: a sweep stopped half-way has every variant once rather than some variants twice.

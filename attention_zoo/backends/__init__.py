@@ -17,23 +17,18 @@ from ..ops.selection.dense import penalty as dense_penalty
 from ..ops.selection.structure import Selection
 from ..registry import Registry
 from .base import AttentionCall, Backend, causal_mask
+from .flex import FlexBackend
 from .math import MathBackend, grouped_logits, math_attention
 from .sdpa import SDPABackend
+from .triton import TritonBackend
+from .xformers import XFormersBackend
 
 log = logging.getLogger("attention_zoo.backends")
 
 BACKENDS: Registry[Backend] = Registry("backend", entry_point_group="attention_zoo.backends")
 BACKENDS.add("math", MathBackend())
 BACKENDS.add("sdpa", SDPABackend())
-try:  # the xformers backend module imports xformers lazily, so registering it is always safe
-    from .xformers import XFormersBackend
-
-    BACKENDS.add("xformers", XFormersBackend())
-except ImportError:  # pragma: no cover - only while the module does not exist
-    pass
-from .triton import TritonBackend  # noqa: E402  (imports triton itself only on first use)
-from .flex import FlexBackend  # noqa: E402  (compiles only on first CUDA use)
-
+BACKENDS.add("xformers", XFormersBackend())  # each of these imports its library only on first use
 BACKENDS.add("triton", TritonBackend())
 BACKENDS.add("flex", FlexBackend())
 
@@ -123,6 +118,7 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
 
 
 __all__ = [
-    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch", "head_dim_limit", "run_on", "recording_calls",
+    "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
+    "head_dim_limit", "run_on", "recording_calls",
     "causal_mask", "math_attention", "grouped_logits",
 ]

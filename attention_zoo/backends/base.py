@@ -95,14 +95,3 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None
 def group_queries(q: Tensor, kv_heads: int) -> Tensor:
     """(B, H, N, D) -> (B, Hkv, G, N, D): a view, so GQA never copies k and v to H heads."""
     return q.unflatten(1, (kv_heads, q.shape[1] // kv_heads))
-
-
-def group_bias(bias: Tensor, kv_heads: int, heads: int) -> Tensor:
-    """Broadcastable (B|1, H|1, Nq, Nk) -> broadcastable (B|1, Hkv|1, G|1, Nq, Nk) as a view."""
-    if bias.dim() != 4:
-        raise ValueError(f"bias must be 4-D (B, H, Nq, Nk), got shape {tuple(bias.shape)}")
-    if bias.shape[1] == 1:
-        return bias.unsqueeze(1)
-    if bias.shape[1] != heads:
-        raise ValueError(f"bias head dimension must be 1 or {heads}, got {bias.shape[1]}")
-    return bias.unflatten(1, (kv_heads, heads // kv_heads))

@@ -266,6 +266,9 @@ def _backward_one(q, k, v, work: list[tuple[Block, Tensor | None]], delta, dout,
         elif blk.hidden is not None:  # mask only the diagonal band, not the whole block
             grouped[..., blk.first_hidden:].masked_fill_(blk.hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1, out=buf.probs[:size].view(Hkv, G * n, kv))
+        # A row that sees no key (more queries than keys, or a bias that masks it whole) has an all -inf
+        # score row, whose softmax is NaN: its P is 0 instead (selected, as NaN * 0 would stay NaN).
+        probs.masked_fill_(scores.amax(dim=-1, keepdim=True) == float("-inf"), 0.0)
         kv_grad = buf.kv_grad[: Hkv * kv * D].view(Hkv, kv, D)
         g.dv[b, :, :kv] += torch.bmm(probs.transpose(1, 2), dob, out=kv_grad)  # sums the G heads and n rows
         dS = torch.bmm(dob, vb.transpose(1, 2), out=scores)  # dP, turned into dS in place
@@ -351,7 +354,8 @@ def trainable_bias(bias: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, int]:
     hands the head-summed gradient back spread over the H views (`spread_over_heads`)."""
     if bias.dim() != 4:
         raise ValueError(f"bias must be 4-D (B, H, Nq, Nk), got shape {tuple(bias.shape)}")
-    bias = bias.expand(bias.shape[0], bias.shape[1], q.shape[2], k.shape[2]) if bias.shape[2:] != (q.shape[2], k.shape[2]) else bias
+    if bias.shape[2:] != (q.shape[2], k.shape[2]):
+        bias = bias.expand(bias.shape[0], bias.shape[1], q.shape[2], k.shape[2])
     if is_head_broadcast(bias):
         source = head_source(bias)
         if source is not None:
@@ -373,5 +377,8 @@ def bias_grad_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, causal
     return BiasGradAttention.apply(q, k, v, bias, causal, scale, kernel, spread_heads)
 
 
-__all__ = ["BiasGradAttention", "Block", "BlockKernel", "attention_backward", "bias_grad_attention", "head_source", "is_head_broadcast",
-           "masked_bias_blocks", "plan_blocks", "spread_over_heads", "trainable_bias", "visible_keys", "causal_key_stop", "ForwardKernel"]
+__all__ = [
+    "BiasGradAttention", "Block", "BlockKernel", "attention_backward", "bias_grad_attention", "head_source",
+    "is_head_broadcast", "masked_bias_blocks", "plan_blocks", "spread_over_heads", "trainable_bias", "visible_keys",
+    "causal_key_stop", "ForwardKernel"
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import AttentionCall, Backend, causal_mask, group_bias, group_queries
+from .base import AttentionCall, Backend, causal_mask, group_queries
 
 
 def grouped_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -26,9 +26,21 @@ def math_attention(
     scores = logits if bias is None else logits + bias.to(logits.dtype)
     if causal:
         scores = scores.masked_fill(~causal_mask(Nq, Nk, q.device), float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
+    weights = masked_softmax(scores)
     out = torch.einsum("bhgnm,bhmd->bhgnd", group_queries(weights, Hkv), v).flatten(1, 2)  # (B, H, Nq, D)
     return (out, logits) if return_logits else out
+
+
+def masked_softmax(scores: Tensor) -> Tensor:
+    """softmax over the last dim, with 0 (not NaN) for a row whose every score is -inf: a query that sees
+    no key (more queries than keys under the causal mask, or a bias that masks the row) gets output 0
+    and no gradient, as flash attention and torch's SDPA give.
+
+    The dead rows are selected out before the softmax and after it, never multiplied by a mask: the
+    softmax of an all -inf row is NaN, and NaN * 0 is NaN (in the backward too)."""
+    dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1)
+    return weights.masked_fill(dead, 0.0)
 
 
 class MathBackend(Backend):
@@ -48,4 +60,4 @@ class MathBackend(Backend):
         return selective_attention(q, k, v, selection, causal=causal, scale=scale)
 
 
-__all__ = ["MathBackend", "math_attention", "grouped_logits", "group_bias"]
+__all__ = ["MathBackend", "math_attention", "grouped_logits", "masked_softmax"]

@@ -75,7 +75,9 @@ class SelectionPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, keep: Tensor, accumulated: Tensor | None, negate: bool = False) -> Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)  # never less precise than float32
-        scores = torch.relu(logits.to(dtype)).mul_(keep)  # S; in-place bool products are cheap, where() is not
+        # S, excluded entries selected to 0 in place: multiplying by the mask would turn an infinite logit
+        # at an excluded (future) key into NaN, which the cumulative sum carries into visible entries.
+        scores = torch.relu(logits.to(dtype)).masked_fill_(~keep, 0.0)
         active = scores > 0  # where S = L; elsewhere S = 0 and so is its gradient
         penalty = exclusive_row_cumsum(scores, negate=negate)
         del scores
@@ -94,7 +96,7 @@ class SelectionPenalty(torch.autograd.Function):
         dlogits = dacc = None
         if ctx.needs_input_grad[0]:  # dS[k] = sum of dF[i] over i > k (dF = -grad when the output was -F)
             dscores = exclusive_row_cumsum(grad, reverse=True, negate=ctx.negate)
-            dlogits = dscores.mul_(active).to(ctx.logits_dtype)
+            dlogits = dscores.masked_fill_(~active, 0.0).to(ctx.logits_dtype)
         if ctx.needs_input_grad[2]:
             dacc = grad.sum(dim=1).mul_(-1 if ctx.negate else 1).to(ctx.accumulated_dtype)
         return dlogits, None, dacc, None
@@ -156,4 +158,7 @@ def fused_selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumul
     return SelectionPenalty.apply(logits, keep, accumulated, negate)
 
 
-__all__ = ["fused_selection_penalty", "penalty_from_qk", "TritonSelectionPenalty", "triton_penalty_refusal", "exclusive_row_cumsum", "selection_keep", "SelectionPenalty"]
+__all__ = [
+    "fused_selection_penalty", "penalty_from_qk", "TritonSelectionPenalty", "triton_penalty_refusal",
+    "exclusive_row_cumsum", "selection_keep", "SelectionPenalty"
+]

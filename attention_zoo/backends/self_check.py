@@ -61,7 +61,8 @@ def first_disagreement(results: Iterable[Result], device: str, dtype: torch.dtyp
     for what, got, want in results:
         err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
         if not err <= TOLERANCE[dtype]:
-            return f"the {kernels} disagree with PyTorch on this {device} ({what} off by {err:.2e} for {dtype}, head dim {head_dim})"
+            return (f"the {kernels} disagree with PyTorch on this {device} ({what} off by {err:.2e} for {dtype}, "
+                    f"head dim {head_dim})")
     return None
 
 

@@ -58,7 +58,8 @@ class TritonBackend(Backend):
         if call.device not in ("cuda", "cpu"):
             return f"Triton kernels run on CUDA (tensors are on {call.device})"
         if call.device == "cpu" and not interpreter_requested():
-            return "Triton kernels run on CUDA (tensors are on cpu; TRITON_INTERPRET=1 runs them in Triton's interpreter, for tests)"
+            return ("Triton kernels run on CUDA (tensors are on cpu; TRITON_INTERPRET=1 runs them in Triton's interpreter, "
+                    "for tests)")
         kernels, error = load_kernels()
         if kernels is None:
             return f"triton is not installed or does not import ({error}); pip install triton"
@@ -66,7 +67,8 @@ class TritonBackend(Backend):
             return "triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU"
         if call.device == "cpu" and kernels.VERSION < kernels.INTERPRETER_MIN_VERSION:
             need = ".".join(map(str, kernels.INTERPRETER_MIN_VERSION))
-            return f"Triton's interpreter runs these kernels from triton {need} on (this is {'.'.join(map(str, kernels.VERSION))})"
+            have = ".".join(map(str, kernels.VERSION))
+            return f"Triton's interpreter runs these kernels from triton {need} on (this is {have})"
         if call.device == "cuda" and kernels.INTERPRETED:
             return "the kernels were built for Triton's interpreter (TRITON_INTERPRET=1), which runs on CPU only"
         if call.dtype not in SUPPORTED_DTYPES:

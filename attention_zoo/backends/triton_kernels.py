@@ -45,10 +45,29 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_tiles import (cols_tile, dot, first_query_block, heavy_first, key_end, rows_tile, unmasked_key_end,
-                           unmasked_query_start)
-from .triton_tuning import (ATTENTION_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS, INTERPRETED, INTERPRETER_MIN_VERSION, KEY_SPAN,
-                            SHARED_DQ_CONFIGS, VERSION, head_block, shared_dq_strategy, tuned)
+from .triton_tiles import (
+    cols_tile,
+    dot,
+    first_query_block,
+    heavy_first,
+    key_end,
+    rows_tile,
+    unmasked_key_end,
+    unmasked_query_start,
+)
+from .triton_tuning import (
+    ATTENTION_CONFIGS,
+    DKDV_CONFIGS,
+    DQ_CONFIGS,
+    INTERPRETED,
+    INTERPRETER_MIN_VERSION,
+    KEY_SPAN,
+    SHARED_DQ_CONFIGS,
+    VERSION,
+    head_block,
+    shared_dq_strategy,
+    tuned,
+)
 
 LOG2E = math.log2(math.e)
 

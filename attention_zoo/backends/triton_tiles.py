@@ -81,4 +81,7 @@ def heavy_first(pid, count):
     return count - 1 - pid
 
 
-__all__ = ["rows_tile", "cols_tile", "dot", "first_query_block", "key_end", "unmasked_key_end", "unmasked_query_start", "heavy_first"]
+__all__ = [
+    "rows_tile", "cols_tile", "dot", "first_query_block", "key_end", "unmasked_key_end", "unmasked_query_start",
+    "heavy_first"
+]

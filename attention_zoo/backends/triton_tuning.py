@@ -138,4 +138,8 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-__all__ = ["SHARED_DQ_STRATEGIES", "SHARED_DQ_ENV", "shared_dq_strategy", "shared_dq_forced", "INTERPRETED", "INTERPRETER_MIN_VERSION", "VERSION", "KEY_SPAN", "COMPILED_KEY_SPAN", "INTERPRETER_KEY_SPAN", "tuned", "head_block", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "SHARED_DQ_CONFIGS", "PENALTY_CONFIGS"]
+__all__ = [
+    "SHARED_DQ_STRATEGIES", "SHARED_DQ_ENV", "shared_dq_strategy", "shared_dq_forced", "INTERPRETED",
+    "INTERPRETER_MIN_VERSION", "VERSION", "KEY_SPAN", "COMPILED_KEY_SPAN", "INTERPRETER_KEY_SPAN", "tuned",
+    "head_block", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "SHARED_DQ_CONFIGS", "PENALTY_CONFIGS"
+]

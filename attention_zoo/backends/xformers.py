@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from .base import AttentionCall, Backend
@@ -87,7 +88,8 @@ class XFormersBackend(Backend):
                 return f"bfloat16 needs compute capability >= 8.0 (this GPU has {capability})"
             top = fmha.cutlass.FwOp.CUDA_MAXIMUM_COMPUTE_CAPABILITY
             if call.has_bias and top is not None and capability > top:
-                return f"a tensor bias needs xformers' cutlass kernels, built for compute capability <= {top} (this GPU has {capability})"
+                return (f"a tensor bias needs xformers' cutlass kernels, built for compute capability <= {top} "
+                        f"(this GPU has {capability})")
         return None
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
@@ -95,7 +97,7 @@ class XFormersBackend(Backend):
         if bias is not None and bias.requires_grad and grad and not _per_head(bias, q, k):
             return bias_grad_attention(q, k, v, bias, causal=causal, scale=scale, kernel=xformers_forward)
         training = grad and any(t.requires_grad for t in (q, k, v, bias) if t is not None)
-        return run(build_inputs(q, k, v, bias, causal=causal, scale=scale, training=training), q.shape)
+        return run(build_inputs(q, k, v, bias, causal=causal, scale=scale, training=training))
 
 
 def _per_head(bias: Tensor, q: Tensor, k: Tensor) -> bool:
@@ -106,7 +108,7 @@ def _per_head(bias: Tensor, q: Tensor, k: Tensor) -> bool:
 
 def xformers_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
     """The forward kernel `BiasGradAttention` runs (no autograd: grouped k/v stay 5-D, uncopied)."""
-    return run(build_inputs(q, k, v, bias, causal=causal, scale=scale, training=False), q.shape)
+    return run(build_inputs(q, k, v, bias, causal=causal, scale=scale, training=False))
 
 
 def build_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, causal: bool, scale: float,
@@ -122,7 +124,7 @@ def build_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, causal
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = H // Hkv
-    qx, kx, vx = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, M, heads, D) views
+    qx, kx, vx = (rearrange(t, "b h n d -> b n h d") for t in (q, k, v))  # xformers' BMHK layout, as views
     grouped = G > 1 and not training
     if grouped:  # BMGHK: xformers' G = our kv heads, its H = query heads per kv head
         qx = qx.unflatten(2, (Hkv, G))
@@ -163,11 +165,10 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
     return fmha.memory_efficient_attention(query, key, value, attn_bias=attn_bias, scale=scale)
 
 
-def run(inputs, q_shape: torch.Size) -> Tensor:
-    """Call xformers on built inputs; back to (B, H, Nq, D)."""
-    B, H, Nq, D = q_shape
+def run(inputs) -> Tensor:
+    """Call xformers on built inputs; back to (B, H, Nq, D) from (B, Nq, H, D) or, grouped, (B, Nq, Hkv, G, D)."""
     out = memory_efficient_attention(inputs.query, inputs.key, inputs.value, inputs.attn_bias, inputs.scale)
-    return out.reshape(B, Nq, H, out.shape[-1]).transpose(1, 2)
+    return rearrange(out, "b n ... d -> b (...) n d")  # every head axis, kv head major, becomes H
 
 
 __all__ = ["XFormersBackend", "build_inputs", "tensor_bias", "xformers_forward", "load_xformers"]

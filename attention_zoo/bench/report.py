@@ -87,7 +87,10 @@ def write_profiles(out: Path, payload: dict[str, Any]) -> None:
              "time spent in them alone. The profiler slows the step it watches: read shares, not totals.", ""]
     for row in payload["results"]:
         title = f"## {row['impl']} {row['variant']} on {row['backend']}, N={row['seq_len']} B={row['batch']} {row['mode']}"
-        body = f"```text\n{row['profile'].rstrip()}\n```" if "profile" in row else f"not profiled: {row.get('reason', row['status'])}"
+        if "profile" in row:
+            body = f"```text\n{row['profile'].rstrip()}\n```"
+        else:
+            body = f"not profiled: {row.get('reason', row['status'])}"
         lines += [title, "", body, ""]
     atomic_write_text(out / PROFILES, "\n".join(lines))
 

@@ -6,6 +6,7 @@ import shlex
 import sys
 
 from ..errors import UserError
+from ..numbers import finite_float
 
 
 def _list(kind):
@@ -31,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated presets (vanilla, gqa, mqa, residual, selective, selective_gqa, "
                         "selective_residual, cross_layer_share, cross_layer_accumulate), registered variant names, "
                         "or YAML config paths (their attention/layers, with the dims below); vanilla is always added")
-    p.add_argument("--backends", type=_list(str), default=["sdpa"], help="comma-separated: auto, triton, xformers, sdpa, math, flex")
+    p.add_argument("--backends", type=_list(str), default=["sdpa"],
+                   help="comma-separated: auto, triton, xformers, sdpa, math, flex")
     p.add_argument("--seq-lens", type=_list(int), default=[256, 1024], help="comma-separated sequence lengths")
     p.add_argument("--batch", type=_list(int), default=[4], help="comma-separated batch sizes")
     p.add_argument("--mode", type=_list(str), default=["fwdbwd"],
@@ -52,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for every point's process, e.g. OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads "
                         "sleep instead of spinning: steadier timings on a shared machine)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a point is recorded as failed")
+    p.add_argument("--timeout", type=finite_float, default=600.0, help="seconds before a point is recorded as failed")
     p.add_argument("--profile", action="store_true",
                    help="also run one step per point under torch.profiler and write profiles.md (where the time went)")
     p.add_argument("--peer", action="append", default=[], metavar="NAME",

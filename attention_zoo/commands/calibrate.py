@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..numbers import finite_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,14 +17,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(L * N) / sum K_l beside a sliding window of the same memory. Writes OUT/calibration.json "
                        "and OUT/calibration.png.")
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder holding checkpoint/")
-    p.add_argument("--tolerance", type=float, default=0.01, help="relative loss increase allowed (0.01 = 1%%)")
+    p.add_argument("--tolerance", type=finite_float, default=0.01, help="relative loss increase allowed (0.01 = 1%%)")
     p.add_argument("--context", type=int, help="tokens per evaluation sequence (default model.max_seq_len)")
     p.add_argument("--batches", type=int, default=2, help="evaluation batches (default 2)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="data to calibrate on (default val)")
     p.add_argument("--check-split", default="test", choices=["none", "train", "val", "test"],
                    help="re-measure the calibrated budgets and the window on other sequences (default test)")
-    p.add_argument("--threshold", type=float, default=1.0, help="also report threshold:TAU pruning (0 = skip)")
+    p.add_argument("--threshold", type=finite_float, default=1.0, help="also report threshold:TAU pruning (0 = skip)")
     p.add_argument("--no-curve", action="store_true", help="skip the uniform-budget curve for the plot")
     p.add_argument("--measure", nargs="+", metavar="POLICY", help="no search: just measure these pruning policies "
                    "(e.g. budget:32 window:32) against the unpruned model on --split; writes OUT/measure-SPLIT.json")

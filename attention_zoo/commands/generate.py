@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..numbers import finite_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,9 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder holding checkpoint/")
     p.add_argument("--prompt", required=True, help="text to continue (byte-level tokens; its first byte is the BOS)")
     p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--temperature", type=finite_float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, help="sample among the K most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample among the most likely tokens covering probability P")
+    p.add_argument("--top-p", type=finite_float, help="sample among the most likely tokens covering probability P")
     p.add_argument("--seed", type=int, help="random seed (default: different every run)")
     p.add_argument("--prune", metavar="POLICY", help="context pruning: threshold:TAU, budget:K, budget:K1,K2,... "
                    "(one per layer, 'none' = not pruned), or window:K (sliding-window baseline)")

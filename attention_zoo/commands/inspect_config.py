@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
-
-import dataclasses
 
 from ..backends import BackendRefused, choose, recording_calls
 from ..config import ConfigError, build_model, layer_specs, load_config

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from .generation import GenerationResult, generate
 from .key_scores import KeyGroup, key_groups, next_query_penalties
-from .pruning import (BudgetPolicy, Pruner, PruningError, PruningPolicy, ThresholdPolicy, WindowPolicy,
-                      parse_prune_spec)
+from .pruning import BudgetPolicy, Pruner, PruningError, PruningPolicy, ThresholdPolicy, WindowPolicy, parse_prune_spec
 from .sampling import Sampler
 from .streaming import StreamingResult, streaming_loss
 

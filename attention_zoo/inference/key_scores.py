@@ -47,8 +47,8 @@ def _rule_for(attention: nn.Module) -> PenaltyRule | None:
 
 
 def _register_builtin_rules() -> None:
-    from variants.cross_layer_selective import CrossLayerSelective
-    from variants.selective import ACCUMULATOR, Selective
+    from attention_zoo.variants.cross_layer_selective import CrossLayerSelective
+    from attention_zoo.variants.selective import ACCUMULATOR, Selective
 
     @register_penalty_rule(Selective)
     def _selective(attention, cache, previous):

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..cache import ModelCache
 from ..errors import UserError
+from ..numbers import finite_problem
 from .key_scores import KeyGroup, attentions, has_penalty_rule, key_groups, next_query_penalties
 
 SPEC_FORMS = "threshold:TAU (e.g. threshold:1.0), budget:K or budget:K1,K2,... (one per layer, 'none' = not pruned), window:K"
@@ -124,6 +125,8 @@ def parse_prune_spec(text: str) -> PruningPolicy:
             tau = float(value)
         except ValueError:
             raise bad(f"threshold {value!r} is not a number") from None
+        if message := finite_problem(tau):
+            raise bad(f"the threshold {message}")
         if not tau > 0:
             raise bad("the threshold must be > 0")
         return ThresholdPolicy(tau)

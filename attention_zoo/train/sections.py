@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Field, Problem, register_section, validate_fields
+from ..numbers import finite_problem
 from ..registry import did_you_mean
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -34,7 +35,8 @@ def _fraction_check(value: float) -> str | None:
 TRAIN_FIELDS = {
     "steps": Field(int, 1000, "optimizer steps (the cosine schedule ends here)", minimum=1),
     "batch_size": Field(int, 16, "sequences per optimizer step, over all processes and accumulation steps", minimum=1),
-    "seq_len": Field((int, type(None)), None, "tokens per sequence; null: a task's example length, else model.max_seq_len", minimum=1),
+    "seq_len": Field((int, type(None)), None, "tokens per sequence; null: a task's example length, else model.max_seq_len",
+                     minimum=1),
     "grad_accum": Field(int, 1, "micro-batches per optimizer step (batch_size must divide evenly)", minimum=1),
     "lr": Field(float, 1e-3, "peak learning rate", minimum=0),
     "min_lr_ratio": Field(float, 0.1, "final learning rate / peak (cosine floor)", minimum=0, check=_fraction_check),
@@ -86,6 +88,10 @@ def _validate_aux_losses(value: dict, source: str) -> tuple[dict, list[Problem]]
         if spec.fields is None:  # the loss declares no parameters: take them as given
             if params is not None and not isinstance(params, dict):
                 problems.append(Problem(source, where, params, "expected a mapping of parameters"))
+                continue
+            for key, param in (params or {}).items():  # undeclared, yet numbers all the same
+                if message := finite_problem(param):
+                    problems.append(Problem(source, f"{where}.{key}", param, message))
             out[name] = dict(params or {})
         else:
             out[name], p = validate_fields(params, spec.fields, where, source)

@@ -38,12 +38,14 @@ class SelectionTerm:
     accumulated: Tensor | None = None
 
     def __post_init__(self):
-        if self.q.dim() != 3 or self.k.dim() != 3 or self.q.shape[0] != self.k.shape[0] or self.q.shape[2] != self.k.shape[2]:
-            raise ValueError(f"selection q must be (B, Nq, D) and k (B, Nk, D), got q{tuple(self.q.shape)} k{tuple(self.k.shape)}")
+        q, k = self.q, self.k
+        if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+            raise ValueError(f"selection q must be (B, Nq, D) and k (B, Nk, D), got q{tuple(q.shape)} k{tuple(k.shape)}")
         if self.q.shape[1] > self.k.shape[1]:
             raise ValueError(f"more selection queries ({self.q.shape[1]}) than keys ({self.k.shape[1]})")
         if self.accumulated is not None and tuple(self.accumulated.shape) != (self.k.shape[0], self.k.shape[1]):
-            raise ValueError(f"accumulated must be (B, Nk) = {(self.k.shape[0], self.k.shape[1])}, got {tuple(self.accumulated.shape)}")
+            want = (self.k.shape[0], self.k.shape[1])
+            raise ValueError(f"accumulated must be (B, Nk) = {want}, got {tuple(self.accumulated.shape)}")
 
 
 @dataclass(frozen=True, eq=False)

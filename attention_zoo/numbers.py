@@ -1,0 +1,59 @@
+"""The one rule every configured number follows: finite.
+
+YAML reads `.nan`, `.inf` and `-.inf` as floats, and every comparison with NaN is false, so a bound such
+as `minimum=0` lets NaN through and an upper bound lets +inf through; the run then fails far from the
+config, with a traceback. The shared field checks (`config.validate_fields` for `Field`s, and
+`variant_registry.check_params` for variant `Param`s) apply this rule to every value before its bounds,
+unless the field declares `finite=False` (its doc then says what NaN or an infinity means there).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+FINITE_MESSAGE = "must be a finite number (NaN and infinities are not accepted)"
+
+
+def non_finite(value: Any) -> str | None:
+    """Where `value` holds a NaN or an infinity: "" for the value itself, "[i]" (or "[i][j]") for an item of
+    a list; None when it holds none. Lists are walked; mappings are not (their keys are checked each by its
+    own field, with its own key path)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else ""
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            where = non_finite(item)
+            if where is not None:
+                return f"[{i}]{where}"
+    return None
+
+
+def finite_problem(value: Any, spec: Any = None) -> str | None:
+    """The message for a value that breaks the rule, or None. `spec` (a Field or Param) opts out with
+    `finite=False`."""
+    if spec is not None and not getattr(spec, "finite", True):
+        return None
+    where = non_finite(value)
+    if where is None:
+        return None
+    return FINITE_MESSAGE if not where else f"item {where} {FINITE_MESSAGE}"
+
+
+
+
+
+
+def finite_float(text: str) -> float:
+    """argparse `type=` for a command-line number under the same rule: argparse prints
+    `argument --x: 'nan' must be a finite number ...` and exits with status 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} {FINITE_MESSAGE}")
+    return value
+
+
+__all__ = ["FINITE_MESSAGE", "finite_float", "finite_problem", "non_finite"]
