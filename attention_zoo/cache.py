@@ -23,10 +23,14 @@ class LayerCache:
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
-    def extend(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """Append a chunk of c new keys at absolute positions start..start+c-1; return all keys."""
+    def next_position(self) -> int:
+        """The absolute position after the last kept key (0 when empty). Reads the device: a host sync."""
+        return int(self.positions[0, -1]) + 1 if self.length else 0
+
+    def extend(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Append a chunk of c new keys (B, Hkv, c, D) at absolute positions (B, c); return all keys and values."""
         B, c = k.shape[0], k.shape[2]
-        pos = torch.arange(start, start + c, device=k.device).expand(B, c)
+        pos = positions.expand(B, c)
         if self.k is None:
             self.k, self.v, self.positions = k, v, pos
         else:

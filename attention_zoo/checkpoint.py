@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_model as _load_weights
 from safetensors.torch import save_model as _save_weights
 
-from .config import build_model, load_config
+from .config import LEGACY_STACK, build_model, load_config
 from .errors import UserError
 
 WEIGHTS, CONFIG, STATE = "model.safetensors", "config.yaml", "state.pt"
@@ -72,11 +72,20 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", overr
     """The model saved at `path`, weights loaded, in eval mode. `overrides` may change e.g. the backend."""
     path = Path(path)
     _require(path)
-    config = load_config(yaml.safe_load((path / CONFIG).read_text()), overrides)
+    config = load_config(with_legacy_stack(yaml.safe_load((path / CONFIG).read_text())), overrides)
     config.source = str(path / CONFIG)
     model = build_model(config)
     _load_weights(model, str(path / WEIGHTS), device=str(map_location))
     return model.to(map_location).eval()
+
+
+def with_legacy_stack(saved: Any) -> Any:
+    """A saved config from before positions, norms and MLPs were components had none of their keys and
+    meant GPT-2's stack (learned positions, LayerNorm, GELU); today's defaults differ, so fill them in."""
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if isinstance(model, dict) and not any(key in model for key in LEGACY_STACK):
+        saved = {**saved, "model": {**model, **LEGACY_STACK}}
+    return saved
 
 
 def load_training_state(path: str | Path) -> dict[str, Any] | None:

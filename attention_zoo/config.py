@@ -144,13 +144,34 @@ MODEL_FIELDS = {
     "depth": Field(int, 4, "number of transformer blocks", minimum=1),
     "heads": Field(int, 8, "query heads per layer", minimum=1),
     "head_dim": Field((int, type(None)), None, "per-head width; default dim // heads", minimum=1),
-    "max_seq_len": Field(int, 1024, "longest sequence (learned positions)", minimum=1),
-    "mlp_ratio": Field(float, 4.0, "MLP hidden width / dim", minimum=0),
+    "max_seq_len": Field(int, 1024, "training length; a hard cap only with position: learned", minimum=1),
+    "mlp_ratio": Field(float, 4.0, "input of the MLP's hidden-width rule (gelu: ratio * dim, swiglu: 2/3 of that)",
+                       minimum=0),
     "dropout": Field(float, 0.0, "dropout probability", minimum=0, check=lambda v: None if v < 1 else "must be < 1"),
     "tie_embeddings": Field(bool, True, "share input embedding and output projection"),
     "attention": Field(dict, {"variant": "vanilla"}, "default attention for every layer"),
     "layers": Field(list, [], "per-layer overrides: [{at: [indices], attention: {...}}]"),
 }
+
+
+# The stack's components and the value a new config gets. Checkpoints written before these keys existed
+# were GPT-2's stack: `checkpoint.load_model` fills LEGACY_STACK for them.
+STACK_DEFAULTS = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+LEGACY_STACK = {"position": "learned", "norm": "layernorm", "mlp": "gelu"}
+
+
+def model_fields() -> dict[str, Field]:
+    """MODEL_FIELDS plus, for each component kind, the key naming it (choices: what is registered now,
+    plug-ins included) and every parameter key its registered components declare."""
+    from .components import KINDS
+
+    fields = dict(MODEL_FIELDS)
+    for key, kind in KINDS.items():
+        fields[key] = Field(str, STACK_DEFAULTS[key], kind.doc, choices=tuple(kind.names()))
+        for name, param in kind.params().items():
+            check = (lambda p: (lambda v: p.check(v, None)))(param) if param.check else None
+            fields[name] = Field(param.type, param.default, param.doc, param.choices, check=check)
+    return fields
 
 
 @dataclass
@@ -187,11 +208,20 @@ def layer_specs(model: dict) -> list[LayerSpec]:
 
 
 def layer_shape(model: dict, index: int) -> LayerShape:
-    return LayerShape(model["dim"], model["heads"], model["head_dim"] or model["dim"] // model["heads"], index, model["depth"])
+    return LayerShape(model["dim"], model["heads"], model["head_dim"] or model["dim"] // model["heads"], index,
+                      model["depth"], model.get("norm_eps", 1e-5))
+
+
+def stack_shape(model: dict):
+    """The sizes the stack's components are built for."""
+    from .components import StackShape
+
+    return StackShape(model["dim"], model["heads"], model["head_dim"] or model["dim"] // model["heads"],
+                      model["max_seq_len"], model["mlp_ratio"], model["dropout"])
 
 
 def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tuple[dict, list[Problem]]:
-    model, problems = validate_fields(value, MODEL_FIELDS, "model", source)
+    model, problems = validate_fields(value, model_fields(), "model", source)
     structural = ("model", "model.dim", "model.heads", "model.depth", "model.head_dim", "model.attention", "model.layers")
     if any(p.path in structural for p in problems):
         return model, problems  # shapes unknown: per-layer checks would only add noise
@@ -199,6 +229,7 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
         problems.append(Problem(source, "model.heads", model["heads"],
                                 f"dim ({model['dim']}) must be divisible by heads, or set model.head_dim"))
         return model, problems
+    problems += _check_components(model, source)
     for n, override in enumerate(model["layers"]):
         where = f"model.layers[{n}]"
         if not isinstance(override, dict):
@@ -238,6 +269,18 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
     if not any(p.path.startswith(("model.attention", "model.layers")) for p in problems):
         problems += check_state_flow(model, source)
     return model, problems
+
+
+def _check_components(model: dict, source: str) -> list[Problem]:
+    """Each chosen component's own check of the model's shape (e.g. rope needs an even head_dim)."""
+    from .components import KINDS
+
+    problems = []
+    for key, kind in KINDS.items():
+        name = model.get(key)
+        if name in kind.names() and (message := kind.get(name).check_shape(stack_shape(model))):
+            problems.append(Problem(source, f"model.{key}", name, message))
+    return problems
 
 
 def build_attentions(model: dict, backend: str = "auto") -> list[torch.nn.Module]:
@@ -409,9 +452,13 @@ def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[
     from .model import CausalLM
 
     config = config_or_path if isinstance(config_or_path, Config) and not overrides else load_config(config_or_path, overrides)
+    from .components import MLPS, NORMS, POSITIONS
+
     m = config["model"]
-    model = CausalLM(build_attentions(m, config["backend"]), vocab_size=m["vocab_size"], dim=m["dim"],
-                     max_seq_len=m["max_seq_len"], mlp_ratio=m["mlp_ratio"], dropout=m["dropout"],
+    shape = stack_shape(m)
+    model = CausalLM(build_attentions(m, config["backend"]), [MLPS.build(m["mlp"], shape, m) for _ in range(m["depth"])],
+                     make_norm=lambda: NORMS.build(m["norm"], shape, m), position_embedding=POSITIONS.build(m["position"], shape, m),
+                     vocab_size=m["vocab_size"], dim=m["dim"], max_seq_len=m["max_seq_len"], dropout=m["dropout"],
                      tie_embeddings=m["tie_embeddings"])
     model.config = config
     return model

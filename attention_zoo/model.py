@@ -1,77 +1,71 @@
-"""A causal transformer LM whose layer loop knows no variant (nanoGPT layout, pre-LayerNorm).
+"""A causal transformer LM composed of registered parts (nanoGPT layout, pre-norm).
 
-State between layers flows through `state` (see state.py): each layer gets a fresh read-only view of
-what earlier layers wrote and returns its own updates. Nothing here names a variant.
+Which positional scheme, norm and MLP it uses are components (components/), which attention each layer
+runs is a variant (variants/); this file composes them and names none. State between layers flows
+through `state` (see state.py): each layer gets a fresh read-only view of what earlier layers wrote
+and returns its own updates.
 """
 from __future__ import annotations
 
-import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from .cache import LayerCache, ModelCache
+from .components import PositionalScheme, Positions
+from .initialization import init_gpt2
 from .state import fresh_view, merge
 
 
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))
-
-
 class Block(nn.Module):
-    def __init__(self, attention: nn.Module, dim: int, mlp_ratio: float, dropout: float):
+    """x + attention(norm(x)), then x + mlp(norm(x)). x: (B, N, dim)."""
+
+    def __init__(self, attention: nn.Module, mlp: nn.Module, make_norm: Callable[[], nn.Module], dropout: float):
         super().__init__()
-        self.norm_attn = nn.LayerNorm(dim)
+        self.norm_attn = make_norm()
         self.attention = attention
-        self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
+        self.norm_mlp = make_norm()
+        self.mlp = mlp
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None = None
+    def forward(self, x: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None, positions: Positions
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        a, updates = self.attention(self.norm_attn(x), state, cache)
+        a, updates = self.attention(self.norm_attn(x), state, cache, positions)
         x = x + self.dropout(a)
         x = x + self.mlp(self.norm_mlp(x))
         return x, updates
 
 
 class CausalLM(nn.Module):
-    """tokens (B, N) -> logits (B, N, vocab_size). Built by `build_model` from a validated config."""
+    """tokens (B, N) int64 -> logits (B, N, vocab_size). Built by `build_model` from a validated config.
 
-    def __init__(self, attentions: list[nn.Module], *, vocab_size: int, dim: int, max_seq_len: int,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0, tie_embeddings: bool = True):
+    attentions: one attention module per layer; mlps: one MLP per layer; make_norm: builds one norm
+    (called 2 * depth + 1 times); position_embedding: the positional scheme (learned table, rotary, none).
+    max_seq_len is the training length; it caps inputs only where the scheme has `max_positions` (learned).
+    """
+
+    def __init__(self, attentions: list[nn.Module], mlps: list[nn.Module], *, make_norm: Callable[[], nn.Module],
+                 position_embedding: PositionalScheme, vocab_size: int, dim: int, max_seq_len: int,
+                 dropout: float = 0.0, tie_embeddings: bool = True):
         super().__init__()
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.token_embedding = nn.Embedding(vocab_size, dim)
-        self.position_embedding = nn.Embedding(max_seq_len, dim)
+        self.position_embedding = position_embedding
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(a, dim, mlp_ratio, dropout) for a in attentions)
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(Block(a, m, make_norm, dropout) for a, m in zip(attentions, mlps, strict=True))
+        self.norm = make_norm()
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.config: dict | None = None  # the validated config this model was built from, if any
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: shrink residual-branch outputs with depth
-            if name.endswith(("out_proj.weight", "down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * len(self.blocks)))
+        init_gpt2(self, depth=len(self.blocks))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model can encode (learned positions), or None: no cap (rope, none)."""
+        return self.position_embedding.max_positions
 
     def new_cache(self) -> ModelCache:
         return ModelCache([LayerCache() for _ in self.blocks])
@@ -80,18 +74,21 @@ class CausalLM(nn.Module):
         """tokens (B, N) -> logits (B, N, V). With `cache`, tokens continue what the cache has seen.
 
         return_state: also return each layer's state updates (a list of dicts), e.g. for auxiliary
-        losses on the selection penalty.
+        losses on the selection penalty. Raises ValueError past `max_positions` (learned positions).
         """
         B, N = tokens.shape
         start = cache.seen if cache is not None else 0
-        if start + N > self.max_seq_len:
-            raise ValueError(f"sequence of {start + N} tokens exceeds model.max_seq_len={self.max_seq_len}")
-        positions = torch.arange(start, start + N, device=tokens.device)
-        x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))  # (B, N, dim)
+        if self.max_positions is not None and start + N > self.max_positions:
+            raise ValueError(f"sequence of {start + N} tokens exceeds model.max_seq_len={self.max_seq_len} "
+                             "(learned positions end there; rope or none have no such limit)")
+        index = torch.arange(start, start + N, device=tokens.device).expand(B, N)  # (B, N) absolute positions
+        x = self.token_embedding(tokens)  # (B, N, dim)
+        positions = self.position_embedding.prepare(index, x.dtype)  # computed once, read by every layer
+        x = self.dropout(self.position_embedding.embed(x, index))
         state: dict[str, Tensor] = {}
         per_layer = []
         for i, block in enumerate(self.blocks):
-            x, updates = block(x, fresh_view(state), None if cache is None else cache.layers[i])
+            x, updates = block(x, fresh_view(state), None if cache is None else cache.layers[i], positions)
             state = merge(state, updates, block.attention.writes, f"layer {i} ({type(block.attention).__name__})")
             if return_state:
                 per_layer.append(updates)

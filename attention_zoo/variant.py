@@ -7,14 +7,20 @@ never computes softmax itself: that is the backend's job (`backends/`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
+from einops import rearrange
 from torch import Tensor, nn
 
 from .backends import dispatch, head_dim_limit
 from .cache import LayerCache
 from .ops import residual
+from .ops.selection import Selection
+from .initialization import residual_output
 from .state import RESIDUAL_SCORES
+
+if TYPE_CHECKING:
+    from .components.positions import Positions
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,7 @@ class LayerShape:
     head_dim: int
     layer_index: int = 0
     depth: int = 1
+    norm_eps: float = 1e-5  # for norms inside the layer (QK-norm, differential's per-head norm)
 
 
 def type_name(types: type | tuple[type, ...]) -> str:
@@ -69,9 +76,10 @@ class AttentionVariant(Protocol):
     optional_reads: tuple[str, ...]  # channels used when present
     writes: tuple[str, ...]  # channels this layer writes
 
-    def forward(self, x: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-        """x: (B, N, dim) -> (B, N, dim), plus the state updates this layer writes."""
+    def forward(self, x: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None = None,
+                positions: "Positions | None" = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """x: (B, N, dim) -> (B, N, dim), plus the state updates this layer writes. `positions` carries the
+        tokens' absolute positions (B, N) and the stack's positional scheme (see components/positions.py)."""
         ...
 
 
@@ -89,24 +97,43 @@ def _head_index_check(value: int, shape: LayerShape) -> str | None:
 
 
 KV_HEADS = Param((int, type(None)), None, "key/value heads (GQA); null means one per query head", check=_kv_heads_check)
+QK_NORM = Param(bool, False, "RMSNorm with a learnable scale over the head dimension of q and k, before the rotation "
+                "(OLMo 2; Dehghani et al. 2023)")
+QKV_BIAS = Param(bool, False, "biases on the q, k and v projections (Qwen2, GPT-2)")
+OUT_BIAS = Param(bool, False, "a bias on the output projection (GPT-2)")
 SELECTION_HEAD = Param(int, 0, "query head whose logits select what later tokens ignore", check=_head_index_check)
 PROTECT_BOS = Param(bool, True, "never penalise key 0 (BOS)")
 RESIDUAL = Param(bool, False, "also carry RealFormer residual scores (they then include -F)")
 
+# What every built-in variant takes; a variant's `params` starts from these (`{**BASE_PARAMS, ...}`).
+BASE_PARAMS: dict[str, Param] = {"kv_heads": KV_HEADS, "qk_norm": QK_NORM, "qkv_bias": QKV_BIAS, "out_bias": OUT_BIAS}
+
 
 class ProjectedAttention(nn.Module):
-    """Multi-head attention with grouped k/v; subclasses only say what bias they add.
+    """Multi-head attention with grouped k/v, as a sequence of steps a variant may override.
 
-    forward: project, extend the cache, ask `attention_bias` for (bias, updates), call the backend,
-    project back. With `carry_residual`, the layer attends with R_l = L_l + bias + R_{l-1} and writes R_l
-    (RealFormer, including whatever bias the variant adds), as q and k concatenated over layers where it
-    can (ops/residual.py), else as a dense (B, H, Nq, Nk) tensor.
+    forward(x (B, N, dim), state, cache, positions) runs, in order:
+      project(x)                        -> q (B, H, N, D), k and v (B, Hkv, N, D)
+      transform_qk(q, k, positions)     -> q, k: QK-norm if asked, then the stack's positional scheme
+                                           (RoPE rotates here, at absolute positions); override to add
+                                           the variant's own transform after calling super()
+      extend_cache(k, v, cache, ...)    -> k, v with the cached keys in front (B, Hkv, T + N, D); keys
+                                           are stored as transformed, so they are rotated once
+      attention_bias(q, k, state, cache) -> (bias broadcastable to (B, H, N, T + N) or None, state updates)
+      (residual carry: with `carry_residual`, the layer attends with R_l = L_l + bias + R_{l-1} and
+       writes R_l (RealFormer), kept as q and k concatenated over layers where it can (ops/residual.py),
+       else as a dense (B, H, Nq, Nk) tensor that joins the bias)
+      attend(q, k, v, bias)             -> (B, H, N, Dv): the backend call, softmax(scale q k^T + bias + mask) v
+      output(out)                       -> (B, N, dim): heads merged, output projection
+    Positions (B, N) come from the model; a layer called on its own numbers its tokens from 0 (or from
+    the cache's end).
     """
 
-    params: ClassVar[dict[str, Param]] = {"kv_heads": KV_HEADS}
+    params: ClassVar[dict[str, Param]] = BASE_PARAMS
     carry_residual: bool = False
 
-    def __init__(self, shape: LayerShape, *, kv_heads: int | None = None, backend: str = "auto"):
+    def __init__(self, shape: LayerShape, *, kv_heads: int | None = None, qk_norm: bool = False,
+                 qkv_bias: bool = False, out_bias: bool = False, backend: str = "auto"):
         super().__init__()
         self.shape = shape
         self.heads = shape.heads
@@ -114,12 +141,33 @@ class ProjectedAttention(nn.Module):
         self.head_dim = shape.head_dim
         self.scale = self.head_dim ** -0.5
         self.backend = backend
-        self.q_proj = nn.Linear(shape.dim, self.heads * self.head_dim, bias=False)
-        self.kv_proj = nn.Linear(shape.dim, 2 * self.kv_heads * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(self.heads * self.head_dim, shape.dim, bias=False)
+        self.q_proj = nn.Linear(shape.dim, self.heads * self.head_dim, bias=qkv_bias)
+        self.kv_proj = nn.Linear(shape.dim, 2 * self.kv_heads * self.head_dim, bias=qkv_bias)  # rows (k|v, head, D)
+        self.out_proj = residual_output(nn.Linear(self.heads * self.head_dim, shape.dim, bias=out_bias))
+        # QK-norm over the head dimension, one scale shared by all heads (as OLMo 2 / Qwen3 per-head norms)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=shape.norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=shape.norm_eps) if qk_norm else None
         self.reads: tuple[str, ...] = ()
         self.optional_reads: tuple[str, ...] = (RESIDUAL_SCORES.name,) if self.carry_residual else ()
         self.writes: tuple[str, ...] = (RESIDUAL_SCORES.name,) if self.carry_residual else ()
+
+    # -- the steps, in the order forward runs them ---------------------------------------------------
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, dim) -> q (B, H, N, D), k (B, Hkv, N, D), v (B, Hkv, N, D)."""
+        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv_proj(x), "b n (two h d) -> two b h n d", two=2, h=self.kv_heads)
+        return q, k, v
+
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> tuple[Tensor, Tensor]:
+        """q (B, H, N, D), k (B, Hkv, N, D) of the new tokens -> the same shapes, normalised and rotated."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return positions.rotate(q, k)
+
+    def extend_cache(self, k: Tensor, v: Tensor, cache: LayerCache | None, positions: Positions) -> tuple[Tensor, Tensor]:
+        """Without a cache: k, v as they are. With one: store the new keys at their absolute positions and
+        return every kept key and value, (B, Hkv, T + N, D)."""
+        return (k, v) if cache is None else cache.extend(k, v, positions.index)
 
     def attention_bias(self, q: Tensor, k: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None
                        ) -> tuple[Tensor | None, dict[str, Tensor]]:
@@ -127,26 +175,36 @@ class ProjectedAttention(nn.Module):
         structured `Selection` (the bias is then -F, which fusing backends never materialise), or None."""
         return None, {}
 
-    def forward(self, x: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None) -> Tensor:
+        """softmax(scale q k^T + bias + causal mask) v on the configured backend: (B, H, Nq, Dv). A structured
+        `Selection` bias (-F) goes to the backend as it is (ops/selection)."""
+        return dispatch(q, k, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)
+
+    def output(self, out: Tensor) -> Tensor:
+        """(B, H, N, D) -> (B, N, dim)."""
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def forward(self, x: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None = None,
+                positions: Positions | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         B, N, _ = x.shape
-        q = self.q_proj(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
-        k, v = self.kv_proj(x).view(B, N, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, Hkv, N, D)
-        if cache is not None:
-            start = int(cache.positions[0, -1]) + 1 if cache.length else 0
-            k, v = cache.extend(k, v, start)  # (B, Hkv, T + N, D)
+        if positions is None:  # called on its own, outside a model: no positional scheme
+            from .components.positions import Positions
+            positions = Positions.plain(B, N, cache.next_position() if cache is not None else 0, x.device)
+        q, k, v = self.project(x)
+        q, k = self.transform_qk(q, k, positions)
+        k, v = self.extend_cache(k, v, cache, positions)  # (B, Hkv, T + N, D)
         bias, updates = self.attention_bias(q, k, state, cache)
-        if self.carry_residual:  # RealFormer: R_l = L_l + bias + R_{l-1}, structured where it can be (ops/residual.py)
+        if self.carry_residual:  # RealFormer: R_l = L_l + bias + R_{l-1}, structured where it can be
             limit = head_dim_limit(self.backend, q.device.type)
             carried, dense_bias = residual.carry(state.get(RESIDUAL_SCORES.name), q, k, bias, self.scale, limit)
             updates[RESIDUAL_SCORES.name] = carried
             if isinstance(carried, residual.ResidualScores):
-                out = residual.attend(carried, v, backend=self.backend)
+                out = residual.attend(carried, v, self.attend)  # q, k concatenated over layers
             else:
-                out = dispatch(q, k, v, bias=dense_bias, causal=True, scale=self.scale, backend=self.backend)
+                out = self.attend(q, k, v, dense_bias)
         else:
-            out = dispatch(q, k, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)  # (B, H, N, D)
-        return self.out_proj(out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)), updates
+            out = self.attend(q, k, v, bias)  # (B, H, N, D)
+        return self.output(out), updates
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, backend={self.backend!r}"

@@ -14,40 +14,29 @@ from attention_zoo.functional import selection_logits, selection_scores
 from attention_zoo.inference.key_scores import next_query_penalties
 from attention_zoo.ops.selection import penalty_tensor
 from attention_zoo.variants.selective import ACCUMULATOR
+from tests.cases import STACKS, case_id, variant_cases
 
 DEPTH, SEQ, PROMPT = 4, 14, 8
 
 
-# Every registered variant gets at least its default row here (see test_every_variant_is_covered).
-CASES = {
-    "vanilla": {"variant": "vanilla"},
-    "vanilla-kv1": {"variant": "vanilla", "kv_heads": 1},
-    "gqa-kv2": {"variant": "gqa", "kv_heads": 2},
-    "residual": {"variant": "residual"},
-    "residual-kv2": {"variant": "residual", "kv_heads": 2},
-    "selective": {"variant": "selective"},
-    "selective-kv1": {"variant": "selective", "kv_heads": 1, "selection_head": 3},
-    "selective-kv2-residual": {"variant": "selective", "kv_heads": 2, "residual": True},
-    "selective-bos-unprotected": {"variant": "selective", "protect_bos": False},
-    "cross-share-0": {"variant": "cross_layer_selective", "mode": "share", "sources": [0]},
-    "cross-share-0-2-kv2": {"variant": "cross_layer_selective", "mode": "share", "sources": [0, 2], "kv_heads": 2},
-    "cross-accumulate-0": {"variant": "cross_layer_selective", "mode": "accumulate", "sources": [0], "decay": 0.5},
-    "cross-accumulate-0-2-residual": {"variant": "cross_layer_selective", "mode": "accumulate", "sources": [0, 2],
-                                      "decay": 0.5, "residual": True},
-    "cross-accumulate-late-source": {"variant": "cross_layer_selective", "mode": "accumulate", "sources": [2]},
-}
 # Mixed stacks: state passing through layers of other variants.
 MIXED = {
     "selective-with-vanilla-layer": ({"variant": "selective"}, [{"at": [1], "attention": {"variant": "vanilla"}}]),
     "cross-share-with-residual-layer": ({"variant": "cross_layer_selective", "sources": [0], "residual": True},
                                         [{"at": [2], "attention": {"variant": "residual"}}]),
+    "differential-under-selective": ({"variant": "selective", "kv_heads": 2},
+                                     [{"at": [1, 3], "attention": {"variant": "differential"}}]),
 }
+CASES = {case_id(name, params): ({"variant": name, **params}, None) for name, params in variant_cases()}
+ALL = {**CASES, **MIXED}
+SELECTIVE = {"variant": "selective"}
 
 
-def make_model(attention: dict, layers: list | None = None, backend: str = "math", seed: int = 0):
+def make_model(attention: dict, layers: list | None = None, backend: str = "math", seed: int = 0, stack: str = "rope",
+               max_seq_len: int = 32):
     torch.manual_seed(seed)
-    config = {"backend": backend, "model": {"dim": 32, "depth": DEPTH, "heads": 4, "max_seq_len": 32,
-                                             "attention": attention, "layers": layers or []}}
+    config = {"backend": backend, "model": {"dim": 32, "depth": DEPTH, "heads": 4, "max_seq_len": max_seq_len,
+                                             **STACKS[stack], "attention": attention, "layers": layers or []}}
     model = build_model(config).eval()
     with torch.no_grad():  # larger q/k so selection scores are O(1) and F really changes the output
         for name, p in model.named_parameters():
@@ -65,20 +54,18 @@ def cached_logits(model, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-ALL = {**{k: (v, None) for k, v in CASES.items()}, **MIXED}
-
-
 def test_every_variant_is_covered():
     covered = {attention["variant"] for attention, _ in ALL.values()}
     assert set(list_variants()) <= covered, f"add a row for {set(list_variants()) - covered}"
 
 
+@pytest.mark.parametrize("stack", list(STACKS))
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 @pytest.mark.parametrize("name", list(ALL))
 @torch.no_grad()
-def test_cached_decoding_equals_full_forward(name, backend):
+def test_cached_decoding_equals_full_forward(name, backend, stack):
     attention, layers = ALL[name]
-    model = make_model(attention, layers, backend)
+    model = make_model(attention, layers, backend, stack=stack)
     tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(1))
     full = model(tokens)
     for chunk in (1, 3, 5, PROMPT):
@@ -89,7 +76,7 @@ def test_cached_decoding_equals_full_forward(name, backend):
 @torch.no_grad()
 def test_cache_changes_the_output_where_it_should():
     # Guard against a vacuous equality: a cache that drops the selective accumulator must fail.
-    model = make_model(CASES["selective"])
+    model = make_model(SELECTIVE)
     tokens = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(2))
     full = model(tokens)
     cache = model.new_cache()
@@ -102,7 +89,7 @@ def test_cache_changes_the_output_where_it_should():
 
 @torch.no_grad()
 def test_selective_accumulator_is_column_sums_of_S():
-    model = make_model(CASES["selective-kv1"])
+    model = make_model({"variant": "selective", "kv_heads": 1, "selection_head": 3})
     tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
     _, updates = model(tokens, return_state=True)
     cache = model.new_cache()
@@ -143,7 +130,7 @@ def test_sdpa_needs_bottom_right_mask_for_chunks_after_a_cache():
 
 
 def test_cache_nbytes_counts_keys_values_and_stats():
-    model = make_model(CASES["selective-kv2-residual"])
+    model = make_model({"variant": "selective", "kv_heads": 2, "residual": True})
     cache = model.new_cache()
     with torch.no_grad():
         model(torch.randint(0, 256, (3, 5)), cache=cache)
@@ -154,3 +141,25 @@ def test_cache_nbytes_counts_keys_values_and_stats():
     layer.keep(index)
     assert layer.length == 3 and layer.positions[0].tolist() == [0, 3, 4]
     assert layer.nbytes() == 2 * 3 * 2 * 3 * 8 * 4 + 3 * 3 * 8 + 3 * 3 * 4
+
+
+@pytest.mark.parametrize("stack", ["rope", "none"])
+@pytest.mark.parametrize("name", list(CASES))
+@torch.no_grad()
+def test_decoding_runs_past_max_seq_len_without_learned_positions(name, stack):
+    """max_seq_len is the training length, not a cap, with rope and none: 3x past it the cache still equals
+    one full forward (which itself runs past it)."""
+    model = make_model(CASES[name][0], stack=stack, max_seq_len=8)
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    full = model(tokens)
+    cache = model.new_cache()
+    steps = [model(tokens[:, :5], cache=cache)] + [model(tokens[:, i:i + 1], cache=cache) for i in range(5, 24)]
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
+
+
+def test_learned_positions_stop_at_max_seq_len_with_a_clear_error():
+    model = make_model(SELECTIVE, stack="learned", max_seq_len=8)
+    cache = model.new_cache()
+    model(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"exceeds model.max_seq_len=8 \(learned positions"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)

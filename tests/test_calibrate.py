@@ -105,7 +105,7 @@ def test_calibrate_command(run_folder, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--tolerance", "0"], "relative tolerance in (0, 1)"),
-    (["--context", "99"], "--context 99: must be between 4 and model.max_seq_len (32)"),
+    (["--context", "3"], "--context 3: must be >= 4"),
     (["--batches", "0"], "--batches 0: must be >= 1"),
 ])
 def test_calibrate_command_errors(run_folder, capsys, args, message):

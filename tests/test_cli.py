@@ -66,21 +66,29 @@ def test_describe_shows_layers_state_backend_and_parameter_count(capsys):
     count = build_model(CONFIGS / "selective_hybrid.yaml").num_parameters()
     assert f"parameters: {count:,}" in header and "depth 4, dim 256, heads 8 x 32" in header
     assert len(layers) == 4
-    assert layers[0].startswith("layer 0: selective "
-                                "{'kv_heads': None, 'selection_head': 0, 'protect_bos': True, 'residual': False}")
+    assert layers[0].startswith("layer 0: selective {'kv_heads': None, 'qk_norm': False, 'qkv_bias': False, "
+                                "'out_bias': False, 'selection_head': 0, 'protect_bos': True, 'residual': False}")
     assert "state read: -; written: selection_penalty" in layers[0]
     assert "residual': True" in layers[1]
     assert "(optional: residual_scores); written: residual_scores, selection_penalty" in layers[1]
-    assert layers[3].startswith("layer 3: vanilla {'kv_heads': None}") and "state read: -; written: -" in layers[3]
+    assert layers[3].startswith("layer 3: vanilla {'kv_heads': None, 'qk_norm': False")
+    assert "state read: -; written: -" in layers[3]
     for layer in layers:
         assert re.search(r"^    backend \(auto, cpu, float32.*\): (sdpa|math|xformers)", layer, re.M), layer
 
 
 def test_describe_parameter_count_follows_the_shapes(capsys):
-    """Embeddings (tied head) + per layer q, k/v, out, MLP, two LayerNorms + final LayerNorm."""
+    """Default stack (rope, rmsnorm, swiglu): embeddings (tied head) + per layer q, k/v, out, SwiGLU's three
+    matrices of hidden 8 * ceil(2/3 * 4 * d / 8), two RMSNorm gains + the final gain; rope has no weights.
+    GPT-2's stack adds the learned position table, LayerNorm biases and GELU's two matrices of 4 * d."""
     V, d, n, L, kv = 256, 256, 1024, 4, 2 * 32
-    per_layer = d * d + 2 * kv * d + d * d + 2 * 4 * d * d + 4 * d
+    hidden = 8 * -(-2 * 4 * d // (3 * 8))
+    per_layer = d * d + 2 * kv * d + d * d + 3 * hidden * d + 2 * d
     header, _ = describe(capsys, str(CONFIGS / "gqa.yaml"))
+    assert "stack: position rope, norm rmsnorm, mlp swiglu" in header
+    assert f"parameters: {V * d + L * per_layer + d:,}" in header
+    header, _ = describe(capsys, str(CONFIGS / "gqa.yaml"), "model.position=learned", "model.norm=layernorm", "model.mlp=gelu")
+    per_layer = d * d + 2 * kv * d + d * d + 2 * 4 * d * d + 4 * d
     assert f"parameters: {V * d + n * d + L * per_layer + 2 * d:,}" in header
 
 

@@ -221,23 +221,73 @@ def test_gradient_flows_into_the_selection_head_through_F():
 # Whole stacks against a reference stack that reuses the model's weights.
 
 VOCAB, DIM, HEADS, N, B = 32, 32, 4, 8, 2
+EPS = 1e-5
+
+# The stacks every case runs on: Llama's (the default), GPT-2's, and NoPE with a tanh-GELU MLP.
+COMPONENTS = {
+    "rope": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "rope_theta": 100.0},
+    "learned": {"position": "learned", "norm": "layernorm", "mlp": "gelu"},
+    "none": {"position": "none", "norm": "rmsnorm", "mlp": "gelu_tanh"},
+}
 
 
-def reference_lm(model, tokens, layers):
-    """The CausalLM forward written out (pre-LN blocks, GELU MLP), attention from the equations.
+def ref_rope(x, theta):
+    """RoFormer's rotation in complex form, pairing dimension i with i + D/2 (the rotate-half convention):
+    (x_i + 1j x_{i+D/2}) * exp(1j * position * theta^(-2i/D)). x: (B, H, N, D) at positions 0..N-1."""
+    D, n = x.shape[-1], x.shape[-2]
+    angle = torch.arange(n, dtype=torch.float64)[:, None] * theta ** (-2 * torch.arange(D // 2, dtype=torch.float64) / D)
+    z = torch.complex(x[..., : D // 2].double(), x[..., D // 2:].double()) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
+
+
+def ref_rmsnorm(x, weight):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + EPS) * weight
+
+
+def ref_norm(kind, x, module):
+    if kind == "rmsnorm":
+        return ref_rmsnorm(x, module.weight)
+    return tF.layer_norm(x, (x.shape[-1],), module.weight, module.bias, eps=EPS)
+
+
+def ref_mlp(kind, h, mlp):
+    if kind == "swiglu":
+        gate = h @ mlp.gate.weight.T
+        return (gate * torch.sigmoid(gate) * (h @ mlp.up.weight.T)) @ mlp.down.weight.T
+    return tF.gelu(h @ mlp.up.weight.T, approximate="tanh" if kind == "gelu_tanh" else "none") @ mlp.down.weight.T
+
+
+def ref_differential(q, k, v, a, index, depth_index):
+    """Ye et al. 2025: (softmax(Q1 K1^T/sqrt(d)) - lambda softmax(Q2 K2^T/sqrt(d))) V per head, RMSNorm, * (1 - lambda_init)."""
+    d = q.shape[-1] // 2
+    init = 0.8 - 0.6 * math.exp(-0.3 * depth_index)  # layer l = depth_index + 1
+    lam = torch.exp((a.lambda_q1 * a.lambda_k1).sum()) - torch.exp((a.lambda_q2 * a.lambda_k2).sum()) + init
+    maps = [ref_softmax_attend(ref_logits(q[..., s * d:(s + 1) * d], k[..., s * d:(s + 1) * d]), v) for s in (0, 1)]
+    return ref_rmsnorm(maps[0] - lam * maps[1], a.head_norm.weight) * (1 - init)
+
+
+def reference_lm(model, tokens, layers, components=COMPONENTS["rope"]):
+    """The CausalLM forward written out (pre-norm blocks), attention from the equations.
 
     layers: (variant, params) per layer. Returns logits and, per layer, its logits L, penalty F, carried R.
     """
-    x = model.token_embedding.weight[tokens] + model.position_embedding.weight[: tokens.shape[1]]
+    x = model.token_embedding.weight[tokens]
+    if components["position"] == "learned":
+        x = x + model.position_embedding.weight[: tokens.shape[1]]
+    norm, mlp = components["norm"], components["mlp"]
     R = F_latest = None  # what the state channels hold so far
     trace = []
     for index, (block, (name, params)) in enumerate(zip(model.blocks, layers)):
         a = block.attention
-        h = tF.layer_norm(x, (DIM,), block.norm_attn.weight, block.norm_attn.bias)
+        h = ref_norm(norm, x, block.norm_attn)
         Hkv = params.get("kv_heads") or HEADS
         q = (h @ a.q_proj.weight.T).view(B, -1, HEADS, DIM // HEADS).transpose(1, 2)
         kv = (h @ a.kv_proj.weight.T).view(B, -1, 2, Hkv, DIM // HEADS)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        if params.get("qk_norm"):  # before the rotation
+            q, k = ref_rmsnorm(q, a.q_norm.weight), ref_rmsnorm(k, a.k_norm.weight)
+        if components["position"] == "rope":
+            q, k = ref_rope(q, components["rope_theta"]), ref_rope(k, components["rope_theta"])
         L = ref_logits(q, k)
         own = Fl = None
         if name in ("selective", "cross_layer_selective"):
@@ -256,34 +306,38 @@ def reference_lm(model, tokens, layers):
         if own is not None or params.get("mode") == "accumulate":
             F_latest = Fl
         trace.append({"L": L, "F": Fl, "R": R})
-        out = ref_softmax_attend(scores, v).transpose(1, 2).reshape(B, -1, DIM)
-        x = x + out @ a.out_proj.weight.T
-        h = tF.layer_norm(x, (DIM,), block.norm_mlp.weight, block.norm_mlp.bias)
-        x = x + tF.gelu(h @ block.mlp.up.weight.T) @ block.mlp.down.weight.T
-    x = tF.layer_norm(x, (DIM,), model.norm.weight, model.norm.bias)
+        heads_out = ref_differential(q, k, v, a, index, index) if name == "differential" else ref_softmax_attend(scores, v)
+        x = x + heads_out.transpose(1, 2).reshape(B, -1, DIM) @ a.out_proj.weight.T
+        x = x + ref_mlp(mlp, ref_norm(norm, x, block.norm_mlp), block.mlp)
+    x = ref_norm(norm, x, model.norm)
     return x @ model.lm_head.weight.T, trace
 
 
-def stack(attention, depth=3, layers=(), backend="math", dtype=torch.float32, seed=0):
+def stack(attention, depth=3, layers=(), backend="math", dtype=torch.float32, seed=0, components="rope"):
     """A model with weights large enough for F to matter, and its per-layer (variant, params)."""
     config = {"backend": backend, "model": {"vocab_size": VOCAB, "dim": DIM, "depth": depth, "heads": HEADS,
-                                            "max_seq_len": 16, "attention": attention, "layers": list(layers)}}
+                                            "max_seq_len": 16, "attention": attention, "layers": list(layers),
+                                            **COMPONENTS[components]}}
     model = build_model(config).to(dtype)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+        for name, p in model.named_parameters():
+            # norm gains around 1; differential's lambda vectors small, as exp(lq . lk) would blow them up
+            gain = p.dim() == 1 and "lambda_" not in name
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.2 + (1.0 if gain else 0.0))
     from attention_zoo.config import layer_specs
     return model, [(s.variant, s.params) for s in layer_specs(model.config["model"])]
 
 
 STACKS = {
     "vanilla": ({"variant": "vanilla"}, []),
+    "vanilla-qk_norm": ({"variant": "vanilla", "qk_norm": True}, []),
     "gqa": ({"variant": "gqa", "kv_heads": 2}, []),
     "mqa": ({"variant": "gqa", "kv_heads": 1}, []),
     "residual": ({"variant": "residual"}, []),
     "residual-gqa": ({"variant": "residual", "kv_heads": 2}, []),
     "selective": ({"variant": "selective"}, []),
+    "selective-qk_norm-gqa": ({"variant": "selective", "qk_norm": True, "kv_heads": 2}, []),
     "selective-gqa-head1": ({"variant": "selective", "kv_heads": 2, "selection_head": 1}, []),
     "selective-gqa-head2": ({"variant": "selective", "kv_heads": 2, "selection_head": 2}, []),
     "selective-head1-no-bos": ({"variant": "selective", "selection_head": 1, "protect_bos": False}, []),
@@ -292,19 +346,25 @@ STACKS = {
     "share": ({"variant": "cross_layer_selective", "sources": [0, 2]}, []),
     "share-residual-gqa": ({"variant": "cross_layer_selective", "sources": [0], "residual": True, "kv_heads": 2}, []),
     "accumulate": ({"variant": "cross_layer_selective", "mode": "accumulate", "sources": [1, 2], "decay": 0.5}, []),
-    "mixed": ({"variant": "selective", "residual": True}, [{"at": [1], "attention": {"variant": "vanilla"}}]),
+    "differential": ({"variant": "differential"}, []),
+    "differential-gqa-qk_norm": ({"variant": "differential", "kv_heads": 2, "qk_norm": True}, []),
+    "mixed": ({"variant": "selective", "residual": True}, [{"at": [1], "attention": {"variant": "vanilla"}},
+                                                          {"at": [2], "attention": {"variant": "differential"}}]),
 }
+# Every case on every stack in float64 on math (the exactness check) and float32 on sdpa (the fast path).
+GRID = [(case, components, backend, dtype) for case in STACKS for components in COMPONENTS
+        for backend, dtype in (("math", torch.float64), ("sdpa", torch.float32))]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
-@pytest.mark.parametrize("case", list(STACKS))
-def test_stack_matches_reference(case, backend, dtype):
+@pytest.mark.parametrize("case,components,backend,dtype", GRID,
+                         ids=[f"{c}-{s}-{b}-{str(d)[6:]}" for c, s, b, d in GRID])
+def test_stack_matches_reference(case, components, backend, dtype):
     attention, layers = STACKS[case]
-    model, specs = stack(attention, depth=4 if case == "accumulate" else 3, layers=layers, backend=backend, dtype=dtype)
+    model, specs = stack(attention, depth=4 if case == "accumulate" else 3, layers=layers, backend=backend,
+                         dtype=dtype, components=components)
     tokens = torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(1))
     logits, per_layer = model(tokens, return_state=True)
-    ref, trace = reference_lm(model, tokens, specs)
+    ref, trace = reference_lm(model, tokens, specs, COMPONENTS[components])
     assert_matches(logits, ref, dtype, "logits")
     for index, (updates, expected) in enumerate(zip(per_layer, trace)):
         if F_KEY in updates:

@@ -1,2 +1,2 @@
 """Built-in attention variants. Each module registers itself with `@register_variant` on import."""
-from . import cross_layer_selective, gqa, residual, selective, vanilla  # noqa: F401
+from . import cross_layer_selective, differential, gqa, residual, selective, vanilla  # noqa: F401

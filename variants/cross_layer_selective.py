@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attention_zoo.ops.selection import Selection
 from attention_zoo.state import SELECTION_PENALTY
-from attention_zoo.variant import KV_HEADS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, Param, ProjectedAttention
+from attention_zoo.variant import BASE_PARAMS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, Param, ProjectedAttention
 from attention_zoo.variant_registry import register_variant
 from attention_zoo.variants.selective import SelectionMixin
 
@@ -44,7 +44,7 @@ class CrossLayerSelective(SelectionMixin, ProjectedAttention):
     """Depth-wise selective attention: source layers select, other layers reuse (share) or add up (accumulate) F."""
 
     params = {
-        "kv_heads": KV_HEADS,
+        **BASE_PARAMS,
         "selection_head": SELECTION_HEAD,
         "protect_bos": PROTECT_BOS,
         "residual": RESIDUAL,

@@ -1,4 +1,4 @@
-from attention_zoo.variant import KV_HEADS, LayerShape, Param, ProjectedAttention
+from attention_zoo.variant import BASE_PARAMS, KV_HEADS, LayerShape, Param, ProjectedAttention
 from attention_zoo.variant_registry import register_variant
 
 
@@ -13,4 +13,5 @@ def _fewer_than_heads(value, shape: LayerShape):
 class GroupedQuery(ProjectedAttention):
     """Grouped-query attention: query head h reads kv head h // (heads / kv_heads); kv_heads 1 is MQA."""
 
-    params = {"kv_heads": Param(int, doc="key/value heads, 1 <= kv_heads < heads", required=True, check=_fewer_than_heads)}
+    params = {**BASE_PARAMS, "kv_heads": Param(int, doc="key/value heads, 1 <= kv_heads < heads", required=True,
+                                                check=_fewer_than_heads)}

@@ -16,7 +16,7 @@ from attention_zoo.cache import LayerCache
 from attention_zoo.ops.selection import Selection
 from attention_zoo.ops.selection.blocked import column_sums
 from attention_zoo.state import SELECTION_PENALTY
-from attention_zoo.variant import KV_HEADS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, ProjectedAttention
+from attention_zoo.variant import BASE_PARAMS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, ProjectedAttention
 from attention_zoo.variant_registry import register_variant
 
 ACCUMULATOR = "selection"  # the per-key cache statistic: column sums of S over processed queries
@@ -46,7 +46,7 @@ class SelectionMixin:
 class Selective(SelectionMixin, ProjectedAttention):
     """Selective attention: every head attends with softmax(L - F + mask), F from one selection head."""
 
-    params = {"kv_heads": KV_HEADS, "selection_head": SELECTION_HEAD, "protect_bos": PROTECT_BOS, "residual": RESIDUAL}
+    params = {**BASE_PARAMS, "selection_head": SELECTION_HEAD, "protect_bos": PROTECT_BOS, "residual": RESIDUAL}
 
     def __init__(self, shape: LayerShape, *, selection_head: int = 0, protect_bos: bool = True,
                  residual: bool = False, **base):

@@ -7,6 +7,7 @@ backend serves every variant whose calls it accepts. `auto` tries backends in `A
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -83,6 +84,31 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
     raise BackendRefused("no backend accepts this call: " + "; ".join(skipped))
 
 
+_chosen: dict[tuple, tuple[Backend, list[str]]] = {}
+
+
+def _backends_signature() -> tuple:
+    """What a choice depends on besides the call: the registered backends, their refuse/defer methods (tests
+    and plug-ins may replace them) and the environment variables the backends read at refusal time."""
+    parts = []
+    for name in AUTO_ORDER + ("flex",):
+        if name in BACKENDS:
+            b = BACKENDS.get(name)
+            parts.append((name, id(b), type(b).refuse, type(b).defer, b.__dict__.get("refuse"), b.__dict__.get("defer")))
+    return tuple(parts), os.environ.get("TRITON_INTERPRET"), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def chosen_for(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
+    """`choose`, memoised per (backend name, call signature): a training step dispatches the same few calls
+    every layer and step, and refusals are pure functions of them (the backends' self-checks are cached
+    too). A refusal is never memoised: it raises each time."""
+    key = (name, call, _backends_signature())
+    hit = _chosen.get(key)
+    if hit is None:
+        hit = _chosen[key] = choose(name, call)
+    return hit
+
+
 def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None, causal: bool, scale: float,
              backend: str = "auto") -> Tensor:
     """softmax(scale q k^T + bias + causal) v on `backend`. `bias`: a tensor broadcastable to (B, H, Nq, Nk), a
@@ -92,7 +118,7 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None
         calls.append(call)
     if call.device == "meta":  # a dry run (`describe`) computes shapes only; backends are chosen for a real device
         return run_on(BACKENDS.get("math"), q, k, v, bias, causal, scale)
-    chosen, skipped = choose(backend, call)
+    chosen, skipped = chosen_for(backend, call)
     for why in skipped:
         if (why, chosen.name) not in _logged:
             _logged.add((why, chosen.name))

@@ -34,6 +34,13 @@ class AttentionCall:
     bias_requires_grad: bool = False
     grad_enabled: bool = False
     has_selection: bool = False  # the bias is a structured selection (ops/selection), not a tensor
+    value_dim: int | None = None  # v's width when it differs from q/k's (differential attention), else None
+
+    def unequal_value_dim(self) -> str | None:
+        """The refusal of a kernel that needs v as wide as q and k, or None when it is."""
+        if self.value_dim is None or self.value_dim == self.head_dim:
+            return None
+        return f"values of width {self.value_dim} differ from q/k's head dim {self.head_dim}; its kernels need them equal"
 
     @classmethod
     def from_tensors(cls, q: Tensor, k: Tensor, bias: "Tensor | Selection | None", v: Tensor | None = None
@@ -53,6 +60,7 @@ class AttentionCall:
             bias_requires_grad=bias_grad,
             grad_enabled=torch.is_grad_enabled() and (inputs_grad or bias_grad),
             has_selection=isinstance(bias, Selection),
+            value_dim=None if v is None or v.shape[-1] == q.shape[-1] else v.shape[-1],
         )
 
 

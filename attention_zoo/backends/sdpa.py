@@ -36,6 +36,8 @@ class SDPABackend(Backend):
     def refuse(self, call: AttentionCall) -> str | None:
         if call.device == "cpu" and call.dtype == torch.float16 and call.grad_enabled:
             return "fp16 backward on CPU is not supported by SDPA's CPU kernels"
+        if call.bias_requires_grad and call.grad_enabled and call.value_dim is not None:
+            return f"the blockwise backward of a trainable bias needs v as wide as q and k ({call.unequal_value_dim()})"
         return None
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:

@@ -57,6 +57,8 @@ class TritonBackend(Backend):
     def refuse(self, call: AttentionCall) -> str | None:
         if call.device not in ("cuda", "cpu"):
             return f"Triton kernels run on CUDA (tensors are on {call.device})"
+        if unequal := call.unequal_value_dim():
+            return unequal
         if call.device == "cpu" and not interpreter_requested():
             return ("Triton kernels run on CUDA (tensors are on cpu; TRITON_INTERPRET=1 runs them in Triton's interpreter, "
                     "for tests)")
@@ -113,8 +115,7 @@ class TritonAttention(torch.autograd.Function):
             # The kernels read a size-1 or stride-0 dim as a broadcast: a batch-shared bias is expanded to
             # B (no copy) so each batch element's gradient has a row of its own, summed back below.
             read = bias[:, :1] if spread_heads else bias
-            # The kernels read memory: a negated view (negative bit set) is made into the values it reads as.
-            read = read.detach().resolve_neg().expand(q.shape[0], *read.shape[1:])
+            read = read.detach().expand(q.shape[0], *read.shape[1:])
             ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
         out, lse = kernels.attention_forward(q.detach(), k.detach(), v.detach(), read, causal=causal, scale=scale)
         ctx.save_for_backward(q, k, v, read, out, lse)

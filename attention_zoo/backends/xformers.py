@@ -71,6 +71,8 @@ class XFormersBackend(Backend):
     def refuse(self, call: AttentionCall) -> str | None:
         if call.device != "cuda":  # checked first: no import on CPU, so `auto` stays cheap there
             return f"xformers kernels run on CUDA only (tensors are on {call.device})"
+        if unequal := call.unequal_value_dim():
+            return unequal
         fmha, error = load_xformers()
         if fmha is None:
             return f"xformers is not installed or does not import ({error}); pip install xformers"

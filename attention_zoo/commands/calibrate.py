@@ -48,8 +48,9 @@ def cmd_calibrate(args) -> int:
         raise UserError(f"--threshold {args.threshold}: must be > 0, or 0 to skip")
     model, path = load_for_inference(args.checkpoint, args.device)
     context = args.context or model.max_seq_len
-    if not 4 <= context <= model.max_seq_len:
-        raise UserError(f"--context {context}: must be between 4 and model.max_seq_len ({model.max_seq_len})")
+    if context < 4 or model.max_positions is not None and context > model.max_positions:
+        limit = f"between 4 and model.max_seq_len ({model.max_positions}; learned positions)" if model.max_positions else ">= 4"
+        raise UserError(f"--context {context}: must be {limit}")
     dataset = build_dataset(model.config.get("data"), source=str(path / "config.yaml"))
     if dataset.fixed_seq_len and context < dataset.fixed_seq_len:
         raise UserError(f"--context {context}: dataset {dataset.name!r} needs at least {dataset.fixed_seq_len}")

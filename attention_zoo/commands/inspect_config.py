@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 
 import torch
 
 from ..backends import BackendRefused, choose, recording_calls
-from ..config import ConfigError, build_model, layer_specs, load_config
+from ..components import KINDS
+from ..config import STACK_DEFAULTS, ConfigError, build_model, layer_specs, load_config
 from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
 
 
@@ -43,6 +45,15 @@ def cmd_list(args) -> int:
             print(f"    {key} ({p.type_name()}, {default}{choices}): {p.doc}")
     for failure in VARIANTS.failures:
         print(f"(plugin not loaded: {failure.source}: {failure.error})")
+    for key, kind in KINDS.items() if args.pattern == "*" else ():
+        print(f"\nmodel.{key} ({kind.doc}; default {STACK_DEFAULTS[key]}):")
+        for name in kind.names():
+            cls = kind.get(name)
+            print(f"  {name}: {(inspect.getdoc(cls) or '').splitlines()[0] if inspect.getdoc(cls) else ''}")
+            for param_key, p in cls.params.items():
+                print(f"    model.{param_key} ({p.type_name()}, default {p.default!r}): {p.doc}")
+        for failure in kind.registry.failures:
+            print(f"  (plugin not loaded: {failure.source}: {failure.error})")
     return 0
 
 
@@ -67,13 +78,23 @@ def cmd_describe(args) -> int:
     dtype = getattr(torch, args.dtype)
     # One forward pass on the meta device records exactly what each layer asks its backend for.
     tokens = torch.zeros(1, m["max_seq_len"], dtype=torch.long, device="meta")
+    per_layer: list[list] = []  # a layer may make several calls (differential makes two)
+
+    def layer_done(*_) -> None:  # a forward hook must return None, or it replaces the block's output
+        per_layer.append(list(calls))
+        calls.clear()
+
     with recording_calls() as calls, torch.set_grad_enabled(args.train):
+        for block in model.blocks:
+            block.register_forward_hook(layer_done)
         model(tokens)
     print(f"{args.file}: depth {m['depth']}, dim {m['dim']}, heads {m['heads']} x {head_dim}, "
           f"vocab {m['vocab_size']}, max_seq_len {m['max_seq_len']}")
+    print(f"stack: position {m['position']}, norm {m['norm']}, mlp {m['mlp']}")
     print(f"parameters: {model.num_parameters():,}")
-    for spec, block, call in zip(layer_specs(m), model.blocks, calls):
+    for spec, block, layer_calls in zip(layer_specs(m), model.blocks, per_layer):
         attn = block.attention
+        call = layer_calls[0]
         params = resolved_params(spec.variant, spec.params)
         call = dataclasses.replace(call, device=args.device, dtype=dtype)
         try:
@@ -87,6 +108,7 @@ def cmd_describe(args) -> int:
         print(f"    state read: {reads}{f' (optional: {optional})' if optional else ''}; "
               f"written: {', '.join(attn.writes) or '-'}")
         bias = "none" if not call.has_bias else ("with grad" if call.bias_requires_grad else "constant")
+        times = f"; {len(layer_calls)} calls" if len(layer_calls) > 1 else ""
         print(f"    backend ({config['backend']}, {args.device}, {args.dtype}{', train' if args.train else ''}; "
-              f"bias {bias}): {backend}")
+              f"bias {bias}{times}): {backend}")
     return 0

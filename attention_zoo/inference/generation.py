@@ -43,12 +43,15 @@ def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler
     """prompt (B, P) -> up to `max_tokens` new tokens per row.
 
     Learned positions end at model.max_seq_len: a token sampled there is kept but cannot be fed back,
-    so generation stops (`stopped == "max_seq_len"`). `on_token(tokens (B, 1))` sees each new token.
+    so generation stops (`stopped == "max_seq_len"`); rope and none run on past it. `on_token(tokens
+    (B, 1))` sees each new token. Raises UserError for an empty prompt, one past learned positions, or
+    a negative max_tokens.
     """
     B, P = prompt.shape
     if P == 0:
         raise UserError("the prompt is empty: give at least one token (it becomes position 0, the BOS)")
-    if P > model.max_seq_len:
+    limit = model.max_positions  # None: no positional cap (rope, none)
+    if limit is not None and P > limit:
         raise UserError(f"the prompt has {P} tokens but the model's positions end at model.max_seq_len="
                         f"{model.max_seq_len}; shorten it")
     if max_tokens < 0:
@@ -72,7 +75,7 @@ def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler
             on_token(token)
         if step == max_tokens - 1:
             break
-        if cache.seen >= model.max_seq_len:
+        if limit is not None and cache.seen >= limit:
             stopped = "max_seq_len"
             break
         logits = model(token, cache=cache)

@@ -63,10 +63,10 @@ class ResidualScores:
         """R + scale q k^T + bias (a Selection's -F, or None), or None when the shapes cannot be concatenated."""
         if q.shape[:3] != self.q.shape[:3] or k.shape[:3] != self.k.shape[:3] or q.dtype != self.q.dtype:
             return None
-        if scale != self.scale:  # fold the scale ratio into this layer's q: one scale for the concatenation
-            q = q * (scale / self.scale)
+        # One scale for the concatenation, this layer's: earlier layers' q carry the ratio if scales differ.
+        previous_q = self.q if scale == self.scale else self.q * (self.scale / scale)
         selection = self.selection if bias is None else (bias if self.selection is None else self.selection + bias)
-        return ResidualScores(torch.cat([self.q, q], dim=-1), torch.cat([self.k, k], dim=-1), self.scale, selection)
+        return ResidualScores(torch.cat([previous_q, q], dim=-1), torch.cat([self.k, k], dim=-1), scale, selection)
 
 
 def scores_tensor(value: "Tensor | ResidualScores") -> Tensor:
@@ -103,15 +103,13 @@ def carry(previous: "Tensor | ResidualScores | None", q: Tensor, k: Tensor, bias
     return (logits if total is None else logits + total), total
 
 
-def attend(scores: ResidualScores, v: Tensor, *, backend: str) -> Tensor:
-    """softmax(R + causal) v for a structured R: q (B, H, Nq, Dc), k (B, Hkv, Nk, Dc), v (B, Hkv, Nk, D).
-    v is zero-padded to Dc (flash kernels want equal head dims; the zeros add nothing) and the output sliced
-    back to (B, H, Nq, D)."""
-    from ..backends import dispatch
-
+def attend(scores: ResidualScores, v: Tensor, attend_fn) -> Tensor:
+    """softmax(R + causal) v for a structured R: q (B, H, Nq, Dc), k (B, Hkv, Nk, Dc), v (B, Hkv, Nk, D), through
+    `attend_fn(q, k, v, bias)` (the layer's attend step, whose scale is `scores.scale`). v is zero-padded to Dc
+    (flash kernels want equal head dims; the zeros add nothing) and the output sliced back to (B, H, Nq, D)."""
     D = v.shape[-1]
     padded = v if scores.head_dim == D else tF.pad(v, (0, scores.head_dim - D))
-    out = dispatch(scores.q, scores.k, padded, bias=scores.selection, causal=True, scale=scores.scale, backend=backend)
+    out = attend_fn(scores.q, scores.k, padded, scores.selection)
     return out if scores.head_dim == D else out[..., :D]
 
 

@@ -1,0 +1,50 @@
+"""The one table of test cases the contract, cache, reference and GPU tests loop over.
+
+VARIANT_CASES: registered variant -> the parameter sets worth covering (a variant not listed runs with its
+declared defaults, `[{}]`; one with a required parameter must be listed: `variant_config` says so).
+STACKS: the component stacks every case runs on: Llama's (the default), GPT-2's, and NoPE.
+"""
+from __future__ import annotations
+
+import pytest
+
+from attention_zoo import list_variants
+from attention_zoo.variant_registry import get_variant
+
+VARIANT_CASES: dict[str, list[dict]] = {
+    "vanilla": [{}, {"qk_norm": True}],
+    "gqa": [{"kv_heads": 2}, {"kv_heads": 1}],
+    "residual": [{}, {"kv_heads": 2}],
+    "selective": [{}, {"kv_heads": 2}, {"kv_heads": 1}, {"residual": True}, {"selection_head": 3, "protect_bos": False},
+                  {"qk_norm": True, "kv_heads": 2}],
+    "cross_layer_selective": [
+        {"mode": "share", "sources": [0, 2]},
+        {"mode": "accumulate", "sources": [1], "decay": 0.5},
+        {"mode": "share", "sources": [0], "kv_heads": 2, "residual": True},
+    ],
+    "differential": [{}, {"kv_heads": 2, "qk_norm": True}],
+}
+
+STACKS: dict[str, dict] = {
+    "rope": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
+    "learned": {"position": "learned", "norm": "layernorm", "mlp": "gelu"},
+    "none": {"position": "none", "norm": "rmsnorm", "mlp": "gelu_tanh"},
+}
+
+
+def variant_cases() -> list[tuple[str, dict]]:
+    """(variant, params) for every registered variant: its VARIANT_CASES rows, or its defaults."""
+    return [(name, params) for name in list_variants() for params in VARIANT_CASES.get(name, [{}])]
+
+
+def case_id(name: str, params: dict) -> str:
+    return f"{name}-{'-'.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}"
+
+
+def variant_config(name: str, params: dict, backend: str = "math", stack: str = "rope", **model) -> dict:
+    """A config of `model` sizes whose every layer runs variant `name` with `params`, on component stack `stack`."""
+    required = [k for k, p in get_variant(name).params.items() if p.required and k not in params]
+    if required:
+        pytest.fail(f"variant {name!r} has required parameters {required}: add an entry for it to VARIANT_CASES in "
+                    f"tests/cases.py so the contract tests can build it")
+    return {"backend": backend, "model": {**STACKS[stack], **model, "attention": {"variant": name, **params}}}

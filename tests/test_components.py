@@ -1,0 +1,182 @@
+"""The stack's components (positions, norms, MLPs): registries, conventions, compatibility, init.
+
+Their math is checked inside whole stacks against naive references in tests/test_reference.py; here are
+the properties a stack-level comparison would not pinpoint.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attention_zoo import build_model, load_config
+from attention_zoo.checkpoint import load_model
+from attention_zoo.cli import main
+from attention_zoo.components import MLPS, NORMS, POSITIONS, PositionalScheme, StackShape
+from attention_zoo.components.positions import RotaryPositions
+from attention_zoo.config import ConfigError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SMALL = {"vocab_size": 32, "dim": 32, "depth": 2, "heads": 4, "max_seq_len": 8}
+
+
+def test_a_checkpoint_from_before_the_components_loads_with_the_same_logits():
+    """checkpoint_v0 was written by the code before this stack (learned positions, LayerNorm, GELU): its config
+    has none of the new keys, so it must load as GPT-2's stack and reproduce the logits it was saved with."""
+    model = load_model(FIXTURES / "checkpoint_v0")
+    expected = load_file(FIXTURES / "checkpoint_v0" / "expected.safetensors")
+    assert model.config["model"]["position"] == "learned" and model.config["model"]["mlp"] == "gelu"
+    with torch.no_grad():
+        logits = model(expected["tokens"])
+    # fp32 rounding only (the project's 1e-5): selective's F is now summed over query blocks, in another order
+    torch.testing.assert_close(logits, expected["logits"], atol=1e-5 * max(1.0, expected["logits"].abs().max().item()), rtol=0)
+
+
+def test_new_configs_default_to_rope_rmsnorm_swiglu():
+    model = load_config({"model": SMALL})["model"]
+    assert (model["position"], model["norm"], model["mlp"], model["rope_theta"], model["norm_eps"]) == \
+        ("rope", "rmsnorm", "swiglu", 10000.0, 1e-5)
+
+
+def test_rope_pairs_dimension_i_with_i_plus_half():
+    """Rotate-half: a vector with only dimension 1 set moves into dimension 1 + D/2 (RoFormer's interleaved form
+    would move it into dimension 0). Angle at position p: p * theta^(-2i/D)."""
+    D, theta, p = 8, 100.0, 3
+    rope = RotaryPositions(StackShape(dim=D, heads=1, head_dim=D, max_seq_len=16), rope_theta=theta)
+    x = torch.zeros(1, 1, p + 1, D, dtype=torch.float64)
+    x[..., 1] = 1.0
+    index = torch.arange(p + 1)[None]
+    q, _ = rope.prepare(index, torch.float64).rotate(x, x)
+    angle = p * theta ** (-2 * 1 / D)
+    expected = torch.zeros(D, dtype=torch.float64)
+    expected[1], expected[1 + D // 2] = math.cos(angle), math.sin(angle)
+    torch.testing.assert_close(q[0, 0, p], expected, atol=1e-12, rtol=0)
+    assert torch.equal(q[0, 0, 0], x[0, 0, 0])  # position 0: no rotation
+
+
+def test_rope_keeps_dot_products_relative():
+    """q_m . k_n depends on m - n only: shifting both positions by 5 leaves the logits unchanged."""
+    rope = RotaryPositions(StackShape(dim=16, heads=1, head_dim=16, max_seq_len=8))
+    q, k = torch.randn(2, 1, 1, 6, 16, dtype=torch.float64).unbind(0)
+    logits = []
+    for start in (0, 5):
+        positions = rope.prepare(torch.arange(start, start + 6)[None], torch.float64)
+        rq, rk = positions.rotate(q, k)
+        logits.append(rq @ rk.transpose(-1, -2))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-10, rtol=0)
+
+
+def test_cos_and_sin_are_computed_once_per_forward(monkeypatch):
+    calls = []
+    original = RotaryPositions.prepare
+    monkeypatch.setattr(RotaryPositions, "prepare", lambda self, *a: calls.append(1) or original(self, *a))
+    model = build_model({"model": {**SMALL, "depth": 3}})
+    model(torch.zeros(1, 5, dtype=torch.long))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("position", ["rope", "none"])
+def test_rope_and_nope_run_past_max_seq_len_and_learned_does_not(position):
+    model = build_model({"model": {**SMALL, "position": position}})
+    assert model(torch.zeros(1, 3 * SMALL["max_seq_len"], dtype=torch.long)).shape == (1, 24, 32)
+    learned = build_model({"model": {**SMALL, "position": "learned"}})
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=8"):
+        learned(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_mlp_hidden_rules_and_override():
+    """gelu: mlp_ratio * dim; swiglu: 2/3 of that rounded up to a multiple of 8, so parameters match."""
+    m = {**SMALL, "dim": 48}
+    gelu = build_model({"model": {**m, "mlp": "gelu"}}).blocks[0].mlp
+    swiglu = build_model({"model": {**m, "mlp": "swiglu"}}).blocks[0].mlp
+    assert gelu.up.out_features == 192 and swiglu.gate.out_features == swiglu.up.out_features == 128
+    assert sum(p.numel() for p in gelu.parameters()) == sum(p.numel() for p in swiglu.parameters())
+    assert build_model({"model": {**m, "mlp_hidden": 40}}).blocks[0].mlp.up.out_features == 40
+
+
+def test_residual_outputs_are_initialised_by_their_marker_not_their_name(isolated_registry):
+    """A variant whose output projection has another name still gets GPT-2's depth-scaled init."""
+    from attention_zoo import ProjectedAttention, register_variant
+    from attention_zoo.initialization import residual_output
+
+    @register_variant("zoo_renamed_output")
+    class Renamed(ProjectedAttention):
+        """Output projection under another name."""
+
+        def __init__(self, shape, **base):
+            super().__init__(shape, **base)
+            self.to_out = residual_output(torch.nn.Linear(shape.dim, shape.dim, bias=False))
+            del self.out_proj
+
+        def output(self, out):
+            return self.to_out(out.transpose(1, 2).flatten(2))
+
+    depth, dim = 8, 256
+    torch.manual_seed(0)
+    model = build_model({"model": {"dim": dim, "depth": depth, "heads": 4, "attention": {"variant": "zoo_renamed_output"}}})
+    deep = 0.02 / math.sqrt(2 * depth)
+    for block in model.blocks:
+        assert block.attention.to_out.weight.std().item() == pytest.approx(deep, rel=0.05)
+        assert block.mlp.down.weight.std().item() == pytest.approx(deep, rel=0.05)
+        assert block.attention.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_a_plugin_adds_a_positional_scheme_without_editing_the_stack(monkeypatch):
+    """Registered by decorator, named in YAML, listed by `attention-zoo list`, applied by every layer."""
+    seen = []
+
+    @POSITIONS.register("zoo_halved")
+    class Halved(PositionalScheme):
+        """Scales q by one half (a stand-in for a real scheme)."""
+
+        def rotate(self, q, k, positions):
+            seen.append(positions.index.shape)
+            return q * 0.5, k
+
+    try:
+        model = build_model({"model": {**SMALL, "position": "zoo_halved"}})
+        model(torch.zeros(2, 5, dtype=torch.long))
+        assert seen == [(2, 5)] * SMALL["depth"]
+        assert main(["list"]) == 0
+    finally:
+        POSITIONS.registry._entries.pop("zoo_halved", None)  # Registry has no public unregister
+
+
+@pytest.mark.parametrize("key,value,valid", [
+    ("position", "rotary", "valid: learned, none, rope"),
+    ("norm", "rms", "valid: layernorm, rmsnorm"),
+    ("mlp", "geglu", "valid: gelu, gelu_tanh, swiglu"),
+])
+def test_a_bad_component_name_names_file_key_value_and_choices(tmp_path, capsys, key, value, valid):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"model:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"{path}: model.{key} = '{value}'" in message and valid in message
+    assert main(["validate", str(path)]) == 2
+    out = capsys.readouterr()
+    assert valid in out.out + out.err and "Traceback" not in out.out + out.err
+
+
+def test_component_parameters_are_validated_before_building():
+    with pytest.raises(ConfigError) as info:
+        load_config({"model": {**SMALL, "rope_theta": 0.5, "norm_eps": -1.0, "mlp_hidden": 0}})
+    message = str(info.value)
+    assert "model.rope_theta = 0.5: must be > 1" in message
+    assert "model.norm_eps = -1.0: must be in (0, 1)" in message
+    assert "model.mlp_hidden = 0: must be >= 1" in message
+
+
+def test_rope_needs_an_even_head_dim():
+    with pytest.raises(ConfigError, match=r"model.position = 'rope': rope rotates pairs of dimensions: head_dim \(5\)"):
+        load_config({"model": {**SMALL, "dim": 20, "heads": 4}})
+
+
+def test_every_kind_lists_its_builtins():
+    assert set(POSITIONS.names()) >= {"rope", "learned", "none"}
+    assert set(NORMS.names()) >= {"rmsnorm", "layernorm"}
+    assert set(MLPS.names()) >= {"swiglu", "gelu", "gelu_tanh"}

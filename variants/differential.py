@@ -1,0 +1,62 @@
+"""Differential attention (Ye, Dong, Xia, Sun, Zhu, Huang, Wei; "Differential Transformer", ICLR 2025).
+
+Each head's q and k are split into halves [Q1; Q2], [K1; K2] of width d = D/2; v keeps the full width D:
+
+    DiffAttn = (softmax(Q1 K1^T / sqrt(d) + M) - lambda * softmax(Q2 K2^T / sqrt(d) + M)) V
+    lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init,   lambda_init = 0.8 - 0.6 exp(-0.3 (l - 1))
+
+for layer l = 1..L (lq*, lk* learnable vectors of size d, shared by the layer's heads). Each head's
+output is RMS-normalised and scaled by (1 - lambda_init) before the output projection. The two maps are
+two ordinary backend calls: the variant only overrides `attend`, so the cache, GQA and the positional
+scheme work unchanged. Same parameter count as vanilla attention, plus 4 * d + D per layer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from attention_zoo.backends import dispatch
+from attention_zoo.variant import BASE_PARAMS, LayerShape, ProjectedAttention
+from attention_zoo.variant_registry import register_variant
+
+
+def lambda_init(layer_index: int) -> float:
+    """The paper's depth schedule, layer_index = l - 1 counted from 0: 0.2 at the bottom, towards 0.8."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+
+
+@register_variant("differential")
+class Differential(ProjectedAttention):
+    """Differential attention: the difference of two softmax maps from split q/k halves cancels common-mode noise."""
+
+    params = BASE_PARAMS
+
+    def __init__(self, shape: LayerShape, **base):
+        if shape.head_dim % 2:
+            raise ValueError(f"differential attention splits each head's q and k in halves: "
+                             f"head_dim {shape.head_dim} must be even")
+        super().__init__(shape, **base)
+        half = self.head_dim // 2
+        self.scale = half ** -0.5  # each map's logits are scaled by its own width d = D/2
+        self.lambda_init = lambda_init(shape.layer_index)
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            nn.Parameter(torch.randn(half) * 0.1) for _ in range(4))
+        self.head_norm = nn.RMSNorm(self.head_dim, eps=shape.norm_eps)  # per head, over its D outputs
+
+    def differential_lambda(self) -> Tensor:
+        """lambda, a 0-dim tensor: exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init."""
+        return (torch.exp(torch.dot(self.lambda_q1, self.lambda_k1)) - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2))
+                + self.lambda_init)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        q1, q2 = q.chunk(2, dim=-1)  # (B, H, Nq, D/2) each
+        k1, k2 = k.chunk(2, dim=-1)  # (B, Hkv, Nk, D/2) each
+        a1 = dispatch(q1, k1, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)  # (B, H, Nq, D)
+        a2 = dispatch(q2, k2, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)
+        out = a1 - self.differential_lambda().to(a1.dtype) * a2
+        return self.head_norm(out) * (1 - self.lambda_init)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lambda_init={self.lambda_init:.3f}"
