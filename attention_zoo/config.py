@@ -213,11 +213,11 @@ def layer_shape(model: dict, index: int) -> LayerShape:
 
 
 def stack_shape(model: dict):
-    """The sizes the stack's components are built for."""
+    """The sizes the stack's components are built for (defaults where a key failed validation)."""
     from .components import StackShape
 
-    return StackShape(model["dim"], model["heads"], model["head_dim"] or model["dim"] // model["heads"],
-                      model["max_seq_len"], model["mlp_ratio"], model["dropout"])
+    sizes = {k: model.get(k, MODEL_FIELDS[k].default) for k in ("max_seq_len", "mlp_ratio", "dropout")}
+    return StackShape(model["dim"], model["heads"], model["head_dim"] or model["dim"] // model["heads"], **sizes)
 
 
 def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tuple[dict, list[Problem]]:
@@ -457,7 +457,8 @@ def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[
     m = config["model"]
     shape = stack_shape(m)
     model = CausalLM(build_attentions(m, config["backend"]), [MLPS.build(m["mlp"], shape, m) for _ in range(m["depth"])],
-                     make_norm=lambda: NORMS.build(m["norm"], shape, m), position_embedding=POSITIONS.build(m["position"], shape, m),
+                     make_norm=lambda: NORMS.build(m["norm"], shape, m),
+                     position_embedding=POSITIONS.build(m["position"], shape, m),
                      vocab_size=m["vocab_size"], dim=m["dim"], max_seq_len=m["max_seq_len"], dropout=m["dropout"],
                      tie_embeddings=m["tie_embeddings"])
     model.config = config

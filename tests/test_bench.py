@@ -246,3 +246,20 @@ def test_an_interrupted_sweep_still_reports_the_points_that_finished(monkeypatch
     assert "**Interrupted** after 1 of 2 points" in markdown
     assert [row[-1] for row in table_rows(markdown)] == ["ok", "pending"]
     assert (out / "results.png").is_file()
+
+
+def test_the_peer_is_built_on_our_default_stack():
+    """x-transformers gets rotary positions, RMSNorm and a bias-free SwiGLU like our presets: parameter counts
+    agree within 1% (its SwiGLU width is int(8/3 * dim), ours rounds 2/3 * 4 * dim up to a multiple of 8)."""
+    from x_transformers import Decoder, TransformerWrapper
+
+    from attention_zoo import build_model
+    from attention_zoo.config import STACK_DEFAULTS
+
+    wrapper, decoder = points_module.peer_stack(STACK_DEFAULTS)
+    assert wrapper == {"use_abs_pos_emb": False} and decoder["rotary_pos_emb"] and decoder["use_rmsnorm"]
+    peer = TransformerWrapper(num_tokens=256, max_seq_len=64, tie_embedding=True, **wrapper,
+                              attn_layers=Decoder(dim=128, depth=2, heads=4, attn_dim_head=32, **decoder))
+    ours = build_model({"model": {"dim": 128, "depth": 2, "heads": 4, "max_seq_len": 64}})
+    assert abs(sum(p.numel() for p in peer.parameters()) / ours.num_parameters() - 1) < 0.01
+    assert points_module.peer_stack({"position": "learned", "norm": "layernorm", "mlp": "gelu"}) == ({}, {})

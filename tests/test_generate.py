@@ -14,14 +14,15 @@ from attention_zoo.errors import UserError
 from attention_zoo.inference import Pruner, Sampler, generate, parse_prune_spec
 
 
-def tiny_model(attention: dict | None = None, max_seq_len: int = 48, seed: int = 0):
+def tiny_model(attention: dict | None = None, max_seq_len: int = 48, seed: int = 0, position: str = "learned"):
     torch.manual_seed(seed)
-    return build_model({"model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": max_seq_len,
+    return build_model({"model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": max_seq_len, "position": position,
                                   "attention": attention or {"variant": "selective"}}}).eval()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    """Learned positions, so the position limit can be tested (rope's run past max_seq_len)."""
     return save_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint", tiny_model())  # a run folder's layout
 
 
@@ -77,6 +78,13 @@ def test_generation_stops_at_max_seq_len():
         generate(model, torch.zeros(1, 11, dtype=torch.long), 1, Sampler())
     with pytest.raises(UserError, match="empty"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 1, Sampler())
+
+
+@pytest.mark.parametrize("position", ["rope", "none"])
+def test_generation_runs_past_max_seq_len_without_learned_positions(position):
+    model = tiny_model(max_seq_len=10, position=position)
+    result = generate(model, torch.zeros(1, 12, dtype=torch.long), 30, Sampler(seed=0))
+    assert result.stopped == "max_tokens" and result.tokens.shape[1] == 42 and result.cache.seen == 41
 
 
 # --------------------------------------------------------------------------- the command

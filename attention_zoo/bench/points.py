@@ -132,5 +132,25 @@ def peer_kwargs(spec: VariantSpec, depth: int) -> tuple[dict[str, Any] | None, s
     return None, f"x-transformers has no equivalent of {variant!r}"
 
 
-__all__ = ["PRESETS", "VariantSpec", "Point", "resolve_variant", "model_config", "peer_kwargs", "OURS", "PEER", "MODES",
-           "DTYPES", "BASELINE"]
+def peer_stack(stack: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """x-transformers TransformerWrapper and Decoder keyword arguments for our component stack, so the
+    peer is compared on the same positions, norm and MLP (presets run on the default stack).
+
+    Raises ValueError for a component x-transformers has no equivalent of."""
+    wrapper: dict[str, Any] = {}
+    decoder: dict[str, Any] = {}
+    position, norm, mlp = stack["position"], stack["norm"], stack["mlp"]
+    if position in ("rope", "none"):
+        wrapper["use_abs_pos_emb"] = False
+        decoder["rotary_pos_emb"] = position == "rope"
+    if norm == "rmsnorm":
+        decoder["use_rmsnorm"] = True
+    if mlp == "swiglu":  # our SwiGLU: no biases, hidden 2/3 of 4 * dim
+        decoder.update(ff_glu=True, ff_swish=True, ff_mult=8 / 3, ff_no_bias=True)
+    elif mlp != "gelu":
+        raise ValueError(f"x-transformers has no equivalent of mlp {mlp!r}")
+    return wrapper, decoder
+
+
+__all__ = ["PRESETS", "VariantSpec", "Point", "resolve_variant", "model_config", "peer_kwargs", "peer_stack", "OURS", "PEER",
+           "MODES", "DTYPES", "BASELINE"]

@@ -40,14 +40,17 @@ def build(point) -> Any:
     if point.impl == "x-transformers":
         from x_transformers import Decoder, TransformerWrapper
 
-        from .points import peer_kwargs
+        from ..config import STACK_DEFAULTS
+        from .points import peer_kwargs, peer_stack
 
         kwargs, _ = peer_kwargs(point.variant, point.depth)
         if kwargs is None:
             raise ValueError("no x-transformers equivalent")
+        wrapper, decoder = peer_stack(STACK_DEFAULTS)  # presets run on the default stack: so does the peer
         model = TransformerWrapper(
-            num_tokens=point.vocab_size, max_seq_len=point.seq_len, tie_embedding=True,
-            attn_layers=Decoder(dim=point.dim, depth=point.depth, heads=point.heads, attn_dim_head=point.head_dim, **kwargs))
+            num_tokens=point.vocab_size, max_seq_len=point.seq_len, tie_embedding=True, **wrapper,
+            attn_layers=Decoder(dim=point.dim, depth=point.depth, heads=point.heads, attn_dim_head=point.head_dim,
+                                **decoder, **kwargs))
     else:
         from ..config import build_model
         from .points import model_config
