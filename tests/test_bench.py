@@ -91,7 +91,7 @@ def test_documented_command_runs_with_tiny_sizes(argv, in_process, tmp_path):
     out = tmp_path / "out"
     assert main([*argv, *TINY, "--out", str(out)]) == 0  # later flags override the documented sizes
     data, markdown = read(out)
-    variants = argv[argv.index("--variants") + 1].split(",")
+    variants = [Path(v).stem if v.endswith(".yaml") else v for v in argv[argv.index("--variants") + 1].split(",")]
     ours = {r["variant"] for r in data["results"] if r["impl"] == "attention-zoo" and r["status"] == "ok"}
     assert set(variants) <= ours
     assert len(table_rows(markdown)) == len(data["results"])
@@ -256,10 +256,10 @@ def test_the_peer_is_built_on_our_default_stack():
     from attention_zoo import build_model
     from attention_zoo.config import STACK_DEFAULTS
 
-    wrapper, decoder = points_module.peer_stack(STACK_DEFAULTS)
-    assert wrapper == {"use_abs_pos_emb": False} and decoder["rotary_pos_emb"] and decoder["use_rmsnorm"]
+    wrapper, decoder = points_module.peer_stack(STACK_DEFAULTS, 32)
+    assert wrapper == {"use_abs_pos_emb": False} and decoder["rotary_emb_dim"] == 32 and decoder["use_rmsnorm"]
     peer = TransformerWrapper(num_tokens=256, max_seq_len=64, tie_embedding=True, **wrapper,
                               attn_layers=Decoder(dim=128, depth=2, heads=4, attn_dim_head=32, **decoder))
     ours = build_model({"model": {"dim": 128, "depth": 2, "heads": 4, "max_seq_len": 64}})
     assert abs(sum(p.numel() for p in peer.parameters()) / ours.num_parameters() - 1) < 0.01
-    assert points_module.peer_stack({"position": "learned", "norm": "layernorm", "mlp": "gelu"}) == ({}, {})
+    assert points_module.peer_stack({"position": "learned", "norm": "layernorm", "mlp": "gelu"}, 32) == ({}, {})

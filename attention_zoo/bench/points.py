@@ -132,7 +132,7 @@ def peer_kwargs(spec: VariantSpec, depth: int) -> tuple[dict[str, Any] | None, s
     return None, f"x-transformers has no equivalent of {variant!r}"
 
 
-def peer_stack(stack: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def peer_stack(stack: dict[str, str], head_dim: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """x-transformers TransformerWrapper and Decoder keyword arguments for our component stack, so the
     peer is compared on the same positions, norm and MLP (presets run on the default stack).
 
@@ -142,7 +142,8 @@ def peer_stack(stack: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
     position, norm, mlp = stack["position"], stack["norm"], stack["mlp"]
     if position in ("rope", "none"):
         wrapper["use_abs_pos_emb"] = False
-        decoder["rotary_pos_emb"] = position == "rope"
+        if position == "rope":  # x-transformers rotates half the head dimension unless told: ours rotates all
+            decoder.update(rotary_pos_emb=True, rotary_emb_dim=head_dim)
     if norm == "rmsnorm":
         decoder["use_rmsnorm"] = True
     if mlp == "swiglu":  # our SwiGLU: no biases, hidden 2/3 of 4 * dim
