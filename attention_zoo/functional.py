@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import causal_mask, dispatch
-from .backends.penalty import fused_selection_penalty
 from .ops.selection import Selection
+from .ops.selection.penalty import fused_selection_penalty
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None = None, causal: bool = True,
@@ -47,7 +47,7 @@ def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: 
     along queries.
     """
     # The same values as penalty_from_scores(selection_scores(...)) from one fused autograd op: a fast
-    # row cumsum, and a bool mask kept for the backward instead of S (see backends/penalty.py).
+    # row cumsum, and a bool mask kept for the backward instead of S (see ops/selection/penalty.py).
     return fused_selection_penalty(logits, protect_bos=protect_bos, accumulated=accumulated)
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from spies import LargestTensor
 
-from attention_zoo.backends import fused, penalty
+from attention_zoo.backends import fused
 from attention_zoo.backends.fused import bias_grad_attention
 from attention_zoo.backends.math import math_attention
 from attention_zoo.backends.sdpa import sdpa_forward
 from attention_zoo.functional import penalty_from_scores, selection_logits, selection_penalty, selection_scores
+from attention_zoo.ops.selection import penalty
 
 
 def minus_F(F):

@@ -242,7 +242,7 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
     assert "attention (recompute dq) dq off by" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
     monkeypatch.setattr(triton_kernels, "_shared_bias_dq", real_shared)
 
-    from attention_zoo.backends import triton_selection
+    from attention_zoo.ops.selection import triton as triton_selection
     monkeypatch.setattr(triton_selection, "penalty_forward",
                         lambda q, k, **kw: torch.zeros(q.shape[0], q.shape[1], k.shape[1], device=q.device))
     assert "selection F" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
@@ -266,8 +266,8 @@ PENALTY_CASES = [  # (B, Nq, Nk, D, protect_bos)
 def test_penalty_kernels_match_the_equations(triton_backend, case, dtype, negate):
     """F = exclusive row cumsum of masked ReLU(scale q_s k_s^T) (or -F, written as such), and its q_s, k_s
     gradients, against the unfused float64 functions (functional.selection_scores, penalty_from_scores)."""
-    from attention_zoo.backends.penalty import TritonSelectionPenalty
     from attention_zoo.functional import penalty_from_scores, selection_scores
+    from attention_zoo.ops.selection.penalty import TritonSelectionPenalty
 
     B, Nq, Nk, D, bos = case
     g = torch.Generator().manual_seed(Nq * D)
@@ -285,7 +285,7 @@ def test_penalty_kernels_match_the_equations(triton_backend, case, dtype, negate
 
 
 def test_penalty_uses_triton_where_the_backend_would(triton_backend):
-    from attention_zoo.backends.penalty import triton_penalty_refusal
+    from attention_zoo.ops.selection.penalty import triton_penalty_refusal
 
     q = torch.randn(1, 8, 16, device=DEVICE)
     assert "named" in triton_penalty_refusal(q, q, "sdpa")  # naming another backend keeps the PyTorch path

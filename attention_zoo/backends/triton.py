@@ -171,7 +171,7 @@ def _attention_check(device: str, dtype: torch.dtype, head_dim: int):
 
 def _penalty_check(device: str, dtype: torch.dtype, head_dim: int):
     from ..functional import penalty_from_scores, selection_scores
-    from .penalty import TritonSelectionPenalty
+    from ..ops.selection.penalty import TritonSelectionPenalty
 
     N = _check_length()
     q, k = (t.requires_grad_() for t in random_inputs(device, dtype, (BATCH, N, head_dim), (BATCH, N, head_dim)))

@@ -46,7 +46,8 @@ def build(point) -> Any:
         kwargs, _ = peer_kwargs(point.variant, point.depth)
         if kwargs is None:
             raise ValueError("no x-transformers equivalent")
-        wrapper, decoder = peer_stack(STACK_DEFAULTS, point.head_dim or point.dim // point.heads)  # presets run on the default stack: so does the peer
+        # presets run on the default stack: so does the peer
+        wrapper, decoder = peer_stack(STACK_DEFAULTS, point.head_dim or point.dim // point.heads)
         model = TransformerWrapper(
             num_tokens=point.vocab_size, max_seq_len=point.seq_len, tie_embedding=True, **wrapper,
             attn_layers=Decoder(dim=point.dim, depth=point.depth, heads=point.heads, attn_dim_head=point.head_dim,

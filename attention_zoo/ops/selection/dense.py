@@ -2,7 +2,7 @@
 
 Per term, the selection head's F comes from the fused penalty op (a CPU-friendly blocked row cumsum
 keeping a bool mask for its backward) or, on CUDA, from Triton kernels that never store the logits
-(`backends/penalty.py`); terms are then weighted and summed.
+(`penalty.py`, `triton.py`); terms are then weighted and summed.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .structure import Selection
 def penalty(selection: Selection, *, negate: bool = False, backend: str = "auto") -> Tensor:
     """F (B, Nq, Nk), or -F with `negate` (made as such: no negation pass), differentiable in every term's
     q, k and accumulated. `backend` picks the Triton kernels where it would (see `penalty_from_qk`)."""
-    from ...backends.penalty import fused_selection_penalty, penalty_from_qk
+    from .penalty import fused_selection_penalty, penalty_from_qk
 
     total = None
     for term in selection.terms:
