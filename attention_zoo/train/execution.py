@@ -25,10 +25,10 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
 
 
 def _checkpointed(forward):
-    def run(x, state, cache=None):
+    def run(x, state, cache=None, *rest):  # rest: what the block takes after the cache (the positions)
         if cache is not None or not torch.is_grad_enabled():
-            return forward(x, state, cache)
-        return checkpoint(forward, x, state, cache, use_reentrant=False, preserve_rng_state=True)
+            return forward(x, state, cache, *rest)
+        return checkpoint(forward, x, state, cache, *rest, use_reentrant=False, preserve_rng_state=True)
 
     run.__wrapped__ = forward
     return run
