@@ -48,4 +48,4 @@ def test_a_bare_checkout_on_pythonpath_imports_the_variants():
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [str(ROOT / "variants" / "__init__.py"),
-                                          str(['cross_layer_selective', 'gqa', 'residual', 'selective', 'vanilla'])]
+                                          str(['cross_layer_selective', 'differential', 'gqa', 'residual', 'selective', 'vanilla'])]
