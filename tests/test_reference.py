@@ -1,4 +1,5 @@
-"""Every built-in variant against a naive reference written here from SPEC.md's equations.
+"""Every built-in variant against a naive reference written here from the equations (selective attention:
+Leviathan, Kalman, Matias, ICLR 2025, section 3; residual attention: RealFormer, He et al. 2021).
 
 The reference never imports attention_zoo.functional or the backends: it loops over heads, repeats
 k/v with repeat_interleave, and builds the selection penalty F with Python loops over queries i and
@@ -33,7 +34,7 @@ def assert_matches(actual, expected, dtype, what=""):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The naive reference (SPEC.md, "The math, exactly").
+# The naive reference, from the papers' equations.
 
 def ref_logits(q, k):
     """L^h[i, j] = q^h_i . k^{g(h)}_j / sqrt(D), one head at a time; k repeated to H heads."""
