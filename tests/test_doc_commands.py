@@ -49,7 +49,7 @@ def test_documented_command_parses_and_its_files_exist(doc, command):
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     assert all("=" in e for e in extra), f"{doc}: `{command}` has unknown arguments {extra}"
-    for word in (part for word in argv for part in word.split(",")):  # bench --variants takes a list
+    for word in (part for arg in argv for part in arg.split(",")):  # bench --variants takes a list
         if word.endswith((".yaml", ".yml")) and "*" not in word and "=" not in word:
             assert (ROOT / word).is_file(), f"{doc}: `{command}` names {word}, which does not exist"
 
