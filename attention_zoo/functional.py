@@ -10,14 +10,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import causal_mask, dispatch
-from .backends.penalty import fused_selection_penalty, penalty_from_qk
+from .ops.selection import Selection
+from .ops.selection.penalty import fused_selection_penalty
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = True,
+def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None = None, causal: bool = True,
               backend: str = "auto", scale: float | None = None) -> Tensor:
     """softmax(scale q k^T + bias + causal mask) v on the chosen backend. Returns (B, H, Nq, D); a query row
     that sees no key (more queries than keys under the causal mask, or a bias of -inf over the whole row)
-    gives 0 and no gradient.
+    gives 0 and no gradient. `bias`: broadcastable to (B, H, Nq, Nk), or a structured `Selection` (the bias
+    is then -F).
 
     Raises ValueError for tensors that are not (B, H, N, D) with matching batch and head dim and H a multiple
     of Hkv; BackendRefused when the named backend (or, under auto, every backend) refuses the call."""
@@ -51,33 +53,8 @@ def selection_penalty(logits: Tensor, *, protect_bos: bool = True, accumulated: 
     along queries. Raises nothing of its own (torch raises for an `accumulated` that does not broadcast).
     """
     # The same values as penalty_from_scores(selection_scores(...)) from one fused autograd op: a fast
-    # row cumsum, and a bool mask kept for the backward instead of S (see backends/penalty.py).
+    # row cumsum, and a bool mask kept for the backward instead of S (see ops/selection/penalty.py).
     return fused_selection_penalty(logits, protect_bos=protect_bos, accumulated=accumulated)
-
-
-def selection_penalty_qk(q: Tensor, k: Tensor, selection_head: int, scale: float | None = None, *,
-                         protect_bos: bool = True, backend: str = "auto", negate: bool = False) -> Tensor:
-    """F of a whole sequence straight from q (B, H, Nq, D) and k (B, Hkv, Nk, D): the same values as
-    `selection_penalty(selection_logits(q, k, selection_head, scale))`, or -F with `negate` (computed as
-    such, no extra pass). With `backend` auto or flex on CUDA, or triton, one Triton kernel each way never
-    stores the (B, Nq, Nk) logits (backends/triton_selection.py). Raises ValueError for a selection head
-    outside [0, H)."""
-    _check_selection_head(q, selection_head)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    group = q.shape[1] // k.shape[1]
-    return penalty_from_qk(q[:, selection_head], k[:, selection_head // group], scale=scale, protect_bos=protect_bos,
-                           backend=backend, negate=negate)
-
-
-def penalty_and_bias_source(q: Tensor, k: Tensor, selection_head: int, scale: float | None = None, *,
-                            protect_bos: bool = True, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """(F, -F), (B, Nq, Nk) each, from one (B, Nq, Nk) tensor: the kernels write -F, which the attention
-    adds as its bias (`head_broadcast(-F, H)`), and F is a negated view of it (torch._neg_view: no copy;
-    torch ops read it as F, and its gradient flows back into -F). `penalty_bias(F)` would cost a
-    (B, Nq, Nk) negation in the forward and another in the backward, per layer.
-    (A neg-bit tensor refuses .numpy(): call .resolve_neg() first.) Raises as `selection_penalty_qk`."""
-    negated = selection_penalty_qk(q, k, selection_head, scale, protect_bos=protect_bos, backend=backend, negate=True)
-    return torch._neg_view(negated), negated
 
 
 def penalty_from_scores(S: Tensor, accumulated: Tensor | None = None) -> Tensor:
@@ -98,27 +75,18 @@ def selection_logits(q: Tensor, k: Tensor, selection_head: int, scale: float | N
     return torch.einsum("bnd,bmd->bnm", qs, ks)
 
 
-def penalty_bias(Fpen: Tensor, heads: int) -> Tensor:
-    """-F as a head-broadcast bias (B, H, Nq, Nk) with stride 0 over heads: never copied per head. An F that
-    is a negated view (`penalty_and_bias_source`) gives back the -F it views, without a copy. Raises nothing
-    of its own."""
-    return head_broadcast(torch._neg_view(Fpen) if Fpen.is_neg() else -Fpen, heads)
-
-
-def head_broadcast(bias: Tensor, heads: int) -> Tensor:
-    """(B, Nq, Nk) -> (B, H, Nq, Nk), a view with stride 0 over heads: the backends read it once for all. Raises
-    nothing of its own."""
-    return bias.unsqueeze(1).expand(-1, heads, -1, -1)
-
-
 def selective_attention(q: Tensor, k: Tensor, v: Tensor, *, selection_head: int = 0, protect_bos: bool = True,
                         backend: str = "auto", scale: float | None = None) -> Tensor:
-    """Every head attends with softmax(L^h - F + mask); F from `selection_head` (docs/variants.md, selective).
+    """Every head attends with softmax(L^h - F + mask); F from `selection_head` (Leviathan et al., ICLR 2025,
+    section 3), handed to the backend as a structured Selection: sdpa never makes the (B, Nq, Nk) F.
     Returns (B, H, Nq, D). Raises ValueError as `attention` does and for a selection head outside [0, H);
     BackendRefused as `attention` does."""
     _check_layout(q, k, v)
-    negated = selection_penalty_qk(q, k, selection_head, scale, protect_bos=protect_bos, backend=backend, negate=True)
-    return attention(q, k, v, bias=head_broadcast(negated, q.shape[1]), causal=True, backend=backend, scale=scale)
+    _check_selection_head(q, selection_head)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    selection = Selection.of_head(q[:, selection_head], k[:, selection_head // group], scale, protect_bos=protect_bos)
+    return attention(q, k, v, bias=selection, causal=True, backend=backend, scale=scale)
 
 
 def _check_selection_head(q: Tensor, selection_head: int) -> None:
@@ -135,6 +103,5 @@ def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
 
 
-__all__ = ["attention", "selection_scores", "selection_penalty", "penalty_from_scores", "selection_logits", "penalty_bias",
-           "head_broadcast", "penalty_and_bias_source", "selection_penalty_qk",
-           "selective_attention"]
+__all__ = ["attention", "selective_attention", "selection_penalty", "selection_scores", "selection_logits",
+           "penalty_from_scores"]

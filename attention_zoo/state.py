@@ -29,7 +29,7 @@ class Channel:
             "(B, H, Nq, Nk)": (batch, heads, queries, keys),
             "(B, Nq, Nk)": (batch, queries, keys),
         }[self.shape]
-        if tuple(value.shape) != want:
+        if tuple(value.shape) != want:  # a structured value (ops.selection.Selection) has .shape and .dtype too
             raise ValueError(f"state {self.name!r}: expected shape {self.shape} = {want}, got {tuple(value.shape)}")
         if self.dtype is not None and value.dtype != self.dtype:
             raise ValueError(f"state {self.name!r}: expected dtype {self.dtype}, got {value.dtype}")
@@ -59,7 +59,8 @@ SELECTION_PENALTY = declare_channel(
     "selection_penalty",
     "(B, Nq, Nk)",
     torch.float32,
-    "Selective attention's F (sum of earlier queries' selection scores), shared by all heads, float32.",
+    "Selective attention's F (sum of earlier queries' selection scores), shared by all heads, float32, as a "
+    "structured Selection (attention_zoo.ops.selection; .dense() makes the tensor).",
 )
 
 

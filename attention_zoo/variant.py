@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, ru
 from einops import rearrange
 from torch import Tensor, nn
 
-from .backends import dispatch, grouped_logits
+from .backends import dispatch, head_dim_limit
 from .cache import LayerCache
 from .initialization import residual_output
+from .ops import residual
+from .ops.selection import Selection
 from .state import RESIDUAL_SCORES
 
 if TYPE_CHECKING:
@@ -119,8 +121,9 @@ class ProjectedAttention(nn.Module):
       extend_cache(k, v, cache, ...)    -> k, v with the cached keys in front (B, Hkv, T + N, D); keys
                                            are stored as transformed, so they are rotated once
       attention_bias(q, k, state, cache) -> (bias broadcastable to (B, H, N, T + N) or None, state updates)
-      (residual carry: with `carry_residual`, the previous layer's scores join the bias and the layer
-       writes R_l = L_l + bias; RealFormer)
+      (residual carry: with `carry_residual`, the layer attends with R_l = L_l + bias + R_{l-1} and
+       writes R_l (RealFormer), kept as q and k concatenated over layers where it can (ops/residual.py),
+       else as a dense (B, H, Nq, Nk) tensor that joins the bias)
       attend(q, k, v, bias)             -> (B, H, N, Dv): the backend call, softmax(scale q k^T + bias + mask) v
       output(out)                       -> (B, N, dim): heads merged, output projection
     Positions (B, N) come from the model; a layer called on its own numbers its tokens from 0 (or from
@@ -169,11 +172,13 @@ class ProjectedAttention(nn.Module):
 
     def attention_bias(self, q: Tensor, k: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None
                        ) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """The variant's own bias (broadcastable to (B, H, Nq, Nk)) and its state updates."""
+        """The variant's own bias and its state updates. The bias: a tensor broadcastable to (B, H, Nq, Nk), a
+        structured `Selection` (the bias is then -F, which fusing backends never materialise), or None."""
         return None, {}
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
-        """softmax(scale q k^T + bias + causal mask) v on the configured backend: (B, H, Nq, Dv)."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None) -> Tensor:
+        """softmax(scale q k^T + bias + causal mask) v on the configured backend: (B, H, Nq, Dv). A structured
+        `Selection` bias (-F) goes to the backend as it is (ops/selection)."""
         return dispatch(q, k, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)
 
     def output(self, out: Tensor) -> Tensor:
@@ -190,13 +195,16 @@ class ProjectedAttention(nn.Module):
         q, k = self.transform_qk(q, k, positions)
         k, v = self.extend_cache(k, v, cache, positions)  # (B, Hkv, T + N, D)
         bias, updates = self.attention_bias(q, k, state, cache)
-        if self.carry_residual:
-            previous = state.get(RESIDUAL_SCORES.name)
-            if previous is not None:
-                bias = previous if bias is None else previous + bias
-            logits = grouped_logits(q, k, self.scale)  # (B, H, N, T + N)
-            updates[RESIDUAL_SCORES.name] = logits if bias is None else logits + bias
-        out = self.attend(q, k, v, bias)  # (B, H, N, D)
+        if self.carry_residual:  # RealFormer: R_l = L_l + bias + R_{l-1}, structured where it can be
+            limit = head_dim_limit(self.backend, q.device.type)
+            carried, dense_bias = residual.carry(state.get(RESIDUAL_SCORES.name), q, k, bias, self.scale, limit)
+            updates[RESIDUAL_SCORES.name] = carried
+            if isinstance(carried, residual.ResidualScores):
+                out = residual.attend(carried, v, self.attend)  # q, k concatenated over layers
+            else:
+                out = self.attend(q, k, v, dense_bias)
+        else:
+            out = self.attend(q, k, v, bias)  # (B, H, N, D)
         return self.output(out), updates
 
     def extra_repr(self) -> str:

@@ -53,8 +53,9 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from attention_zoo.backends import triton_kernels, triton_selection  # noqa: E402
+from attention_zoo.backends import triton_kernels  # noqa: E402
 from attention_zoo.backends.triton_tuning import INTERPRETED, SHARED_DQ_STRATEGIES, shared_dq_forced  # noqa: E402
+from attention_zoo.ops.selection import triton as triton_selection  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may take on sm_90

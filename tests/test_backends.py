@@ -31,7 +31,7 @@ def bias_of(kind, B, H, Nq, Nk, dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
     if kind == "none":
         return None
-    if kind == "head_broadcast":  # as penalty_bias builds it: stride 0 over heads
+    if kind == "head_broadcast":  # a head-shared bias expanded with stride 0 over heads
         return torch.randn(B, Nq, Nk, generator=g).to(dtype).unsqueeze(1).expand(B, H, Nq, Nk)
     if kind == "size1":
         return torch.randn(B, 1, Nq, Nk, generator=g).to(dtype)
@@ -128,3 +128,27 @@ def test_refusals_and_auto_order_on_cpu():
     assert chosen.name == "math"
     assert any(s.startswith("xformers:") and "CUDA" in s for s in skipped)
     assert any(s.startswith("sdpa:") for s in skipped)
+
+
+def test_backend_choice_is_memoised_per_call_signature(monkeypatch):
+    from attention_zoo import backends
+
+    sdpa = backends.BACKENDS.get("sdpa")
+    asked = []
+    real = type(sdpa).refuse
+    monkeypatch.setattr(sdpa, "refuse", lambda call: asked.append(call) or real(sdpa, call))
+    q = k = v = torch.randn(1, 2, 8, 4)
+    for _ in range(3):
+        backends.dispatch(q, k, v, bias=None, causal=True, scale=0.5, backend="sdpa")
+    assert len(asked) == 1  # the same signature: asked once
+    backends.dispatch(q[:, :, :4], k, v, bias=None, causal=True, scale=0.5, backend="sdpa")
+    assert len(asked) == 2  # another length: asked again
+
+
+def test_grad_enabled_counts_v():
+    from attention_zoo.backends import AttentionCall
+
+    q = k = torch.randn(1, 2, 8, 4)
+    v = torch.randn(1, 2, 8, 4, requires_grad=True)
+    assert AttentionCall.from_tensors(q, k, None, v).grad_enabled
+    assert not AttentionCall.from_tensors(q, k, None, v.detach()).grad_enabled

@@ -12,6 +12,7 @@ from attention_zoo import build_model, list_variants
 from attention_zoo.backends.base import causal_mask
 from attention_zoo.functional import selection_logits, selection_scores
 from attention_zoo.inference.key_scores import next_query_penalties
+from attention_zoo.ops.selection import penalty_tensor
 from attention_zoo.variants.selective import ACCUMULATOR
 from tests.cases import STACKS, case_id, variant_cases
 
@@ -95,7 +96,7 @@ def test_selective_accumulator_is_column_sums_of_S():
     for begin, end in ((0, 5), (5, 6), (6, 11)):
         model(tokens[:, begin:end], cache=cache)
         for layer in range(DEPTH):
-            F_full = updates[layer]["selection_penalty"]  # (B, N, N): F[i, j] = sum over k < i of S[k, j]
+            F_full = penalty_tensor(updates[layer]["selection_penalty"])  # (B, N, N): F[i, j] = sum over k < i of S[k, j]
             acc = cache.layers[layer].per_key[ACCUMULATOR]  # (B, end)
             # a = column sums of S over the processed queries 0..end-1 = F of the next query (row `end`)
             assert acc.shape == (2, end)

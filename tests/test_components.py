@@ -31,7 +31,8 @@ def test_a_checkpoint_from_before_the_components_loads_with_the_same_logits():
     assert model.config["model"]["position"] == "learned" and model.config["model"]["mlp"] == "gelu"
     with torch.no_grad():
         logits = model(expected["tokens"])
-    torch.testing.assert_close(logits, expected["logits"], atol=1e-6, rtol=0)
+    # fp32 rounding only (the project's 1e-5): selective's F is now summed over query blocks, in another order
+    torch.testing.assert_close(logits, expected["logits"], atol=1e-5 * max(1.0, expected["logits"].abs().max().item()), rtol=0)
 
 
 def test_new_configs_default_to_rope_rmsnorm_swiglu():
@@ -141,7 +142,7 @@ def test_a_plugin_adds_a_positional_scheme_without_editing_the_stack(monkeypatch
         assert seen == [(2, 5)] * SMALL["depth"]
         assert main(["list"]) == 0
     finally:
-        POSITIONS.registry.unregister("zoo_halved")
+        POSITIONS.registry._entries.pop("zoo_halved", None)  # Registry has no public unregister
 
 
 @pytest.mark.parametrize("key,value,valid", [

@@ -34,8 +34,6 @@ def bias_of(kind: str, B: int, H: int, Nq: int, Nk: int, gen: torch.Generator):
     if kind == "head_shared_no_source":  # stride 0 over heads, built without an expand to find
         base = torch.randn(B, 1, Nq, Nk, generator=gen)
         return base.as_strided((B, H, Nq, Nk), (Nq * Nk, 0, Nk, 1))
-    if kind == "head_shared_negated_view":  # as selective's F views -F: its base holds the opposite values
-        return torch._neg_view(torch.randn(B, Nq, Nk, generator=gen)).unsqueeze(1).expand(B, H, Nq, Nk)
     if kind == "per_head":  # residual scores
         return torch.randn(B, H, Nq, Nk, generator=gen)
     if kind == "batch_shared":
@@ -44,7 +42,7 @@ def bias_of(kind: str, B: int, H: int, Nq: int, Nk: int, gen: torch.Generator):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("kind", ["none", "head_shared", "head_shared_no_source", "head_shared_negated_view", "per_head",
+@pytest.mark.parametrize("kind", ["none", "head_shared", "head_shared_no_source", "per_head",
                                   "batch_shared"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-Hkv{}-Nq{}-Nk{}-D{}".format(*c))
 def test_forward_matches_math(case, kind, causal):

@@ -28,8 +28,7 @@ def test_attention_rejects_a_bad_layout(shapes, message):
 @pytest.mark.parametrize("head", [-1, 4])
 def test_a_selection_head_outside_the_heads_is_a_value_error(head):
     q, k, v = qkv()
-    for call in (lambda: functional.selection_logits(q, k, head), lambda: functional.selection_penalty_qk(q, k, head),
-                 lambda: functional.penalty_and_bias_source(q, k, head),
+    for call in (lambda: functional.selection_logits(q, k, head),
                  lambda: functional.selective_attention(q, k, v, selection_head=head)):
         with pytest.raises(ValueError, match=rf"selection_head must be in \[0, 4\), got {head}"):
             call()

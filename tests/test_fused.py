@@ -8,19 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_zoo.backends import fused, penalty
-from attention_zoo.backends.fused import bias_grad_attention, head_source
+from attention_zoo.backends import fused
+from attention_zoo.backends.fused import bias_grad_attention
 from attention_zoo.backends.math import math_attention
 from attention_zoo.backends.sdpa import sdpa_forward
-from attention_zoo.functional import (
-    head_broadcast,
-    penalty_and_bias_source,
-    penalty_bias,
-    penalty_from_scores,
-    selection_logits,
-    selection_scores,
-)
+from attention_zoo.functional import penalty_from_scores, selection_logits, selection_penalty, selection_scores
+from attention_zoo.ops.selection import penalty
 from tests.spies import LargestTensor
+
+
+def minus_F(F):
+    """-F as a compact head-shared bias (B, 1, Nq, Nk)."""
+    return (-F).unsqueeze(1)
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -79,10 +78,10 @@ def test_bias_grad_attention_matches_math(small_blocks, shape, dtype, bias_kind)
             F = penalty_from_scores(selection_scores(selection_logits(q, k, H - 1), protect_bos=True))
             if Nq < Nk:  # a cached chunk: what the cache accumulated for earlier queries
                 F = F + torch.linspace(0, 2, Nk, dtype=F.dtype)
-            return penalty_bias(F, H)
-        if bias_kind == "selective_as_the_variant_builds_it":  # -F written once; F (a negated view) round-trips
-            F, negated = penalty_and_bias_source(q, k, H - 1)
-            return penalty_bias(F, H) if Nq % 2 else head_broadcast(negated, H)
+            return minus_F(F)
+        if bias_kind == "selective_as_the_variant_builds_it":  # compact, or expanded over heads with stride 0
+            F = selection_penalty(selection_logits(q, k, H - 1))
+            return minus_F(F) if Nq % 2 else minus_F(F).expand(-1, H, -1, -1)
         return leaf
 
     scale = D ** -0.5
@@ -104,30 +103,17 @@ def test_not_causal_and_no_bias_grad_inputs(small_blocks):
         close(a, b, torch.float64, name)
 
 
-def test_head_source_finds_the_tensor_before_the_expand():
-    F = torch.rand(2, 5, 5, requires_grad=True)
-    neg = -F
-    bias = penalty_bias(F, 4)
-    assert bias.stride(1) == 0
-    source = head_source(bias)
-    assert source is not None and source.shape == (2, 1, 5, 5)
-    assert source.data_ptr() == bias.data_ptr() and source.grad_fn is not None
-    assert torch.equal(source.expand_as(bias), bias)
-    assert head_source(neg.unsqueeze(1)) is not None  # a size-1 head dim is its own source
-    # A negated view shares its base's memory but not its values: the base is no source for it.
-    assert head_source(torch._neg_view(neg).unsqueeze(1).expand(2, 4, 5, 5)) is None
 
 
-def test_spread_fallback_when_the_source_is_unknown(monkeypatch):
-    """A stride-0 bias whose base cannot be recovered: the head-summed gradient is spread over the
-    expanded views, and the expand's backward sums it back exactly."""
-    monkeypatch.setattr(fused, "head_source", lambda bias: None)
+def test_a_stride_0_head_expansion_gets_the_spread_gradient():
+    """A bias expanded over heads with stride 0: the head-summed gradient is spread over the expanded views,
+    and the expand's backward sums it back exactly."""
     q, k, v = qkv(2, 4, 2, 20, 20, 8, torch.float64)
     F = torch.rand(2, 20, 20, dtype=torch.float64, requires_grad=True)
     tensors = [q, k, v, F]
-    ours = grads_of(lambda: bias_grad_attention(q, k, v, penalty_bias(F, 4), causal=True, scale=0.35,
+    ours = grads_of(lambda: bias_grad_attention(q, k, v, minus_F(F).expand(-1, 4, -1, -1), causal=True, scale=0.35,
                                                 kernel=sdpa_forward), tensors, (2, 4, 20, 8), torch.float64)
-    ref = grads_of(lambda: math_attention(q, k, v, bias=penalty_bias(F, 4), causal=True, scale=0.35), tensors,
+    ref = grads_of(lambda: math_attention(q, k, v, bias=minus_F(F).expand(-1, 4, -1, -1), causal=True, scale=0.35), tensors,
                    (2, 4, 20, 8), torch.float64)
     for name, a, b in zip(["out", "dq", "dk", "dv", "dF"], ours, ref):
         close(a, b, torch.float64, name)
@@ -141,15 +127,13 @@ def test_selective_forward_and_backward_never_materialise_per_head_scores(kv_hea
 
     B, H, N, D = 2, 4, 64, 8
     q, k, v = qkv(B, H, kv_heads, N, N, D, torch.float32)
-    from attention_zoo.functional import selection_penalty
-
     with LargestTensor() as spy:
-        bias = penalty_bias(selection_penalty(selection_logits(q, k, 0)), H)
+        bias = minus_F(selection_penalty(selection_logits(q, k, 0)))
         out = BACKENDS.get("sdpa").attention(q, k, v, bias=bias, causal=True, scale=D ** -0.5)
         out.sum().backward()
     assert spy.largest < B * H * N * N, f"{spy.op} made a tensor of {spy.largest} elements"
     with LargestTensor() as spy:  # the check itself can see a (B, H, N, N) tensor
-        bias = penalty_bias(selection_penalty(selection_logits(q, k, 0)), H)
+        bias = minus_F(selection_penalty(selection_logits(q, k, 0)))
         BACKENDS.get("math").attention(q, k, v, bias=bias, causal=True, scale=D ** -0.5).sum().backward()
     assert spy.largest >= B * H * N * N
 
@@ -232,7 +216,7 @@ def test_bfloat16_inputs_with_a_float32_penalty(small_blocks):
                           (torch.float32, lambda *a, bias: math_attention(*a, bias=bias, causal=True, scale=0.25))):
         F.grad = None
         inputs = [t.detach().to(torch.bfloat16).to(dtype).requires_grad_() for t in (q, k, v)]
-        out = attend(*inputs, bias=penalty_bias(F, 4))
+        out = attend(*inputs, bias=minus_F(F).expand(-1, 4, -1, -1))
         out.backward(dout.to(dtype))
         results.append([out.detach()] + [t.grad for t in inputs] + [F.grad.clone()])
     ours, ref = results
@@ -240,39 +224,3 @@ def test_bfloat16_inputs_with_a_float32_penalty(small_blocks):
     for name, a, b in zip(["out", "dq", "dk", "dv", "dF"], ours, ref):
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a.float(), b, atol=3e-2 * scale, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("variant", [{"variant": "selective"}, {"variant": "selective", "kv_heads": 2},
-                                     {"variant": "cross_layer_selective", "mode": "share", "sources": [0]}],
-                         ids=["selective", "selective-gqa", "cross-layer-share"])
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
-def test_the_state_channel_F_and_the_bias_minus_F_are_one_tensor(backend, variant, monkeypatch):
-    """The penalty is written once per layer: the attention's bias -F and the state channel's F read the
-    same (B, Nq, Nk) memory (no second buffer, no negation pass), F reading as the penalty itself
-    (non-negative) and the bias as its negation; and gradients flow through both."""
-    from attention_zoo import build_model
-    from attention_zoo.backends import BACKENDS
-
-    B, N = 2, 24
-    model = build_model({"backend": backend, "model": {"vocab_size": 32, "dim": 32, "depth": 2, "heads": 4,
-                                                       "max_seq_len": N, "attention": variant}})
-    chosen = BACKENDS.get(backend)
-    biases = []
-    real = chosen.attention
-
-    def spy(q, k, v, *, bias, causal, scale):
-        biases.append(bias)
-        return real(q, k, v, bias=bias, causal=causal, scale=scale)
-
-    monkeypatch.setattr(chosen, "attention", spy)
-    tokens = torch.randint(0, 32, (B, N), generator=torch.Generator().manual_seed(0))
-    logits, updates = model(tokens, return_state=True)
-    F0 = updates[0]["selection_penalty"]
-    assert (F0 > -1e-6).all() and F0.abs().max() > 0  # reads as F: non-negative sums of ReLUs, not all zero
-    assert biases[0].untyped_storage().data_ptr() == F0.untyped_storage().data_ptr()
-    assert torch.equal(biases[0][:, 0], -F0)
-    if variant["variant"] == "cross_layer_selective":  # layer 1 reads layer 0's F: the same memory again
-        assert biases[1].untyped_storage().data_ptr() == F0.untyped_storage().data_ptr()
-    logits.sum().backward()
-    selection_grad = model.blocks[0].attention.q_proj.weight.grad
-    assert selection_grad is not None and selection_grad.isfinite().all()

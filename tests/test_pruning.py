@@ -21,6 +21,7 @@ from attention_zoo.inference import (
 )
 from attention_zoo.inference.memory_loss import memory_needed, selective_memory_loss
 from attention_zoo.inference.pruning import keep_lowest
+from attention_zoo.ops.selection import penalty_tensor
 from attention_zoo.train.aux_losses import get_aux_loss
 from attention_zoo.variants.selective import ACCUMULATOR
 
@@ -96,7 +97,7 @@ def test_next_query_penalties_replay_the_state_flow():
         penalties = next_query_penalties(model, cache)
         latest = None
         for layer in range(DEPTH):  # F of query 11 in the full pass, as each layer attended with it
-            latest = updates[layer].get("selection_penalty", latest)
+            latest = penalty_tensor(updates[layer].get("selection_penalty", latest))
             torch.testing.assert_close(penalties[layer], latest[:, 11, :11], atol=1e-4, rtol=1e-5)
 
 
@@ -307,7 +308,7 @@ def test_selective_memory_loss_matches_the_formula_and_trains_the_selection():
     model.train()
     x = tokens(2, 16)
     _, updates = model(x, return_state=True)
-    written = [u["selection_penalty"] for u in updates if "selection_penalty" in u]
+    written = [penalty_tensor(u["selection_penalty"]) for u in updates if "selection_penalty" in u]
     assert len(written) == 2  # share: only the two sources write F
     N = x.shape[1]
     expected = 0.1 * sum((torch.arange(N) - Fl.clamp(max=1.0).sum(-1)).amax(-1).mean() for Fl in written) / (2 * N)

@@ -1,4 +1,5 @@
-"""Every built-in variant against a naive reference written here from the equations of docs/variants.md.
+"""Every built-in variant against a naive reference written here from the equations (selective attention:
+Leviathan, Kalman, Matias, ICLR 2025, section 3; residual attention: RealFormer, He et al. 2021).
 
 The reference never imports attention_zoo.functional or the backends: it loops over heads, repeats
 k/v with repeat_interleave, and builds the selection penalty F with Python loops over queries i and
@@ -10,7 +11,6 @@ earlier queries k < i. It is compared with the library on outputs and gradients:
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
@@ -18,6 +18,8 @@ import torch.nn.functional as tF
 
 import attention_zoo.variant as variant_module
 from attention_zoo import build_model, create_variant, functional
+from attention_zoo.ops.residual import scores_tensor
+from attention_zoo.ops.selection import Selection, penalty_tensor
 from attention_zoo.state import RESIDUAL_SCORES, SELECTION_PENALTY
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -31,7 +33,7 @@ def assert_matches(actual, expected, dtype, what=""):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The naive reference (docs/variants.md, the equations of each variant).
+# The naive reference, from the papers' equations.
 
 def ref_logits(q, k):
     """L^h[i, j] = q^h_i . k^{g(h)}_j / sqrt(D), one head at a time; k repeated to H heads."""
@@ -368,9 +370,9 @@ def test_stack_matches_reference(case, components, backend, dtype):
     assert_matches(logits, ref, dtype, "logits")
     for index, (updates, expected) in enumerate(zip(per_layer, trace)):
         if F_KEY in updates:
-            assert_matches(updates[F_KEY], expected["F"], dtype, f"layer {index} F")
+            assert_matches(penalty_tensor(updates[F_KEY]), expected["F"], dtype, f"layer {index} F")
         if R_KEY in updates:
-            assert_matches(updates[R_KEY], expected["R"], dtype, f"layer {index} R")
+            assert_matches(scores_tensor(updates[R_KEY]), expected["R"], dtype, f"layer {index} R")
     names, params = zip(*model.named_parameters())
     for name, got, want in zip(names, grads(logits, params), grads(ref, params)):
         assert_matches(got, want, dtype, f"grad {name}")
@@ -385,7 +387,7 @@ def test_residual_layer0_equals_vanilla():
     torch.testing.assert_close(y, vanilla(x, {})[0], atol=0, rtol=0)
     q = residual.q_proj(x).view(B, N, HEADS, -1).transpose(1, 2)
     k = residual.kv_proj(x).view(B, N, 2, HEADS, -1)[:, :, 0].transpose(1, 2)
-    torch.testing.assert_close(updates[R_KEY], ref_logits(q, k), atol=1e-6, rtol=0)  # R_0 = L_0
+    torch.testing.assert_close(scores_tensor(updates[R_KEY]), ref_logits(q, k), atol=1e-6, rtol=0)  # R_0 = L_0
 
 
 @pytest.mark.parametrize("variant", [{"variant": "residual"}, {"variant": "selective", "residual": True}])
@@ -398,8 +400,8 @@ def test_residual_carries_the_sum_of_earlier_scores(variant):
     previous = 0
     for updates, expected in zip(per_layer, trace):
         own = expected["L"] - (0 if expected["F"] is None else expected["F"][:, None])
-        assert_matches(updates[R_KEY], own + previous, torch.float32)
-        previous = updates[R_KEY]
+        assert_matches(scores_tensor(updates[R_KEY]), own + previous, torch.float32)
+        previous = scores_tensor(updates[R_KEY])
 
 
 def test_another_selection_head_changes_F():
@@ -408,7 +410,7 @@ def test_another_selection_head_changes_F():
         model, specs = stack({"variant": "selective", "selection_head": head}, depth=1, seed=5)
         tokens = torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(2))
         _, per_layer = model(tokens, return_state=True)
-        penalties.append(per_layer[0][F_KEY])
+        penalties.append(penalty_tensor(per_layer[0][F_KEY]))
         assert_matches(penalties[-1], reference_lm(model, tokens, specs)[1][0]["F"], torch.float32)
     assert (penalties[0] - penalties[1]).abs().max() > 1e-2
 
@@ -417,7 +419,8 @@ def test_stack_penalty_properties():
     model, _ = stack({"variant": "selective"}, depth=3)
     _, per_layer = model(torch.randint(0, VOCAB, (B, N)), return_state=True)
     for updates in per_layer:
-        Fpen = updates[F_KEY]
+        assert isinstance(updates[F_KEY], Selection)  # structured: no (B, N, N) unless asked for
+        Fpen = updates[F_KEY].dense()
         assert Fpen.dtype == torch.float32 and Fpen.shape == (B, N, N)  # one tensor for all heads
         assert (Fpen[:, 1:] >= Fpen[:, :-1]).all()
         assert (Fpen[:, :, 0] == 0).all() and (torch.diagonal(Fpen, dim1=1, dim2=2) == 0).all()
@@ -425,22 +428,17 @@ def test_stack_penalty_properties():
 
 @pytest.fixture
 def selection_calls(monkeypatch):
-    """Counts, per layer, calls to the functions that compute a selection head's logits (whole sequence:
-    functional.selection_penalty_qk; with a cache: selection_logits), wherever a module imported them from."""
+    """Counts, per layer, the selection heads a layer defines (`Selection.of_head`: the only way a built-in
+    layer asks for selection logits to be computed)."""
     calls: list[int] = []
     current = [-1]
+    original = Selection.of_head.__func__
 
-    def counting(original):
-        def count(*args, **kwargs):
-            calls.append(current[0])
-            return original(*args, **kwargs)
-        return count
+    def count(cls, *args, **kwargs):
+        calls.append(current[0])
+        return original(cls, *args, **kwargs)
 
-    for name in ("selection_logits", "selection_penalty_qk"):
-        original = getattr(functional, name)
-        for module in list(sys.modules.values()):
-            if getattr(module, name, None) is original:
-                monkeypatch.setattr(module, name, counting(original))
+    monkeypatch.setattr(Selection, "of_head", classmethod(count))
 
     def track(model):
         for index, block in enumerate(model.blocks):
@@ -473,10 +471,10 @@ def test_share_reuses_the_source_F_exactly_and_computes_no_selection_elsewhere(s
     assert F_KEY in per_layer[0] and F_KEY in per_layer[2]
     assert F_KEY not in per_layer[1] and F_KEY not in per_layer[3], "a sharing layer writes nothing new"
     for layer, source in [(1, 0), (3, 2)]:
-        assert torch.equal(biases[layer], -per_layer[source][F_KEY][:, None].expand(-1, HEADS, -1, -1))
+        assert biases[layer] is per_layer[source][F_KEY]  # the source's very selection, nothing recomputed
     _, trace = reference_lm(model, tokens, specs)
-    assert_matches(per_layer[0][F_KEY], trace[0]["F"], torch.float32)
-    assert_matches(per_layer[2][F_KEY], trace[2]["F"], torch.float32)
+    assert_matches(per_layer[0][F_KEY].dense(), trace[0]["F"], torch.float32)
+    assert_matches(per_layer[2][F_KEY].dense(), trace[2]["F"], torch.float32)
 
 
 @pytest.mark.parametrize("decay", [0.5, 1.0])
@@ -493,5 +491,5 @@ def test_accumulate_matches_its_formula(decay, selection_calls):
     previous = torch.zeros(B, N, N)
     for layer in range(1, 4):
         own = ref_penalty(trace[layer]["L"][:, 0]) if layer in sources else 0
-        assert_matches(per_layer[layer][F_KEY], own + decay * previous, torch.float32, f"layer {layer}")
-        previous = per_layer[layer][F_KEY]
+        assert_matches(per_layer[layer][F_KEY].dense(), own + decay * previous, torch.float32, f"layer {layer}")
+        previous = per_layer[layer][F_KEY].dense()

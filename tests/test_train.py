@@ -13,6 +13,7 @@ import yaml
 from attention_zoo.cli import main
 from attention_zoo.config import ConfigError, Field, build_model, load_config
 from attention_zoo.data import IGNORE_INDEX, build_dataset
+from attention_zoo.ops.selection import penalty_tensor
 from attention_zoo.train import aux_losses, evaluate, train
 from attention_zoo.train.metrics import read_jsonl
 from attention_zoo.train.optim import build_optimizer, lr_factor
@@ -180,7 +181,7 @@ def penalty_loss():
     @aux_losses.register_aux_loss("test_penalty_mean", fields={"weight": Field(float, 1.0, "weight", minimum=0)})
     def penalty_mean(per_layer, params, model):
         seen.append([sorted(u) for u in per_layer])
-        return params["weight"] * torch.stack([u["selection_penalty"].mean() for u in per_layer]).mean()
+        return params["weight"] * torch.stack([penalty_tensor(u["selection_penalty"]).mean() for u in per_layer]).mean()
 
     yield seen
     aux_losses.AUX_LOSSES.pop("test_penalty_mean")

@@ -26,7 +26,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 
 
 def shared_from_base(B, H, Nq, Nk, g):
-    """-F as `functional.penalty_bias` hands it over: (B, Nq, Nk) expanded to H heads with stride 0."""
+    """A head-shared bias expanded to H heads with stride 0 from (B, Nq, Nk)."""
     base = torch.randn(B, Nq, Nk, generator=g).to(DEVICE).requires_grad_()
     return base, base.unsqueeze(1).expand(B, H, Nq, Nk)
 
@@ -36,12 +36,6 @@ def shared_without_base(B, H, Nq, Nk, g):
     wide = torch.randn(B, Nq, 2 * Nk, generator=g).to(DEVICE).requires_grad_()
     return wide, wide[:, :, :Nk].unsqueeze(1).expand(B, H, Nq, Nk)
 
-
-def shared_negated_view(B, H, Nq, Nk, g):
-    """A negated view (torch._neg_view, as selective's F is of -F) expanded over heads: its `_base` holds
-    the opposite values in the same memory, which must not be taken for its source."""
-    base = torch.randn(B, Nq, Nk, generator=g).to(DEVICE).requires_grad_()
-    return base, torch._neg_view(base).unsqueeze(1).expand(B, H, Nq, Nk)
 
 
 def compact(shape):
@@ -55,7 +49,6 @@ def compact(shape):
 BIASES = {
     "head-shared": shared_from_base,
     "head-shared-no-base": shared_without_base,
-    "head-shared-negated-view": shared_negated_view,
     "B1NN": compact((0, 1)),
     "per-head": compact((0, 0)),
     "batch-and-head-shared": compact((1, 1)),
@@ -117,7 +110,7 @@ def test_matches_math_fp32(triton_backend, case, bias_kind):
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "B{}-H{}-Hkv{}-Nq{}-Nk{}".format(*c[:5]))
 def test_both_shared_bias_dq_strategies_match_math(triton_backend, case, bias_kind, strategy, monkeypatch):
     """A head-shared bias's dq by atomics in the d(bias) kernel, or recomputed by the per-head dq kernel:
-    both exact (the other tests run the interpreter's default, "atomic")."""
+    both exact (the other tests run the default, "recompute")."""
     from attention_zoo.backends.triton_tuning import SHARED_DQ_ENV
 
     monkeypatch.setenv(SHARED_DQ_ENV, strategy)
@@ -125,7 +118,7 @@ def test_both_shared_bias_dq_strategies_match_math(triton_backend, case, bias_ki
     assert_matches(got, want, torch.float32, label=f"{strategy} ")
 
 
-def test_shared_dq_strategy_is_timed_once_per_problem_and_can_be_forced(monkeypatch):
+def test_shared_dq_strategy_is_deterministic_by_default_and_timed_only_when_asked(monkeypatch):
     from attention_zoo.backends import triton_tuning
 
     monkeypatch.setattr(triton_tuning, "INTERPRETED", False)  # as on a GPU
@@ -136,19 +129,22 @@ def test_shared_dq_strategy_is_timed_once_per_problem_and_can_be_forced(monkeypa
     def timer(fn):
         fn()
         timed.append(ran[-1])
-        return {"atomic": 2.0, "recompute": 1.0}[ran[-1]]
+        return {"atomic": 1.0, "recompute": 2.0}[ran[-1]]
 
     run = ran.append
-    assert triton_tuning.shared_dq_strategy(("problem",), run, timer) == "recompute"
-    assert triton_tuning.shared_dq_strategy(("problem",), run, timer) == "recompute"
+    assert triton_tuning.shared_dq_strategy(("problem",), run, timer) == "recompute"  # no atomics unless asked
+    assert timed == []
+    monkeypatch.setenv(triton_tuning.SHARED_DQ_ENV, "fastest")
+    assert triton_tuning.shared_dq_strategy(("problem",), run, timer) == "atomic"
+    assert triton_tuning.shared_dq_strategy(("problem",), run, timer) == "atomic"
     assert timed == ["atomic", "recompute"]  # both timed once, the choice kept for the problem
     monkeypatch.setenv(triton_tuning.SHARED_DQ_ENV, "atomic")
     assert triton_tuning.shared_dq_strategy(("problem",), run, timer) == "atomic"
-    monkeypatch.delenv(triton_tuning.SHARED_DQ_ENV)
+    monkeypatch.setenv(triton_tuning.SHARED_DQ_ENV, "fastest")
     monkeypatch.setattr(triton_tuning, "_capturing_cuda_graph", lambda: True)  # no timing inside a capture
     assert triton_tuning.shared_dq_strategy(("captured",), run, timer) == "atomic" and timed == ["atomic", "recompute"]
     monkeypatch.setenv(triton_tuning.SHARED_DQ_ENV, "atomics")
-    with pytest.raises(ValueError, match="ATTENTION_ZOO_TRITON_SHARED_DQ='atomics': expected one of atomic, recompute"):
+    with pytest.raises(ValueError, match="ATTENTION_ZOO_TRITON_SHARED_DQ='atomics': expected one of atomic, recompute, fastest"):
         triton_tuning.shared_dq_strategy(("problem",), run, timer)
 
 
@@ -248,7 +244,7 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
     assert "attention (recompute dq) dq off by" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
     monkeypatch.setattr(triton_kernels, "_shared_bias_dq", real_shared)
 
-    from attention_zoo.backends import triton_selection
+    from attention_zoo.ops.selection import triton as triton_selection
     monkeypatch.setattr(triton_selection, "penalty_forward",
                         lambda q, k, **kw: torch.zeros(q.shape[0], q.shape[1], k.shape[1], device=q.device))
     assert "selection F" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
@@ -272,8 +268,8 @@ PENALTY_CASES = [  # (B, Nq, Nk, D, protect_bos)
 def test_penalty_kernels_match_the_equations(triton_backend, case, dtype, negate):
     """F = exclusive row cumsum of masked ReLU(scale q_s k_s^T) (or -F, written as such), and its q_s, k_s
     gradients, against the unfused float64 functions (functional.selection_scores, penalty_from_scores)."""
-    from attention_zoo.backends.penalty import TritonSelectionPenalty
     from attention_zoo.functional import penalty_from_scores, selection_scores
+    from attention_zoo.ops.selection.penalty import TritonSelectionPenalty
 
     B, Nq, Nk, D, bos = case
     g = torch.Generator().manual_seed(Nq * D)
@@ -291,7 +287,7 @@ def test_penalty_kernels_match_the_equations(triton_backend, case, dtype, negate
 
 
 def test_penalty_uses_triton_where_the_backend_would(triton_backend):
-    from attention_zoo.backends.penalty import triton_penalty_refusal
+    from attention_zoo.ops.selection.penalty import triton_penalty_refusal
 
     q = torch.randn(1, 8, 16, device=DEVICE)
     assert "named" in triton_penalty_refusal(q, q, "sdpa")  # naming another backend keeps the PyTorch path

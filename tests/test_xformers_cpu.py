@@ -16,7 +16,7 @@ import torch
 
 import attention_zoo.backends.xformers as xf_module
 from attention_zoo.backends import BACKENDS, AttentionCall, causal_mask, choose
-from attention_zoo.functional import penalty_bias, selection_logits, selection_penalty
+from attention_zoo.functional import selection_logits, selection_penalty
 
 XF, MATH = BACKENDS.get("xformers"), BACKENDS.get("math")
 CPU_ONLY_REASONS = ("device=", "xFormers wasn't build", "operator wasn't built", "bf16 is only supported")
@@ -104,7 +104,7 @@ def make(B, H, Hkv, Nq, Nk, D, dtype, bias_kind, seed=0):
     def bias():
         if bias_kind == "selective":
             F = selection_penalty(selection_logits(q.float(), k.float(), H - 1))
-            return penalty_bias(F, H)
+            return (-F).unsqueeze(1)  # compact head-shared -F
         return residual.to(dtype) if bias_kind == "per_head" else None
 
     return q, k, v, residual, bias
@@ -144,7 +144,7 @@ def test_bias_equals_what_math_adds(case, bias_kind):
         b = bias()
         inputs = xf_module.build_inputs(q, k, v, b, causal=True, scale=0.3, training=True)
     hidden = torch.zeros(Nq, Nk).masked_fill(~causal_mask(Nq, Nk), float("-inf"))
-    expected = hidden.expand(B, H, Nq, Nk) if b is None else b + hidden
+    expected = (hidden if b is None else b + hidden).expand(B, H, Nq, Nk)
     ab = inputs.attn_bias
     got = ab if isinstance(ab, torch.Tensor) else ab.materialize((B, H, Nq, Nk), dtype=torch.float32)
     assert torch.equal(got, expected)

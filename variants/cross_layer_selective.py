@@ -1,6 +1,7 @@
 """Cross-layer (depth-wise) selective attention: shallow layers' selection guides deeper ones.
 
-State F_l (B, Nq, Nk), float32, travels up the stack through the `selection_penalty` channel.
+State F_l travels up the stack through the `selection_penalty` channel as a structured `Selection`
+(ops/selection: the source layers' selection q/k with their decays), never as a (B, Nq, Nk) tensor.
 - share: a source layer computes its own F and writes it; any other layer attends with the latest
   source's F as it is and computes no selection logits at all.
 - accumulate: F_l = own_l + decay * F_{l-1}, own_l being this layer's selective F if it is a source
@@ -12,7 +13,7 @@ from typing import Mapping
 
 from torch import Tensor
 
-from attention_zoo.functional import head_broadcast, penalty_bias
+from attention_zoo.ops.selection import Selection
 from attention_zoo.state import SELECTION_PENALTY
 from attention_zoo.variant import BASE_PARAMS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, Param, ProjectedAttention
 from attention_zoo.variant_registry import register_variant
@@ -28,6 +29,14 @@ def _sources_check(value, shape: LayerShape):
 
 def _decay_check(value, shape: LayerShape):
     return None if value >= 0 else "must be >= 0"
+
+
+def as_selection(value) -> Selection:
+    """The channel's value as a Selection (a plug-in layer may have written a dense F: rejected clearly)."""
+    if not isinstance(value, Selection):
+        raise TypeError("state 'selection_penalty' must hold a Selection (attention_zoo.ops.selection), "
+                        f"got {type(value).__name__}")
+    return value
 
 
 @register_variant("cross_layer_selective")
@@ -67,18 +76,20 @@ class CrossLayerSelective(SelectionMixin, ProjectedAttention):
         channel = SELECTION_PENALTY.name
         if self.mode == "share":
             if not self.is_source:
-                return penalty_bias(state[channel], self.heads), {}
-            Fpen, negated = self.own_penalty(q, k, cache)
-            return head_broadcast(negated, self.heads), {channel: Fpen}
+                return as_selection(state[channel]), {}
+            selection = self.own_selection(q, k, cache)
+            return selection, {channel: selection}
         previous = state.get(channel)
-        own = self.own_penalty(q, k, cache) if self.is_source else None
+        own = self.own_selection(q, k, cache) if self.is_source else None
         if previous is None or not self.decay:
             if own is None:  # no source at or below this layer yet: plain attention
                 return None, {}
-            Fpen, negated = own
-            return head_broadcast(negated, self.heads), {channel: Fpen}
-        Fpen = self.decay * previous if own is None else own[0] + self.decay * previous
-        return penalty_bias(Fpen, self.heads), {channel: Fpen}
+            return own, {channel: own}
+        # F_l = own_l + decay * F_{l-1}: the cumulative sum is linear, so this is a sum of weighted terms.
+        selection = as_selection(previous).scaled(self.decay)
+        if own is not None:
+            selection = own + selection
+        return selection, {channel: selection}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode!r}, source={self.is_source}, decay={self.decay}"

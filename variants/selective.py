@@ -1,8 +1,10 @@
 """Selective attention (Leviathan, Kalman, Matias; ICLR 2025, section 3).
 
 The selection head's ReLU'd logits S say how much each query wants later tokens to ignore each key;
-F[i, j] = sum over k < i of S[k, j] is subtracted from every head's logits. F is one float32
-(B, Nq, Nk) tensor per layer, passed to the backend as a head-broadcast bias: never one per head.
+F[i, j] = sum over k < i of S[k, j] is subtracted from every head's logits. The layer hands the backend
+a structured `Selection` (the selection head's q and k, protect_bos, scale; see ops/selection) rather
+than F itself, and writes the same value to the `selection_penalty` state channel: a backend that fuses it
+never makes the (B, Nq, Nk) F, and a reader that needs F calls `.dense()`.
 """
 from __future__ import annotations
 
@@ -11,13 +13,8 @@ from typing import Mapping
 from torch import Tensor
 
 from attention_zoo.cache import LayerCache
-from attention_zoo.functional import (
-    head_broadcast,
-    penalty_and_bias_source,
-    penalty_from_scores,
-    selection_logits,
-    selection_scores,
-)
+from attention_zoo.ops.selection import Selection
+from attention_zoo.ops.selection.blocked import column_sums
 from attention_zoo.state import SELECTION_PENALTY
 from attention_zoo.variant import BASE_PARAMS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, ProjectedAttention
 from attention_zoo.variant_registry import register_variant
@@ -31,19 +28,18 @@ class SelectionMixin:
     selection_head: int
     protect_bos: bool
 
-    def own_penalty(self, q: Tensor, k: Tensor, cache: LayerCache | None) -> tuple[Tensor, Tensor]:
-        """(F, -F) of this layer, (B, Nq, Nk) each: F for the state channel, -F for the bias. Over a whole
-        sequence both are one tensor (`functional.penalty_and_bias_source`: no negation pass)."""
+    def own_selection(self, q: Tensor, k: Tensor, cache: LayerCache | None) -> Selection:
+        """This layer's own Selection from q (B, H, Nq, D) and k (B, Hkv, Nk, D): the selection head reads its
+        own kv head (GQA). With a cache, F = a + exclusive cumsum of this chunk's S rows, then a += the
+        chunk's column sums of S (made block by block, no (B, Nq, Nk))."""
+        group = q.shape[1] // k.shape[1]
+        qs, ks = q[:, self.selection_head], k[:, self.selection_head // group]  # (B, Nq, D), (B, Nk, D)
         if cache is None:
-            return penalty_and_bias_source(q, k, self.selection_head, self.scale, protect_bos=self.protect_bos,
-                                           backend=self.backend)
-        logits = selection_logits(q, k, self.selection_head, self.scale)  # (B, Nq, Nk)
-        # F = a + exclusive cumsum of this chunk's S rows; then a += the chunk's column sums.
+            return Selection.of_head(qs, ks, self.scale, protect_bos=self.protect_bos)
         acc = cache.stat(ACCUMULATOR, q.shape[0], q.device)  # (B, Nk)
-        S = selection_scores(logits, protect_bos=self.protect_bos)
-        cache.per_key[ACCUMULATOR] = acc + S.sum(dim=1).detach()
-        Fpen = penalty_from_scores(S, acc)
-        return Fpen, -Fpen
+        selection = Selection.of_head(qs, ks, self.scale, protect_bos=self.protect_bos, accumulated=acc)
+        cache.per_key[ACCUMULATOR] = acc + column_sums(selection.terms[0])
+        return selection
 
 
 @register_variant("selective")
@@ -61,5 +57,5 @@ class Selective(SelectionMixin, ProjectedAttention):
         self.writes = (*self.writes, SELECTION_PENALTY.name)
 
     def attention_bias(self, q, k, state: Mapping[str, Tensor], cache):
-        Fpen, negated = self.own_penalty(q, k, cache)
-        return head_broadcast(negated, self.heads), {SELECTION_PENALTY.name: Fpen}
+        selection = self.own_selection(q, k, cache)
+        return selection, {SELECTION_PENALTY.name: selection}

@@ -7,12 +7,15 @@ backend serves every variant whose calls it accepts. `auto` tries backends in `A
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
 from torch import Tensor
 
 from ..errors import UserError
+from ..ops.selection.dense import penalty as dense_penalty
+from ..ops.selection.structure import Selection
 from ..registry import Registry
 from .base import AttentionCall, Backend, causal_mask
 from .flex import FlexBackend
@@ -82,12 +85,38 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
     raise BackendRefused("no backend accepts this call: " + "; ".join(skipped))
 
 
-def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float,
+_chosen: dict[tuple, tuple[Backend, list[str]]] = {}
+
+
+def _backends_signature() -> tuple:
+    """What a choice depends on besides the call: the registered backends, their refuse/defer methods (tests
+    and plug-ins may replace them) and the environment variables the backends read at refusal time."""
+    parts = []
+    for name in AUTO_ORDER + ("flex",):
+        if name in BACKENDS:
+            b = BACKENDS.get(name)
+            parts.append((name, id(b), type(b).refuse, type(b).defer, b.__dict__.get("refuse"), b.__dict__.get("defer")))
+    return tuple(parts), os.environ.get("TRITON_INTERPRET"), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def chosen_for(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
+    """`choose`, memoised per (backend name, call signature): a training step dispatches the same few calls
+    every layer and step, and refusals are pure functions of them (the backends' self-checks are cached
+    too). A refusal is never memoised: it raises each time."""
+    key = (name, call, _backends_signature())
+    hit = _chosen.get(key)
+    if hit is None:
+        hit = _chosen[key] = choose(name, call)
+    return hit
+
+
+def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None, causal: bool, scale: float,
              backend: str = "auto") -> Tensor:
     """softmax(scale q k^T + bias + causal mask) v on the named backend, or the first that accepts the call
     under `auto`. q: (B, H, Nq, D); k: (B, Hkv, Nk, D), H % Hkv == 0; v: (B, Hkv, Nk, Dv) (Dv = D but for
-    backends that take other value widths); bias broadcastable to (B, H, Nq, Nk) or None; causal is
-    bottom-right aligned. Returns (B, H, Nq, Dv) in q's dtype; a row that sees no key is 0.
+    backends that take other value widths); `bias`: a tensor broadcastable to (B, H, Nq, Nk), a structured
+    `Selection` (the bias is then -F, see ops/selection), or None; causal is bottom-right aligned. Returns
+    (B, H, Nq, Dv) in q's dtype; a row that sees no key is 0.
 
     Raises BackendRefused (a UserError) when the named backend refuses the call, or none does under auto; a
     RegistryError for a backend name that is not registered. Shapes are not checked here (see
@@ -96,16 +125,34 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bo
     for calls in _recorders:
         calls.append(call)
     if call.device == "meta":  # a dry run (`describe`) computes shapes only; backends are chosen for a real device
-        return BACKENDS.get("math").attention(q, k, v, bias=bias, causal=causal, scale=scale)
-    chosen, skipped = choose(backend, call)
+        return run_on(BACKENDS.get("math"), q, k, v, bias, causal, scale)
+    chosen, skipped = chosen_for(backend, call)
     for why in skipped:
         if (why, chosen.name) not in _logged:
             _logged.add((why, chosen.name))
             log.info("attention-zoo auto backend: using %s (%s)", chosen.name, why)
-    return chosen.attention(q, k, v, bias=bias, causal=causal, scale=scale)
+    return run_on(chosen, q, k, v, bias, causal, scale)
+
+
+def head_dim_limit(name: str, device: str) -> int | None:
+    """The largest q/k head dim backend `name` runs fast on `device` (None: no limit): where residual attention
+    stops concatenating layers' q and k. `auto` answers for sdpa, which serves plain calls."""
+    return BACKENDS.get("sdpa" if name == "auto" else name).head_dim_limit(device)
+
+
+def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None, causal: bool,
+           scale: float) -> Tensor:
+    """Run the primitive on `backend`. A Selection goes to the backend's own `selective_attention` where it has
+    one; otherwise -F is made dense, (B, 1, Nq, Nk), and passed as a bias (the only place that happens)."""
+    if isinstance(bias, Selection):
+        if backend.selective_attention is not None:
+            return backend.selective_attention(q, k, v, bias, causal=causal, scale=scale)
+        bias = dense_penalty(bias, negate=True, backend=backend.name).unsqueeze(1)
+    return backend.attention(q, k, v, bias=bias, causal=causal, scale=scale)
 
 
 __all__ = [
     "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
-    "recording_calls", "causal_mask", "math_attention", "grouped_logits"
+    "head_dim_limit", "run_on", "recording_calls",
+    "causal_mask", "math_attention", "grouped_logits",
 ]

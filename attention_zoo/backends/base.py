@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..ops.selection.structure import Selection
+
 
 @dataclass(frozen=True)
 class AttentionCall:
@@ -31,6 +33,7 @@ class AttentionCall:
     has_bias: bool = False
     bias_requires_grad: bool = False
     grad_enabled: bool = False
+    has_selection: bool = False  # the bias is a structured selection (ops/selection), not a tensor
     value_dim: int | None = None  # v's width when it differs from q/k's (differential attention), else None
 
     def unequal_value_dim(self) -> str | None:
@@ -40,7 +43,11 @@ class AttentionCall:
         return f"values of width {self.value_dim} differ from q/k's head dim {self.head_dim}; its kernels need them equal"
 
     @classmethod
-    def from_tensors(cls, q: Tensor, k: Tensor, bias: Tensor | None, v: Tensor | None = None) -> "AttentionCall":
+    def from_tensors(cls, q: Tensor, k: Tensor, bias: "Tensor | Selection | None", v: Tensor | None = None
+                     ) -> "AttentionCall":
+        """The call for these tensors. `grad_enabled`: autograd records it (q, k, v or the bias requires grad)."""
+        bias_grad = bias is not None and bias.requires_grad
+        inputs_grad = q.requires_grad or k.requires_grad or (v is not None and v.requires_grad)
         return cls(
             device=q.device.type,
             dtype=q.dtype,
@@ -50,9 +57,9 @@ class AttentionCall:
             q_len=q.shape[2],
             k_len=k.shape[2],
             has_bias=bias is not None,
-            bias_requires_grad=bias is not None and bias.requires_grad,
-            grad_enabled=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                      or bias is not None and bias.requires_grad),
+            bias_requires_grad=bias_grad,
+            grad_enabled=torch.is_grad_enabled() and (inputs_grad or bias_grad),
+            has_selection=isinstance(bias, Selection),
             value_dim=None if v is None or v.shape[-1] == q.shape[-1] else v.shape[-1],
         )
 
@@ -74,6 +81,15 @@ class Backend:
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
         raise NotImplementedError
+
+    def head_dim_limit(self, device: str) -> int | None:
+        """The largest q/k head dim this backend runs with its fast kernels on `device`, or None (no limit)."""
+        return None
+
+    # A backend that fuses a structured selection (-F built inside its attention, see ops/selection) sets this to
+    # a method (q, k, v, selection, *, causal, scale) -> out. Otherwise the dispatcher hands it -F as a dense
+    # (B, 1, Nq, Nk) bias.
+    selective_attention = None
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> Tensor:

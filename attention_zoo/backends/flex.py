@@ -86,14 +86,14 @@ def flex_attention_call(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None,
 def read_once(bias: Tensor, q: Tensor, k: Tensor) -> Tensor:
     """The tensor the score_mod indexes: the bias with every broadcast (size-1 or stride-0) batch or head
     dim of size 1, so each stored value is read, and given its gradient, once per head that reads it.
-    A head-broadcast bias becomes the (B, 1, Nq, Nk) source it was expanded from (`fused.trainable_bias`);
-    without one, a slice, whose gradient autograd spreads back over the expanded view."""
+    A stride-0 head expansion becomes a slice of head 0, whose gradient autograd spreads back over the
+    expanded view; pass a head-shared bias compact, (B, 1, Nq, Nk), to avoid that."""
     bias, _ = trainable_bias(bias, q, k)
     if bias.shape[1] > 1 and bias.stride(1) == 0:
         bias = bias[:, :1]
     if bias.shape[0] > 1 and bias.stride(0) == 0:
         bias = bias[:1]
-    return bias.resolve_neg()  # compiled code reads memory: a negated view becomes the values it reads as
+    return bias
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, block_mask, scale: float, gqa: bool,

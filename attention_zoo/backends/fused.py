@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 # (q, k, v, bias | None, causal, scale) -> out (B, H, Nq, D), run without autograd. `bias` is detached
-# and broadcastable to (B, H, Nq, Nk), with at most one row per head group (see `head_source`).
+# and broadcastable to (B, H, Nq, Nk), with at most one row per head group (see `trainable_bias`).
 ForwardKernel = Callable[[Tensor, Tensor, Tensor, "Tensor | None", bool, float], Tensor]
 
 
@@ -62,32 +62,6 @@ def is_head_broadcast(bias: Tensor) -> bool:
     return bias.dim() == 4 and (bias.shape[1] == 1 or bias.stride(1) == 0)
 
 
-def head_source(bias: Tensor) -> Tensor | None:
-    """The (B|1, 1, Nq, Nk) tensor a head-broadcast bias reads, keeping its autograd history.
-
-    `penalty_bias` hands over -F expanded to H heads with stride 0. Slicing head 0 back out would
-    route the gradient through the expand and slice backward, which builds (B, H, Nq, Nk) zeros; the
-    view's base (the tensor it was expanded from) is the same values with a direct gradient path.
-    Returns None when no such base exists (the caller then spreads the gradient over heads itself).
-    """
-    if bias.shape[1] == 1:
-        return bias
-    head0 = bias[:, :1]
-    base = bias._base
-    if base is None or base.requires_grad != bias.requires_grad:
-        return None
-    for candidate in (base, base.unsqueeze(1)):
-        if _same_geometry(candidate, head0):
-            return candidate
-    return None
-
-
-def _same_geometry(a: Tensor, b: Tensor) -> bool:
-    """The same values: shape, memory, dtype, strides, and the same negative bit (`torch._neg_view` of a
-    tensor shares its memory but reads as its negation; selective's F is one, see functional.py)."""
-    if a.shape != b.shape or a.data_ptr() != b.data_ptr() or a.dtype != b.dtype or a.is_neg() != b.is_neg():
-        return False
-    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
 
 def visible_keys(row_start: int, row_stop: int, q_len: int, k_len: int, key_stop: int, device) -> Tensor:
@@ -305,7 +279,7 @@ class BiasGradAttention(torch.autograd.Function):
     """softmax(scale q k^T + bias + causal) v: fused forward, blockwise recomputed backward.
 
     `bias` is (Bb, Hb, Nq, Nk), Bb in {1, B}, Hb in {1, H}: pass a head-broadcast bias compact
-    (see `head_source`). The backward keeps only the causally visible blocks of the bias, with the
+    (see `trainable_bias`). The backward keeps only the causally visible blocks of the bias, with the
     -inf written in. With `spread_heads`, the caller passed a stride-0 expansion whose source was not
     found: the head-summed gradient is handed back spread evenly over the H views (their sum, which
     the expand's backward takes, is then the exact gradient up to rounding).
@@ -348,18 +322,15 @@ class BiasGradAttention(torch.autograd.Function):
 def trainable_bias(bias: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, int]:
     """The tensor to differentiate for a trainable bias, and `spread_heads`.
 
-    A head-broadcast bias is replaced by the (B, 1, Nq, Nk) tensor it was expanded from (`head_source`),
-    so its gradient is summed over heads and never passes through the expand's backward. When no such
-    source exists, the bias itself is returned with spread_heads = H: the caller reads its head 0 and
-    hands the head-summed gradient back spread over the H views (`spread_over_heads`)."""
+    Pass a head-shared bias compact, (B, 1, Nq, Nk): its gradient is then summed over heads in place. A
+    stride-0 head expansion is returned as it is with spread_heads = H: the caller reads its head 0 and
+    hands the head-summed gradient back spread over the H views (`spread_over_heads`), which the expand's
+    backward sums again (exact up to rounding, at the cost of an (B, H, Nq, Nk) gradient view)."""
     if bias.dim() != 4:
         raise ValueError(f"bias must be 4-D (B, H, Nq, Nk), got shape {tuple(bias.shape)}")
     if bias.shape[2:] != (q.shape[2], k.shape[2]):
         bias = bias.expand(bias.shape[0], bias.shape[1], q.shape[2], k.shape[2])
-    if is_head_broadcast(bias):
-        source = head_source(bias)
-        if source is not None:
-            return source, 0
+    if is_head_broadcast(bias) and bias.shape[1] > 1:  # a stride-0 expansion: read head 0, spread the gradient
         return bias, bias.shape[1]
     return bias, 0
 
@@ -378,7 +349,7 @@ def bias_grad_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, causal
 
 
 __all__ = [
-    "BiasGradAttention", "Block", "BlockKernel", "attention_backward", "bias_grad_attention", "head_source",
+    "BiasGradAttention", "Block", "BlockKernel", "attention_backward", "bias_grad_attention",
     "is_head_broadcast", "masked_bias_blocks", "plan_blocks", "spread_over_heads", "trainable_bias", "visible_keys",
     "causal_key_stop", "ForwardKernel"
 ]

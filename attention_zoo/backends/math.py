@@ -53,5 +53,11 @@ class MathBackend(Backend):
     def attention(self, q, k, v, *, bias, causal, scale):
         return math_attention(q, k, v, bias=bias, causal=causal, scale=scale)
 
+    def selective_attention(self, q, k, v, selection, *, causal, scale):
+        """The reference: F materialised from the equations (ops/selection/reference.py)."""
+        from ..ops.selection.reference import selective_attention
+
+        return selective_attention(q, k, v, selection, causal=causal, scale=scale)
+
 
 __all__ = ["MathBackend", "math_attention", "grouped_logits", "masked_softmax"]

@@ -5,6 +5,8 @@
   attn_mask and is_causal). A head-broadcast bias stays (B, 1, Nq, Nk): the kernels read it in place.
 - With a bias, causal attention runs one query block at a time against only the keys that block can
   see, so the fused kernel skips most of the masked upper triangle as it does with is_causal.
+- A structured selection (selective attention's -F) runs over query blocks, F never dense
+  (`selective_attention`, ops/selection/blocked.py).
 - A bias that requires grad (selective's -F, residual scores) goes through `BiasGradAttention`: SDPA
   forward on the detached bias, blockwise recomputed backward. Left to itself SDPA would silently
   fall back to its math path (several (B, H, N, N) buffers) whenever the mask requires grad.
@@ -42,6 +44,15 @@ class SDPABackend(Backend):
         if bias is not None and bias.requires_grad and torch.is_grad_enabled():
             return bias_grad_attention(q, k, v, bias, causal=causal, scale=scale, kernel=SDPA_ON_BLOCKS)
         return sdpa_forward(q, k, v, bias, causal, scale)
+
+    def head_dim_limit(self, device: str) -> int | None:
+        return None if device == "cpu" else 256  # flash kernels on CUDA take head dims up to 256
+
+    def selective_attention(self, q: Tensor, k: Tensor, v: Tensor, selection, *, causal: bool, scale: float) -> Tensor:
+        """SDPA per query block with that block's -F, F kept at block boundaries (ops/selection/blocked.py)."""
+        from ..ops.selection.blocked import selective_attention
+
+        return selective_attention(q, k, v, selection, causal=causal, scale=scale)
 
 
 def _grouped(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, dict]:

@@ -81,6 +81,9 @@ class TritonBackend(Backend):
             return f"head dim {call.head_dim} is above {MAX_HEAD_DIM}"
         return on_this_gpu(self_check, call)
 
+    def head_dim_limit(self, device: str) -> int | None:
+        return MAX_HEAD_DIM
+
     def defer(self, call: AttentionCall) -> str | None:
         if call.device != "cuda":
             return "on CPU it runs in Triton's interpreter, for tests only: name it to use it"
@@ -112,8 +115,7 @@ class TritonAttention(torch.autograd.Function):
             # The kernels read a size-1 or stride-0 dim as a broadcast: a batch-shared bias is expanded to
             # B (no copy) so each batch element's gradient has a row of its own, summed back below.
             read = bias[:, :1] if spread_heads else bias
-            # The kernels read memory: a negated view (negative bit set) is made into the values it reads as.
-            read = read.detach().resolve_neg().expand(q.shape[0], *read.shape[1:])
+            read = read.detach().expand(q.shape[0], *read.shape[1:])
             ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
         out, lse = kernels.attention_forward(q.detach(), k.detach(), v.detach(), read, causal=causal, scale=scale)
         ctx.save_for_backward(q, k, v, read, out, lse)
@@ -169,7 +171,7 @@ def _attention_check(device: str, dtype: torch.dtype, head_dim: int):
 
 def _penalty_check(device: str, dtype: torch.dtype, head_dim: int):
     from ..functional import penalty_from_scores, selection_scores
-    from .penalty import TritonSelectionPenalty
+    from ..ops.selection.penalty import TritonSelectionPenalty
 
     N = _check_length()
     q, k = (t.requires_grad_() for t in random_inputs(device, dtype, (BATCH, N, head_dim), (BATCH, N, head_dim)))

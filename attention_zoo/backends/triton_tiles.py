@@ -1,4 +1,4 @@
-"""Tile helpers shared by the Triton kernels (`triton_kernels.py`, `triton_selection.py`).
+"""Tile helpers shared by the Triton kernels (`triton_kernels.py`, `ops/selection/triton.py`).
 
 Every kernel loads (rows, head dim) tiles with the same masks, multiplies them with the same precision
 rule and finds where the causal triangle starts; these small `@triton.jit` functions are inlined where

@@ -81,8 +81,9 @@ def tuned(configs: list[tuple[int, int, int, int]], reset_to_zero: list[str] | N
 # "atomic": the d(bias) kernel, which walks every head per tile, also adds each head's dq tile atomically;
 # "recompute": it computes d(bias) alone and the per-head dq kernel (dq in registers, no atomics)
 # recomputes P and dS: two more tile matmuls per head, against B*H*Nq*D*Nk/BLOCK_N/2 atomic adds.
-# Which is faster depends on the GPU, so on CUDA both are timed once per problem and the faster kept;
-# ATTENTION_ZOO_TRITON_SHARED_DQ=atomic|recompute forces one (the interpreter uses "atomic").
+# Deterministic by default: "recompute" (no atomics, so gradients repeat bit for bit). Atomic adds land in
+# any order, so "atomic" runs only when asked: ATTENTION_ZOO_TRITON_SHARED_DQ=atomic, or "fastest" to time
+# both once per problem on CUDA and keep the faster.
 SHARED_DQ_STRATEGIES = ("atomic", "recompute")
 SHARED_DQ_ENV = "ATTENTION_ZOO_TRITON_SHARED_DQ"
 _shared_dq_chosen: dict[tuple, str] = {}
@@ -113,18 +114,20 @@ def _capturing_cuda_graph() -> bool:
 
 
 def shared_dq_strategy(key: tuple, run, timer=_gpu_milliseconds) -> str:
-    """The strategy for this problem `key`: forced by the environment, "atomic" in the interpreter, else
-    the faster of `run(strategy)` timed once per key (both give the same result: each run writes d(bias)
-    whole and returns a fresh dq)."""
+    """The strategy for this problem `key`: "recompute" (deterministic) unless the environment asks for
+    "atomic", or for "fastest": then the faster of `run(strategy)` timed once per key on CUDA (both give the
+    same result up to summation order: each run writes d(bias) whole and returns a fresh dq)."""
     if _shared_dq_forced:
         return _shared_dq_forced
-    forced = os.environ.get(SHARED_DQ_ENV)
-    if forced:
-        if forced not in SHARED_DQ_STRATEGIES:
-            raise ValueError(f"{SHARED_DQ_ENV}={forced!r}: expected one of {', '.join(SHARED_DQ_STRATEGIES)}")
-        return forced
+    asked = os.environ.get(SHARED_DQ_ENV)
+    if asked and asked not in (*SHARED_DQ_STRATEGIES, "fastest"):
+        raise ValueError(f"{SHARED_DQ_ENV}={asked!r}: expected one of {', '.join(SHARED_DQ_STRATEGIES)}, fastest")
+    if asked in SHARED_DQ_STRATEGIES:
+        return asked
+    if asked != "fastest":
+        return "recompute"
     if INTERPRETED:
-        return "atomic"
+        return "recompute"
     if key not in _shared_dq_chosen and _capturing_cuda_graph():
         return "atomic"  # timing synchronises, which a CUDA graph capture forbids; decide on a plain call
     if key not in _shared_dq_chosen:

@@ -3,7 +3,8 @@
     M^l_i = i - sum_j min(F^l[i, j], tau) / tau        (keys query i still needs, roughly)
     loss  = eps * sum_l max_i M^l_i / (L * N)
 
-F^l is layer l's selection penalty (B, N, N) as the layer wrote it to the state (`selection_penalty`);
+F^l is layer l's selection penalty (B, N, N), materialised from the structured selection the layer wrote to
+the state (`selection_penalty`): training with this loss builds one dense F per writing layer;
 a key with F >= tau counts as fully masked. Only layers that wrote an F take part and L counts them
 (a cross-layer `share` model's non-source layers write none: their F is the source's, counted once).
 max_i is taken per sequence, then averaged over the batch. Registered as the training auxiliary loss
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from ..config import Field
 from ..errors import UserError
+from ..ops.selection import penalty_tensor
 from ..state import SELECTION_PENALTY
 from ..train.aux_losses import register_aux_loss
 
@@ -29,7 +31,8 @@ def memory_needed(penalty: Tensor, tau: float) -> Tensor:
 
 
 def selective_memory_loss(per_layer_updates: list[dict[str, Tensor]], tau: float = 1.0, eps: float = 0.1) -> Tensor:
-    penalties = [u[SELECTION_PENALTY.name] for u in per_layer_updates if SELECTION_PENALTY.name in u]
+    # The loss reads F itself: the layers' structured selections are materialised here, (B, N, N) each.
+    penalties = [penalty_tensor(u[SELECTION_PENALTY.name]) for u in per_layer_updates if SELECTION_PENALTY.name in u]
     if not penalties:
         raise UserError("train.aux_losses.selective_memory: no layer of this model writes a selection penalty "
                         "(use a selective or cross_layer_selective attention)")

@@ -39,6 +39,7 @@ from ..data import IGNORE_INDEX, Dataset, build_dataset
 from ..errors import UserError
 from . import distributed as D
 from .aux_losses import get_aux_loss
+from .execution import compile_model, enable_activation_checkpointing
 from .metrics import MetricsLog, evaluate, token_losses
 from .optim import build_optimizer, build_schedule
 from .tensorboard import TensorBoardLog
@@ -223,8 +224,12 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
               f"out {out}")
 
     raw_model = model
+    if tcfg["activation_checkpointing"]:
+        enable_activation_checkpointing(model)
     if world.distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tcfg["compile"]:
+        model = compile_model(model)
     autocast = autocast_context(tcfg, device)
     aux = {name: (get_aux_loss(name).fn, params) for name, params in tcfg["aux_losses"].items()}
     rows = D.rank_rows(tcfg["batch_size"], world)

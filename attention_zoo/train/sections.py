@@ -57,6 +57,9 @@ TRAIN_FIELDS = {
                        "the run; its model section must match this config's; optimizer, schedule and step start fresh"),
     "tensorboard": Field(bool, False, "also write metrics as TensorBoard event files into the run folder "
                          "(needs the optional package: pip install tensorboard)"),
+    "activation_checkpointing": Field(bool, False, "recompute each block's activations in the backward (less memory, "
+                                      "same gradients)"),
+    "compile": Field(bool, False, "run the model under torch.compile"),
 }
 
 

@@ -104,11 +104,11 @@ class SelectionPenalty(torch.autograd.Function):
 
 class TritonSelectionPenalty(torch.autograd.Function):
     """q_s (B, Nq, D), k_s (B, Nk, D) -> F (B, Nq, Nk) float32, or -F with `negate`, with the Triton kernels
-    of `triton_selection.py`: L and S are never stored, in the forward or the backward."""
+    of `ops/selection/triton.py`: L and S are never stored, in the forward or the backward."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, scale: float, protect_bos: bool, negate: bool = False) -> Tensor:
-        from .triton_selection import penalty_forward
+        from .triton import penalty_forward
 
         ctx.save_for_backward(q, k)
         ctx.scale, ctx.protect_bos, ctx.negate = scale, protect_bos, negate
@@ -117,7 +117,7 @@ class TritonSelectionPenalty(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        from .triton_selection import penalty_backward
+        from .triton import penalty_backward
 
         q, k = ctx.saved_tensors
         dq, dk = penalty_backward(q, k, grad, scale=ctx.scale, protect_bos=ctx.protect_bos, negate=ctx.negate)
@@ -129,7 +129,7 @@ def triton_penalty_refusal(q: Tensor, k: Tensor, backend: str) -> str | None:
     backend would (`backend: triton`, or `auto` on CUDA), with `flex` on CUDA (its kernels are Triton's
     too, and its benchmark should differ from triton's in the attention alone), and only where the triton
     backend refuses nothing of q's dtype and size."""
-    from . import BACKENDS, AttentionCall
+    from ...backends import BACKENDS, AttentionCall
 
     if backend not in ("auto", "triton", "flex"):
         return f"backend {backend!r} is named"

@@ -5,7 +5,7 @@
     F[i, j] = sum over k < i of S[k, j]      (B, Nq, Nk) float32, the one tensor written (or -F,
                                              the attention's bias, when asked: one multiply)
 
-The PyTorch path (`functional.selection_logits` then `backends/penalty.py`) makes L, S, the row
+The PyTorch path (`functional.selection_logits` then `ops/selection/penalty.py`) makes L, S, the row
 cumulative sum and its mask as separate (B, N, N) passes, each more memory traffic than the attention
 kernels' own at 4096 tokens. Here one program per (key block, batch element) walks the query blocks
 top to bottom with the running column sums of S in registers, so L and S live only as tiles:
@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_tiles import cols_tile, dot, first_query_block, rows_tile
-from .triton_tuning import PENALTY_CONFIGS, head_block, tuned
+from ...backends.triton_tiles import cols_tile, dot, first_query_block, rows_tile
+from ...backends.triton_tuning import PENALTY_CONFIGS, head_block, tuned
 
 
 @triton.jit

@@ -1,0 +1,80 @@
+"""Residual attention (RealFormer, He et al. 2021) on q and k concatenated over layers (ops/residual.py).
+
+R_l = sum over m <= l of scale q_m k_m^T (- F_m with selective) is attention with a q/k head dim of (l + 1) D:
+no (B, H, N, N) tensor within the backend's head-dim limit, and exactly the dense carry's results (fp32
+1e-5 relative, logits and every gradient); past the limit a layer carries R dense and says why.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from attention_zoo import build_model
+from attention_zoo.backends.sdpa import SDPABackend
+from attention_zoo.ops.residual import ResidualScores
+
+B, N, HEADS = 2, 1024, 2
+
+
+class LargestStorage(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+def model_for(attention, n=N, depth=3, backend="sdpa"):
+    torch.manual_seed(0)
+    return build_model({"backend": backend, "model": {"vocab_size": 32, "dim": 32, "depth": depth, "heads": HEADS,
+                                                       "max_seq_len": n, "attention": attention}})
+
+
+@pytest.mark.parametrize("attention", [{"variant": "residual"}, {"variant": "residual", "kv_heads": 1},
+                                       {"variant": "selective", "residual": True}],
+                         ids=["residual", "residual-mqa", "selective-residual"])
+def test_training_step_makes_no_B_H_N_N_storage(attention):
+    model = model_for(attention)
+    tokens = torch.randint(0, 32, (B, N), generator=torch.Generator().manual_seed(1))
+    spy = LargestStorage()
+    with spy:
+        logits, per_layer = model(tokens, return_state=True)
+        logits.logsumexp(-1).mean().backward()
+    assert all(isinstance(u["residual_scores"], ResidualScores) for u in per_layer)
+    limit = B * N * N // 4 if attention["variant"] == "selective" else B * HEADS * N * N // 4
+    assert spy.largest < limit, f"an op wrote {spy.largest} elements"
+
+
+def grads_of(model, tokens):
+    logits = model(tokens)
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))
+    (logits * weights).sum().backward()
+    return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("attention", [{"variant": "residual", "kv_heads": 1}, {"variant": "selective", "residual": True},
+                                       {"variant": "cross_layer_selective", "sources": [0], "residual": True}],
+                         ids=["residual-mqa", "selective-residual", "share-residual"])
+def test_past_the_head_dim_limit_the_layer_falls_back_exactly_and_says_why(attention, monkeypatch, caplog):
+    tokens = torch.randint(0, 32, (2, 40), generator=torch.Generator().manual_seed(2))
+    structured = grads_of(model_for(attention, n=40), tokens)
+    monkeypatch.setattr(SDPABackend, "head_dim_limit", lambda self, device: 16)  # one layer's q/k: 16
+    monkeypatch.setattr("attention_zoo.ops.residual._logged", set())
+    with caplog.at_level(logging.INFO, logger="attention_zoo.ops.residual"):
+        model = model_for(attention, n=40)
+        _, per_layer = model(tokens, return_state=True)
+        dense = grads_of(model, tokens)
+    assert isinstance(per_layer[0]["residual_scores"], ResidualScores)  # layer 0: 16 fits
+    assert all(isinstance(u["residual_scores"], torch.Tensor) for u in per_layer[1:])
+    assert "concatenated head dim 32 is above the backend's limit 16" in caplog.text
+    for a, b in zip(structured, dense):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)
