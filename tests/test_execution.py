@@ -1,8 +1,6 @@
 """Activation checkpointing and torch.compile change how a step runs, never what it computes."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -76,17 +74,19 @@ def test_train_runs_with_activation_checkpointing(tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None,
-                    reason="torch.compile needs a C++ compiler on CPU")
 def test_compiled_selective_training_step_matches_eager():
-    """A selective training step under torch.compile on CPU: logits and every gradient as in eager (fp32, 1e-5)."""
+    """A selective training step under torch.compile on CPU: logits and every gradient as in eager (fp32, 1e-5).
+
+    Compiled with the `aot_eager` backend: dynamo captures the forward graph and AOTAutograd the backward,
+    which is what private-API tricks (negated views, stride tricks) break; inductor's CPU code generation on
+    top adds ~3 minutes to the suite and tests torch, not us (`train.compile` itself uses the default)."""
     attention = {"variant": "selective", "kv_heads": 2}
     eager, compiled = model_for(attention), model_for(attention)
     tokens = torch.randint(0, 32, (2, 48), generator=torch.Generator().manual_seed(3))
     eager.eval(), compiled.eval()  # no dropout: compiled and eager RNG streams differ
     out_eager = eager(tokens)
     out_eager.logsumexp(-1).mean().backward()
-    out_compiled = torch.compile(compiled)(tokens)
+    out_compiled = torch.compile(compiled, backend="aot_eager")(tokens)
     out_compiled.logsumexp(-1).mean().backward()
     torch.testing.assert_close(out_compiled, out_eager, atol=1e-5, rtol=0)
     for (name, a), b in zip(compiled.named_parameters(), eager.parameters()):
