@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest storage (in elements) behind any tensor an aten op returns: views such as
-    the stride-0 expansion over heads share a small storage and do not count as materialised."""
+    """Records the largest storage (in elements) behind any tensor an aten op returns (nested outputs
+    included; meta tensors, which hold no memory, skipped) and the op that made it: views such as the
+    stride-0 expansion over heads share a small storage and do not count as materialised."""
 
     def __init__(self):
         super().__init__()
@@ -15,7 +17,9 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() // t.element_size() > self.largest:
-                self.largest, self.op = t.untyped_storage().nbytes() // t.element_size(), func
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                elements = t.untyped_storage().nbytes() // t.element_size()
+                if elements > self.largest:
+                    self.largest, self.op = elements, func
         return out

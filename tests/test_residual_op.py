@@ -10,27 +10,13 @@ import logging
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from attention_zoo import build_model
 from attention_zoo.backends.sdpa import SDPABackend
 from attention_zoo.ops.residual import ResidualScores
+from tests.spies import LargestTensor
 
 B, N, HEADS = 2, 1024, 2
-
-
-class LargestStorage(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
 
 
 def model_for(attention, n=N, depth=3, backend="sdpa"):
@@ -45,7 +31,7 @@ def model_for(attention, n=N, depth=3, backend="sdpa"):
 def test_training_step_makes_no_B_H_N_N_storage(attention):
     model = model_for(attention)
     tokens = torch.randint(0, 32, (B, N), generator=torch.Generator().manual_seed(1))
-    spy = LargestStorage()
+    spy = LargestTensor()
     with spy:
         logits, per_layer = model(tokens, return_state=True)
         logits.logsumexp(-1).mean().backward()

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from attention_zoo import build_model
 from attention_zoo.ops.selection import Selection, SelectionTerm, reference
 from attention_zoo.ops.selection.blocked import column_sums
 from attention_zoo.ops.selection.blocked import selective_attention as blocked_attention
+from tests.spies import LargestTensor
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -145,21 +144,6 @@ def test_a_selection_checks_its_shapes():
 # --------------------------------------------------------------------------- no (B, N, N) in training
 
 
-class LargestStorage(TorchDispatchMode):
-    """The largest storage (in elements) any op writes while active: a (B, N, N) F anywhere would show."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 def saved_bytes(step) -> int:
     """Bytes autograd keeps for the backward during `step` (each storage counted once)."""
     seen: dict[int, int] = {}
@@ -205,7 +189,7 @@ def test_training_step_makes_no_B_N_N_storage(name, vanilla_saved):
     keeps for the backward exceeds vanilla's by less than a tenth of one float32 F per layer (the boundary
     rows G are 1/64 of it). With the dense F handed to sdpa instead, both checks fail (1 F written, 1.7 kept)."""
     step = training_step(ATTENTIONS[name])
-    spy = LargestStorage()
+    spy = LargestTensor()
     with spy:
         step()
     assert spy.largest < B * N * N // 4, f"an op wrote {spy.largest} elements"
