@@ -207,8 +207,13 @@ def layer_specs(model: dict) -> list[LayerSpec]:
     return specs
 
 
+def head_dim_of(model: dict) -> int:
+    """The per-head width a validated model section means: `head_dim`, or dim // heads when it is null."""
+    return model["head_dim"] or model["dim"] // model["heads"]
+
+
 def layer_shape(model: dict, index: int) -> LayerShape:
-    return LayerShape(model["dim"], model["heads"], model["head_dim"] or model["dim"] // model["heads"], index,
+    return LayerShape(model["dim"], model["heads"], head_dim_of(model), index,
                       model["depth"], model.get("norm_eps", 1e-5))
 
 
@@ -217,7 +222,7 @@ def stack_shape(model: dict):
     from .components import StackShape
 
     sizes = {k: model.get(k, MODEL_FIELDS[k].default) for k in ("max_seq_len", "mlp_ratio", "dropout")}
-    return StackShape(model["dim"], model["heads"], model["head_dim"] or model["dim"] // model["heads"], **sizes)
+    return StackShape(model["dim"], model["heads"], head_dim_of(model), **sizes)
 
 
 def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tuple[dict, list[Problem]]:

@@ -9,7 +9,7 @@ import torch
 
 from ..backends import BackendRefused, choose, recording_calls
 from ..components import KINDS
-from ..config import STACK_DEFAULTS, ConfigError, build_model, layer_specs, load_config
+from ..config import STACK_DEFAULTS, ConfigError, build_model, head_dim_of, layer_specs, load_config
 from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
 
 
@@ -74,7 +74,7 @@ def cmd_describe(args) -> int:
     m = config["model"]
     with torch.device("meta"):  # no weights allocated: describe works for models of any size
         model = build_model(config)
-    head_dim = m["head_dim"] or m["dim"] // m["heads"]
+    head_dim = head_dim_of(m)
     dtype = getattr(torch, args.dtype)
     # One forward pass on the meta device records exactly what each layer asks its backend for.
     tokens = torch.zeros(1, m["max_seq_len"], dtype=torch.long, device="meta")

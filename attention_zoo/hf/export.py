@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ..config import layer_specs
+from ..config import head_dim_of, layer_specs
 from ..variant_registry import resolved_params
 from .errors import ConversionError, require_transformers
 from .weights import zoo_to_gpt2, zoo_to_llama
@@ -40,7 +40,7 @@ def hf_config(model: torch.nn.Module) -> Any:
         raise ConversionError("to_hf needs a model built from a config (build_model, load_model or from_hf)")
     m = model.config["model"]
     a = _attention(m)
-    head_dim = m["head_dim"] or m["dim"] // m["heads"]
+    head_dim = head_dim_of(m)
     hidden = model.blocks[0].mlp.down.in_features  # the MLP's resolved width (mlp_hidden may be null)
     stack = (m["position"], m["norm"], m["mlp"])
     common = dict(vocab_size=m["vocab_size"], tie_word_embeddings=m["tie_embeddings"])
@@ -91,7 +91,7 @@ def to_hf(model: torch.nn.Module) -> Any:
         cls = transformers.Qwen2ForCausalLM if config.model_type == "qwen2" else transformers.LlamaForCausalLM
         hf = cls(config)
         a = _attention(m)
-        mapped = zoo_to_llama(state, m["depth"], a["kv_heads"], m["head_dim"] or m["dim"] // m["heads"])
+        mapped = zoo_to_llama(state, m["depth"], a["kv_heads"], head_dim_of(m))
     hf = hf.float()
     missing, unexpected = hf.load_state_dict(mapped, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and m["tie_embeddings"])]
