@@ -7,6 +7,7 @@ STACKS: the component stacks every case runs on: Llama's (the default), GPT-2's,
 from __future__ import annotations
 
 import pytest
+import torch
 
 from attention_zoo import list_variants
 from attention_zoo.variant_registry import get_variant
@@ -48,3 +49,15 @@ def variant_config(name: str, params: dict, backend: str = "math", stack: str = 
         pytest.fail(f"variant {name!r} has required parameters {required}: add an entry for it to VARIANT_CASES in "
                     f"tests/cases.py so the contract tests can build it")
     return {"backend": backend, "model": {**STACKS[stack], **model, "attention": {"variant": name, **params}}}
+
+
+def randomized(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Weights far larger than the GPT-2 init, so a leak or a wrong term shows up well above rounding: N(0, std)
+    everywhere, norm gains (1-D) around 1; differential's lambda vectors stay small, as exp(lq . lk) would
+    blow up around 1. In place; returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gain = p.dim() == 1 and "lambda_" not in name
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std + (1.0 if gain else 0.0))
+    return model

@@ -14,7 +14,7 @@ from attention_zoo import build_model, load_config
 from attention_zoo.backends import BackendRefused
 from attention_zoo.config import build_attentions
 from attention_zoo.state import CHANNELS, fresh_view, merge
-from tests.cases import STACKS, case_id, variant_cases, variant_config
+from tests.cases import STACKS, case_id, randomized, variant_cases, variant_config
 
 DEPTH, DIM, HEADS, VOCAB, N, B = 3, 32, 4, 32, 10, 2
 CONTRACT = variant_cases()
@@ -27,16 +27,6 @@ STACK_IDS = [f"{case_id(name, params)}-{stack}" for name, params, stack in WITH_
 def case_config(name: str, params: dict, backend: str = "math", stack: str = "rope", **model) -> dict:
     sizes = {"vocab_size": VOCAB, "dim": DIM, "depth": DEPTH, "heads": HEADS, "max_seq_len": 16, **model}
     return variant_config(name, params, backend, stack, **sizes)
-
-
-def randomized(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
-    """Weights far larger than the GPT-2 init, so a leak or a wrong term shows up well above rounding."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gain = p.dim() == 1 and "lambda_" not in name  # differential's exp(lq . lk) would blow up around 1
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std + (1.0 if gain else 0.0))
-    return model
 
 
 def tokens(seed: int = 1) -> torch.Tensor:

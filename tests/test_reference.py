@@ -21,6 +21,7 @@ from attention_zoo import build_model, create_variant, functional
 from attention_zoo.ops.residual import scores_tensor
 from attention_zoo.ops.selection import Selection, penalty_tensor
 from attention_zoo.state import RESIDUAL_SCORES, SELECTION_PENALTY
+from tests.cases import randomized
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 R_KEY, F_KEY = RESIDUAL_SCORES.name, SELECTION_PENALTY.name
@@ -321,12 +322,7 @@ def stack(attention, depth=3, layers=(), backend="math", dtype=torch.float32, se
                                             "max_seq_len": 16, "attention": attention, "layers": list(layers),
                                             **COMPONENTS[components]}}
     model = build_model(config).to(dtype)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # norm gains around 1; differential's lambda vectors small, as exp(lq . lk) would blow them up
-            gain = p.dim() == 1 and "lambda_" not in name
-            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.2 + (1.0 if gain else 0.0))
+    randomized(model, seed, std=0.2)
     from attention_zoo.config import layer_specs
     return model, [(s.variant, s.params) for s in layer_specs(model.config["model"])]
 
