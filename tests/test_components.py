@@ -198,3 +198,28 @@ def test_streaming_evaluation_runs_past_max_seq_len_under_rope():
     assert streaming_loss(model, [batch], prefill=1).loss == pytest.approx(full, abs=1e-5)
     pruned = streaming_loss(model, [batch], Pruner(model, BudgetPolicy([4, 4])), prefill=1)
     assert pruned.peak_kept == [4, 4] and math.isfinite(pruned.loss)
+
+
+def test_rms_norm_gradients_match_finite_differences_and_low_precision_keeps_float32_statistics():
+    """rms_norm's hand-written backward (float64 gradcheck), and bf16 inputs within bf16 rounding of the
+    float64 result: the mean of squares is taken in float32, not bf16."""
+    from attention_zoo.components.norms import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, generator=gen).requires_grad_()
+    weight = torch.randn(16, dtype=torch.float64, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-5), (x, weight))
+    exact = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * weight  # Zhang & Sennrich 2019, eq. 4
+    low = rms_norm(x.detach().bfloat16(), weight.detach().bfloat16(), 1e-5)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), exact.detach(), rtol=2**-7, atol=2**-7)  # bf16 has 8 mantissa bits
+
+
+def test_rms_norm_keeps_one_input_sized_tensor_for_the_backward():
+    from attention_zoo.components.norms import rms_norm
+
+    x = torch.randn(4, 8, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        rms_norm(x * 1.0, torch.ones(32, requires_grad=True), 1e-5)
+    assert saved.count(x.numel()) == 1, saved
