@@ -223,3 +223,16 @@ def test_rms_norm_keeps_one_input_sized_tensor_for_the_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         rms_norm(x * 1.0, torch.ones(32, requires_grad=True), 1e-5)
     assert saved.count(x.numel()) == 1, saved
+
+
+def test_swiglu_gradients_match_finite_differences_and_it_keeps_two_hidden_sized_tensors():
+    from attention_zoo.components.mlps import swiglu
+
+    gen = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(3, 5, 12, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(2))
+    assert torch.autograd.gradcheck(swiglu, (gate, up))
+    torch.testing.assert_close(swiglu(gate, up), gate * torch.sigmoid(gate) * up, rtol=0, atol=1e-15)  # Shazeer 2020
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        swiglu(gate * 1.0, up * 1.0)
+    assert saved == [gate.numel()] * 2

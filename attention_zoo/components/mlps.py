@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -26,6 +27,33 @@ def _hidden_check(value: int | None, shape) -> str | None:
 
 MLP_HIDDEN = Param((int, type(None)), None, "MLP hidden width; null: the MLP's rule from mlp_ratio", check=_hidden_check)
 MLP_BIAS = Param(bool, False, "biases in the MLP's linear layers (GPT-2 has them, Llama does not)")
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for the backward: autograd on the two ops would also keep
+    silu(gate), a third tensor of the hidden width (the widest activation of a block). The backward
+    recomputes silu(gate), one elementwise pass:
+        d up = g * silu(gate),   d gate = silu'(gate) * (g * up)."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU's gating (Shazeer 2020, eq. 6 with Swish_1 = SiLU): silu(gate) * up, elementwise.
+
+    gate, up: (..., hidden), same shape and dtype. Returns (..., hidden). Differentiable (first order);
+    keeps two hidden-width tensors for the backward instead of three."""
+    return _SwiGLUFunction.apply(gate, up)
 
 
 class _MLPBase(Component, nn.Module):
@@ -71,7 +99,7 @@ class SwiGLU(_MLPBase):
         self.down = residual_output(nn.Linear(hidden, shape.dim, bias=mlp_bias))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+        return self.dropout(self.down(swiglu(self.gate(x), self.up(x))))
 
 
-__all__ = ["MLPS", "register_mlp", "GELU", "GELUTanh", "SwiGLU", "MLP_HIDDEN", "MLP_BIAS"]
+__all__ = ["MLPS", "register_mlp", "GELU", "GELUTanh", "SwiGLU", "MLP_HIDDEN", "MLP_BIAS", "swiglu"]
