@@ -1,42 +1,19 @@
 """PNG plots of a sweep: validation curves per run label and the final metric with error bars.
 
-matplotlib runs headless (Agg); each figure is saved to a temporary file and renamed into place.
+matplotlib runs headless (Agg); each figure is written atomically (attention_zoo/figures.py).
 """
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..figures import pyplot, save_figure
 from .records import metric_of
 from .summary import grouped, mean_std
 from .sweep import Sweep
 
 CURVES, FINAL = "curves.png", "final.png"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed, and never picks an interactive backend
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=90, bbox_inches="tight")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a plot is for everyone to read
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _curve_key(metric: str) -> str:
@@ -45,7 +22,7 @@ def _curve_key(metric: str) -> str:
 
 def plot_curves(path: Path, sweep: Sweep, records: list[dict[str, Any]]) -> None:
     """Mean over seeds of the validation metric against steps; the band spans the seeds' min to max."""
-    plt = _pyplot()
+    plt = pyplot()
     key = _curve_key(sweep.metric)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, rs in grouped(sweep, records).items():
@@ -67,13 +44,12 @@ def plot_curves(path: Path, sweep: Sweep, records: list[dict[str, Any]]) -> None
     ax.set_title(f"{sweep.name}\nvalidation {key}, mean over seeds (band: min to max)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def plot_final(path: Path, sweep: Sweep, records: list[dict[str, Any]]) -> None:
     """The final metric per label: mean over seeds, error bar = standard deviation."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = grouped(sweep, records)
     labels, means, stds = [], [], []
     for label, rs in groups.items():
@@ -92,8 +68,7 @@ def plot_final(path: Path, sweep: Sweep, records: list[dict[str, Any]]) -> None:
     ax.set_xlabel(f"{sweep.metric} ({better} is better; error bar: std over seeds)")
     ax.set_title(f"{sweep.name}\nfinal {sweep.metric}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def write_plots(out: Path, sweep: Sweep, records: list[dict[str, Any]]) -> list[Path]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_write_text
+from ..figures import pyplot, save_figure
 
 JSON, MARKDOWN, PLOT, PROFILES = "results.json", "results.md", "results.png", "profiles.md"
 
@@ -96,10 +96,7 @@ def write_profiles(out: Path, payload: dict[str, Any]) -> None:
 
 
 def write_plot(out: Path, payload: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in payload["results"]:
@@ -129,15 +126,7 @@ def write_plot(out: Path, payload: dict[str, Any]) -> None:
     if series:
         ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"attention-zoo bench: {payload['settings']['dtype']} on {payload['settings']['device']}")
-    path = out / PLOT
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PLOT}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_figure(fig, out / PLOT, dpi=100, bbox_inches="tight")
 
 
 __all__ = ["JSON", "MARKDOWN", "PLOT", "machine", "markdown", "write_json", "write_markdown", "write_plot"]

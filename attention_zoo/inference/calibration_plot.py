@@ -2,19 +2,14 @@
 sliding window, with the unpruned loss and the tolerance line."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+from ..figures import pyplot, save_figure
 
 
 def plot_calibration(report: dict, path: str | Path, title: str = "") -> Path:
     """Write the figure to `path` (PNG) atomically."""
-    path = Path(path)
+    plt = pyplot()
     evaluations = report["evaluations"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     search = [e for e in evaluations if e["policy"].startswith("budget") and e["stage"] != "curve"]
@@ -49,14 +44,4 @@ def plot_calibration(report: dict, path: str | Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is for sharing
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -29,14 +29,21 @@ class StreamingResult:
     tokens: int  # scored tokens
     mean_kept: list[float] = field(default_factory=list)  # per layer: keys held after each step, averaged
     peak_kept: list[int] = field(default_factory=list)  # per layer: most keys held after a step
+    # with track_positions: mean loss (nats) at each position over the scored sequences, (N,) (NaN where
+    # nothing was scored), and keys held, summed over layers, once the token at that position is in, (N,)
+    position_loss: list[float] | None = None
+    position_keys: list[int] | None = None
 
 
 @torch.no_grad()
 def streaming_loss(model: nn.Module, batches: Iterable[Batch], pruner: Pruner | None = None, *,
-                   prefill: int | None = None, progress: bool = False) -> StreamingResult:
+                   prefill: int | None = None, progress: bool = False, track_positions: bool = False) -> StreamingResult:
     """Mean loss over `batches`, fed `prefill` tokens at once and then one token at a time.
 
     prefill: default `pruner.safe_prefill()`, or the whole sequence without a pruner (exact either way).
+    track_positions: also record the loss and the keys held at every position (all batches must have the
+    same length). Inside the prefill chunk no key has been dropped, so there every layer holds position + 1
+    keys; after it, what the cache holds once that token's step is done (pruned or not).
     """
     model.eval()
     total, count = 0.0, 0
@@ -47,6 +54,12 @@ def streaming_loss(model: nn.Module, batches: Iterable[Batch], pruner: Pruner | 
     bar = tqdm(total=sum(b.inputs.shape[1] for b in batches), desc="streaming eval", unit="tok", leave=False,
                disable=not progress)
     device = next(model.parameters()).device
+    length = batches[0].inputs.shape[1] if batches else 0
+    if track_positions and any(b.inputs.shape[1] != length for b in batches):
+        raise ValueError("track_positions needs batches of one sequence length")
+    position_sum = torch.zeros(length, dtype=torch.float64)
+    position_count = torch.zeros(length, dtype=torch.float64)
+    position_keys = [0] * length
     for batch in batches:
         inputs, targets = batch.inputs.to(device), batch.targets.to(device)
         N = inputs.shape[1]
@@ -60,10 +73,19 @@ def streaming_loss(model: nn.Module, batches: Iterable[Batch], pruner: Pruner | 
             if pruner is not None:
                 pruner(cache)
             target = targets[:, begin:end]
-            total += F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
-                                     reduction="sum").item()
-            count += int((target != IGNORE_INDEX).sum())
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="none").view(target.shape)  # (B, c), 0 where ignored
+            total += losses.sum().item()
+            scored = target != IGNORE_INDEX
+            count += int(scored.sum())
             lengths = cache.lengths()
+            if track_positions:
+                position_sum[begin:end] += losses.sum(0).double().cpu()
+                position_count[begin:end] += scored.sum(0).double().cpu()
+                depth = len(lengths)
+                for p in range(begin, end - 1):  # inside a prefill chunk: nothing dropped yet
+                    position_keys[p] = max(position_keys[p], depth * (p + 1))
+                position_keys[end - 1] = max(position_keys[end - 1], sum(lengths))
             kept_sum = [a + b for a, b in zip(kept_sum, lengths)] if kept_sum else [float(n) for n in lengths]
             kept_peak = [max(a, b) for a, b in zip(kept_peak, lengths)] if kept_peak else list(lengths)
             steps += 1
@@ -72,4 +94,8 @@ def streaming_loss(model: nn.Module, batches: Iterable[Batch], pruner: Pruner | 
     bar.close()
     if count == 0:
         raise ValueError("no scored tokens in the evaluation batches")
-    return StreamingResult(total / count, count, [s / steps for s in kept_sum], kept_peak)
+    result = StreamingResult(total / count, count, [s / steps for s in kept_sum], kept_peak)
+    if track_positions:
+        result.position_loss = (position_sum / position_count).tolist()  # NaN where nothing was scored
+        result.position_keys = position_keys
+    return result

@@ -1,0 +1,99 @@
+"""Streaming past the training length: per-position loss and keys held (inference/streaming.py) and the
+`stream` command that compares models and pruning policies on the same sequences."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention_zoo import build_model
+from attention_zoo.checkpoint import save_checkpoint
+from attention_zoo.cli import main
+from attention_zoo.commands.stream import bucket_means
+from attention_zoo.data import Batch
+from attention_zoo.inference import Pruner, parse_prune_spec, streaming_loss
+
+TRAIN_LEN, LENGTH, DEPTH = 16, 40, 2
+
+
+def tiny(variant: str, position: str = "rope", seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model({"model": {"dim": 32, "depth": DEPTH, "heads": 2, "max_seq_len": TRAIN_LEN,
+                                   "position": position, "attention": {"variant": variant}}})
+    with torch.no_grad():  # O(1) selection scores, so pruning by F has something to rank
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "kv_proj.weight")):
+                p.mul_(10)
+    return model.eval()
+
+
+def test_unpruned_per_position_loss_is_the_full_forward_loss_at_each_position():
+    model = tiny("selective")
+    tokens = torch.randint(0, 256, (3, LENGTH + 1), generator=torch.Generator().manual_seed(0))
+    batch = Batch(tokens[:, :-1], tokens[:, 1:])
+    result = streaming_loss(model, [batch], prefill=1, track_positions=True)  # every token on its own
+    with torch.no_grad():
+        full = F.cross_entropy(model(batch.inputs).transpose(1, 2), batch.targets, reduction="none").mean(0)
+    torch.testing.assert_close(torch.tensor(result.position_loss, dtype=torch.float64), full.double(), rtol=1e-5, atol=1e-5)
+    assert result.position_keys == [DEPTH * (p + 1) for p in range(LENGTH)]  # nothing pruned: every key held
+    assert result.loss == pytest.approx(sum(result.position_loss) / LENGTH, rel=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["budget:6", "window:6"])
+def test_a_pruned_cache_holds_its_budget_past_the_training_length(spec):
+    model = tiny("selective")
+    tokens = torch.randint(0, 256, (2, LENGTH + 1), generator=torch.Generator().manual_seed(1))
+    result = streaming_loss(model, [Batch(tokens[:, :-1], tokens[:, 1:])], Pruner(model, parse_prune_spec(spec)),
+                            track_positions=True)
+    keys = result.position_keys
+    assert keys[:6] == [DEPTH * (p + 1) for p in range(6)]  # the prefill: nothing dropped yet
+    assert keys[6:] == [DEPTH * 6] * (LENGTH - 6)  # flat from the budget on
+    assert all(math.isfinite(v) for v in result.position_loss)
+
+
+def test_bucket_means_skip_positions_without_a_score():
+    assert bucket_means([1.0, 3.0, float("nan"), 5.0, 7.0], 2) == [2.0, 5.0, 7.0]
+    assert math.isnan(bucket_means([float("nan")], 1)[0])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    for name, variant, position in (("selective", "selective", "rope"), ("vanilla", "vanilla", "rope"),
+                                    ("learned", "vanilla", "learned")):
+        save_checkpoint(root / name / "checkpoint", tiny(variant, position))
+    return root
+
+
+def test_stream_command_compares_policies_on_the_same_sequences(runs, capsys):
+    out = runs / "out"
+    argv = ["stream", f"{runs / 'selective'}=budget:6", f"{runs / 'vanilla'}=window:6", str(runs / "vanilla"),
+            "--length", str(LENGTH), "--batch-size", "1", "--bucket", "8", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "stream.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["stream.json", "stream.png"]  # no temp files left
+    assert (out / "stream.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    budget, window, full = report["entries"]
+    assert [e["policy"] for e in report["entries"]] == ["budget:6", "window:6", "none"]
+    assert budget["peak_keys"] == window["peak_keys"] == DEPTH * 6 and full["final_keys"] == DEPTH * LENGTH
+    assert len(budget["bucket_loss"]) == LENGTH // 8 and budget["loss_past_train_length"] is not None
+    assert "selective budget:6: loss" in printed and "past it" in printed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{learned}", "--length", "40"], "past model.max_seq_len (16) of a model with learned positions"),
+    (["{vanilla}=budget:4", "--length", "40"], "use window:K for a sliding window"),
+    (["{vanilla}=", "--length", "40"], "expected CHECKPOINT or CHECKPOINT=POLICY"),
+    (["{vanilla}", "--length", "0"], "--length 0: must be >= 1"),
+    (["{vanilla}", "--length", "10000000"], "--length 10000000: split 'test' of dataset 'shakespeare' has"),
+])
+def test_stream_command_errors(runs, capsys, args, message):
+    args = [a.format(learned=runs / "learned", vanilla=runs / "vanilla") for a in args]
+    assert main(["stream", *args, "--out", str(runs / "bad"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (runs / "bad").exists()
