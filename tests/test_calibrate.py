@@ -132,6 +132,7 @@ TINY = {  # appended to each documented command: argparse and config overrides t
               "--no-progress"],
     "generate": ["--max-tokens", "12"],
     "calibrate": ["--context", "16", "--batches", "1", "--batch-size", "1", "--no-progress"],
+    "stream": ["--length", "48", "--batch-size", "1", "--bucket", "8", "--no-progress"],  # past max_seq_len 32
 }
 
 
