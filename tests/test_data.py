@@ -178,6 +178,24 @@ def test_variable_assignment_batches_mask_the_answer():
         task.sample("train", 2, n - 1, gen())
 
 
+def test_variable_assignment_with_several_queries_answers_each_and_scores_each():
+    task = build_dataset({"name": "variable_assignment", "num_vars": 3, "num_assignments": 7, "num_queries": 4,
+                          "value_digits": 2})
+    assert task.fixed_seq_len == (7 + 4) * (3 + 2) - 1
+    batch = task.sample("train", 50, task.fixed_seq_len, gen(2))
+    assert batch.metric_mask.sum(1).eq(4 * 2).all()  # every query's answer digits are scored
+    for inputs, targets, mask in zip(batch.inputs, batch.targets, batch.metric_mask):
+        text = task.decode(inputs) + task.decode(targets[-1:])
+        stream, _, tail = text.partition("?")
+        latest = dict(re.findall(r"([a-z])=(\d+);", stream))  # later assignments overwrite earlier ones
+        asked = re.findall(r"([a-z]):(\d+)", tail)
+        assert len(asked) == 4 and all(latest[v] == given for v, given in asked)
+        assert task.decode(targets[mask]) == "".join(given for _, given in asked)
+    single = build_dataset({"name": "variable_assignment", "num_vars": 3, "num_assignments": 7})
+    assert torch.equal(single.generate(20, gen(3)), build_dataset({"name": "variable_assignment", "num_vars": 3,
+                       "num_assignments": 7, "num_queries": 1}).generate(20, gen(3)))
+
+
 def test_variable_assignment_eval_sets_fixed_and_disjoint():
     spec = {"name": "variable_assignment", "eval_examples": 200}
     task, again = build_dataset(spec), build_dataset(spec)
@@ -252,3 +270,16 @@ def test_ptb_real():
     ptb = build_dataset({"name": "ptb"})
     assert {s: ptb.num_tokens(s) for s in ptb.splits} == PTB_BYTES
     assert ptb.sample("train", 2, 32, gen()).inputs.shape == (2, 32)
+
+
+def test_accuracy_counts_each_answer_once_and_right_only_when_all_its_digits_are():
+    from attention_zoo.train.metrics import answer_accuracy
+
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1], [1, 0, 0, 0, 0, 1]], dtype=torch.bool)  # answers: 2 + 2
+    targets = torch.tensor([[9, 1, 2, 9, 3, 4], [5, 9, 9, 9, 9, 6]])
+    predicted = targets.clone()
+    predicted[0, 0] = predicted[1, 2] = 0  # unscored positions: no effect
+    assert answer_accuracy(predicted, targets, mask) == (4, 4)
+    predicted[0, 2] = 0  # one digit of the first answer wrong
+    predicted[1, 5] = 0  # the last answer of the second row wrong
+    assert answer_accuracy(predicted, targets, mask) == (2, 4)

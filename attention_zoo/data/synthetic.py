@@ -5,6 +5,10 @@ One example, byte-level, with single-letter variables and fixed-width decimal va
     c=4;a=7;c=1;b=0;?c:1
     `---- assignments ---'`- query, then the answer (the latest value assigned to c)
 
+With `num_queries: Q > 1` the stream ends in Q queries instead of one (`...;?c:1?a:7`), each of a
+variable drawn from the assignments (with replacement): Q answers to learn from per example, as
+multi-query associative recall (Arora et al., "Zoology", 2023) supervises many recalls per sequence.
+
 Variables are reassigned often, so the right answer needs the *latest* assignment of the queried
 variable while earlier ones must be ignored: the case selective attention (masking overwritten
 tokens) is meant to help with. Everything is generated with torch ops on whole batches.
@@ -24,6 +28,7 @@ PAD = 0  # input byte after the example when seq_len is longer than one example 
 INT_PARAMS = {
     "num_vars": (8, 1, 26),  # variables are the letters a, b, c, ...
     "num_assignments": (24, 1, None),
+    "num_queries": (1, 1, None),  # queries at the end of each example, each with its own answer
     "value_digits": (1, 1, 9),  # values are zero-padded to this many digits
     "seed": (0, None, None),
     "eval_examples": (1024, 1, None),  # size of each fixed evaluation set
@@ -38,13 +43,19 @@ class VariableAssignment(Dataset):
     `metric_mask` always marks the answer position(s) of `targets`."""
 
     def __init__(self, num_vars=8, num_assignments=24, value_digits=1, seed=0, eval_examples=1024,
-                 loss_on="answer"):
+                 loss_on="answer", num_queries=1):
         self.name = "variable_assignment"
         self.num_vars, self.num_assignments, self.value_digits = num_vars, num_assignments, value_digits
+        self.num_queries = num_queries
         self.seed, self.eval_examples, self.loss_on = seed, eval_examples, loss_on
-        # One example is K assignments of (var '=' digits ';') then ('?' var ':' digits).
-        self.example_len = num_assignments * (3 + value_digits) + 3 + value_digits
+        # One example is K assignments of (var '=' digits ';') then Q queries of ('?' var ':' digits).
+        width = 3 + value_digits
+        self.example_len = (num_assignments + num_queries) * width
         self.fixed_seq_len = self.example_len - 1  # inputs drop the last byte, targets the first
+        # the targets that are answer digits: byte p of the example is the target at index p - 1
+        first_answer = num_assignments * width + 3
+        self.answer_targets = torch.tensor([first_answer + q * width + i - 1
+                                            for q in range(num_queries) for i in range(value_digits)])
         self._eval_sets: dict[str, torch.Tensor] = {}
 
     def num_tokens(self, split: str) -> None:
@@ -61,9 +72,9 @@ class VariableAssignment(Dataset):
         var = rand(self.num_vars, (n, K))
         value = rand(10**d, (n, K))
         # Query the variable of a random assignment, so it is always one that was assigned; its
-        # answer is the value at that variable's LAST assignment.
-        query = var.gather(1, rand(K, (n, 1)))
-        last = torch.where(var == query, torch.arange(K), -1).amax(1, keepdim=True)
+        # answer is the value at that variable's LAST assignment. query, answer: (n, Q)
+        query = var.gather(1, rand(K, (n, self.num_queries)))
+        last = torch.where(var[:, None, :] == query[..., None], torch.arange(K), -1).amax(2)
         answer = value.gather(1, last)
 
         def digits(v: torch.Tensor) -> torch.Tensor:  # [..] -> [.., d] ASCII digits, most significant first
@@ -73,8 +84,8 @@ class VariableAssignment(Dataset):
             return torch.full((*like.shape, 1), ord(c))
 
         assignments = torch.cat([var[..., None] + ord("a"), char("=", var), digits(value), char(";", var)], -1)
-        tail = torch.cat([char("?", query[:, 0]), query + ord("a"), char(":", query[:, 0]), digits(answer[:, 0])], -1)
-        return torch.cat([assignments.flatten(1), tail], 1)
+        queries = torch.cat([char("?", query), query[..., None] + ord("a"), char(":", query), digits(answer)], -1)
+        return torch.cat([assignments.flatten(1), queries.flatten(1)], 1)
 
     def _batch(self, examples: torch.Tensor, seq_len: int) -> Batch:
         if seq_len < self.fixed_seq_len:
@@ -87,7 +98,7 @@ class VariableAssignment(Dataset):
         targets = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
         inputs[:, :N], targets[:, :N] = examples[:, :-1], examples[:, 1:]
         metric_mask = torch.zeros(n, seq_len, dtype=torch.bool)
-        metric_mask[:, N - self.value_digits : N] = True  # the answer digits are the last targets
+        metric_mask[:, self.answer_targets] = True
         if self.loss_on == "answer":
             targets[~metric_mask] = IGNORE_INDEX
         return Batch(inputs, targets, metric_mask)

@@ -5,8 +5,9 @@ Metrics of one evaluation (over the fixed batches `dataset.eval_batches` gives):
 - `bpb`: bits per byte, loss / ln 2, for byte-level corpora; for corpora tokenized with `data.tokenizer`,
   loss / ln 2 / (the split's bytes per token), so models with different tokenizers compare;
   `ppl` = exp(loss) for any other vocabulary;
-- `accuracy`: for tasks whose batches carry `metric_mask`, the fraction of examples whose every
-  masked position is predicted right by argmax (exact match).
+- `accuracy`: for tasks whose batches carry `metric_mask`, the fraction of answers (each contiguous run
+  of masked positions of a row is one answer) whose every position is predicted right by argmax
+  (exact match per answer; with one answer per example, per example).
 """
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def answer_accuracy(predicted: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    """(answers predicted exactly right, answers) for predicted and targets (B, N) int and mask (B, N) bool:
+    each contiguous run of True in a row of `mask` is one answer (e.g. the digits of one value)."""
+    wrong = ((predicted != targets) & mask).long()
+    before = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+    after = torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)
+    starts, ends = mask & ~before, mask & ~after  # in row-major order the k-th start pairs with the k-th end
+    wrong_so_far = wrong.cumsum(1)
+    wrong_in_answer = wrong_so_far[ends] - (wrong_so_far - wrong)[starts]
+    return int((wrong_in_answer == 0).sum()), int(starts.sum())
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, split: str, batch_size: int, seq_len: int, max_batches: int | None,
              device: torch.device, autocast: contextlib.AbstractContextManager | None = None,
@@ -38,7 +51,7 @@ def evaluate(model: nn.Module, dataset: Dataset, split: str, batch_size: int, se
     every size-th batch and the sums are combined, so the result equals a single process's."""
     was_training = model.training
     model.eval()
-    # loss sum, scored tokens, exact-match examples, examples with a metric mask
+    # loss sum, scored tokens, exactly right answers, answers
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     has_mask = False
     for i, batch in enumerate(dataset.eval_batches(split, batch_size, seq_len, max_batches)):
@@ -51,9 +64,9 @@ def evaluate(model: nn.Module, dataset: Dataset, split: str, batch_size: int, se
         sums[1] += (batch.targets != IGNORE_INDEX).sum()
         if batch.metric_mask is not None:
             has_mask = True
-            right = (logits.argmax(-1) == batch.targets) | ~batch.metric_mask  # (B, N)
-            sums[2] += right.all(dim=1).sum()
-            sums[3] += batch.metric_mask.any(dim=1).sum()
+            right, answers = answer_accuracy(logits.argmax(-1), batch.targets, batch.metric_mask)
+            sums[2] += right
+            sums[3] += answers
     all_sum(sums, world)
     has_mask = bool(all_sum(torch.tensor([float(has_mask)], device=device), world).item())
     model.train(was_training)
