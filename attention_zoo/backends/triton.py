@@ -21,6 +21,7 @@ and meant for tests: `auto` never picks it on CPU; name the backend to use it.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from types import ModuleType
 
@@ -31,6 +32,9 @@ from torch.autograd.function import once_differentiable
 from .base import AttentionCall, Backend
 from .fused import spread_over_heads, trainable_bias
 from .self_check import BATCH, attention_agreement, first_disagreement, on_this_gpu, random_inputs, value_and_grads
+
+log = logging.getLogger("attention_zoo.backends")
+_logged_refusals: set[str] = set()
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # the autotuned tile configurations (triton_tuning.py) are chosen up to here
@@ -91,6 +95,22 @@ class TritonBackend(Backend):
             return None
         return "auto uses it only to train with a trainable bias (selective's -F, residual scores); " \
                "xformers and sdpa kernels are faster for every other call"
+
+    def selective_attention(self, q: Tensor, k: Tensor, v: Tensor, selection, *, causal: bool, scale: float) -> Tensor:
+        """Selective attention with -F formed tile by tile inside the kernels (ops/selection/triton_fused.py),
+        nothing of size (B, Nq, Nk) made. A selection those kernels refuse (`fused_refusal`) falls back, with
+        the reason logged once, to the dense -F (B, 1, Nq, Nk) read as a head-shared bias."""
+        from ..ops.selection.dense import penalty
+        from ..ops.selection.triton_fused import fused_refusal, fused_selective_attention
+
+        reason = fused_refusal(selection)
+        if reason is None:
+            return fused_selective_attention(q, k, v, selection, causal=causal, scale=scale)
+        if reason not in _logged_refusals:
+            _logged_refusals.add(reason)
+            log.info("triton backend: selective attention with a dense -F (%s)", reason)
+        bias = penalty(selection, negate=True, backend=self.name).unsqueeze(1)
+        return self.attention(q, k, v, bias=bias, causal=causal, scale=scale)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
         spread_heads = 0

@@ -49,6 +49,19 @@ DKDV_CONFIGS = [(32, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2
 DQ_CONFIGS = [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2)]
 SHARED_DQ_CONFIGS = [(32, 128, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 3)]
 PENALTY_CONFIGS = [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2)]
+# The fused selective kernels (ops/selection/triton_fused.py) keep F at the boundaries of query blocks of
+# SELECTIVE_ROWS rows (G, and the backward's carry rows): the boundary and key-pass kernels walk blocks of
+# exactly that many rows, the forward and query pass blocks of a multiple of it, so every tile starts on a
+# stored row. Not chosen on a GPU yet (none this session): flash-attention-shaped guesses, the first of each
+# list what ATTENTION_ZOO_TRITON_AUTOTUNE=0 keeps. The interpreter runs one configuration each (the
+# autotuning path is tested by the other kernels), 32-row blocks where a multiple is allowed so the tests
+# cover a tile holding two stored rows.
+SELECTIVE_ROWS = 16 if INTERPRETED else 64
+SELECTIVE_ROW_CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (64, 32, 4, 2)]  # BLOCK_M == SELECTIVE_ROWS
+SELECTIVE_FORWARD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)]
+SELECTIVE_QUERY_CONFIGS = [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
+INTERPRETER_ROW_CONFIGS = [(16, 16, 1, 1)]
+INTERPRETER_WIDE_CONFIGS = [(32, 16, 1, 1)]
 KEY = ["Nq", "Nk", "HEAD_DIM"]
 # Keys per program of the head-shared dq/d(bias) kernel: a multiple of every BLOCK_N it is tuned over (a key
 # block crossing a span boundary would be computed by two programs). In the interpreter 32, so the tests'
@@ -65,16 +78,18 @@ def _wall_clock(fn, quantiles=None):
 
 
 def tuned(configs: list[tuple[int, int, int, int]], reset_to_zero: list[str] | None = None,
-          also_key: tuple[str, ...] = ()):
-    """triton.autotune over `configs` (the interpreter's own on CPU), keyed on the problem size and on
-    `also_key`: constexprs that change what the kernel does (the autotuner's key leaves constexprs out)."""
+          also_key: tuple[str, ...] = (), interpreter: list[tuple[int, int, int, int]] | None = None,
+          key: list[str] | None = None):
+    """triton.autotune over `configs` (`interpreter`, by default INTERPRETER_CONFIGS, on CPU), keyed on the
+    problem size (`key`, by default KEY) and on `also_key`: constexprs that change what the kernel does (the
+    autotuner's key leaves constexprs out)."""
     if INTERPRETED:
-        chosen = INTERPRETER_CONFIGS
+        chosen = interpreter or INTERPRETER_CONFIGS
     else:
         chosen = configs[:1] if os.environ.get("ATTENTION_ZOO_TRITON_AUTOTUNE") == "0" else configs
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen],
-        key=[*KEY, *also_key], reset_to_zero=reset_to_zero, do_bench=_wall_clock if INTERPRETED else None)
+        key=[*(key or KEY), *also_key], reset_to_zero=reset_to_zero, do_bench=_wall_clock if INTERPRETED else None)
 
 
 # Two exact ways to get dq when the bias is head-shared and needs a gradient (selective's -F):
@@ -144,5 +159,7 @@ def head_block(head_dim: int) -> int:
 __all__ = [
     "SHARED_DQ_STRATEGIES", "SHARED_DQ_ENV", "shared_dq_strategy", "shared_dq_forced", "INTERPRETED",
     "INTERPRETER_MIN_VERSION", "VERSION", "KEY_SPAN", "COMPILED_KEY_SPAN", "INTERPRETER_KEY_SPAN", "tuned",
-    "head_block", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "SHARED_DQ_CONFIGS", "PENALTY_CONFIGS"
+    "head_block", "SELECTIVE_ROWS", "SELECTIVE_ROW_CONFIGS", "SELECTIVE_FORWARD_CONFIGS", "SELECTIVE_QUERY_CONFIGS",
+    "INTERPRETER_ROW_CONFIGS", "INTERPRETER_WIDE_CONFIGS", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS",
+    "SHARED_DQ_CONFIGS", "PENALTY_CONFIGS"
 ]
