@@ -55,6 +55,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from attention_zoo.backends import triton_kernels  # noqa: E402
 from attention_zoo.backends.triton_tuning import INTERPRETED, SHARED_DQ_STRATEGIES, shared_dq_forced  # noqa: E402
+from attention_zoo.ops.selection import SelectionTerm, triton_fused  # noqa: E402
 from attention_zoo.ops.selection import triton as triton_selection  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -71,11 +72,12 @@ class Case:
     kv_heads: int = HEADS
     head_dim: int = 64
     causal: bool = True
+    selection_terms: int = 0  # > 0: also the fused selective kernels, with that many selection terms
 
 
 CASES = (
-    Case("selective", "shared"),
-    Case("selective + GQA", "shared", kv_heads=2),
+    Case("selective", "shared", selection_terms=1),
+    Case("selective + GQA, cross-layer accumulate", "shared", kv_heads=2, selection_terms=2),
     Case("residual", "per_head"),
     Case("vanilla", None),
     Case("head dim 48, no mask", None, head_dim=48, causal=False),
@@ -126,6 +128,11 @@ def launches(dtype: torch.dtype) -> list[Launch]:
                 with shared_dq_forced(strategy):
                     triton_kernels.attention_backward(q, k, v, bias, out, lse, dout, bias_grad=bias is not None,
                                                       **common)
+            if case.selection_terms:  # one term is selective's own; two, cross-layer accumulate (T = 1 is specialised)
+                stacked = triton_fused.StackedTerms([SelectionTerm(q[:, 0], k[:, 0], D ** -0.5, True, 0.5 ** t)
+                                                     for t in range(case.selection_terms)])
+                _, _, G = triton_fused.selective_forward(q, k, v, stacked, **common)
+                triton_fused.selective_backward(q, k, v, out, lse, dout, G, stacked, **common)
             if case.bias == "shared":
                 triton_selection.penalty_forward(q[:, 0], k[:, 0], scale=D ** -0.5, protect_bos=True)
                 triton_selection.penalty_backward(q[:, 0], k[:, 0], torch.randn(B, N, N), scale=D ** -0.5,

@@ -218,12 +218,22 @@ def test_cpu_without_the_interpreter_refuses_without_importing(monkeypatch):
 
 
 def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch):
+    """The whole self-check passes at its own sizes; then each wrong kernel below is caught by the check that
+    covers it (SELF_CHECKS narrowed to that one: the others would pass and only cost time)."""
     from attention_zoo.backends import triton as triton_module
     from attention_zoo.backends import triton_kernels
+    from attention_zoo.ops.selection import triton_fused
 
     assert triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16) is None
     if DEVICE == "cpu":  # the wrong kernels below show at any length: past one interpreter key span (32) is enough
         monkeypatch.setattr(triton_module, "_check_length", lambda: 40)
+    checks = {"attention": triton_module._attention_check, "penalty": triton_module._penalty_check,
+              "selective": triton_module._selective_check}
+
+    def caught(check: str) -> str | None:
+        monkeypatch.setattr(triton_module, "SELF_CHECKS", (checks[check],))
+        return triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+
     real = triton_kernels.attention_backward
 
     def wrong(*args, **kwargs):
@@ -231,7 +241,7 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
         return dq, dk, dv, dbias * 1.01
 
     monkeypatch.setattr(triton_kernels, "attention_backward", wrong)
-    reason = triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+    reason = caught("attention")
     assert "disagree" in reason and "dbias" in reason
     monkeypatch.setattr(triton_kernels, "attention_backward", real)
 
@@ -242,16 +252,25 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
         return dq * 1.01 if strategy == "recompute" else dq
 
     monkeypatch.setattr(triton_kernels, "_shared_bias_dq", wrong_recompute)
-    assert "attention (recompute dq) dq off by" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+    assert "attention (recompute dq) dq off by" in caught("attention")
     monkeypatch.setattr(triton_kernels, "_shared_bias_dq", real_shared)
 
     from attention_zoo.ops.selection import triton as triton_selection
     monkeypatch.setattr(triton_selection, "penalty_forward",
                         lambda q, k, **kw: torch.zeros(q.shape[0], q.shape[1], k.shape[1], device=q.device))
-    assert "selection F" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+    assert "selection F" in caught("penalty")
+
+    real_fused = triton_fused.selective_backward
+
+    def wrong_fused(*args, **kwargs):
+        dq, dk, dv, dqs, dks, dacc = real_fused(*args, **kwargs)
+        return dq, dk, dv, dqs, dks, dacc * 1.01
+
+    monkeypatch.setattr(triton_fused, "selective_backward", wrong_fused)
+    assert "selective daccumulated off by" in caught("selective")
 
     monkeypatch.setattr(triton_kernels, "attention_forward", lambda *a, **k: 1 / 0)
-    assert "ZeroDivisionError" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+    assert "ZeroDivisionError" in caught("attention")
 
 
 # --- the selection penalty F from the selection head's q and k ------------------------------------------
@@ -299,28 +318,37 @@ def test_penalty_uses_triton_where_the_backend_would(triton_backend):
 
 
 KERNELS = {"_forward", "_backward_dk_dv", "_backward_dq", "_backward_dq_dbias_shared", "_penalty_forward",
-           "_penalty_backward"}
+           "_penalty_backward", "_selective_boundary_rows", "_selective_forward", "_selective_key_pass",
+           "_selective_query_pass"}
 
 
 @pytest.mark.parametrize("dtype,options", [("bf16", []), ("fp32", ["--each-kernel-once"])], ids=["bf16", "fp32"])
-def test_kernels_compile_for_hopper_without_a_gpu(tmp_path, dtype, options):
-    """Every kernel, as the backend launches it for each variant's kind of bias (and both dq strategies), compiles
-    through PTX to an sm_90 cubin (tests/sm90_compile.py): what the interpreter never does. bf16 (the dtype of GPU
-    training) compiles every distinct build, fp32 each kernel and dq strategy once; one dtype per test, so
-    pytest-xdist runs the two side by side. A subprocess, as the kernels must be built without TRITON_INTERPRET,
-    and a fresh Triton cache, so nothing compiled earlier answers for them."""
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path, dtype, options, request):
+    """Every kernel, as the backend launches it for each variant's kind of bias (and both dq strategies, and the
+    fused selective kernels with one term and with two), compiles through PTX to an sm_90 cubin
+    (tests/sm90_compile.py): what the interpreter never does. bf16 (the dtype of GPU training) compiles every
+    distinct build, fp32 each kernel and dq strategy once; one dtype per test, so pytest-xdist runs the two side
+    by side. A subprocess, as the kernels must be built without TRITON_INTERPRET.
+
+    Triton's cache keeps what it compiled in pytest's cache folder between sessions (a fresh folder when the
+    cache plugin is off): its key hashes the kernel's source and every jit function it calls, the constants, the
+    specialisation, the options, the target and Triton's version, so an entry answers only for the very build
+    that compiled before; any change to a kernel compiles it anew. A cold run compiles all of them."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    cache = getattr(request.config, "cache", None)
+    env["TRITON_CACHE_DIR"] = str(cache.mkdir("sm90-triton") if cache is not None else tmp_path)
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py"), "--dtype", dtype, *options],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     compiled = [tuple(line.split()[1:3]) for line in result.stdout.splitlines() if line.startswith("ok ")]
     assert set(compiled) == {(dtype, kernel) for kernel in KERNELS}, result.stdout
     assert "WITH_DQ=True" in result.stdout and "WITH_DQ=False" in result.stdout  # both dq strategies
-    if not options:  # every constexpr branch the cases reach
+    if not options:  # every constexpr branch the cases reach, and the fused kernels' T = 1 and T = 2 builds
         for flags in ("HAS_BIAS=False", "CAUSAL=False", "BIAS_GRAD=True", "selective + GQA", "head dim 48"):
             assert flags in result.stdout, flags
+        for kernel in ("_selective_boundary_rows", "_selective_forward", "_selective_key_pass", "_selective_query_pass"):
+            assert sum(f"{dtype} {kernel} " in line for line in result.stdout.splitlines()) == 2, kernel
     else:
         assert len(compiled) == len(KERNELS) + 1  # the shared-bias kernel once per dq strategy
     assert "\n0 failed" in result.stdout
@@ -333,7 +361,8 @@ def test_key_spans_hold_whole_key_blocks():
     from attention_zoo.backends import triton_tuning as tuning
 
     assert all(tuning.COMPILED_KEY_SPAN % n == 0 for _, n, _, _ in tuning.SHARED_DQ_CONFIGS)
-    assert all(tuning.INTERPRETER_KEY_SPAN % n == 0 for _, n, _, _ in tuning.INTERPRETER_CONFIGS)
+    interpreted = tuning.INTERPRETER_CONFIGS + tuning.INTERPRETER_AUTOTUNED_CONFIGS
+    assert all(tuning.INTERPRETER_KEY_SPAN % n == 0 for _, n, _, _ in interpreted)
 
 
 

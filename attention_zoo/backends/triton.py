@@ -164,7 +164,7 @@ def self_check(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
     """Run every Triton kernel once on a small problem against a float64 PyTorch reference
     (`self_check.py`): None if they agree, else why not. Cached: once per (device, dtype, head dim) and process."""
     try:
-        results = [*_attention_check(device, dtype, head_dim), *_penalty_check(device, dtype, head_dim)]
+        results = [result for check in SELF_CHECKS for result in check(device, dtype, head_dim)]
     except Exception as exc:  # a compile error, a launch failure, ...
         return f"the kernels failed their self-check on this {device} ({type(exc).__name__}: {exc})"
     return first_disagreement(results, device, dtype, head_dim)
@@ -201,6 +201,38 @@ def _penalty_check(device: str, dtype: torch.dtype, head_dim: int):
     logits = lambda: torch.einsum("bnd,bmd->bnm", ref[0], ref[1]) * head_dim ** -0.5  # noqa: E731
     want = value_and_grads(lambda: penalty_from_scores(selection_scores(logits(), protect_bos=True)), dpen.double(), ref)
     return zip(("selection F", "selection dq", "selection dk"), got, want)
+
+
+def _selective_check(device: str, dtype: torch.dtype, head_dim: int):
+    """The fused selective kernels: GQA, queries after 8 cached keys, two terms (a cache's accumulator on one,
+    BOS unprotected on the other), past two stored boundary rows with partial tiles."""
+    from ..ops.selection import Selection, SelectionTerm, reference
+    from ..ops.selection.triton_fused import fused_selective_attention
+    from .self_check import HEADS, KV_HEADS
+    from .triton_tuning import SELECTIVE_ROWS
+
+    Nk = 2 * SELECTIVE_ROWS + 8
+    Nq, scale = Nk - 8, head_dim ** -0.5
+    shapes = [(BATCH, HEADS, Nq, head_dim), (BATCH, KV_HEADS, Nk, head_dim), (BATCH, KV_HEADS, Nk, head_dim),
+              (BATCH, Nq, head_dim), (BATCH, Nk, head_dim), (BATCH, Nq, head_dim), (BATCH, Nk, head_dim)]
+    *inputs, dout = random_inputs(device, dtype, *shapes, (BATCH, HEADS, Nq, head_dim))
+    acc, = random_inputs(device, torch.float32, (BATCH, Nk))
+    leaves = [t.requires_grad_() for t in (*inputs, acc.abs())]
+
+    def selection(t):  # t: q, k, v, then the terms' q_s, k_s and the accumulator
+        return Selection((SelectionTerm(t[3], t[4], scale, True, 0.5, t[7]), SelectionTerm(t[5], t[6], scale, False)))
+
+    got = value_and_grads(lambda: fused_selective_attention(*leaves[:3], selection(leaves), causal=True, scale=scale),
+                          dout, leaves)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want = value_and_grads(lambda: reference.selective_attention(*ref[:3], selection(ref), causal=True, scale=scale),
+                           dout.double(), ref)
+    names = ("out", "dq", "dk", "dv", "dq_s", "dk_s", "dq_s 2", "dk_s 2", "daccumulated")
+    return zip((f"selective {what}" for what in names), got, want)
+
+
+# What `self_check` runs, in order (tests narrow it to the check a wrong kernel should fail).
+SELF_CHECKS = (_attention_check, _penalty_check, _selective_check)
 
 
 __all__ = ["TritonBackend", "TritonAttention", "load_kernels", "self_check"]

@@ -5,8 +5,11 @@ per (Nq, Nk, head dim, dtypes) Triton times each on the real GPU and keeps the f
 shared memory or registers are skipped by the autotuner). Kernels that accumulate with atomics name
 those outputs in `reset_to_zero`, since the autotuner runs them once per configuration.
 
-In Triton's interpreter (TRITON_INTERPRET=1, CPU) the configurations are 16-row tiles, two of them so
-the tests exercise the autotuning path itself (reset_to_zero included), timed by the wall clock.
+In Triton's interpreter (TRITON_INTERPRET=1, CPU) the configurations are 16-row tiles: one per kernel, but
+two for the kernels that add atomically, so the tests exercise the autotuning path itself where it matters
+(each configuration is timed by the wall clock and the outputs reset to zero in between). Two configurations
+cost three runs of a kernel at each new problem size (both timed, then the chosen one run again): with two
+everywhere, that was most of the interpreter's time in the tests.
 ATTENTION_ZOO_TRITON_AUTOTUNE=0 keeps each kernel's first configuration only: compiling every
 configuration for every dtype and head dim dominates a GPU test run, where speed does not matter.
 """
@@ -33,7 +36,8 @@ INTERPRETER_MIN_VERSION = (3, 7)
 VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-INTERPRETER_CONFIGS = [(16, 16, 1, 1), (16, 32, 1, 1)]
+INTERPRETER_CONFIGS = [(16, 16, 1, 1)]
+INTERPRETER_AUTOTUNED_CONFIGS = [(16, 16, 1, 1), (16, 32, 1, 1)]  # kernels with reset_to_zero
 # Candidates for the autotuner, which times them on the GPU; the first is what ATTENTION_ZOO_TRITON_AUTOTUNE=0
 # keeps. Chosen from the registers of the sm_90 builds as the JIT specialises them (unit strides constant,
 # 16-divisible sizes marked), read without a GPU: `python tests/sm90_compile.py --all-configs --resources`.
@@ -80,11 +84,12 @@ def _wall_clock(fn, quantiles=None):
 def tuned(configs: list[tuple[int, int, int, int]], reset_to_zero: list[str] | None = None,
           also_key: tuple[str, ...] = (), interpreter: list[tuple[int, int, int, int]] | None = None,
           key: list[str] | None = None):
-    """triton.autotune over `configs` (`interpreter`, by default INTERPRETER_CONFIGS, on CPU), keyed on the
+    """triton.autotune over `configs` (on CPU `interpreter`, by default INTERPRETER_CONFIGS, or
+    INTERPRETER_AUTOTUNED_CONFIGS for a kernel with `reset_to_zero`), keyed on the
     problem size (`key`, by default KEY) and on `also_key`: constexprs that change what the kernel does (the
     autotuner's key leaves constexprs out)."""
     if INTERPRETED:
-        chosen = interpreter or INTERPRETER_CONFIGS
+        chosen = interpreter or (INTERPRETER_AUTOTUNED_CONFIGS if reset_to_zero else INTERPRETER_CONFIGS)
     else:
         chosen = configs[:1] if os.environ.get("ATTENTION_ZOO_TRITON_AUTOTUNE") == "0" else configs
     return triton.autotune(
@@ -160,6 +165,7 @@ __all__ = [
     "SHARED_DQ_STRATEGIES", "SHARED_DQ_ENV", "shared_dq_strategy", "shared_dq_forced", "INTERPRETED",
     "INTERPRETER_MIN_VERSION", "VERSION", "KEY_SPAN", "COMPILED_KEY_SPAN", "INTERPRETER_KEY_SPAN", "tuned",
     "head_block", "SELECTIVE_ROWS", "SELECTIVE_ROW_CONFIGS", "SELECTIVE_FORWARD_CONFIGS", "SELECTIVE_QUERY_CONFIGS",
-    "INTERPRETER_ROW_CONFIGS", "INTERPRETER_WIDE_CONFIGS", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS",
+    "INTERPRETER_ROW_CONFIGS", "INTERPRETER_WIDE_CONFIGS", "INTERPRETER_CONFIGS",
+    "INTERPRETER_AUTOTUNED_CONFIGS", "ATTENTION_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS",
     "SHARED_DQ_CONFIGS", "PENALTY_CONFIGS"
 ]

@@ -8,27 +8,29 @@ and the naive reference are `structure.py` and `reference.py`.) Nothing of size 
 as tiles in registers, rebuilt from stored rows at query-block boundaries, as `blocked.py` does in PyTorch.
 With query blocks of ROWS rows (triton_tuning.SELECTIVE_ROWS):
 
-- `_boundary_rows`: G[b, r, j] = F[r * ROWS, j], (B, Nq / ROWS, Nk) float32. One program per (key block,
+- `_selective_boundary_rows`: G[b, r, j] = F[r * ROWS, j], (B, Nq / ROWS, Nk) float32. One program per (key block,
   batch element) walks the query blocks top to bottom with the running column sums of the weighted S in
   registers (the walk of the penalty kernel in `triton.py`, storing one row per block instead of every row).
-- `_forward`: one program per (query block, batch x head), flash attention whose bias tile is -F, F = the
+- `_selective_forward`: one program per (query block, batch x head), flash attention whose bias tile is -F, F = the
   block's G row + the exclusive cumsum of the recomputed S tile down its rows. Writes out and the base-2
   log-sum-exp.
-- `_key_pass`: one program per (key block, batch element) walks the query blocks bottom to top. Per tile it
+- `_selective_key_pass`: one program per (key block, batch element) walks the query blocks bottom to top. Per tile it
   recomputes every head's P and dS (dS = d logits), sums dk and dv per kv head, and dF = -sum over heads of
   dS (-F enters every head's logits). The running column sum of dF over the rows below (the carry) gives
   dS_sel[i, j] = sum over i' > i of dF[i', j] inside the tile, hence each term's dL = w dS_sel where S was
   active and its dk_s. The carry at each block boundary is stored, (B, Nq / ROWS, Nk) float32 like G, and
   the final carry is d(accumulated) / w.
-- `_query_pass`: one program per (query block, batch element) walks the key blocks, recomputes every head's
+- `_selective_query_pass`: one program per (query block, batch element) walks the key blocks, recomputes every head's
   dS, sums dq, and rebuilds dS_sel from dF and the stored carry row below the block for each term's dq_s.
 
 Why two backward passes: dk_s sums dL over queries and dq_s over keys, and dL needs dF summed over every
-head, which is never stored; a program that owns a key block can only add into dq_s rows other programs add
-into too (atomics, the penalty kernel's way, in any order), so dF is recomputed by query blocks instead: 2 tile
-matmuls per head more, no atomics, and gradients that repeat bit for bit. dk, dv (key pass) and dq (query
-pass) are summed over their heads' loop into float32 buffers whose rows only that program writes: 7 tile
-matmuls per (query block, key block, head), a flash backward's count, plus the selection's.
+head, which is never stored. A program that owns a key block could only add into dq_s rows that other
+programs add into too (atomics, the penalty kernel's way, in any order). The query pass recomputes every head's
+dS anyway, for dq without atomics (as the other kernels' default "recompute" strategy does), and those dS
+summed over heads are dF: dq_s costs only the selection's matmuls. dk, dv (key pass) and dq (query pass) are
+summed into float32 buffers whose rows only that program writes: no atomics, gradients that repeat bit for
+bit, 7 tile matmuls per (query block, key block, head) in the backward as in the other kernels, plus per tile
+the selection's (S recomputed, and its gradient, per term).
 
 Every program recomputes S per tile for its head: the forward once per head (one program per head), the
 passes once per tile for all heads. Tiles are walked with the mask everywhere (no unmasked split).
@@ -143,7 +145,7 @@ def _add_into(base, offs, valid, stride, offs_d, dims, value):
 
 @tuned(SELECTIVE_ROW_CONFIGS, interpreter=INTERPRETER_ROW_CONFIGS, key=["Nq", "Nk", "T", "SEL_DIM"])
 @triton.jit
-def _boundary_rows(QS, KS, SCALES, WEIGHTS, BOS, Start, G, T, B, Nq, Nk, NR, SEL_DIM: tl.constexpr,
+def _selective_boundary_rows(QS, KS, SCALES, WEIGHTS, BOS, Start, G, T, B, Nq, Nk, NR, SEL_DIM: tl.constexpr,
                    SEL_FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     n_block = tl.program_id(0)
     b = tl.program_id(1)
@@ -166,7 +168,7 @@ def _boundary_rows(QS, KS, SCALES, WEIGHTS, BOS, Start, G, T, B, Nq, Nk, NR, SEL
 
 @tuned(SELECTIVE_FORWARD_CONFIGS, interpreter=INTERPRETER_WIDE_CONFIGS, also_key=("T", "SEL_DIM"))
 @triton.jit
-def _forward(Q, K, V, Out, Lse, QS, KS, SCALES, WEIGHTS, BOS, G,
+def _selective_forward(Q, K, V, Out, Lse, QS, KS, SCALES, WEIGHTS, BOS, G,
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
              H, GROUP, T, B, Nq, Nk, NR, qk_scale, HEAD_DIM: tl.constexpr, SEL_DIM: tl.constexpr, ROWS: tl.constexpr,
              CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, SEL_FP32_DOT: tl.constexpr,
@@ -214,7 +216,7 @@ def _forward(Q, K, V, Out, Lse, QS, KS, SCALES, WEIGHTS, BOS, G,
 
 @tuned(SELECTIVE_ROW_CONFIGS, interpreter=INTERPRETER_ROW_CONFIGS, also_key=("T", "SEL_DIM"))
 @triton.jit
-def _key_pass(Q, K, V, DO, Lse, Delta, QS, KS, SCALES, WEIGHTS, BOS, G, Carry, DK, DV, DKS, DAcc,
+def _selective_key_pass(Q, K, V, DO, Lse, Delta, QS, KS, SCALES, WEIGHTS, BOS, G, Carry, DK, DV, DKS, DAcc,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
               H, HKV, GROUP, T, B, Nq, Nk, NR, qk_scale, scale, HEAD_DIM: tl.constexpr, SEL_DIM: tl.constexpr,
               CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, SEL_FP32_DOT: tl.constexpr,
@@ -273,7 +275,7 @@ def _key_pass(Q, K, V, DO, Lse, Delta, QS, KS, SCALES, WEIGHTS, BOS, G, Carry, D
 
 @tuned(SELECTIVE_QUERY_CONFIGS, interpreter=INTERPRETER_WIDE_CONFIGS, also_key=("T", "SEL_DIM"))
 @triton.jit
-def _query_pass(Q, K, V, DO, Lse, Delta, QS, KS, SCALES, WEIGHTS, BOS, G, Carry, DQ, DQS,
+def _selective_query_pass(Q, K, V, DO, Lse, Delta, QS, KS, SCALES, WEIGHTS, BOS, G, Carry, DQ, DQS,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
                 H, GROUP, T, B, Nq, Nk, NR, qk_scale, scale, HEAD_DIM: tl.constexpr, SEL_DIM: tl.constexpr,
                 ROWS: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, SEL_FP32_DOT: tl.constexpr,
@@ -360,7 +362,7 @@ def boundary_rows(stacked: StackedTerms, Nq: int) -> Tensor:
     T, B, Nk = stacked.k.shape[0], stacked.k.shape[1], stacked.k.shape[2]
     NR = triton.cdiv(Nq, SELECTIVE_ROWS)
     G = torch.empty(B, NR, Nk, dtype=torch.float32, device=stacked.k.device)
-    _boundary_rows[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
+    _selective_boundary_rows[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
         *stacked.args(), stacked.start, G, T, B, Nq, Nk, NR, **stacked.constants())
     return G
 
@@ -375,7 +377,7 @@ def selective_forward(q: Tensor, k: Tensor, v: Tensor, stacked: StackedTerms, *,
     G = boundary_rows(stacked, Nq)
     out = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    _forward[lambda meta: (B * H, triton.cdiv(Nq, meta["BLOCK_M"]))](
+    _selective_forward[lambda meta: (B * H, triton.cdiv(Nq, meta["BLOCK_M"]))](
         q, k, v, out, lse, *stacked.args(), G, *q.stride(), *k.stride(), *v.stride(),
         H, H // Hkv, T, B, Nq, Nk, G.shape[1], scale * LOG2E, ROWS=SELECTIVE_ROWS, **_common(q, causal),
         **stacked.constants())
@@ -396,10 +398,10 @@ def selective_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
     dqs, dks = torch.zeros(stacked.q.shape, **f32), torch.zeros(stacked.k.shape, **f32)
     carry, dacc = torch.empty(B, NR, Nk, **f32), torch.empty(B, Nk, **f32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    _key_pass[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
+    _selective_key_pass[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
         q, k, v, dout, lse, delta, *stacked.args(), G, carry, dk, dv, dks, dacc, *strides,
         H, Hkv, H // Hkv, T, B, Nq, Nk, NR, scale * LOG2E, scale, **_common(q, causal), **stacked.constants())
-    _query_pass[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B)](
+    _selective_query_pass[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B)](
         q, k, v, dout, lse, delta, *stacked.args(), G, carry, dq, dqs, *strides,
         H, H // Hkv, T, B, Nq, Nk, NR, scale * LOG2E, scale, ROWS=SELECTIVE_ROWS, **_common(q, causal),
         **stacked.constants())
