@@ -381,6 +381,9 @@ FUSED_CASES = {
     "cached-chunk": ((1, 2, 1, 19, 50, 16, True), [(0.5, True, True), (1.0, True, True)]),
     "no-mask": ((1, 2, 2, 30, 45, 16, False), [(1.0, False, False)]),
 }
+if DEVICE == "cuda":  # compiled: 64-row stored rows and 64- or 128-row tiles, so longer sequences
+    FUSED_CASES["gpu-gqa-accumulate"] = ((2, 4, 2, 300, 300, 64, True), [(0.5, True, False), (1.0, True, False)])
+    FUSED_CASES["gpu-cached-chunk"] = ((1, 4, 2, 200, 600, 64, True), [(1.0, True, True)])
 
 
 def fused_problem(name, dtype, seed=0):
@@ -429,6 +432,24 @@ def test_fused_selective_matches_math_fp32(triton_backend, name):
     1e-5 of max(1, largest |value|) (IEEE fp32 dots)."""
     got, want = fused_both(triton_backend, name, torch.float32)
     assert_matches(got, want, torch.float32, names=fused_names(name), label=f"{name} ")
+
+
+def test_fused_passes_autotune_without_adding_twice(triton_backend, monkeypatch):
+    """The key and query passes add into their outputs, and the autotuner runs a kernel once per configuration
+    before the chosen one: with two configurations (one elsewhere in the interpreter) the outputs must be reset
+    in between, or the gradients come back several times over."""
+    import triton
+
+    from attention_zoo.ops.selection import triton_fused
+
+    for kernel in (triton_fused._selective_key_pass, triton_fused._selective_query_pass):
+        first = kernel.configs[0]
+        wider = dict(first.kwargs, BLOCK_N=2 * first.kwargs["BLOCK_N"])
+        monkeypatch.setattr(kernel, "configs", [first, triton.Config(wider, num_warps=first.num_warps,
+                                                                     num_stages=first.num_stages)])
+        monkeypatch.setattr(kernel, "cache", {})
+    got, want = fused_both(triton_backend, "cached-chunk", torch.float32)
+    assert_matches(got, want, torch.float32, names=fused_names("cached-chunk"))
 
 
 def test_fused_selective_matches_math_fp16(triton_backend):

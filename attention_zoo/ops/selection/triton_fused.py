@@ -138,6 +138,9 @@ def _add_into(base, offs, valid, stride, offs_d, dims, value):
     ptrs = base + offs[:, None] * stride + offs_d[None, :]
     mask = valid[:, None] & dims[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
+    # The next add into these rows may load an element through another thread than the one that stored it
+    # (the load's and the store's layouts need not match): a block-wide barrier makes the stores visible.
+    tl.debug_barrier()
 
 
 # --------------------------------------------------------------------------- kernels
@@ -214,7 +217,9 @@ def _selective_forward(Q, K, V, Out, Lse, QS, KS, SCALES, WEIGHTS, BOS, G,
              mask=rows)
 
 
-@tuned(SELECTIVE_ROW_CONFIGS, interpreter=INTERPRETER_ROW_CONFIGS, also_key=("T", "SEL_DIM"))
+# The passes add into their outputs (read, add, write), and the autotuner runs them once per configuration.
+@tuned(SELECTIVE_ROW_CONFIGS, reset_to_zero=["DK", "DV", "DKS"], interpreter=INTERPRETER_ROW_CONFIGS,
+       also_key=("T", "SEL_DIM"))
 @triton.jit
 def _selective_key_pass(Q, K, V, DO, Lse, Delta, QS, KS, SCALES, WEIGHTS, BOS, G, Carry, DK, DV, DKS, DAcc,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
@@ -273,7 +278,8 @@ def _selective_key_pass(Q, K, V, DO, Lse, Delta, QS, KS, SCALES, WEIGHTS, BOS, G
     tl.store(DAcc + b * Nk + offs_n, carry, mask=cols)  # accumulated[j] enters every row's F
 
 
-@tuned(SELECTIVE_QUERY_CONFIGS, interpreter=INTERPRETER_WIDE_CONFIGS, also_key=("T", "SEL_DIM"))
+@tuned(SELECTIVE_QUERY_CONFIGS, reset_to_zero=["DQ", "DQS"], interpreter=INTERPRETER_WIDE_CONFIGS,
+       also_key=("T", "SEL_DIM"))
 @triton.jit
 def _selective_query_pass(Q, K, V, DO, Lse, Delta, QS, KS, SCALES, WEIGHTS, BOS, G, Carry, DQ, DQS,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
