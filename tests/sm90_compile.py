@@ -8,10 +8,12 @@ PTX to a cubin for sm_90, in bf16 and fp32.
 
 The kernels are compiled exactly as the JIT compiles them at run time. The backend's own launch
 functions (`attention_forward`, `attention_backward` with either dq strategy, `penalty_forward`,
-`penalty_backward`) run on CPU tensors laid out as the model lays them out (q, k, v views of the
-projections), each launch captured instead of run, and Triton's own argument binder, built for sm_90,
-specialises the captured arguments: an integer equal to 1 (a unit stride, GROUP without GQA) becomes a
-constant, pointers and integers divisible by 16 are marked so, which lets loads vectorise. Compiled with
+`penalty_backward`, and the fused selective `selective_forward` and `selective_backward` with one selection
+term and with two: a single term's count specialises to the constant 1) run on CPU tensors laid out as the
+model lays them out (q, k, v views of the projections), each launch captured instead of run, and Triton's
+own argument binder, built for sm_90, specialises the captured arguments: an integer equal to 1 (a unit
+stride, GROUP without GQA) becomes a constant, pointers and integers divisible by 16 are marked so, which
+lets loads vectorise. Compiled with
 plain i32 strides, the same kernels would report more registers and spills than the run-time ones have
 (docs/benchmarks.md, "Measurements behind the code's constants").
 
