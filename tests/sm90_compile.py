@@ -21,11 +21,15 @@ plain i32 strides, the same kernels would report more registers and spills than 
     python tests/sm90_compile.py --all-configs --resources  # every autotuned one, and registers
     python tests/sm90_compile.py --all-configs --resources --dtype bf16
     python tests/sm90_compile.py --dtype fp32 --each-kernel-once  # the first build of each kernel only
+    python tests/sm90_compile.py --dtype fp32 --each-kernel-once --smallest-config  # what the tests compile
 
 By default every distinct build the cases launch is compiled (a kernel's constexpr branches: bias or
 none, causal or not, a per-head bias gradient, GQA, a head dim below its tile). tests/test_triton.py
-compiles all of them in bf16 (the dtype of GPU training) and, in fp32, each kernel and dq strategy once:
-every kernel in both dtypes, at about half the compile time of every build in both.
+compiles all of them in bf16 (the dtype of GPU training) and, in fp32, each kernel and dq strategy once, in
+its smallest tile configuration: every kernel's code path in both dtypes. fp32's IEEE dots have no tensor-core
+form on sm_90 and unroll into FMAs per thread, so an fp32 build takes ptxas several times a bf16 one's time,
+growing with the tile per warp; the first configurations (64 x 64 and 128 x 64 tiles) had made the fp32 check
+the slowest part of tests/test_triton.py.
 
 Prints one line per distinct compile (the shared memory it needs; Hopper has 227 KiB per block, and the
 autotuner skips configurations that do not fit; with --resources also the registers per thread and the
@@ -174,6 +178,18 @@ def describe(launch: Launch, constexprs: dict, config: triton.Config) -> str:
     return f"{launch.kernel.fn.__name__} [{launch.case}{', ' + flags if flags else ''}] {tile}"
 
 
+def smallest(config: triton.Config) -> float:
+    """Tile elements per warp: what a dot unrolls into per thread where it has no tensor-core form (fp32's
+    IEEE dots on sm_90 become FMAs), and so what ptxas's time grows with."""
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] / config.num_warps
+
+
+def chosen_configs(configs: list[triton.Config], args) -> list[triton.Config]:
+    if args.all_configs:
+        return configs
+    return [min(configs, key=smallest)] if args.smallest_config else configs[:1]
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all-configs", action="store_true", help="every autotuned configuration, not the first")
@@ -181,6 +197,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="only this dtype (repeatable)")
     parser.add_argument("--each-kernel-once", action="store_true",
                         help="only the first build of each kernel (and each dq strategy), not every constexpr branch")
+    parser.add_argument("--smallest-config", action="store_true",
+                        help="each kernel's configuration with the fewest tile elements per warp, not its first")
     args = parser.parse_args(argv)
     if INTERPRETED:
         print("TRITON_INTERPRET=1 is set: the kernels were built for the interpreter; unset it")
@@ -189,7 +207,7 @@ def main(argv: list[str]) -> int:
     for dtype_name in args.dtype or DTYPES:
         dtype, seen = DTYPES[dtype_name], set()
         for launch in launches(dtype):
-            for config in launch.kernel.configs if args.all_configs else launch.kernel.configs[:1]:
+            for config in chosen_configs(launch.kernel.configs, args):
                 build, identity, constexprs = compile_for_hopper(launch, config)
                 if args.each_kernel_once:  # one build per kernel, per dq strategy and per tile configuration
                     names = launch.kernel.fn.arg_names

@@ -56,14 +56,18 @@ PENALTY_CONFIGS = [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8,
 # The fused selective kernels (ops/selection/triton_fused.py) keep F at the boundaries of query blocks of
 # SELECTIVE_ROWS rows (G, and the backward's carry rows): the boundary and key-pass kernels walk blocks of
 # exactly that many rows, the forward and query pass blocks of a multiple of it, so every tile starts on a
-# stored row. Not chosen on a GPU yet (none this session): flash-attention-shaped guesses, the first of each
-# list what ATTENTION_ZOO_TRITON_AUTOTUNE=0 keeps. The interpreter runs one configuration each (the
-# autotuning path is tested by the other kernels), 32-row blocks where a multiple is allowed so the tests
-# cover a tile holding two stored rows.
+# stored row. Not timed on a GPU yet (none this session). Each list's first configuration builds without
+# spilling in bf16 at head dim 64, with one selection term and with two, as read from the sm_90 builds
+# (`python tests/sm90_compile.py --all-configs --resources`); these kernels hold more tiles than flash
+# attention's (F, dF, every head's P and dS), so wider tiles spill: the forward's 64 x 64 and 128 x 64 by 8 to
+# 96 bytes a thread, the key pass's 64 x 64 by 248 to 320 (64 x 128, over 1 KB, is left out), the query
+# pass's 64 x 64 by 64 to 112; they stay for the autotuner to weigh. The key pass's 64 x 32 spills 72 bytes
+# with two terms. The interpreter runs one configuration each, 32-row blocks where a multiple is allowed so
+# the tests cover a tile holding two stored rows.
 SELECTIVE_ROWS = 16 if INTERPRETED else 64
-SELECTIVE_ROW_CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (64, 32, 4, 2)]  # BLOCK_M == SELECTIVE_ROWS
-SELECTIVE_FORWARD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)]
-SELECTIVE_QUERY_CONFIGS = [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
+SELECTIVE_ROW_CONFIGS = [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)]  # BLOCK_M == SELECTIVE_ROWS
+SELECTIVE_FORWARD_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3)]
+SELECTIVE_QUERY_CONFIGS = [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
 INTERPRETER_ROW_CONFIGS = [(16, 16, 1, 1)]
 INTERPRETER_WIDE_CONFIGS = [(32, 16, 1, 1)]
 KEY = ["Nq", "Nk", "HEAD_DIM"]
