@@ -135,7 +135,7 @@ def launches(dtype: torch.dtype) -> list[Launch]:
                     triton_kernels.attention_backward(q, k, v, bias, out, lse, dout, bias_grad=bias is not None,
                                                       **common)
             if case.selection_terms:  # one term is selective's own; two, cross-layer accumulate (T = 1 is specialised)
-                stacked = triton_fused.StackedTerms([SelectionTerm(q[:, 0], k[:, 0], D ** -0.5, True, 0.5 ** t)
+                stacked = triton_fused.StackedTerms.of([SelectionTerm(q[:, 0], k[:, 0], D ** -0.5, True, 0.5 ** t)
                                                      for t in range(case.selection_terms)])
                 _, _, G = triton_fused.selective_forward(q, k, v, stacked, **common)
                 triton_fused.selective_backward(q, k, v, out, lse, dout, G, stacked, **common)

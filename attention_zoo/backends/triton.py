@@ -6,6 +6,10 @@ run its forward, but its backward then falls to `fused.BiasGradAttention`, PyTor
 query rows. This backend runs forward and backward as flash kernels (`triton_kernels.py`), the bias
 gradient summed over heads in registers, nothing of size (B, H, N, N) ever made.
 
+Selective attention reaches it as a structured Selection, not a bias: its kernels form -F tile by tile
+from the selection heads' q and k (`ops/selection/triton_fused.py`), so no (B, Nq, Nk) F is made, forward
+or backward.
+
 Named explicitly (`backend: triton`) it runs every call, with or without a bias or gradients. Under
 `auto` it comes first but defers every call other than training with a trainable bias (inference,
 vanilla, GQA training) to xformers and SDPA, whose kernels are faster for those.

@@ -40,6 +40,7 @@ sm_90 by tests/sm90_compile.py; not yet timed on a GPU.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -329,28 +330,40 @@ def _selective_query_pass(Q, K, V, DO, Lse, Delta, QS, KS, SCALES, WEIGHTS, BOS,
 # --------------------------------------------------------------------------- launchers
 
 
+@dataclass(frozen=True)
 class StackedTerms:
     """A Selection's terms as the kernels read them: q_s (T, B, Nq, E) and k_s (T, B, Nk, E) contiguous in one
     dtype, per-term scale and weight (T,) float32 and protect_bos (T,) int32, and F's first row (B, Nk) float32
     (the weighted accumulators, zeros without a cache)."""
 
-    def __init__(self, terms: list[SelectionTerm]):
+    q: Tensor
+    k: Tensor
+    scales: Tensor
+    weights: Tensor
+    bos: Tensor
+    start: Tensor
+
+    @classmethod
+    def of(cls, terms: list[SelectionTerm]) -> "StackedTerms":
         dtype = terms[0].q.dtype
         for t in terms[1:]:
             dtype = torch.promote_types(dtype, t.q.dtype)
         device = terms[0].q.device
-        self.q = torch.stack([t.q.detach().to(dtype) for t in terms])
-        self.k = torch.stack([t.k.detach().to(dtype) for t in terms])
-        self.scales = torch.tensor([t.scale for t in terms], dtype=torch.float32, device=device)
-        self.weights = torch.tensor([t.weight for t in terms], dtype=torch.float32, device=device)
-        self.bos = torch.tensor([int(t.protect_bos) for t in terms], dtype=torch.int32, device=device)
-        B, Nk = self.k.shape[1], self.k.shape[2]
-        self.start = torch.zeros(B, Nk, dtype=torch.float32, device=device)
+        start = torch.zeros(terms[0].k.shape[:2], dtype=torch.float32, device=device)  # (B, Nk)
         for t in terms:
             if t.accumulated is not None:
-                self.start.add_(t.accumulated.detach().float(), alpha=t.weight)
+                start.add_(t.accumulated.detach().float(), alpha=t.weight)
+        per_term = dict(dtype=torch.float32, device=device)
+        return cls(torch.stack([t.q.detach().to(dtype) for t in terms]), torch.stack([t.k.detach().to(dtype) for t in terms]),
+                   torch.tensor([t.scale for t in terms], **per_term), torch.tensor([t.weight for t in terms], **per_term),
+                   torch.tensor([int(t.protect_bos) for t in terms], dtype=torch.int32, device=device), start)
 
-    def args(self) -> tuple:
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every field, in order: what autograd saves for the backward (`StackedTerms(*tensors)` again)."""
+        return self.q, self.k, self.scales, self.weights, self.bos, self.start
+
+    def args(self) -> tuple[Tensor, ...]:
+        """The kernels' leading arguments QS, KS, SCALES, WEIGHTS, BOS."""
         return self.q, self.k, self.scales, self.weights, self.bos
 
     def constants(self) -> dict:
@@ -426,10 +439,9 @@ class FusedSelectiveAttention(torch.autograd.Function):
         from .blocked import _terms
 
         terms = _terms(meta, term_tensors)
-        stacked = StackedTerms(terms)
+        stacked = StackedTerms.of(terms)
         out, lse, G = selective_forward(q.detach(), k.detach(), v.detach(), stacked, causal=causal, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, G, stacked.q, stacked.k, stacked.scales, stacked.weights, stacked.bos,
-                              stacked.start)
+        ctx.save_for_backward(q, k, v, out, lse, G, *stacked.tensors())
         ctx.causal, ctx.scale, ctx.meta = causal, scale, meta
         ctx.dtypes = [(t.q.dtype, t.k.dtype, None if t.accumulated is None else t.accumulated.dtype) for t in terms]
         return out
@@ -437,9 +449,8 @@ class FusedSelectiveAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout: Tensor):
-        q, k, v, out, lse, G, sq, sk, scales, weights, bos, start = ctx.saved_tensors
-        stacked = StackedTerms.__new__(StackedTerms)
-        stacked.q, stacked.k, stacked.scales, stacked.weights, stacked.bos, stacked.start = sq, sk, scales, weights, bos, start
+        q, k, v, out, lse, G, *stacked = ctx.saved_tensors
+        stacked = StackedTerms(*stacked)
         dq, dk, dv, dqs, dks, dacc = selective_backward(q, k, v, out, lse, dout, G, stacked, causal=ctx.causal,
                                                         scale=ctx.scale)
         flat = []
