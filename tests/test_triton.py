@@ -219,14 +219,13 @@ def test_cpu_without_the_interpreter_refuses_without_importing(monkeypatch):
 
 def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch):
     """The whole self-check passes at its own sizes; then each wrong kernel below is caught by the check that
-    covers it (SELF_CHECKS narrowed to that one: the others would pass and only cost time)."""
+    covers it (SELF_CHECKS narrowed to that one: the others would pass and only cost time), and the first
+    disagreement ends the check."""
     from attention_zoo.backends import triton as triton_module
     from attention_zoo.backends import triton_kernels
     from attention_zoo.ops.selection import triton_fused
 
     assert triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16) is None
-    if DEVICE == "cpu":  # the wrong kernels below show at any length: past one interpreter key span (32) is enough
-        monkeypatch.setattr(triton_module, "_check_length", lambda: 40)
     checks = {"attention": triton_module._attention_check, "penalty": triton_module._penalty_check,
               "selective": triton_module._selective_check}
 
@@ -240,12 +239,21 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
         dq, dk, dv, dbias = real(*args, **kwargs)
         return dq, dk, dv, dbias * 1.01
 
+    real_shared = triton_kernels._shared_bias_dq
+    strategies = []
+
+    def recording(strategy, *args, **kwargs):
+        strategies.append(strategy)
+        return real_shared(strategy, *args, **kwargs)
+
     monkeypatch.setattr(triton_kernels, "attention_backward", wrong)
+    monkeypatch.setattr(triton_kernels, "_shared_bias_dq", recording)
     reason = caught("attention")
-    assert "disagree" in reason and "dbias" in reason
+    assert "disagree" in reason and "atomic dq) dbias" in reason
+    assert strategies == ["atomic"]  # the first disagreement ended the check: recompute never ran
     monkeypatch.setattr(triton_kernels, "attention_backward", real)
 
-    real_shared = triton_kernels._shared_bias_dq  # a wrong strategy is caught even when the other is right
+    # a wrong strategy is caught even when the other is right
 
     def wrong_recompute(strategy, *args, **kwargs):
         dq = real_shared(strategy, *args, **kwargs)

@@ -166,31 +166,33 @@ class TritonAttention(torch.autograd.Function):
 @functools.lru_cache(maxsize=None)
 def self_check(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
     """Run every Triton kernel once on a small problem against a float64 PyTorch reference
-    (`self_check.py`): None if they agree, else why not. Cached: once per (device, dtype, head dim) and process."""
+    (`self_check.py`): None if they agree, else why not. The checks run in order and the first disagreement
+    ends it. Cached: once per (device, dtype, head dim) and process."""
     try:
-        results = [result for check in SELF_CHECKS for result in check(device, dtype, head_dim)]
+        results = (result for check in SELF_CHECKS for result in check(device, dtype, head_dim))
+        return first_disagreement(results, device, dtype, head_dim)
     except Exception as exc:  # a compile error, a launch failure, ...
         return f"the kernels failed their self-check on this {device} ({type(exc).__name__}: {exc})"
-    return first_disagreement(results, device, dtype, head_dim)
 
 
 def _check_length() -> int:
-    """Past one key span of the head-shared backward kernel (so spans meet), with partial tiles: 80 keys
-    in the interpreter, 560 on a GPU."""
-    from .triton_tuning import KEY_SPAN
+    """Past one key span of the head-shared backward kernel (so spans meet), with partial tiles: 560 keys on a
+    GPU; 40 in the interpreter (32-key spans, 16-key tiles), where only the tests run it."""
+    from .triton_tuning import INTERPRETED, KEY_SPAN
 
-    return KEY_SPAN + 48
+    return KEY_SPAN + (8 if INTERPRETED else 48)
 
 
 def _attention_check(device: str, dtype: torch.dtype, head_dim: int):
+    """Both dq strategies (auto may pick either per problem size), one after the other: the second runs only
+    if the first agreed."""
     from .triton_tuning import SHARED_DQ_STRATEGIES, shared_dq_forced
 
-    results = []
-    for strategy in SHARED_DQ_STRATEGIES:  # auto may pick either per problem size: both are checked
-        with shared_dq_forced(strategy):
-            results += attention_agreement(lambda q, k, v, bias, scale: TritonAttention.apply(q, k, v, bias, True, scale, 0),
-                                           device, dtype, head_dim, _check_length(), label=f"attention ({strategy} dq)")
-    return results
+    for strategy in SHARED_DQ_STRATEGIES:
+        with shared_dq_forced(strategy):  # left before yielding: the forced strategy never outlives its run
+            results = attention_agreement(lambda q, k, v, bias, scale: TritonAttention.apply(q, k, v, bias, True, scale, 0),
+                                          device, dtype, head_dim, _check_length(), label=f"attention ({strategy} dq)")
+        yield from results
 
 
 def _penalty_check(device: str, dtype: torch.dtype, head_dim: int):
