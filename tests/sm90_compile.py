@@ -8,10 +8,12 @@ PTX to a cubin for sm_90, in bf16 and fp32.
 
 The kernels are compiled exactly as the JIT compiles them at run time. The backend's own launch
 functions (`attention_forward`, `attention_backward` with either dq strategy, `penalty_forward`,
-`penalty_backward`) run on CPU tensors laid out as the model lays them out (q, k, v views of the
-projections), each launch captured instead of run, and Triton's own argument binder, built for sm_90,
-specialises the captured arguments: an integer equal to 1 (a unit stride, GROUP without GQA) becomes a
-constant, pointers and integers divisible by 16 are marked so, which lets loads vectorise. Compiled with
+`penalty_backward`, and the fused selective `selective_forward` and `selective_backward` with one selection
+term and with two: a single term's count specialises to the constant 1) run on CPU tensors laid out as the
+model lays them out (q, k, v views of the projections), each launch captured instead of run, and Triton's
+own argument binder, built for sm_90, specialises the captured arguments: an integer equal to 1 (a unit
+stride, GROUP without GQA) becomes a constant, pointers and integers divisible by 16 are marked so, which
+lets loads vectorise. Compiled with
 plain i32 strides, the same kernels would report more registers and spills than the run-time ones have
 (docs/benchmarks.md, "Measurements behind the code's constants").
 
@@ -19,11 +21,15 @@ plain i32 strides, the same kernels would report more registers and spills than 
     python tests/sm90_compile.py --all-configs --resources  # every autotuned one, and registers
     python tests/sm90_compile.py --all-configs --resources --dtype bf16
     python tests/sm90_compile.py --dtype fp32 --each-kernel-once  # the first build of each kernel only
+    python tests/sm90_compile.py --dtype fp32 --each-kernel-once --smallest-config  # what the tests compile
 
 By default every distinct build the cases launch is compiled (a kernel's constexpr branches: bias or
 none, causal or not, a per-head bias gradient, GQA, a head dim below its tile). tests/test_triton.py
-compiles all of them in bf16 (the dtype of GPU training) and, in fp32, each kernel and dq strategy once:
-every kernel in both dtypes, at about half the compile time of every build in both.
+compiles all of them in bf16 (the dtype of GPU training) and, in fp32, each kernel and dq strategy once, in
+its smallest tile configuration: every kernel's code path in both dtypes. fp32's IEEE dots have no tensor-core
+form on sm_90 and unroll into FMAs per thread, so an fp32 build takes ptxas several times a bf16 one's time,
+growing with the tile per warp; the first configurations (64 x 64 and 128 x 64 tiles) had made the fp32 check
+the slowest part of tests/test_triton.py.
 
 Prints one line per distinct compile (the shared memory it needs; Hopper has 227 KiB per block, and the
 autotuner skips configurations that do not fit; with --resources also the registers per thread and the
@@ -55,6 +61,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from attention_zoo.backends import triton_kernels  # noqa: E402
 from attention_zoo.backends.triton_tuning import INTERPRETED, SHARED_DQ_STRATEGIES, shared_dq_forced  # noqa: E402
+from attention_zoo.ops.selection import SelectionTerm, triton_fused  # noqa: E402
 from attention_zoo.ops.selection import triton as triton_selection  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -71,11 +78,12 @@ class Case:
     kv_heads: int = HEADS
     head_dim: int = 64
     causal: bool = True
+    selection_terms: int = 0  # > 0: also the fused selective kernels, with that many selection terms
 
 
 CASES = (
-    Case("selective", "shared"),
-    Case("selective + GQA", "shared", kv_heads=2),
+    Case("selective", "shared", selection_terms=1),
+    Case("selective + GQA, cross-layer accumulate", "shared", kv_heads=2, selection_terms=2),
     Case("residual", "per_head"),
     Case("vanilla", None),
     Case("head dim 48, no mask", None, head_dim=48, causal=False),
@@ -126,6 +134,11 @@ def launches(dtype: torch.dtype) -> list[Launch]:
                 with shared_dq_forced(strategy):
                     triton_kernels.attention_backward(q, k, v, bias, out, lse, dout, bias_grad=bias is not None,
                                                       **common)
+            if case.selection_terms:  # one term is selective's own; two, cross-layer accumulate (T = 1 is specialised)
+                stacked = triton_fused.StackedTerms.of([SelectionTerm(q[:, 0], k[:, 0], D ** -0.5, True, 0.5 ** t)
+                                                     for t in range(case.selection_terms)])
+                _, _, G = triton_fused.selective_forward(q, k, v, stacked, **common)
+                triton_fused.selective_backward(q, k, v, out, lse, dout, G, stacked, **common)
             if case.bias == "shared":
                 triton_selection.penalty_forward(q[:, 0], k[:, 0], scale=D ** -0.5, protect_bos=True)
                 triton_selection.penalty_backward(q[:, 0], k[:, 0], torch.randn(B, N, N), scale=D ** -0.5,
@@ -165,6 +178,18 @@ def describe(launch: Launch, constexprs: dict, config: triton.Config) -> str:
     return f"{launch.kernel.fn.__name__} [{launch.case}{', ' + flags if flags else ''}] {tile}"
 
 
+def smallest(config: triton.Config) -> float:
+    """Tile elements per warp: what a dot unrolls into per thread where it has no tensor-core form (fp32's
+    IEEE dots on sm_90 become FMAs), and so what ptxas's time grows with."""
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] / config.num_warps
+
+
+def chosen_configs(configs: list[triton.Config], args) -> list[triton.Config]:
+    if args.all_configs:
+        return configs
+    return [min(configs, key=smallest)] if args.smallest_config else configs[:1]
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all-configs", action="store_true", help="every autotuned configuration, not the first")
@@ -172,6 +197,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="only this dtype (repeatable)")
     parser.add_argument("--each-kernel-once", action="store_true",
                         help="only the first build of each kernel (and each dq strategy), not every constexpr branch")
+    parser.add_argument("--smallest-config", action="store_true",
+                        help="each kernel's configuration with the fewest tile elements per warp, not its first")
     args = parser.parse_args(argv)
     if INTERPRETED:
         print("TRITON_INTERPRET=1 is set: the kernels were built for the interpreter; unset it")
@@ -180,7 +207,7 @@ def main(argv: list[str]) -> int:
     for dtype_name in args.dtype or DTYPES:
         dtype, seen = DTYPES[dtype_name], set()
         for launch in launches(dtype):
-            for config in launch.kernel.configs if args.all_configs else launch.kernel.configs[:1]:
+            for config in chosen_configs(launch.kernel.configs, args):
                 build, identity, constexprs = compile_for_hopper(launch, config)
                 if args.each_kernel_once:  # one build per kernel, per dq strategy and per tile configuration
                     names = launch.kernel.fn.arg_names

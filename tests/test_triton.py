@@ -19,6 +19,7 @@ import torch
 
 from attention_zoo.backends import AttentionCall, choose
 from attention_zoo.backends.math import math_attention
+from tests.spies import LargestTensor
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,40 +218,67 @@ def test_cpu_without_the_interpreter_refuses_without_importing(monkeypatch):
 
 
 def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch):
+    """The whole self-check passes at its own sizes; then each wrong kernel below is caught by the check that
+    covers it (SELF_CHECKS narrowed to that one: the others would pass and only cost time), and the first
+    disagreement ends the check."""
     from attention_zoo.backends import triton as triton_module
     from attention_zoo.backends import triton_kernels
+    from attention_zoo.ops.selection import triton_fused
 
     assert triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16) is None
-    if DEVICE == "cpu":  # the wrong kernels below show at any length: past one interpreter key span (32) is enough
-        monkeypatch.setattr(triton_module, "_check_length", lambda: 40)
+    checks = {"attention": triton_module._attention_check, "penalty": triton_module._penalty_check,
+              "selective": triton_module._selective_check}
+
+    def caught(check: str) -> str | None:
+        monkeypatch.setattr(triton_module, "SELF_CHECKS", (checks[check],))
+        return triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+
     real = triton_kernels.attention_backward
 
     def wrong(*args, **kwargs):
         dq, dk, dv, dbias = real(*args, **kwargs)
         return dq, dk, dv, dbias * 1.01
 
+    real_shared = triton_kernels._shared_bias_dq
+    strategies = []
+
+    def recording(strategy, *args, **kwargs):
+        strategies.append(strategy)
+        return real_shared(strategy, *args, **kwargs)
+
     monkeypatch.setattr(triton_kernels, "attention_backward", wrong)
-    reason = triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
-    assert "disagree" in reason and "dbias" in reason
+    monkeypatch.setattr(triton_kernels, "_shared_bias_dq", recording)
+    reason = caught("attention")
+    assert "disagree" in reason and "atomic dq) dbias" in reason
+    assert strategies == ["atomic"]  # the first disagreement ended the check: recompute never ran
     monkeypatch.setattr(triton_kernels, "attention_backward", real)
 
-    real_shared = triton_kernels._shared_bias_dq  # a wrong strategy is caught even when the other is right
+    # a wrong strategy is caught even when the other is right
 
     def wrong_recompute(strategy, *args, **kwargs):
         dq = real_shared(strategy, *args, **kwargs)
         return dq * 1.01 if strategy == "recompute" else dq
 
     monkeypatch.setattr(triton_kernels, "_shared_bias_dq", wrong_recompute)
-    assert "attention (recompute dq) dq off by" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+    assert "attention (recompute dq) dq off by" in caught("attention")
     monkeypatch.setattr(triton_kernels, "_shared_bias_dq", real_shared)
 
     from attention_zoo.ops.selection import triton as triton_selection
     monkeypatch.setattr(triton_selection, "penalty_forward",
                         lambda q, k, **kw: torch.zeros(q.shape[0], q.shape[1], k.shape[1], device=q.device))
-    assert "selection F" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+    assert "selection F" in caught("penalty")
+
+    real_fused = triton_fused.selective_backward
+
+    def wrong_fused(*args, **kwargs):
+        dq, dk, dv, dqs, dks, dacc = real_fused(*args, **kwargs)
+        return dq, dk, dv, dqs, dks, dacc * 1.01
+
+    monkeypatch.setattr(triton_fused, "selective_backward", wrong_fused)
+    assert "selective daccumulated off by" in caught("selective")
 
     monkeypatch.setattr(triton_kernels, "attention_forward", lambda *a, **k: 1 / 0)
-    assert "ZeroDivisionError" in triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16)
+    assert "ZeroDivisionError" in caught("attention")
 
 
 # --- the selection penalty F from the selection head's q and k ------------------------------------------
@@ -298,28 +326,39 @@ def test_penalty_uses_triton_where_the_backend_would(triton_backend):
 
 
 KERNELS = {"_forward", "_backward_dk_dv", "_backward_dq", "_backward_dq_dbias_shared", "_penalty_forward",
-           "_penalty_backward"}
+           "_penalty_backward", "_selective_boundary_rows", "_selective_forward", "_selective_key_pass",
+           "_selective_query_pass"}
 
 
-@pytest.mark.parametrize("dtype,options", [("bf16", []), ("fp32", ["--each-kernel-once"])], ids=["bf16", "fp32"])
-def test_kernels_compile_for_hopper_without_a_gpu(tmp_path, dtype, options):
-    """Every kernel, as the backend launches it for each variant's kind of bias (and both dq strategies), compiles
-    through PTX to an sm_90 cubin (tests/sm90_compile.py): what the interpreter never does. bf16 (the dtype of GPU
-    training) compiles every distinct build, fp32 each kernel and dq strategy once; one dtype per test, so
-    pytest-xdist runs the two side by side. A subprocess, as the kernels must be built without TRITON_INTERPRET,
-    and a fresh Triton cache, so nothing compiled earlier answers for them."""
+@pytest.mark.parametrize("dtype,options", [("bf16", []), ("fp32", ["--each-kernel-once", "--smallest-config"])],
+                         ids=["bf16", "fp32"])
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path, dtype, options, request):
+    """Every kernel, as the backend launches it for each variant's kind of bias (and both dq strategies, and the
+    fused selective kernels with one term and with two), compiles through PTX to an sm_90 cubin
+    (tests/sm90_compile.py): what the interpreter never does. bf16 (the dtype of GPU training) compiles every
+    distinct build, fp32 each kernel and dq strategy once in its smallest tile configuration (fp32's dots unroll
+    into FMAs: its builds cost ptxas several times bf16's); one dtype per test, so pytest-xdist runs the two side
+    by side. A subprocess, as the kernels must be built without TRITON_INTERPRET.
+
+    Triton's cache keeps what it compiled in pytest's cache folder between sessions (a fresh folder when the
+    cache plugin is off): its key hashes the kernel's source and every jit function it calls, the constants, the
+    specialisation, the options, the target and Triton's version, so an entry answers only for the very build
+    that compiled before; any change to a kernel compiles it anew. A cold run compiles all of them."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    cache = getattr(request.config, "cache", None)
+    env["TRITON_CACHE_DIR"] = str(cache.mkdir("sm90-triton") if cache is not None else tmp_path)
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py"), "--dtype", dtype, *options],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     compiled = [tuple(line.split()[1:3]) for line in result.stdout.splitlines() if line.startswith("ok ")]
     assert set(compiled) == {(dtype, kernel) for kernel in KERNELS}, result.stdout
     assert "WITH_DQ=True" in result.stdout and "WITH_DQ=False" in result.stdout  # both dq strategies
-    if not options:  # every constexpr branch the cases reach
+    if not options:  # every constexpr branch the cases reach, and the fused kernels' T = 1 and T = 2 builds
         for flags in ("HAS_BIAS=False", "CAUSAL=False", "BIAS_GRAD=True", "selective + GQA", "head dim 48"):
             assert flags in result.stdout, flags
+        for kernel in ("_selective_boundary_rows", "_selective_forward", "_selective_key_pass", "_selective_query_pass"):
+            assert sum(f"{dtype} {kernel} " in line for line in result.stdout.splitlines()) == 2, kernel
     else:
         assert len(compiled) == len(KERNELS) + 1  # the shared-bias kernel once per dq strategy
     assert "\n0 failed" in result.stdout
@@ -332,5 +371,201 @@ def test_key_spans_hold_whole_key_blocks():
     from attention_zoo.backends import triton_tuning as tuning
 
     assert all(tuning.COMPILED_KEY_SPAN % n == 0 for _, n, _, _ in tuning.SHARED_DQ_CONFIGS)
-    assert all(tuning.INTERPRETER_KEY_SPAN % n == 0 for _, n, _, _ in tuning.INTERPRETER_CONFIGS)
+    interpreted = tuning.INTERPRETER_CONFIGS + tuning.INTERPRETER_AUTOTUNED_CONFIGS
+    assert all(tuning.INTERPRETER_KEY_SPAN % n == 0 for _, n, _, _ in interpreted)
 
+
+
+# --- selective attention fused: -F formed per tile from the selection heads (ops/selection/triton_fused.py) ---
+
+# name -> ((B, H, Hkv, Nq, Nk, D, causal), terms as (weight, protect_bos, accumulated)). In the interpreter the
+# boundary rows G sit every 16 query rows and the forward and query pass take 32-row tiles, so each case walks
+# several stored rows, a tile holding two of them, and partial tiles at both ends.
+FUSED_CASES = {
+    "selective": ((1, 2, 2, 37, 37, 16, True), [(1.0, True, False)]),
+    "selective-gqa": ((1, 4, 2, 40, 40, 24, True), [(1.0, True, False)]),
+    # cross-layer accumulate: decay * the source layer's F + this layer's own (a shared Selection is one term)
+    "accumulate": ((1, 2, 1, 33, 33, 16, True), [(0.5, True, False), (1.0, True, False)]),
+    "accumulate-chain-no-bos": ((1, 2, 2, 35, 35, 16, True), [(0.25, True, False), (0.5, False, False), (1.0, False, False)]),
+    # a cached chunk: queries at the end, each term's accumulator from earlier chunks (a gradient too)
+    "cached-chunk": ((1, 2, 1, 19, 50, 16, True), [(0.5, True, True), (1.0, True, True)]),
+    "no-mask": ((1, 2, 2, 30, 45, 16, False), [(1.0, False, False)]),
+}
+if DEVICE == "cuda":  # compiled: 64-row stored rows and 64- or 128-row tiles, so longer sequences
+    FUSED_CASES["gpu-gqa-accumulate"] = ((2, 4, 2, 300, 300, 64, True), [(0.5, True, False), (1.0, True, False)])
+    FUSED_CASES["gpu-cached-chunk"] = ((1, 4, 2, 200, 600, 64, True), [(1.0, True, True)])
+
+
+def fused_problem(name, dtype, seed=0):
+    """(q, k, v, selection, leaves, dout) on DEVICE in `dtype`; a cache's accumulators are float32, as F is."""
+    from attention_zoo.ops.selection import Selection, SelectionTerm
+
+    (B, H, Hkv, Nq, Nk, D, causal), terms = FUSED_CASES[name]
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + seed)
+    make = lambda *shape, dt=dtype: torch.randn(*shape, generator=g).to(DEVICE, dt).requires_grad_()  # noqa: E731
+    q, k, v = make(B, H, Nq, D), make(B, Hkv, Nk, D), make(B, Hkv, Nk, D)
+    leaves, parts = [q, k, v], []
+    for weight, bos, cached in terms:
+        qs, ks = make(B, Nq, D), make(B, Nk, D)
+        acc = (torch.rand(B, Nk, generator=g) * 4).to(DEVICE).requires_grad_() if cached else None
+        leaves += [qs, ks] + ([acc] if cached else [])
+        parts.append(SelectionTerm(qs, ks, D ** -0.5, bos, weight, acc))
+    return q, k, v, Selection(tuple(parts)), leaves, torch.randn(B, H, Nq, D, generator=g).to(DEVICE, dtype)
+
+
+def fused_both(triton_backend, name, dtype):
+    """[out, every gradient] from the triton backend's fused path and from math's reference in float64."""
+    from attention_zoo.ops.selection import Selection, SelectionTerm, reference
+
+    q, k, v, selection, leaves, dout = fused_problem(name, dtype)
+    causal = FUSED_CASES[name][0][6]
+    scale = q.shape[-1] ** -0.5
+    out = triton_backend.selective_attention(q, k, v, selection, causal=causal, scale=scale)
+    got = [out, *torch.autograd.grad(out, leaves, dout)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(ref_leaves[3:])
+    terms = tuple(SelectionTerm(next(it), next(it), t.scale, t.protect_bos, t.weight,
+                                next(it) if t.accumulated is not None else None) for t in selection.terms)
+    ref = reference.selective_attention(*ref_leaves[:3], Selection(terms), causal=causal, scale=scale)
+    return got, [ref, *torch.autograd.grad(ref, ref_leaves, dout.double())]
+
+
+def fused_names(name):
+    terms = FUSED_CASES[name][1]
+    per_term = [[f"dq_s{t}", f"dk_s{t}"] + ([f"dacc{t}"] if cached else []) for t, (_, _, cached) in enumerate(terms)]
+    return ("out", "dq", "dk", "dv", *sum(per_term, []))
+
+
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_selective_matches_math_fp32(triton_backend, name):
+    """Output, dq, dk, dv and every term's dq_s, dk_s (and accumulator) against `math` in float64, within
+    1e-5 of max(1, largest |value|) (IEEE fp32 dots)."""
+    got, want = fused_both(triton_backend, name, torch.float32)
+    assert_matches(got, want, torch.float32, names=fused_names(name), label=f"{name} ")
+
+
+def test_fused_passes_autotune_without_adding_twice(triton_backend, monkeypatch):
+    """The key and query passes add into their outputs, and the autotuner runs a kernel once per configuration
+    before the chosen one: with two configurations (one elsewhere in the interpreter) the outputs must be reset
+    in between, or the gradients come back several times over."""
+    import triton
+
+    from attention_zoo.ops.selection import triton_fused
+
+    for kernel in (triton_fused._selective_key_pass, triton_fused._selective_query_pass):
+        first = kernel.configs[0]
+        wider = dict(first.kwargs, BLOCK_N=2 * first.kwargs["BLOCK_N"])
+        monkeypatch.setattr(kernel, "configs", [first, triton.Config(wider, num_warps=first.num_warps,
+                                                                     num_stages=first.num_stages)])
+        monkeypatch.setattr(kernel, "cache", {})
+    got, want = fused_both(triton_backend, "cached-chunk", torch.float32)
+    assert_matches(got, want, torch.float32, names=fused_names("cached-chunk"))
+
+
+def test_fused_selective_matches_math_fp16(triton_backend):
+    """fp16 inputs (float32 F, dots accumulated in float32): within 3e-3 of max(1, largest |value|)."""
+    got, want = fused_both(triton_backend, "selective-gqa", torch.float16)
+    assert got[0].dtype == torch.float16 and got[4].dtype == torch.float16
+    assert_matches(got, want, torch.float16, names=fused_names("selective-gqa"))
+
+
+class LargestOwnTensor(LargestTensor):
+    """LargestTensor, blind to the uint8 views through which Triton's interpreter stages each kernel argument's
+    storage (as bytes: 4 "elements" per float32)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in (*args, *(kwargs or {}).values())):
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_fused_selective_makes_no_B_Nq_Nk_tensor(triton_backend):
+    """Forward and backward allocate nothing near (B, Nq, Nk) (G and the carry rows are 1/16 of it here), while
+    the dense F the other path hands the kernels is that size: the spy sees it."""
+    from attention_zoo.ops.selection import Selection
+
+    B, H, N, D = 1, 1, 64, 16
+    g = torch.Generator().manual_seed(5)
+    q, k, v, qs, ks = (torch.randn(B, *shape, generator=g).to(DEVICE).requires_grad_()
+                       for shape in ((H, N, D), (1, N, D), (1, N, D), (N, D), (N, D)))
+    selection = Selection.of_head(qs, ks, D ** -0.5)
+    with LargestOwnTensor() as spy:
+        out = triton_backend.selective_attention(q, k, v, selection, causal=True, scale=D ** -0.5)
+        torch.autograd.grad(out.sum(), (q, k, v, qs, ks))
+    assert spy.largest < B * N * N // 2, f"{spy.op} made {spy.largest} elements"
+    with LargestOwnTensor() as dense_spy:
+        selection.dense()
+    assert dense_spy.largest >= B * N * N
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs programs one after another: only a GPU can reorder sums")
+def test_fused_selective_gradients_repeat_bit_for_bit(triton_backend):
+    """No atomics anywhere in the fused path: every sum has one writer, in a fixed order."""
+    runs = [fused_both(triton_backend, "cached-chunk", torch.float32)[0] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_fused_selective_refuses_what_it_cannot_stack_and_falls_back(triton_backend):
+    """Terms of different widths cannot share a stacked tile: the backend says why and runs the dense -F."""
+    from attention_zoo.ops.selection import Selection, SelectionTerm
+    from attention_zoo.ops.selection.triton_fused import fused_refusal
+
+    q, k, v, selection, leaves, dout = fused_problem("selective", torch.float32)
+    t = selection.terms[0]
+    wider = Selection((t, SelectionTerm(torch.cat([t.q, t.q], -1), torch.cat([t.k, t.k], -1), t.scale)))
+    assert "different widths [16, 32]" in fused_refusal(wider)
+    assert fused_refusal(selection) is None
+    out = triton_backend.selective_attention(q, k, v, wider, causal=True, scale=0.25)
+    want = math_attention(q, k, v, bias=-wider.dense()[:, None], causal=True, scale=0.25)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+def test_fused_tile_configurations_start_every_tile_on_a_stored_row():
+    """The fused kernels read F at query-block boundaries stored every SELECTIVE_ROWS rows: the boundary and key
+    passes must walk blocks of exactly that many rows, the forward and query pass a multiple of it."""
+    pytest.importorskip("triton")
+    from attention_zoo.backends import triton_tuning as tuning
+
+    rows = [m for m, _, _, _ in tuning.SELECTIVE_ROW_CONFIGS]
+    wide = [m for m, _, _, _ in tuning.SELECTIVE_FORWARD_CONFIGS + tuning.SELECTIVE_QUERY_CONFIGS]
+    assert set(rows) == {64} and all(m % 64 == 0 for m in wide)
+    assert {m for m, _, _, _ in tuning.INTERPRETER_ROW_CONFIGS} == {16}
+    assert all(m % 16 == 0 for m, _, _, _ in tuning.INTERPRETER_WIDE_CONFIGS)
+    assert tuning.SELECTIVE_ROWS == (16 if tuning.INTERPRETED else 64)
+
+
+def infinite_selection_logit(dtype=torch.float32):
+    """A selection head whose query row 5 has an infinite component: its logits are +inf against every key
+    with a positive component there (and -inf, so S = 0, against the others)."""
+    g = torch.Generator().manual_seed(11)
+    qs, ks = torch.randn(1, 21, 16, generator=g), torch.randn(1, 21, 16, generator=g)
+    qs[0, 5, 0] = float("inf")
+    return qs.to(DEVICE, dtype), ks.to(DEVICE, dtype)
+
+
+def test_penalty_kernel_with_an_infinite_selection_logit(triton_backend):
+    """F stays finite on the row holding the +inf (its own S is not in its F) and is +inf below it, as the
+    reference's cumulative sum gives; `cumsum(S) - S` gave inf - inf = NaN on that row."""
+    from attention_zoo.ops.selection import Selection, reference
+    from attention_zoo.ops.selection.penalty import TritonSelectionPenalty
+
+    qs, ks = infinite_selection_logit()
+    want = reference.penalty(Selection.of_head(qs.cpu().double(), ks.cpu().double(), 0.25))
+    got = TritonSelectionPenalty.apply(qs, ks, 0.25, True)
+    assert torch.isinf(want[0, 6:]).any() and torch.isfinite(want[0, :6]).all()
+    torch.testing.assert_close(got.cpu().double(), want, atol=1e-5 * want[want.isfinite()].abs().max().item(), rtol=0)
+
+
+def test_fused_forward_with_an_infinite_selection_logit(triton_backend):
+    """An infinite F masks those keys for the rows below, like the causal mask: out is finite and matches math."""
+    from attention_zoo.ops.selection import Selection, reference
+
+    qs, ks = infinite_selection_logit()
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 21, 16, generator=g).to(DEVICE) for _ in range(3))
+    selection = Selection.of_head(qs, ks, 0.25)
+    got = triton_backend.selective_attention(q, k, v, selection, causal=True, scale=0.25)
+    want = reference.selective_attention(q.double(), k.double(), v.double(),
+                                         Selection.of_head(qs.double(), ks.double(), 0.25), causal=True, scale=0.25)
+    assert torch.isfinite(got).all()
+    assert_matches([got], [want], torch.float32, names=("out",))

@@ -6,6 +6,10 @@ run its forward, but its backward then falls to `fused.BiasGradAttention`, PyTor
 query rows. This backend runs forward and backward as flash kernels (`triton_kernels.py`), the bias
 gradient summed over heads in registers, nothing of size (B, H, N, N) ever made.
 
+Selective attention reaches it as a structured Selection, not a bias: its kernels form -F tile by tile
+from the selection heads' q and k (`ops/selection/triton_fused.py`), so no (B, Nq, Nk) F is made, forward
+or backward.
+
 Named explicitly (`backend: triton`) it runs every call, with or without a bias or gradients. Under
 `auto` it comes first but defers every call other than training with a trainable bias (inference,
 vanilla, GQA training) to xformers and SDPA, whose kernels are faster for those.
@@ -21,6 +25,7 @@ and meant for tests: `auto` never picks it on CPU; name the backend to use it.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from types import ModuleType
 
@@ -31,6 +36,9 @@ from torch.autograd.function import once_differentiable
 from .base import AttentionCall, Backend
 from .fused import spread_over_heads, trainable_bias
 from .self_check import BATCH, attention_agreement, first_disagreement, on_this_gpu, random_inputs, value_and_grads
+
+log = logging.getLogger("attention_zoo.backends")
+_logged_refusals: set[str] = set()
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # the autotuned tile configurations (triton_tuning.py) are chosen up to here
@@ -92,6 +100,22 @@ class TritonBackend(Backend):
         return "auto uses it only to train with a trainable bias (selective's -F, residual scores); " \
                "xformers and sdpa kernels are faster for every other call"
 
+    def selective_attention(self, q: Tensor, k: Tensor, v: Tensor, selection, *, causal: bool, scale: float) -> Tensor:
+        """Selective attention with -F formed tile by tile inside the kernels (ops/selection/triton_fused.py),
+        nothing of size (B, Nq, Nk) made. A selection those kernels refuse (`fused_refusal`) falls back, with
+        the reason logged once, to the dense -F (B, 1, Nq, Nk) read as a head-shared bias."""
+        from ..ops.selection.dense import penalty
+        from ..ops.selection.triton_fused import fused_refusal, fused_selective_attention
+
+        reason = fused_refusal(selection)
+        if reason is None:
+            return fused_selective_attention(q, k, v, selection, causal=causal, scale=scale)
+        if reason not in _logged_refusals:
+            _logged_refusals.add(reason)
+            log.info("triton backend: selective attention with a dense -F (%s)", reason)
+        bias = penalty(selection, negate=True, backend=self.name).unsqueeze(1)
+        return self.attention(q, k, v, bias=bias, causal=causal, scale=scale)
+
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
         spread_heads = 0
         if bias is not None:
@@ -142,31 +166,33 @@ class TritonAttention(torch.autograd.Function):
 @functools.lru_cache(maxsize=None)
 def self_check(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
     """Run every Triton kernel once on a small problem against a float64 PyTorch reference
-    (`self_check.py`): None if they agree, else why not. Cached: once per (device, dtype, head dim) and process."""
+    (`self_check.py`): None if they agree, else why not. The checks run in order and the first disagreement
+    ends it. Cached: once per (device, dtype, head dim) and process."""
     try:
-        results = [*_attention_check(device, dtype, head_dim), *_penalty_check(device, dtype, head_dim)]
+        results = (result for check in SELF_CHECKS for result in check(device, dtype, head_dim))
+        return first_disagreement(results, device, dtype, head_dim)
     except Exception as exc:  # a compile error, a launch failure, ...
         return f"the kernels failed their self-check on this {device} ({type(exc).__name__}: {exc})"
-    return first_disagreement(results, device, dtype, head_dim)
 
 
 def _check_length() -> int:
-    """Past one key span of the head-shared backward kernel (so spans meet), with partial tiles: 80 keys
-    in the interpreter, 560 on a GPU."""
-    from .triton_tuning import KEY_SPAN
+    """Past one key span of the head-shared backward kernel (so spans meet), with partial tiles: 560 keys on a
+    GPU; 40 in the interpreter (32-key spans, 16-key tiles), where only the tests run it."""
+    from .triton_tuning import INTERPRETED, KEY_SPAN
 
-    return KEY_SPAN + 48
+    return KEY_SPAN + (8 if INTERPRETED else 48)
 
 
 def _attention_check(device: str, dtype: torch.dtype, head_dim: int):
+    """Both dq strategies (auto may pick either per problem size), one after the other: the second runs only
+    if the first agreed."""
     from .triton_tuning import SHARED_DQ_STRATEGIES, shared_dq_forced
 
-    results = []
-    for strategy in SHARED_DQ_STRATEGIES:  # auto may pick either per problem size: both are checked
-        with shared_dq_forced(strategy):
-            results += attention_agreement(lambda q, k, v, bias, scale: TritonAttention.apply(q, k, v, bias, True, scale, 0),
-                                           device, dtype, head_dim, _check_length(), label=f"attention ({strategy} dq)")
-    return results
+    for strategy in SHARED_DQ_STRATEGIES:
+        with shared_dq_forced(strategy):  # left before yielding: the forced strategy never outlives its run
+            results = attention_agreement(lambda q, k, v, bias, scale: TritonAttention.apply(q, k, v, bias, True, scale, 0),
+                                          device, dtype, head_dim, _check_length(), label=f"attention ({strategy} dq)")
+        yield from results
 
 
 def _penalty_check(device: str, dtype: torch.dtype, head_dim: int):
@@ -181,6 +207,38 @@ def _penalty_check(device: str, dtype: torch.dtype, head_dim: int):
     logits = lambda: torch.einsum("bnd,bmd->bnm", ref[0], ref[1]) * head_dim ** -0.5  # noqa: E731
     want = value_and_grads(lambda: penalty_from_scores(selection_scores(logits(), protect_bos=True)), dpen.double(), ref)
     return zip(("selection F", "selection dq", "selection dk"), got, want)
+
+
+def _selective_check(device: str, dtype: torch.dtype, head_dim: int):
+    """The fused selective kernels: GQA, queries after 8 cached keys, two terms (a cache's accumulator on one,
+    BOS unprotected on the other), past two stored boundary rows with partial tiles."""
+    from ..ops.selection import Selection, SelectionTerm, reference
+    from ..ops.selection.triton_fused import fused_selective_attention
+    from .self_check import HEADS, KV_HEADS
+    from .triton_tuning import SELECTIVE_ROWS
+
+    Nk = 2 * SELECTIVE_ROWS + 8
+    Nq, scale = Nk - 8, head_dim ** -0.5
+    shapes = [(BATCH, HEADS, Nq, head_dim), (BATCH, KV_HEADS, Nk, head_dim), (BATCH, KV_HEADS, Nk, head_dim),
+              (BATCH, Nq, head_dim), (BATCH, Nk, head_dim), (BATCH, Nq, head_dim), (BATCH, Nk, head_dim)]
+    *inputs, dout = random_inputs(device, dtype, *shapes, (BATCH, HEADS, Nq, head_dim))
+    acc, = random_inputs(device, torch.float32, (BATCH, Nk))
+    leaves = [t.requires_grad_() for t in (*inputs, acc.abs())]
+
+    def selection(t):  # t: q, k, v, then the terms' q_s, k_s and the accumulator
+        return Selection((SelectionTerm(t[3], t[4], scale, True, 0.5, t[7]), SelectionTerm(t[5], t[6], scale, False)))
+
+    got = value_and_grads(lambda: fused_selective_attention(*leaves[:3], selection(leaves), causal=True, scale=scale),
+                          dout, leaves)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want = value_and_grads(lambda: reference.selective_attention(*ref[:3], selection(ref), causal=True, scale=scale),
+                           dout.double(), ref)
+    names = ("out", "dq", "dk", "dv", "dq_s", "dk_s", "dq_s 2", "dk_s 2", "daccumulated")
+    return zip((f"selective {what}" for what in names), got, want)
+
+
+# What `self_check` runs, in order (tests narrow it to the check a wrong kernel should fail).
+SELF_CHECKS = (_attention_check, _penalty_check, _selective_check)
 
 
 __all__ = ["TritonBackend", "TritonAttention", "load_kernels", "self_check"]

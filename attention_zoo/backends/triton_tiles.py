@@ -36,6 +36,31 @@ def dot(a, b, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def exclusive_rows(x):
+    """out[i, :] = sum of x[i', :] over the tile's rows i' < i, float32 (M, N), exact where x holds infinities.
+
+    `tl.cumsum(x) - x` would give inf - inf = NaN on the row holding a +inf (whose own sum is finite): the
+    finite part is summed apart, and a row with an infinity above it gets that infinity (NaN for both
+    signs, as the sum itself is)."""
+    pos = x == float("inf")
+    neg = x == float("-inf")
+    finite = tl.where(pos | neg, 0.0, x)
+    out = tl.cumsum(finite, axis=0) - finite
+    pos_count = pos.to(tl.int32)
+    neg_count = neg.to(tl.int32)
+    pos_above = (tl.cumsum(pos_count, axis=0) - pos_count) > 0
+    neg_above = (tl.cumsum(neg_count, axis=0) - neg_count) > 0
+    out = tl.where(pos_above, float("inf"), out)
+    return tl.where(neg_above, tl.where(pos_above, float("nan"), float("-inf")), out)
+
+
+@triton.jit
+def reverse_exclusive_rows(x):
+    """out[i, :] = sum of x[i', :] over the tile's rows i' > i (gradients: finite)."""
+    return tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0)
+
+
+@triton.jit
 def first_query_block(first_query, Nq, BLOCK_M: tl.constexpr):
     """The query block that holds query `first_query`, clamped to [0, number of query blocks]: where a key
     block's walk down the queries starts under a causal mask (earlier blocks see none of its keys)."""
@@ -82,6 +107,7 @@ def heavy_first(pid, count):
 
 
 __all__ = [
-    "rows_tile", "cols_tile", "dot", "first_query_block", "key_end", "unmasked_key_end", "unmasked_query_start",
+    "rows_tile", "cols_tile", "dot", "exclusive_rows", "reverse_exclusive_rows", "first_query_block", "key_end",
+    "unmasked_key_end", "unmasked_query_start",
     "heavy_first"
 ]

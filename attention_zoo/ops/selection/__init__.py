@@ -10,6 +10,7 @@ Implementations side by side, one job each:
 - `penalty.py`: the fused PyTorch op (blocked row cumsum, a bool mask kept for the backward) and the
   autograd wrapper of
 - `triton.py`: Triton kernels that compute F, forward and backward, without storing the logits.
+- `triton_fused.py`: the triton backend's attention with F formed per tile inside its kernels, never stored.
 """
 from .structure import Selection, SelectionTerm, penalty_tensor
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...backends.triton_tiles import cols_tile, dot, first_query_block, rows_tile
+from ...backends.triton_tiles import cols_tile, dot, exclusive_rows, first_query_block, reverse_exclusive_rows, rows_tile
 from ...backends.triton_tuning import PENALTY_CONFIGS, head_block, tuned
 
 
@@ -78,7 +78,7 @@ def _penalty_forward(Q, K, Fpen, sqb, sqm, sqd, skb, skn, skd, sfb, sfm, sfn,
         rows = offs_m < Nq
         q = rows_tile(Q + b * sqb, offs_m, rows, sqm, offs_d, dims, sqd)
         s, active = _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT_BOS, FP32_DOT)
-        tile = running[None, :] + (tl.cumsum(s, axis=0) - s)  # rows strictly above, inside the tile too
+        tile = running[None, :] + exclusive_rows(s)  # rows strictly above, inside the tile too (+inf safe)
         tl.store(Fpen + b * sfb + offs_m[:, None] * sfm + offs_n[None, :] * sfn, tile * sign,
                  mask=rows[:, None] & cols[None, :])
         running += tl.sum(s, axis=0)
@@ -100,9 +100,8 @@ def _penalty_backward(Q, K, DF, DQ, DK, sqb, sqm, sqd, skb, skn, skd, sgb, sgm, 
         rows = offs_m < Nq
         g = tl.load(DF + b * sgb + offs_m[:, None] * sgm + offs_n[None, :] * sgn, mask=rows[:, None] & cols[None, :],
                     other=0.0).to(tl.float32) * sign  # dF (the output was -F when sign is -1)
-        total = tl.sum(g, axis=0)
-        ds = below[None, :] + (total[None, :] - tl.cumsum(g, axis=0))  # sum of dF rows strictly below
-        below += total
+        ds = below[None, :] + reverse_exclusive_rows(g)  # sum of dF rows strictly below
+        below += tl.sum(g, axis=0)
         q = rows_tile(Q + b * sqb, offs_m, rows, sqm, offs_d, dims, sqd)
         s, active = _selection_tile(q, kt, offs_m, offs_n, rows, cols, offset, qk_scale, PROTECT_BOS, FP32_DOT)
         dl = tl.where(active, ds, 0.0)  # gradient of L (before the scale)
