@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_zoo import build_model, load_config
+from attention_zoo import backends, build_model, load_config
 from attention_zoo.inference.memory_loss import selective_memory_loss
 from attention_zoo.train import train
 from attention_zoo.train.execution import enable_activation_checkpointing
@@ -74,12 +74,17 @@ def test_train_runs_with_activation_checkpointing(tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
 
 
-def test_compiled_selective_training_step_matches_eager():
+def test_compiled_selective_training_step_matches_eager(monkeypatch):
     """A selective training step under torch.compile on CPU: logits and every gradient as in eager (fp32, 1e-5).
 
     Compiled with the `aot_eager` backend: dynamo captures the forward graph and AOTAutograd the backward,
     which is what private-API tricks (negated views, stride tricks) break; inductor's CPU code generation on
-    top adds ~3 minutes to the suite and tests torch, not us (`train.compile` itself uses the default)."""
+    top adds ~3 minutes to the suite and tests torch, not us (`train.compile` itself uses the default).
+
+    The backend-choice memo starts empty, as in the training process `train.compile` runs in: dynamo traces the
+    memo lookup in `dispatch`, at a cost that grows with the memo, and a test worker's memo holds every attention
+    shape its earlier tests used (hundreds: the trace took 20 s in a fresh process and over 10 minutes in the suite)."""
+    monkeypatch.setattr(backends, "_chosen", {})
     attention = {"variant": "selective", "kv_heads": 2}
     eager, compiled = model_for(attention), model_for(attention)
     tokens = torch.randint(0, 32, (2, 48), generator=torch.Generator().manual_seed(3))
