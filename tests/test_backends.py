@@ -152,3 +152,17 @@ def test_grad_enabled_counts_v():
     v = torch.randn(1, 2, 8, 4, requires_grad=True)
     assert AttentionCall.from_tensors(q, k, None, v).grad_enabled
     assert not AttentionCall.from_tensors(q, k, None, v.detach()).grad_enabled
+
+
+def test_the_backend_choice_memo_is_bounded(monkeypatch):
+    """Decoding makes a new call signature per key length: the memo keeps the latest MEMO_SIZE only."""
+    import attention_zoo.backends as backends
+
+    monkeypatch.setattr(backends, "_chosen", {})
+    monkeypatch.setattr(backends, "MEMO_SIZE", 4)
+    q = torch.randn(1, 2, 1, 8)
+    for keys in range(1, 11):
+        kv = torch.randn(1, 2, keys, 8)
+        backends.dispatch(q, kv, kv, bias=None, causal=True, scale=0.5)
+    assert len(backends._chosen) == 4
+    assert sorted(key[1].k_len for key in backends._chosen) == [7, 8, 9, 10]

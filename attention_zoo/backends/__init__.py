@@ -11,6 +11,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
 from torch import Tensor
 
 from ..errors import UserError
@@ -86,6 +87,7 @@ def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
 
 
 _chosen: dict[tuple, tuple[Backend, list[str]]] = {}
+MEMO_SIZE = 256  # call signatures remembered; decoding makes one per key length, so the memo must be bounded
 
 
 def _backends_signature() -> tuple:
@@ -100,12 +102,16 @@ def _backends_signature() -> tuple:
 
 
 def chosen_for(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
-    """`choose`, memoised per (backend name, call signature): a training step dispatches the same few calls
+    """`choose`, memoised per (backend name, call signature), the MEMO_SIZE latest: a training step dispatches the same few calls
     every layer and step, and refusals are pure functions of them (the backends' self-checks are cached
     too). A refusal is never memoised: it raises each time."""
+    if torch.compiler.is_compiling():  # traced once per graph: the memo saves nothing, and dynamo guards on it
+        return choose(name, call)
     key = (name, call, _backends_signature())
     hit = _chosen.get(key)
     if hit is None:
+        if len(_chosen) >= MEMO_SIZE:
+            del _chosen[next(iter(_chosen))]  # the oldest entry (dicts keep insertion order)
         hit = _chosen[key] = choose(name, call)
     return hit
 
