@@ -59,13 +59,16 @@ def cmd_stream(args) -> int:
     for name in ("length", "batches", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    bucket = args.bucket or max(1, args.length // 32)
+    bucket = max(1, args.length // 32) if args.bucket is None else args.bucket
     if bucket < 1:
         raise UserError(f"--bucket {bucket}: must be >= 1")
     entries = [parse_entry(text) for text in args.entries]
+    loaded = {}  # a checkpoint named with several policies is loaded once
     runs = []  # every model loaded and every policy checked before any streaming
     for path_text, policy in entries:
-        model, path = load_for_inference(path_text, args.device)
+        if path_text not in loaded:
+            loaded[path_text] = load_for_inference(path_text, args.device)
+        model, path = loaded[path_text]
         if model.max_positions is not None and args.length > model.max_positions:
             raise UserError(f"{path_text}: --length {args.length} is past model.max_seq_len ({model.max_positions}) "
                             "of a model with learned positions; rope or none positions stream past it")

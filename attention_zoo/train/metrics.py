@@ -35,8 +35,8 @@ def answer_accuracy(predicted: torch.Tensor, targets: torch.Tensor, mask: torch.
     """(answers predicted exactly right, answers) for predicted and targets (B, N) int and mask (B, N) bool:
     each contiguous run of True in a row of `mask` is one answer (e.g. the digits of one value)."""
     wrong = ((predicted != targets) & mask).long()
-    before = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
-    after = torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)
+    before = F.pad(mask[:, :-1], (1, 0), value=False)
+    after = F.pad(mask[:, 1:], (0, 1), value=False)
     starts, ends = mask & ~before, mask & ~after  # in row-major order the k-th start pairs with the k-th end
     wrong_so_far = wrong.cumsum(1)
     wrong_in_answer = wrong_so_far[ends] - (wrong_so_far - wrong)[starts]
