@@ -16,6 +16,7 @@ from .backends import dispatch, head_dim_limit
 from .cache import LayerCache
 from .initialization import residual_output
 from .ops import residual
+from .ops.rms_norm import rms_norm
 from .ops.selection import Selection
 from .state import RESIDUAL_SCORES
 
@@ -110,6 +111,15 @@ RESIDUAL = Param(bool, False, "also carry RealFormer residual scores (they then 
 BASE_PARAMS: dict[str, Param] = {"kv_heads": KV_HEADS, "qk_norm": QK_NORM, "qkv_bias": QKV_BIAS, "out_bias": OUT_BIAS}
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """QK-norm: RMSNorm over the last (head) dimension, (..., D) -> (..., D), with the stack's RMSNorm op
+    (`ops.rms_norm`: float32 statistics, hand-written backward). nn.RMSNorm's parameters and state-dict
+    keys (`weight`), so checkpoints are unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
 class ProjectedAttention(nn.Module):
     """Multi-head attention with grouped k/v, as a sequence of steps a variant may override.
 
@@ -146,8 +156,8 @@ class ProjectedAttention(nn.Module):
         self.kv_proj = nn.Linear(shape.dim, 2 * self.kv_heads * self.head_dim, bias=qkv_bias)  # rows (k|v, head, D)
         self.out_proj = residual_output(nn.Linear(self.heads * self.head_dim, shape.dim, bias=out_bias))
         # QK-norm over the head dimension, one scale shared by all heads (as OLMo 2 / Qwen3 per-head norms)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=shape.norm_eps) if qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=shape.norm_eps) if qk_norm else None
+        self.q_norm = HeadRMSNorm(self.head_dim, eps=shape.norm_eps) if qk_norm else None
+        self.k_norm = HeadRMSNorm(self.head_dim, eps=shape.norm_eps) if qk_norm else None
         self.reads: tuple[str, ...] = ()
         self.optional_reads: tuple[str, ...] = (RESIDUAL_SCORES.name,) if self.carry_residual else ()
         self.writes: tuple[str, ...] = (RESIDUAL_SCORES.name,) if self.carry_residual else ()

@@ -132,3 +132,35 @@ def test_table_is_mean_and_sample_std_over_seeds_with_the_best_in_bold(tmp_path)
     write_summaries(tmp_path, sweep, mine)
     assert (tmp_path / "final.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads(json.dumps(mine))  # records stay plain JSON
+
+
+def test_paired_differences_to_the_baseline_are_per_seed(tmp_path):
+    """Δ pairs each seed with the baseline's same seed: b - a is (-1, +0.5, -0.2) on seeds (0, 1, 2), mean -0.2333,
+    sample std 0.7506, better on 2 of 3; a seed the baseline lacks (3) is left out of the pairing."""
+    path = sweep_file(tmp_path, runs={"a": {}, "b": {"train.lr": 0.002}}, seeds=[0, 1, 2, 3], baseline="a")
+    sweep = read_sweep_file(path)
+    fp = {(r.label, r.seed): r.fingerprint for r in sweep.runs}
+    losses = {"a": (2.0, 1.0, 3.0), "b": (1.0, 1.5, 2.8, 0.1)}
+    records = [fake_record(label, seed, loss, fp[label, seed]) for label, values in losses.items()
+               for seed, loss in enumerate(values)]
+    table = markdown_table(sweep, current_records(records, sweep.runs))
+    assert "Δ vs a, paired" in table and "| a | 1,000 | 2.0000 ± 1.0000 | (baseline) |" in table
+    assert "| -0.2333 ± 0.7506 (better in 2/3) |" in table
+
+
+def test_a_baseline_that_is_not_a_run_is_refused_naming_the_labels(tmp_path):
+    path = sweep_file(tmp_path, runs={"a": {}, "b": {"train.lr": 0.002}}, baseline="vanila")
+    with pytest.raises(ConfigError) as err:
+        read_sweep_file(path)
+    (problem,) = err.value.problems
+    assert problem.path == "baseline" and problem.value == "vanila" and "'a', 'b'" in problem.message
+
+
+def test_seeds_option_runs_only_the_named_seeds(tmp_path, capsys):
+    path = sweep_file(tmp_path, runs={"a": {}, "b": {"train.lr": 0.002}}, seeds=[0, 1, 2])
+    assert main(["ablate", str(path), "--seeds", "2,0", "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert [line.split("(seed ")[1][0] for line in listed] == ["0", "0", "2", "2"]  # the sweep's order
+    assert main(["ablate", str(path), "--seeds", "5", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds" in err and "0, 1, 2" in err and "Traceback" not in err

@@ -203,7 +203,7 @@ def test_streaming_evaluation_runs_past_max_seq_len_under_rope():
 def test_rms_norm_gradients_match_finite_differences_and_low_precision_keeps_float32_statistics():
     """rms_norm's hand-written backward (float64 gradcheck), and bf16 inputs within bf16 rounding of the
     float64 result: the mean of squares is taken in float32, not bf16."""
-    from attention_zoo.components.norms import rms_norm
+    from attention_zoo.ops.rms_norm import rms_norm
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, dtype=torch.float64, generator=gen).requires_grad_()
@@ -216,7 +216,7 @@ def test_rms_norm_gradients_match_finite_differences_and_low_precision_keeps_flo
 
 
 def test_rms_norm_keeps_one_input_sized_tensor_for_the_backward():
-    from attention_zoo.components.norms import rms_norm
+    from attention_zoo.ops.rms_norm import rms_norm
 
     x = torch.randn(4, 8, 32, requires_grad=True)
     saved = []

@@ -1,6 +1,6 @@
 """The README quickstart sweep and every command written in docs/training.md, docs/ablations.md and
 docs/results.md run, in order, as documented, with only tiny-budget overrides added (fewer steps,
-smaller batches) so they finish in seconds."""
+smaller batches, a sweep's first seed only) so they finish in seconds."""
 from __future__ import annotations
 
 import os
@@ -47,7 +47,8 @@ def tiny(argv: list[str]) -> list[str]:
     if argv[0] == "eval":
         return argv + ["--batches", "1"]
     if argv[0] == "ablate" and "--dry-run" not in argv and "--summarize" not in argv:
-        return argv + TINY_SWEEP
+        first_seed = (yaml.safe_load((ROOT / argv[1]).read_text()).get("seeds") or [0])[0]
+        return argv + TINY_SWEEP + ["--seeds", str(first_seed)]  # every run's config, once
     return argv
 
 

@@ -47,6 +47,27 @@ def grouped(sweep: Sweep, records: list[dict[str, Any]]) -> dict[str, list[dict[
     return {k: v for k, v in groups.items() if v}
 
 
+def paired_differences(sweep: Sweep, groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """label -> [metric(label, seed) - metric(baseline, seed)] over the seeds both finished, in seed order.
+
+    A paired comparison: one seed fixes the batch order for every run (the batch sampler is seeded from
+    train.seed alone), so a difference on the same seed has the data's luck removed; it is what an
+    A/B claim should be judged on, rather than two overlapping mean +- std."""
+    base = {r["seed"]: v for r in groups.get(sweep.baseline, []) if (v := metric_of(r, sweep.metric)) is not None}
+    return {label: [v - base[r["seed"]] for r in sorted(rs, key=lambda r: r["seed"])
+                    if r["seed"] in base and (v := metric_of(r, sweep.metric)) is not None]
+            for label, rs in groups.items() if label != sweep.baseline}
+
+
+def _paired_cell(diffs: list[float], higher_is_better: bool) -> str:
+    if not diffs:
+        return "-"
+    mean, std = mean_std(diffs)
+    better = sum((d > 0) if higher_is_better else (d < 0) for d in diffs)
+    spread = f" ± {std:.4f}" if len(diffs) > 1 else ""
+    return f"{mean:+.4f}{spread} (better in {better}/{len(diffs)})"
+
+
 def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
     groups = grouped(sweep, records)
     metric = sweep.metric
@@ -55,11 +76,16 @@ def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
              for label, rs in groups.items() if any(metric_of(r, metric) is not None for r in rs)}
     best = (max if sweep.higher_is_better else min)(means, key=means.get) if means else None
     arrow = "higher is better" if sweep.higher_is_better else "lower is better"
-    header = ["run", "params", f"{metric} ({arrow})", *extra, "train loss", "tokens/s", "peak mem (MB)", "seeds"]
+    paired = paired_differences(sweep, groups) if sweep.baseline else None
+    versus = [f"Δ vs {sweep.baseline}, paired"] if paired is not None else []
+    header = ["run", "params", f"{metric} ({arrow})", *versus, *extra, "train loss", "tokens/s", "peak mem (MB)",
+              "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, rs in groups.items():
         main = _fmt([v for r in rs if (v := metric_of(r, metric)) is not None])
         cells = [label, f"{rs[0]['params']:,}", f"**{main}**" if label == best and len(groups) > 1 else main,
+                 *(["(baseline)" if label == sweep.baseline else _paired_cell(paired[label], sweep.higher_is_better)]
+                   if paired is not None else []),
                  *(_fmt([v for r in rs if (v := metric_of(r, m)) is not None]) for m in extra),
                  _fmt([r["train_loss"] for r in rs]),
                  f"{statistics.fmean(r['tokens_per_s'] for r in rs):,.0f}",
@@ -69,6 +95,9 @@ def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
     total = len(sweep.runs)
     head = f"## {sweep.name}\n\n" + (f"{sweep.description.strip()}\n\n" if sweep.description.strip() else "")
     head += f"{len(records)} of {total} runs finished; mean ± std over seeds {sweep.seeds}; best {metric} in bold.\n\n"
+    if paired is not None:
+        head += (f"Δ: the run's {metric} minus {sweep.baseline}'s on the same seed (same batches), mean ± std over "
+                 "the seeds both finished, and on how many of them the run did better.\n\n")
     tail = f"\nNo results yet: {', '.join(missing)}\n" if missing else ""
     device = sorted({r.get("device", "?") for r in records})
     foot = (f"\nDevice: {', '.join(device)}. Peak memory: GPU, the peak allocated by tensors; CPU, the training "

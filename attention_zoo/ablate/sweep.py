@@ -8,6 +8,8 @@
       selective+gqa: {model.attention.variant: selective, model.attention.kv_heads: 2}
     seeds: [0, 1]                              # each run once per seed (sets train.seed)
     metric: val.loss                           # val.loss | val.bpb | val.ppl | val.accuracy | train_loss
+    baseline: vanilla                          # optional: a run label; the table adds each run's paired
+                                               # difference to it (same seed: same init seed, same batches)
 
 Every run's config is built and validated (model, data and train together) before anything trains,
 and every problem of every run is reported at once, each naming the runs it affects.
@@ -15,6 +17,7 @@ and every problem of every run is reported at once, each naming the runs it affe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -39,6 +42,7 @@ SWEEP_FIELDS = {
     "seeds": Field(list, [0], "train.seed values; every run once per seed"),
     "metric": Field(str, "val.loss", "the number to compare", choices=METRICS),
     "description": Field(str, "", "free text, copied above the results table"),
+    "baseline": Field((str, type(None)), None, "a run label: the table adds each run's paired difference to it"),
 }
 
 
@@ -68,6 +72,16 @@ class Sweep:
     metric: str
     seeds: list[int]
     runs: list[Run]
+    baseline: str | None = None  # a label; results.md adds each run's per-seed difference to it
+
+    def only_seeds(self, seeds: list[int]) -> Sweep:
+        """The same sweep restricted to `seeds` (each one of its own). Raises ConfigError naming `--seeds`."""
+        unknown = [s for s in seeds if s not in self.seeds]
+        if unknown or not seeds:
+            raise ConfigError([Problem("--seeds", "(option)", ",".join(map(str, seeds)),
+                                       f"expected some of this sweep's seeds: {', '.join(map(str, self.seeds))}")])
+        kept = [s for s in self.seeds if s in seeds]
+        return dataclasses.replace(self, seeds=kept, runs=[r for r in self.runs if r.seed in kept])
 
     @property
     def labels(self) -> list[str]:
@@ -158,11 +172,16 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
         problems.append(Problem(source, "runs", label, "two runs have this label; rename the named run"))
 
     # Seed-major: a sweep stopped half-way has every variant once rather than some variants twice.
+    if spec["baseline"] is not None and spec["baseline"] not in labels:
+        problems.append(Problem(source, "baseline", spec["baseline"],
+                                f"not a run of this sweep; valid: {', '.join(map(repr, labels))}"))
+
     runs = [Run(label, seed, settings) for seed in spec["seeds"] for label, settings in combos]
     problems += _build_configs(runs, base_raw, spec["metric"], source)
     if problems:
         raise ConfigError(problems)
-    return Sweep(path, spec["name"] or path.stem, spec["description"], spec["metric"], spec["seeds"], runs)
+    return Sweep(path, spec["name"] or path.stem, spec["description"], spec["metric"], spec["seeds"], runs,
+                 spec["baseline"])
 
 
 def _check_shape(spec: dict, source: str) -> list[Problem]:

@@ -13,11 +13,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (default runs/<sweep name>)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a key of every run, e.g. --set train.steps=50 (repeatable)")
+    p.add_argument("--seeds", type=_seed_list, metavar="S[,S...]",
+                   help="only these of the sweep's seeds, e.g. --seeds 0 to see every run once before the rest")
     p.add_argument("--dry-run", action="store_true", help="validate every run's config and list the runs; train nothing")
     p.add_argument("--summarize", action="store_true", help="only rebuild the table and plots from results.jsonl")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar and no estimate of the time left (the bar shows only on a terminal anyway)")
     p.set_defaults(run=cmd_ablate)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1; got {text!r}") from None
 
 
 def cmd_ablate(args) -> int:
@@ -26,6 +35,8 @@ def cmd_ablate(args) -> int:
     from ..ablate.runner import run_dir_for
 
     sweep = read_sweep_file(args.sweep, args.sets)  # every run's config is validated here, before any training
+    if args.seeds is not None:
+        sweep = sweep.only_seeds(args.seeds)
     out = Path(args.out or Path("runs") / Path(args.sweep).stem)
     if args.dry_run:
         print(f"{args.sweep}: {len(sweep.runs)} runs, all configs valid; metric {sweep.metric}")
