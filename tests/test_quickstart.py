@@ -106,9 +106,9 @@ def test_training_doc_python_blocks_run(workdir, monkeypatch):
 
 def test_results_doc_python_block_runs(workdir, capsys, monkeypatch):
     """The snippet that measures the learned penalty by distance, on the (tiny) results checkpoint."""
-    command = "attention-zoo ablate configs/ablations/results_shakespeare.yaml --out runs/results_shakespeare"
+    command = "attention-zoo ablate configs/ablations/results_small.yaml --out runs/results_small"
     assert command in documented_commands("docs/results.md")
-    if not (workdir / "runs/results_shakespeare/selective_4_heads/seed0/checkpoint").is_dir():
+    if not (workdir / "runs/results_small/selective/seed0/checkpoint").is_dir():
         code, output = run_documented(command, workdir, capsys)
         assert code == 0, output
     monkeypatch.chdir(workdir)
