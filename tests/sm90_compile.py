@@ -21,15 +21,15 @@ plain i32 strides, the same kernels would report more registers and spills than 
     python tests/sm90_compile.py --all-configs --resources  # every autotuned one, and registers
     python tests/sm90_compile.py --all-configs --resources --dtype bf16
     python tests/sm90_compile.py --dtype fp32 --each-kernel-once  # the first build of each kernel only
-    python tests/sm90_compile.py --dtype fp32 --each-kernel-once --smallest-config  # what the tests compile
+    python tests/sm90_compile.py --dtype fp32 --each-kernel-once --narrow-tiles  # what the tests compile
 
 By default every distinct build the cases launch is compiled (a kernel's constexpr branches: bias or
 none, causal or not, a per-head bias gradient, GQA, a head dim below its tile). tests/test_triton.py
 compiles all of them in bf16 (the dtype of GPU training) and, in fp32, each kernel and dq strategy once, in
-its smallest tile configuration: every kernel's code path in both dtypes. fp32's IEEE dots have no tensor-core
-form on sm_90 and unroll into FMAs per thread, so an fp32 build takes ptxas several times a bf16 one's time,
-growing with the tile per warp; the first configurations (64 x 64 and 128 x 64 tiles) had made the fp32 check
-the slowest part of tests/test_triton.py.
+16-wide tiles: every kernel's code path in both dtypes, the tuned tiles in bf16. fp32's IEEE dots have no
+tensor-core form on sm_90 and unroll into FMAs per thread, so an fp32 build's lowering and ptxas time grow
+with the tile per warp: the 11 fp32 builds took 55 s in their smallest tuned tiles and 32 s in 16-wide ones
+(one measurement on a busy 2-core machine).
 
 Prints one line per distinct compile (the shared memory it needs; Hopper has 227 KiB per block, and the
 autotuner skips configurations that do not fit; with --resources also the registers per thread and the
@@ -189,9 +189,19 @@ def smallest(config: triton.Config) -> float:
     return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] / config.num_warps
 
 
-def chosen_configs(configs: list[triton.Config], args) -> list[triton.Config]:
+def narrowest(config: triton.Config, kernel: str) -> triton.Config:
+    """16-wide tiles (the least tl.dot takes), 4 warps, 1 stage: the same code paths as any tile, a fraction
+    of the unrolled FMAs (so of the compile time) of the smallest tuned tile. The fused selective kernels
+    keep their BLOCK_M, which must be a multiple of the stored boundary rows."""
+    block_m = config.kwargs["BLOCK_M"] if kernel.startswith("_selective") else 16
+    return triton.Config({**config.kwargs, "BLOCK_M": block_m, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+
+def chosen_configs(configs: list[triton.Config], args, kernel: str) -> list[triton.Config]:
     if args.all_configs:
         return configs
+    if args.narrow_tiles:
+        return [narrowest(min(configs, key=smallest), kernel)]
     return [min(configs, key=smallest)] if args.smallest_config else configs[:1]
 
 
@@ -204,6 +214,8 @@ def main(argv: list[str]) -> int:
                         help="only the first build of each kernel (and each dq strategy), not every constexpr branch")
     parser.add_argument("--smallest-config", action="store_true",
                         help="each kernel's configuration with the fewest tile elements per warp, not its first")
+    parser.add_argument("--narrow-tiles", action="store_true",
+                        help="each kernel in 16-wide tiles, 4 warps (a build check of the code, not of a tuned tile)")
     args = parser.parse_args(argv)
     if INTERPRETED:
         print("TRITON_INTERPRET=1 is set: the kernels were built for the interpreter; unset it")
@@ -212,7 +224,7 @@ def main(argv: list[str]) -> int:
     for dtype_name in args.dtype or DTYPES:
         dtype, seen = DTYPES[dtype_name], set()
         for launch in launches(dtype):
-            for config in chosen_configs(launch.kernel.configs, args):
+            for config in chosen_configs(launch.kernel.configs, args, launch.kernel.fn.__name__):
                 build, identity, constexprs = compile_for_hopper(launch, config)
                 if args.each_kernel_once:  # one build per kernel, per dq strategy and per tile configuration
                     names = launch.kernel.fn.arg_names

@@ -52,9 +52,12 @@ def tiny(argv: list[str]) -> list[str]:
     return argv
 
 
-# One worker runs them all: they share the runs that `workdir` accumulates (the quickstart sweep, the results
-# ablation), which another worker would train again.
-pytestmark = pytest.mark.xdist_group("quickstart")
+# Two groups, each on one worker: the sweeps' tests share the runs that `workdir` accumulates (the quickstart
+# sweep, the results sweeps), which another worker would train again; docs/training.md's commands share their
+# own. The two groups run side by side (one group was ~70 s of serial work). A test whose runs a group did not
+# make trains them itself.
+SWEEPS, TRAINING = pytest.mark.xdist_group("docs-sweeps"), pytest.mark.xdist_group("docs-training")
+pytestmark = SWEEPS
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,8 @@ def run_documented(command: str, work: Path, capsys) -> tuple[int, str]:
     return code, out + err
 
 
-@pytest.mark.parametrize("doc", DOCS)
+@pytest.mark.parametrize("doc", [pytest.param(doc, marks=TRAINING if doc == "docs/training.md" else SWEEPS)
+                                 for doc in DOCS])
 def test_documented_commands_run(doc, workdir, capsys):
     commands = documented_commands(doc)
     assert commands, f"{doc} shows no commands"
@@ -94,6 +98,7 @@ def test_documented_commands_run(doc, workdir, capsys):
         assert "Traceback" not in output
 
 
+@TRAINING
 def test_training_doc_python_blocks_run(workdir, monkeypatch):
     from attention_zoo.train import aux_losses
 

@@ -330,15 +330,16 @@ KERNELS = {"_forward", "_backward_dk_dv", "_backward_dq", "_backward_dq_dbias_sh
            "_selective_query_pass"}
 
 
-@pytest.mark.parametrize("dtype,options", [("bf16", []), ("fp32", ["--each-kernel-once", "--smallest-config"])],
+@pytest.mark.parametrize("dtype,options", [("bf16", []), ("fp32", ["--each-kernel-once", "--narrow-tiles"])],
                          ids=["bf16", "fp32"])
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path, dtype, options, request):
     """Every kernel, as the backend launches it for each variant's kind of bias (and both dq strategies, and the
     fused selective kernels with one term and with two), compiles through PTX to an sm_90 cubin
     (tests/sm90_compile.py): what the interpreter never does. bf16 (the dtype of GPU training) compiles every
-    distinct build, fp32 each kernel and dq strategy once in its smallest tile configuration (fp32's dots unroll
-    into FMAs: its builds cost ptxas several times bf16's); one dtype per test, so pytest-xdist runs the two side
-    by side. A subprocess, as the kernels must be built without TRITON_INTERPRET.
+    distinct build in its first tuned tile, fp32 each kernel and dq strategy once in 16-wide tiles (fp32's IEEE
+    dots unroll into FMAs, whose count grows with the tile: its code paths are what this checks, bf16 checks the
+    tuned tiles); one dtype per test, so pytest-xdist runs the two side by side. A subprocess, as the kernels
+    must be built without TRITON_INTERPRET.
 
     Triton's cache keeps what it compiled in pytest's cache folder between sessions (a fresh folder when the
     cache plugin is off): its key hashes the kernel's source and every jit function it calls, the constants, the
