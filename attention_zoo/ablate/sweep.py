@@ -171,11 +171,11 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
     for label in sorted({name for name in labels if labels.count(name) > 1}):
         problems.append(Problem(source, "runs", label, "two runs have this label; rename the named run"))
 
-    # Seed-major: a sweep stopped half-way has every variant once rather than some variants twice.
     if spec["baseline"] is not None and spec["baseline"] not in labels:
         problems.append(Problem(source, "baseline", spec["baseline"],
                                 f"not a run of this sweep; valid: {', '.join(map(repr, labels))}"))
 
+    # Seed-major: a sweep stopped half-way has every variant once rather than some variants twice.
     runs = [Run(label, seed, settings) for seed in spec["seeds"] for label, settings in combos]
     problems += _build_configs(runs, base_raw, spec["metric"], source)
     if problems:
