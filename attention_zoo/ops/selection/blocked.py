@@ -39,48 +39,78 @@ def _sdpa_kwargs(q: Tensor, k: Tensor, scale: float) -> dict:
     return {"scale": scale, "enable_gqa": True} if k.shape[1] != q.shape[1] else {"scale": scale}
 
 
-def _block_scores(term: SelectionTerm, i0: int, i1: int, keys: int, offset: int, dtype: torch.dtype
-                  ) -> tuple[Tensor, Tensor]:
-    """(S, active) of rows [i0, i1) against keys [0, keys): S (B, n, keys) in `dtype`, active bool where
-    S = L (kept and positive), so dL = dS there and 0 elsewhere."""
-    logits = torch.matmul(term.q[:, i0:i1].to(dtype), term.k[:, :keys].to(dtype).transpose(1, 2)).mul_(term.scale)
-    i = torch.arange(i0, i1, device=logits.device)[:, None] + offset  # rows sit at key index i + offset
-    j = torch.arange(keys, device=logits.device)[None, :]
-    keep = (j < i) & (j > 0) if term.protect_bos else j < i  # strictly earlier keys, never BOS if protected
-    active = (logits > 0) & keep
-    return torch.where(active, logits, torch.zeros((), dtype=dtype, device=logits.device)), active
+class _PreparedTerm:
+    """A term's operands, once per call: q_s with its scale folded in and k_s, contiguous in F's dtype."""
+
+    def __init__(self, term: SelectionTerm, dtype: torch.dtype):
+        self.q = (term.q.to(dtype) * term.scale).contiguous()  # (B, Nq, Ds)
+        self.k = term.k.to(dtype).contiguous()  # (B, Nk, Ds)
+        self.weight, self.protect_bos = term.weight, term.protect_bos
 
 
-def _exclusive_rows(x: Tensor) -> Tensor:
-    """out[:, i] = sum of x[:, i'] over i' < i, for (B, n, M)."""
-    return tF.pad(x.cumsum(dim=1)[:, :-1], (0, 0, 1, 0))
+def _key_offsets(i0: int, i1: int, keys: int, offset: int, device) -> tuple[int, Tensor]:
+    """(col0, diff) for rows [i0, i1) against keys [0, keys): every row's key index is at least col0 (the
+    block's first row's, clipped to [0, keys]), so every row sees every key before col0 and both causal masks
+    touch only the tile of keys [col0, keys); diff (n, keys - col0) int = key index - the row's key index.
+    Attention hides diff > 0; the selection keeps only strictly earlier keys, diff < 0."""
+    col0 = min(max(i0 + offset, 0), keys)
+    i = torch.arange(i0, i1, device=device)[:, None] + offset  # row i sits at key index i + offset
+    j = torch.arange(col0, keys, device=device)[None, :]
+    return col0, j - i
 
 
-def _reverse_exclusive_rows(x: Tensor) -> Tensor:
-    """out[:, i] = sum of x[:, i'] over i' > i, for (B, n, M)."""
-    return tF.pad(x.flip(1).cumsum(dim=1).flip(1)[:, 1:], (0, 0, 0, 1))
+def _blind_rows(col0: int, diff: Tensor) -> Tensor | None:
+    """Bool (n,) of rows that see no key at all (more queries than keys), or None when there are none."""
+    if col0 > 0:
+        return None
+    blind = (diff > 0).all(dim=1)
+    return blind if bool(blind.any()) else None
 
 
-def _block_penalty(terms, i0, i1, keys, offset, dtype, start: Tensor, want_active: bool):
-    """F of rows [i0, i1) against keys [0, keys) given its first row `start` (B, keys); also the weighted
-    sum of S (for the running column sum) and, on request, each term's active mask."""
+def _block_scores(term: _PreparedTerm, i0: int, i1: int, keys: int, offset: int) -> Tensor:
+    """S = ReLU(L) of rows [i0, i1) against keys [0, keys) on strictly earlier keys (never BOS if protected),
+    else 0: (B, n, keys) in the prepared term's dtype."""
+    S = torch.bmm(term.q[:, i0:i1], term.k[:, :keys].transpose(1, 2)).clamp_min_(0)
+    col0, diff = _key_offsets(i0, i1, keys, offset, S.device)
+    S[:, :, col0:].masked_fill_(diff >= 0, 0)  # strictly earlier keys only
+    if term.protect_bos and keys > 0:
+        S[:, :, 0] = 0
+    return S
+
+
+def _block_bias(terms: list[_PreparedTerm], i0: int, i1: int, keys: int, offset: int, start: Tensor,
+                want_inactive: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """-F of rows [i0, i1) against keys [0, keys), given F's first row `start` (B, keys): (B, n, keys) in
+    start's dtype. Also the weighted sum of S (for the running column sum) and, on request, each term's
+    mask (B, n, keys) of where dL = 0: S = ReLU(L) on strictly earlier keys is > 0 exactly where dL = dS.
+
+    Few, large operations on purpose: each one is a parallel region whose thread wake-up costs ~0.4 ms
+    under OMP_WAIT_POLICY=PASSIVE on a 2-core machine (docs/benchmarks.md)."""
     total = None
-    actives = []
+    inactive = []
     for term in terms:
-        S, active = _block_scores(term, i0, i1, keys, offset, dtype)
-        if want_active:
-            actives.append(active)
+        S = _block_scores(term, i0, i1, keys, offset)
+        if want_inactive:
+            inactive.append(S <= 0)
         if term.weight != 1.0:
             S = S.mul_(term.weight)
         total = S if total is None else total.add_(S)
-    return start[:, None, :] + _exclusive_rows(total), total, actives
+    # -F[i] = -start - sum of the block's rows before i: the rows shifted down by one, negated, summed.
+    neg_F = torch.empty_like(total)
+    torch.neg(start, out=neg_F[:, 0])
+    torch.neg(total[:, :-1], out=neg_F[:, 1:])
+    return neg_F.cumsum_(dim=1), total, inactive
 
 
-def _visible(i0: int, i1: int, keys: int, offset: int, device) -> Tensor:
-    """Bool (n, keys): True where query row i (key index i + offset) may see key j (causal)."""
-    i = torch.arange(i0, i1, device=device)[:, None] + offset
-    j = torch.arange(keys, device=device)[None, :]
-    return j <= i
+def _mask_causal(bias: Tensor, i0: int, i1: int, keys: int, offset: int) -> Tensor | None:
+    """Put the causal -inf into a block's bias (B, n, keys) in place; rows that see no key get bias 0 (their
+    output and gradients are zeroed by the caller). Returns those rows (bool (n,)) or None."""
+    col0, diff = _key_offsets(i0, i1, keys, offset, bias.device)
+    bias[:, :, col0:].masked_fill_(diff > 0, float("-inf"))
+    blind = _blind_rows(col0, diff)
+    if blind is not None:
+        bias[:, blind] = 0
+    return blind
 
 
 class BlockedSelectiveAttention(torch.autograd.Function):
@@ -94,6 +124,7 @@ class BlockedSelectiveAttention(torch.autograd.Function):
         Nk = k.shape[2]
         offset = Nk - Nq
         fdtype = torch.promote_types(terms[0].q.dtype, torch.float32)
+        prepared = [_PreparedTerm(t, fdtype) for t in terms]
         running = _start_row(terms, B, Nk, fdtype, q.device)
         n_blocks = -(-Nq // rows)
         G = torch.empty(B, n_blocks, Nk, dtype=fdtype, device=q.device)
@@ -106,20 +137,13 @@ class BlockedSelectiveAttention(torch.autograd.Function):
                 G[:, b] = running
                 if keys <= 0:
                     continue  # no row of this block sees a key: output 0
-                F_blk, S_sum, _ = _block_penalty(terms, i0, i1, keys, offset, fdtype, running[:, :keys], False)
+                bias, S_sum, _ = _block_bias(prepared, i0, i1, keys, offset, running[:, :keys], False)
                 running[:, :keys] += S_sum.sum(dim=1)
-                mask = F_blk.neg_().to(q.dtype)
-                if causal:
-                    visible = _visible(i0, i1, keys, offset, q.device)
-                    mask.masked_fill_(~visible, float("-inf"))
-                    blind = ~visible.any(dim=1)  # rows before the first key: softmax over nothing
-                    if blind.any():
-                        mask[:, blind] = 0
-                else:
-                    blind = None
+                bias = bias.to(q.dtype)
+                blind = _mask_causal(bias, i0, i1, keys, offset) if causal else None
                 o = tF.scaled_dot_product_attention(q[:, :, i0:i1], k[:, :, :keys], v[:, :, :keys],
-                                                    attn_mask=mask[:, None], **kwargs)
-                if blind is not None and blind.any():
+                                                    attn_mask=bias[:, None], **kwargs)
+                if blind is not None:
                     o[:, :, blind] = 0
                 out[:, :, i0:i1] = o
         ctx.save_for_backward(q, k, v, out, G, *term_tensors)
@@ -144,57 +168,67 @@ class BlockedSelectiveAttention(torch.autograd.Function):
 def selective_backward(q, k, v, out, dout, G, terms, *, causal: bool, scale: float, rows: int):
     """Gradients of `BlockedSelectiveAttention`: dq, dk, dv and per term (dq_s, dk_s, d accumulated)."""
     B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     group = H // Hkv
     offset = Nk - Nq
     ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     fdtype = G.dtype
-    dq = torch.zeros(B, H, Nq, D, dtype=ct, device=q.device)
-    dk = torch.zeros(B, Hkv, Nk, D, dtype=ct, device=q.device)
-    dv = torch.zeros(B, Hkv, Nk, v.shape[-1], dtype=ct, device=q.device)
+    # Every operand once in the compute dtype and contiguous: the model hands q, k, v transposed from its
+    # projection layout, and a block's slice of a transposed k or v would be copied again by every block's
+    # matmul (O(N^2) copying). The softmax scale is folded into q and k here instead of into every block.
+    # Accumulation is bmm then add, not baddbmm_ into the prefix slice: on a strided output torch runs one
+    # addmm per batch entry, each its own parallel region (3x slower under OMP_WAIT_POLICY=PASSIVE).
+    qs = (q.to(ct) * scale).contiguous()  # logits = (scale q) k^T; dk = dS^T (scale q)
+    kc = k.to(ct).contiguous().view(B * Hkv, Nk, D)
+    ks = kc * scale  # dq = dS (scale k)
+    vc = v.to(ct).contiguous().view(B * Hkv, Nk, Dv)
+    do = dout.to(ct).contiguous()
+    neg_delta = torch.linalg.vecdot(do, out.to(ct)).neg_()  # (B, H, Nq): -rowsum(P * dP)
+    dq_blocks = []
+    dk = torch.zeros(B * Hkv, Nk, D, dtype=ct, device=q.device)
+    dv = torch.zeros(B * Hkv, Nk, Dv, dtype=ct, device=q.device)
+    prepared = [_PreparedTerm(t, fdtype) for t in terms]
+    # dL scaled by the term's weight and the selection scale, folded into the operands it multiplies
+    scaled = [(p.k * (t.weight * t.scale), p.q * t.weight) for p, t in zip(prepared, terms)]
     dterms = [(torch.zeros(t.q.shape, dtype=fdtype, device=q.device), torch.zeros(t.k.shape, dtype=fdtype, device=q.device))
               for t in terms]
-    carry = torch.zeros(B, Nk, dtype=fdtype, device=q.device)  # column sums of dF over the rows of later blocks
-    delta = torch.linalg.vecdot(dout.to(ct), out.to(ct))  # (B, H, Nq): rowsum(P * dP)
-    kc, vc = k.to(ct), v.to(ct)
-    n_blocks = G.shape[1]
-    for b in range(n_blocks - 1, -1, -1):
+    # sum over heads of d(logits) = -dF, summed over the rows of the blocks already done (the later ones)
+    carry = torch.zeros(B, Nk, dtype=fdtype, device=q.device)
+    for b in range(G.shape[1] - 1, -1, -1):
         i0, i1 = b * rows, min(Nq, (b + 1) * rows)
         n = i1 - i0
         keys = min(Nk, i1 + offset) if causal else Nk
         if keys <= 0:
+            dq_blocks.append(torch.zeros(B, H, n, D, dtype=ct, device=q.device))
             continue
-        F_blk, _, actives = _block_penalty(terms, i0, i1, keys, offset, fdtype, G[:, b, :keys], True)
-        scores = torch.matmul(q[:, :, i0:i1].to(ct).reshape(B, Hkv, group * n, D), kc[:, :, :keys].transpose(2, 3))
-        scores = scores.mul_(scale).view(B, Hkv, group, n, keys).sub_(F_blk[:, None, None].to(ct))
-        blind = None
-        if causal:
-            visible = _visible(i0, i1, keys, offset, q.device)
-            scores.masked_fill_(~visible, float("-inf"))
-            blind = ~visible.any(dim=1)
-            if blind.any():
-                scores[..., blind, :] = 0
-        probs = torch.softmax(scores, dim=-1)
-        if blind is not None and blind.any():
-            probs[..., blind, :] = 0  # a row that sees no key contributes nothing
-        probs = probs.view(B, Hkv, group * n, keys)
-        dob = dout[:, :, i0:i1].to(ct).reshape(B, Hkv, group * n, -1)
-        dv[:, :, :keys] += torch.matmul(probs.transpose(2, 3), dob)
-        dS = torch.matmul(dob, vc[:, :, :keys].transpose(2, 3))
-        dS.sub_(delta[:, :, i0:i1].reshape(B, Hkv, group * n, 1)).mul_(probs)
-        qb = q[:, :, i0:i1].to(ct).reshape(B, Hkv, group * n, D)
-        dq[:, :, i0:i1] = torch.matmul(dS, kc[:, :, :keys]).mul_(scale).view(B, H, n, D)
-        dk[:, :, :keys] += torch.matmul(dS.transpose(2, 3), qb).mul_(scale)
-        dF = dS.view(B, H, n, keys).sum(dim=1).neg_().to(fdtype)  # (B, n, keys): -F enters every head
-        dsel = _reverse_exclusive_rows(dF).add_(carry[:, None, :keys])  # dS_sel[i'] = sum over i > i' of dF[i]
-        carry[:, :keys] += dF.sum(dim=1)
-        for term, active, (dqs, dks) in zip(terms, actives, dterms):
-            dL = torch.where(active, dsel, torch.zeros((), dtype=fdtype, device=q.device))
-            dL = dL.mul_(term.weight * term.scale)
-            dqs[:, i0:i1] += torch.matmul(dL, term.k[:, :keys].to(fdtype))
-            dks[:, :keys] += torch.matmul(dL.transpose(1, 2), term.q[:, i0:i1].to(fdtype))
-    dacc = [carry * t.weight for t in terms]  # accumulated[j] enters every row's F
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+        bias, _, inactive = _block_bias(prepared, i0, i1, keys, offset, G[:, b, :keys], True)
+        bias = bias.to(ct)
+        blind = _mask_causal(bias, i0, i1, keys, offset) if causal else None
+        qb = qs[:, :, i0:i1].reshape(B * Hkv, group * n, D)  # a group's query heads side by side per kv head
+        logits = torch.bmm(qb, kc[:, :keys].transpose(1, 2))  # (B * Hkv, group * n, keys)
+        logits.view(B, Hkv, group, n, keys).add_(bias[:, None, None])
+        probs = torch.softmax(logits, dim=-1)
+        if blind is not None:
+            probs.view(B, Hkv, group, n, keys)[..., blind, :] = 0  # a row that sees no key contributes nothing
+        dob = do[:, :, i0:i1].reshape(B * Hkv, group * n, Dv)
+        dv[:, :keys] += torch.bmm(probs.transpose(1, 2), dob)
+        dlogits = torch.baddbmm(neg_delta[:, :, i0:i1].reshape(B * Hkv, group * n, 1), dob,
+                                vc[:, :keys].transpose(1, 2)).mul_(probs)  # P * (dP - delta)
+        dq_blocks.append(torch.bmm(dlogits, ks[:, :keys]).view(B, H, n, D))
+        dk[:, :keys] += torch.bmm(dlogits.transpose(1, 2), qb)
+        # dS_sel[i'] = sum over i > i' of dF[i] + the later blocks' = inclusive[i'] - block sum - carry (dF = -sum)
+        inclusive = dlogits.view(B, H, n, keys).sum(dim=1).to(fdtype).cumsum_(dim=1)
+        block_sum = inclusive[:, -1].clone()
+        dsel = inclusive.sub_((block_sum + carry[:, :keys])[:, None])
+        carry[:, :keys] += block_sum
+        for index, ((k_scaled, q_scaled), zero, (dqs, dks)) in enumerate(zip(scaled, inactive, dterms)):
+            dL = dsel if index == len(scaled) - 1 else dsel.clone()  # the last term may consume dsel
+            dL.masked_fill_(zero, 0)
+            dqs[:, i0:i1] += torch.bmm(dL, k_scaled[:, :keys])
+            dks[:, :keys] += torch.bmm(dL.transpose(1, 2), q_scaled[:, i0:i1])
+    dq = torch.cat(dq_blocks[::-1], dim=2)
+    dacc = [carry * -t.weight for t in terms]  # accumulated[j] enters every row's F
+    return (dq.to(q.dtype), dk.view(B, Hkv, Nk, D).to(k.dtype), dv.view(B, Hkv, Nk, Dv).to(v.dtype),
             [(dqs, dks, da) for (dqs, dks), da in zip(dterms, dacc)])
 
 
@@ -252,10 +286,11 @@ def column_sums(term: SelectionTerm, rows: int | None = None) -> Tensor:
     offset = Nk - Nq
     total = torch.zeros(B, Nk, dtype=dtype, device=term.q.device)
     with torch.no_grad():
+        prepared = _PreparedTerm(term, dtype)
         for i0 in range(0, Nq, rows):
             i1 = min(Nq, i0 + rows)
             keys = min(Nk, i1 + offset)
             if keys > 0:
-                S, _ = _block_scores(term, i0, i1, keys, offset, dtype)
+                S = _block_scores(prepared, i0, i1, keys, offset)
                 total[:, :keys] += S.sum(dim=1)
     return total
