@@ -196,6 +196,43 @@ def test_variable_assignment_with_several_queries_answers_each_and_scores_each()
                        "num_assignments": 7, "num_queries": 1}).generate(20, gen(3)))
 
 
+def test_variable_assignment_curriculum_switches_count_at_its_steps_and_evaluates_the_task():
+    task = build_dataset({"name": "variable_assignment", "num_vars": 3, "num_assignments": {0: 2, 10: 5},
+                          "num_queries": 2})
+    assert task.num_assignments == 5 and task.fixed_seq_len == (5 + 2) * 4 - 1  # room for the longest
+    n = task.fixed_seq_len
+    for step, count in [(0, 2), (9, 2), (10, 5), (500, 5)]:
+        task.at_step(step)
+        batch = task.sample("train", 30, n, gen(step))
+        assert batch.metric_mask.sum(1).eq(2).all()  # both queries' answers scored, wherever they sit
+        for inputs, targets, mask in zip(batch.inputs, batch.targets, batch.metric_mask):
+            length = (count + 2) * 4 - 1
+            text = task.decode(inputs[:length]) + task.decode(targets[length - 1:length])
+            stream, _, tail = text.partition("?")
+            assert stream.count("=") == count
+            latest = dict(re.findall(r"([a-z])=(\d+);", stream))
+            assert task.decode(targets[mask]) == "".join(latest[v] for v, _ in re.findall(r"([a-z]):(\d)", tail))
+            assert (inputs[length:] == 0).all() and (targets[length:] == IGNORE_INDEX).all()  # padded after
+    task.at_step(0)  # evaluation is the task (the last count) whatever the step
+    assert all(task.decode(row).count("=") == 5 for row in task.eval_set("val")[:20])
+    plain = build_dataset({"name": "variable_assignment", "num_vars": 3, "num_assignments": 5, "num_queries": 2})
+    assert torch.equal(plain.eval_set("val"), task.eval_set("val"))
+
+
+@pytest.mark.parametrize("schedule, key, hint", [
+    ({10: 3}, "data.num_assignments", "step 0"),
+    ({0: 3, -5: 8}, "data.num_assignments[-5]", "integers >= 0"),
+    ({0: 3, "later": 8}, "data.num_assignments['later']", "integers >= 0"),
+    ({0: 0}, "data.num_assignments[0]", "an integer >= 1"),
+    ({0: 2.5}, "data.num_assignments[0]", "an integer >= 1"),
+    ("many", "data.num_assignments", "schedule {first step: count}"),
+])
+def test_variable_assignment_bad_curriculum_is_named(schedule, key, hint):
+    with pytest.raises(DataError) as info:
+        build_dataset({"name": "variable_assignment", "num_assignments": schedule}, source="va.yaml")
+    assert info.value.key == key and hint in str(info.value) and str(info.value).startswith("va.yaml: ")
+
+
 def test_variable_assignment_eval_sets_fixed_and_disjoint():
     spec = {"name": "variable_assignment", "eval_examples": 200}
     task, again = build_dataset(spec), build_dataset(spec)

@@ -101,6 +101,23 @@ def test_op_matches_naive_equations(impl, case, dtype):
         close(a, b, dtype, "output" if index == 0 else f"grad of input {index - 1}")
 
 
+@pytest.mark.parametrize("case", ["mqa", "accumulate-two-terms", "cached-chunk-two-terms"])
+def test_blocked_op_split_over_threads_matches_naive_equations(case):
+    """With 2 intra-op threads the batch elements (3: an uneven split) are shared out among 2 worker threads
+    in the forward and the backward; results as with one thread, the thread count restored after."""
+    q, k, v, selection, leaves = problem(dtype=torch.float64, B=3, **CASES[case])
+    want = value_and_grads(lambda: naive_attention(q, k, v, selection, 0.3), leaves)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = value_and_grads(lambda: blocked_attention(q, k, v, selection, causal=True, scale=0.3, rows=4), leaves)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for index, (a, b) in enumerate(zip(got, want)):
+        close(a, b, torch.float64, "output" if index == 0 else f"grad of input {index - 1}")
+
+
 def test_reference_penalty_matches_naive_loops():
     _, _, _, selection, _ = problem(Nq=6, Nk=9, accumulated=True, terms=2)
     close(reference.penalty(selection), naive_penalty(selection), torch.float64, "F")

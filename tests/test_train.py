@@ -129,6 +129,28 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
         assert (tmp_path / "split" / "checkpoint" / name).is_file()
 
 
+def test_curriculum_follows_the_step_through_a_resume(tmp_path, monkeypatch):
+    from attention_zoo.data.synthetic import VariableAssignment
+
+    counts = []  # the number of assignments of each training batch, in order
+    real = VariableAssignment.sample
+
+    def spy(self, split, batch_size, seq_len, generator):
+        batch = real(self, split, batch_size, seq_len, generator)
+        if split == "train":
+            counts.append(self.assignments_at(self._step))
+        return batch
+
+    monkeypatch.setattr(VariableAssignment, "sample", spy)
+    config = tiny()
+    config["data"] = {"name": "variable_assignment", "num_vars": 3, "num_assignments": {0: 2, 5: 4}}
+    del config["train"]["seq_len"]  # one example
+    config = load_config(config)
+    train(config, tmp_path / "run", stop_after=4, progress=False)  # steps 0-3, checkpointed at the stop
+    train(config, tmp_path / "run", resume=True, progress=False)  # steps 4-7
+    assert counts == [2, 2, 2, 2, 2, 4, 4, 4]  # the schedule switches at step 5 wherever the run resumed
+
+
 def test_gradient_accumulation_does_not_change_the_run(tmp_path):
     one = train(load_config(tiny()), tmp_path / "one", progress=False)
     four = train(load_config(tiny(grad_accum=4)), tmp_path / "four", progress=False)

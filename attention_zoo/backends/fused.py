@@ -19,15 +19,15 @@ then per head.
 """
 from __future__ import annotations
 
-import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from ..ops.batch_threads import batch_workers, over_batch
 
 # (q, k, v, bias | None, causal, scale) -> out (B, H, Nq, D), run without autograd. `bias` is detached
 # and broadcastable to (B, H, Nq, Nk), with at most one row per head group (see `trainable_bias`).
@@ -160,28 +160,18 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias_blocks: list[Tensor
     rows = max(part.stop - part.start for part, _ in work)
     delta = torch.linalg.vecdot(dout.to(ct), out.to(ct))  # (B, H, Nq) = rowsum(P * dP)
 
-    def run(batch_elements: range, buffers: _Buffers, single_thread: bool) -> None:
-        if single_thread:
-            torch.set_num_threads(1)  # this worker thread's own ops
-        with torch.no_grad():  # grad mode is per thread: a worker starts with it on
-            for b in batch_elements:
-                _backward_one(q, k, v, work, delta, dout, b, scale, buffers, grads)
+    workers = batch_workers(B, q.device) if SPLIT_BATCH_OVER_THREADS else 1
+    if grads.dbias is not None and grads.dbias.shape[0] == 1:
+        workers = 1  # batch elements add into one shared slice of d(bias)
+    # Buffers come from this thread: allocations made in the workers inflate the resident size through
+    # glibc's per-thread heaps (docs/benchmarks.md).
+    buffers = [_Buffers(H, Hkv, rows, Nq, Nk, D, ct, q.device) for _ in range(workers)]
 
-    workers = min(B, torch.get_num_threads()) if q.device.type == "cpu" and SPLIT_BATCH_OVER_THREADS else 1
-    shared_bias_grad = grads.dbias is not None and grads.dbias.shape[0] == 1  # batch elements add into one slice
-    if workers < 2 or shared_bias_grad:
-        run(range(B), _Buffers(H, Hkv, rows, Nq, Nk, D, ct, q.device), single_thread=False)
-    else:
-        # Buffers come from this thread: allocations made in the workers inflate the resident size through
-        # glibc's per-thread heaps (docs/benchmarks.md).
-        buffers = [_Buffers(H, Hkv, rows, Nq, Nk, D, ct, q.device) for _ in range(workers)]
-        threads = torch.get_num_threads()
-        try:
-            chunks = [range(i * B // workers, (i + 1) * B // workers) for i in range(workers)]
-            for future in [_pool(workers).submit(run, c, buf, True) for c, buf in zip(chunks, buffers)]:
-                future.result()
-        finally:
-            torch.set_num_threads(threads)  # the workers' setting also reached process-wide (MKL) state
+    def run(batch_elements: range, worker: int) -> None:
+        for b in batch_elements:
+            _backward_one(q, k, v, work, delta, dout, b, scale, buffers[worker], grads)
+
+    over_batch(B, workers, run)
     return grads.dq.to(q.dtype), grads.dk.to(k.dtype), grads.dv.to(v.dtype), grads.dbias
 
 
@@ -205,11 +195,6 @@ class _Buffers:
         self.kv_grad = empty(Hkv * Nk * D)  # one block's dk or dv before it is added
         self.dq = empty(H * rows * D)  # one block's dq before it is scaled into place
         self.qs, self.do = empty(H, Nq, D), empty(H, Nq, D)  # one batch element's scaled q and dout
-
-
-@functools.lru_cache(maxsize=None)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attention-zoo-backward")
 
 
 def _backward_one(q, k, v, work: list[tuple[Block, Tensor | None]], delta, dout, b: int, scale: float, buf: _Buffers,

@@ -86,6 +86,10 @@ class Dataset:
     def num_tokens(self, split: str) -> int | None:
         raise NotImplementedError
 
+    def at_step(self, step: int) -> None:
+        """Called by the trainer before each training batch with the step it is for, so a dataset with a
+        curriculum (a schedule over steps) can switch; resumed runs call it again. Default: nothing."""
+
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 

@@ -12,6 +12,10 @@ multi-query associative recall (Arora et al., "Zoology", 2023) supervises many r
 Variables are reassigned often, so the right answer needs the *latest* assignment of the queried
 variable while earlier ones must be ignored: the case selective attention (masking overwritten
 tokens) is meant to help with. Everything is generated with torch ops on whole batches.
+
+A curriculum: `num_assignments` may be a schedule {first step: count}, e.g. {0: 3, 4000: 8}: training
+examples have 3 assignments for steps 0-3999 and 8 from step 4000 on. Evaluation always uses the
+last count (the task); shorter training examples are padded after their last answer.
 """
 from __future__ import annotations
 
@@ -42,29 +46,47 @@ class VariableAssignment(Dataset):
     whole example (the assignments are random, so most of that loss cannot go below chance).
     `metric_mask` always marks the answer position(s) of `targets`."""
 
-    def __init__(self, num_vars=8, num_assignments=24, value_digits=1, seed=0, eval_examples=1024,
-                 loss_on="answer", num_queries=1):
+    def __init__(self, num_vars=8, num_assignments: int | dict[int, int] = 24, value_digits=1, seed=0,
+                 eval_examples=1024, loss_on="answer", num_queries=1):
         self.name = "variable_assignment"
-        self.num_vars, self.num_assignments, self.value_digits = num_vars, num_assignments, value_digits
+        # (first step, count) pairs in step order; a plain count is the schedule {0: count}
+        schedule = num_assignments if isinstance(num_assignments, dict) else {0: num_assignments}
+        self.schedule = sorted(schedule.items())
+        self.num_assignments = self.schedule[-1][1]  # the task: what evaluation uses
+        self.num_vars, self.value_digits = num_vars, value_digits
         self.num_queries = num_queries
         self.seed, self.eval_examples, self.loss_on = seed, eval_examples, loss_on
         # One example is K assignments of (var '=' digits ';') then Q queries of ('?' var ':' digits).
-        width = 3 + value_digits
-        self.example_len = (num_assignments + num_queries) * width
-        self.fixed_seq_len = self.example_len - 1  # inputs drop the last byte, targets the first
-        # the targets that are answer digits: byte p of the example is the target at index p - 1
-        first_answer = num_assignments * width + 3
-        self.answer_targets = torch.tensor([first_answer + q * width + i - 1
-                                            for q in range(num_queries) for i in range(value_digits)])
+        self.width = 3 + value_digits
+        self.example_len = (self.num_assignments + num_queries) * self.width
+        longest = max(count for _, count in self.schedule)
+        self.fixed_seq_len = (longest + num_queries) * self.width - 1  # inputs drop the last byte, targets the first
+        self._step = 0
         self._eval_sets: dict[str, torch.Tensor] = {}
+
+    def at_step(self, step: int) -> None:
+        """The training step the next `sample("train", ...)` is for: picks the curriculum's count."""
+        self._step = step
+
+    def assignments_at(self, step: int) -> int:
+        """The number of assignments of a training example at `step` (the schedule's latest entry <= step)."""
+        return [count for first, count in self.schedule if first <= step][-1]
+
+    def answer_targets(self, num_assignments: int) -> torch.Tensor:
+        """Indices into `targets` of the answer digits of an example with that many assignments: byte p of
+        the example is the target at index p - 1."""
+        first_answer = num_assignments * self.width + 3
+        return torch.tensor([first_answer + q * self.width + i - 1
+                             for q in range(self.num_queries) for i in range(self.value_digits)])
 
     def num_tokens(self, split: str) -> None:
         self._check_split(split)
         return None  # a generated stream has no fixed size
 
-    def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """`n` examples as a LongTensor [n, example_len] of bytes."""
-        K, d = self.num_assignments, self.value_digits
+    def generate(self, n: int, generator: torch.Generator, num_assignments: int | None = None) -> torch.Tensor:
+        """`n` examples as a LongTensor [n, (K + Q) * (3 + value_digits)] of bytes, K = `num_assignments`
+        (default: the task's)."""
+        K, d = num_assignments or self.num_assignments, self.value_digits
 
         def rand(high: int, shape: tuple[int, ...]) -> torch.Tensor:
             return torch.randint(high, shape, generator=generator, device=generator.device).cpu()
@@ -93,12 +115,12 @@ class VariableAssignment(Dataset):
                 f"variable_assignment examples need seq_len >= {self.fixed_seq_len} (got {seq_len}); "
                 "raise seq_len or lower data.num_assignments"
             )
-        n, N = examples.shape[0], self.fixed_seq_len
+        n, N = examples.shape[0], examples.shape[1] - 1
         inputs = torch.full((n, seq_len), PAD, dtype=torch.long)
         targets = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
         inputs[:, :N], targets[:, :N] = examples[:, :-1], examples[:, 1:]
         metric_mask = torch.zeros(n, seq_len, dtype=torch.bool)
-        metric_mask[:, self.answer_targets] = True
+        metric_mask[:, self.answer_targets(examples.shape[1] // self.width - self.num_queries)] = True
         if self.loss_on == "answer":
             targets[~metric_mask] = IGNORE_INDEX
         return Batch(inputs, targets, metric_mask)
@@ -118,7 +140,7 @@ class VariableAssignment(Dataset):
         rows of the fixed evaluation set, so they never leave it."""
         self._check_split(split)
         if split == "train":
-            examples = self.generate(batch_size, generator)
+            examples = self.generate(batch_size, generator, self.assignments_at(self._step))
         else:
             pool = self.eval_set(split)
             rows = torch.randint(pool.shape[0], (batch_size,), generator=generator, device=generator.device)
@@ -139,14 +161,35 @@ def build_variable_assignment(spec: dict, source: str) -> VariableAssignment:
     kwargs = {}
     for key, (default, low, high) in INT_PARAMS.items():
         value = spec.get(key, default)
-        valid = isinstance(value, int) and not isinstance(value, bool)  # YAML `true` is not a count
-        if not valid or (low is not None and value < low) or (high is not None and value > high):
-            raise DataError(source, f"data.{key}", value, f"expected {_int_range(low, high)}")
+        if key == "num_assignments" and isinstance(value, dict):
+            kwargs[key] = _schedule(value, source, low)
+            continue
+        if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+            schedule = " or a schedule {first step: count} starting at step 0" if key == "num_assignments" else ""
+            raise DataError(source, f"data.{key}", value, f"expected {_int_range(low, high)}{schedule}")
         kwargs[key] = value
     loss_on = spec.get("loss_on", "answer")
     if loss_on not in LOSS_ON:
         raise DataError(source, "data.loss_on", loss_on, f"expected one of: {', '.join(LOSS_ON)}")
     return VariableAssignment(**kwargs, loss_on=loss_on)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML `true` is not a count
+
+
+def _schedule(value: dict, source: str, low: int) -> dict[int, int]:
+    """A `num_assignments` curriculum {first step: count}: steps integers >= 0 with step 0 present, counts >= low."""
+    for step, count in value.items():
+        if not _is_int(step) or step < 0:
+            raise DataError(source, f"data.num_assignments[{step!r}]", count,
+                            "a schedule's keys are training steps (integers >= 0), e.g. {0: 3, 4000: 8}")
+        if not _is_int(count) or count < low:
+            raise DataError(source, f"data.num_assignments[{step}]", count, f"expected {_int_range(low, None)}")
+    if 0 not in value:
+        raise DataError(source, "data.num_assignments", value,
+                        "a schedule must say what step 0 uses, e.g. {0: 3, 4000: 8}")
+    return dict(value)
 
 
 def _int_range(low: int | None, high: int | None) -> str:

@@ -255,6 +255,7 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     model.train()
     for step in range(start_step, end):
         t0 = time.perf_counter()
+        dataset.at_step(step)  # a curriculum picks the step's examples
         batch = dataset.sample("train", tcfg["batch_size"], seq_len, generator)  # the global batch
         scored = (batch.targets != IGNORE_INDEX).sum().item()  # scored tokens in the global batch
         inputs, targets = batch.inputs[rows].to(device), batch.targets[rows].to(device)

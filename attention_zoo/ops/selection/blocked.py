@@ -23,6 +23,7 @@ import torch.nn.functional as tF
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..batch_threads import batch_workers, over_batch
 from .structure import Selection, SelectionTerm
 
 # Query rows per block. On 2 CPU cores (B 4, H 8, N 1024, D 64) blocks of 64 balance the per-call overhead
@@ -46,6 +47,12 @@ class _PreparedTerm:
         self.q = (term.q.to(dtype) * term.scale).contiguous()  # (B, Nq, Ds)
         self.k = term.k.to(dtype).contiguous()  # (B, Nk, Ds)
         self.weight, self.protect_bos = term.weight, term.protect_bos
+
+    def batch(self, elements: slice) -> "_PreparedTerm":
+        """The same term for some batch elements only (views, no copies)."""
+        part = object.__new__(_PreparedTerm)
+        part.q, part.k, part.weight, part.protect_bos = self.q[elements], self.k[elements], self.weight, self.protect_bos
+        return part
 
 
 def _key_offsets(i0: int, i1: int, keys: int, offset: int, device) -> tuple[int, Tensor]:
@@ -130,22 +137,28 @@ class BlockedSelectiveAttention(torch.autograd.Function):
         G = torch.empty(B, n_blocks, Nk, dtype=fdtype, device=q.device)
         out = q.new_zeros(B, H, Nq, v.shape[-1])
         kwargs = _sdpa_kwargs(q, k, scale)
-        with torch.no_grad():
+
+        def run(batch: range, worker: int) -> None:
+            """The blocks, first to last, for the batch elements `batch`."""
+            e = slice(batch.start, batch.stop)
+            terms_ = [p.batch(e) for p in prepared]
             for b in range(n_blocks):
                 i0, i1 = b * rows, min(Nq, (b + 1) * rows)
                 keys = min(Nk, i1 + offset) if causal else Nk
-                G[:, b] = running
+                G[e, b] = running[e]
                 if keys <= 0:
                     continue  # no row of this block sees a key: output 0
-                bias, S_sum, _ = _block_bias(prepared, i0, i1, keys, offset, running[:, :keys], False)
-                running[:, :keys] += S_sum.sum(dim=1)
+                bias, S_sum, _ = _block_bias(terms_, i0, i1, keys, offset, running[e, :keys], False)
+                running[e, :keys] += S_sum.sum(dim=1)
                 bias = bias.to(q.dtype)
                 blind = _mask_causal(bias, i0, i1, keys, offset) if causal else None
-                o = tF.scaled_dot_product_attention(q[:, :, i0:i1], k[:, :, :keys], v[:, :, :keys],
+                o = tF.scaled_dot_product_attention(q[e, :, i0:i1], k[e, :, :keys], v[e, :, :keys],
                                                     attn_mask=bias[:, None], **kwargs)
                 if blind is not None:
                     o[:, :, blind] = 0
-                out[:, :, i0:i1] = o
+                out[e, :, i0:i1] = o
+
+        over_batch(B, batch_workers(B, q.device), run)
         ctx.save_for_backward(q, k, v, out, G, *term_tensors)
         ctx.causal, ctx.scale, ctx.rows, ctx.meta = causal, scale, rows, meta
         return out
@@ -166,7 +179,10 @@ class BlockedSelectiveAttention(torch.autograd.Function):
 
 
 def selective_backward(q, k, v, out, dout, G, terms, *, causal: bool, scale: float, rows: int):
-    """Gradients of `BlockedSelectiveAttention`: dq, dk, dv and per term (dq_s, dk_s, d accumulated)."""
+    """Gradients of `BlockedSelectiveAttention`: dq, dk, dv and per term (dq_s, dk_s, d accumulated).
+
+    On CPU the batch elements are shared out among torch's threads, each running its blocks single-threaded
+    (ops/batch_threads.py): a block's ops are too small for torch's own threading to pay."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     group = H // Hkv
@@ -176,17 +192,15 @@ def selective_backward(q, k, v, out, dout, G, terms, *, causal: bool, scale: flo
     # Every operand once in the compute dtype and contiguous: the model hands q, k, v transposed from its
     # projection layout, and a block's slice of a transposed k or v would be copied again by every block's
     # matmul (O(N^2) copying). The softmax scale is folded into q and k here instead of into every block.
-    # Accumulation is bmm then add, not baddbmm_ into the prefix slice: on a strided output torch runs one
-    # addmm per batch entry, each its own parallel region (3x slower under OMP_WAIT_POLICY=PASSIVE).
-    qs = (q.to(ct) * scale).contiguous()  # logits = (scale q) k^T; dk = dS^T (scale q)
-    kc = k.to(ct).contiguous().view(B * Hkv, Nk, D)
+    qs = torch.mul(q, scale, out=torch.empty(q.shape, dtype=ct, device=q.device))  # logits = (scale q) k^T; dk = dS^T (scale q)
+    kc = k.to(ct).contiguous()
     ks = kc * scale  # dq = dS (scale k)
-    vc = v.to(ct).contiguous().view(B * Hkv, Nk, Dv)
+    vc = v.to(ct).contiguous()
     do = dout.to(ct).contiguous()
     neg_delta = torch.linalg.vecdot(do, out.to(ct)).neg_()  # (B, H, Nq): -rowsum(P * dP)
-    dq_blocks = []
-    dk = torch.zeros(B * Hkv, Nk, D, dtype=ct, device=q.device)
-    dv = torch.zeros(B * Hkv, Nk, Dv, dtype=ct, device=q.device)
+    dq = torch.empty(B, H, Nq, D, dtype=ct, device=q.device)
+    dk = torch.zeros(B, Hkv, Nk, D, dtype=ct, device=q.device)
+    dv = torch.zeros(B, Hkv, Nk, Dv, dtype=ct, device=q.device)
     prepared = [_PreparedTerm(t, fdtype) for t in terms]
     # dL scaled by the term's weight and the selection scale, folded into the operands it multiplies
     scaled = [(p.k * (t.weight * t.scale), p.q * t.weight) for p, t in zip(prepared, terms)]
@@ -194,42 +208,49 @@ def selective_backward(q, k, v, out, dout, G, terms, *, causal: bool, scale: flo
               for t in terms]
     # sum over heads of d(logits) = -dF, summed over the rows of the blocks already done (the later ones)
     carry = torch.zeros(B, Nk, dtype=fdtype, device=q.device)
-    for b in range(G.shape[1] - 1, -1, -1):
-        i0, i1 = b * rows, min(Nq, (b + 1) * rows)
-        n = i1 - i0
-        keys = min(Nk, i1 + offset) if causal else Nk
-        if keys <= 0:
-            dq_blocks.append(torch.zeros(B, H, n, D, dtype=ct, device=q.device))
-            continue
-        bias, _, inactive = _block_bias(prepared, i0, i1, keys, offset, G[:, b, :keys], True)
-        bias = bias.to(ct)
-        blind = _mask_causal(bias, i0, i1, keys, offset) if causal else None
-        qb = qs[:, :, i0:i1].reshape(B * Hkv, group * n, D)  # a group's query heads side by side per kv head
-        logits = torch.bmm(qb, kc[:, :keys].transpose(1, 2))  # (B * Hkv, group * n, keys)
-        logits.view(B, Hkv, group, n, keys).add_(bias[:, None, None])
-        probs = torch.softmax(logits, dim=-1)
-        if blind is not None:
-            probs.view(B, Hkv, group, n, keys)[..., blind, :] = 0  # a row that sees no key contributes nothing
-        dob = do[:, :, i0:i1].reshape(B * Hkv, group * n, Dv)
-        dv[:, :keys] += torch.bmm(probs.transpose(1, 2), dob)
-        dlogits = torch.baddbmm(neg_delta[:, :, i0:i1].reshape(B * Hkv, group * n, 1), dob,
-                                vc[:, :keys].transpose(1, 2)).mul_(probs)  # P * (dP - delta)
-        dq_blocks.append(torch.bmm(dlogits, ks[:, :keys]).view(B, H, n, D))
-        dk[:, :keys] += torch.bmm(dlogits.transpose(1, 2), qb)
-        # dS_sel[i'] = sum over i > i' of dF[i] + the later blocks' = inclusive[i'] - block sum - carry (dF = -sum)
-        inclusive = dlogits.view(B, H, n, keys).sum(dim=1).to(fdtype).cumsum_(dim=1)
-        block_sum = inclusive[:, -1].clone()
-        dsel = inclusive.sub_((block_sum + carry[:, :keys])[:, None])
-        carry[:, :keys] += block_sum
-        for index, ((k_scaled, q_scaled), zero, (dqs, dks)) in enumerate(zip(scaled, inactive, dterms)):
-            dL = dsel if index == len(scaled) - 1 else dsel.clone()  # the last term may consume dsel
-            dL.masked_fill_(zero, 0)
-            dqs[:, i0:i1] += torch.bmm(dL, k_scaled[:, :keys])
-            dks[:, :keys] += torch.bmm(dL.transpose(1, 2), q_scaled[:, i0:i1])
-    dq = torch.cat(dq_blocks[::-1], dim=2)
+
+    def run(batch: range, worker: int) -> None:
+        """The blocks, last to first, for the batch elements `batch` (each output slice written by one worker)."""
+        e = slice(batch.start, batch.stop)
+        nb = len(batch)
+        kc_, ks_, vc_, dk_, dv_ = (t[e].view(nb * Hkv, Nk, -1) for t in (kc, ks, vc, dk, dv))
+        terms_ = [p.batch(e) for p in prepared]
+        for b in range(G.shape[1] - 1, -1, -1):
+            i0, i1 = b * rows, min(Nq, (b + 1) * rows)
+            n = i1 - i0
+            keys = min(Nk, i1 + offset) if causal else Nk
+            if keys <= 0:
+                dq[e, :, i0:i1] = 0
+                continue
+            bias, _, inactive = _block_bias(terms_, i0, i1, keys, offset, G[e, b, :keys], True)
+            bias = bias.to(ct)
+            blind = _mask_causal(bias, i0, i1, keys, offset) if causal else None
+            qb = qs[e, :, i0:i1].reshape(nb * Hkv, group * n, D)  # a group's query heads side by side per kv head
+            logits = torch.bmm(qb, kc_[:, :keys].transpose(1, 2))  # (nb * Hkv, group * n, keys)
+            logits.view(nb, Hkv, group, n, keys).add_(bias[:, None, None])
+            probs = torch.softmax(logits, dim=-1)
+            if blind is not None:
+                probs.view(nb, Hkv, group, n, keys)[..., blind, :] = 0  # a row that sees no key contributes nothing
+            dob = do[e, :, i0:i1].reshape(nb * Hkv, group * n, Dv)
+            dv_[:, :keys].baddbmm_(probs.transpose(1, 2), dob)
+            dlogits = torch.baddbmm(neg_delta[e, :, i0:i1].reshape(nb * Hkv, group * n, 1), dob,
+                                    vc_[:, :keys].transpose(1, 2)).mul_(probs)  # P * (dP - delta)
+            dq[e, :, i0:i1] = torch.bmm(dlogits, ks_[:, :keys]).view(nb, H, n, D)
+            dk_[:, :keys].baddbmm_(dlogits.transpose(1, 2), qb)
+            # dS_sel[i'] = sum over i > i' of dF[i] + the later blocks' = inclusive[i'] - block sum - carry (dF = -sum)
+            inclusive = dlogits.view(nb, H, n, keys).sum(dim=1).to(fdtype).cumsum_(dim=1)
+            block_sum = inclusive[:, -1].clone()
+            dsel = inclusive.sub_((block_sum + carry[e, :keys])[:, None])
+            carry[e, :keys] += block_sum
+            for index, ((k_scaled, q_scaled), zero, (dqs, dks)) in enumerate(zip(scaled, inactive, dterms)):
+                dL = dsel if index == len(scaled) - 1 else dsel.clone()  # the last term may consume dsel
+                dL.masked_fill_(zero, 0)
+                dqs[e, i0:i1].baddbmm_(dL, k_scaled[e, :keys])
+                dks[e, :keys].baddbmm_(dL.transpose(1, 2), q_scaled[e, i0:i1])
+
+    over_batch(B, batch_workers(B, q.device), run)
     dacc = [carry * -t.weight for t in terms]  # accumulated[j] enters every row's F
-    return (dq.to(q.dtype), dk.view(B, Hkv, Nk, D).to(k.dtype), dv.view(B, Hkv, Nk, Dv).to(v.dtype),
-            [(dqs, dks, da) for (dqs, dks), da in zip(dterms, dacc)])
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), [(dqs, dks, da) for (dqs, dks), da in zip(dterms, dacc)])
 
 
 def _start_row(terms, B: int, Nk: int, dtype, device) -> Tensor:
