@@ -208,11 +208,18 @@ def selective_backward(q, k, v, out, dout, G, terms, *, causal: bool, scale: flo
               for t in terms]
     # sum over heads of d(logits) = -dF, summed over the rows of the blocks already done (the later ones)
     carry = torch.zeros(B, Nk, dtype=fdtype, device=q.device)
+    workers = batch_workers(B, q.device)
+    # Each worker's (batch, heads, rows, keys) scratch, allocated here and reused by every block: tensors
+    # allocated inside worker threads come from glibc's per-thread heaps, which keep their peak (at 4096 tokens
+    # selective's peak memory went from 1.01x to 1.13x vanilla's without this; docs/benchmarks.md).
+    most = -(-B // workers) * H * min(rows, Nq) * Nk
+    scratch = [[torch.empty(most, dtype=ct, device=q.device) for _ in range(3)] for _ in range(workers)]
 
     def run(batch: range, worker: int) -> None:
         """The blocks, last to first, for the batch elements `batch` (each output slice written by one worker)."""
         e = slice(batch.start, batch.stop)
         nb = len(batch)
+        logits_buf, probs_buf, dlogits_buf = scratch[worker]
         kc_, ks_, vc_, dk_, dv_ = (t[e].view(nb * Hkv, Nk, -1) for t in (kc, ks, vc, dk, dv))
         terms_ = [p.batch(e) for p in prepared]
         for b in range(G.shape[1] - 1, -1, -1):
@@ -226,15 +233,16 @@ def selective_backward(q, k, v, out, dout, G, terms, *, causal: bool, scale: flo
             bias = bias.to(ct)
             blind = _mask_causal(bias, i0, i1, keys, offset) if causal else None
             qb = qs[e, :, i0:i1].reshape(nb * Hkv, group * n, D)  # a group's query heads side by side per kv head
-            logits = torch.bmm(qb, kc_[:, :keys].transpose(1, 2))  # (nb * Hkv, group * n, keys)
+            shape, size = (nb * Hkv, group * n, keys), nb * H * n * keys
+            logits = torch.bmm(qb, kc_[:, :keys].transpose(1, 2), out=logits_buf[:size].view(shape))
             logits.view(nb, Hkv, group, n, keys).add_(bias[:, None, None])
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch.softmax(logits, dim=-1, out=probs_buf[:size].view(shape))
             if blind is not None:
                 probs.view(nb, Hkv, group, n, keys)[..., blind, :] = 0  # a row that sees no key contributes nothing
             dob = do[e, :, i0:i1].reshape(nb * Hkv, group * n, Dv)
             dv_[:, :keys].baddbmm_(probs.transpose(1, 2), dob)
-            dlogits = torch.baddbmm(neg_delta[e, :, i0:i1].reshape(nb * Hkv, group * n, 1), dob,
-                                    vc_[:, :keys].transpose(1, 2)).mul_(probs)  # P * (dP - delta)
+            dlogits = torch.baddbmm(neg_delta[e, :, i0:i1].reshape(nb * Hkv, group * n, 1), dob, vc_[:, :keys].transpose(1, 2),
+                                    out=dlogits_buf[:size].view(shape)).mul_(probs)  # P * (dP - delta)
             dq[e, :, i0:i1] = torch.bmm(dlogits, ks_[:, :keys]).view(nb, H, n, D)
             dk_[:, :keys].baddbmm_(dlogits.transpose(1, 2), qb)
             # dS_sel[i'] = sum over i > i' of dF[i] + the later blocks' = inclusive[i'] - block sum - carry (dF = -sum)
@@ -248,7 +256,7 @@ def selective_backward(q, k, v, out, dout, G, terms, *, causal: bool, scale: flo
                 dqs[e, i0:i1].baddbmm_(dL, k_scaled[e, :keys])
                 dks[e, :keys].baddbmm_(dL.transpose(1, 2), q_scaled[e, i0:i1])
 
-    over_batch(B, batch_workers(B, q.device), run)
+    over_batch(B, workers, run)
     dacc = [carry * -t.weight for t in terms]  # accumulated[j] enters every row's F
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), [(dqs, dks, da) for (dqs, dks), da in zip(dterms, dacc)])
 
