@@ -57,8 +57,10 @@ def _context():
     global _CONTEXT
     if _CONTEXT is None:
         # OpenMP threads that wait by spinning make torch's default 2 threads many times slower than 1 on
-        # a 2-core CPU that anything else is using (docs/benchmarks.md); waiting by sleeping costs little
-        # when the CPU is free. Read once, when the server imports torch.
+        # a 2-core CPU that anything else is using (docs/benchmarks.md); waiting by sleeping costs a
+        # wake-up per parallel region, ~1.2x on a quiet machine for a 1024-token step of the benchmark
+        # model: the smaller risk for sweeps, which often share the machine. Read once, when the server
+        # imports torch.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "torch.optim", "attention_zoo.cli", "attention_zoo.train.loop",

@@ -12,8 +12,9 @@ With query blocks of BM rows, block b covering rows [b*BM, (b+1)*BM) (Leviathan,
   dS[i', j] = sum over i > i' of dF[i, j]: the reverse exclusive cumsum inside the block plus `carry`, the
   column sum of dF over all later blocks. dL_s = weight * dS where S was kept and L_s > 0, else 0.
 
-Per block the work holds (B, H, BM, keys) scores: memory is about vanilla attention's. Deterministic:
-every sum runs in a fixed order. A query row that sees no key (more queries than keys) gives output 0 and
+Per block the work holds (B, H, BM, keys) scores: memory is about vanilla attention's. On CPU the batch
+elements are shared out among torch's threads, each running the block loop single-threaded (see
+ops/batch_threads.py). Deterministic: every sum runs in a fixed order (for a given number of threads). A query row that sees no key (more queries than keys) gives output 0 and
 zero gradients.
 """
 from __future__ import annotations
@@ -26,8 +27,8 @@ from torch.autograd.function import once_differentiable
 from ..batch_threads import batch_workers, over_batch
 from .structure import Selection, SelectionTerm
 
-# Query rows per block. On 2 CPU cores (B 4, H 8, N 1024, D 64) blocks of 64 balance the per-call overhead
-# against the causal triangle each block skips.
+# Query rows per block. On 2 CPU cores (B 4, H 8, N 1024, D 64) blocks of 64 balance the per-block overhead
+# against the causal triangle each block skips (docs/benchmarks.md, "Measurements behind the code's constants").
 DEFAULT_BLOCK = {"cpu": 64}
 FALLBACK_BLOCK = 128
 
