@@ -14,8 +14,8 @@ With query blocks of BM rows, block b covering rows [b*BM, (b+1)*BM) (Leviathan,
 
 Per block the work holds (B, H, BM, keys) scores: memory is about vanilla attention's. On CPU the batch
 elements are shared out among torch's threads, each running the block loop single-threaded (see
-ops/batch_threads.py). Deterministic: every sum runs in a fixed order (for a given number of threads). A query row that sees no key (more queries than keys) gives output 0 and
-zero gradients.
+ops/batch_threads.py). Deterministic: every sum runs in a fixed order (for a given number of threads).
+A query row that sees no key (more queries than keys) gives output 0 and zero gradients.
 """
 from __future__ import annotations
 
