@@ -19,6 +19,8 @@ A query row that sees no key (more queries than keys) gives output 0 and zero gr
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as tF
 from torch import Tensor
@@ -41,19 +43,24 @@ def _sdpa_kwargs(q: Tensor, k: Tensor, scale: float) -> dict:
     return {"scale": scale, "enable_gqa": True} if k.shape[1] != q.shape[1] else {"scale": scale}
 
 
+@dataclass(frozen=True)
 class _PreparedTerm:
-    """A term's operands, once per call: q_s with its scale folded in and k_s, contiguous in F's dtype."""
+    """A term's operands, once per call: q_s (B, Nq, Ds) with its scale folded in and k_s (B, Nk, Ds),
+    contiguous in F's dtype."""
 
-    def __init__(self, term: SelectionTerm, dtype: torch.dtype):
-        self.q = (term.q.to(dtype) * term.scale).contiguous()  # (B, Nq, Ds)
-        self.k = term.k.to(dtype).contiguous()  # (B, Nk, Ds)
-        self.weight, self.protect_bos = term.weight, term.protect_bos
+    q: Tensor
+    k: Tensor
+    weight: float
+    protect_bos: bool
+
+    @classmethod
+    def of(cls, term: SelectionTerm, dtype: torch.dtype) -> "_PreparedTerm":
+        return cls((term.q.to(dtype) * term.scale).contiguous(), term.k.to(dtype).contiguous(), term.weight,
+                   term.protect_bos)
 
     def batch(self, elements: slice) -> "_PreparedTerm":
         """The same term for some batch elements only (views, no copies)."""
-        part = object.__new__(_PreparedTerm)
-        part.q, part.k, part.weight, part.protect_bos = self.q[elements], self.k[elements], self.weight, self.protect_bos
-        return part
+        return replace(self, q=self.q[elements], k=self.k[elements])
 
 
 def _key_offsets(i0: int, i1: int, keys: int, offset: int, device) -> tuple[int, Tensor]:
@@ -92,8 +99,8 @@ def _block_bias(terms: list[_PreparedTerm], i0: int, i1: int, keys: int, offset:
     start's dtype. Also the weighted sum of S (for the running column sum) and, on request, each term's
     mask (B, n, keys) of where dL = 0: S = ReLU(L) on strictly earlier keys is > 0 exactly where dL = dS.
 
-    Few, large operations on purpose: each one is a parallel region whose thread wake-up costs ~0.4 ms
-    under OMP_WAIT_POLICY=PASSIVE on a 2-core machine (docs/benchmarks.md)."""
+    Few, whole-block operations on purpose: each is one pass over (B, n, keys), whose fixed cost (with
+    torch's threading, a parallel region) is paid per block."""
     total = None
     inactive = []
     for term in terms:
@@ -132,7 +139,7 @@ class BlockedSelectiveAttention(torch.autograd.Function):
         Nk = k.shape[2]
         offset = Nk - Nq
         fdtype = torch.promote_types(terms[0].q.dtype, torch.float32)
-        prepared = [_PreparedTerm(t, fdtype) for t in terms]
+        prepared = [_PreparedTerm.of(t, fdtype) for t in terms]
         running = _start_row(terms, B, Nk, fdtype, q.device)
         n_blocks = -(-Nq // rows)
         G = torch.empty(B, n_blocks, Nk, dtype=fdtype, device=q.device)
@@ -202,7 +209,7 @@ def selective_backward(q, k, v, out, dout, G, terms, *, causal: bool, scale: flo
     dq = torch.empty(B, H, Nq, D, dtype=ct, device=q.device)
     dk = torch.zeros(B, Hkv, Nk, D, dtype=ct, device=q.device)
     dv = torch.zeros(B, Hkv, Nk, Dv, dtype=ct, device=q.device)
-    prepared = [_PreparedTerm(t, fdtype) for t in terms]
+    prepared = [_PreparedTerm.of(t, fdtype) for t in terms]
     # dL scaled by the term's weight and the selection scale, folded into the operands it multiplies
     scaled = [(p.k * (t.weight * t.scale), p.q * t.weight) for p, t in zip(prepared, terms)]
     dterms = [(torch.zeros(t.q.shape, dtype=fdtype, device=q.device), torch.zeros(t.k.shape, dtype=fdtype, device=q.device))
@@ -316,7 +323,7 @@ def column_sums(term: SelectionTerm, rows: int | None = None) -> Tensor:
     offset = Nk - Nq
     total = torch.zeros(B, Nk, dtype=dtype, device=term.q.device)
     with torch.no_grad():
-        prepared = _PreparedTerm(term, dtype)
+        prepared = _PreparedTerm.of(term, dtype)
         for i0 in range(0, Nq, rows):
             i1 = min(Nq, i0 + rows)
             keys = min(Nk, i1 + offset)
