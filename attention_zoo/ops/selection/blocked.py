@@ -218,8 +218,9 @@ def selective_backward(q, k, v, out, dout, G, terms, *, causal: bool, scale: flo
     carry = torch.zeros(B, Nk, dtype=fdtype, device=q.device)
     workers = batch_workers(B, q.device)
     # Each worker's (batch, heads, rows, keys) scratch, allocated here and reused by every block: tensors
-    # allocated inside worker threads come from glibc's per-thread heaps, which keep their peak (at 4096 tokens
-    # selective's peak memory went from 1.01x to 1.13x vanilla's without this; docs/benchmarks.md).
+    # allocated inside worker threads come from glibc's per-thread heaps, which keep their peak (the model at
+    # 4096 tokens: 1.13x vanilla's peak memory with the scratch made in the workers, 1.06x with it made here;
+    # docs/benchmarks.md).
     most = -(-B // workers) * H * min(rows, Nq) * Nk
     scratch = [[torch.empty(most, dtype=ct, device=q.device) for _ in range(3)] for _ in range(workers)]
 
