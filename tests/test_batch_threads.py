@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from attention_zoo.ops import batch_threads
 from attention_zoo.ops.batch_threads import batch_workers, over_batch
 
 
@@ -40,11 +41,13 @@ def test_a_workers_exception_reaches_the_caller_and_threads_are_restored():
         over_batch(4, 0, work)
 
 
-def test_workers_follow_the_threads_and_the_batch_on_cpu_only():
+def test_workers_follow_the_threads_and_the_batch_on_cpu_only(monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         assert batch_workers(4, torch.device("cpu")) == 2 and batch_workers(1, torch.device("cpu")) == 1
         assert batch_workers(4, torch.device("cuda")) == 1
+        monkeypatch.setattr(batch_threads, "SPLIT_OVER_THREADS", False)  # ATTENTION_ZOO_SPLIT_BACKWARD=0
+        assert batch_workers(4, torch.device("cpu")) == 1
     finally:
         torch.set_num_threads(before)

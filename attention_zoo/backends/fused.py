@@ -19,7 +19,6 @@ then per head.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,8 +52,6 @@ BACKWARD_BLOCK = {"cpu": 64}
 DEFAULT_BACKWARD_BLOCK = 512
 # ...but never more than this many score elements in flight (two such buffers live at once).
 MAX_BLOCK_ELEMENTS = 1 << 23
-# On CPU, share the backward's batch elements out among the intra-op threads (see attention_backward).
-SPLIT_BATCH_OVER_THREADS = os.environ.get("ATTENTION_ZOO_SPLIT_BACKWARD", "1") != "0"
 
 
 def is_head_broadcast(bias: Tensor) -> bool:
@@ -160,7 +157,7 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias_blocks: list[Tensor
     rows = max(part.stop - part.start for part, _ in work)
     delta = torch.linalg.vecdot(dout.to(ct), out.to(ct))  # (B, H, Nq) = rowsum(P * dP)
 
-    workers = batch_workers(B, q.device) if SPLIT_BATCH_OVER_THREADS else 1
+    workers = batch_workers(B, q.device)  # on CPU the batch elements are shared out among the threads
     if grads.dbias is not None and grads.dbias.shape[0] == 1:
         workers = 1  # batch elements add into one shared slice of d(bias)
     # Buffers come from this thread: allocations made in the workers inflate the resident size through
