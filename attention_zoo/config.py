@@ -146,7 +146,7 @@ MODEL_FIELDS = {
     "head_dim": Field((int, type(None)), None, "per-head width; default dim // heads", minimum=1),
     "max_seq_len": Field(int, 1024, "training length; a hard cap only with position: learned", minimum=1),
     "mlp_ratio": Field(float, 4.0, "input of the MLP's hidden-width rule (gelu: ratio * dim, swiglu: 2/3 of that)",
-                       minimum=0),
+                       minimum=0, check=lambda v: None if v > 0 else "must be > 0"),
     "dropout": Field(float, 0.0, "dropout probability", minimum=0, check=lambda v: None if v < 1 else "must be < 1"),
     "tie_embeddings": Field(bool, True, "share input embedding and output projection"),
     "attention": Field(dict, {"variant": "vanilla"}, "default attention for every layer"),
@@ -320,20 +320,49 @@ def check_state_flow(model: dict, source: str) -> list[Problem]:
 # ---------------------------------------------------------------------------------------------------
 # Loading.
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key that appears twice in one mapping (plain PyYAML keeps the last
+    one without a word: `model: {dim: 64, dim: 32}` would silently build width 32)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, except that a key repeated within one mapping raises yaml.YAMLError (a
+    ConstructorError whose problem_mark is the repeated key)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, list[Problem]]:
     """Read one file and, recursively, its `base:`; later files override earlier ones key by key."""
     source = str(path)
     if path in chain:
         return {}, [Problem(source, "base", str(path), "inheritance cycle: " + " -> ".join(map(str, (*chain, path))))]
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         where = f"{chain[-1]}" if chain else source
         return {}, [Problem(where, "base" if chain else "(file)", str(path), "file not found")]
     except OSError as exc:
         return {}, [Problem(source, "(file)", _MISSING, f"cannot read: {exc}")]
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 1]
+        return {}, [Problem(source, "(file)", _MISSING, f"not UTF-8 text (byte {exc.start}: {bad!r}); expected a YAML file")]
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"

@@ -100,6 +100,13 @@ BROKEN = [
      ["empty.yaml: (file): the file is empty"]),
     ("plugins-not-a-list", {"bad.yaml": "plugins: my_plugin\n"},
      ["{main}", "plugins", "'my_plugin'", "list of importable module names"]),
+    ("duplicate-key", {"bad.yaml": "model: {dim: 64, dim: 32}\n"},
+     ["{main}", "line 1, column 18", "duplicate key 'dim' (first at line 1)"]),
+    ("duplicate-key-nested", {"bad.yaml": SMALL + "  attention: {variant: selective}\n  depth: 2\n"},
+     ["{main}", "line 6, column 3", "duplicate key 'depth' (first at line 3)"]),
+    ("duplicate-section", {"bad.yaml": "model: {dim: 64}\ntrain: {steps: 3}\nmodel: {depth: 2}\n"},
+     ["{main}", "line 3", "duplicate key 'model'"]),
+    ("mlp-ratio-zero", {"bad.yaml": "model:\n  mlp_ratio: 0\n"}, ["{main}", "model.mlp_ratio = 0", "must be > 0"]),
 ]
 
 
@@ -113,6 +120,14 @@ def test_broken_config_message(tmp_path, files, fragments):
     message = str(info.value)
     for fragment in fragments:
         assert fragment.replace("{main}", str(main)) in message, f"{fragment!r} missing from:\n{message}"
+
+
+def test_a_file_that_is_not_utf8_is_named_not_a_traceback(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe model: 1")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{path}: (file): not UTF-8 text (byte 0" in str(info.value)
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
