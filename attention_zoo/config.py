@@ -250,7 +250,12 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
             problems.append(Problem(source, f"{where}.at", at, "expected a layer index or a list of layer indices"))
         elif bad := [i for i in indices if not 0 <= i < model["depth"]]:
             problems.append(Problem(source, f"{where}.at", at, f"layer indices {bad} outside [0, {model['depth'] - 1}]"))
-        if not isinstance(override.get("attention", {}), dict):
+        elif not indices:
+            problems.append(Problem(source, f"{where}.at", at, "selects no layer; list the layer indices to override"))
+        if "attention" not in override:
+            problems.append(Problem(source, f"{where}.attention", _MISSING,
+                                    "missing: an override without `attention` changes nothing"))
+        elif not isinstance(override["attention"], dict):
             problems.append(Problem(source, f"{where}.attention", override["attention"], "expected a mapping"))
     # With malformed overrides, still check the default attention (as if there were no overrides).
     layers_ok = not any(p.path.startswith("model.layers") for p in problems)

@@ -106,6 +106,12 @@ BROKEN = [
      ["{main}", "line 6, column 3", "duplicate key 'depth' (first at line 3)"]),
     ("duplicate-section", {"bad.yaml": "model: {dim: 64}\ntrain: {steps: 3}\nmodel: {depth: 2}\n"},
      ["{main}", "line 3", "duplicate key 'model'"]),
+    ("layer-override-without-attention", {"bad.yaml": SMALL + "  layers: [{at: [1]}]\n"},
+     ["{main}", "model.layers[0].attention", "missing", "changes nothing"]),
+    ("layer-override-at-no-layer", {"bad.yaml": SMALL + "  layers: [{at: [], attention: {variant: vanilla}}]\n"},
+     ["{main}", "model.layers[0].at = []", "selects no layer"]),
+    ("sources-repeated", {"bad.yaml": SMALL + "  attention: {variant: cross_layer_selective, sources: [0, 0]}\n"},
+     ["{main}", "model.attention.sources", "[0] listed more than once"]),
     ("mlp-ratio-zero", {"bad.yaml": "model:\n  mlp_ratio: 0\n"}, ["{main}", "model.mlp_ratio = 0", "must be > 0"]),
 ]
 
@@ -143,7 +149,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 def test_a_malformed_override_does_not_hide_problems_in_the_default_attention(tmp_path):
     path = tmp_path / "layers.yaml"
-    path.write_text(SMALL + "  attention: {variant: selective, kv_heads: 3}\n  layers: [{at: [9]}]\n")
+    path.write_text(SMALL + "  attention: {variant: selective, kv_heads: 3}\n"
+                    "  layers: [{at: [9], attention: {variant: vanilla}}]\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert {p.path for p in info.value.problems} == {"model.layers[0].at", "model.attention.kv_heads"}

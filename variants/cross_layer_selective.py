@@ -24,7 +24,10 @@ def _sources_check(value, shape: LayerShape):
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         return "must be a list of layer indices (integers)"
     bad = [i for i in value if not 0 <= i < shape.depth]
-    return f"layer indices {bad} outside [0, {shape.depth - 1}]" if bad else None
+    if bad:
+        return f"layer indices {bad} outside [0, {shape.depth - 1}]"
+    repeated = sorted({i for i in value if value.count(i) > 1})
+    return f"layer indices {repeated} listed more than once; each source layer is listed once" if repeated else None
 
 
 def _decay_check(value, shape: LayerShape):
