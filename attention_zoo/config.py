@@ -400,11 +400,17 @@ def apply_override(data: dict, override: str, source: str) -> Problem | None:
     if "=" not in override:
         return Problem(source, "(override)", override, "expected KEY.PATH=VALUE, e.g. model.depth=6")
     key, raw = override.split("=", 1)
+    if not key.strip():
+        return Problem(source, "(override)", override, "the key is missing; expected KEY.PATH=VALUE, e.g. model.depth=6")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        return Problem(source, key, raw, f"value is not valid YAML: {exc}")
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (column {mark.column + 1})" if mark else ""
+        return Problem(source, key, raw, f"value is not valid YAML: {getattr(exc, 'problem', None) or exc}{where}")
     parts = key.strip().split(".")
+    if not all(parts):
+        return Problem(source, key, raw, "the key path has an empty part; expected KEY.PATH=VALUE, e.g. model.depth=6")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):

@@ -164,3 +164,37 @@ def test_seeds_option_runs_only_the_named_seeds(tmp_path, capsys):
     assert main(["ablate", str(path), "--seeds", "5", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "--seeds" in err and "0, 1, 2" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("train.steps=[1", "--set: train.steps = '[1': value is not valid YAML: expected ',' or ']'"),
+    ("=3", "--set: (override) = '=3': the key is missing"),
+])
+def test_a_bad_set_is_one_clean_message_as_for_a_train_override(tmp_path, capsys, setting, message):
+    path = sweep_file(tmp_path, runs={"a": {}})
+    assert main(["ablate", str(path), "--dry-run", "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "1 problem in config" in err and "Traceback" not in err
+    assert "unknown section" not in err
+
+
+def test_every_runs_init_from_is_checked_before_anything_trains(tmp_path, capsys):
+    """train.init_from must be a checkpoint folder whose model section is the run's (as train checks it, without
+    reading weights); every such problem is listed by the dry run and refuses the real sweep before any run."""
+    from attention_zoo.checkpoint import save_checkpoint
+    from attention_zoo.config import build_model
+
+    good = save_checkpoint(tmp_path / "good", build_model(BASE))
+    other = save_checkpoint(tmp_path / "other", build_model({**BASE, "model": {**BASE["model"], "dim": 32}}))
+    path = sweep_file(tmp_path, runs={"fresh": {}, "good": {"train.init_from": str(good)},
+                                      "missing": {"train.init_from": str(tmp_path / "nope")},
+                                      "run folder": {"train.init_from": str(tmp_path)},
+                                      "other": {"train.init_from": str(other)}})
+    for argv in (["--dry-run"], ["--out", str(tmp_path / "out")]):
+        assert main(["ablate", str(path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert "3 problems in config" in err and "Traceback" not in err
+        assert f"(runs: missing): train.init_from = '{tmp_path / 'nope'}': not a checkpoint folder" in err
+        assert f"(runs: run folder): train.init_from = '{tmp_path}': not a checkpoint folder" in err
+        assert "(runs: other): train.init_from" in err and "model.dim: checkpoint 32, config 16" in err
+    assert not (tmp_path / "out").exists()

@@ -106,6 +106,8 @@ def test_calibrate_command(run_folder, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--tolerance", "0"], "relative tolerance in (0, 1)"),
     (["--context", "3"], "--context 3: must be >= 4"),
+    (["--context", "0"], "--context 0: must be >= 4"),  # not read as "unset" (the model's max_seq_len)
+    (["--context", "16", "--measure", "budget:x"], "--measure 'budget:x': budget"),  # calibrate has no --prune
     (["--batches", "0"], "--batches 0: must be >= 1"),
 ])
 def test_calibrate_command_errors(run_folder, capsys, args, message):

@@ -78,6 +78,8 @@ def test_generation_stops_at_max_seq_len():
         generate(model, torch.zeros(1, 11, dtype=torch.long), 1, Sampler())
     with pytest.raises(UserError, match="empty"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 1, Sampler())
+    with pytest.raises(UserError, match="--prefill-chunk 0: must be >= 1"):  # 0 is not "unset" (None)
+        generate(model, torch.zeros(1, 4, dtype=torch.long), 1, Sampler(), prefill_chunk=0)
 
 
 @pytest.mark.parametrize("position", ["rope", "none"])
@@ -114,6 +116,7 @@ def test_generate_command_stops_at_the_position_limit(checkpoint, capsys):
     (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
     (["--prompt", "y" * 60], "model.max_seq_len=48"),
     (["--device", "cuda:0"], "CUDA is not available"),
+    (["--device", "meta"], "--device 'meta': expected cpu, cuda or cuda:N"),
 ])
 def test_generate_command_errors(checkpoint, capsys, args, message):
     if "--device" in args and torch.cuda.is_available():

@@ -120,6 +120,46 @@ def test_export_hf_folder_loads_with_from_pretrained(tmp_path, capsys):
     assert max_diff(logits(back, x), logits(hf, x)) < TOL
 
 
+def test_export_hf_refuses_an_out_it_would_destroy_and_writes_atomically(tmp_path, capsys, monkeypatch):
+    """--out may be new, empty or an earlier export (replaced whole); a zoo checkpoint or run (the source itself
+    included), a folder with other files or a file is refused before any work; a failed export leaves nothing."""
+    from attention_zoo.checkpoint import save_checkpoint
+
+    zoo = save_checkpoint(tmp_path / "run" / "checkpoint", from_hf(tiny("llama")))
+    weights = (zoo / "model.safetensors").read_bytes()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    for out, message in ((zoo, "is a zoo checkpoint or run folder"), (tmp_path / "run", "is a zoo checkpoint or run"),
+                         (tmp_path / "other", "is not an earlier export (it holds notes.txt)"),
+                         (tmp_path / "file", "is a file")):
+        code = main(["export-hf", str(tmp_path / "run"), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"attention-zoo export-hf: error: --out {out}: "), err
+        assert message in err and err.count("error:") == 1, err
+    assert (zoo / "model.safetensors").read_bytes() == weights and sorted(p.name for p in zoo.iterdir()) == [
+        "config.yaml", "model.safetensors"]
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "x"
+
+    out = tmp_path / "exported"
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(out)]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(out)]) == 0  # an earlier export is replaced
+    assert (out / "model.safetensors").read_bytes() == first
+
+    def broken(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("attention_zoo.hf.files.copy_tokenizer_files", broken)
+    with pytest.raises(OSError, match="disk full"):
+        main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "half")])
+    with pytest.raises(OSError, match="disk full"):
+        main(["export-hf", str(tmp_path / "run"), "--out", str(out)])
+    assert not (tmp_path / "half").exists() and (out / "model.safetensors").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "file", "other", "run"]  # no temp folders
+
+
 def test_import_hf_writes_a_checkpoint_load_model_reads(tmp_path, capsys):
     hf = tiny("llama_gqa")
     hf.save_pretrained(tmp_path / "hf")

@@ -88,12 +88,14 @@ def test_stream_command_compares_policies_on_the_same_sequences(runs, capsys):
     (["{learned}", "--length", "40"], "past model.max_seq_len (16) of a model with learned positions"),
     (["{vanilla}=budget:4", "--length", "40"], "use window:K for a sliding window"),
     (["{vanilla}=", "--length", "40"], "expected CHECKPOINT or CHECKPOINT=POLICY"),
+    (["{vanilla}=budget:x", "--length", "40"], "error: argument '{vanilla}=budget:x': budget"),  # stream has no --prune
     (["{vanilla}", "--length", "0"], "--length 0: must be >= 1"),
     (["{vanilla}", "--length", "40", "--bucket", "0"], "--bucket 0: must be >= 1"),
     (["{vanilla}", "--length", "10000000"], "--length 10000000: split 'test' of dataset 'shakespeare' has"),
 ])
 def test_stream_command_errors(runs, capsys, args, message):
     args = [a.format(learned=runs / "learned", vanilla=runs / "vanilla") for a in args]
+    message = message.format(vanilla=runs / "vanilla")
     assert main(["stream", *args, "--out", str(runs / "bad"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -276,3 +276,11 @@ def test_train_and_eval_commands(tmp_path, capsys):
     assert code == 2 and "did you mean 'variable_assignment'" in err
     code, _, err = cli(capsys, "eval", str(tmp_path))
     assert code == 2 and "not a checkpoint" in err
+    # flags: 0 is refused, not read as "the run's own value"; --json must be a file; --device is checked
+    for args, message in ((("--batches", "-1"), "--batches -1: must be >= 1"),
+                          (("--batches", "0"), "--batches 0: must be >= 1"),
+                          (("--batch-size", "0"), "--batch-size 0: must be >= 1"),
+                          (("--json", str(tmp_path)), f"--json {tmp_path}: is a folder"),
+                          (("--device", "tpu"), "--device 'tpu': expected auto, cpu, cuda or cuda:N")):
+        code, stdout, err = cli(capsys, "eval", str(out), *args)
+        assert code == 2 and message in err and err.count("error:") == 1 and not stdout, (args, err)

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, Field, Problem, load_config, validate_fields
+from ..config import Config, ConfigError, Field, Problem, apply_override, load_config, validate_fields
 from ..data import DataError
 
 METRICS = ("val.loss", "val.bpb", "val.ppl", "val.accuracy", "train_loss")
@@ -150,12 +150,9 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
         base_raw = dict(base)
     else:
         base_raw = copy.deepcopy(base)
-        for s in sets:
-            key, _, value = s.partition("=")
-            if "=" not in s:
-                problems.append(Problem("--set", "(override)", s, "expected KEY.PATH=VALUE, e.g. train.steps=3"))
-            elif (msg := set_key(base_raw, key.strip(), yaml.safe_load(value))) is not None:
-                problems.append(Problem("--set", key, value, msg))
+        for s in sets:  # parsed as `train` parses its overrides
+            if (problem := apply_override(base_raw, s, "--set")) is not None:
+                problems.append(problem)
     if problems:
         raise ConfigError(problems)
 
@@ -200,7 +197,7 @@ def _check_shape(spec: dict, source: str) -> list[Problem]:
 
 def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) -> list[Problem]:
     """Validate every run's config and data; a problem shared by several runs is reported once."""
-    from ..train.loop import plan_run
+    from ..train.loop import init_from_problem, plan_run
 
     found: dict[tuple[str, str, str], tuple[Problem, list[str]]] = {}
     datasets: dict[str, Any] = {}  # one dataset per distinct data section: corpora load once
@@ -223,6 +220,13 @@ def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) ->
             continue
         config.source = f"{source} [{run.label}]"
         run.config = config
+        if (init_from := config["train"].get("init_from")) is not None:  # as train checks it, weights unread
+            try:
+                problem = init_from_problem(init_from, config, one_line=True)
+            except ConfigError as exc:  # the checkpoint's own config.yaml is invalid
+                problem = "its config.yaml: " + "; ".join(map(str, exc.problems))
+            if problem is not None:
+                note(Problem(source, "train.init_from", init_from, problem), run.label)
         data_key = json.dumps(config["data"], sort_keys=True, default=str)
         try:
             plan = plan_run(config, dataset=datasets.get(data_key))

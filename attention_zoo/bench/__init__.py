@@ -49,6 +49,7 @@ def plan(settings: BenchSettings) -> list[Point]:
     need it. Raises UserError (or ConfigError) naming the bad value."""
     from ..backends import BACKEND_CHOICES
     from ..config import load_config
+    from ..inference.checkpoints import check_device
 
     problems = []
     for backend in settings.backends:
@@ -72,11 +73,10 @@ def plan(settings: BenchSettings) -> list[Point]:
             problems.append(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(settings, name)}")
     if settings.warmup < 0:
         problems.append(f"--warmup: must be >= 0, got {settings.warmup}")
-    if settings.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            problems.append(f"--device {settings.device}: CUDA is not available on this machine")
+    try:
+        check_device(settings.device)  # generate's and eval's check: cpu, cuda, cuda:N on a machine that has it
+    except UserError as exc:
+        problems.append(str(exc))
     if problems:
         raise UserError("\n".join(problems))
 

@@ -47,7 +47,7 @@ def cmd_calibrate(args) -> int:
     if args.threshold < 0:
         raise UserError(f"--threshold {args.threshold}: must be > 0, or 0 to skip")
     model, path = load_for_inference(args.checkpoint, args.device)
-    context = args.context or model.max_seq_len
+    context = model.max_seq_len if args.context is None else args.context  # 0 is refused below, not the default
     if context < 4 or model.max_positions is not None and context > model.max_positions:
         limit = f"between 4 and model.max_seq_len ({model.max_positions}; learned positions)" if model.max_positions else ">= 4"
         raise UserError(f"--context {context}: must be {limit}")
@@ -91,7 +91,8 @@ def measure(model, batches, args, context: int, out: Path, path: Path, dataset: 
     from ..checkpoint import atomic_write_text
     from ..inference import BudgetPolicy, Pruner, parse_prune_spec, streaming_loss
 
-    pruners = [Pruner(model, parse_prune_spec(spec)) for spec in args.measure]  # every spec checked before any work
+    # every spec checked before any work
+    pruners = [Pruner(model, parse_prune_spec(spec, f"--measure {spec!r}")) for spec in args.measure]
     base = streaming_loss(model, batches).loss
     depth = len(model.blocks)
     rows = []

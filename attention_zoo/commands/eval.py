@@ -53,16 +53,23 @@ def cmd_eval(args) -> int:
 
     from ..checkpoint import load_model
     from ..config import load_config
+    from ..inference.checkpoints import check_device
     from ..train import evaluate, plan_run
     from ..train.distributed import local_device
     from ..train.loop import TOKENS, autocast_context
 
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:  # None: the run's own value
+            raise UserError(f"{flag} {value}: must be >= 1 (leave it out for the run's own value)")
+    if args.json and Path(args.json).is_dir():
+        raise UserError(f"--json {args.json}: is a folder; give the path of a JSON file to write, e.g. "
+                        f"{Path(args.json) / 'eval.json'}")
     path = Path(args.checkpoint)
     if (path / "checkpoint").is_dir():
         path = path / "checkpoint"
     if not (path / "config.yaml").is_file():
         raise UserError(f"{args.checkpoint}: not a checkpoint or run folder (no config.yaml)")
-    device = local_device(args.device)
+    device = local_device(str(check_device(args.device, auto=True)))
     model = load_model(path, map_location=device)
     saved = model.config
     raw = {k: v for k, v in saved.items()}
@@ -85,9 +92,10 @@ def cmd_eval(args) -> int:
     # a run's tokenized corpora (data.tokenizer) are cached in the run folder; reuse its token files
     run_folder = path.parent if path.name == "checkpoint" else path
     plan = plan_run(config, cache_dir=run_folder / TOKENS)
+    batches = train["eval_batches"] if args.batches is None else args.batches
     with torch.no_grad():
-        metrics = evaluate(model, plan.dataset, args.split, plan.eval_batch_size, plan.seq_len,
-                           args.batches or train["eval_batches"], device, autocast_context(train, device))
+        metrics = evaluate(model, plan.dataset, args.split, plan.eval_batch_size, plan.seq_len, batches, device,
+                           autocast_context(train, device))
     result = {"checkpoint": str(path), "dataset": plan.dataset.name, "split": args.split, "seq_len": plan.seq_len, **metrics}
     print(json.dumps(result, indent=2))
     if args.json:

@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "layernorm + gelu with biases) that AutoModelForCausalLM.from_pretrained(OUT) loads; the "
                        "checkpoint's tokenizer files are copied. Needs transformers: pip install 'attention-zoo[hf]'.")
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder holding checkpoint/")
-    p.add_argument("--out", required=True, help="transformers folder to write")
+    p.add_argument("--out", required=True, help="transformers folder to write: a new or empty folder, or an earlier "
+                   "export, which is replaced")
     p.set_defaults(run=cmd_export_hf)
 
 
@@ -20,20 +21,22 @@ def cmd_export_hf(args) -> int:
 
     from ..checkpoint import load_model
     from ..hf import to_hf
-    from ..hf.files import copy_tokenizer_files, quiet_transformers
+    from ..hf.files import check_export_target, copy_tokenizer_files, quiet_transformers, staged_folder
 
     quiet_transformers()
 
     path = Path(args.checkpoint)
     if (path / "checkpoint").is_dir():
         path = path / "checkpoint"
+    out = Path(args.out)
+    check_export_target(out, "--out")  # before any work: an existing folder is replaced only if it is an export
     model = load_model(path)
     hf = to_hf(model)
-    out = Path(args.out)
-    hf.save_pretrained(str(out))
-    copied = copy_tokenizer_files(path, out)
-    init_from = (model.config.get("train") or {}).get("init_from")
-    if not copied and init_from and Path(init_from).is_dir():  # a fine-tuned run: its tokenizer came with init_from
-        copied = copy_tokenizer_files(init_from, out)
+    with staged_folder(out) as staging:  # written next to OUT, renamed into place only when complete
+        hf.save_pretrained(str(staging))
+        copied = copy_tokenizer_files(path, staging)
+        init_from = (model.config.get("train") or {}).get("init_from")
+        if not copied and init_from and Path(init_from).is_dir():  # a fine-tuned run: its tokenizer came with init_from
+            copied = copy_tokenizer_files(init_from, staging)
     print(f"attention-zoo export-hf: {path} -> {out} ({type(hf).__name__}; tokenizer files: {', '.join(copied) or 'none'})")
     return 0

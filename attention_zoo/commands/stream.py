@@ -62,17 +62,17 @@ def cmd_stream(args) -> int:
     bucket = max(1, args.length // 32) if args.bucket is None else args.bucket
     if bucket < 1:
         raise UserError(f"--bucket {bucket}: must be >= 1")
-    entries = [parse_entry(text) for text in args.entries]
+    entries = [(*parse_entry(text), text) for text in args.entries]
     loaded = {}  # a checkpoint named with several policies is loaded once
     runs = []  # every model loaded and every policy checked before any streaming
-    for path_text, policy in entries:
+    for path_text, policy, text in entries:
         if path_text not in loaded:
             loaded[path_text] = load_for_inference(path_text, args.device)
         model, path = loaded[path_text]
         if model.max_positions is not None and args.length > model.max_positions:
             raise UserError(f"{path_text}: --length {args.length} is past model.max_seq_len ({model.max_positions}) "
                             "of a model with learned positions; rope or none positions stream past it")
-        pruner = None if policy == "none" else Pruner(model, parse_prune_spec(policy))
+        pruner = None if policy == "none" else Pruner(model, parse_prune_spec(policy, f"argument {text!r}"))
         runs.append((path_text, policy, model, path, pruner))
     datas = {json.dumps(run[2].config.get("data"), sort_keys=True) for run in runs}
     if len(datas) > 1:

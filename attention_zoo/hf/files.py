@@ -1,7 +1,13 @@
-"""The tokenizer files that travel with a checkpoint between transformers folders and zoo checkpoints."""
+"""The files that travel between transformers folders and zoo checkpoints (tokenizer files), and the folder an
+export writes: what may be replaced, and writing it under a temporary name first."""
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # What AutoTokenizer reads from a folder (fast and slow tokenizers, chat template); generation defaults too.
@@ -28,3 +34,54 @@ def quiet_transformers() -> None:
     transformers = require_transformers()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+# What an export writes (transformers' save_pretrained, sharded or not, and the tokenizer files): a folder holding
+# config.json and nothing else than these is an earlier export that export-hf may replace.
+_EXPORT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", *TOKENIZER_FILES)
+_EXPORT_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+
+
+def check_export_target(out: Path, flag: str) -> None:
+    """UserError unless `out` may receive an export: absent, an empty folder, or an earlier export (config.json
+    and only the files an export writes), never a file, a zoo checkpoint or run, or a folder with other files."""
+    from ..errors import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: is a file; give a folder for the transformers model (new, empty, or an "
+                        "earlier export, which is replaced)")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if "config.yaml" in entries or "checkpoint" in entries:
+        what = "a zoo checkpoint or run folder"
+    else:
+        other = [n for n in entries if n not in _EXPORT_FILES and not _EXPORT_SHARD.fullmatch(n)]
+        if "config.json" in entries and not other:
+            return  # an earlier export: replaced whole
+        shown = other or entries
+        what = f"not an earlier export (it holds {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''})"
+    raise UserError(f"{flag} {out}: exists and is {what}; it would be replaced, choose a new or empty folder "
+                    "or an earlier export")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder next to `out` to write into; on success it replaces `out` (an existing one is swapped
+    out, then removed), on any failure it is removed and `out` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = out.with_name(f".{out.name}.old")
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)  # a folder cannot be replaced in one step: swap, then drop the old one
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

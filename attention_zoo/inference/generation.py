@@ -56,9 +56,11 @@ def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler
                         f"{model.max_seq_len}; shorten it")
     if max_tokens < 0:
         raise UserError(f"--max-tokens {max_tokens}: must be >= 0")
+    if prefill_chunk is not None and prefill_chunk < 1:  # 0 is not "all at once": None is
+        raise UserError(f"--prefill-chunk {prefill_chunk}: must be >= 1")
     model.eval()
     cache = model.new_cache()
-    chunk = prefill_chunk or P
+    chunk = P if prefill_chunk is None else prefill_chunk
     start = time.perf_counter()
     for begin in range(0, P, chunk):
         logits = model(prompt[:, begin:begin + chunk], cache=cache)

@@ -114,10 +114,12 @@ def _budgets_text(budgets: int | list[int | None]) -> str:
     return str(budgets) if isinstance(budgets, int) else ",".join("none" if b is None else str(b) for b in budgets)
 
 
-def parse_prune_spec(text: str) -> PruningPolicy:
-    """`threshold:1.0`, `budget:64`, `budget:64,32,none,16`, `window:64` -> a policy."""
+def parse_prune_spec(text: str, given_as: str | None = None) -> PruningPolicy:
+    """`threshold:1.0`, `budget:64`, `budget:64,32,none,16`, `window:64` -> a policy. `given_as` names where the
+    user wrote it, to start an error message (default `--prune 'TEXT'`, generate's flag)."""
     kind, sep, value = text.partition(":")
-    bad = lambda why: PruningError(f"--prune {text!r}: {why}; valid forms: {SPEC_FORMS}")  # noqa: E731
+    where = given_as or f"--prune {text!r}"
+    bad = lambda why: PruningError(f"{where}: {why}; valid forms: {SPEC_FORMS}")  # noqa: E731
     if not sep or kind not in ("threshold", "budget", "window"):
         raise bad("unknown policy" if sep else "expected POLICY:VALUE")
     if kind == "threshold":

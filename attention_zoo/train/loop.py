@@ -140,24 +140,32 @@ def model_differences(saved: dict, wanted: dict, path: str = "model") -> list[st
     return out
 
 
-def init_weights(model: torch.nn.Module, init_from: str, config: Config, device: torch.device) -> None:
-    """Load the weights of checkpoint `init_from` (train.init_from) into `model`, built from `config`.
-    Raises UserError if the folder is not a checkpoint or its model section differs from the config's."""
+def init_from_problem(init_from: str, config: Config, one_line: bool = False) -> str | None:
+    """Why checkpoint `init_from` (train.init_from) cannot start `config`'s model: not a checkpoint folder, or its
+    model section differs (each difference on its own line unless `one_line`); None if it can. Reads the
+    checkpoint's config.yaml only, never its weights."""
     from ..checkpoint import CONFIG as SAVED_CONFIG
     from ..checkpoint import with_legacy_stack
     from ..config import load_config
 
     path = Path(init_from).expanduser()
     if not (path / WEIGHTS).is_file() or not (path / SAVED_CONFIG).is_file():
-        raise UserError(f"{config.source}: train.init_from = {init_from!r}: not a checkpoint folder (expected "
-                        f"{WEIGHTS} and {SAVED_CONFIG}, as import-hf and train write)")
+        return f"not a checkpoint folder (expected {WEIGHTS} and {SAVED_CONFIG}, as import-hf and train write)"
     saved = load_config({"model": with_legacy_stack(yaml.safe_load((path / SAVED_CONFIG).read_text()))["model"]})
     differences = model_differences(saved["model"], config["model"])
     if differences:
-        raise UserError(f"{config.source}: train.init_from = {init_from!r}: the config's model section differs from "
-                        "the checkpoint's (start from its config.yaml, e.g. `base: " + f"{path / SAVED_CONFIG}`):\n  "
-                        + "\n  ".join(differences))
-    load_weights(model, str(path / WEIGHTS), device=str(device))
+        lead, sep = (" ", "; ") if one_line else ("\n  ", "\n  ")
+        return ("the config's model section differs from the checkpoint's (start from its config.yaml, e.g. `base: "
+                + f"{path / SAVED_CONFIG}`):" + lead + sep.join(differences))
+    return None
+
+
+def init_weights(model: torch.nn.Module, init_from: str, config: Config, device: torch.device) -> None:
+    """Load the weights of checkpoint `init_from` (train.init_from) into `model`, built from `config`.
+    Raises UserError if the folder is not a checkpoint or its model section differs from the config's."""
+    if (problem := init_from_problem(init_from, config)) is not None:
+        raise UserError(f"{config.source}: train.init_from = {init_from!r}: {problem}")
+    load_weights(model, str(Path(init_from).expanduser() / WEIGHTS), device=str(device))
 
 
 def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
