@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as _load_weights
 from safetensors.torch import save_model as _save_weights
 
-from .config import LEGACY_STACK, build_model, load_config
+from .config import LEGACY_STACK, Config, ConfigError, build_model, load_config
 from .errors import UserError
 
 WEIGHTS, CONFIG, STATE = "model.safetensors", "config.yaml", "state.pt"
@@ -63,19 +64,89 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, training_state: di
     return path
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder holding `checkpoint/`, as the checkpoint folder. Raises UserError
+    when neither holds config.yaml."""
+    path = Path(path).expanduser()
+    if (path / "checkpoint").is_dir():
+        path = path / "checkpoint"
+    if not (path / CONFIG).is_file():
+        raise UserError(f"{path}: not a checkpoint or run folder (expected {CONFIG} and {WEIGHTS}, "
+                        "or a checkpoint/ folder holding them)")
+    return path
+
+
 def _require(path: Path) -> None:
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise UserError(f"{path}: not a checkpoint (expected a folder with {WEIGHTS} and {CONFIG})")
 
 
+def read_saved_config(path: str | Path) -> dict:
+    """The raw mapping in checkpoint `path`'s config.yaml. Raises ConfigError naming that file when it is
+    unreadable, invalid YAML or not a mapping."""
+    from .config import ConfigError, _read_yaml
+
+    data, problems = _read_yaml(Path(path) / CONFIG)
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+def load_saved_config(path: str | Path, overrides: tuple[str, ...] = ()) -> Config:
+    """Checkpoint `path`'s config.yaml, validated (legacy stacks filled in); every problem names that file."""
+    source = str(Path(path) / CONFIG)
+    try:
+        config = load_config(with_legacy_stack(read_saved_config(path)), overrides)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            if problem.source == "<dict>":
+                problem.source = source
+        raise ConfigError(exc.problems) from None
+    config.source = source
+    return config
+
+
+def _listed(keys: list[str], limit: int = 4) -> str:
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
+    """Load checkpoint `path`'s model.safetensors into `model`. Raises UserError naming the file when it is
+    not a readable safetensors file or its tensors do not match the model (missing, unexpected, other shapes)."""
+    file = Path(path) / WEIGHTS
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{file}: not a readable safetensors file ({exc}); the checkpoint is damaged or "
+                        "incomplete: write it again") from None
+    wanted = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    reshaped = [f"{key} (file {list(shapes[key])}, model {list(wanted[key])})"
+                for key in sorted(shapes.keys() & wanted.keys()) if shapes[key] != wanted[key]]
+    missing, unexpected = [], []
+    if not reshaped:
+        try:
+            missing, unexpected = _load_weights(model, str(file), strict=False, device=str(device))
+        except SafetensorError as exc:
+            raise UserError(f"{file}: not a readable safetensors file ({exc}); the checkpoint is damaged or "
+                            "incomplete: write it again") from None
+    if reshaped or missing or unexpected:
+        found = [f"{label}: {_listed(sorted(keys))}" for label, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", reshaped)) if keys]
+        raise UserError(f"{file}: the weights do not match the model section of {Path(path) / CONFIG} "
+                        f"({'; '.join(found)}); the file was written for another model")
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", overrides: tuple[str, ...] = ()):
-    """The model saved at `path`, weights loaded, in eval mode. `overrides` may change e.g. the backend."""
-    path = Path(path)
+    """The model saved at `path` (a checkpoint folder or a run folder holding checkpoint/), weights loaded,
+    in eval mode. `overrides` may change e.g. the backend. Every problem with the folder is a UserError
+    naming the file at fault."""
+    path = resolve_checkpoint(path)
     _require(path)
-    config = load_config(with_legacy_stack(yaml.safe_load((path / CONFIG).read_text())), overrides)
-    config.source = str(path / CONFIG)
+    config = load_saved_config(path, overrides)
     model = build_model(config)
-    _load_weights(model, str(path / WEIGHTS), device=str(map_location))
+    load_weights(model, path, map_location)
     return model.to(map_location).eval()
 
 
@@ -90,4 +161,10 @@ def with_legacy_stack(saved: Any) -> Any:
 
 def load_training_state(path: str | Path) -> dict[str, Any] | None:
     state = Path(path) / STATE
-    return torch.load(state, map_location="cpu", weights_only=False) if state.is_file() else None
+    if not state.is_file():
+        return None
+    try:
+        return torch.load(state, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises many types
+        raise UserError(f"{state}: cannot read the training state ({type(exc).__name__}: {exc}); the checkpoint "
+                        "is damaged: train again without --resume, or into another --out") from None

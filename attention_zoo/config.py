@@ -351,27 +351,37 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
+def read_yaml_file(path: Path, missing: Problem | None = None) -> tuple[Any, list[Problem]]:
+    """The YAML document in `path` (None for an empty file), or the one Problem that stops reading it: not
+    found (`missing`, if given, names who pointed there), unreadable, not UTF-8, invalid YAML (with line and
+    column) or a key repeated in one mapping."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, [missing or Problem(source, "(file)", str(path), "file not found")]
+    except OSError as exc:
+        return None, [Problem(source, "(file)", _MISSING, f"cannot read: {exc}")]
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 1]
+        return None, [Problem(source, "(file)", _MISSING, f"not UTF-8 text (byte {exc.start}: {bad!r}); expected a YAML file")]
+    try:
+        return load_yaml(text), []
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        return None, [Problem(source, where, _MISSING, f"invalid YAML: {getattr(exc, 'problem', exc)}")]
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, list[Problem]]:
     """Read one file and, recursively, its `base:`; later files override earlier ones key by key."""
     source = str(path)
     if path in chain:
         return {}, [Problem(source, "base", str(path), "inheritance cycle: " + " -> ".join(map(str, (*chain, path))))]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        where = f"{chain[-1]}" if chain else source
-        return {}, [Problem(where, "base" if chain else "(file)", str(path), "file not found")]
-    except OSError as exc:
-        return {}, [Problem(source, "(file)", _MISSING, f"cannot read: {exc}")]
-    except UnicodeDecodeError as exc:
-        bad = exc.object[exc.start:exc.start + 1]
-        return {}, [Problem(source, "(file)", _MISSING, f"not UTF-8 text (byte {exc.start}: {bad!r}); expected a YAML file")]
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
-        return {}, [Problem(source, where, _MISSING, f"invalid YAML: {getattr(exc, 'problem', exc)}")]
+    missing = Problem(str(chain[-1]), "base", str(path), "file not found") if chain else None
+    data, problems = read_yaml_file(path, missing)
+    if problems:
+        return {}, problems
     if data is None:  # nothing but whitespace or comments: a mistake (a wrong path, a truncated file), not defaults
         return {}, [Problem(source, "(file)", _MISSING, "the file is empty; expected a mapping of sections "
                                                          "(model, backend, ...); write `model: {}` for every default")]

@@ -284,3 +284,64 @@ def test_train_and_eval_commands(tmp_path, capsys):
                           (("--device", "tpu"), "--device 'tpu': expected auto, cpu, cuda or cuda:N")):
         code, stdout, err = cli(capsys, "eval", str(out), *args)
         assert code == 2 and message in err and err.count("error:") == 1 and not stdout, (args, err)
+
+
+def test_text_shorter_than_a_window_is_refused_before_anything_is_written(tmp_path, capsys):
+    text = tmp_path / "mid.txt"
+    text.write_text("abcdefghij" * 30)  # 301 bytes: val 30, test 15, each less than seq_len + 1 = 33
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=2, eval_every=0)))
+    code, _, err = cli(capsys, "train", str(cfg), f"data={{text: {text}}}", "--out", str(tmp_path / "run"),
+                       "--no-progress")
+    assert code == 2 and "Traceback" not in err
+    assert f"data.text = '{text}'" in err and "split 'val'" in err and "30 tokens" in err and "train.seq_len = 32" in err
+    assert "split 'test'" in err and "15 tokens" in err and "split 'train'" not in err
+    assert not (tmp_path / "run").exists()  # no config.yaml, no checkpoint: a rerun is not "already holds a run"
+
+
+def test_resume_refuses_other_data_other_train_settings_and_fewer_steps(tmp_path):
+    from attention_zoo.errors import UserError
+
+    run = tmp_path / "run"
+    train(load_config(tiny(steps=6, eval_every=0)), run, stop_after=3, progress=False)
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    text = tmp_path / "other.txt"
+    text.write_text("some other text " * 200)
+    other = tiny(steps=6, eval_every=0, lr=1e-3, seed=1)
+    other["data"] = {"text": str(text)}
+    with pytest.raises(UserError) as exc:
+        train(load_config(other), run, resume=True, progress=False)
+    message = str(exc.value)
+    assert "data.name: checkpoint 'shakespeare', config 'text'" in message and "data.text" in message
+    assert "train.lr: checkpoint 0.003, config 0.001" in message and "train.seed: checkpoint 0, config 1" in message
+    with pytest.raises(UserError, match="already at step 3; raise train.steps above 3"):
+        train(load_config(tiny(steps=2, eval_every=0)), run, resume=True, progress=False)
+    with pytest.raises(UserError, match="already at step 3"):
+        train(load_config(tiny(steps=3, eval_every=0)), run, resume=True, progress=False)
+    assert {name: (run / name).read_bytes() for name in before} == before  # refusals leave the run as it was
+    assert not (run / "final.json").exists()
+    # raising steps and changing how the run is executed or logged is fine
+    summary = train(load_config(tiny(steps=8, eval_every=0, eval_batches=1, log_every=2)), run, resume=True,
+                    progress=False)
+    assert summary["steps"] == 8 and [r["step"] for r in records(run, "val")] == [8]
+
+
+def test_failed_init_from_writes_nothing_and_a_run_folder_is_accepted(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=2, eval_every=0, eval_batches=1)))
+    base = tmp_path / "base"
+    assert cli(capsys, "train", str(cfg), "--out", str(base), "--no-progress")[0] == 0
+    code, _, err = cli(capsys, "train", str(cfg), "train.init_from=/nonexistent", "--out", str(tmp_path / "a"))
+    assert code == 2 and "not a checkpoint folder" in err and not (tmp_path / "a").exists()
+    code, _, err = cli(capsys, "train", str(cfg), f"train.init_from={base}", "model.dim=64", "--out",
+                       str(tmp_path / "b"))
+    assert code == 2 and "model.dim: checkpoint 32, config 64" in err and not (tmp_path / "b").exists()
+    # a run folder, as eval and generate take it: its checkpoint/ starts the run
+    code, _, err = cli(capsys, "train", str(cfg), f"train.init_from={base}", "train.lr=0", "train.warmup=0",
+                       "--out", str(tmp_path / "c"), "--no-progress")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    start = load_file(base / "checkpoint" / "model.safetensors")
+    after = load_file(tmp_path / "c" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(start[k], after[k]) for k in start)  # lr 0: the weights it started from

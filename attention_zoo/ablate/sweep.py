@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import Config, ConfigError, Field, Problem, apply_override, load_config, validate_fields
+from ..config import Config, ConfigError, Field, Problem, apply_override, load_config, read_yaml_file, validate_fields
 from ..data import DataError
 
 METRICS = ("val.loss", "val.bpb", "val.ppl", "val.accuracy", "train_loss")
@@ -131,12 +129,10 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
     problem (sweep keys, base config, each run's config and data), before anything is trained."""
     path = Path(path)
     source = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError([Problem(source, "(file)", str(path), "file not found")]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([Problem(source, "(file)", str(path), f"invalid YAML: {exc}")]) from None
+    raw, problems = read_yaml_file(path)
+    if problems:
+        raise ConfigError(problems)
+    raw = raw or {}
     spec, problems = validate_fields(raw, SWEEP_FIELDS, "sweep", source)
     for p in problems:
         p.path = p.path.removeprefix("sweep.")

@@ -5,10 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
 from ..checkpoint import atomic_write_text
-from ..config import ConfigError, Problem, apply_override
+from ..config import ConfigError, Problem, apply_override, read_yaml_file
 from ..errors import UserError
 
 
@@ -41,7 +39,8 @@ def data_spec(items: list[str], base: dict) -> dict:
         if not path.is_file():
             problems.append(Problem("--data", "(file)", item, "no such YAML file; give a file or KEY=VALUE items"))
             continue
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded, unreadable = read_yaml_file(path)
+        problems += unreadable
         spec = dict(loaded.get("data", loaded) if isinstance(loaded, dict) else {})
     if problems:
         raise ConfigError(problems)

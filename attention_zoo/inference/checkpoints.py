@@ -6,18 +6,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, resolve_checkpoint
 from ..errors import UserError
 
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if (path / "checkpoint").is_dir():
-        path = path / "checkpoint"
-    if not (path / "config.yaml").is_file():
-        raise UserError(f"{path}: not a checkpoint or run folder (expected config.yaml and model.safetensors, "
-                        "or a checkpoint/ folder holding them)")
-    return path
+__all__ = ["load_for_inference", "resolve_checkpoint"]
 
 
 def check_device(device: str, flag: str = "--device", auto: bool = False) -> torch.device:

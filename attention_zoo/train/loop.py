@@ -29,11 +29,19 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_model as load_weights
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..checkpoint import STATE, WEIGHTS, atomic_write_text, load_training_state, save_checkpoint
+from ..checkpoint import (
+    STATE,
+    WEIGHTS,
+    atomic_write_text,
+    load_saved_config,
+    load_training_state,
+    load_weights,
+    read_saved_config,
+    save_checkpoint,
+)
 from ..config import Config, ConfigError, Problem, build_model
 from ..data import IGNORE_INDEX, Dataset, build_dataset
 from ..errors import UserError
@@ -75,12 +83,31 @@ def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None
     if model["vocab_size"] < dataset.vocab_size:
         problems.append(Problem(config.source, "model.vocab_size", model["vocab_size"],
                                 f"dataset {dataset.name!r} has {dataset.vocab_size} tokens"))
+    problems += _split_length_problems(config, dataset, seq_len)
     if train["batch_size"] % (world.size * train["grad_accum"]):
         problems.append(Problem(config.source, "train.batch_size", train["batch_size"],
                                 f"must be divisible by processes x grad_accum = {world.size} x {train['grad_accum']}"))
     if problems:
         raise ConfigError(problems)
     return RunPlan(dataset, seq_len, train["eval_batch_size"] or train["batch_size"])
+
+
+def _split_length_problems(config: Config, dataset: Dataset, seq_len: int) -> list[Problem]:
+    """A corpus split shorter than one window (seq_len tokens and the next one) cannot be sampled or
+    evaluated: found here, before anything is written or trained, for every split."""
+    data = config.get("data") or {}
+    key = "data.text" if "text" in data else "data.name" if "name" in data else "data"
+    value = data.get("text", data.get("name", data))
+    how = (f"train.seq_len = {seq_len}" if config["train"]["seq_len"]
+           else f"seq_len {seq_len} (train.seq_len is null: model.max_seq_len)")
+    problems = []
+    for split in dataset.splits:
+        n = dataset.num_tokens(split)
+        if n is not None and n < seq_len + 1:
+            problems.append(Problem(config.source, key, value, f"split {split!r} of dataset {dataset.name!r} has {n} "
+                                    f"tokens, fewer than one window of {how} plus the next token ({seq_len + 1}); "
+                                    "give more text or lower train.seq_len"))
+    return problems
 
 
 def autocast_context(train: dict, device: torch.device) -> contextlib.AbstractContextManager:
@@ -125,47 +152,91 @@ def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
     return checkpoint if resume and has_checkpoint else None
 
 
-def model_differences(saved: dict, wanted: dict, path: str = "model") -> list[str]:
-    """`path.key: checkpoint X, config Y` for every key where two model sections differ (nested mappings
-    compared key by key). dropout changes no weight and is not compared."""
+def model_differences(saved: dict, wanted: dict, path: str = "model", ignore: tuple[str, ...] = ("model.dropout",)
+                      ) -> list[str]:
+    """`path.key: checkpoint X, config Y` for every key where two sections differ (nested mappings
+    compared key by key). `ignore`: key paths not compared; by default model.dropout, which changes no weight."""
     out = []
     for key in sorted(set(saved) | set(wanted), key=str):
         a, b = saved.get(key, "(absent)"), wanted.get(key, "(absent)")
-        if key == "dropout" and path == "model":
+        if f"{path}.{key}" in ignore:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += model_differences(a, b, f"{path}.{key}")
+            out += model_differences(a, b, f"{path}.{key}", ignore)
         elif a != b:
             out.append(f"{path}.{key}: checkpoint {a!r}, config {b!r}")
     return out
 
 
-def init_from_problem(init_from: str, config: Config, one_line: bool = False) -> str | None:
-    """Why checkpoint `init_from` (train.init_from) cannot start `config`'s model: not a checkpoint folder, or its
-    model section differs (each difference on its own line unless `one_line`); None if it can. Reads the
-    checkpoint's config.yaml only, never its weights."""
-    from ..checkpoint import CONFIG as SAVED_CONFIG
-    from ..checkpoint import with_legacy_stack
-    from ..config import load_config
+# train keys a resumed run must keep: they decide the batches (seed, batch_size, seq_len) or the updates
+# (the rest; lr, betas and weight_decay also live in the saved optimizer state, which would silently win).
+# steps may be raised (or lowered, above the checkpoint's step); how the run is executed and logged may change.
+RESUME_KEYS = ("seed", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "weight_decay", "betas", "clip",
+               "aux_losses")
 
-    path = Path(init_from).expanduser()
-    if not (path / WEIGHTS).is_file() or not (path / SAVED_CONFIG).is_file():
-        return f"not a checkpoint folder (expected {WEIGHTS} and {SAVED_CONFIG}, as import-hf and train write)"
-    saved = load_config({"model": with_legacy_stack(yaml.safe_load((path / SAVED_CONFIG).read_text()))["model"]})
-    differences = model_differences(saved["model"], config["model"])
+
+def init_from_problem(init_from: str, config: Config, one_line: bool = False) -> str | None:
+    """Why train.init_from cannot start `config`'s model: not a checkpoint folder (or a run folder holding
+    checkpoint/, as eval and generate take), or its model section differs (each difference on its own line
+    unless `one_line`); None if it can. Reads the checkpoint's config.yaml only, never its weights; raises
+    UserError if that file is broken."""
+    from ..checkpoint import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(init_from)
+    except UserError:
+        path = None
+    if path is None or not (path / WEIGHTS).is_file():
+        return (f"not a checkpoint folder (expected {WEIGHTS} and {CONFIG}, as import-hf and train write) or a run "
+                "folder holding checkpoint/")
+    differences = model_differences(load_saved_config(path)["model"], config["model"])
     if differences:
         lead, sep = (" ", "; ") if one_line else ("\n  ", "\n  ")
         return ("the config's model section differs from the checkpoint's (start from its config.yaml, e.g. `base: "
-                + f"{path / SAVED_CONFIG}`):" + lead + sep.join(differences))
+                + f"{path / CONFIG}`):" + lead + sep.join(differences))
     return None
+
+
+def check_init_from(init_from: str, config: Config) -> Path:
+    """The checkpoint folder train.init_from names. Raises UserError (init_from_problem's reason) if it cannot
+    start `config`'s model. Reads only: call before the run folder is written."""
+    from ..checkpoint import resolve_checkpoint
+
+    if (problem := init_from_problem(init_from, config)) is not None:
+        raise UserError(f"{config.source}: train.init_from = {init_from!r}: {problem}")
+    return resolve_checkpoint(init_from)
 
 
 def init_weights(model: torch.nn.Module, init_from: str, config: Config, device: torch.device) -> None:
     """Load the weights of checkpoint `init_from` (train.init_from) into `model`, built from `config`.
-    Raises UserError if the folder is not a checkpoint or its model section differs from the config's."""
-    if (problem := init_from_problem(init_from, config)) is not None:
-        raise UserError(f"{config.source}: train.init_from = {init_from!r}: {problem}")
-    load_weights(model, str(Path(init_from).expanduser() / WEIGHTS), device=str(device))
+    Raises UserError if it is not a checkpoint, its model section differs or its weights do not load."""
+    load_weights(model, check_init_from(init_from, config), device)
+
+
+def check_resume(checkpoint: Path, config: Config) -> dict[str, Any]:
+    """The training state of the run's checkpoint, after checking that `config` continues that run: the same
+    model and data sections, the same RESUME_KEYS, and train.steps past the checkpoint's step (or equal
+    to it when the run was meant to end there). Raises UserError listing every difference. Reads only."""
+    saved = read_saved_config(checkpoint)
+    state = load_training_state(checkpoint)
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{checkpoint / STATE}: not a training state written by train; train again without --resume")
+    differences = model_differences(saved.get("model") or {}, config["model"], ignore=())
+    if "data" in saved:
+        differences += model_differences({"data": saved["data"]}, {"data": config["data"]}, path="", ignore=())
+    saved_train, train = saved.get("train") or {}, config["train"]
+    differences += [f"train.{key}: checkpoint {saved_train[key]!r}, config {train[key]!r}"
+                    for key in RESUME_KEYS if key in saved_train and saved_train[key] != train[key]]
+    differences = [d.removeprefix(".") for d in differences]
+    if differences:
+        raise UserError(f"{config.source}: --resume: {checkpoint} was trained with another config; resume with "
+                        "the same model, data and train settings (see docs/training.md), or choose another --out:\n  "
+                        + "\n  ".join(differences))
+    step = state["step"]
+    if train["steps"] < step or (train["steps"] == step and saved_train.get("steps", step) != step):
+        raise UserError(f"{config.source}: train.steps = {train['steps']}: the run in {checkpoint.parent} is already "
+                        f"at step {step}; raise train.steps above {step} to continue it")
+    return state
 
 
 def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
@@ -194,30 +265,32 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     plan = plan_run(config, world, cache_dir=out / TOKENS)
     dataset, seq_len = plan.dataset, plan.seq_len
     checkpoint = _prepare_out_dir(out, resume, world)
-    D.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / CONFIG, yaml.safe_dump(dict(config), sort_keys=False))
+    # Everything that can refuse the run is checked before the run folder is written: a refused run leaves
+    # no config.yaml behind, and a refused resume leaves the run's own untouched.
+    state = check_resume(checkpoint, config) if checkpoint is not None else None
+    init_from = None
+    if checkpoint is None and tcfg.get("init_from"):  # resuming restores the run's own weights instead
+        init_from = check_init_from(tcfg["init_from"], config)
 
     torch.manual_seed(tcfg["seed"])  # the same initial weights on every rank
     model = build_model(config).to(device)
+    if init_from is not None:
+        load_weights(model, init_from, device)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, device)
     torch.manual_seed(tcfg["seed"] + world.rank)  # dropout differs between ranks' rows
     random.seed(tcfg["seed"] + world.rank)
     generator = torch.Generator().manual_seed(tcfg["seed"])  # the batch sampler: identical on every rank
     optimizer = build_optimizer(model, tcfg, device)
     schedule = build_schedule(optimizer, tcfg)
+    D.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / CONFIG, yaml.safe_dump(dict(config), sort_keys=False))
     log = MetricsLog(out / METRICS, enabled=world.is_main)
 
     start_step, tokens_seen, train_time, loss_value = 0, 0, 0.0, float("nan")
-    if checkpoint is None and tcfg.get("init_from"):  # resuming restores the run's own weights instead
-        init_weights(model, tcfg["init_from"], config, device)
-    if checkpoint is not None:
-        saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
-        if saved.get("model") != config["model"]:
-            raise UserError(f"{checkpoint}: was trained with a different model section than {config.source}; "
-                            "resume with the same model config, or choose another --out")
-        load_weights(model, str(checkpoint / WEIGHTS), device=str(device))
-        state = load_training_state(checkpoint)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         _restore_rng(state["rng"], generator, world)
