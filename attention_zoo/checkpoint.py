@@ -6,9 +6,11 @@ under a temporary name and swapped in, so a run killed mid-write never leaves a 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +45,35 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, training_state: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder atomically. `model.config` must be the config it was built from."""
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary folder next to `path` to write into; when the block ends without an exception it replaces
+    `path` (an existing folder is swapped out, then removed), on any failure it is removed and `path` is left as
+    it was. Yields the temporary folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = path.with_name(f".{path.name}.old")
     try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)  # a directory cannot be replaced in one step: swap, then drop the old one
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, training_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder atomically. `model.config` must be the config it was built from."""
+    with atomic_folder(path) as tmp:
         _save_weights(model, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(yaml.safe_dump(dict(model.config), sort_keys=False))
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            os.replace(path, old)  # a directory cannot be replaced in one step: swap, then drop the old one
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

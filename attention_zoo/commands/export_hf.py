@@ -19,9 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_export_hf(args) -> int:
     from pathlib import Path
 
-    from ..checkpoint import load_model
+    from ..checkpoint import atomic_folder, load_model
     from ..hf import to_hf
-    from ..hf.files import check_export_target, copy_tokenizer_files, quiet_transformers, staged_folder
+    from ..hf.files import check_export_target, copy_tokenizer_files, quiet_transformers
 
     quiet_transformers()
 
@@ -32,7 +32,7 @@ def cmd_export_hf(args) -> int:
     check_export_target(out, "--out")  # before any work: an existing folder is replaced only if it is an export
     model = load_model(path)
     hf = to_hf(model)
-    with staged_folder(out) as staging:  # written next to OUT, renamed into place only when complete
+    with atomic_folder(out) as staging:  # written next to OUT, renamed into place only when complete
         hf.save_pretrained(str(staging))
         copied = copy_tokenizer_files(path, staging)
         init_from = (model.config.get("train") or {}).get("init_from")

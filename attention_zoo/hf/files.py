@@ -1,13 +1,9 @@
-"""The files that travel between transformers folders and zoo checkpoints (tokenizer files), and the folder an
-export writes: what may be replaced, and writing it under a temporary name first."""
+"""The files that travel between transformers folders and zoo checkpoints (tokenizer files), and which existing
+folder an export may replace."""
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 # What AutoTokenizer reads from a folder (fast and slow tokenizers, chat template); generation defaults too.
@@ -66,22 +62,3 @@ def check_export_target(out: Path, flag: str) -> None:
         what = f"not an earlier export (it holds {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''})"
     raise UserError(f"{flag} {out}: exists and is {what}; it would be replaced, choose a new or empty folder "
                     "or an earlier export")
-
-
-@contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
-    """A temporary folder next to `out` to write into; on success it replaces `out` (an existing one is swapped
-    out, then removed), on any failure it is removed and `out` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old = out.with_name(f".{out.name}.old")
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)  # a folder cannot be replaced in one step: swap, then drop the old one
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
