@@ -96,7 +96,7 @@ def _require(path: Path) -> None:
 def read_saved_config(path: str | Path) -> dict:
     """The raw mapping in checkpoint `path`'s config.yaml. Raises ConfigError naming that file when it is
     unreadable, invalid YAML or not a mapping."""
-    from .config import ConfigError, _read_yaml
+    from .config import _read_yaml
 
     data, problems = _read_yaml(Path(path) / CONFIG)
     if problems:
