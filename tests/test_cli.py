@@ -50,6 +50,11 @@ def test_validate(capsys, tmp_path):
     assert code == 2
     assert f"{good[0]}: ok" in out
     assert f"{bad}: model.layers[0].at = [5]: layer indices [5] outside [0, 1]" in out
+    # KEY.PATH=VALUE items are overrides applied to every file, as `train` and `describe` take them
+    code, out, _ = run(capsys, "validate", good[0], good[1], "model.depth=0")
+    assert code == 2 and out.count("model.depth = 0: must be >= 1") == 2 and "file not found" not in out
+    code, _, err = run(capsys, "validate", "model.depth=3")
+    assert code == 2 and "no config file given, only overrides: model.depth=3" in err
 
 
 def describe(capsys, *argv):

@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+from pathlib import Path
 
 import torch
 
 from ..backends import BackendRefused, choose, recording_calls
 from ..components import KINDS
 from ..config import STACK_DEFAULTS, ConfigError, build_model, head_dim_of, layer_specs, load_config
+from ..errors import UserError
 from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
 
 
@@ -19,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_list)
 
     p = sub.add_parser("validate", help="check config files; report every problem")
-    p.add_argument("files", nargs="+")
-    p.add_argument("overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+    p.add_argument("files", nargs="+", metavar="FILE_OR_OVERRIDE",
+                   help="config files, and KEY.PATH=VALUE overrides applied to each of them (e.g. model.depth=6)")
     p.set_defaults(run=cmd_validate)
 
     p = sub.add_parser("describe", help="per layer: variant, parameters, state flow, backend; parameter count")
@@ -58,10 +60,15 @@ def cmd_list(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    # KEY.PATH=VALUE is an override unless a file of that name exists (as `train` and `describe` read them)
+    overrides = [a for a in args.files if "=" in a and not Path(a).exists()]
+    files = [a for a in args.files if a not in overrides]
+    if not files:
+        raise UserError("validate: no config file given, only overrides: " + " ".join(overrides))
     failed = 0
-    for path in args.files:
+    for path in files:
         try:
-            load_config(path)
+            load_config(path, overrides)
             print(f"{path}: ok")
         except ConfigError as exc:
             failed += 1
