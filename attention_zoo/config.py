@@ -275,7 +275,7 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
             path = f"{spec.origin.get(p.key, 'model.attention')}.{p.key}"
             if (path, p.message) not in seen:
                 seen.add((path, p.message))
-                problems.append(Problem(source, path, p.value if p.value is not None else _MISSING, p.message))
+                problems.append(Problem(source, path, _MISSING if p.missing else p.value, p.message))
     if not any(p.path.startswith(("model.attention", "model.layers")) for p in problems):
         problems += check_state_flow(model, source)
     return model, problems

@@ -52,6 +52,7 @@ class ParamProblem:
     key: str
     value: Any
     message: str
+    missing: bool = False  # the parameter was not given (value is meaningless), as opposed to given as null
 
 
 def check_params(name: str, params: dict[str, Any], shape: LayerShape) -> list[ParamProblem]:
@@ -66,7 +67,7 @@ def check_params(name: str, params: dict[str, Any], shape: LayerShape) -> list[P
     for key, spec in declared.items():
         if key not in params:
             if spec.required:
-                problems.append(ParamProblem(key, None, f"required by variant {name!r}: {spec.doc}"))
+                problems.append(ParamProblem(key, None, f"required by variant {name!r}: {spec.doc}", missing=True))
             continue
         value = params[key]
         if not type_ok(value, spec.type):

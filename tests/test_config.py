@@ -106,6 +106,8 @@ BROKEN = [
      ["{main}", "line 6, column 3", "duplicate key 'depth' (first at line 3)"]),
     ("duplicate-section", {"bad.yaml": "model: {dim: 64}\ntrain: {steps: 3}\nmodel: {depth: 2}\n"},
      ["{main}", "line 3", "duplicate key 'model'"]),
+    ("null-for-a-bool-parameter", {"bad.yaml": SMALL + "  attention: {variant: selective, protect_bos: null}\n"},
+     ["{main}", "model.attention.protect_bos = None: expected bool"]),
     ("layer-override-without-attention", {"bad.yaml": SMALL + "  layers: [{at: [1]}]\n"},
      ["{main}", "model.layers[0].attention", "missing", "changes nothing"]),
     ("layer-override-at-no-layer", {"bad.yaml": SMALL + "  layers: [{at: [], attention: {variant: vanilla}}]\n"},
