@@ -114,6 +114,7 @@ def test_generate_command_stops_at_the_position_limit(checkpoint, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--prune", "budget:x"], "--prune 'budget:x'"),
     (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
+    (["--max-tokens", "-1"], "--max-tokens -1: must be >= 0"),
     (["--prompt", "y" * 60], "model.max_seq_len=48"),
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--device", "meta"], "--device 'meta': expected cpu, cuda or cuda:N"),
@@ -123,8 +124,9 @@ def test_generate_command_errors(checkpoint, capsys, args, message):
         pytest.skip("CUDA is available here")
     argv = ["generate", str(checkpoint), "--prompt", "hi", "--max-tokens", "2", *args]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""  # nothing on stdout, not even the prompt, when generation is refused
 
 
 def test_generate_command_on_a_missing_checkpoint(tmp_path, run_cli):

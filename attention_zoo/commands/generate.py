@@ -74,11 +74,21 @@ def cmd_generate(args) -> int:
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
+    prompt_shown = [False]
+
+    def show_prompt() -> None:  # only once generation runs: a refused prompt or flag prints nothing on stdout
+        if not prompt_shown[0]:
+            out.write(args.prompt)
+            out.flush()
+            prompt_shown[0] = True
+
+    def show_after_prompt(token: torch.Tensor) -> None:
+        show_prompt()
+        show(token)
 
     result = generate(model, prompt, args.max_tokens, sampler, pruner=pruner, prefill_chunk=args.prefill_chunk,
-                      on_token=show)
+                      on_token=show_after_prompt)
+    show_prompt()
     out.write(decoder.decode(b"", final=True) + "\n")
     cache = result.cache
     print(f"\n-- {Path(path)}: prompt {result.prompt_length} tokens (prefill {result.prefill_seconds:.3f} s), "
