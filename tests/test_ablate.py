@@ -178,6 +178,15 @@ def test_a_bad_set_is_one_clean_message_as_for_a_train_override(tmp_path, capsys
     assert "unknown section" not in err
 
 
+def test_summarize_without_results_is_refused_and_creates_nothing(tmp_path, capsys):
+    path = sweep_file(tmp_path, runs={"a": {}})
+    out = tmp_path / "never-ran"
+    assert main(["ablate", str(path), "--out", str(out), "--summarize"]) == 2
+    err = capsys.readouterr().err
+    assert f"--summarize: {out} holds no finished run" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_every_runs_init_from_is_checked_before_anything_trains(tmp_path, capsys):
     """train.init_from must be a checkpoint folder whose model section is the run's (as train checks it, without
     reading weights); every such problem is listed by the dry run and refuses the real sweep before any run."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import UserError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="run a sweep of configs and seeds; table and plots of the results",
@@ -44,6 +46,10 @@ def cmd_ablate(args) -> int:
             print(f"  {run.label} (seed {run.seed}) -> {run_dir_for(out, run)}")
         return 0
     if args.summarize:
-        print(write_summaries(out, sweep, current_records(read_records(out), sweep.runs)))
+        records = current_records(read_records(out), sweep.runs) if out.is_dir() else []
+        if not records:
+            raise UserError(f"--summarize: {out} holds no finished run of this sweep (results.jsonl); run the sweep "
+                            "first, or give its --out")
+        print(write_summaries(out, sweep, records))
         return 0
     return 1 if run_sweep(sweep, out, progress=False if args.no_progress else None) else 0
