@@ -207,12 +207,6 @@ def check_init_from(init_from: str, config: Config) -> Path:
     return resolve_checkpoint(init_from)
 
 
-def init_weights(model: torch.nn.Module, init_from: str, config: Config, device: torch.device) -> None:
-    """Load the weights of checkpoint `init_from` (train.init_from) into `model`, built from `config`.
-    Raises UserError if it is not a checkpoint, its model section differs or its weights do not load."""
-    load_weights(model, check_init_from(init_from, config), device)
-
-
 def check_resume(checkpoint: Path, config: Config) -> dict[str, Any]:
     """The training state of the run's checkpoint, after checking that `config` continues that run: the same
     model and data sections, the same RESUME_KEYS, and train.steps past the checkpoint's step (or equal
