@@ -293,6 +293,13 @@ def _check_components(model: dict, source: str) -> list[Problem]:
     return problems
 
 
+def resolved_layers(model: dict) -> list[dict[str, Any]]:
+    """Each layer's attention as it is built, from a validated model section: `{"variant": name, **params}`
+    with every parameter the variant declares (defaults filled in, per-layer overrides applied); (depth,) list.
+    Two sections that build the same attention give equal lists however they were written."""
+    return [{"variant": s.variant, **resolved_params(s.variant, s.params)} for s in layer_specs(model)]
+
+
 def build_attentions(model: dict, backend: str = "auto") -> list[torch.nn.Module]:
     """One attention module per layer, as the config says."""
     return [get_variant(s.variant)(layer_shape(model, s.index), backend=backend, **resolved_params(s.variant, s.params))

@@ -345,3 +345,29 @@ def test_failed_init_from_writes_nothing_and_a_run_folder_is_accepted(tmp_path, 
     start = load_file(base / "checkpoint" / "model.safetensors")
     after = load_file(tmp_path / "c" / "checkpoint" / "model.safetensors")
     assert all(torch.equal(start[k], after[k]) for k in start)  # lr 0: the weights it started from
+
+
+def test_a_variant_default_written_out_is_no_difference_for_init_from_or_resume(tmp_path):
+    """The model sections are compared as built (each layer's variant with its parameters resolved), not as
+    written: `{variant: selective}` and `{variant: selective, selection_head: 0, protect_bos: true}` are one model,
+    and so is a per-layer override that repeats the default attention."""
+    from attention_zoo.errors import UserError
+
+    run = tmp_path / "run"
+    train(load_config(tiny("selective", steps=4, eval_every=0)), run, stop_after=3, progress=False)
+    spelled = tiny("selective", steps=4, eval_every=0)
+    spelled["model"]["attention"].update(selection_head=0, protect_bos=True)
+    spelled["model"]["layers"] = [{"at": [1], "attention": {"variant": "selective"}}]
+    summary = train(load_config(spelled), run, resume=True, progress=False)
+    assert summary["steps"] == 4
+    finetune = tiny("selective", steps=1, eval_every=0, init_from=str(run))
+    finetune["model"]["attention"].update(selection_head=0)
+    train(load_config(finetune), tmp_path / "finetuned", progress=False)
+    other = tiny("selective", steps=1, eval_every=0, init_from=str(run))
+    other["model"]["attention"].update(selection_head=1)  # a real difference is still refused
+    with pytest.raises(UserError, match=r"model\.attention\.selection_head: checkpoint 0, config 1"):
+        train(load_config(other), tmp_path / "other", progress=False)
+    other["model"]["attention"].update(selection_head=0)
+    other["model"]["layers"] = [{"at": [1], "attention": {"variant": "vanilla"}}]  # one layer differs: named by layer
+    with pytest.raises(UserError, match=r"model\.attention\.layer 1\.variant: checkpoint 'selective', config 'vanilla'"):
+        train(load_config(other), tmp_path / "other", progress=False)

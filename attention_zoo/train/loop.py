@@ -41,8 +41,9 @@ from ..checkpoint import (
     load_weights,
     read_saved_config,
     save_checkpoint,
+    with_legacy_stack,
 )
-from ..config import Config, ConfigError, Problem, build_model
+from ..config import Config, ConfigError, Problem, build_model, load_config, resolved_layers
 from ..data import IGNORE_INDEX, Dataset, build_dataset
 from ..errors import UserError
 from . import distributed as D
@@ -152,6 +153,23 @@ def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
     return checkpoint if resume and has_checkpoint else None
 
 
+def built_differences(saved: dict, wanted: dict, ignore: tuple[str, ...] = ("model.dropout",)) -> list[str]:
+    """model_differences of two validated model sections as the models are built: `attention` and `layers`
+    compared through each layer's resolved attention (config.resolved_layers), so a variant default written
+    out, or the same layers written another way, is no difference. Named `model.attention.KEY` when every
+    layer of both models has one attention, else `model.attention.layer I.KEY`."""
+    layers = {id(m): resolved_layers(m) for m in (saved, wanted)}
+    per_layer = not all(all(a == ls[0] for a in ls) for ls in layers.values())
+
+    def built(model: dict) -> dict:
+        out = {k: v for k, v in model.items() if k not in ("attention", "layers")}
+        ls = layers[id(model)]
+        out["attention"] = {f"layer {i}": a for i, a in enumerate(ls)} if per_layer else ls[0]
+        return out
+
+    return model_differences(built(saved), built(wanted), ignore=ignore)
+
+
 def model_differences(saved: dict, wanted: dict, path: str = "model", ignore: tuple[str, ...] = ("model.dropout",)
                       ) -> list[str]:
     """`path.key: checkpoint X, config Y` for every key where two sections differ (nested mappings
@@ -189,7 +207,7 @@ def init_from_problem(init_from: str, config: Config, one_line: bool = False) ->
     if path is None or not (path / WEIGHTS).is_file():
         return (f"not a checkpoint folder (expected {WEIGHTS} and {CONFIG}, as import-hf and train write) or a run "
                 "folder holding checkpoint/")
-    differences = model_differences(load_saved_config(path)["model"], config["model"])
+    differences = built_differences(load_saved_config(path)["model"], config["model"])
     if differences:
         lead, sep = (" ", "; ") if one_line else ("\n  ", "\n  ")
         return ("the config's model section differs from the checkpoint's (start from its config.yaml, e.g. `base: "
@@ -215,7 +233,8 @@ def check_resume(checkpoint: Path, config: Config) -> dict[str, Any]:
     state = load_training_state(checkpoint)
     if not isinstance(state, dict) or "step" not in state:
         raise UserError(f"{checkpoint / STATE}: not a training state written by train; train again without --resume")
-    differences = model_differences(saved.get("model") or {}, config["model"], ignore=())
+    saved_model = load_config({"model": with_legacy_stack(saved).get("model") or {}})["model"]
+    differences = built_differences(saved_model, config["model"], ignore=())
     if "data" in saved:
         differences += model_differences({"data": saved["data"]}, {"data": config["data"]}, path="", ignore=())
     saved_train, train = saved.get("train") or {}, config["train"]
