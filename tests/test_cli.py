@@ -57,6 +57,22 @@ def test_validate(capsys, tmp_path):
     assert code == 2 and "no config file given, only overrides: model.depth=3" in err
 
 
+def test_validate_checks_a_training_config_as_train_does(capsys, tmp_path):
+    """A config with a train or data section also gets the checks that need model, data and train together
+    (train would refuse it); a model-only config is not checked against a data set it never trains on."""
+    long = tmp_path / "long.yaml"
+    long.write_text("model: {dim: 64, heads: 4, depth: 2, max_seq_len: 128}\ntrain: {seq_len: 256}\n")
+    code, out, _ = run(capsys, "validate", str(long))
+    assert code == 2 and f"{long}: train.seq_len = 256: longer than model.max_seq_len (128)" in out
+    small_vocab = tmp_path / "model_only.yaml"
+    small_vocab.write_text("model: {dim: 64, heads: 4, depth: 2, vocab_size: 100}\n")
+    code, out, _ = run(capsys, "validate", str(small_vocab))
+    assert code == 0 and out.strip() == f"{small_vocab}: ok"
+    small_vocab.write_text("model: {dim: 64, heads: 4, depth: 2, vocab_size: 100}\ndata: {name: shakespeare}\n")
+    code, out, _ = run(capsys, "validate", str(small_vocab))
+    assert code == 2 and "model.vocab_size = 100: dataset 'shakespeare' has 256 tokens" in out
+
+
 def describe(capsys, *argv):
     code, out, err = run(capsys, "describe", *argv)
     assert code == 0, err

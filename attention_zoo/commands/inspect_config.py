@@ -11,6 +11,7 @@ import torch
 from ..backends import BackendRefused, choose, recording_calls
 from ..components import KINDS
 from ..config import STACK_DEFAULTS, ConfigError, build_model, head_dim_of, layer_specs, load_config
+from ..data import DataError
 from ..errors import UserError
 from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
 
@@ -68,12 +69,25 @@ def cmd_validate(args) -> int:
     failed = 0
     for path in files:
         try:
-            load_config(path, overrides)
+            config = load_config(path, overrides)
+            if _trains(path):  # a training config: also what needs model, data and train together, as train checks
+                from ..train.loop import plan_run
+
+                plan_run(config)
             print(f"{path}: ok")
-        except ConfigError as exc:
+        except (ConfigError, DataError) as exc:
             failed += 1
             print(exc)
     return 2 if failed else 0
+
+
+def _trains(path: str) -> bool:
+    """Whether the file (with its bases) has a train or data section: a model-only config (for bench,
+    import-hf, a sweep's base) is not checked against the default data set it would never train on."""
+    from ..config import _read_yaml
+
+    data, _ = _read_yaml(Path(path).resolve())
+    return "train" in data or "data" in data
 
 
 def cmd_describe(args) -> int:
