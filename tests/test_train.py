@@ -371,3 +371,11 @@ def test_a_variant_default_written_out_is_no_difference_for_init_from_or_resume(
     other["model"]["layers"] = [{"at": [1], "attention": {"variant": "vanilla"}}]  # one layer differs: named by layer
     with pytest.raises(UserError, match=r"model\.attention\.layer 1\.variant: checkpoint 'selective', config 'vanilla'"):
         train(load_config(other), tmp_path / "other", progress=False)
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = train(load_config(tiny(steps=3, eval_every=0)), run, progress=False)
+    capsys.readouterr()
+    again = train(load_config(tiny(steps=3, eval_every=0)), run, resume=True, progress=False)
+    assert again == first and f"{run} already finished at step 3 (train.steps); nothing to do" in capsys.readouterr().out

@@ -49,7 +49,7 @@ def cmd_ablate(args) -> int:
         records = current_records(read_records(out), sweep.runs) if out.is_dir() else []
         if not records:
             raise UserError(f"--summarize: {out} holds no finished run of this sweep (results.jsonl); run the sweep "
-                            "first, or give its --out")
+                            "first, or give its --out and the same --set options it ran with (they change the runs)")
         print(write_summaries(out, sweep, records))
         return 0
     return 1 if run_sweep(sweep, out, progress=False if args.no_progress else None) else 0

@@ -409,6 +409,9 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     if end < tcfg["steps"]:  # stopped early on purpose (stop_after): a checkpoint is the only output
         return {"stopped_at": end, "train_loss": loss_value}
     if start_step == tcfg["steps"] and (out / FINAL).exists():  # resumed a finished run: nothing to redo
+        if world.is_main:
+            print(f"attention-zoo train: {out} already finished at step {start_step} (train.steps); nothing to do. "
+                  "Raise train.steps to train further.")
         return json.loads((out / FINAL).read_text())
     val_metrics = validate(tcfg["steps"])
     summary = {
