@@ -38,5 +38,6 @@ def cmd_export_hf(args) -> int:
         init_from = (model.config.get("train") or {}).get("init_from")
         if not copied and init_from and Path(init_from).is_dir():  # a fine-tuned run: its tokenizer came with init_from
             copied = copy_tokenizer_files(init_from, staging)
-    print(f"attention-zoo export-hf: {path} -> {out} ({type(hf).__name__}; tokenizer files: {', '.join(copied) or 'none'})")
+    extras = ", ".join(copied) or "no tokenizer or generation files"
+    print(f"attention-zoo export-hf: {path} -> {out} ({type(hf).__name__}; copied with it: {extras})")
     return 0

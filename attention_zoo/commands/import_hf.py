@@ -40,7 +40,7 @@ def cmd_import_hf(args) -> int:
     tokenizer = use_tokenizer(model, out) if set(copied) - {"generation_config.json"} else None
     attention = model.config["model"]["attention"]
     print(f"attention-zoo import-hf: {args.src} -> {out} ({model.num_parameters():,} parameters, attention "
-          f"{attention}; tokenizer files: {', '.join(copied) or 'none'})")
+          f"{attention}; copied with it: {', '.join(copied) or 'no tokenizer or generation files'})")
     if tokenizer:
         print(f"attention-zoo import-hf: data.tokenizer = {tokenizer} (train, eval and generate use these tokens)")
     return 0
