@@ -121,7 +121,7 @@ def test_export_hf_folder_loads_with_from_pretrained(tmp_path, capsys):
 
 
 def test_export_hf_refuses_an_out_it_would_destroy_and_writes_atomically(tmp_path, capsys, monkeypatch):
-    """--out may be new, empty or an earlier export (replaced whole); a zoo checkpoint or run (the source itself
+    """--out may be new, empty or (with --overwrite) an earlier export, replaced whole; a zoo checkpoint or run (the source itself
     included), a folder with other files or a file is refused before any work; a failed export leaves nothing."""
     from attention_zoo.checkpoint import save_checkpoint
 
@@ -145,7 +145,11 @@ def test_export_hf_refuses_an_out_it_would_destroy_and_writes_atomically(tmp_pat
     out = tmp_path / "exported"
     assert main(["export-hf", str(tmp_path / "run"), "--out", str(out)]) == 0
     first = (out / "model.safetensors").read_bytes()
-    assert main(["export-hf", str(tmp_path / "run"), "--out", str(out)]) == 0  # an earlier export is replaced
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(out)]) == 2  # a transformers model: kept
+    err = capsys.readouterr().err
+    assert "holds a transformers model" in err and "add --overwrite to replace it" in err
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(out), "--overwrite"]) == 0  # replaced when asked
     assert (out / "model.safetensors").read_bytes() == first
 
     def broken(src, dst):
@@ -155,7 +159,7 @@ def test_export_hf_refuses_an_out_it_would_destroy_and_writes_atomically(tmp_pat
     with pytest.raises(OSError, match="disk full"):
         main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "half")])
     with pytest.raises(OSError, match="disk full"):
-        main(["export-hf", str(tmp_path / "run"), "--out", str(out)])
+        main(["export-hf", str(tmp_path / "run"), "--out", str(out), "--overwrite"])
     assert not (tmp_path / "half").exists() and (out / "model.safetensors").read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "file", "other", "run"]  # no temp folders
 

@@ -11,8 +11,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "layernorm + gelu with biases) that AutoModelForCausalLM.from_pretrained(OUT) loads; the "
                        "checkpoint's tokenizer files are copied. Needs transformers: pip install 'attention-zoo[hf]'.")
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder holding checkpoint/")
-    p.add_argument("--out", required=True, help="transformers folder to write: a new or empty folder, or an earlier "
-                   "export, which is replaced")
+    p.add_argument("--out", required=True, help="transformers folder to write: a new or empty folder (or, with "
+                   "--overwrite, a transformers model folder, replaced whole)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a transformers model (an "
+                   "earlier export); never a zoo checkpoint or a folder with other files")
     p.set_defaults(run=cmd_export_hf)
 
 
@@ -29,7 +31,7 @@ def cmd_export_hf(args) -> int:
     if (path / "checkpoint").is_dir():
         path = path / "checkpoint"
     out = Path(args.out)
-    check_export_target(out, "--out")  # before any work: an existing folder is replaced only if it is an export
+    check_export_target(out, "--out", args.overwrite)  # before any work: an existing folder is replaced only if it is an export
     model = load_model(path)
     hf = to_hf(model)
     with atomic_folder(out) as staging:  # written next to OUT, renamed into place only when complete

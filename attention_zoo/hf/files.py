@@ -39,14 +39,15 @@ _EXPORT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.js
 _EXPORT_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
 
 
-def check_export_target(out: Path, flag: str) -> None:
-    """UserError unless `out` may receive an export: absent, an empty folder, or an earlier export (config.json
-    and only the files an export writes), never a file, a zoo checkpoint or run, or a folder with other files."""
+def check_export_target(out: Path, flag: str, overwrite: bool = False) -> None:
+    """UserError unless `out` may receive an export: absent, an empty folder, or (with `overwrite`) a transformers
+    model folder (config.json and only the files an export writes, as save_pretrained and a hub download leave
+    them); never a file, a zoo checkpoint or run, or a folder with other files."""
     from ..errors import UserError
 
     if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out}: is a file; give a folder for the transformers model (new, empty, or an "
-                        "earlier export, which is replaced)")
+        raise UserError(f"{flag} {out}: is a file; give a folder for the transformers model (new or empty, or an "
+                        "earlier export with --overwrite)")
     if not out.is_dir():
         return
     entries = sorted(p.name for p in out.iterdir())
@@ -57,8 +58,11 @@ def check_export_target(out: Path, flag: str) -> None:
     else:
         other = [n for n in entries if n not in _EXPORT_FILES and not _EXPORT_SHARD.fullmatch(n)]
         if "config.json" in entries and not other:
-            return  # an earlier export: replaced whole
+            if overwrite:
+                return  # replaced whole
+            raise UserError(f"{flag} {out}: holds a transformers model (an earlier export, or perhaps the model a "
+                            "checkpoint was imported from); add --overwrite to replace it, or choose a new folder")
         shown = other or entries
         what = f"not an earlier export (it holds {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''})"
     raise UserError(f"{flag} {out}: exists and is {what}; it would be replaced, choose a new or empty folder "
-                    "or an earlier export")
+                    "(or an earlier export, with --overwrite)")
