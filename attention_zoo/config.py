@@ -227,12 +227,17 @@ def stack_shape(model: dict):
 
 def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tuple[dict, list[Problem]]:
     model, problems = validate_fields(value, model_fields(), "model", source)
-    structural = ("model", "model.dim", "model.heads", "model.depth", "model.head_dim", "model.attention", "model.layers")
-    if any(p.path in structural for p in problems):
-        return model, problems  # shapes unknown: per-layer checks would only add noise
-    if model["head_dim"] is None and model["dim"] % model["heads"]:
+    bad = {p.path for p in problems}
+    shapes_ok = not bad & {"model", "model.dim", "model.heads", "model.head_dim"}
+    if shapes_ok and model["head_dim"] is None and model["dim"] % model["heads"]:
         problems.append(Problem(source, "model.heads", model["heads"],
                                 f"dim ({model['dim']}) must be divisible by heads, or set model.head_dim"))
+        shapes_ok = False
+    if not shapes_ok or bad & {"model.depth", "model.attention", "model.layers"}:
+        # shapes unknown: per-layer checks would only add noise, but a misspelt variant name needs no shapes
+        if not bad & {"model", "model.attention"}:
+            problems += _unknown_variant(model["attention"].get("variant", "vanilla"), "model.attention.variant",
+                                         source, plugin_failures)
         return model, problems
     problems += _check_components(model, source)
     for n, override in enumerate(model["layers"]):
@@ -266,10 +271,7 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
             key = (path, str(spec.variant))
             if key not in seen:
                 seen.add(key)
-                hint = f"; plugins that failed to import: {'; '.join(plugin_failures)}" if plugin_failures else ""
-                known = VARIANTS.names()
-                problems.append(Problem(source, path, spec.variant,
-                                        f"unknown variant; {valid_choices(str(spec.variant), known)}{hint}"))
+                problems += _unknown_variant(spec.variant, path, source, plugin_failures)
             continue
         for p in check_params(spec.variant, spec.params, layer_shape(model, spec.index)):
             path = f"{spec.origin.get(p.key, 'model.attention')}.{p.key}"
@@ -279,6 +281,14 @@ def _validate_model(value: Any, source: str, plugin_failures: list[str]) -> tupl
     if not any(p.path.startswith(("model.attention", "model.layers")) for p in problems):
         problems += check_state_flow(model, source)
     return model, problems
+
+
+def _unknown_variant(name: Any, path: str, source: str, plugin_failures: list[str]) -> list[Problem]:
+    """[the problem] if `name` is not a registered variant, else []."""
+    if isinstance(name, str) and name in VARIANTS:
+        return []
+    hint = f"; plugins that failed to import: {'; '.join(plugin_failures)}" if plugin_failures else ""
+    return [Problem(source, path, name, f"unknown variant; {valid_choices(str(name), VARIANTS.names())}{hint}")]
 
 
 def _check_components(model: dict, source: str) -> list[Problem]:
