@@ -50,7 +50,7 @@ def data_spec(items: list[str], base: dict) -> dict:
 def cmd_eval(args) -> int:
     import torch
 
-    from ..checkpoint import load_model
+    from ..checkpoint import load_model, resolve_checkpoint
     from ..config import load_config
     from ..inference.checkpoints import check_device
     from ..train import evaluate, plan_run
@@ -63,11 +63,7 @@ def cmd_eval(args) -> int:
     if args.json and Path(args.json).is_dir():
         raise UserError(f"--json {args.json}: is a folder; give the path of a JSON file to write, e.g. "
                         f"{Path(args.json) / 'eval.json'}")
-    path = Path(args.checkpoint)
-    if (path / "checkpoint").is_dir():
-        path = path / "checkpoint"
-    if not (path / "config.yaml").is_file():
-        raise UserError(f"{args.checkpoint}: not a checkpoint or run folder (no config.yaml)")
+    path = resolve_checkpoint(args.checkpoint)
     device = local_device(str(check_device(args.device, auto=True)))
     model = load_model(path, map_location=device)
     saved = model.config

@@ -21,15 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_export_hf(args) -> int:
     from pathlib import Path
 
-    from ..checkpoint import atomic_folder, load_model
+    from ..checkpoint import atomic_folder, load_model, resolve_checkpoint
     from ..hf import to_hf
     from ..hf.files import check_export_target, copy_tokenizer_files, quiet_transformers
 
     quiet_transformers()
 
-    path = Path(args.checkpoint)
-    if (path / "checkpoint").is_dir():
-        path = path / "checkpoint"
+    path = resolve_checkpoint(args.checkpoint)
     out = Path(args.out)
     check_export_target(out, "--out", args.overwrite)  # before any work: an existing folder is replaced only if it is an export
     model = load_model(path)
