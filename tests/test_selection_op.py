@@ -9,16 +9,28 @@ Tolerances: fp32 |diff| <= 1e-5 * max(1, largest |value|), float64 1e-10, output
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from attention_zoo import build_model
-from attention_zoo.ops.selection import Selection, SelectionTerm, reference
+from attention_zoo.ops.selection import Selection, SelectionTerm, cpu_fused, reference
 from attention_zoo.ops.selection.blocked import column_sums
 from attention_zoo.ops.selection.blocked import selective_attention as blocked_attention
 from tests.spies import LargestTensor
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+# The fused CPU kernel must build wherever a C++ compiler is found (CI has one): a build failure there is a bug,
+# not a reason to skip. Without a compiler the tests of the kernel skip and the blocked op serves (tested below).
+HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to build the fused CPU kernel")
+
+
+def kernel_attention(q, k, v, selection, *, scale, rows=None, chunk=None):
+    assert cpu_fused.kernel() is not None, f"the fused CPU kernel did not build: {cpu_fused.refusal()}"
+    return cpu_fused.selective_attention(q, k, v, selection, causal=True, scale=scale, rows=rows, chunk=chunk)
 
 
 def close(actual, expected, dtype, what):
@@ -72,7 +84,8 @@ def problem(*, B=2, H=4, Hkv=2, Nq=13, Nk=13, D=8, terms=1, accumulated=False, p
 
 def value_and_grads(fn, leaves, seed=7):
     out = fn()
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    # drawn in float64 and cast: float32 and float64 runs of one problem get the same weights
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
     return [out, *torch.autograd.grad((out * weights).sum(), leaves)]
 
 
@@ -89,20 +102,30 @@ CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("impl", ["reference", "blocked"])
+@pytest.mark.parametrize("impl", ["reference", "blocked", pytest.param("cpu-kernel", marks=needs_kernel)])
 def test_op_matches_naive_equations(impl, case, dtype):
     q, k, v, selection, leaves = problem(dtype=dtype, **CASES[case])
     if impl == "reference":
         got = value_and_grads(lambda: reference.selective_attention(q, k, v, selection, causal=True, scale=0.3), leaves)
-    else:  # blocks of 4 rows: several blocks, a partial last one, the running sums cross block boundaries
+    elif impl == "blocked":  # blocks of 4 rows: several blocks, a partial last one, the running sums cross blocks
         got = value_and_grads(lambda: blocked_attention(q, k, v, selection, causal=True, scale=0.3, rows=4), leaves)
+    else:  # and tiles of 5 keys: several per block, a partial last one, the online softmax crosses them
+        got = value_and_grads(lambda: kernel_attention(q, k, v, selection, scale=0.3, rows=4, chunk=5), leaves)
     want = value_and_grads(lambda: naive_attention(q, k, v, selection, 0.3), leaves)
     for index, (a, b) in enumerate(zip(got, want)):
         close(a, b, dtype, "output" if index == 0 else f"grad of input {index - 1}")
 
 
+OPS = {"blocked": lambda q, k, v, selection, scale, rows, chunk=None: blocked_attention(
+           q, k, v, selection, causal=True, scale=scale, rows=rows),
+       "cpu-kernel": lambda q, k, v, selection, scale, rows, chunk=None: kernel_attention(
+           q, k, v, selection, scale=scale, rows=rows, chunk=chunk)}
+OP_PARAMS = ["blocked", pytest.param("cpu-kernel", marks=needs_kernel)]
+
+
+@pytest.mark.parametrize("op", OP_PARAMS)
 @pytest.mark.parametrize("case", ["mqa", "accumulate-two-terms", "cached-chunk-two-terms"])
-def test_blocked_op_split_over_threads_matches_naive_equations(case):
+def test_op_split_over_threads_matches_naive_equations(case, op):
     """With 2 intra-op threads the batch elements (3: an uneven split) are shared out among 2 worker threads
     in the forward and the backward; results as with one thread, the thread count restored after."""
     q, k, v, selection, leaves = problem(dtype=torch.float64, B=3, **CASES[case])
@@ -110,7 +133,7 @@ def test_blocked_op_split_over_threads_matches_naive_equations(case):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        got = value_and_grads(lambda: blocked_attention(q, k, v, selection, causal=True, scale=0.3, rows=4), leaves)
+        got = value_and_grads(lambda: OPS[op](q, k, v, selection, 0.3, 4, 5), leaves)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -124,20 +147,53 @@ def test_reference_penalty_matches_naive_loops():
     close(selection.dense(), naive_penalty(selection), torch.float64, "dense F")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, 64, 200])
-def test_block_size_changes_nothing_beyond_fp32_rounding(rows):
+@pytest.mark.parametrize("op", OP_PARAMS)
+@pytest.mark.parametrize("rows, chunk", [(1, 7), (3, 150), (16, 1), (64, 40), (200, 64)])
+def test_block_size_changes_nothing_beyond_fp32_rounding(rows, chunk, op):
     q, k, v, selection, leaves = problem(Nq=150, Nk=150, D=16, terms=2, dtype=torch.float32, seed=3)
-    base = value_and_grads(lambda: blocked_attention(q, k, v, selection, causal=True, scale=0.25, rows=32), leaves)
-    other = value_and_grads(lambda: blocked_attention(q, k, v, selection, causal=True, scale=0.25, rows=rows), leaves)
+    base = value_and_grads(lambda: reference.selective_attention(q, k, v, selection, causal=True, scale=0.25), leaves)
+    other = value_and_grads(lambda: OPS[op](q, k, v, selection, 0.25, rows, chunk), leaves)
     for index, (a, b) in enumerate(zip(other, base)):
-        close(a, b, torch.float32, f"rows={rows}, {'output' if index == 0 else f'grad {index - 1}'}")
+        close(a, b, torch.float32, f"rows={rows}, chunk={chunk}, {'output' if index == 0 else f'grad {index - 1}'}")
 
 
-def test_gradients_are_bit_identical_on_repeat():
+@pytest.mark.parametrize("op", OP_PARAMS)
+def test_gradients_are_bit_identical_on_repeat(op):
     q, k, v, selection, leaves = problem(Nq=100, Nk=100, dtype=torch.float32, terms=2)
-    first = value_and_grads(lambda: blocked_attention(q, k, v, selection, causal=True, scale=0.3), leaves)
-    second = value_and_grads(lambda: blocked_attention(q, k, v, selection, causal=True, scale=0.3), leaves)
+    first = value_and_grads(lambda: OPS[op](q, k, v, selection, 0.3, 16, 32), leaves)
+    second = value_and_grads(lambda: OPS[op](q, k, v, selection, 0.3, 16, 32), leaves)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@needs_kernel
+def test_kernel_under_a_strong_selection_matches_the_equations():
+    """F in the thousands (a selection head with large scores over 300 rows): most probabilities underflow. The
+    kernel's exp returns 0 below exp(-60) of the row's largest instead of making denormals; the outputs and
+    gradients still match the reference in float64 to fp32 tolerance (1e-5, relative to the largest value)."""
+    q, k, v, selection, leaves = problem(B=1, Nq=300, Nk=300, D=16, dtype=torch.float32, seed=5)
+    strong = Selection(tuple(SelectionTerm(t.q, t.k, 4.0, t.protect_bos, t.weight, t.accumulated) for t in selection.terms))
+    assert strong.dense().max() > 1000
+    got = value_and_grads(lambda: kernel_attention(q, k, v, strong, scale=0.3, rows=64, chunk=128), leaves)
+    as64 = [t.detach().double().requires_grad_() for t in leaves]
+    strong64 = Selection((SelectionTerm(as64[3], as64[4], 4.0, True, 1.0, None),))
+    want = value_and_grads(lambda: reference.selective_attention(*as64[:3], strong64, causal=True, scale=0.3), as64)
+    for index, (a, b) in enumerate(zip(got, want)):
+        close(a.double(), b, torch.float32, "output" if index == 0 else f"grad of input {index - 1}")
+
+
+@needs_kernel
+def test_kernel_output_ignores_later_keys_bit_for_bit():
+    """Causality inside the kernel's tiles: changing keys and values from position 40 on leaves rows 0-39 of the
+    output bit-identical (tiles of 16 keys, blocks of 8 rows, so the diagonal crosses tiles and blocks)."""
+    q, k, v, selection, _ = problem(B=1, Nq=64, Nk=64, D=16, dtype=torch.float32, seed=2)
+    with torch.no_grad():
+        first = kernel_attention(q, k, v, selection, scale=0.3, rows=8, chunk=16)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, 40:] += 1.0
+        v2[:, :, 40:] -= 2.0
+        second = kernel_attention(q, k2, v2, selection, scale=0.3, rows=8, chunk=16)
+    assert torch.equal(first[:, :, :40], second[:, :, :40])
+    assert not torch.equal(first[:, :, 40:], second[:, :, 40:])
 
 
 def test_column_sums_are_the_next_rows_penalty():

@@ -6,7 +6,8 @@
 - With a bias, causal attention runs one query block at a time against only the keys that block can
   see, so the fused kernel skips most of the masked upper triangle as it does with is_causal.
 - A structured selection (selective attention's -F) runs over query blocks, F never dense
-  (`selective_attention`, ops/selection/blocked.py).
+  (`selective_attention`): on CPU in the fused C++ kernel (ops/selection/cpu_fused.py) where it builds, else
+  (and on other devices) in PyTorch (ops/selection/blocked.py).
 - A bias that requires grad (selective's -F, residual scores) goes through `BiasGradAttention`: SDPA
   forward on the detached bias, blockwise recomputed backward. Left to itself SDPA would silently
   fall back to its math path (several (B, H, N, N) buffers) whenever the mask requires grad.
@@ -49,7 +50,14 @@ class SDPABackend(Backend):
         return None if device == "cpu" else 256  # flash kernels on CUDA take head dims up to 256
 
     def selective_attention(self, q: Tensor, k: Tensor, v: Tensor, selection, *, causal: bool, scale: float) -> Tensor:
-        """SDPA per query block with that block's -F, F kept at block boundaries (ops/selection/blocked.py)."""
+        """F kept at query-block boundaries: the fused CPU kernel (ops/selection/cpu_fused.py) on CPU where it
+        builds (its `refusal()` says why not, logged once), else SDPA per query block with that block's -F
+        (ops/selection/blocked.py)."""
+        if q.device.type == "cpu":
+            from ..ops.selection import cpu_fused
+
+            if cpu_fused.kernel() is not None:
+                return cpu_fused.selective_attention(q, k, v, selection, causal=causal, scale=scale)
         from ..ops.selection.blocked import selective_attention
 
         return selective_attention(q, k, v, selection, causal=causal, scale=scale)

@@ -1,0 +1,155 @@
+"""Selective attention's fused CPU kernel (cpu_kernel.cpp), built on first use, and its autograd wrapper.
+
+The same algorithm as `blocked.py` (F kept at query-block boundaries, recomputed per block; Leviathan, Kalman,
+Matias, "Selective Attention Improves Transformer", ICLR 2025, section 3), written as one C++ loop per pass: a
+block's mask, -F, exp, dlogits and running sums are fused over a (rows, keys) tile that stays in cache, head
+by head, and the block loop pays no Python or per-op cost. The `sdpa` backend runs it on CPU where it builds;
+where it cannot (no C++ compiler, or `ATTENTION_ZOO_CPU_KERNEL=0`), `blocked.py` runs instead and the reason
+is logged once.
+
+The kernel is compiled by torch.utils.cpp_extension (a C++ compiler and ninja) the first time it is needed,
+about a minute on 2 cores, and cached under torch's extensions folder (`TORCH_EXTENSIONS_DIR`, by default
+~/.cache/torch_extensions) for every later process. It is compiled for the CPU's vector width
+(torch.backends.cpu.get_cpu_capability()), which is part of the cached build's name.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .blocked import _flatten, _start_row, _terms
+from .structure import Selection
+
+log = logging.getLogger("attention_zoo.ops.selection")
+
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+# ATTENTION_ZOO_CPU_KERNEL=0: never build or use the kernel (the PyTorch blocked op runs instead).
+ENABLED = os.environ.get("ATTENTION_ZOO_CPU_KERNEL", "1") != "0"
+# -fopenmp: at::parallel_for is header code whose `omp parallel` needs it (without it the kernel runs on one
+# thread); its OpenMP calls bind to the runtime torch has loaded. -fno-trapping-math lets the compiler turn
+# the kernel's selects (masks, exp's underflow) into vector blends; it changes no value.
+_CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+_ARCH_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]}
+
+# Query rows per block and keys per tile: a tile's buffers (a few of ROWS x KEY_CHUNK floats) stay in the core's
+# cache at any length. One layer (B 4, H 8, D 64) fwd+bwd on 2 cores, against SDPA's vanilla: 128 x 512 gave
+# 0.81x at 1024 tokens and 1.03x at 4096; 64 x 256 0.80x and 1.05x; untiled keys 0.77x and 1.05x
+# (docs/benchmarks.md, "Measurements behind the code's constants").
+ROWS = 128
+KEY_CHUNK = 512
+
+_lock = threading.Lock()
+_state: dict = {}  # "module" or "refusal", once decided
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+    log.warning("attention-zoo: building the fused CPU selective-attention kernel (once per machine, about a "
+                "minute; ATTENTION_ZOO_CPU_KERNEL=0 skips it)")
+    return load(name=f"attention_zoo_selective_cpu_{capability.lower()}_{digest}", sources=[str(SOURCE)],
+                extra_cflags=_CFLAGS + _ARCH_FLAGS.get(capability, []), verbose=False)
+
+
+def kernel():
+    """The compiled module, or None (see `refusal`). Built once per process, under a lock."""
+    with _lock:
+        if not _state:
+            if not ENABLED:
+                _state["refusal"] = "ATTENTION_ZOO_CPU_KERNEL=0"
+            else:
+                try:
+                    _state["module"] = _build()
+                except Exception as error:  # noqa: BLE001 -- any build failure means: use the PyTorch op
+                    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                    _state["refusal"] = f"the C++ kernel did not build ({type(error).__name__}: {first_line})"
+                    log.warning("attention-zoo: selective attention on CPU runs the PyTorch blocked op: %s",
+                                _state["refusal"])
+        return _state.get("module")
+
+
+def refusal() -> str | None:
+    """Why the fused CPU kernel is not used (None when it is available). Builds it if not tried yet."""
+    kernel()
+    return _state.get("refusal")
+
+
+def _compute_dtype(q: Tensor, selection_dtype: torch.dtype) -> torch.dtype:
+    """float64 if q or the selection is float64, else float32 (half inputs are computed in float32)."""
+    return torch.float64 if torch.float64 in (q.dtype, selection_dtype) else torch.float32
+
+
+class FusedCPUSelectiveAttention(torch.autograd.Function):
+    """q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), then each term's q_s, k_s and accumulated
+    (flattened, as `blocked.BlockedSelectiveAttention` takes them) -> out (B, H, Nq, Dv) in q's dtype.
+    Saves q, k, v, the output, the log-sum-exp per row (B, H, Nq) and F's block-start rows (B, Nblocks, Nk)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, rows: int, chunk: int, meta: tuple, *term_tensors):
+        terms = _terms(meta, term_tensors)
+        ct = _compute_dtype(q, terms[0].q.dtype)
+        ops = _operands(q, k, v, terms, scale, ct)
+        start = _start_row(terms, q.shape[0], k.shape[2], ct, q.device)
+        out, lse, G = kernel().forward(*ops, start, causal, rows, chunk)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, G, *term_tensors)
+        ctx.causal, ctx.scale, ctx.rows, ctx.chunk, ctx.meta = causal, scale, rows, chunk, meta
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor):
+        q, k, v, out, lse, G, *term_tensors = ctx.saved_tensors
+        terms = _terms(ctx.meta, term_tensors)
+        ct = lse.dtype
+        qs, kc, vc, sel_q, sel_k, weights, protect = _operands(q, k, v, terms, ctx.scale, ct)
+        do = dout.to(ct).contiguous()
+        delta = torch.linalg.vecdot(do, out.to(ct))  # (B, H, Nq): rowsum(P * dP)
+        dq, dk, dv, carry, *dsel = kernel().backward(qs, kc, vc, do, lse, delta, G, sel_q, sel_k, weights, protect,
+                                                      ctx.causal, ctx.rows, ctx.chunk)
+        dq.mul_(ctx.scale)  # the kernel saw scale * q
+        grads = []
+        for index, term in enumerate(terms):
+            grads += [dsel[index].mul_(term.scale).to(term.q.dtype), dsel[len(terms) + index].to(term.k.dtype)]
+            if term.accumulated is not None:  # accumulated[j] enters every row's F with the term's weight
+                grads.append((carry * term.weight).to(term.accumulated.dtype))
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, *grads)
+
+
+def _operands(q, k, v, terms, scale: float, ct: torch.dtype):
+    """The kernel's inputs: contiguous, in `ct`, each q with its scale folded in."""
+    qs = torch.mul(q, scale, out=torch.empty(q.shape, dtype=ct, device=q.device))
+    sel_q = [torch.mul(t.q, t.scale, out=torch.empty(t.q.shape, dtype=ct, device=q.device)) for t in terms]
+    sel_k = [t.k.to(ct).contiguous() for t in terms]
+    return (qs, k.to(ct).contiguous(), v.to(ct).contiguous(), sel_q, sel_k, [float(t.weight) for t in terms],
+            [bool(t.protect_bos) for t in terms])
+
+
+def selective_attention(q: Tensor, k: Tensor, v: Tensor, selection: Selection, *, causal: bool, scale: float,
+                        rows: int | None = None, chunk: int | None = None) -> Tensor:
+    """softmax(scale q k^T - F + causal) v on CPU with the fused kernel, F never stored; query blocks of `rows`
+    (default ROWS) and key tiles of `chunk` (default KEY_CHUNK).
+
+    q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv), H % Hkv == 0; `selection` of shape (B, Nq, Nk).
+    Returns (B, H, Nq, Dv) in q's dtype (half inputs computed in float32). Raises ValueError on mismatched
+    shapes and RuntimeError when the kernel is not available (`refusal()` says why)."""
+    Bs, Nqs, Nks = selection.shape
+    if (Bs, Nqs, Nks) != (q.shape[0], q.shape[2], k.shape[2]):
+        raise ValueError(f"selection (B, Nq, Nk) = {(Bs, Nqs, Nks)} does not match q{tuple(q.shape)} k{tuple(k.shape)}")
+    if kernel() is None:
+        raise RuntimeError(f"the fused CPU selective kernel is not available: {refusal()}")
+    meta, tensors = _flatten(selection)
+    return FusedCPUSelectiveAttention.apply(q, k, v, causal, scale, rows or ROWS, chunk or KEY_CHUNK, meta,
+                                            *tensors)
+
+
+__all__ = ["FusedCPUSelectiveAttention", "selective_attention", "kernel", "refusal", "ENABLED"]
