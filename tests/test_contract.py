@@ -82,8 +82,10 @@ def test_gradients_reach_every_parameter(name, params, stack):
 
 
 # Triton rows run in Triton's interpreter (4-10 s each on CPU), so a case whose backend calls take the path of
-# another triton row's is not run on triton again: qk_norm acts on q and k before the backend (transform_qk), and
-# a kv_heads=1 row differs from its kv_heads=2 row only by GQA's GROUP, a run-time integer the kernels read as
+# another triton row's is not run on triton again: qk_norm acts on q and k before the backend (transform_qk);
+# selection_head picks the selection q and k before the backend too, and protect_bos reaches the fused kernels as
+# a per-term int32 tensor, data and not a constexpr (tests/test_triton.py runs them with protect_bos off); a
+# kv_heads=1 row differs from its kv_heads=2 row only by GQA's GROUP, a run-time integer the kernels read as
 # `h // GROUP` and loop over (the same code; tests/test_triton.py runs every kernel with Hkv = 1 too). Those
 # cases keep their sdpa rows on every stack and their flex and float64 gradcheck rows; a new variant or case
 # gets a triton row.
@@ -92,6 +94,7 @@ TRITON_SAME_CALLS_AS = {  # case -> the triton row whose backend calls take the 
     "gqa-kv_heads=1": "gqa-kv_heads=2",
     "selective-kv_heads=1": "selective-kv_heads=2",
     "selective-qk_norm=True-kv_heads=2": "selective-kv_heads=2",
+    "selective-selection_head=3-protect_bos=False": "selective-defaults",
 }
 FUSED = [(name, params, stack, "sdpa") for name, params, stack in WITH_STACKS] + [
     (name, params, "rope", "triton") for name, params in CONTRACT
