@@ -85,16 +85,18 @@ def test_gradients_reach_every_parameter(name, params, stack):
 # another triton row's is not run on triton again: qk_norm acts on q and k before the backend (transform_qk);
 # selection_head picks the selection q and k before the backend too, and protect_bos reaches the fused kernels as
 # a per-term int32 tensor, data and not a constexpr (tests/test_triton.py runs them with protect_bos off); a
-# kv_heads=1 row differs from its kv_heads=2 row only by GQA's GROUP, a run-time integer the kernels read as
-# `h // GROUP` and loop over (the same code; tests/test_triton.py runs every kernel with Hkv = 1 too). Those
-# cases keep their sdpa rows on every stack and their flex and float64 gradcheck rows; a new variant or case
-# gets a triton row.
+# kv_heads=1 row differs from its kv_heads=2 row, and residual's kv_heads=2 row from its default row, only by
+# GQA's GROUP, a run-time integer the kernels read as `h // GROUP` and loop over (the same code; the gqa, selective
+# and cross-layer kv_heads=2 triton rows keep GROUP > 1 at model level, residual's structured carry included, and
+# tests/test_triton.py runs every kernel with Hkv = 1 and 2). Those cases keep their sdpa rows on every stack and
+# their flex and float64 gradcheck rows; a new variant or case gets a triton row.
 TRITON_SAME_CALLS_AS = {  # case -> the triton row whose backend calls take the same path
     "vanilla-qk_norm=True": "vanilla-defaults",
     "gqa-kv_heads=1": "gqa-kv_heads=2",
     "selective-kv_heads=1": "selective-kv_heads=2",
     "selective-qk_norm=True-kv_heads=2": "selective-kv_heads=2",
     "selective-selection_head=3-protect_bos=False": "selective-defaults",
+    "residual-kv_heads=2": "residual-defaults",
 }
 FUSED = [(name, params, stack, "sdpa") for name, params, stack in WITH_STACKS] + [
     (name, params, "rope", "triton") for name, params in CONTRACT
