@@ -98,25 +98,51 @@ def assert_matches(got, want, dtype, names=("out", "dq", "dk", "dv", "dbias"), l
                                    msg=lambda m, what=what: f"{label}{what}: {m}")
 
 
-@pytest.mark.parametrize("bias_kind", list(BIASES))
-@pytest.mark.parametrize("case", CASES,
-                         ids=lambda c: "B{}-H{}-Hkv{}-Nq{}-Nk{}-D{}-{}".format(*c[:6], "causal" if c[6] else "full"))
-def test_matches_math_fp32(triton_backend, case, bias_kind):
-    got, want = run_both(triton_backend, case, bias_kind, torch.float32)
-    assert_matches(got, want, torch.float32)
+def case_name(c):
+    return "B{}-H{}-Hkv{}-Nq{}-Nk{}-D{}-{}".format(*c[:6], "causal" if c[6] else "full")
 
 
-@pytest.mark.parametrize("strategy", ["atomic", "recompute"])
-@pytest.mark.parametrize("bias_kind", ["head-shared", "B1NN"])
-@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "B{}-H{}-Hkv{}-Nq{}-Nk{}".format(*c[:5]))
-def test_both_shared_bias_dq_strategies_match_math(triton_backend, case, bias_kind, strategy, monkeypatch):
-    """A head-shared bias's dq by atomics in the d(bias) kernel, or recomputed by the per-head dq kernel:
-    both exact (the other tests run the default, "recompute")."""
+# Every case with every bias kind, but for a batch of 1 a (1, 1, Nq, Nk) "batch-and-head-shared" bias is a "B1NN"
+# one: the same shape, so the same path.
+FP32_ROWS = [(case, kind) for case in CASES for kind in BIASES if not (case[0] == 1 and kind == "batch-and-head-shared")]
+
+
+@pytest.mark.parametrize("case,bias_kind", FP32_ROWS, ids=[f"{case_name(c)}-{k}" for c, k in FP32_ROWS])
+def test_matches_math_fp32(triton_backend, case, bias_kind, monkeypatch):
+    """Output and every gradient, with the default dq strategy for a shared bias ("recompute"). Also: the kernels
+    return one (B, 1, Nq, Nk) gradient for a head-shared bias, never one per head (a spy on attention_backward:
+    the backend's head-summed gradient would have the same values either way)."""
+    from attention_zoo.backends import triton_kernels
     from attention_zoo.backends.triton_tuning import SHARED_DQ_ENV
 
-    monkeypatch.setenv(SHARED_DQ_ENV, strategy)
+    monkeypatch.delenv(SHARED_DQ_ENV, raising=False)  # the default dq strategy, "recompute"
+    shapes = []
+    real = triton_kernels.attention_backward
+
+    def spy(*args, **kwargs):
+        grads = real(*args, **kwargs)
+        shapes.append(None if grads[3] is None else tuple(grads[3].shape))
+        return grads
+
+    monkeypatch.setattr(triton_kernels, "attention_backward", spy)
     got, want = run_both(triton_backend, case, bias_kind, torch.float32)
-    assert_matches(got, want, torch.float32, label=f"{strategy} ")
+    assert_matches(got, want, torch.float32)
+    if bias_kind.startswith("head-shared"):
+        B, _, _, Nq, Nk = case[:5]
+        assert shapes == [(B, 1, Nq, Nk)]
+
+
+@pytest.mark.parametrize("bias_kind", ["head-shared", "B1NN"])
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "B{}-H{}-Hkv{}-Nq{}-Nk{}".format(*c[:5]))
+def test_atomic_shared_bias_dq_strategy_matches_math(triton_backend, case, bias_kind, monkeypatch):
+    """A head-shared bias's dq by atomics in the d(bias) kernel: exact. The other strategy, dq recomputed by the
+    per-head dq kernel, is the default (test_shared_dq_strategy_is_deterministic_by_default_...), so
+    test_matches_math_fp32 runs it on these very problems (the same cases, bias kinds and seeds)."""
+    from attention_zoo.backends.triton_tuning import SHARED_DQ_ENV
+
+    monkeypatch.setenv(SHARED_DQ_ENV, "atomic")
+    got, want = run_both(triton_backend, case, bias_kind, torch.float32)
+    assert_matches(got, want, torch.float32, label="atomic ")
 
 
 def test_shared_dq_strategy_is_deterministic_by_default_and_timed_only_when_asked(monkeypatch):
@@ -157,23 +183,6 @@ def test_matches_math_half(triton_backend, dtype):
     for what, a in zip(("out", "dq", "dk", "dv", "dbias"), got):
         assert a.dtype == (torch.float32 if what == "dbias" else dtype), what  # the bias leaf is float32, as F is
     assert_matches(got, want, dtype)
-
-
-def test_head_shared_bias_gradient_is_compact(triton_backend, monkeypatch):
-    """The kernels return one (B, 1, Nq, Nk) gradient for a head-shared bias, never one per head."""
-    from attention_zoo.backends import triton_kernels
-
-    shapes = []
-    real = triton_kernels.attention_backward
-
-    def spy(*args, **kwargs):
-        grads = real(*args, **kwargs)
-        shapes.append(tuple(grads[3].shape))
-        return grads
-
-    monkeypatch.setattr(triton_kernels, "attention_backward", spy)
-    got, want = run_both(triton_backend, CASES[0], "head-shared", torch.float32)
-    assert shapes == [(2, 1, 37, 37)]
 
 
 def call(device="cuda", dtype=torch.float32, head_dim=64, bias_grad=True, heads=8):
