@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, ru
 from einops import rearrange
 from torch import Tensor, nn
 
-from .backends import dispatch, head_dim_limit
+from .backends import dispatch, fuses_unequal_value_dim, head_dim_limit
 from .cache import LayerCache
 from .initialization import residual_output
 from .ops import residual
@@ -210,7 +210,8 @@ class ProjectedAttention(nn.Module):
             carried, dense_bias = residual.carry(state.get(RESIDUAL_SCORES.name), q, k, bias, self.scale, limit)
             updates[RESIDUAL_SCORES.name] = carried
             if isinstance(carried, residual.ResidualScores):
-                out = residual.attend(carried, v, self.attend)  # q, k concatenated over layers
+                pad = not fuses_unequal_value_dim(self.backend, q.device.type)
+                out = residual.attend(carried, v, self.attend, pad_values=pad)  # q, k concatenated over layers
             else:
                 out = self.attend(q, k, v, dense_bias)
         else:

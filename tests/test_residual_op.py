@@ -7,16 +7,19 @@ no (B, H, N, N) tensor within the backend's head-dim limit, and exactly the dens
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
 
-from attention_zoo import build_model
+from attention_zoo import backends, build_model
 from attention_zoo.backends.sdpa import SDPABackend
 from attention_zoo.ops.residual import ResidualScores
+from attention_zoo.ops.selection import cpu_fused
 from tests.spies import LargestTensor
 
 B, N, HEADS = 2, 1024, 2
+HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 
 
 def model_for(attention, n=N, depth=3, backend="sdpa"):
@@ -63,4 +66,30 @@ def test_past_the_head_dim_limit_the_layer_falls_back_exactly_and_says_why(atten
     assert all(isinstance(u["residual_scores"], torch.Tensor) for u in per_layer[1:])
     assert "concatenated head dim 32 is above the backend's limit 16" in caplog.text
     for a, b in zip(structured, dense):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)
+
+
+needs_kernel = pytest.mark.skipif(not HAS_COMPILER,
+                                  reason="no C++ compiler to build the fused CPU kernel")
+
+
+@needs_kernel
+@pytest.mark.parametrize("attention", [{"variant": "residual"}, {"variant": "residual", "kv_heads": 1},
+                                       {"variant": "selective", "residual": True}],
+                         ids=["residual", "residual-mqa", "selective-residual"])
+def test_on_cpu_values_go_unpadded_and_results_match_the_padded_path(attention, monkeypatch):
+    """Where the fused CPU kernel builds, layer l attends with q/k of (l + 1) D and its own v of D (recorded
+    calls), with the padded path's logits and gradients (fp32, 1e-5 relative to the largest value)."""
+    assert cpu_fused.kernel() is not None, f"the fused CPU kernel did not build: {cpu_fused.refusal()}"
+    tokens = torch.randint(0, 32, (2, 40), generator=torch.Generator().manual_seed(2))
+    with backends.recording_calls() as calls:
+        unpadded = grads_of(model_for(attention, n=40), tokens)
+    head_dim = 32 // HEADS
+    assert [c.value_dim for c in calls] == [None, head_dim, head_dim]  # layer 0: q/k as wide as v
+    assert [c.head_dim for c in calls] == [head_dim, 2 * head_dim, 3 * head_dim]
+    monkeypatch.setattr(SDPABackend, "fuses_unequal_value_dim", lambda self, device: False)
+    with backends.recording_calls() as calls:
+        padded = grads_of(model_for(attention, n=40), tokens)
+    assert all(c.value_dim is None for c in calls)
+    for a, b in zip(unpadded, padded):
         torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)

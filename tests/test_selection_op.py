@@ -268,3 +268,25 @@ def test_training_step_makes_no_B_N_N_storage(name, vanilla_saved):
     assert spy.largest < B * N * N // 4, f"an op wrote {spy.largest} elements"
     extra = saved_bytes(training_step(ATTENTIONS[name])) - vanilla_saved
     assert extra < DEPTH * B * N * N * 4 // 10, f"{extra} bytes more saved than vanilla"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("Hkv, D, Dv", [(2, 24, 8), (4, 8, 8), (1, 8, 16)], ids=["gqa-wide-qk", "mha", "mqa-wide-v"])
+def test_kernel_without_selection_is_plain_causal_attention_with_any_value_width(Hkv, D, Dv, dtype):
+    """No selection term: softmax(scale q k^T + causal) v, q/k and v of any two widths (residual attention's
+    concatenated q/k attend with a narrower v), against the plain formula; blocks of 4 rows, tiles of 5 keys,
+    with 4 cached keys (bottom-right aligned)."""
+    g = torch.Generator().manual_seed(11)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    q, k, v = make(2, 4, 9, D), make(2, Hkv, 13, D), make(2, Hkv, 13, Dv)
+    assert cpu_fused.kernel() is not None, f"the fused CPU kernel did not build: {cpu_fused.refusal()}"
+    got = value_and_grads(lambda: cpu_fused.attention(q, k, v, causal=True, scale=0.4, rows=4, chunk=5), [q, k, v])
+
+    def naive():
+        kk, vv = (t.repeat_interleave(4 // Hkv, dim=1) for t in (k, v))
+        visible = torch.ones(9, 13, dtype=torch.bool).tril(13 - 9)
+        return torch.softmax((q @ kk.transpose(-1, -2) * 0.4).masked_fill(~visible, float("-inf")), dim=-1) @ vv
+    want = value_and_grads(naive, [q, k, v])
+    for index, (a, b) in enumerate(zip(got, want)):
+        close(a, b, dtype, "output" if index == 0 else f"grad of input {index - 1}")

@@ -146,6 +146,11 @@ def head_dim_limit(name: str, device: str) -> int | None:
     return BACKENDS.get("sdpa" if name == "auto" else name).head_dim_limit(device)
 
 
+def fuses_unequal_value_dim(name: str, device: str) -> bool:
+    """`Backend.fuses_unequal_value_dim` of backend `name` (`auto` answers for sdpa, which serves plain calls)."""
+    return BACKENDS.get("sdpa" if name == "auto" else name).fuses_unequal_value_dim(device)
+
+
 def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None, causal: bool,
            scale: float) -> Tensor:
     """Run the primitive on `backend`. A Selection goes to the backend's own `selective_attention` where it has
@@ -159,6 +164,6 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
 
 __all__ = [
     "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
-    "head_dim_limit", "run_on", "recording_calls",
+    "head_dim_limit", "fuses_unequal_value_dim", "run_on", "recording_calls",
     "causal_mask", "math_attention", "grouped_logits",
 ]

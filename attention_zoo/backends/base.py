@@ -82,6 +82,11 @@ class Backend:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
         raise NotImplementedError
 
+    def fuses_unequal_value_dim(self, device: str) -> bool:
+        """Whether a plain call (no bias) with v narrower or wider than q/k runs fused on `device`, without
+        (B, H, Nq, Nk) scores; residual attention then attends with its own v instead of a zero-padded one."""
+        return False
+
     def head_dim_limit(self, device: str) -> int | None:
         """The largest q/k head dim this backend runs with its fast kernels on `device`, or None (no limit)."""
         return None

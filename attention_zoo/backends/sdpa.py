@@ -8,6 +8,9 @@
 - A structured selection (selective attention's -F) runs over query blocks, F never dense
   (`selective_attention`): on CPU in the fused C++ kernel (ops/selection/cpu_fused.py) where it builds, else
   (and on other devices) in PyTorch (ops/selection/blocked.py).
+- A plain call whose v is narrower or wider than q/k (residual attention's concatenated q and k, differential
+  attention) runs in that kernel on CPU too: SDPA's CPU flash kernel wants them equal, and its fallback is the
+  math path with (B, H, Nq, Nk) scores.
 - A bias that requires grad (selective's -F, residual scores) goes through `BiasGradAttention`: SDPA
   forward on the detached bias, blockwise recomputed backward. Left to itself SDPA would silently
   fall back to its math path (several (B, H, N, N) buffers) whenever the mask requires grad.
@@ -38,13 +41,26 @@ class SDPABackend(Backend):
         if call.device == "cpu" and call.dtype == torch.float16 and call.grad_enabled:
             return "fp16 backward on CPU is not supported by SDPA's CPU kernels"
         if call.bias_requires_grad and call.grad_enabled and call.value_dim is not None:
-            return f"the blockwise backward of a trainable bias needs v as wide as q and k ({call.unequal_value_dim()})"
+            if not (call.has_selection and self.fuses_unequal_value_dim(call.device)):  # the fused kernel takes any
+                return f"the blockwise backward of a trainable bias needs v as wide as q and k ({call.unequal_value_dim()})"
         return None
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
+        if bias is None and v.shape[-1] != q.shape[-1] and self.fuses_unequal_value_dim(q.device.type):
+            from ..ops.selection import cpu_fused  # SDPA's CPU flash kernel wants v as wide as q/k
+
+            return cpu_fused.attention(q, k, v, causal=causal, scale=scale)
         if bias is not None and bias.requires_grad and torch.is_grad_enabled():
             return bias_grad_attention(q, k, v, bias, causal=causal, scale=scale, kernel=SDPA_ON_BLOCKS)
         return sdpa_forward(q, k, v, bias, causal, scale)
+
+    def fuses_unequal_value_dim(self, device: str) -> bool:
+        """On CPU where the fused kernel builds (ops/selection/cpu_fused.py)."""
+        if device != "cpu":
+            return False
+        from ..ops.selection import cpu_fused
+
+        return cpu_fused.kernel() is not None
 
     def head_dim_limit(self, device: str) -> int | None:
         return None if device == "cpu" else 256  # flash kernels on CUDA take head dims up to 256

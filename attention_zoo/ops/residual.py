@@ -103,11 +103,15 @@ def carry(previous: "Tensor | ResidualScores | None", q: Tensor, k: Tensor, bias
     return (logits if total is None else logits + total), total
 
 
-def attend(scores: ResidualScores, v: Tensor, attend_fn) -> Tensor:
+def attend(scores: ResidualScores, v: Tensor, attend_fn, *, pad_values: bool = True) -> Tensor:
     """softmax(R + causal) v for a structured R: q (B, H, Nq, Dc), k (B, Hkv, Nk, Dc), v (B, Hkv, Nk, D), through
-    `attend_fn(q, k, v, bias)` (the layer's attend step, whose scale is `scores.scale`). v is zero-padded to Dc
-    (flash kernels want equal head dims; the zeros add nothing) and the output sliced back to (B, H, Nq, D)."""
+    `attend_fn(q, k, v, bias)` (the layer's attend step, whose scale is `scores.scale`). With `pad_values`, v is
+    zero-padded to Dc (flash kernels want equal head dims; the zeros add nothing, but P v then costs Dc / D
+    times more) and the output sliced back to (B, H, Nq, D); without, v goes as it is (the backend fuses
+    unequal widths: `Backend.fuses_unequal_value_dim`)."""
     D = v.shape[-1]
+    if not pad_values:
+        return attend_fn(scores.q, scores.k, v, scores.selection)
     padded = v if scores.head_dim == D else tF.pad(v, (0, scores.head_dim - D))
     out = attend_fn(scores.q, scores.k, padded, scores.selection)
     return out if scores.head_dim == D else out[..., :D]

@@ -1,5 +1,8 @@
 """Selective attention's fused CPU kernel (cpu_kernel.cpp), built on first use, and its autograd wrapper.
 
+Without a selection the same kernel is plain causal attention whose q/k and v may differ in width
+(`attention`): residual attention's concatenated q and k attend with the layer's own v, unpadded.
+
 The same algorithm as `blocked.py` (F kept at query-block boundaries, recomputed per block; Leviathan, Kalman,
 Matias, "Selective Attention Improves Transformer", ICLR 2025, section 3), written as one C++ loop per pass: a
 block's mask, -F, exp, dlogits and running sums are fused over a (rows, keys) tile that stays in cache, head
@@ -83,20 +86,21 @@ def refusal() -> str | None:
     return _state.get("refusal")
 
 
-def _compute_dtype(q: Tensor, selection_dtype: torch.dtype) -> torch.dtype:
-    """float64 if q or the selection is float64, else float32 (half inputs are computed in float32)."""
-    return torch.float64 if torch.float64 in (q.dtype, selection_dtype) else torch.float32
+def _compute_dtype(q: Tensor, terms) -> torch.dtype:
+    """float64 if q or a selection is float64, else float32 (half inputs are computed in float32)."""
+    return torch.float64 if torch.float64 in (q.dtype, *(t.q.dtype for t in terms)) else torch.float32
 
 
 class FusedCPUSelectiveAttention(torch.autograd.Function):
     """q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), then each term's q_s, k_s and accumulated
-    (flattened, as `blocked.BlockedSelectiveAttention` takes them) -> out (B, H, Nq, Dv) in q's dtype.
+    (flattened, as `blocked.BlockedSelectiveAttention` takes them; none: plain attention) -> out (B, H, Nq, Dv)
+    in q's dtype.
     Saves q, k, v, the output, the log-sum-exp per row (B, H, Nq) and F's block-start rows (B, Nblocks, Nk)."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float, rows: int, chunk: int, meta: tuple, *term_tensors):
         terms = _terms(meta, term_tensors)
-        ct = _compute_dtype(q, terms[0].q.dtype)
+        ct = _compute_dtype(q, terms)
         ops = _operands(q, k, v, terms, scale, ct)
         start = _start_row(terms, q.shape[0], k.shape[2], ct, q.device)
         out, lse, G = kernel().forward(*ops, start, causal, rows, chunk)
@@ -152,4 +156,14 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, selection: Selection, *
                                             *tensors)
 
 
-__all__ = ["FusedCPUSelectiveAttention", "selective_attention", "kernel", "refusal", "ENABLED"]
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, rows: int | None = None,
+              chunk: int | None = None) -> Tensor:
+    """softmax(scale q k^T + causal) v on CPU with the fused kernel: q (B, H, Nq, D), k (B, Hkv, Nk, D),
+    v (B, Hkv, Nk, Dv), any Dv (flash kernels want Dv = D). Returns (B, H, Nq, Dv) in q's dtype. Raises
+    RuntimeError when the kernel is not available (`refusal()` says why)."""
+    if kernel() is None:
+        raise RuntimeError(f"the fused CPU kernel is not available: {refusal()}")
+    return FusedCPUSelectiveAttention.apply(q, k, v, causal, scale, rows or ROWS, chunk or KEY_CHUNK, ())
+
+
+__all__ = ["FusedCPUSelectiveAttention", "selective_attention", "attention", "kernel", "refusal", "ENABLED"]

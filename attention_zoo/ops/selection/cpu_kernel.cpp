@@ -17,6 +17,9 @@
 //   dL_t      = w_t * dS where S_t > 0, else 0;  d q_t = dL_t k_t (the caller applies the term's scale),
 //   d k_t = dL_t^T q_t;  d start = the column sums of dF over all rows (`carry`).
 //
+// With no selection term it is plain attention (F = 0), with q/k and v of any two widths: residual attention's
+// concatenated q and k (RealFormer) attend with the layer's own narrower v, which flash kernels refuse.
+//
 // Work is shared out over batch elements (one thread owns a batch element's outputs, so every sum runs in a
 // fixed order: bit-identical results for a given thread count). Inside, each block's matrix products call the
 // BLAS that torch links (sgemm_/dgemm_, single-threaded inside the parallel region) on raw pointers: through
@@ -184,21 +187,22 @@ inline double exp_shifted(double x) { return std::exp(x); }
 
 // Forward, one head's tile: logits L (n, cw) -> exp(L - F - m_new) over each row's visible keys, 0 elsewhere,
 // with the online softmax's running row max m and sum l updated and the output rows o (n, Dv) rescaled to the
-// new max (flash attention's recurrence); the caller then adds P v.
+// new max (flash attention's recurrence); the caller then adds P v. F null: no selection (F = 0).
 template <typename T>
 void online_probabilities(const Shapes& s, bool causal, const Tile& x, const T* __restrict F, T* __restrict L,
                           T* m, T* l, T* o) {
   constexpr T inf = std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < x.n; ++r) {
     T* __restrict row = L + r * x.cw;
-    const T* __restrict frow = F + r * x.cw;
     const int64_t vis = s.visible(x.i0 + r, x.c0, x.cw, causal);
+    if (F != nullptr) {
+      const T* __restrict frow = F + r * x.cw;
+#pragma omp simd
+      for (int64_t j = 0; j < vis; ++j) row[j] -= frow[j];
+    }
     T top = -inf;
 #pragma omp simd reduction(max : top)
-    for (int64_t j = 0; j < vis; ++j) {
-      row[j] -= frow[j];
-      top = row[j] > top ? row[j] : top;
-    }
+    for (int64_t j = 0; j < vis; ++j) top = row[j] > top ? row[j] : top;
     if (vis > 0 && top > m[r]) {  // a new max: earlier tiles' sum and output shrink by exp(old - new)
       const T shrink = std::exp(m[r] - top);
       l[r] *= shrink;
@@ -218,17 +222,22 @@ void online_probabilities(const Shapes& s, bool causal, const Tile& x, const T* 
 }
 
 // Backward, one head's tile: logits L (n, cw) -> the probabilities exp(L - F - lse) over each row's visible
-// keys, 0 elsewhere.
+// keys, 0 elsewhere. F null: no selection (F = 0).
 template <typename T>
 void probabilities(const Shapes& s, bool causal, const Tile& x, const T* __restrict F, T* __restrict L,
                    const T* lse) {
   for (int64_t r = 0; r < x.n; ++r) {
     T* __restrict row = L + r * x.cw;
-    const T* __restrict frow = F + r * x.cw;
     const int64_t vis = s.visible(x.i0 + r, x.c0, x.cw, causal);
     const T c = lse[r];
+    if (F != nullptr) {
+      const T* __restrict frow = F + r * x.cw;
 #pragma omp simd
-    for (int64_t j = 0; j < vis; ++j) row[j] = exp_shifted(row[j] - frow[j] - c);
+      for (int64_t j = 0; j < vis; ++j) row[j] = exp_shifted(row[j] - frow[j] - c);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < vis; ++j) row[j] = exp_shifted(row[j] - c);
+    }
     std::fill(row + vis, row + x.cw, T(0));
   }
 }
@@ -243,11 +252,12 @@ std::vector<Tensor> forward_impl(const Tensor& q_, const Tensor& k_, const Tenso
   const T *q = q_.data_ptr<T>(), *k = k_.data_ptr<T>(), *v = v_.data_ptr<T>(), *start = start_.data_ptr<T>();
   T *out = out_.data_ptr<T>(), *lse = lse_.data_ptr<T>(), *G = G_.data_ptr<T>();
   const int64_t width = std::min(rows, s.Nq) * std::min(chunk, s.Nk);
+  const bool selective = !terms.empty();
 
   at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
     const SingleThreadedBlas single_threaded;
     std::vector<std::vector<T>> S(terms.size(), std::vector<T>(width));
-    std::vector<T> F(width), L(width), running(s.Nk), m(s.H * rows), l(s.H * rows);
+    std::vector<T> F(selective ? width : 0), L(width), running(s.Nk), m(s.H * rows), l(s.H * rows);
     for (int64_t b = b0; b < b1; ++b) {
       std::copy_n(start + b * s.Nk, s.Nk, running.data());
       for (int64_t block = 0; block < s.n_blocks; ++block) {
@@ -259,13 +269,14 @@ std::vector<Tensor> forward_impl(const Tensor& q_, const Tensor& k_, const Tenso
         for (int64_t c0 = 0; c0 < keys; c0 += chunk) {
           const Tile x{i0, n, c0, std::min(chunk, keys - c0)};
           for (size_t t = 0; t < terms.size(); ++t) selection_scores<T>(s, terms[t], b, x, S[t].data());
-          tile_penalty<T>(terms, S, x, running.data() + c0, F.data());
+          if (selective) tile_penalty<T>(terms, S, x, running.data() + c0, F.data());
           for (int64_t h = 0; h < s.H; ++h) {
             const int64_t g = h / s.group, row0 = (b * s.H + h) * s.Nq + i0;
             gemm<T>(false, true, n, x.cw, s.D, q + row0 * s.D, s.D, k + ((b * s.Hkv + g) * s.Nk + c0) * s.D, s.D,
                     L.data(), x.cw, false);
             T* o = out + row0 * s.Dv;
-            online_probabilities<T>(s, causal, x, F.data(), L.data(), m.data() + h * rows, l.data() + h * rows, o);
+            online_probabilities<T>(s, causal, x, selective ? F.data() : nullptr, L.data(), m.data() + h * rows,
+                                    l.data() + h * rows, o);
             gemm<T>(false, false, n, s.Dv, x.cw, L.data(), x.cw, v + ((b * s.Hkv + g) * s.Nk + c0) * s.Dv, s.Dv,
                     o, s.Dv, true);
           }
@@ -303,11 +314,12 @@ std::vector<Tensor> backward_impl(const Tensor& q_, const Tensor& k_, const Tens
   const T *lse = lse_.data_ptr<T>(), *delta = delta_.data_ptr<T>(), *G = G_.data_ptr<T>();
   T *dq = dq_.data_ptr<T>(), *dk = dk_.data_ptr<T>(), *dv = dv_.data_ptr<T>(), *carry = carry_.data_ptr<T>();
   const int64_t width = std::min(rows, s.Nq) * std::min(chunk, s.Nk);
+  const bool selective = !terms.empty();
 
   at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
     const SingleThreadedBlas single_threaded;
     std::vector<std::vector<T>> S(terms.size(), std::vector<T>(width));
-    std::vector<T> F(width), P(width), dP(width), dsum(width), first_row(s.Nk);
+    std::vector<T> F(selective ? width : 0), P(width), dP(width), dsum(selective ? width : 0), first_row(s.Nk);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t block = s.n_blocks - 1; block >= 0; --block) {
         const int64_t i0 = block * rows, n = std::min(s.Nq, i0 + rows) - i0;
@@ -317,16 +329,16 @@ std::vector<Tensor> backward_impl(const Tensor& q_, const Tensor& k_, const Tens
           const Tile x{i0, n, c0, std::min(chunk, keys - c0)};
           const bool first_tile = c0 == 0;  // the rows' dq and d q_t are written, later tiles add to them
           for (size_t t = 0; t < terms.size(); ++t) selection_scores<T>(s, terms[t], b, x, S[t].data());
-          tile_penalty<T>(terms, S, x, first_row.data() + c0, F.data());
+          if (selective) tile_penalty<T>(terms, S, x, first_row.data() + c0, F.data());
           T* ds = dsum.data();  // sum over heads of dlogits (= -dF), then dS
-          std::fill_n(ds, n * x.cw, T(0));
+          std::fill_n(ds, selective ? n * x.cw : 0, T(0));
           for (int64_t h = 0; h < s.H; ++h) {
             const int64_t g = h / s.group, row0 = (b * s.H + h) * s.Nq + i0;
             const T *q_blk = q + row0 * s.D, *do_blk = dout + row0 * s.Dv;
             const T* k_c = k + ((b * s.Hkv + g) * s.Nk + c0) * s.D;
             const T* v_c = v + ((b * s.Hkv + g) * s.Nk + c0) * s.Dv;
             gemm<T>(false, true, n, x.cw, s.D, q_blk, s.D, k_c, s.D, P.data(), x.cw, false);
-            probabilities<T>(s, causal, x, F.data(), P.data(), lse + row0);
+            probabilities<T>(s, causal, x, selective ? F.data() : nullptr, P.data(), lse + row0);
             gemm<T>(false, true, n, x.cw, s.Dv, do_blk, s.Dv, v_c, s.Dv, dP.data(), x.cw, false);
             gemm<T>(true, false, x.cw, s.Dv, n, P.data(), x.cw, do_blk, s.Dv,
                     dv + ((b * s.Hkv + g) * s.Nk + c0) * s.Dv, s.Dv, true);
@@ -335,16 +347,17 @@ std::vector<Tensor> backward_impl(const Tensor& q_, const Tensor& k_, const Tens
             for (int64_t r = 0; r < n; ++r) {
               const T dr = delta[row0 + r];
 #pragma omp simd
-              for (int64_t j = 0; j < x.cw; ++j) {
-                const T dlogit = p[r * x.cw + j] * (dp[r * x.cw + j] - dr);
-                dp[r * x.cw + j] = dlogit;
-                ds[r * x.cw + j] += dlogit;
+              for (int64_t j = 0; j < x.cw; ++j) dp[r * x.cw + j] = p[r * x.cw + j] * (dp[r * x.cw + j] - dr);
+              if (selective) {
+#pragma omp simd
+                for (int64_t j = 0; j < x.cw; ++j) ds[r * x.cw + j] += dp[r * x.cw + j];
               }
             }
             gemm<T>(false, false, n, s.D, x.cw, dp, x.cw, k_c, s.D, dq + row0 * s.D, s.D, !first_tile);
             gemm<T>(true, false, x.cw, s.D, n, dp, x.cw, q_blk, s.D, dk + ((b * s.Hkv + g) * s.Nk + c0) * s.D,
                     s.D, true);
           }
+          if (!selective) continue;
           // dS[r] = sum of dF over the rows after r (this block's, and the later blocks' in c); dF = -dsum.
           T* c = carry + b * s.Nk + c0;
           for (int64_t r = n - 1; r >= 0; --r) {
@@ -383,9 +396,11 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, heads, N, head dim)");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(rows > 0 && chunk > 0, "rows and chunk must be positive");
-  TORCH_CHECK(!sel_q.empty() && sel_q.size() == sel_k.size() && sel_q.size() == weights.size() &&
-                  sel_q.size() == protect_bos.size(),
-              "one q, k, weight and protect_bos per selection term");
+  TORCH_CHECK(sel_q.size() == sel_k.size() && sel_q.size() == weights.size() && sel_q.size() == protect_bos.size(),
+              "one q, k, weight and protect_bos per selection term (none: plain attention)");
+  TORCH_CHECK(q.size(3) == k.size(3) && k.size(2) == v.size(2) && q.size(0) == k.size(0) && k.size(0) == v.size(0) &&
+                  k.size(1) == v.size(1),
+              "q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) expected");
   for (const Tensor& t : {q, k, v}) {
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == q.scalar_type(), "q, k, v must be CPU tensors of one dtype");
   }
