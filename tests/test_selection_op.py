@@ -290,3 +290,32 @@ def test_kernel_without_selection_is_plain_causal_attention_with_any_value_width
     want = value_and_grads(naive, [q, k, v])
     for index, (a, b) in enumerate(zip(got, want)):
         close(a, b, dtype, "output" if index == 0 else f"grad of input {index - 1}")
+
+
+@needs_kernel
+def test_sdpa_runs_the_kernel_on_cpu_and_the_blocked_op_where_it_is_refused(monkeypatch):
+    """The sdpa backend's selective call goes to the fused kernel where it builds, to the blocked PyTorch op where
+    it does not (`refusal()` set, as without a compiler or with ATTENTION_ZOO_CPU_KERNEL=0): same logits and
+    gradients (fp32, 1e-5 relative), and each path is the one taken (the other op is made to raise)."""
+    attention = {"variant": "cross_layer_selective", "mode": "accumulate", "sources": [0, 1], "decay": 0.5}
+
+    def step():
+        torch.manual_seed(0)
+        model = build_model({"backend": "sdpa", "model": {"vocab_size": 32, "dim": 32, "depth": 3, "heads": 2,
+                                                          "max_seq_len": 64, "attention": attention}})
+        logits = model(torch.randint(0, 32, (2, 64), generator=torch.Generator().manual_seed(1)))
+        logits.logsumexp(-1).mean().backward()
+        return [logits.detach()] + [p.grad for p in model.parameters()]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the other op ran")
+
+    assert cpu_fused.kernel() is not None, f"the fused CPU kernel did not build: {cpu_fused.refusal()}"
+    with monkeypatch.context() as patch:
+        patch.setattr("attention_zoo.ops.selection.blocked.selective_attention", refuse)
+        fused = step()
+    monkeypatch.setattr(cpu_fused, "_state", {"refusal": "ATTENTION_ZOO_CPU_KERNEL=0"})
+    monkeypatch.setattr(cpu_fused, "selective_attention", refuse)
+    blocked = step()
+    for a, b in zip(fused, blocked):
+        close(a, b, torch.float32, "logits or a gradient")

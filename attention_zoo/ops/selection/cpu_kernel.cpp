@@ -22,7 +22,7 @@
 //
 // Work is shared out over batch elements (one thread owns a batch element's outputs, so every sum runs in a
 // fixed order: bit-identical results for a given thread count). Inside, each block's matrix products call the
-// BLAS that torch links (sgemm_/dgemm_, single-threaded inside the parallel region) on raw pointers: through
+// BLAS that torch links (sgemm_/dgemm_; inside the parallel region it runs on the calling thread) on raw pointers: through
 // ATen, a tensor view and a dispatch per product cost as much as the products' arithmetic at these sizes. The
 // per-element work (mask, -F, exp, dlogits, the running sums) is fused into loops over a (rows, chunk) tile,
 // head by head, F's tile made once for all heads.
@@ -46,28 +46,11 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc);
-// MKL's per-thread thread count (its C name; weak: absent from other BLAS builds). Called from inside an OpenMP parallel
-// region, MKL (GNU OpenMP layer, as torch links it) opens a team of its own per product; every product then
-// pays a hand-off to the other threads (3x slower on 2 cores, 8x with sleeping threads), so each of our
-// threads asks for a single-threaded BLAS for its own calls.
-int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace {
 
 using at::Tensor;
-
-// For the lifetime of a parallel task: this thread's BLAS calls run single-threaded (see above).
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
-  }
-
- private:
-  int previous_;
-};
 
 // Row-major C (m, n) = op(A) op(B) (+ C if accumulate); lda, ldb, ldc: the row lengths as stored. Column-major
 // BLAS sees a row-major matrix as its transpose, so it is asked for C^T = op(B)^T op(A)^T.
@@ -164,8 +147,8 @@ void tile_penalty(const std::vector<Term<T>>& terms, const std::vector<std::vect
 // kernel (at::vec exp_u20, relative error ~1e-6, inside fp32 attention's tolerance), as plain code that the
 // compiler vectorizes. Below x = -60 it returns 0: such a probability is under 1e-26 of the row's largest,
 // below fp32 resolution even summed over a million keys, while letting it through makes denormals, in exp
-// and in every product with it, at ~50 ns each (one layer at 4096 tokens ran 7x slower with them; a tile
-// of 16k exps made denormal: 830 us against 30 us). double: std::exp (the float64 checks).
+// and in every product with it, at ~50 ns each (16k exps whose results are denormal: 830 us against 30 us;
+// selective attention's F makes most of a long row's far keys that small). double: std::exp (float64 checks).
 inline float exp_shifted(float x) {
   constexpr float cutoff = -60.0f, log2e = 1.44269504089f, ln2 = 0.693147180560f;
   const float keep = x < cutoff ? 0.0f : 1.0f;  // selects, not branches: the loop stays vectorized
@@ -255,7 +238,6 @@ std::vector<Tensor> forward_impl(const Tensor& q_, const Tensor& k_, const Tenso
   const bool selective = !terms.empty();
 
   at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-    const SingleThreadedBlas single_threaded;
     std::vector<std::vector<T>> S(terms.size(), std::vector<T>(width));
     std::vector<T> F(selective ? width : 0), L(width), running(s.Nk), m(s.H * rows), l(s.H * rows);
     for (int64_t b = b0; b < b1; ++b) {
@@ -317,7 +299,6 @@ std::vector<Tensor> backward_impl(const Tensor& q_, const Tensor& k_, const Tens
   const bool selective = !terms.empty();
 
   at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-    const SingleThreadedBlas single_threaded;
     std::vector<std::vector<T>> S(terms.size(), std::vector<T>(width));
     std::vector<T> F(selective ? width : 0), P(width), dP(width), dsum(selective ? width : 0), first_row(s.Nk);
     for (int64_t b = b0; b < b1; ++b) {
