@@ -5,11 +5,19 @@ The reference never imports attention_zoo.functional or the backends: it loops o
 k/v with repeat_interleave, and builds the selection penalty F with Python loops over queries i and
 earlier queries k < i. It is compared with the library on outputs and gradients:
 
-- fp32: |difference| <= 1e-5 * max(1, largest |value|) (outputs and each gradient separately);
+- fp32: |difference| <= 1e-5 * max(1, largest |value|) (outputs and each gradient separately); in the stack
+  tests against the reference run in float64 on a float64 copy of the model, so that only the library's fp32
+  rounding counts (against an fp32 reference the two roundings add up: the library's and the loops' own,
+  each 2-9e-6 in a three-layer stack's gradients). One stated exception: differential attention's lambda
+  gradients in fp32, 3e-5. Each is one sum over every batch element, position, head and channel of
+  dout . (attention output), with heavy cancellation: against float64 the fused CPU kernel gives 1.4e-5 there
+  (6e-6 elsewhere in the same model), SDPA's math path 5.8e-6, the kernel with the C library's exp 1.9e-5:
+  rounding order, not a wrong value;
 - float64: the same with 1e-10.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -27,9 +35,10 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 R_KEY, F_KEY = RESIDUAL_SCORES.name, SELECTION_PENALTY.name
 
 
-def assert_matches(actual, expected, dtype, what=""):
+def assert_matches(actual, expected, dtype, what="", tol=None):
     scale = max(1.0, expected.detach().abs().max().item())
-    torch.testing.assert_close(actual, expected, atol=TOL[dtype] * scale, rtol=0, msg=lambda m: f"{what}: {m}")
+    atol = (tol or TOL[dtype]) * scale
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=lambda m: f"{what}: {m}")
 
 
 
@@ -88,7 +97,8 @@ def qkv(H=4, Hkv=4, N=8, D=8, B=2, dtype=torch.float32, seed=0):
 
 
 def grads(out, inputs, seed=3):
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    # drawn in float64 and cast: a float32 and a float64 run of one model get the same weights
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
     return torch.autograd.grad((out * weights).sum(), inputs)
 
 
@@ -362,16 +372,19 @@ def test_stack_matches_reference(case, components, backend, dtype):
                          dtype=dtype, components=components)
     tokens = torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(1))
     logits, per_layer = model(tokens, return_state=True)
-    ref, trace = reference_lm(model, tokens, specs, COMPONENTS[components])
-    assert_matches(logits, ref, dtype, "logits")
+    exact = copy.deepcopy(model).double()  # the reference in float64 on the same weights
+    ref, trace = reference_lm(exact, tokens, specs, COMPONENTS[components])
+    as_ref = lambda t: t.to(torch.float64)  # noqa: E731
+    assert_matches(as_ref(logits), ref, dtype, "logits")
     for index, (updates, expected) in enumerate(zip(per_layer, trace)):
         if F_KEY in updates:
-            assert_matches(penalty_tensor(updates[F_KEY]), expected["F"], dtype, f"layer {index} F")
+            assert_matches(as_ref(penalty_tensor(updates[F_KEY])), expected["F"], dtype, f"layer {index} F")
         if R_KEY in updates:
-            assert_matches(scores_tensor(updates[R_KEY]), expected["R"], dtype, f"layer {index} R")
+            assert_matches(as_ref(scores_tensor(updates[R_KEY])), expected["R"], dtype, f"layer {index} R")
     names, params = zip(*model.named_parameters())
-    for name, got, want in zip(names, grads(logits, params), grads(ref, params)):
-        assert_matches(got, want, dtype, f"grad {name}")
+    for name, got, want in zip(names, grads(logits, params), grads(ref, list(exact.parameters()))):
+        ill_conditioned = dtype == torch.float32 and ".lambda_" in name  # see the module docstring
+        assert_matches(as_ref(got), want, dtype, f"grad {name}", tol=3e-5 if ill_conditioned else None)
 
 
 def test_residual_layer0_equals_vanilla():

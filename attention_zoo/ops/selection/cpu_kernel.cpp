@@ -142,25 +142,28 @@ void tile_penalty(const std::vector<Term<T>>& terms, const std::vector<std::vect
   }
 }
 
-// exp(x) for the shifted logits (x <= ~0: the logits minus their row max or log-sum-exp). float: Cody-Waite
-// range reduction and a degree-5 polynomial, the scheme and coefficients of PyTorch's own flash-attention CPU
-// kernel (at::vec exp_u20, relative error ~1e-6, inside fp32 attention's tolerance), as plain code that the
-// compiler vectorizes. Below x = -60 it returns 0: such a probability is under 1e-26 of the row's largest,
-// below fp32 resolution even summed over a million keys, while letting it through makes denormals, in exp
-// and in every product with it, at ~50 ns each (16k exps whose results are denormal: 830 us against 30 us;
-// selective attention's F makes most of a long row's far keys that small). double: std::exp (float64 checks).
+// exp(x) for the shifted logits (x <= ~0: the logits minus their row max or log-sum-exp). float: x = n ln2 + r
+// with n = round(x / ln2) and r taken in two parts of ln2 (Cody-Waite), exp(r) by the degree-6 minimax
+// polynomial of Cephes' expf (within ~1 ulp of the correctly rounded exp over |r| <= ln2 / 2), times 2^n set
+// in the exponent bits: plain code that the compiler vectorizes. (A degree-5 polynomial of ~1e-6 relative
+// error, as PyTorch's CPU flash kernel uses, moved reductions such as differential attention's lambda
+// gradients past fp32 tolerance.) Below x = -60 it returns 0: such a probability is under 1e-26 of the row's
+// largest, below fp32 resolution even summed over a million keys, while letting it through makes denormals,
+// in exp and in every product with it, at ~50 ns each (16k exps whose results are denormal: 830 us against
+// 30 us; selective attention's F makes most of a long row's far keys that small). double: std::exp.
 inline float exp_shifted(float x) {
-  constexpr float cutoff = -60.0f, log2e = 1.44269504089f, ln2 = 0.693147180560f;
+  constexpr float cutoff = -60.0f, log2e = 1.44269504089f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
   const float keep = x < cutoff ? 0.0f : 1.0f;  // selects, not branches: the loop stays vectorized
   x = x < cutoff ? cutoff : x;
   const float n = std::floor(x * log2e + 0.5f);
-  const float r = x - n * ln2;
-  float p = 0.00828929059f;
-  p = p * r + 0.0418978221f;
-  p = p * r + 0.166676521f;
-  p = p * r + 0.499991506f;
-  p = p * r + 0.999999701f;
-  p = p * r + 1.0f;
+  const float r = (x - n * ln2_hi) - n * ln2_lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-87, 1]
   float two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
