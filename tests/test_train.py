@@ -379,3 +379,17 @@ def test_resuming_a_finished_run_says_so(tmp_path, capsys):
     capsys.readouterr()
     again = train(load_config(tiny(steps=3, eval_every=0)), run, resume=True, progress=False)
     assert again == first and f"{run} already finished at step 3 (train.steps); nothing to do" in capsys.readouterr().out
+
+
+def test_lazily_built_kernels_are_built_before_the_first_timed_step(tmp_path, monkeypatch):
+    """A backend's lazy build (the CPU selective kernel: about a minute on first use) happens in `warm_up`, before
+    the first step, so the first step's time and the run's tokens/s do not include it."""
+    import attention_zoo.variant as variant_module
+    from attention_zoo.backends.sdpa import SDPABackend
+
+    events = []
+    monkeypatch.setattr(SDPABackend, "warm_up", lambda self, device: events.append(("warm_up", device)))
+    dispatch = variant_module.dispatch
+    monkeypatch.setattr(variant_module, "dispatch", lambda *a, **kw: events.append("dispatch") or dispatch(*a, **kw))
+    train(load_config(tiny("selective", steps=1, eval_every=1, checkpoint_every=1)), tmp_path, progress=False)
+    assert events[0] == ("warm_up", "cpu") and events.count(("warm_up", "cpu")) == 1 and "dispatch" in events
