@@ -21,7 +21,8 @@
 // concatenated q and k (RealFormer) attend with the layer's own narrower v, which flash kernels refuse.
 //
 // Work is shared out over batch elements (one thread owns a batch element's outputs, so every sum runs in a
-// fixed order: bit-identical results for a given thread count). Inside, each block's matrix products call the
+// fixed order: bit-identical results for a given thread count); the forward also splits a batch element's heads
+// when there are fewer batch elements than threads. Inside, each block's matrix products call the
 // BLAS that torch links (sgemm_/dgemm_, which inside the parallel region runs on the calling thread) on raw
 // pointers: through ATen, the tensor views and dispatch of ~15k small products took ~10% of a step. The
 // per-element work (mask, -F, exp, dlogits, the running sums) is fused into loops over a (rows, chunk) tile,
@@ -240,22 +241,28 @@ std::vector<Tensor> forward_impl(const Tensor& q_, const Tensor& k_, const Tenso
   const int64_t width = std::min(rows, s.Nq) * std::min(chunk, s.Nk);
   const bool selective = !terms.empty();
 
-  at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+  // Tasks: batch elements, each split into `parts` ranges of heads when there are fewer batch elements than
+  // threads (generation's prefill runs B = 1). Each part repeats the block's S and F (one head's q.k work per
+  // term) and the same running sums in the same order, so every part's F is the same; part 0 writes G.
+  const int64_t parts = std::clamp<int64_t>((at::get_num_threads() + s.B - 1) / s.B, 1, s.H);
+  at::parallel_for(0, s.B * parts, 1, [&](int64_t task0, int64_t task1) {
     std::vector<std::vector<T>> S(terms.size(), std::vector<T>(width));
     std::vector<T> F(selective ? width : 0), L(width), running(s.Nk), m(s.H * rows), l(s.H * rows);
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t task = task0; task < task1; ++task) {
+      const int64_t b = task / parts, part = task % parts;
+      const int64_t h0 = part * s.H / parts, h1 = (part + 1) * s.H / parts;
       std::copy_n(start + b * s.Nk, s.Nk, running.data());
       for (int64_t block = 0; block < s.n_blocks; ++block) {
         const int64_t i0 = block * rows, n = std::min(s.Nq, i0 + rows) - i0;
         const int64_t keys = s.keys(i0 + n, causal);
-        std::copy_n(running.data(), s.Nk, G + (b * s.n_blocks + block) * s.Nk);
+        if (part == 0) std::copy_n(running.data(), s.Nk, G + (b * s.n_blocks + block) * s.Nk);
         std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
         std::fill(l.begin(), l.end(), T(0));
         for (int64_t c0 = 0; c0 < keys; c0 += chunk) {
           const Tile x{i0, n, c0, std::min(chunk, keys - c0)};
           for (size_t t = 0; t < terms.size(); ++t) selection_scores<T>(s, terms[t], b, x, S[t].data());
           if (selective) tile_penalty<T>(terms, S, x, running.data() + c0, F.data());
-          for (int64_t h = 0; h < s.H; ++h) {
+          for (int64_t h = h0; h < h1; ++h) {
             const int64_t g = h / s.group, row0 = (b * s.H + h) * s.Nq + i0;
             gemm<T>(false, true, n, x.cw, s.D, q + row0 * s.D, s.D, k + ((b * s.Hkv + g) * s.Nk + c0) * s.D, s.D,
                     L.data(), x.cw, false);
@@ -266,7 +273,7 @@ std::vector<Tensor> forward_impl(const Tensor& q_, const Tensor& k_, const Tenso
                     o, s.Dv, true);
           }
         }
-        for (int64_t h = 0; h < s.H; ++h) {  // normalise; lse = max + log(sum); a row that sees no key: 0, +inf
+        for (int64_t h = h0; h < h1; ++h) {  // normalise; lse = max + log(sum); a row that sees no key: 0, +inf
           const int64_t row0 = (b * s.H + h) * s.Nq + i0;
           for (int64_t r = 0; r < n; ++r) {
             const T sum = l[h * rows + r];
