@@ -97,5 +97,17 @@ class CausalLM(nn.Module):
         logits = self.lm_head(self.norm(x))  # (B, N, V)
         return (logits, per_layer) if return_state else logits
 
+    def warm_up(self, device: torch.device | str) -> None:
+        """One forward of two tokens on `device`, without gradients or dropout, so that what a backend builds
+        on first use for this model's calls (the CPU selective-attention kernel: about a minute, once per
+        machine) is built now, outside timed work. Changes no parameter and draws no random numbers."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                self(torch.zeros(1, 2, dtype=torch.long, device=device))
+        finally:
+            self.train(was_training)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

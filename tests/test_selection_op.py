@@ -10,6 +10,8 @@ Tolerances: fp32 |diff| <= 1e-5 * max(1, largest |value|), float64 1e-10, output
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -321,3 +323,32 @@ def test_sdpa_runs_the_kernel_on_cpu_and_the_blocked_op_where_it_is_refused(monk
     blocked = step()
     for a, b in zip(fused, blocked):
         close(a, b, torch.float32, "logits or a gradient")
+
+
+@needs_kernel
+def test_a_build_killed_half_way_is_redone_not_waited_on(tmp_path):
+    """torch's build lock is a plain file that a build killed by a signal or a time limit leaves behind; the
+    kernel's loader takes an flock (released when its holder dies) and clears such a file, so the next process
+    loads (or rebuilds) instead of waiting forever. Here: the lock file a killed build leaves, then a fresh process."""
+    assert cpu_fused.kernel() is not None, f"the fused CPU kernel did not build: {cpu_fused.refusal()}"
+    stale = cpu_fused.build_directory() / "lock"
+    stale.touch()
+    code = "from attention_zoo.ops.selection import cpu_fused; assert cpu_fused.kernel() is not None, cpu_fused.refusal()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not stale.exists()
+
+
+@needs_kernel
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_kernel_propagates_nan_in_the_selection_as_the_reference_does(where):
+    """A NaN in the selection head's q or k reaches F and the outputs, as in the reference (ReLU keeps NaN), rather
+    than being clipped to 0 and hidden."""
+    q, k, v, selection, _ = problem(dtype=torch.float32, accumulated=True)
+    term = selection.terms[0]
+    with torch.no_grad():
+        (term.q if where == "q" else term.k)[0, 5 if where == "q" else 3, 0] = float("nan")
+        got = kernel_attention(q, k, v, selection, scale=0.3, rows=4, chunk=5)
+        want = reference.selective_attention(q, k, v, selection, causal=True, scale=0.3)
+    assert want.isnan().any()
+    assert torch.equal(got.isnan(), want.isnan())

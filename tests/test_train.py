@@ -381,15 +381,26 @@ def test_resuming_a_finished_run_says_so(tmp_path, capsys):
     assert again == first and f"{run} already finished at step 3 (train.steps); nothing to do" in capsys.readouterr().out
 
 
-def test_lazily_built_kernels_are_built_before_the_first_timed_step(tmp_path, monkeypatch):
-    """A backend's lazy build (the CPU selective kernel: about a minute on first use) happens in `warm_up`, before
-    the first step, so the first step's time and the run's tokens/s do not include it."""
-    import attention_zoo.variant as variant_module
-    from attention_zoo.backends.sdpa import SDPABackend
+@pytest.mark.parametrize("variant", ["selective", "vanilla"])
+def test_a_kernel_built_on_first_use_is_built_before_the_first_timed_step(tmp_path, monkeypatch, variant):
+    """The CPU selective kernel (about a minute to build on a fresh machine) is built by the model's warm-up
+    forward, before the first step's timer starts, so the first step's time and the run's tokens/s do not include
+    it; a model that never calls it (vanilla) never builds it."""
+    import time as real_time
+    import types
+
+    import attention_zoo.train.loop as loop
+    from attention_zoo.ops.selection import cpu_fused
 
     events = []
-    monkeypatch.setattr(SDPABackend, "warm_up", lambda self, device: events.append(("warm_up", device)))
-    dispatch = variant_module.dispatch
-    monkeypatch.setattr(variant_module, "dispatch", lambda *a, **kw: events.append("dispatch") or dispatch(*a, **kw))
-    train(load_config(tiny("selective", steps=1, eval_every=1, checkpoint_every=1)), tmp_path, progress=False)
-    assert events[0] == ("warm_up", "cpu") and events.count(("warm_up", "cpu")) == 1 and "dispatch" in events
+    build = cpu_fused._build
+    monkeypatch.setattr(cpu_fused, "_state", {})  # as in a fresh process
+    monkeypatch.setattr(cpu_fused, "_build", lambda: events.append("build") or build())
+    clock = types.SimpleNamespace(perf_counter=lambda: events.append("timer") or real_time.perf_counter())
+    monkeypatch.setattr(loop, "time", clock)
+    train(load_config(tiny(variant, steps=1, eval_every=1, checkpoint_every=1)), tmp_path, progress=False)
+    assert "timer" in events
+    if variant == "selective":
+        assert events.index("build") < events.index("timer") and events.count("build") == 1
+    else:
+        assert "build" not in events

@@ -146,13 +146,6 @@ def head_dim_limit(name: str, device: str) -> int | None:
     return BACKENDS.get("sdpa" if name == "auto" else name).head_dim_limit(device)
 
 
-def warm_up(name: str, device: str) -> None:
-    """`Backend.warm_up` of backend `name` (`auto`: of every backend it may choose on CPU and CUDA alike)."""
-    for backend in (AUTO_ORDER if name == "auto" else (name,)):
-        if backend in BACKENDS:
-            BACKENDS.get(backend).warm_up(device)
-
-
 def fuses_unequal_value_dim(name: str, device: str) -> bool:
     """`Backend.fuses_unequal_value_dim` of backend `name` (`auto` answers for sdpa, which serves plain calls)."""
     return BACKENDS.get("sdpa" if name == "auto" else name).fuses_unequal_value_dim(device)
@@ -171,6 +164,6 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
 
 __all__ = [
     "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
-    "head_dim_limit", "fuses_unequal_value_dim", "warm_up", "run_on", "recording_calls",
+    "head_dim_limit", "fuses_unequal_value_dim", "run_on", "recording_calls",
     "causal_mask", "math_attention", "grouped_logits",
 ]

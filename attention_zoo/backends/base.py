@@ -82,10 +82,6 @@ class Backend:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
         raise NotImplementedError
 
-    def warm_up(self, device: str) -> None:
-        """Build now what this backend would otherwise build lazily on its first call on `device` (a compiled
-        kernel), so that the build lands outside timed work. Default: nothing."""
-
     def fuses_unequal_value_dim(self, device: str) -> bool:
         """Whether a plain call (no bias) with v narrower or wider than q/k runs fused on `device`, without
         (B, H, Nq, Nk) scores; residual attention then attends with its own v instead of a zero-padded one."""

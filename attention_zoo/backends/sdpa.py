@@ -54,13 +54,6 @@ class SDPABackend(Backend):
             return bias_grad_attention(q, k, v, bias, causal=causal, scale=scale, kernel=SDPA_ON_BLOCKS)
         return sdpa_forward(q, k, v, bias, causal, scale)
 
-    def warm_up(self, device: str) -> None:
-        """On CPU: build (or load) the fused kernel now, not inside the first training step."""
-        if device == "cpu":
-            from ..ops.selection import cpu_fused
-
-            cpu_fused.kernel()
-
     def fuses_unequal_value_dim(self, device: str) -> bool:
         """On CPU where the fused kernel builds (ops/selection/cpu_fused.py)."""
         if device != "cpu":

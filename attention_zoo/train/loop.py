@@ -32,7 +32,6 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..backends import warm_up
 from ..checkpoint import (
     STATE,
     WEIGHTS,
@@ -47,7 +46,6 @@ from ..checkpoint import (
 from ..config import Config, ConfigError, Problem, build_model, load_config, resolved_layers
 from ..data import IGNORE_INDEX, Dataset, build_dataset
 from ..errors import UserError
-from ..variant import AttentionVariant
 from . import distributed as D
 from .aux_losses import get_aux_loss
 from .execution import compile_model, enable_activation_checkpointing
@@ -346,10 +344,7 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         log.append({"kind": "val", "step": step, **metrics})
         return metrics
 
-    # Kernels a backend builds on first use (the CPU selective kernel: about a minute, once per machine) are
-    # built here, so that the first step's time, and the run's tokens/s, do not include the build.
-    for backend in sorted({m.backend for m in raw_model.modules() if isinstance(m, AttentionVariant)}):
-        warm_up(backend, device.type)
+    raw_model.warm_up(device)  # kernels built on first use: not in the first step's time nor the run's tokens/s
     bar = tqdm(total=tcfg["steps"], initial=start_step, disable=not (progress and world.is_main), desc="train",
                unit="step", dynamic_ncols=True)
     model.train()

@@ -13,14 +13,18 @@ is logged once.
 The kernel is compiled by torch.utils.cpp_extension (a C++ compiler and ninja) the first time it is needed,
 about a minute on 2 cores, and cached under torch's extensions folder (`TORCH_EXTENSIONS_DIR`, by default
 ~/.cache/torch_extensions) for every later process. It is compiled for the CPU's vector width
-(torch.backends.cpu.get_cpu_capability()), which is part of the cached build's name.
+(torch.backends.cpu.get_cpu_capability()), which is part of the cached build's name with the source's digest.
+A build killed half-way (a signal, a time limit) is redone by the next process, never waited on.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import sys
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,15 +56,70 @@ _lock = threading.Lock()
 _state: dict = {}  # "module" or "refusal", once decided
 
 
+def build_name() -> str:
+    """The build's name: the CPU's vector width and the source's digest (a changed source is a new build)."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+    return f"attention_zoo_selective_cpu_{torch.backends.cpu.get_cpu_capability().lower()}_{digest}"
+
+
+def build_directory() -> Path:
+    """The folder the build lives in."""
+    return _build_directory(build_name())
+
+
+def _build_directory(name: str) -> Path:
+    """Where the build lives: under TORCH_EXTENSIONS_DIR (default: torch's extensions root), per Python version."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return root / f"py{sys.version_info.major}{sys.version_info.minor}_attention_zoo" / name
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An advisory lock on `path` for this process (POSIX flock: the OS releases it when the holder dies, however
+    it dies); elsewhere no lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: torch's own lock file serialises builds
+        yield
+        return
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
     capability = torch.backends.cpu.get_cpu_capability()
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
-    log.warning("attention-zoo: building the fused CPU selective-attention kernel (once per machine, about a "
-                "minute; ATTENTION_ZOO_CPU_KERNEL=0 skips it)")
-    return load(name=f"attention_zoo_selective_cpu_{capability.lower()}_{digest}", sources=[str(SOURCE)],
-                extra_cflags=_CFLAGS + _ARCH_FLAGS.get(capability, []), verbose=False)
+    name = build_name()
+    folder = _build_directory(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    # torch's own build lock is a plain file that a build killed by a signal or a timeout leaves behind, after
+    # which every later load() waits on it forever. Builds here take an flock first, which dies with its holder:
+    # whoever holds it is the only builder, so a `lock` file found then is stale.
+    with _exclusive(folder.with_name(name + ".lock")):
+        for stale in ("lock", ".ninja_lock"):
+            (folder / stale).unlink(missing_ok=True)
+        if not (folder / f"{name}.so").exists():
+            log.warning("attention-zoo: building the fused CPU selective-attention kernel (once per machine, about "
+                        "a minute; ATTENTION_ZOO_CPU_KERNEL=0 skips it)")
+        with warnings.catch_warnings():  # torch's compiler-version notices; a failure is reported below
+            warnings.simplefilter("ignore")
+            return load(name=name, sources=[str(SOURCE)], extra_cflags=_CFLAGS + _ARCH_FLAGS.get(capability, []),
+                        build_directory=str(folder), verbose=False)
+
+
+def _reason(error: Exception) -> str:
+    """The telling line of a failed build (the compiler's error or 'not found', not ninja's command line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines if not line.startswith("[")  # "[1/2] c++ ...": ninja's command
+               and any(word in line.lower() for word in ("error", "not found"))]
+    return (telling or lines or [type(error).__name__])[-1][:300]
 
 
 def kernel():
@@ -69,12 +128,12 @@ def kernel():
         if not _state:
             if not ENABLED:
                 _state["refusal"] = "ATTENTION_ZOO_CPU_KERNEL=0"
+                log.info("attention-zoo: selective attention on CPU runs the PyTorch blocked op: %s", _state["refusal"])
             else:
                 try:
                     _state["module"] = _build()
                 except Exception as error:  # noqa: BLE001 -- any build failure means: use the PyTorch op
-                    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                    _state["refusal"] = f"the C++ kernel did not build ({type(error).__name__}: {first_line})"
+                    _state["refusal"] = f"the C++ kernel did not build ({type(error).__name__}: {_reason(error)})"
                     log.warning("attention-zoo: selective attention on CPU runs the PyTorch blocked op: %s",
                                 _state["refusal"])
         return _state.get("module")

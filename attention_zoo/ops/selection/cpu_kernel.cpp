@@ -122,7 +122,7 @@ void selection_scores(const Shapes& s, const Term<T>& term, int64_t b, const Til
     const int64_t last = std::max(s.earlier(x.i0 + r, x.c0, x.cw), first);
     std::fill(row, row + first, T(0));
 #pragma omp simd
-    for (int64_t j = first; j < last; ++j) row[j] = row[j] > 0 ? row[j] : T(0);
+    for (int64_t j = first; j < last; ++j) row[j] = row[j] <= 0 ? T(0) : row[j];  // ReLU; NaN stays NaN
     std::fill(row + last, row + x.cw, T(0));
   }
 }
