@@ -176,3 +176,17 @@ def test_a_named_backend_that_refuses_training_exits_2_with_the_reason(capsys, t
     assert ("attention-zoo train: error: backend 'flex' refused: torch has no FlexAttention backward on CPU "
             "(train there with sdpa or math); backend: auto, or one that accepts this call: ") in err
     assert "sdpa, math" in err
+
+
+def test_a_reader_that_goes_away_gets_no_traceback():
+    """`attention-zoo ... | head`: when the reader closes the pipe, the command stops quietly (exit 141, as a shell
+    tool killed by SIGPIPE reports) instead of printing a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "attention_zoo", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command writes anything
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
