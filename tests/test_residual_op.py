@@ -7,7 +7,6 @@ no (B, H, N, N) tensor within the backend's head-dim limit, and exactly the dens
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import torch
@@ -15,11 +14,10 @@ import torch
 from attention_zoo import backends, build_model
 from attention_zoo.backends.sdpa import SDPABackend
 from attention_zoo.ops.residual import ResidualScores
-from attention_zoo.ops.selection import cpu_fused
+from tests.cpu_kernel import needs_cpu_kernel, require_kernel
 from tests.spies import LargestTensor
 
 B, N, HEADS = 2, 1024, 2
-HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 
 
 def model_for(attention, n=N, depth=3, backend="sdpa"):
@@ -69,18 +67,14 @@ def test_past_the_head_dim_limit_the_layer_falls_back_exactly_and_says_why(atten
         torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)
 
 
-needs_kernel = pytest.mark.skipif(not HAS_COMPILER,
-                                  reason="no C++ compiler to build the fused CPU kernel")
-
-
-@needs_kernel
+@needs_cpu_kernel
 @pytest.mark.parametrize("attention", [{"variant": "residual"}, {"variant": "residual", "kv_heads": 1},
                                        {"variant": "selective", "residual": True}],
                          ids=["residual", "residual-mqa", "selective-residual"])
 def test_on_cpu_values_go_unpadded_and_results_match_the_padded_path(attention, monkeypatch):
     """Where the fused CPU kernel builds, layer l attends with q/k of (l + 1) D and its own v of D (recorded
     calls), with the padded path's logits and gradients (fp32, 1e-5 relative to the largest value)."""
-    assert cpu_fused.kernel() is not None, f"the fused CPU kernel did not build: {cpu_fused.refusal()}"
+    require_kernel()
     tokens = torch.randint(0, 32, (2, 40), generator=torch.Generator().manual_seed(2))
     with backends.recording_calls() as calls:
         unpadded = grads_of(model_for(attention, n=40), tokens)

@@ -9,7 +9,6 @@ Tolerances: fp32 |diff| <= 1e-5 * max(1, largest |value|), float64 1e-10, output
 """
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -20,18 +19,13 @@ from attention_zoo import build_model
 from attention_zoo.ops.selection import Selection, SelectionTerm, cpu_fused, reference
 from attention_zoo.ops.selection.blocked import column_sums
 from attention_zoo.ops.selection.blocked import selective_attention as blocked_attention
+from tests.cpu_kernel import needs_cpu_kernel, require_kernel
 from tests.spies import LargestTensor
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
-# The fused CPU kernel must build wherever a C++ compiler is found (CI has one): a build failure there is a bug,
-# not a reason to skip. Without a compiler the tests of the kernel skip and the blocked op serves (tested below).
-HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
-needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to build the fused CPU kernel")
-
-
 def kernel_attention(q, k, v, selection, *, scale, rows=None, chunk=None):
-    assert cpu_fused.kernel() is not None, f"the fused CPU kernel did not build: {cpu_fused.refusal()}"
+    require_kernel()
     return cpu_fused.selective_attention(q, k, v, selection, causal=True, scale=scale, rows=rows, chunk=chunk)
 
 
@@ -104,7 +98,7 @@ CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("impl", ["reference", "blocked", pytest.param("cpu-kernel", marks=needs_kernel)])
+@pytest.mark.parametrize("impl", ["reference", "blocked", pytest.param("cpu-kernel", marks=needs_cpu_kernel)])
 def test_op_matches_naive_equations(impl, case, dtype):
     q, k, v, selection, leaves = problem(dtype=dtype, **CASES[case])
     if impl == "reference":
@@ -122,7 +116,7 @@ OPS = {"blocked": lambda q, k, v, selection, scale, rows, chunk=None: blocked_at
            q, k, v, selection, causal=True, scale=scale, rows=rows),
        "cpu-kernel": lambda q, k, v, selection, scale, rows, chunk=None: kernel_attention(
            q, k, v, selection, scale=scale, rows=rows, chunk=chunk)}
-OP_PARAMS = ["blocked", pytest.param("cpu-kernel", marks=needs_kernel)]
+OP_PARAMS = ["blocked", pytest.param("cpu-kernel", marks=needs_cpu_kernel)]
 
 
 @pytest.mark.parametrize("op", OP_PARAMS)
@@ -169,7 +163,7 @@ def test_gradients_are_bit_identical_on_repeat(op):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-@needs_kernel
+@needs_cpu_kernel
 def test_kernel_under_a_strong_selection_matches_the_equations():
     """F in the thousands (a selection head with large scores over 300 rows): most probabilities underflow. The
     kernel's exp returns 0 below exp(-60) of the row's largest instead of making denormals; the outputs and
@@ -185,7 +179,7 @@ def test_kernel_under_a_strong_selection_matches_the_equations():
         close(a.double(), b, torch.float32, "output" if index == 0 else f"grad of input {index - 1}")
 
 
-@needs_kernel
+@needs_cpu_kernel
 def test_kernel_output_ignores_later_keys_bit_for_bit():
     """Causality inside the kernel's tiles: changing keys and values from position 40 on leaves rows 0-39 of the
     output bit-identical (tiles of 16 keys, blocks of 8 rows, so the diagonal crosses tiles and blocks)."""
@@ -274,7 +268,7 @@ def test_training_step_makes_no_B_N_N_storage(name, vanilla_saved):
     assert extra < DEPTH * B * N * N * 4 // 10, f"{extra} bytes more saved than vanilla"
 
 
-@needs_kernel
+@needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("Hkv, D, Dv", [(2, 24, 8), (4, 8, 8), (1, 8, 16)], ids=["gqa-wide-qk", "mha", "mqa-wide-v"])
 def test_kernel_without_selection_is_plain_causal_attention_with_any_value_width(Hkv, D, Dv, dtype):
@@ -284,7 +278,7 @@ def test_kernel_without_selection_is_plain_causal_attention_with_any_value_width
     g = torch.Generator().manual_seed(11)
     make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
     q, k, v = make(2, 4, 9, D), make(2, Hkv, 13, D), make(2, Hkv, 13, Dv)
-    assert cpu_fused.kernel() is not None, f"the fused CPU kernel did not build: {cpu_fused.refusal()}"
+    require_kernel()
     got = value_and_grads(lambda: cpu_fused.attention(q, k, v, causal=True, scale=0.4, rows=4, chunk=5), [q, k, v])
 
     def naive():
@@ -296,7 +290,7 @@ def test_kernel_without_selection_is_plain_causal_attention_with_any_value_width
         close(a, b, dtype, "output" if index == 0 else f"grad of input {index - 1}")
 
 
-@needs_kernel
+@needs_cpu_kernel
 def test_sdpa_runs_the_kernel_on_cpu_and_the_blocked_op_where_it_is_refused(monkeypatch):
     """The sdpa backend's selective call goes to the fused kernel where it builds, to the blocked PyTorch op where
     it does not (`refusal()` set, as without a compiler or with ATTENTION_ZOO_CPU_KERNEL=0): same logits and
@@ -314,7 +308,7 @@ def test_sdpa_runs_the_kernel_on_cpu_and_the_blocked_op_where_it_is_refused(monk
     def refuse(*args, **kwargs):
         raise AssertionError("the other op ran")
 
-    assert cpu_fused.kernel() is not None, f"the fused CPU kernel did not build: {cpu_fused.refusal()}"
+    require_kernel()
     with monkeypatch.context() as patch:
         patch.setattr("attention_zoo.ops.selection.blocked.selective_attention", refuse)
         fused = step()
@@ -325,12 +319,12 @@ def test_sdpa_runs_the_kernel_on_cpu_and_the_blocked_op_where_it_is_refused(monk
         close(a, b, torch.float32, "logits or a gradient")
 
 
-@needs_kernel
+@needs_cpu_kernel
 def test_a_build_killed_half_way_is_redone_not_waited_on(tmp_path):
     """torch's build lock is a plain file that a build killed by a signal or a time limit leaves behind; the
     kernel's loader takes an flock (released when its holder dies) and clears such a file, so the next process
     loads (or rebuilds) instead of waiting forever. Here: the lock file a killed build leaves, then a fresh process."""
-    assert cpu_fused.kernel() is not None, f"the fused CPU kernel did not build: {cpu_fused.refusal()}"
+    require_kernel()
     stale = cpu_fused.build_directory() / "lock"
     stale.touch()
     code = "from attention_zoo.ops.selection import cpu_fused; assert cpu_fused.kernel() is not None, cpu_fused.refusal()"
@@ -339,7 +333,7 @@ def test_a_build_killed_half_way_is_redone_not_waited_on(tmp_path):
     assert not stale.exists()
 
 
-@needs_kernel
+@needs_cpu_kernel
 @pytest.mark.parametrize("where", ["q", "k"])
 def test_kernel_propagates_nan_in_the_selection_as_the_reference_does(where):
     """A NaN in the selection head's q or k reaches F and the outputs, as in the reference (ReLU keeps NaN), rather
