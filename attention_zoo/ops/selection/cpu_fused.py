@@ -63,16 +63,12 @@ def build_name() -> str:
 
 
 def build_directory() -> Path:
-    """The folder the build lives in."""
-    return _build_directory(build_name())
-
-
-def _build_directory(name: str) -> Path:
-    """Where the build lives: under TORCH_EXTENSIONS_DIR (default: torch's extensions root), per Python version."""
+    """Where the build lives (a folder named `build_name()`): under TORCH_EXTENSIONS_DIR (default: torch's
+    extensions root), per Python version."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    return root / f"py{sys.version_info.major}{sys.version_info.minor}_attention_zoo" / name
+    return root / f"py{sys.version_info.major}{sys.version_info.minor}_attention_zoo" / build_name()
 
 
 @contextlib.contextmanager
@@ -96,8 +92,8 @@ def _build():
     from torch.utils.cpp_extension import load
 
     capability = torch.backends.cpu.get_cpu_capability()
-    name = build_name()
-    folder = _build_directory(name)
+    folder = build_directory()
+    name = folder.name
     folder.mkdir(parents=True, exist_ok=True)
     # torch's own build lock is a plain file that a build killed by a signal or a timeout leaves behind, after
     # which every later load() waits on it forever. Builds here take an flock first, which dies with its holder:
@@ -123,7 +119,10 @@ def _reason(error: Exception) -> str:
 
 
 def kernel():
-    """The compiled module, or None (see `refusal`). Built once per process, under a lock."""
+    """The compiled module, or None (see `refusal`). Built once per process, under a lock; every attention call
+    asks, so once decided the answer is read without taking the lock."""
+    if _state:
+        return _state.get("module")
     with _lock:
         if not _state:
             if not ENABLED:
