@@ -96,9 +96,9 @@ def _require(path: Path) -> None:
 def read_saved_config(path: str | Path) -> dict:
     """The raw mapping in checkpoint `path`'s config.yaml. Raises ConfigError naming that file when it is
     unreadable, invalid YAML or not a mapping."""
-    from .config import _read_yaml
+    from .config import read_yaml_chain
 
-    data, problems = _read_yaml(Path(path) / CONFIG)
+    data, problems = read_yaml_chain(Path(path) / CONFIG)
     if problems:
         raise ConfigError(problems)
     return data

@@ -1,7 +1,8 @@
 """`attention-zoo` command line. Each sub-command lives in `attention_zoo/commands/<name>.py` and
 exposes `register(subparsers)`; modules there are discovered, so a new command touches no other file.
 
-User errors (UserError, which ConfigError and DataError are) print one clean message and exit 2.
+User errors (UserError, which ConfigError and DataError are) print one clean message and exit 2; so does an
+OSError naming a file (a path no command checked beforehand), unless -v asks for its traceback.
 """
 from __future__ import annotations
 
@@ -51,3 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not raise again
         return 141  # 128 + SIGPIPE
+    except OSError as exc:  # a file the commands did not check first (full disk, permissions changed mid-run)
+        if exc.filename is None or args.verbose:  # not about a path, or asked for details: the traceback helps
+            raise
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
+        print(f"attention-zoo {args.command}: error: {where}: {exc.strerror or exc} (rerun with -v for the "
+              "traceback)", file=sys.stderr)
+        return 2

@@ -390,8 +390,12 @@ def read_yaml_file(path: Path, missing: Problem | None = None) -> tuple[Any, lis
         return None, [Problem(source, where, _MISSING, f"invalid YAML: {getattr(exc, 'problem', exc)}")]
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, list[Problem]]:
-    """Read one file and, recursively, its `base:`; later files override earlier ones key by key."""
+def read_yaml_chain(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, list[Problem]]:
+    """The raw, unvalidated mapping of YAML file `path` merged over its `base:` chain (a file's keys override
+    its base's key by key; `base` itself removed), and the problems met on the way: a missing, unreadable,
+    empty or invalid file, a top level that is not a mapping, a `base` that is not a path, an inheritance
+    cycle. Never raises for bad input: `({}, problems)` then. `chain` is the files that led here (for the
+    cycle check and to name the file whose `base` is missing)."""
     source = str(path)
     if path in chain:
         return {}, [Problem(source, "base", str(path), "inheritance cycle: " + " -> ".join(map(str, (*chain, path))))]
@@ -409,7 +413,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, list[Pro
         return data, []
     if not isinstance(base, str):
         return {}, [Problem(source, "base", base, "expected a path to another YAML file")]
-    parent, problems = _read_yaml((path.parent / base).resolve(), (*chain, path))
+    parent, problems = read_yaml_chain((path.parent / base).resolve(), (*chain, path))
     return deep_merge(parent, data), problems
 
 
@@ -479,11 +483,11 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
         source, data, problems = "<dict>", copy.deepcopy(path_or_dict), []
         if "base" in data:
             base = data.pop("base")
-            parent, problems = _read_yaml(Path(base).resolve())
+            parent, problems = read_yaml_chain(Path(base).resolve())
             data = deep_merge(parent, data)
     else:
         source = str(path_or_dict)
-        data, problems = _read_yaml(Path(path_or_dict).resolve())
+        data, problems = read_yaml_chain(Path(path_or_dict).resolve())
         if problems and problems[0].path == "(file)" and problems[0].message == "file not found":
             problems[0].source = source
     for override in overrides:

@@ -190,3 +190,87 @@ def test_a_reader_that_goes_away_gets_no_traceback():
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 141, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+# Every command that writes: its output flag and the rest of a command line that reaches the check (the check
+# comes before any checkpoint, model or data is read, so the other arguments need not exist).
+WRITERS = {
+    "train": (["train", str(CONFIGS / "vanilla.yaml")], "--out", "folder"),
+    "ablate": (["ablate", str(CONFIGS / "ablations" / "quickstart.yaml")], "--out", "folder"),
+    "bench": (["bench", "--variants", "vanilla", "--seq-lens", "16"], "--out", "folder"),
+    "eval": (["eval", "no-such-checkpoint"], "--json", "file"),
+    "calibrate": (["calibrate", "no-such-checkpoint"], "--out", "folder"),
+    "export-hf": (["export-hf", "no-such-checkpoint"], "--out", "folder"),
+    "import-hf": (["import-hf", "no-such-model"], "--out", "folder"),
+    "stream": (["stream", "no-such-checkpoint", "--length", "64"], "--out", "folder"),
+}
+
+
+def test_every_writing_command_is_listed():
+    """A new command with --out/--json must join WRITERS (and check its path before any work)."""
+    parser_text = {name: module for name, module in _command_sources().items()}
+    writes = {name for name, text in parser_text.items() if '"--out"' in text or '"--json"' in text}
+    assert writes == set(WRITERS)
+
+
+def _command_sources() -> dict[str, str]:
+    import attention_zoo.commands as commands
+
+    folder = Path(commands.__file__).parent
+    return {p.stem.replace("_", "-"): p.read_text() for p in folder.glob("*.py") if p.stem != "__init__"}
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_an_output_path_below_a_file_is_refused_before_any_work(capsys, tmp_path, command):
+    argv, flag, kind = WRITERS[command]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    target = blocker / ("out.json" if kind == "file" else "out")
+    code, _, err = run(capsys, *argv, flag, str(target))
+    assert code == 2, err
+    assert f"error: {flag} {target}: {blocker} is a file" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written beside it
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_an_output_of_the_other_kind_is_refused(capsys, tmp_path, command):
+    """A folder where a file is written (eval --json) or a file where a folder is (every --out)."""
+    argv, flag, kind = WRITERS[command]
+    target = tmp_path / "taken"
+    target.write_text("keep me\n") if kind == "folder" else target.mkdir()
+    code, _, err = run(capsys, *argv, flag, str(target))
+    other = "a file" if kind == "folder" else "a folder"
+    assert code == 2 and f"error: {flag} {target}: is {other}; give the path of a {kind} to write" in err, err
+    assert target.is_dir() == (kind == "file")  # left as it was
+
+
+def test_an_output_folder_without_write_permission_is_refused(tmp_path, monkeypatch):
+    """Through os.access, as the check asks it (root may write anywhere, so the denial is simulated)."""
+    import os
+
+    from attention_zoo.errors import UserError
+    from attention_zoo.paths import check_output_path
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(UserError, match=rf"--out {tmp_path}/new/run: cannot write into {tmp_path} \(permission denied\)"):
+        check_output_path("--out", tmp_path / "new" / "run", "folder")  # the nearest existing parent is asked
+    with pytest.raises(UserError, match="permission denied"):
+        check_output_path("--json", tmp_path / "x.json", "file")
+    (tmp_path / "open").mkdir()
+    assert check_output_path("--json", tmp_path / "open" / "x.json", "file") == tmp_path / "open" / "x.json"
+
+
+def test_an_os_error_naming_a_file_is_one_line_not_a_traceback(capsys, monkeypatch, tmp_path):
+    """The last guard: a file error no command checked first (a disk that fills, a permission changed
+    mid-run) names the file and exits 2; -v shows the traceback instead."""
+    from attention_zoo.commands import inspect_config
+
+    def fails(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "results.json"))
+
+    monkeypatch.setattr(inspect_config, "cmd_list", fails)  # the parser is built per call and binds it then
+    code, _, err = run(capsys, "list")
+    assert code == 2
+    assert err == f"attention-zoo list: error: {tmp_path / 'results.json'}: Permission denied (rerun with -v for the traceback)\n"
+    with pytest.raises(PermissionError):
+        main(["-v", "list"])

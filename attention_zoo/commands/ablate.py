@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from ..paths import check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +40,7 @@ def cmd_ablate(args) -> int:
     sweep = read_sweep_file(args.sweep, args.sets)  # every run's config is validated here, before any training
     if args.seeds is not None:
         sweep = sweep.only_seeds(args.seeds)
-    out = Path(args.out or Path("runs") / Path(args.sweep).stem)
+    out = check_output_path("--out", args.out or Path("runs") / Path(args.sweep).stem, "folder")
     if args.dry_run:
         print(f"{args.sweep}: {len(sweep.runs)} runs, all configs valid; metric {sweep.metric}")
         for run in sweep.runs:

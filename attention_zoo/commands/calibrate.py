@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..numbers import finite_float
+from ..paths import check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +47,8 @@ def cmd_calibrate(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.threshold < 0:
         raise UserError(f"--threshold {args.threshold}: must be > 0, or 0 to skip")
+    if args.out:  # before any work; the default (beside the checkpoint) is checked once the checkpoint is found
+        check_output_path("--out", args.out, "folder")
     model, path = load_for_inference(args.checkpoint, args.device)
     context = model.max_seq_len if args.context is None else args.context  # 0 is refused below, not the default
     if context < 4 or model.max_positions is not None and context > model.max_positions:
@@ -55,7 +58,7 @@ def cmd_calibrate(args) -> int:
     if dataset.fixed_seq_len and context < dataset.fixed_seq_len:
         raise UserError(f"--context {context}: dataset {dataset.name!r} needs at least {dataset.fixed_seq_len}")
     batches = list(dataset.eval_batches(args.split, args.batch_size, context, args.batches))
-    out = Path(args.out) if args.out else path.parent / "calibration"
+    out = check_output_path("--out", args.out or path.parent / "calibration", "folder")
     if args.measure:
         return measure(model, batches, args, context, out, path, dataset.name)
     check = None

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..checkpoint import atomic_write_text
 from ..config import ConfigError, Problem, apply_override, read_yaml_file
 from ..errors import UserError
+from ..paths import check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,9 +61,8 @@ def cmd_eval(args) -> int:
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:  # None: the run's own value
             raise UserError(f"{flag} {value}: must be >= 1 (leave it out for the run's own value)")
-    if args.json and Path(args.json).is_dir():
-        raise UserError(f"--json {args.json}: is a folder; give the path of a JSON file to write, e.g. "
-                        f"{Path(args.json) / 'eval.json'}")
+    if args.json:
+        check_output_path("--json", args.json, "file")
     path = resolve_checkpoint(args.checkpoint)
     device = local_device(str(check_device(args.device, auto=True)))
     model = load_model(path, map_location=device)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..paths import check_output_path
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-hf", help="write a zoo checkpoint as a transformers folder (vanilla / gqa layers)",
@@ -27,8 +29,8 @@ def cmd_export_hf(args) -> int:
 
     quiet_transformers()
 
+    out = check_output_path("--out", args.out, "folder")
     path = resolve_checkpoint(args.checkpoint)
-    out = Path(args.out)
     check_export_target(out, "--out", args.overwrite)  # before any work: an existing folder is replaced only if it is an export
     model = load_model(path)
     hf = to_hf(model)

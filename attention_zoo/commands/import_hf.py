@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..paths import check_output_path
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import-hf", help="convert a local transformers checkpoint into a zoo checkpoint",
@@ -26,12 +28,11 @@ def cmd_import_hf(args) -> int:
 
     quiet_transformers()
 
-    from pathlib import Path
 
     from ..checkpoint import CONFIG, WEIGHTS
     from ..errors import UserError
 
-    target = Path(args.out)
+    target = check_output_path("--out", args.out, "folder")
     if target.exists() and any(target.iterdir()) and not ((target / CONFIG).is_file() and (target / WEIGHTS).is_file()):
         raise UserError(f"--out {args.out}: exists and is not a zoo checkpoint; it would be replaced, choose another folder")
     model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads)

@@ -84,9 +84,9 @@ def cmd_validate(args) -> int:
 def _trains(path: str) -> bool:
     """Whether the file (with its bases) has a train or data section: a model-only config (for bench,
     import-hf, a sweep's base) is not checked against the default data set it would never train on."""
-    from ..config import _read_yaml
+    from ..config import read_yaml_chain
 
-    data, _ = _read_yaml(Path(path).resolve())
+    data, _ = read_yaml_chain(Path(path).resolve())
     return "train" in data or "data" in data
 
 

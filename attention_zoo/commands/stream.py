@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
+from ..paths import check_output_path
 
 ENTRY_FORM = "CHECKPOINT or CHECKPOINT=POLICY (POLICY: budget:K, window:K, threshold:TAU, or none)"
 
@@ -56,6 +57,7 @@ def cmd_stream(args) -> int:
     from ..inference.checkpoints import load_for_inference
     from ..inference.stream_plot import plot_stream
 
+    check_output_path("--out", args.out, "folder")
     for name in ("length", "batches", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..config import load_config
+from ..paths import check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,5 +30,6 @@ def cmd_train(args) -> int:
     folder = path.is_dir() and (path / "config.yaml").is_file()  # a checkpoint folder: train its saved config
     config = load_config(path / "config.yaml" if folder else path, args.overrides)
     out = args.out or str(Path("runs") / (path.name if folder else path.stem))
+    check_output_path("--out", out, "folder")
     train(config, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     return 0

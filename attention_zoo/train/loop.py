@@ -198,6 +198,20 @@ def init_from_problem(init_from: str, config: Config, one_line: bool = False) ->
     checkpoint/, as eval and generate take), or its model section differs (each difference on its own line
     unless `one_line`); None if it can. Reads the checkpoint's config.yaml only, never its weights; raises
     UserError if that file is broken."""
+    return _resolve_init_from(init_from, config, one_line)[1]
+
+
+def check_init_from(init_from: str, config: Config) -> Path:
+    """The checkpoint folder train.init_from names. Raises UserError (init_from_problem's reason) if it cannot
+    start `config`'s model. Reads only: call before the run folder is written."""
+    path, problem = _resolve_init_from(init_from, config, one_line=False)
+    if problem is not None:
+        raise UserError(f"{config.source}: train.init_from = {init_from!r}: {problem}")
+    return path
+
+
+def _resolve_init_from(init_from: str, config: Config, one_line: bool) -> tuple[Path | None, str | None]:
+    """(the checkpoint folder, None) if `init_from` can start `config`'s model, else (folder or None, why not)."""
     from ..checkpoint import resolve_checkpoint
 
     try:
@@ -205,24 +219,14 @@ def init_from_problem(init_from: str, config: Config, one_line: bool = False) ->
     except UserError:
         path = None
     if path is None or not (path / WEIGHTS).is_file():
-        return (f"not a checkpoint folder (expected {WEIGHTS} and {CONFIG}, as import-hf and train write) or a run "
-                "folder holding checkpoint/")
+        return path, (f"not a checkpoint folder (expected {WEIGHTS} and {CONFIG}, as import-hf and train write) or "
+                      "a run folder holding checkpoint/")
     differences = built_differences(load_saved_config(path)["model"], config["model"])
     if differences:
         lead, sep = (" ", "; ") if one_line else ("\n  ", "\n  ")
-        return ("the config's model section differs from the checkpoint's (start from its config.yaml, e.g. `base: "
-                + f"{path / CONFIG}`):" + lead + sep.join(differences))
-    return None
-
-
-def check_init_from(init_from: str, config: Config) -> Path:
-    """The checkpoint folder train.init_from names. Raises UserError (init_from_problem's reason) if it cannot
-    start `config`'s model. Reads only: call before the run folder is written."""
-    from ..checkpoint import resolve_checkpoint
-
-    if (problem := init_from_problem(init_from, config)) is not None:
-        raise UserError(f"{config.source}: train.init_from = {init_from!r}: {problem}")
-    return resolve_checkpoint(init_from)
+        return path, ("the config's model section differs from the checkpoint's (start from its config.yaml, e.g. "
+                      + f"`base: {path / CONFIG}`):" + lead + sep.join(differences))
+    return path, None
 
 
 def check_resume(checkpoint: Path, config: Config) -> dict[str, Any]:

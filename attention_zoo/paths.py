@@ -1,0 +1,29 @@
+"""Output paths checked before any work: a run that trains for an hour must not fail at its first write
+because `--out` lies under a file or in a folder nobody may write to."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from .errors import UserError
+
+
+def check_output_path(flag: str, path: str | Path, kind: Literal["folder", "file"]) -> Path:
+    """`path` as a Path if a `kind` can be written there, else UserError naming `flag` and `path`: an existing
+    entry of the other kind (a file where a folder belongs, a folder where a file belongs), a file among its
+    parents, or a nearest existing parent that this process may not write into. Creates nothing."""
+    path = Path(path)
+    if path.exists() and (path.is_dir() != (kind == "folder")):
+        other = "a folder" if path.is_dir() else "a file"
+        raise UserError(f"{flag} {path}: is {other}; give the path of a {kind} to write")
+    parent = path if kind == "folder" and path.exists() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, so nothing can be written below it; give a path "
+                        f"under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write into {parent} (permission denied); give a path in a "
+                        "folder you can write to")
+    return path
