@@ -121,11 +121,11 @@ OP_PARAMS = ["blocked", pytest.param("cpu-kernel", marks=needs_cpu_kernel)]
 
 @pytest.mark.parametrize("op", OP_PARAMS)
 @pytest.mark.parametrize("batch", [3, 1])
-@pytest.mark.parametrize("case", ["mqa", "accumulate-two-terms", "cached-chunk-two-terms"])
+@pytest.mark.parametrize("case", ["mqa", "mha", "accumulate-two-terms", "cached-chunk-two-terms"])
 def test_op_split_over_threads_matches_naive_equations(case, batch, op):
     """With 2 intra-op threads the batch elements (3: an uneven split) are shared out among 2 worker threads
-    in the forward and the backward (1: the kernel's forward splits the heads instead); results as with one
-    thread, the thread count restored after."""
+    in the forward and the backward (1: the kernel's forward splits the heads instead, its backward the kv-head
+    groups: 2 or 4 of them here, 1 for MQA); results as with one thread, the thread count restored after."""
     q, k, v, selection, leaves = problem(dtype=torch.float64, B=batch, **CASES[case])
     want = value_and_grads(lambda: naive_attention(q, k, v, selection, 0.3), leaves)
     before = torch.get_num_threads()
@@ -161,6 +161,25 @@ def test_gradients_are_bit_identical_on_repeat(op):
     first = value_and_grads(lambda: OPS[op](q, k, v, selection, 0.3, 16, 32), leaves)
     second = value_and_grads(lambda: OPS[op](q, k, v, selection, 0.3, 16, 32), leaves)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", ["mha", "accumulate-two-terms"])
+def test_kernel_gives_the_same_bits_for_any_thread_count(case, batch):
+    """One thread, or 2 sharing the batch elements (batch 3) or a batch element's heads and kv-head groups
+    (batch 1): every sum runs in the same order, so outputs and gradients agree bit for bit."""
+    q, k, v, selection, leaves = problem(dtype=torch.float32, B=batch, Nq=40, Nk=40, **CASES[case])
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(value_and_grads(lambda: kernel_attention(q, k, v, selection, scale=0.3, rows=8, chunk=16),
+                                        leaves))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 @needs_cpu_kernel

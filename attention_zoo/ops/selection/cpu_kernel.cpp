@@ -21,8 +21,9 @@
 // concatenated q and k (RealFormer) attend with the layer's own narrower v, which flash kernels refuse.
 //
 // Work is shared out over batch elements (one thread owns a batch element's outputs, so every sum runs in a
-// fixed order: bit-identical results for a given thread count); the forward also splits a batch element's heads
-// when there are fewer batch elements than threads. Inside, each block's matrix products call the
+// fixed order); with fewer batch elements than threads the forward splits a batch element's heads and the
+// backward a tile's kv-head groups, with the same sums in the same order: bit-identical results for any thread
+// count. Inside, each block's matrix products call the
 // BLAS that torch links (sgemm_/dgemm_, which inside the parallel region runs on the calling thread) on raw
 // pointers: through ATen, the tensor views and dispatch of ~15k small products took ~10% of a step. The
 // per-element work (mask, -F, exp, dlogits, the running sums) is fused into loops over a (rows, chunk) tile,
@@ -289,6 +290,48 @@ std::vector<Tensor> forward_impl(const Tensor& q_, const Tensor& k_, const Tenso
   return {out_, lse_, G_};
 }
 
+// Backward, one group's heads (those sharing kv head g) on one tile: dv, dk and the heads' dq rows, and (when
+// `ds` is given) the sum over those heads of dlogits into ds (n, cw), overwritten. P and dP: (n, cw) scratch.
+template <typename T>
+struct GroupBackward {
+  const Shapes& s;
+  bool causal;
+  const T *q, *k, *v, *dout, *lse, *delta;
+  T *dq, *dk, *dv;
+
+  void operator()(int64_t b, int64_t g, const Tile& x, const T* F, T* P, T* dP, T* ds) const {
+    const int64_t n = x.n, c0 = x.c0, i0 = x.i0;
+    const bool first_tile = c0 == 0;  // the rows' dq are written, later tiles add to them
+    const T* k_c = k + ((b * s.Hkv + g) * s.Nk + c0) * s.D;
+    const T* v_c = v + ((b * s.Hkv + g) * s.Nk + c0) * s.Dv;
+    T* dk_c = dk + ((b * s.Hkv + g) * s.Nk + c0) * s.D;
+    T* dv_c = dv + ((b * s.Hkv + g) * s.Nk + c0) * s.Dv;
+    if (ds != nullptr) std::fill_n(ds, n * x.cw, T(0));
+    for (int64_t h = g * s.group; h < (g + 1) * s.group; ++h) {
+      const int64_t row0 = (b * s.H + h) * s.Nq + i0;
+      const T *q_blk = q + row0 * s.D, *do_blk = dout + row0 * s.Dv;
+      gemm<T>(false, true, n, x.cw, s.D, q_blk, s.D, k_c, s.D, P, x.cw, false);
+      probabilities<T>(s, causal, x, F, P, lse + row0);
+      gemm<T>(false, true, n, x.cw, s.Dv, do_blk, s.Dv, v_c, s.Dv, dP, x.cw, false);
+      gemm<T>(true, false, x.cw, s.Dv, n, P, x.cw, do_blk, s.Dv, dv_c, s.Dv, true);
+      for (int64_t r = 0; r < n; ++r) {
+        const T dr = delta[row0 + r];
+        const T* p = P + r * x.cw;
+        T* dp = dP + r * x.cw;
+#pragma omp simd
+        for (int64_t j = 0; j < x.cw; ++j) dp[j] = p[j] * (dp[j] - dr);
+        if (ds != nullptr) {
+          T* d = ds + r * x.cw;
+#pragma omp simd
+          for (int64_t j = 0; j < x.cw; ++j) d[j] += dp[j];
+        }
+      }
+      gemm<T>(false, false, n, s.D, x.cw, dP, x.cw, k_c, s.D, dq + row0 * s.D, s.D, !first_tile);
+      gemm<T>(true, false, x.cw, s.D, n, dP, x.cw, q_blk, s.D, dk_c, s.D, true);
+    }
+  }
+};
+
 template <typename T>
 std::vector<Tensor> backward_impl(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& dout_,
                                   const Tensor& lse_, const Tensor& delta_, const Tensor& G_,
@@ -302,79 +345,88 @@ std::vector<Tensor> backward_impl(const Tensor& q_, const Tensor& k_, const Tens
     d_sel_k.push_back(at::zeros_like(sel_k[t]));
   }
   auto carry_ = at::zeros({s.B, s.Nk}, q_.options());  // per batch element: column sums of dF over the rows done
-  const T *q = q_.data_ptr<T>(), *k = k_.data_ptr<T>(), *v = v_.data_ptr<T>(), *dout = dout_.data_ptr<T>();
-  const T *lse = lse_.data_ptr<T>(), *delta = delta_.data_ptr<T>(), *G = G_.data_ptr<T>();
-  T *dq = dq_.data_ptr<T>(), *dk = dk_.data_ptr<T>(), *dv = dv_.data_ptr<T>(), *carry = carry_.data_ptr<T>();
+  const T *G = G_.data_ptr<T>();
+  T* carry = carry_.data_ptr<T>();
   const int64_t width = std::min(rows, s.Nq) * std::min(chunk, s.Nk);
   const bool selective = !terms.empty();
+  const GroupBackward<T> group_backward{s, causal, q_.data_ptr<T>(), k_.data_ptr<T>(), v_.data_ptr<T>(),
+                                        dout_.data_ptr<T>(), lse_.data_ptr<T>(), delta_.data_ptr<T>(),
+                                        dq_.data_ptr<T>(), dk_.data_ptr<T>(), dv_.data_ptr<T>()};
 
-  at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+  // Tasks: batch elements, or, with fewer batch elements than threads, a tile's kv-head groups (a group's heads
+  // share their dk and dv rows, so one thread owns a group). Either way the sum over heads of dlogits is
+  // formed per group and the groups' sums are added in group order: the same bits for any thread count.
+  const bool split_groups = s.B < at::get_num_threads() && s.Hkv > 1;
+  auto batch_element = [&](int64_t b, std::vector<T>& P, std::vector<T>& dP, std::vector<T>& partial) {
     std::vector<std::vector<T>> S(terms.size(), std::vector<T>(width));
-    std::vector<T> F(selective ? width : 0), P(width), dP(width), dsum(selective ? width : 0), first_row(s.Nk);
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t block = s.n_blocks - 1; block >= 0; --block) {
-        const int64_t i0 = block * rows, n = std::min(s.Nq, i0 + rows) - i0;
-        const int64_t keys = s.keys(i0 + n, causal);
-        std::copy_n(G + (b * s.n_blocks + block) * s.Nk, std::max<int64_t>(keys, 0), first_row.data());
-        for (int64_t c0 = 0; c0 < keys; c0 += chunk) {
-          const Tile x{i0, n, c0, std::min(chunk, keys - c0)};
-          const bool first_tile = c0 == 0;  // the rows' dq and d q_t are written, later tiles add to them
-          for (size_t t = 0; t < terms.size(); ++t) selection_scores<T>(s, terms[t], b, x, S[t].data());
-          if (selective) tile_penalty<T>(terms, S, x, first_row.data() + c0, F.data());
-          T* ds = dsum.data();  // sum over heads of dlogits (= -dF), then dS
-          std::fill_n(ds, selective ? n * x.cw : 0, T(0));
-          for (int64_t h = 0; h < s.H; ++h) {
-            const int64_t g = h / s.group, row0 = (b * s.H + h) * s.Nq + i0;
-            const T *q_blk = q + row0 * s.D, *do_blk = dout + row0 * s.Dv;
-            const T* k_c = k + ((b * s.Hkv + g) * s.Nk + c0) * s.D;
-            const T* v_c = v + ((b * s.Hkv + g) * s.Nk + c0) * s.Dv;
-            gemm<T>(false, true, n, x.cw, s.D, q_blk, s.D, k_c, s.D, P.data(), x.cw, false);
-            probabilities<T>(s, causal, x, selective ? F.data() : nullptr, P.data(), lse + row0);
-            gemm<T>(false, true, n, x.cw, s.Dv, do_blk, s.Dv, v_c, s.Dv, dP.data(), x.cw, false);
-            gemm<T>(true, false, x.cw, s.Dv, n, P.data(), x.cw, do_blk, s.Dv,
-                    dv + ((b * s.Hkv + g) * s.Nk + c0) * s.Dv, s.Dv, true);
-            const T* p = P.data();
-            T* dp = dP.data();
-            for (int64_t r = 0; r < n; ++r) {
-              const T dr = delta[row0 + r];
+    std::vector<T> F(selective ? width : 0), dsum(selective ? width : 0), first_row(s.Nk);
+    const T* F_or_null = selective ? F.data() : nullptr;
+    for (int64_t block = s.n_blocks - 1; block >= 0; --block) {
+      const int64_t i0 = block * rows, n = std::min(s.Nq, i0 + rows) - i0;
+      const int64_t keys = s.keys(i0 + n, causal);
+      std::copy_n(G + (b * s.n_blocks + block) * s.Nk, std::max<int64_t>(keys, 0), first_row.data());
+      for (int64_t c0 = 0; c0 < keys; c0 += chunk) {
+        const Tile x{i0, n, c0, std::min(chunk, keys - c0)};
+        const bool first_tile = c0 == 0;
+        for (size_t t = 0; t < terms.size(); ++t) selection_scores<T>(s, terms[t], b, x, S[t].data());
+        if (selective) tile_penalty<T>(terms, S, x, first_row.data() + c0, F.data());
+        T* ds = selective ? dsum.data() : nullptr;  // sum over heads of dlogits (= -dF), then dS
+        const int64_t area = n * x.cw;
+        auto add = [&](const T* part) {
 #pragma omp simd
-              for (int64_t j = 0; j < x.cw; ++j) dp[r * x.cw + j] = p[r * x.cw + j] * (dp[r * x.cw + j] - dr);
-              if (selective) {
-#pragma omp simd
-                for (int64_t j = 0; j < x.cw; ++j) ds[r * x.cw + j] += dp[r * x.cw + j];
-              }
+          for (int64_t e = 0; e < area; ++e) ds[e] += part[e];
+        };
+        if (split_groups) {  // group g's sum into partial's g-th slot (into ds itself for group 0)
+          at::parallel_for(0, s.Hkv, 1, [&](int64_t g0, int64_t g1) {
+            for (int64_t g = g0; g < g1; ++g) {
+              T* sum = ds == nullptr ? nullptr : g == 0 ? ds : partial.data() + g * width;
+              group_backward(b, g, x, F_or_null, P.data() + g * width, dP.data() + g * width, sum);
             }
-            gemm<T>(false, false, n, s.D, x.cw, dp, x.cw, k_c, s.D, dq + row0 * s.D, s.D, !first_tile);
-            gemm<T>(true, false, x.cw, s.D, n, dp, x.cw, q_blk, s.D, dk + ((b * s.Hkv + g) * s.Nk + c0) * s.D,
-                    s.D, true);
+          });
+          for (int64_t g = 1; ds != nullptr && g < s.Hkv; ++g) add(partial.data() + g * width);
+        } else {
+          for (int64_t g = 0; g < s.Hkv; ++g) {
+            T* sum = ds == nullptr ? nullptr : g == 0 ? ds : partial.data();
+            group_backward(b, g, x, F_or_null, P.data(), dP.data(), sum);
+            if (ds != nullptr && g > 0) add(partial.data());
           }
-          if (!selective) continue;
-          // dS[r] = sum of dF over the rows after r (this block's, and the later blocks' in c); dF = -dsum.
-          T* c = carry + b * s.Nk + c0;
-          for (int64_t r = n - 1; r >= 0; --r) {
-            T* row = ds + r * x.cw;
+        }
+        if (!selective) continue;
+        // dS[r] = sum of dF over the rows after r (this block's, and the later blocks' in c); dF = -dsum.
+        T* c = carry + b * s.Nk + c0;
+        for (int64_t r = n - 1; r >= 0; --r) {
+          T* row = ds + r * x.cw;
 #pragma omp simd
-            for (int64_t j = 0; j < x.cw; ++j) {
-              const T minus_dF = row[j];
-              row[j] = c[j];
-              c[j] -= minus_dF;
-            }
+          for (int64_t j = 0; j < x.cw; ++j) {
+            const T minus_dF = row[j];
+            row[j] = c[j];
+            c[j] -= minus_dF;
           }
-          for (size_t t = 0; t < terms.size(); ++t) {
-            T* dL = S[t].data();
-            const Term<T>& term = terms[t];
-            const T w = term.weight;
+        }
+        for (size_t t = 0; t < terms.size(); ++t) {
+          T* dL = S[t].data();
+          const Term<T>& term = terms[t];
+          const T w = term.weight;
 #pragma omp simd
-            for (int64_t e = 0; e < n * x.cw; ++e) dL[e] = dL[e] > 0 ? w * ds[e] : T(0);  // w dS where S > 0
-            gemm<T>(false, false, n, term.dim, x.cw, dL, x.cw, term.k + (b * s.Nk + c0) * term.dim, term.dim,
-                    d_sel_q[t].data_ptr<T>() + (b * s.Nq + i0) * term.dim, term.dim, !first_tile);
-            gemm<T>(true, false, x.cw, term.dim, n, dL, x.cw, term.q + (b * s.Nq + i0) * term.dim, term.dim,
-                    d_sel_k[t].data_ptr<T>() + (b * s.Nk + c0) * term.dim, term.dim, true);
-          }
+          for (int64_t e = 0; e < area; ++e) dL[e] = dL[e] > 0 ? w * ds[e] : T(0);  // w dS where S > 0
+          gemm<T>(false, false, n, term.dim, x.cw, dL, x.cw, term.k + (b * s.Nk + c0) * term.dim, term.dim,
+                  d_sel_q[t].data_ptr<T>() + (b * s.Nq + i0) * term.dim, term.dim, !first_tile);
+          gemm<T>(true, false, x.cw, term.dim, n, dL, x.cw, term.q + (b * s.Nq + i0) * term.dim, term.dim,
+                  d_sel_k[t].data_ptr<T>() + (b * s.Nk + c0) * term.dim, term.dim, true);
         }
       }
     }
-  });
+  };
+
+  if (split_groups) {
+    std::vector<T> P(s.Hkv * width), dP(s.Hkv * width), partial(selective ? s.Hkv * width : 0);
+    for (int64_t b = 0; b < s.B; ++b) batch_element(b, P, dP, partial);
+  } else {
+    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<T> P(width), dP(width), partial(selective ? width : 0);
+      for (int64_t b = b0; b < b1; ++b) batch_element(b, P, dP, partial);
+    });
+  }
   std::vector<Tensor> result{dq_, dk_, dv_, carry_};
   result.insert(result.end(), d_sel_q.begin(), d_sel_q.end());
   result.insert(result.end(), d_sel_k.begin(), d_sel_k.end());
