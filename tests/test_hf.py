@@ -176,6 +176,49 @@ def test_import_hf_writes_a_checkpoint_load_model_reads(tmp_path, capsys):
     assert max_diff(logits(zoo, x), logits(hf, x)) < TOL
 
 
+def test_import_hf_replaces_only_an_earlier_import_and_never_a_training_run(tmp_path, capsys):
+    """An import would replace --out whole: a run's checkpoint (its state.pt: --resume would start over) is
+    refused even with --overwrite; an earlier import only with --overwrite; the refused folders are untouched."""
+    tiny("llama").save_pretrained(tmp_path / "hf")
+    zoo = tmp_path / "zoo"
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(zoo)]) == 0
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(zoo)]) == 2
+    assert "holds a zoo checkpoint (an earlier import); add --overwrite" in capsys.readouterr().err
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(zoo), "--overwrite"]) == 0
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    for name in ("config.yaml", "model.safetensors", "state.pt"):
+        (run / "checkpoint" / name).write_text("kept")
+    for target in (run, run / "checkpoint"):
+        capsys.readouterr()
+        assert main(["import-hf", str(tmp_path / "hf"), "--out", str(target), "--overwrite"]) == 2
+        assert "holds a training run or its checkpoint (state.pt)" in capsys.readouterr().err
+    assert {p.read_text() for p in (run / "checkpoint").iterdir()} == {"kept"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_hidden_layers": 3}, "9 weights missing from the checkpoint (layer 2)"),
+    ({"num_hidden_layers": None}, "weights missing from the checkpoint (layers 2-31)"),  # transformers' default 32
+    ({"num_hidden_layers": 1}, "9 weights in the checkpoint that config.json has no place for (layer 1)"),
+    ({"hidden_size": 48}, "weights of another shape (model.layers.0."),
+])
+def test_import_hf_refuses_weights_that_do_not_match_config_json(tmp_path, capsys, change, message):
+    """transformers fills what config.json asks for and the weights lack with random values (and drops or
+    re-initialises the rest) after a warning we silence: the import refuses instead of keeping them."""
+    import json
+
+    tiny("llama").save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key, value in change.items():
+        config.pop(key) if value is None else config.__setitem__(key, value)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 2
+    err = capsys.readouterr().err
+    assert "the weights do not match config.json" in err and message in err, err
+    assert not (tmp_path / "zoo").exists()
+
+
 def test_selective_conversion_same_parameters_new_logits_and_cached_decoding_matches():
     hf = tiny("llama")
     x = tokens(16)
@@ -387,7 +430,7 @@ def test_cli_errors_exit_2_with_one_message(tmp_path, capsys, monkeypatch):
              (("import-hf", "llama", "--out", "z", "--variant", "nope"), "unknown variant"),
              (("export-hf", "missing", "--out", "h"), "missing: not a checkpoint"),
              (("export-hf", "sel", "--out", "h"), "variant 'selective'"),
-             (("import-hf", "llama", "--out", "opt"), "exists and is not a zoo checkpoint")]
+             (("import-hf", "llama", "--out", "opt"), "exists and is not an earlier import")]
     capsys.readouterr()
     for argv, message in cases:
         code = main(list(argv))

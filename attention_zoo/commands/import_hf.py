@@ -13,7 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(model.safetensors, config.yaml and SRC's tokenizer files) that eval, generate, calibrate and "
                        "train (train.init_from) accept. Needs transformers: pip install 'attention-zoo[hf]'.")
     p.add_argument("src", help="local transformers checkpoint folder (config.json + weights); nothing is downloaded")
-    p.add_argument("--out", required=True, help="zoo checkpoint folder to write")
+    p.add_argument("--out", required=True, help="zoo checkpoint folder to write: new or empty (or, with --overwrite, "
+                   "an earlier import, replaced whole)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier import (never a "
+                   "training run or its checkpoint)")
     p.add_argument("--variant", help="attention variant to run on the weights (default: vanilla, or gqa for a GQA "
                    "checkpoint); its other parameters take their defaults")
     p.add_argument("--kv-heads", type=int, metavar="N", help="mean-pool consecutive key/value heads into N groups "
@@ -24,17 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_import_hf(args) -> int:
     from ..checkpoint import save_checkpoint
     from ..hf import from_hf
-    from ..hf.files import copy_tokenizer_files, quiet_transformers
+    from ..hf.files import check_import_target, copy_tokenizer_files, quiet_transformers
 
     quiet_transformers()
-
-
-    from ..checkpoint import CONFIG, WEIGHTS
-    from ..errors import UserError
-
-    target = check_output_path("--out", args.out, "folder")
-    if target.exists() and any(target.iterdir()) and not ((target / CONFIG).is_file() and (target / WEIGHTS).is_file()):
-        raise UserError(f"--out {args.out}: exists and is not a zoo checkpoint; it would be replaced, choose another folder")
+    # before any work: an existing folder is replaced only if it is an earlier import (never a training run)
+    check_import_target(check_output_path("--out", args.out, "folder"), "--out", args.overwrite)
     model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads)
     out = save_checkpoint(args.out, model)
     copied = copy_tokenizer_files(args.src, out)

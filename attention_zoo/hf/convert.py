@@ -1,6 +1,7 @@
 """`from_hf`: a transformers causal LM (in memory, or a local folder) as a zoo CausalLM with the same weights."""
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ from ..config import ConfigError, build_model
 from .errors import ConversionError, require_transformers
 from .families import family_of, zoo_model_section
 from .weights import Source, gpt2_to_zoo, llama_to_zoo, pool_kv_heads
+
+# A layer's index in a transformers weight name: model.layers.3. (Llama, Mistral, Qwen2), transformer.h.3. (GPT-2).
+_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 # The parameters of the plain projected-attention stack; a variant may add its own (left as initialised).
 _MAPPED = ("q_proj.", "kv_proj.", "out_proj.")
@@ -29,11 +33,40 @@ def load_hf(path: str | Path) -> Any:
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for an unreadable folder
         raise ConversionError(f"{path}: not a readable transformers checkpoint: {type(exc).__name__}: {exc}") from None
     zoo_model_section(config)  # refuse unsupported models before reading gigabytes of weights
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    try:  # mismatched sizes loaded as a report, not raised: transformers' error points at a log we silence
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:  # noqa: BLE001
         raise ConversionError(f"{path}: could not load the weights: {type(exc).__name__}: {exc}") from None
+    if problems := weight_problems(info):
+        raise ConversionError(f"{path}: the weights do not match config.json, so transformers would fill the gap with "
+                              "random weights: " + "; ".join(problems) + ". Make config.json's sizes (num_hidden_layers, "
+                              "hidden_size, intermediate_size, heads, vocab_size) describe the weights")
     return model.eval()
+
+
+def weight_problems(info: dict[str, Any]) -> list[str]:
+    """What transformers' loading info (from_pretrained(..., output_loading_info=True)) says is wrong: weights the
+    model needs but the checkpoint lacks (whole layers summarised by index), weights it holds but the model has no
+    place for, and weights of another shape. Empty when every weight was loaded as saved."""
+    def layers_or_keys(keys: list[str]) -> str:
+        indices = sorted({int(m.group(1)) for k in keys if (m := _LAYER.search(k))})
+        others = sorted(k for k in keys if not _LAYER.search(k))
+        parts = [f"layers {indices[0]}-{indices[-1]}" if len(indices) > 1 else f"layer {indices[0]}"] if indices else []
+        parts += others[:4] + ([f"{len(others) - 4} more"] if len(others) > 4 else [])
+        return ", ".join(parts)
+
+    problems = []
+    if missing := list(info.get("missing_keys") or []):
+        problems.append(f"{len(missing)} weights missing from the checkpoint ({layers_or_keys(missing)})")
+    if unexpected := list(info.get("unexpected_keys") or []):
+        problems.append(f"{len(unexpected)} weights in the checkpoint that config.json has no place for "
+                        f"({layers_or_keys(unexpected)})")
+    if mismatched := list(info.get("mismatched_keys") or []):
+        shown = ", ".join(f"{key} {tuple(saved)} where config.json makes {tuple(expected)}"
+                          for key, saved, expected in mismatched[:3])
+        problems.append(f"{len(mismatched)} weights of another shape ({shown}{', ...' if len(mismatched) > 3 else ''})")
+    return problems
 
 
 def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | None = None, backend: str = "auto",

@@ -1,5 +1,5 @@
 """The files that travel between transformers folders and zoo checkpoints (tokenizer files), and which existing
-folder an export may replace."""
+folder an export or an import may replace."""
 from __future__ import annotations
 
 import re
@@ -66,3 +66,33 @@ def check_export_target(out: Path, flag: str, overwrite: bool = False) -> None:
         what = f"not an earlier export (it holds {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''})"
     raise UserError(f"{flag} {out}: exists and is {what}; it would be replaced, choose a new or empty folder "
                     "(or an earlier export, with --overwrite)")
+
+
+# What an import writes: a zoo checkpoint without training state, and the source's tokenizer files.
+_IMPORT_FILES = ("config.yaml", "model.safetensors", *TOKENIZER_FILES)
+
+
+def check_import_target(out: Path, flag: str, overwrite: bool = False) -> None:
+    """UserError unless `out` may receive an import: absent, an empty folder, or (with `overwrite`) an earlier
+    import (config.yaml, model.safetensors and tokenizer files only). Never a file, a training run or its
+    checkpoint (training state in state.pt: replacing it would lose the run, and --resume would start over), or
+    a folder with other files."""
+    from ..errors import UserError
+
+    if not out.is_dir():
+        return  # absent (a file there was refused by check_output_path)
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if "state.pt" in entries or "checkpoint" in entries:
+        raise UserError(f"{flag} {out}: holds a training run or its checkpoint (state.pt); an import would replace "
+                        "it and lose the run: choose a new or empty folder")
+    other = [n for n in entries if n not in _IMPORT_FILES]
+    if not other and "config.yaml" in entries:
+        if overwrite:
+            return
+        raise UserError(f"{flag} {out}: holds a zoo checkpoint (an earlier import); add --overwrite to replace it, "
+                        "or choose a new folder")
+    shown = other or entries
+    raise UserError(f"{flag} {out}: exists and is not an earlier import (it holds {', '.join(shown[:5])}"
+                    f"{', ...' if len(shown) > 5 else ''}); choose a new or empty folder")
