@@ -13,6 +13,7 @@ import yaml
 from attention_zoo.cli import main
 from attention_zoo.config import ConfigError, Field, build_model, load_config
 from attention_zoo.data import IGNORE_INDEX, build_dataset
+from attention_zoo.errors import UserError
 from attention_zoo.ops.selection import penalty_tensor
 from attention_zoo.train import aux_losses, evaluate, train
 from attention_zoo.train.metrics import read_jsonl
@@ -111,11 +112,16 @@ def test_weight_decay_only_on_matrices():
 # ----------------------------------------------------------------------------- the loop
 
 
-def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, capsys):
     config = load_config(tiny("selective"))
     whole = train(config, tmp_path / "whole", progress=False)
+    capsys.readouterr()
     partial = train(config, tmp_path / "split", stop_after=5, progress=False)
     assert partial["stopped_at"] == 5 and not (tmp_path / "split" / "final.json").exists()
+    assert (f"stopped after step 5 of 8 (--stop-after); checkpoint in {tmp_path / 'split' / 'checkpoint'}: continue "
+            "with --resume") in capsys.readouterr().out
+    with pytest.raises(UserError, match="--stop-after 5: the run is already at step 5; give a later step"):
+        train(config, tmp_path / "split", resume=True, stop_after=5, progress=False)
     # a killed run may have logged past its last checkpoint; resuming drops and redoes that
     with (tmp_path / "split" / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"kind": "train", "step": 6, "loss": 123.0}) + "\n")
@@ -127,6 +133,32 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
     assert records(tmp_path / "whole", "val") == records(tmp_path / "split", "val")
     for name in ("model.safetensors", "config.yaml", "state.pt"):
         assert (tmp_path / "split" / "checkpoint" / name).is_file()
+
+
+def test_resume_refuses_a_damaged_checkpoint_and_recovers_one_cut_short_between_renames(tmp_path):
+    """A checkpoint that lost a file was taken for no checkpoint (the run started over from step 0 and wrote
+    over it). A save killed between atomic_folder's two renames leaves the last complete checkpoint as
+    .checkpoint.old: resuming continues from it, as the uninterrupted run does."""
+    config = load_config(tiny("vanilla"))
+    whole = train(config, tmp_path / "whole", progress=False)
+    run = tmp_path / "run"
+    train(config, run, stop_after=5, progress=False)
+    (run / "checkpoint" / "state.pt").rename(tmp_path / "state.pt")
+    with pytest.raises(UserError, match=r"the checkpoint is damaged \(no state.pt\), so --resume cannot continue it"):
+        train(config, run, resume=True, progress=False)
+    with pytest.raises(UserError, match="already holds a run"):  # and without --resume it is still a run
+        train(config, run, progress=False)
+    (tmp_path / "state.pt").rename(run / "checkpoint" / "state.pt")
+    (run / "checkpoint").rename(run / ".checkpoint.old")  # the first rename of a save done, the second not
+    resumed = train(config, run, resume=True, progress=False)
+    assert resumed["train_loss"] == whole["train_loss"] and not (run / ".checkpoint.old").exists()
+
+
+@pytest.mark.parametrize("step", ["0", "-1"])
+def test_stop_after_must_be_a_step(tmp_path, capsys, step):
+    code = main(["train", str(ROOT / "configs" / "vanilla.yaml"), "--stop-after", step, "--out", str(tmp_path / "r")])
+    assert code == 2 and f"--stop-after {step}: must be a step >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_curriculum_follows_the_step_through_a_resume(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..config import load_config
+from ..errors import UserError
 from ..paths import check_output_path
 
 
@@ -26,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args) -> int:
     from ..train import train
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after {args.stop_after}: must be a step >= 1 (the run checkpoints after it and exits)")
     path = Path(args.config)
     folder = path.is_dir() and (path / "config.yaml").is_file()  # a checkpoint folder: train its saved config
     config = load_config(path / "config.yaml" if folder else path, args.overrides)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import resource
 import time
@@ -142,15 +143,28 @@ def _restore_rng(state: dict[str, Any], generator: torch.Generator, world: D.Wor
 
 
 def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
-    """The checkpoint to resume from, or None. Refuses to write over a previous run unless resuming."""
+    """The checkpoint to resume from, or None. Refuses to write over a previous run unless resuming, and to resume
+    from a damaged checkpoint (which would silently start over); recovers a checkpoint whose save was cut short
+    between its two renames (see checkpoint.atomic_folder: the previous one waits as .checkpoint.old)."""
     checkpoint = out / CHECKPOINT_DIR
-    has_checkpoint = (checkpoint / WEIGHTS).is_file() and (checkpoint / STATE).is_file()
-    if not resume and (has_checkpoint or (out / METRICS).exists()):
+    previous = out / f".{CHECKPOINT_DIR}.old"
+    if resume and world.is_main and not checkpoint.exists() and (previous / STATE).is_file():
+        os.replace(previous, checkpoint)
+        print(f"attention-zoo train: {out}: recovered the last complete checkpoint from {previous.name} (a save was "
+              "interrupted)")
+    D.barrier(world)  # every rank sees the recovered folder
+    if not resume and (checkpoint.exists() or (out / METRICS).exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    if resume and not has_checkpoint and world.is_main:
+    if resume and checkpoint.exists():
+        missing = [name for name in (WEIGHTS, STATE, CONFIG) if not (checkpoint / name).is_file()]
+        if missing:
+            raise UserError(f"{checkpoint}: the checkpoint is damaged (no {', '.join(missing)}), so --resume cannot "
+                            "continue it; train again without --resume into another --out, or restore the files")
+        return checkpoint
+    if resume and world.is_main:
         print(f"attention-zoo train: no checkpoint in {out}; starting from step 0")
         MetricsLog(out / METRICS).truncate_after(0)  # a run killed before its first checkpoint starts over
-    return checkpoint if resume and has_checkpoint else None
+    return None
 
 
 def built_differences(saved: dict, wanted: dict, ignore: tuple[str, ...] = ("model.dropout",)) -> list[str]:
@@ -285,6 +299,9 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     # Everything that can refuse the run is checked before the run folder is written: a refused run leaves
     # no config.yaml behind, and a refused resume leaves the run's own untouched.
     state = check_resume(checkpoint, config) if checkpoint is not None else None
+    if stop_after is not None and stop_after <= (state["step"] if state else 0):
+        raise UserError(f"--stop-after {stop_after}: the run is already at step {state['step'] if state else 0}; "
+                        "give a later step")
     init_from = None
     if checkpoint is None and tcfg.get("init_from"):  # resuming restores the run's own weights instead
         init_from = check_init_from(tcfg["init_from"], config)
@@ -412,6 +429,9 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     bar.close()
 
     if end < tcfg["steps"]:  # stopped early on purpose (stop_after): a checkpoint is the only output
+        if world.is_main:
+            print(f"attention-zoo train: stopped after step {end} of {tcfg['steps']} (--stop-after); checkpoint in "
+                  f"{out / CHECKPOINT_DIR}: continue with --resume")
         return {"stopped_at": end, "train_loss": loss_value}
     if start_step == tcfg["steps"] and (out / FINAL).exists():  # resumed a finished run: nothing to redo
         if world.is_main:
