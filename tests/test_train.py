@@ -436,3 +436,14 @@ def test_a_kernel_built_on_first_use_is_built_before_the_first_timed_step(tmp_pa
         assert events.index("build") < events.index("timer") and events.count("build") == 1
     else:
         assert "build" not in events
+
+
+@pytest.mark.parametrize("device, missing", [("cuda", "CUDA"), ("cuda:1", "CUDA"), ("mps", "MPS")])
+def test_a_device_torch_does_not_see_is_refused_before_the_run(tmp_path, capsys, device, missing):
+    """Validation accepts the device words (a config may be written for another machine); the run refuses a
+    device this torch cannot reach, by name, before writing anything (mps crashed inside torch)."""
+    if device.startswith("cuda") and torch.cuda.is_available() or device == "mps" and torch.backends.mps.is_available():
+        pytest.skip(f"this machine has {device}")
+    code = main(["train", str(ROOT / "configs" / "vanilla.yaml"), f"train.device={device}", "--out", str(tmp_path / "r")])
+    assert code == 2 and f"train.device = {device!r}, but torch sees no {missing} device" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

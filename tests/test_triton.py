@@ -19,6 +19,7 @@ import torch
 
 from attention_zoo.backends import AttentionCall, choose
 from attention_zoo.backends.math import math_attention
+from attention_zoo.errors import UserError
 from tests.spies import LargestTensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def test_shared_dq_strategy_is_deterministic_by_default_and_timed_only_when_aske
     monkeypatch.setattr(triton_tuning, "_capturing_cuda_graph", lambda: True)  # no timing inside a capture
     assert triton_tuning.shared_dq_strategy(("captured",), run, timer) == "atomic" and timed == ["atomic", "recompute"]
     monkeypatch.setenv(triton_tuning.SHARED_DQ_ENV, "atomics")
-    with pytest.raises(ValueError, match="ATTENTION_ZOO_TRITON_SHARED_DQ='atomics': expected one of atomic, recompute, fastest"):
+    with pytest.raises(UserError, match="ATTENTION_ZOO_TRITON_SHARED_DQ='atomics': expected one of atomic, recompute, fastest"):
         triton_tuning.shared_dq_strategy(("problem",), run, timer)
 
 

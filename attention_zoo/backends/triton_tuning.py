@@ -21,6 +21,9 @@ import time
 
 import triton
 
+from ..env import env_flag
+from ..errors import UserError
+
 
 @triton.jit
 def _probe():
@@ -95,7 +98,7 @@ def tuned(configs: list[tuple[int, int, int, int]], reset_to_zero: list[str] | N
     if INTERPRETED:
         chosen = interpreter or (INTERPRETER_AUTOTUNED_CONFIGS if reset_to_zero else INTERPRETER_CONFIGS)
     else:
-        chosen = configs[:1] if os.environ.get("ATTENTION_ZOO_TRITON_AUTOTUNE") == "0" else configs
+        chosen = configs if env_flag("ATTENTION_ZOO_TRITON_AUTOTUNE", default=True) else configs[:1]
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen],
         key=[*(key or KEY), *also_key], reset_to_zero=reset_to_zero, do_bench=_wall_clock if INTERPRETED else None)
@@ -145,7 +148,7 @@ def shared_dq_strategy(key: tuple, run, timer=_gpu_milliseconds) -> str:
         return _shared_dq_forced
     asked = os.environ.get(SHARED_DQ_ENV)
     if asked and asked not in (*SHARED_DQ_STRATEGIES, "fastest"):
-        raise ValueError(f"{SHARED_DQ_ENV}={asked!r}: expected one of {', '.join(SHARED_DQ_STRATEGIES)}, fastest")
+        raise UserError(f"{SHARED_DQ_ENV}={asked!r}: expected one of {', '.join(SHARED_DQ_STRATEGIES)}, fastest")
     if asked in SHARED_DQ_STRATEGIES:
         return asked
     if asked != "fastest":

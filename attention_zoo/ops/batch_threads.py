@@ -8,20 +8,21 @@ elements and no hand-offs inside the loop (docs/benchmarks.md, "Measurements beh
 from __future__ import annotations
 
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 
+from ..env import env_flag
+
 # ATTENTION_ZOO_SPLIT_BACKWARD=0 turns the split off (the ops then run on torch's own threading).
-SPLIT_OVER_THREADS = os.environ.get("ATTENTION_ZOO_SPLIT_BACKWARD", "1") != "0"
+SPLIT_ENV = "ATTENTION_ZOO_SPLIT_BACKWARD"
 
 
 def batch_workers(batch: int, device: torch.device) -> int:
     """How many threads `over_batch` should use: torch's intra-op threads on CPU, at most one per batch element;
     1 elsewhere (a GPU op is one kernel launch per block, not worth splitting) or when the split is off."""
-    if device.type != "cpu" or not SPLIT_OVER_THREADS:
+    if device.type != "cpu" or not env_flag(SPLIT_ENV, default=True):
         return 1
     return min(batch, torch.get_num_threads())
 

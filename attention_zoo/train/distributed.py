@@ -59,6 +59,8 @@ def local_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"train.device = {name!r}, but torch sees no MPS device (Apple GPUs only; use cpu or auto)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"train.device = {name!r}, but torch sees no CUDA device (use cpu or auto)")

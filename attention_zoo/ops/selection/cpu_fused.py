@@ -31,14 +31,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ...env import env_flag
 from .blocked import _flatten, _start_row, _terms
 from .structure import Selection
 
 log = logging.getLogger("attention_zoo.ops.selection")
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-# ATTENTION_ZOO_CPU_KERNEL=0: never build or use the kernel (the PyTorch blocked op runs instead).
-ENABLED = os.environ.get("ATTENTION_ZOO_CPU_KERNEL", "1") != "0"
+# ATTENTION_ZOO_CPU_KERNEL=0 (or false/no/off): never build or use the kernel (the PyTorch blocked op runs instead).
+KERNEL_ENV = "ATTENTION_ZOO_CPU_KERNEL"
 # -fopenmp: at::parallel_for is header code whose `omp parallel` needs it (without it the kernel runs on one
 # thread); its OpenMP calls bind to the runtime torch has loaded. -fno-trapping-math lets the compiler turn
 # the kernel's selects (masks, exp's underflow) into vector blends; it changes no value.
@@ -125,8 +126,8 @@ def kernel():
         return _state.get("module")
     with _lock:
         if not _state:
-            if not ENABLED:
-                _state["refusal"] = "ATTENTION_ZOO_CPU_KERNEL=0"
+            if not env_flag(KERNEL_ENV, default=True):
+                _state["refusal"] = f"{KERNEL_ENV}={os.environ[KERNEL_ENV]}"
                 log.info("attention-zoo: selective attention on CPU runs the PyTorch blocked op: %s", _state["refusal"])
             else:
                 try:
@@ -224,4 +225,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, ro
     return FusedCPUSelectiveAttention.apply(q, k, v, causal, scale, rows or ROWS, chunk or KEY_CHUNK, ())
 
 
-__all__ = ["FusedCPUSelectiveAttention", "selective_attention", "attention", "kernel", "refusal", "ENABLED"]
+__all__ = ["FusedCPUSelectiveAttention", "selective_attention", "attention", "kernel", "refusal", "KERNEL_ENV"]

@@ -1,0 +1,55 @@
+"""The ATTENTION_ZOO_* switches: one parser (attention_zoo/env.py), and the switches that use it."""
+from __future__ import annotations
+
+import pytest
+
+from attention_zoo.env import env_flag
+from attention_zoo.errors import UserError
+from attention_zoo.ops import batch_threads
+from attention_zoo.ops.selection import cpu_fused
+
+
+@pytest.mark.parametrize("raw, expected", [("1", True), ("true", True), ("YES", True), (" on ", True),
+                                           ("0", False), ("False", False), ("no", False), ("OFF", False)])
+def test_switch_words(monkeypatch, raw, expected):
+    monkeypatch.setenv("ATTENTION_ZOO_TEST_SWITCH", raw)
+    assert env_flag("ATTENTION_ZOO_TEST_SWITCH", default=not expected) is expected
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_unset_or_empty_is_the_default(monkeypatch, default):
+    monkeypatch.delenv("ATTENTION_ZOO_TEST_SWITCH", raising=False)
+    assert env_flag("ATTENTION_ZOO_TEST_SWITCH", default) is default
+    monkeypatch.setenv("ATTENTION_ZOO_TEST_SWITCH", "")
+    assert env_flag("ATTENTION_ZOO_TEST_SWITCH", default) is default
+
+
+def test_anything_else_is_an_error_naming_variable_value_and_words(monkeypatch):
+    monkeypatch.setenv("ATTENTION_ZOO_TEST_SWITCH", "garbage")
+    with pytest.raises(UserError, match=r"ATTENTION_ZOO_TEST_SWITCH='garbage': expected 1/true/yes/on or "
+                                        r"0/false/no/off \(unset: on\)"):
+        env_flag("ATTENTION_ZOO_TEST_SWITCH", default=True)
+
+
+def test_cpu_kernel_switch_off_by_any_false_word_and_a_typo_refused(monkeypatch):
+    """`ATTENTION_ZOO_CPU_KERNEL=off` meant enabled (only "0" turned it off)."""
+    monkeypatch.setattr(cpu_fused, "_state", {})  # decided again here; the process's own decision is restored
+    monkeypatch.setenv(cpu_fused.KERNEL_ENV, "off")
+    assert cpu_fused.kernel() is None and cpu_fused.refusal() == "ATTENTION_ZOO_CPU_KERNEL=off"
+    monkeypatch.setattr(cpu_fused, "_state", {})
+    monkeypatch.setenv(cpu_fused.KERNEL_ENV, "of")
+    with pytest.raises(UserError, match="ATTENTION_ZOO_CPU_KERNEL='of'"):
+        cpu_fused.kernel()
+
+
+def test_batch_split_switch(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the tests run single-threaded
+    monkeypatch.setenv(batch_threads.SPLIT_ENV, "false")
+    assert batch_threads.batch_workers(4, torch.device("cpu")) == 1
+    monkeypatch.setenv(batch_threads.SPLIT_ENV, "true")
+    assert batch_threads.batch_workers(4, torch.device("cpu")) == 3
+    monkeypatch.setenv(batch_threads.SPLIT_ENV, "maybe")
+    with pytest.raises(UserError, match="ATTENTION_ZOO_SPLIT_BACKWARD='maybe'"):
+        batch_threads.batch_workers(4, torch.device("cpu"))
