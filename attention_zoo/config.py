@@ -138,13 +138,20 @@ def _backend_choices() -> tuple[str, ...]:
     return BACKEND_CHOICES
 
 
+def _at_most(limit: int) -> Callable[[int], str | None]:
+    """A bound far above any real model's, so that a typo (an extra digit, 1e20) is an error in validation
+    instead of a memory exhaustion or an integer overflow inside torch."""
+    return lambda value: None if value is None or value <= limit else f"must be <= {limit:,} (a typo?)"
+
+
 MODEL_FIELDS = {
-    "vocab_size": Field(int, 256, "tokens in the vocabulary", minimum=1),
-    "dim": Field(int, 256, "model width", minimum=1),
-    "depth": Field(int, 4, "number of transformer blocks", minimum=1),
-    "heads": Field(int, 8, "query heads per layer", minimum=1),
-    "head_dim": Field((int, type(None)), None, "per-head width; default dim // heads", minimum=1),
-    "max_seq_len": Field(int, 1024, "training length; a hard cap only with position: learned", minimum=1),
+    "vocab_size": Field(int, 256, "tokens in the vocabulary", minimum=1, check=_at_most(2**31 - 1)),
+    "dim": Field(int, 256, "model width", minimum=1, check=_at_most(2**20)),
+    "depth": Field(int, 4, "number of transformer blocks", minimum=1, check=_at_most(10_000)),
+    "heads": Field(int, 8, "query heads per layer", minimum=1, check=_at_most(2**16)),
+    "head_dim": Field((int, type(None)), None, "per-head width; default dim // heads", minimum=1, check=_at_most(2**16)),
+    "max_seq_len": Field(int, 1024, "training length; a hard cap only with position: learned", minimum=1,
+                         check=_at_most(2**31 - 1)),
     "mlp_ratio": Field(float, 4.0, "input of the MLP's hidden-width rule (gelu: ratio * dim, swiglu: 2/3 of that)",
                        minimum=0, check=lambda v: None if v > 0 else "must be > 0"),
     "dropout": Field(float, 0.0, "dropout probability", minimum=0, check=lambda v: None if v < 1 else "must be < 1"),
@@ -541,10 +548,24 @@ def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[
 
     m = config["model"]
     shape = stack_shape(m)
-    mlps = [MLPS.build(m["mlp"], shape, m) for _ in range(m["depth"])]
-    model = CausalLM(build_attentions(m, config["backend"]), mlps, make_norm=lambda: NORMS.build(m["norm"], shape, m),
-                     position_embedding=POSITIONS.build(m["position"], shape, m),
-                     vocab_size=m["vocab_size"], dim=m["dim"], max_seq_len=m["max_seq_len"], dropout=m["dropout"],
-                     tie_embeddings=m["tie_embeddings"])
+
+    def build() -> CausalLM:
+        mlps = [MLPS.build(m["mlp"], shape, m) for _ in range(m["depth"])]
+        return CausalLM(build_attentions(m, config["backend"]), mlps,
+                        make_norm=lambda: NORMS.build(m["norm"], shape, m),
+                        position_embedding=POSITIONS.build(m["position"], shape, m), vocab_size=m["vocab_size"],
+                        dim=m["dim"], max_seq_len=m["max_seq_len"], dropout=m["dropout"],
+                        tie_embeddings=m["tie_embeddings"])
+
+    try:
+        model = build()
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(exc).lower():
+            raise
+        with torch.device("meta"):  # shapes only: how large the model that did not fit is
+            count = sum(p.numel() for p in build().parameters())
+        raise UserError(f"{config.source}: the model does not fit in memory: {count:,} parameters "
+                        f"({count * 4 / 2**30:,.1f} GiB in float32) from model.vocab_size {m['vocab_size']:,}, dim "
+                        f"{m['dim']:,}, depth {m['depth']:,}; make it smaller") from None
     model.config = config
     return model
