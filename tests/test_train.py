@@ -447,3 +447,26 @@ def test_a_device_torch_does_not_see_is_refused_before_the_run(tmp_path, capsys,
     code = main(["train", str(ROOT / "configs" / "vanilla.yaml"), f"train.device={device}", "--out", str(tmp_path / "r")])
     assert code == 2 and f"train.device = {device!r}, but torch sees no {missing} device" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("load, policy, device, hinted", [(2.5, None, "cpu", True), (2.0, None, "auto", True),
+                                                          (1.5, None, "cpu", False), (4.0, "PASSIVE", "cpu", False),
+                                                          (4.0, "ACTIVE", "cpu", False), (4.0, None, "cuda", False)])
+def test_train_says_when_a_busy_cpu_will_slow_it(monkeypatch, load, policy, device, hinted):
+    """On 2 cores that are already busy, with no OMP_WAIT_POLICY chosen, train says what to set (a quickstart
+    step ran 20x slower with spinning threads); set either way, or on a quiet machine, it says nothing."""
+    import os
+
+    from attention_zoo.commands.train import busy_cpu_hint
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    hint = busy_cpu_hint(device)
+    assert (hint is not None) == hinted
+    if hinted:
+        assert f"this CPU is busy (load {load:.1f} on 2 cores)" in hint and "OMP_WAIT_POLICY=PASSIVE" in hint
