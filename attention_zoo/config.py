@@ -415,10 +415,10 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
     if not isinstance(data, dict):
         return {}, [Problem(source, "(top level)", data, "expected a mapping of sections (model, backend, ...)")]
     base = data.pop("base", None)
-    names = names or (source,)
-    parent, problems = {}, []
     if base is not None and not isinstance(base, str):
         return {}, [Problem(source, "base", base, "expected a path to another YAML file")]
+    names = names or (source,)
+    parent, problems = {}, []
     if base is not None:
         # the base's name as the user would write it: beside the file that names it
         base_name = os.path.normpath(Path(names[-1]).parent / base)
@@ -426,7 +426,7 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
     if origins is not None:  # after the base's keys, so this file's own keys win as they do in the merge
         label = names[-1] + (f" ({', '.join(f'base of {n}' for n in reversed(names[:-1]))})" if len(names) > 1 else "")
         _record_origins(data, label, origins)
-    return (deep_merge(parent, data) if base is not None else data), problems
+    return deep_merge(parent, data), problems
 
 
 def _record_origins(data: dict, label: str, origins: dict[str, str], prefix: str = "") -> None:
