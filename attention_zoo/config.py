@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,12 +398,17 @@ def read_yaml_file(path: Path, missing: Problem | None = None) -> tuple[Any, lis
         return None, [Problem(source, where, _MISSING, f"invalid YAML: {getattr(exc, 'problem', exc)}")]
 
 
-def read_yaml_chain(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, list[Problem]]:
+def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str, str] | None = None,
+                    names: tuple[str, ...] = ()) -> tuple[dict, list[Problem]]:
     """The raw, unvalidated mapping of YAML file `path` merged over its `base:` chain (a file's keys override
     its base's key by key; `base` itself removed), and the problems met on the way: a missing, unreadable,
     empty or invalid file, a top level that is not a mapping, a `base` that is not a path, an inheritance
     cycle. Never raises for bad input: `({}, problems)` then. `chain` is the files that led here (for the
-    cycle check and to name the file whose `base` is missing)."""
+    cycle check and to name the file whose `base` is missing).
+
+    Given `origins` (a dict), fills it with each key path of the merged mapping (`model.dim`; see
+    `origin_of`) -> the file that set it: `names[-1]` (default: `path`), or `e2.yaml (base of b8.yaml)`
+    for a key from a base; `names` are the files that led here as the user wrote them, this one last."""
     source = str(path)
     if path in chain:
         return {}, [Problem(source, "base", str(path), "inheritance cycle: " + " -> ".join(map(str, (*chain, path))))]
@@ -416,12 +422,41 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, lis
     if not isinstance(data, dict):
         return {}, [Problem(source, "(top level)", data, "expected a mapping of sections (model, backend, ...)")]
     base = data.pop("base", None)
-    if base is None:
-        return data, []
-    if not isinstance(base, str):
+    if base is not None and not isinstance(base, str):
         return {}, [Problem(source, "base", base, "expected a path to another YAML file")]
-    parent, problems = read_yaml_chain((path.parent / base).resolve(), (*chain, path))
+    names = names or (source,)
+    parent, problems = {}, []
+    if base is not None:
+        # the base's name as the user would write it: beside the file that names it
+        base_name = os.path.normpath(Path(names[-1]).parent / base)
+        parent, problems = read_yaml_chain((path.parent / base).resolve(), (*chain, path), origins, (*names, base_name))
+    if origins is not None:  # after the base's keys, so this file's own keys win as they do in the merge
+        label = names[-1] + (f" ({', '.join(f'base of {n}' for n in reversed(names[:-1]))})" if len(names) > 1 else "")
+        _record_origins(data, label, origins)
     return deep_merge(parent, data), problems
+
+
+def _record_origins(data: dict, label: str, origins: dict[str, str], prefix: str = "") -> None:
+    """Record `label` as the origin of every key path in `data` (mappings and what is in them); a key whose
+    value is not a mapping replaces what lay below it, so the origins recorded below it go."""
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if not isinstance(value, dict):
+            for below in [p for p in origins if p.startswith((f"{path}.", f"{path}["))]:
+                del origins[below]
+        origins[path] = label
+        if isinstance(value, dict):
+            _record_origins(value, label, origins, f"{path}.")
+
+
+def origin_of(path: str, origins: dict[str, str], default: str) -> str:
+    """The file (or override) that set key path `path` (a Problem's: `model.layers[0].at`), else that of its
+    longest recorded prefix (a key left to its default belongs to the file with its section), else `default`."""
+    while path:
+        if path in origins:
+            return origins[path]
+        path = path[:max(path.rfind("."), path.rfind("["), 0)]
+    return default
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -486,20 +521,27 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
     state flow that does not hold. A plugin that fails to import is not raised: it is logged and named in
     the error of a layer that needs its variant."""
     _load_section_modules()
+    origins: dict[str, str] = {}  # key path -> the file or override that set it, to name it in a problem
     if isinstance(path_or_dict, dict):
         source, data, problems = "<dict>", copy.deepcopy(path_or_dict), []
         if "base" in data:
             base = data.pop("base")
-            parent, problems = read_yaml_chain(Path(base).resolve())
+            parent, problems = read_yaml_chain(Path(base).resolve(), origins=origins, names=(source, str(base)))
+            _record_origins(data, source, origins)
             data = deep_merge(parent, data)
     else:
         source = str(path_or_dict)
-        data, problems = read_yaml_chain(Path(path_or_dict).resolve())
+        data, problems = read_yaml_chain(Path(path_or_dict).resolve(), origins=origins, names=(source,))
         if problems and problems[0].path == "(file)" and problems[0].message == "file not found":
             problems[0].source = source
+    override_source = f"override (on {source})"
     for override in overrides:
-        if (p := apply_override(data, override, source)) is not None:
+        if (p := apply_override(data, override, override_source)) is not None:
             problems.append(p)
+        else:  # `model.layers.0.at` is named `model.layers[0].at` in problems
+            key, raw = override.split("=", 1)
+            key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key.strip())
+            _record_origins({key: yaml.safe_load(raw)}, override_source, origins)
     if problems:
         raise ConfigError(problems)
 
@@ -532,6 +574,9 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
     for name, validator in SECTIONS.items():
         config[name], section_problems = validator(data.get(name), source)
         problems += section_problems
+    for problem in problems:  # the validators name the config; name the base file or override that set the value
+        if problem.source == source:
+            problem.source = origin_of(problem.path, origins, source)
     if problems:
         raise ConfigError(problems)
     return config

@@ -48,6 +48,17 @@ def test_grid_named_runs_and_seeds_expand_to_every_combination(tmp_path):
     assert len({r.fingerprint for r in sweep.runs}) == 10  # every run's exact config differs
 
 
+def test_a_sweep_needs_a_base_and_without_grid_or_runs_is_its_base_once_per_seed(tmp_path, capsys):
+    path = tmp_path / "no_base.yaml"
+    path.write_text("name: x\nruns: {}\n")  # no base: every run would be the library's defaults
+    assert main(["ablate", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: base: required (the config every run starts from: a config file" in err
+    assert "1 problem in config" in err and "Traceback" not in err
+    sweep = read_sweep_file(sweep_file(tmp_path, runs={}, seeds=[0, 1]))
+    assert [(r.label, r.seed, r.settings) for r in sweep.runs] == [("base", 0, {}), ("base", 1, {})]
+
+
 def test_every_problem_of_every_run_is_reported_before_training(tmp_path):
     path = sweep_file(tmp_path, grid={"model.attention.variant": ["vanilla", "selectve"], "model.attention.kv_heads": [None, 3]},
                       runs={"long": {"train.seq_len": 64}, "bad metric": {}}, seeds=[0], metric="val.accuracy", extra=1)

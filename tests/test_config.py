@@ -234,6 +234,29 @@ def test_base_inheritance(tmp_path):
     assert config.source == str(tmp_path / "child.yaml")
 
 
+def test_a_problem_names_the_file_or_override_that_set_the_value(tmp_path, monkeypatch):
+    """A value from a base file is blamed on that file (through every level of `base:`), not on the file
+    loaded; a value an override set is blamed on the override; the loaded file keeps its own."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "grand.yaml").write_text(
+        "model: {dim: 64, heads: 8, attention: {variant: selective, kv_heads: 3}, layers: [{at: 0, attention: {}}]}\n")
+    (tmp_path / "shared" / "base.yaml").write_text("base: grand.yaml\nmodel: {dimm: 1, dropout: 0.1}\nbackend: mathh\n")
+    (tmp_path / "child.yaml").write_text("base: shared/base.yaml\nmodel: {dropout: 1.5}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config("child.yaml", ["model.depth=0", "model.layers.0.at=7"])
+    sources = {p.path: p.source for p in info.value.problems}
+    base, grand = "shared/base.yaml (base of child.yaml)", "shared/grand.yaml (base of shared/base.yaml, base of child.yaml)"
+    assert sources == {"backend": base, "model.dimm": base, "model.depth": "override (on child.yaml)",
+                       "model.dropout": "child.yaml"}
+    with pytest.raises(ConfigError) as info:  # shapes fine: the variant's and the layers' own checks run
+        load_config("child.yaml", ["model.dimm=null", "model.layers.0.at=7"])
+    sources = {p.path: p.source for p in info.value.problems}
+    assert sources == {"model.dimm": "override (on child.yaml)", "backend": base, "model.dropout": "child.yaml",
+                       "model.attention.kv_heads": grand, "model.layers[0].at": "override (on child.yaml)"}
+    assert f"  {grand}: model.attention.kv_heads = 3: heads (8) must be divisible by kv_heads" in str(info.value)
+
+
 def test_base_from_a_dict(tmp_path):
     config = load_config({"base": str(ROOT / "configs" / "gqa.yaml"), "model": {"depth": 2}})
     assert config["model"]["attention"] == {"variant": "gqa", "kv_heads": 2} and config["model"]["depth"] == 2

@@ -74,6 +74,20 @@ def test_data_section_is_checked_without_reading_the_corpus(monkeypatch):
         load_config({"data": {"text": "no/such/file.txt"}})
 
 
+def test_every_problem_of_the_data_section_is_reported_at_once():
+    """Each bad key of a task, an unknown key among them, and each bad entry of a curriculum is its own problem."""
+    with pytest.raises(ConfigError) as err:
+        load_config({"data": {"name": "variable_assignment", "value_digits": 12, "num_assignments": 3,
+                              "loss_on": "none", "num_queries": 0, "num_var": 2}})
+    assert {(p.path, p.value) for p in err.value.problems} == {
+        ("data.value_digits", 12), ("data.loss_on", "none"), ("data.num_queries", 0), ("data.num_var", 2)}
+    assert "<dict>: data.value_digits = 12: expected an integer from 1 to 9" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config({"data": {"name": "variable_assignment", "num_assignments": {5: 0, -1: 2}, "num_vars": 0}})
+    assert [p.path for p in err.value.problems] == [
+        "data.num_vars", "data.num_assignments[5]", "data.num_assignments[-1]", "data.num_assignments"]
+
+
 def test_seq_len_checked_against_model_and_task():
     from attention_zoo.train import plan_run
 

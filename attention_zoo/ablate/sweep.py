@@ -1,6 +1,6 @@
 """Sweep files: a base config, a grid and/or named runs, seeds, and the metric to compare.
 
-    base: ../train/shakespeare_tiny.yaml      # a config file (relative to this file) or an inline mapping
+    base: ../train/shakespeare_tiny.yaml      # required: a config file (relative to this file) or an inline mapping
     grid:                                      # every combination of these key paths
       model.attention.variant: [vanilla, selective]
       model.heads: [4, 8]
@@ -11,8 +11,9 @@
     baseline: vanilla                          # optional: a run label; the table adds each run's paired
                                                # difference to it (same seed: same init seed, same batches)
 
-Every run's config is built and validated (model, data and train together) before anything trains,
-and every problem of every run is reported at once, each naming the runs it affects.
+With neither grid nor runs, the sweep is its base, once per seed (the spread over seeds). Every run's config
+is built and validated (model, data and train together) before anything trains, and every problem of every
+run is reported at once, each naming the runs it affects.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ HIGHER_IS_BETTER = {"val.accuracy"}
 
 SWEEP_FIELDS = {
     "name": Field((str, type(None)), None, "a title for the results table"),
-    "base": Field((str, dict), {}, "a config file (relative to the sweep file) or an inline config"),
+    # Required: without it every run would silently train the library's defaults, which no sweep means.
+    "base": Field((str, dict), doc="the config every run starts from: a config file (relative to the sweep "
+                  "file) or an inline config mapping; grid and runs say what each run changes"),
     "grid": Field(dict, {}, "key path -> list of values; every combination runs"),
     "runs": Field(dict, {}, "name -> {key path: value}; explicit runs, added to the grid's"),
     "seeds": Field(list, [0], "train.seed values; every run once per seed"),

@@ -34,16 +34,18 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
     return _did_you_mean(str(value), list(choices))
 
 
+def unknown_keys(spec: dict, allowed: Iterable[str], name: str, source: str) -> list[DataError]:
+    """One DataError for each key of `spec` that dataset `name` does not read."""
+    allowed = sorted(allowed)
+    return [DataError(source, f"data.{key}", spec[key], f"unknown key for dataset {name!r}; "
+                      f"{did_you_mean(key, allowed)}valid keys: {', '.join(allowed)}")
+            for key in spec if key not in allowed]
+
+
 def check_keys(spec: dict, allowed: Iterable[str], name: str, source: str) -> None:
     """Reject keys a dataset does not read: a typo must not silently fall back to a default."""
-    allowed = sorted(allowed)
-    for key in spec:
-        if key not in allowed:
-            raise DataError(
-                source, f"data.{key}", spec[key],
-                f"unknown key for dataset {name!r}; {did_you_mean(key, allowed)}"
-                f"valid keys: {', '.join(allowed)}",
-            )
+    if problems := unknown_keys(spec, allowed, name, source):
+        raise problems[0]
 
 
 @dataclass(frozen=True)

