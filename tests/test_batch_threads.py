@@ -47,7 +47,7 @@ def test_workers_follow_the_threads_and_the_batch_on_cpu_only(monkeypatch):
         torch.set_num_threads(2)
         assert batch_workers(4, torch.device("cpu")) == 2 and batch_workers(1, torch.device("cpu")) == 1
         assert batch_workers(4, torch.device("cuda")) == 1
-        monkeypatch.setattr(batch_threads, "SPLIT_OVER_THREADS", False)  # ATTENTION_ZOO_SPLIT_BACKWARD=0
+        monkeypatch.setenv(batch_threads.SPLIT_ENV, "0")
         assert batch_workers(4, torch.device("cpu")) == 1
     finally:
         torch.set_num_threads(before)
