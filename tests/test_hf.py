@@ -201,7 +201,7 @@ def test_import_hf_replaces_only_an_earlier_import_and_never_a_training_run(tmp_
     ({"num_hidden_layers": 3}, "9 weights missing from the checkpoint (layer 2)"),
     ({"num_hidden_layers": None}, "weights missing from the checkpoint (layers 2-31)"),  # transformers' default 32
     ({"num_hidden_layers": 1}, "9 weights in the checkpoint that config.json has no place for (layer 1)"),
-    ({"hidden_size": 48}, "weights of another shape (model.layers.0."),
+    ({"hidden_size": 48}, "weights of another shape (lm_head.weight (64, 32) where config.json makes (64, 48), "),
 ])
 def test_import_hf_refuses_weights_that_do_not_match_config_json(tmp_path, capsys, change, message):
     """transformers fills what config.json asks for and the weights lack with random values (and drops or

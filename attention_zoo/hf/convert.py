@@ -62,7 +62,7 @@ def weight_problems(info: dict[str, Any]) -> list[str]:
     if unexpected := list(info.get("unexpected_keys") or []):
         problems.append(f"{len(unexpected)} weights in the checkpoint that config.json has no place for "
                         f"({layers_or_keys(unexpected)})")
-    if mismatched := list(info.get("mismatched_keys") or []):
+    if mismatched := sorted(info.get("mismatched_keys") or []):  # a set: sorted, so the same ones are shown
         shown = ", ".join(f"{key} {tuple(saved)} where config.json makes {tuple(expected)}"
                           for key, saved, expected in mismatched[:3])
         problems.append(f"{len(mismatched)} weights of another shape ({shown}{', ...' if len(mismatched) > 3 else ''})")
