@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from attention_zoo import build_model
 from attention_zoo.checkpoint import save_checkpoint
@@ -41,6 +42,7 @@ class FakeCalibrator(Calibrator):
         self.groups = [KeyGroup((g,)) for g in range(len(weights))]
         self.base, self.evaluations, self.memo = 1.0, [], {}
         self.target = self.base * (1 + tolerance)
+        self.bar, self.after_search = tqdm(disable=True), 0
 
     def layer_budgets(self, group_budgets):
         return list(group_budgets)
@@ -173,3 +175,18 @@ def test_every_documented_command_runs(doc, tmp_path, monkeypatch, capsys):
     for block in blocks:
         exec(compile(block.replace("200,", "5,"), str(doc), "exec"), namespace)
     assert namespace["result"].cache.lengths() == [10] * 4  # a prompt of 6 and 4 of the 5 new tokens fed back
+
+
+def test_calibrate_progress_bar_counts_against_a_total_and_labels_the_reference(run_folder, capsys):
+    """The bar has a total from the first stage on (an estimate, refined per stage) and ends at the evaluations
+    made; before any evaluation it says it is computing the unpruned reference, not just `0eval`."""
+    out = run_folder / "cal_progress"
+    argv = ["calibrate", str(run_folder), "--tolerance", "0.02", "--context", "8", "--batches", "1",
+            "--batch-size", "1", "--no-curve", "--check-split", "none", "--threshold", "0", "--out", str(out)]
+    assert main(argv) == 0
+    frames = [f for f in capsys.readouterr().err.replace("\r", "\n").splitlines() if f.startswith("calibrate")]
+    assert "stage=unpruned reference" in frames[0]
+    counts = [tuple(map(int, m.groups())) for f in frames if (m := re.search(r" (\d+)/(\d+) \[", f))]
+    assert counts and all(total > 0 for _, total in counts)  # no bare "38eval": a total on every frame
+    done, total = counts[-1]
+    assert done == total == len(json.loads((out / "calibration.json").read_text())["evaluations"])

@@ -273,3 +273,83 @@ def test_an_os_error_naming_a_file_is_one_line_not_a_traceback(capsys, monkeypat
     assert err == f"attention-zoo list: error: {tmp_path / 'results.json'}: Permission denied (rerun with -v for the traceback)\n"
     with pytest.raises(PermissionError):
         main(["-v", "list"])
+
+
+# --- --device words, describe of run folders, backend reasons said once (appended with the inference fixes) ---
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A run folder (config.yaml beside checkpoint/) of a 2-layer selective model."""
+    import shutil
+
+    import torch
+
+    from attention_zoo import build_model
+    from attention_zoo.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model({"model": {"dim": 16, "depth": 2, "heads": 2, "max_seq_len": 16,
+                                   "attention": {"variant": "selective"}}})
+    save_checkpoint(tmp_path / "run" / "checkpoint", model)
+    shutil.copy(tmp_path / "run" / "checkpoint" / "config.yaml", tmp_path / "run" / "config.yaml")
+    return tmp_path / "run"
+
+
+RUN_COMMANDS = {  # each command's arguments besides the checkpoint and --device, kept tiny
+    "generate": ["--prompt", "hi", "--max-tokens", "1"],
+    "eval": ["--batches", "1", "--batch-size", "1", "--seq-len", "8"],
+    "calibrate": ["--context", "8", "--batches", "1", "--batch-size", "1", "--no-progress"],
+    "stream": ["--length", "8", "--batch-size", "1", "--no-progress"],
+    "describe": [],
+}
+
+
+@pytest.mark.parametrize("command", RUN_COMMANDS)
+def test_every_command_checks_the_device_words_alike(tiny_run, tmp_path, capsys, command):
+    """One check (inference.checkpoints.check_device): an unknown device is refused with one message naming
+    the flag, the value and the valid words; mps is refused by name where this machine has none."""
+    import torch
+
+    extra = [*RUN_COMMANDS[command], *(["--out", str(tmp_path / "out")] if command == "stream" else [])]
+    code, out, err = run(capsys, command, str(tiny_run), *extra, "--device", "tpu")
+    assert code == 2 and "--device 'tpu': expected auto, cpu, cuda or cuda:N (or mps" in err, err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    if command == "describe":  # plans a backend for a device, which need not be this machine's
+        for device in ("mps", "cuda:1", "auto"):
+            assert run(capsys, command, str(tiny_run), "--device", device)[0] == 0
+        return
+    if not torch.backends.mps.is_available():
+        code, _, err = run(capsys, command, str(tiny_run), *extra, "--device", "mps")
+        assert code == 2 and "--device mps: MPS (Apple GPU) is not available on this machine" in err, err
+    code, _, err = run(capsys, command, str(tiny_run), *extra, "--device", "auto")
+    assert code == 0, err
+
+
+def test_describe_and_validate_take_a_run_or_checkpoint_folder(tiny_run, tmp_path, capsys):
+    """As train does: the folder's config.yaml (a run folder's, else its checkpoint/'s)."""
+    for folder in (tiny_run, tiny_run / "checkpoint"):
+        header, layers = describe(capsys, str(folder))
+        assert "depth 2, dim 16" in header and len(layers) == 2
+    (tiny_run / "config.yaml").unlink()  # a run folder with only checkpoint/config.yaml
+    assert "depth 2, dim 16" in describe(capsys, str(tiny_run))[0]
+    code, out, _ = run(capsys, "validate", str(tiny_run / "checkpoint"), str(tmp_path))
+    assert code == 2 and f"{tiny_run / 'checkpoint'}: ok" in out
+    assert f"{tmp_path}: a folder without config.yaml; give a config file, a run folder or a checkpoint folder" in out
+    code, _, err = run(capsys, "describe", str(tmp_path))
+    assert code == 2 and "a folder without config.yaml" in err and "Is a directory" not in err
+
+
+def test_describe_says_a_skip_reason_shared_by_every_layer_once(capsys, monkeypatch):
+    class Picky(Backend):
+        name = "picky"
+
+        def refuse(self, call):
+            return f"needs head_dim 128, got {call.head_dim}"
+
+    monkeypatch.setitem(BACKENDS._entries, "picky", Picky())
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("picky", "math"))
+    _, layers = describe(capsys, str(CONFIGS / "vanilla.yaml"), "model.depth=3")
+    out = "".join(layers)
+    assert len(layers) == 3 and all(re.search(r"\): math$", layer, re.M) for layer in layers)
+    assert out.count("needs head_dim 128") == 1 and "skipped on every layer: picky: needs head_dim 128, got 32" in out

@@ -117,7 +117,7 @@ def test_generate_command_stops_at_the_position_limit(checkpoint, capsys):
     (["--max-tokens", "-1"], "--max-tokens -1: must be >= 0"),
     (["--prompt", "y" * 60], "model.max_seq_len=48"),
     (["--device", "cuda:0"], "CUDA is not available"),
-    (["--device", "meta"], "--device 'meta': expected cpu, cuda or cuda:N"),
+    (["--device", "meta"], "--device 'meta': expected auto, cpu, cuda or cuda:N (or mps"),
 ])
 def test_generate_command_errors(checkpoint, capsys, args, message):
     if "--device" in args and torch.cuda.is_available():
@@ -132,3 +132,16 @@ def test_generate_command_errors(checkpoint, capsys, args, message):
 def test_generate_command_on_a_missing_checkpoint(tmp_path, run_cli):
     result = run_cli("generate", str(tmp_path / "nope"), "--prompt", "hi")
     assert result.returncode == 2 and "not a checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_names_the_window_policy_in_each_layer(checkpoint, capsys):
+    """window:K is not the budget policy: the per-layer summary says `window K`, not `budget K`."""
+    assert main(["generate", str(checkpoint), "--prompt", "hi", "--max-tokens", "2", "--prune", "window:4"]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("-- pruning"))
+    assert line == "-- pruning window:4: layer 0: window 4; layer 1: window 4"
+
+
+def test_generate_takes_device_auto(checkpoint, capsys):
+    """The same --device words as eval: auto is this machine's cuda, else cpu (the prompt goes there too)."""
+    assert main(["generate", str(checkpoint), "--prompt", "hi", "--max-tokens", "2", "--device", "auto"]) == 0
+    assert "generated 2 tokens" in capsys.readouterr().out

@@ -589,3 +589,10 @@ def test_data_tokenizer_problems_are_named(tmp_path):
         load_config({"data": {"name": "shakespeare", "tokenizer": "nowhere"}})
     with pytest.raises(ConfigError, match=r"data.tokenizer.*unknown key for dataset 'variable_assignment'"):
         load_config({"data": {"name": "variable_assignment", "tokenizer": str(tmp_path)}})
+
+
+def test_the_cache_refusal_names_the_implementation_as_written(llama_folder):
+    """`attn_implementation='zoo_selective'`, the string a user passes, not `zoo_'selective'`."""
+    register()
+    with pytest.raises(NotImplementedError, match="attn_implementation='zoo_selective': "):
+        stock(llama_folder, "zoo_selective").generate(tokens(4, batch=1), max_new_tokens=2, do_sample=False)

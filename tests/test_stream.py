@@ -100,3 +100,19 @@ def test_stream_command_errors(runs, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (runs / "bad").exists()
+
+
+
+def test_stream_labels_a_bare_checkpoint_folder_by_its_name(runs, capsys, monkeypatch):
+    """A run is labelled by its name, and so is a checkpoint folder given relative to the working directory
+    (`imp1`), not by the empty name of its parent `.`."""
+    (runs / "imp1").mkdir(exist_ok=True)
+    for name in ("config.yaml", "model.safetensors"):
+        (runs / "imp1" / name).write_bytes((runs / "vanilla" / "checkpoint" / name).read_bytes())
+    monkeypatch.chdir(runs)
+    assert main(["stream", "vanilla", "imp1", "--length", "8", "--batch-size", "1", "--out", "out_bare",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("vanilla none: loss ") and "\nimp1 none: loss " in printed
+    labels = [e["label"] for e in json.loads((runs / "out_bare" / "stream.json").read_text())["entries"]]
+    assert labels == ["vanilla none", "imp1 none"]

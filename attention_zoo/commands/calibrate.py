@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--measure", nargs="+", metavar="POLICY", help="no search: just measure these pruning policies "
                    "(e.g. budget:32 window:32) against the unpruned model on --split; writes OUT/measure-SPLIT.json")
     p.add_argument("--out", help="output folder (default: calibration/ beside the checkpoint)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_calibrate)
 
@@ -40,7 +40,7 @@ def cmd_calibrate(args) -> int:
     from ..data import build_dataset
     from ..inference.calibration import calibrate
     from ..inference.calibration_plot import plot_calibration
-    from ..inference.checkpoints import load_for_inference
+    from ..inference.checkpoints import checkpoint_label, load_for_inference
 
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:
@@ -69,7 +69,7 @@ def cmd_calibrate(args) -> int:
     report = {"checkpoint": str(path), "dataset": dataset.name, "split": args.split,
               "check_split": None if check is None else args.check_split, **report}
     atomic_write_text(out / "calibration.json", json.dumps(report, indent=2) + "\n")
-    plot_calibration(report, out / "calibration.png", title=f"{path.parent.name}: context pruning at {context}")
+    plot_calibration(report, out / "calibration.png", title=f"{checkpoint_label(path)}: context pruning at {context}")
 
     best, window = report["calibrated"], report["window_same_memory"]
     print(f"unpruned {args.split} loss {report['base_loss']:.4f} (tolerance {args.tolerance:.2%}: <= "

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(one per layer, 'none' = not pruned), or window:K (sliding-window baseline)")
     p.add_argument("--prefill-chunk", type=int, help="prefill the prompt in chunks of this many tokens "
                    "(default: all at once); with pruning, the cache is pruned after each chunk")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--backend", help="override the checkpoint's attention backend (auto, sdpa, math, xformers)")
     p.set_defaults(run=cmd_generate)
 
@@ -41,6 +41,7 @@ def cmd_generate(args) -> int:
         raise UserError(f"--prefill-chunk {args.prefill_chunk}: must be >= 1")
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     model, path = load_for_inference(args.checkpoint, args.device, args.backend)
+    device = next(model.parameters()).device  # --device auto resolved
     pruner = Pruner(model, parse_prune_spec(args.prune)) if args.prune else None
     tokenizer_path = (model.config.get("data") or {}).get("tokenizer")
     if tokenizer_path:  # the run's data.tokenizer: prompt and output in its tokens
@@ -50,7 +51,7 @@ def cmd_generate(args) -> int:
         ids = tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
         if not ids or max(ids) >= model.vocab_size:
             raise UserError(f"--prompt: its tokens do not fit the model's vocabulary ({model.vocab_size} tokens)")
-        prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
+        prompt = torch.tensor([ids], dtype=torch.long, device=device)
         generated: list[int] = []
         shown = [""]
 
@@ -65,7 +66,7 @@ def cmd_generate(args) -> int:
         data = args.prompt.encode("utf-8")
         if max(data, default=0) >= model.vocab_size:
             raise UserError(f"--prompt: byte {max(data)} is outside the model's vocabulary ({model.vocab_size} tokens)")
-        prompt = torch.tensor([list(data)], dtype=torch.long, device=args.device)
+        prompt = torch.tensor([list(data)], dtype=torch.long, device=device)
 
         def show(token: torch.Tensor) -> None:
             value = int(token[0, 0])

@@ -10,8 +10,7 @@ import torch
 
 from ..backends import BackendRefused, choose, recording_calls
 from ..components import KINDS
-from ..config import STACK_DEFAULTS, ConfigError, build_model, head_dim_of, layer_specs, load_config
-from ..data import DataError
+from ..config import STACK_DEFAULTS, build_model, head_dim_of, layer_specs, load_config
 from ..errors import UserError
 from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
 
@@ -23,13 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("validate", help="check config files; report every problem")
     p.add_argument("files", nargs="+", metavar="FILE_OR_OVERRIDE",
-                   help="config files, and KEY.PATH=VALUE overrides applied to each of them (e.g. model.depth=6)")
+                   help="config files or run/checkpoint folders, and KEY.PATH=VALUE overrides applied to each of "
+                   "them (e.g. model.depth=6)")
     p.set_defaults(run=cmd_validate)
 
     p = sub.add_parser("describe", help="per layer: variant, parameters, state flow, backend; parameter count")
-    p.add_argument("file")
+    p.add_argument("file", help="config file, or a run or checkpoint folder (its config.yaml)")
     p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides, e.g. model.depth=6")
-    p.add_argument("--device", default="cpu", help="device to plan the backend for (default cpu)")
+    p.add_argument("--device", default="cpu", help="device to plan the backend for: auto, cpu, cuda, cuda:N or mps "
+                   "(need not be on this machine; default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--train", action="store_true", help="plan the backend for training (gradients on)")
     p.set_defaults(run=cmd_describe)
@@ -69,16 +70,29 @@ def cmd_validate(args) -> int:
     failed = 0
     for path in files:
         try:
-            config = load_config(path, overrides)
-            if _trains(path):  # a training config: also what needs model, data and train together, as train checks
+            file = config_file(path)
+            config = load_config(file, overrides)
+            if _trains(file):  # a training config: also what needs model, data and train together, as train checks
                 from ..train.loop import plan_run
 
                 plan_run(config)
             print(f"{path}: ok")
-        except (ConfigError, DataError) as exc:
+        except UserError as exc:  # ConfigError, DataError, a folder without config.yaml: report, go on
             failed += 1
             print(exc)
     return 2 if failed else 0
+
+
+def config_file(path: str) -> str:
+    """`path` itself, or for a run or checkpoint folder the config.yaml it holds (a run folder's, else its
+    checkpoint/'s), as `train` reads a folder. UserError for a folder without one."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    for candidate in (folder / "config.yaml", folder / "checkpoint" / "config.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    raise UserError(f"{path}: a folder without config.yaml; give a config file, a run folder or a checkpoint folder")
 
 
 def _trains(path: str) -> bool:
@@ -91,7 +105,10 @@ def _trains(path: str) -> bool:
 
 
 def cmd_describe(args) -> int:
-    config = load_config(args.file, args.overrides)
+    from ..inference.checkpoints import check_device
+
+    device = check_device(args.device, auto=True, present=False)  # planning for a device this machine may lack is fine
+    config = load_config(config_file(args.file), args.overrides)
     m = config["model"]
     with torch.device("meta"):  # no weights allocated: describe works for models of any size
         model = build_model(config)
@@ -113,16 +130,22 @@ def cmd_describe(args) -> int:
           f"vocab {m['vocab_size']}, max_seq_len {m['max_seq_len']}")
     print(f"stack: position {m['position']}, norm {m['norm']}, mlp {m['mlp']}")
     print(f"parameters: {model.num_parameters():,}")
-    for spec, block, layer_calls in zip(layer_specs(m), model.blocks, per_layer):
+    plans = []  # per layer: (backend chosen or a refusal, the backends skipped and why)
+    for layer_calls in per_layer:
+        call = dataclasses.replace(layer_calls[0], device=str(device), dtype=dtype)
+        try:
+            chosen, skipped = choose(config["backend"], call)
+            plans.append((chosen.name, "; ".join(skipped)))
+        except BackendRefused as exc:
+            plans.append((f"none: {exc}", ""))
+    # the same skip reasons on every layer are said once, below, not repeated per layer
+    shared_skip = plans[0][1] if len(plans) > 1 and len({skip for _, skip in plans}) == 1 and plans[0][1] else ""
+    for spec, block, layer_calls, (backend, skipped) in zip(layer_specs(m), model.blocks, per_layer, plans):
         attn = block.attention
         call = layer_calls[0]
         params = resolved_params(spec.variant, spec.params)
-        call = dataclasses.replace(call, device=args.device, dtype=dtype)
-        try:
-            chosen, skipped = choose(config["backend"], call)
-            backend = chosen.name + (f" (skipped {'; '.join(skipped)})" if skipped else "")
-        except BackendRefused as exc:
-            backend = f"none: {exc}"
+        if skipped and not shared_skip:
+            backend += f" (skipped {skipped})"
         reads = ", ".join(attn.reads) or "-"
         optional = ", ".join(attn.optional_reads)
         print(f"layer {spec.index}: {spec.variant} {params}")
@@ -130,6 +153,8 @@ def cmd_describe(args) -> int:
               f"written: {', '.join(attn.writes) or '-'}")
         bias = "none" if not call.has_bias else ("with grad" if call.bias_requires_grad else "constant")
         times = f"; {len(layer_calls)} calls" if len(layer_calls) > 1 else ""
-        print(f"    backend ({config['backend']}, {args.device}, {args.dtype}{', train' if args.train else ''}; "
+        print(f"    backend ({config['backend']}, {device}, {args.dtype}{', train' if args.train else ''}; "
               f"bias {bias}{times}): {backend}")
+    if shared_skip:
+        print(f"skipped on every layer: {shared_skip}")
     return 0

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
     p.add_argument("--bucket", type=int, help="positions averaged per point of the loss curve (default length / 32)")
     p.add_argument("--out", required=True, help="output folder for stream.json and stream.png")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_stream)
 
@@ -54,7 +54,7 @@ def cmd_stream(args) -> int:
     from ..checkpoint import atomic_write_text
     from ..data import build_dataset
     from ..inference import Pruner, parse_prune_spec, streaming_loss
-    from ..inference.checkpoints import load_for_inference
+    from ..inference.checkpoints import checkpoint_label, load_for_inference
     from ..inference.stream_plot import plot_stream
 
     check_output_path("--out", args.out, "folder")
@@ -91,7 +91,7 @@ def cmd_stream(args) -> int:
         train_len = model.max_seq_len
         inside = [v for v in result.position_loss[:train_len] if not math.isnan(v)]
         past = [v for v in result.position_loss[train_len:] if not math.isnan(v)]
-        row = {"checkpoint": str(path), "label": f"{path.parent.name} {policy}", "policy": policy,
+        row = {"checkpoint": str(path), "label": f"{checkpoint_label(path)} {policy}", "policy": policy,
                "train_length": train_len, "loss": result.loss,
                "loss_within_train_length": sum(inside) / len(inside) if inside else None,
                "loss_past_train_length": sum(past) / len(past) if past else None,

@@ -97,7 +97,7 @@ def attention_function(variant: str) -> Callable[..., tuple[Tensor, None]]:
         layer = _layer_for(module, variant, query, key)
         if needs_history(layer) and key.shape[-2] != query.shape[-2]:
             raise NotImplementedError(
-                f"attn_implementation={PREFIX}{variant!r}: transformers' KV cache cannot hold {variant}'s per-key "
+                f"attn_implementation={PREFIX + variant!r}: transformers' KV cache cannot hold {variant}'s per-key "
                 f"accumulator, so cached decoding (generate) is not possible here; convert the model with "
                 f"attention_zoo.hf.from_hf(model, variant={variant!r}) and generate with the zoo's cache "
                 "(model.new_cache(), or `attention-zoo generate` on an import-hf checkpoint)")

@@ -14,9 +14,17 @@ are per group of layers that must keep the same keys (one group per layer for pl
 Then a curve for the plot: uniform budgets N/2, N/4, ... for selective pruning and for the window.
 
 KV-memory ratio = (L * N) / sum_l K_l, where layers that are not pruned count N.
+
+Cost, in streaming evaluations (N forward calls each), with G prunable groups and a ladder of
+R = max(1, floor(log2 N) - 2) budgets: at most ceil(log2(N - 1)) uniform + G * R sensitivity + 4
+allocated checks, then G per greedy-shrink pass (at least one pass per factor, another after every
+pass that kept a change), then 2 or 3 at the calibrated memory, 1 threshold and 2 * R for the curve;
+repeated budgets are not evaluated again. The progress bar's total is that estimate, refined as
+each stage ends.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -28,6 +36,7 @@ from .pruning import BudgetPolicy, Pruner, PruningError, PruningPolicy, Threshol
 from .streaming import streaming_loss
 
 SHRINK_FACTORS = (0.7, 0.85)
+SEARCH_STAGES = ("uniform", "sensitivity", "allocated", "shrink")
 
 
 @dataclass
@@ -51,13 +60,27 @@ class Calibrator:
         self.model, self.batches, self.context, self.tolerance = model, batches, context, tolerance
         self.evaluations: list[Evaluation] = []
         self.memo: dict[tuple, Evaluation] = {}
-        self.bar = tqdm(desc="calibrate", unit="eval", disable=not progress, dynamic_ncols=True)
-        self.log = log or (lambda message: self.bar.write(message) if progress else None)
         probe = Pruner(model, BudgetPolicy(context))  # raises PruningError if nothing has an F
         self.groups, self.ranked = probe.groups, probe.ranked
         self.depth = probe.depth
+        self.after_search = 0  # evaluations planned after the search (calibrate() sets it), for the bar's total
+        # labelled: the first forward call may take a while (a kernel build), and the bar has nothing to count yet
+        self.bar = tqdm(desc="calibrate", unit="eval", total=0, postfix={"stage": "unpruned reference"},
+                        disable=not progress, dynamic_ncols=True)
+        self.log = log or (lambda message: self.bar.write(message) if progress else None)
         self.base = streaming_loss(model, batches).loss  # unpruned: one full pass, equal to streaming
         self.target = self.base * (1 + tolerance)
+
+    def prunable(self) -> int:
+        """G: the groups that budgets apply to."""
+        return sum(map(bool, self.ranked))
+
+    def expect(self, *stages: int) -> None:
+        """Set the bar's total to the evaluations done plus `stages` (estimates of the stages still to come
+        in the search) plus those after it: a bound, refined at every stage start, since binary search,
+        ladders and memo hits may take fewer and a kept shrink adds a pass."""
+        self.bar.total = self.bar.n + sum(stages) + self.after_search
+        self.bar.refresh()
 
     def memory_ratio(self, budgets: list[int]) -> float:
         return self.depth * self.context / sum(budgets)
@@ -81,6 +104,13 @@ class Calibrator:
         self.bar.set_postfix(stage=stage, ratio=f"{ev.memory_ratio:.1f}x", loss=f"{ev.loss:.4f}", refresh=False)
         return ev
 
+    def stream(self, batches: list[Batch], policy: PruningPolicy, stage: str) -> float:
+        """Streamed loss of `policy` on other `batches` (not part of the report's evaluations), counted on the bar."""
+        loss = streaming_loss(self.model, batches, Pruner(self.model, policy)).loss
+        self.bar.update(1)
+        self.bar.set_postfix(stage=stage, loss=f"{loss:.4f}", refresh=False)
+        return loss
+
     def budget_eval(self, group_budgets: list[int | None], stage: str) -> Evaluation:
         key = tuple(group_budgets)
         if key not in self.memo:  # searches revisit budgets: evaluate each once
@@ -90,6 +120,7 @@ class Calibrator:
     def uniform_search(self) -> int:
         """Smallest uniform budget within the tolerance (binary search over [2, N])."""
         lo, hi = 2, self.context  # hi is feasible: budget N drops nothing
+        self.expect(math.ceil(math.log2(hi - lo + 1)), *self.later_stages("uniform"))
         while lo < hi:
             mid = (lo + hi) // 2
             uniform = [mid if r else None for r in self.ranked]
@@ -112,6 +143,7 @@ class Calibrator:
         A group's descent stops once its increase alone exceeds twice the allowance."""
         allowance = self.target - self.base
         out: dict[int, dict[int, float]] = {}
+        self.expect(self.prunable() * len(self.ladder()), *self.later_stages("sensitivity"))
         for g, ranked in enumerate(self.ranked):
             if not ranked:
                 continue
@@ -152,6 +184,7 @@ class Calibrator:
         sensitivities = self.sensitivities()
         allowance = self.target - self.base
         tried = set()
+        self.expect(4, *self.later_stages("allocated"))
         for scale in (1.0, 0.7, 0.5, 0.3):
             budgets = self.allocate(sensitivities, allowance * scale)
             if tuple(budgets) in tried:
@@ -163,10 +196,11 @@ class Calibrator:
 
     def greedy_shrink(self, budgets: list[int | None]) -> list[int | None]:
         """Use what slack is left: shrink one group at a time by each factor while the loss stays within."""
-        for factor in SHRINK_FACTORS:
+        for n, factor in enumerate(SHRINK_FACTORS):
             changed = True
             while changed:
                 changed = False
+                self.expect(self.prunable() * (len(SHRINK_FACTORS) - n))  # this pass and one per factor after it
                 for g, ranked in enumerate(self.ranked):
                     if not ranked or budgets[g] <= 2:
                         continue
@@ -185,6 +219,13 @@ class Calibrator:
             best = allocated
         return uniform, self.greedy_shrink(best)
 
+    def later_stages(self, stage: str) -> list[int]:
+        """Estimates of the evaluations in the search stages after `stage`: the most for the sensitivity
+        ladders and the allocated checks, the least (one pass per factor) for the greedy shrink."""
+        counts = {"sensitivity": self.prunable() * len(self.ladder()), "allocated": 4,
+                  "shrink": self.prunable() * len(SHRINK_FACTORS)}
+        return [n for s, n in counts.items() if SEARCH_STAGES.index(s) > SEARCH_STAGES.index(stage)]
+
     def total(self, group_budgets: list[int | None]) -> int:
         return sum(self.context if k is None else k for k in self.layer_budgets(group_budgets))
 
@@ -199,6 +240,9 @@ class Calibrator:
             self.evaluate(WindowPolicy(K), "curve")
 
     def close(self) -> None:
+        """End the bar at the evaluations actually made (the total was an estimate)."""
+        self.bar.total = self.bar.n
+        self.bar.refresh()
         self.bar.close()
 
 
@@ -209,14 +253,18 @@ def calibrate(model: nn.Module, batches: list[Batch], *, context: int, tolerance
     if not 0 < tolerance < 1:
         raise PruningError(f"--tolerance {tolerance}: expected a relative tolerance in (0, 1), e.g. 0.01 for 1%")
     cal = Calibrator(model, batches, context, tolerance, progress)
+    # after the search: calibrated, window (and a uniform window when budgets differ), threshold, curve, held out
+    cal.after_search = 2 + bool(threshold) + (2 * len(cal.ladder()) if curve else 0) + (2 if check_batches else 0)
     try:
         uniform, group_budgets = cal.search()
+        cal.expect()
         best = cal.evaluate(BudgetPolicy(cal.layer_budgets(group_budgets)), "calibrated")
         layer_budgets = cal.layer_budgets(group_budgets)
         # The window at the same memory: unpruned groups keep everything there too; the others get K_l.
         window = cal.evaluate(WindowPolicy(layer_budgets), "window at calibrated memory")
         uniform_window = None
         if len(set(best.budgets)) > 1:  # the plain baseline: one window for every layer, same total memory
+            cal.bar.total += 1  # known only now
             uniform_window = cal.evaluate(WindowPolicy(max(2, round(sum(best.budgets) / cal.depth))),
                                           "uniform window at calibrated memory")
         thresh = cal.evaluate(ThresholdPolicy(threshold), "threshold") if threshold else None
@@ -224,9 +272,9 @@ def calibrate(model: nn.Module, batches: list[Batch], *, context: int, tolerance
             cal.curve()
         held_out = None
         if check_batches:
-            base_check = streaming_loss(model, check_batches).loss
-            pruned_check = streaming_loss(model, check_batches, Pruner(model, BudgetPolicy(layer_budgets))).loss
-            window_check = streaming_loss(model, check_batches, Pruner(model, WindowPolicy(layer_budgets))).loss
+            base_check = streaming_loss(model, check_batches).loss  # one full pass, not counted
+            pruned_check = cal.stream(check_batches, BudgetPolicy(layer_budgets), "held out")
+            window_check = cal.stream(check_batches, WindowPolicy(layer_budgets), "held out")
             held_out = {"base_loss": base_check, "calibrated_loss": pruned_check, "window_loss": window_check,
                         "calibrated_relative_increase": pruned_check / base_check - 1,
                         "window_relative_increase": window_check / base_check - 1}

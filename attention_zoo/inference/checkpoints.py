@@ -9,28 +9,47 @@ from torch import nn
 from ..checkpoint import load_model, resolve_checkpoint
 from ..errors import UserError
 
-__all__ = ["load_for_inference", "resolve_checkpoint"]
+__all__ = ["check_device", "checkpoint_label", "load_for_inference", "resolve_checkpoint"]
 
 
-def check_device(device: str, flag: str = "--device", auto: bool = False) -> torch.device:
-    """`device` (a command's --device) as a torch.device this machine has: cpu, cuda or cuda:N, and with `auto`
-    also auto (cuda if available, else cpu). UserError naming `flag` otherwise, before any work."""
+def check_device(device: str, flag: str = "--device", auto: bool = False, present: bool = True) -> torch.device:
+    """`device` (a command's --device) as a torch.device: cpu, cuda, cuda:N or mps, and with `auto` also auto
+    (cuda if available, else cpu). The inference commands, eval and describe pass auto=True, so they take the
+    same words. With `present` (to run on it, not to plan for it) the device must exist on this machine.
+    UserError naming `flag`, the value and what is valid otherwise, before any work."""
     if auto and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         target = torch.device(device)
     except RuntimeError:
         target = None
-    if target is None or target.type not in ("cpu", "cuda"):
-        raise UserError(f"{flag} {device!r}: expected {'auto, ' if auto else ''}cpu, cuda or cuda:N")
+    if target is None or target.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{flag} {device!r}: expected {'auto, ' if auto else ''}cpu, cuda or cuda:N "
+                        "(or mps, on a machine with an Apple GPU)")
+    if not present:
+        return target
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag} {device}: MPS (Apple GPU) is not available on this machine; use {flag} cpu")
     if target.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserError(f"{flag} {device}: this machine has {count} CUDA device{'s' if count > 1 else ''}, "
+                        f"cuda:0 to cuda:{count - 1}")
     return target
 
 
+def checkpoint_label(path: Path) -> str:
+    """A short name for checkpoint folder `path`: its run folder's name when it is a run's checkpoint/,
+    else its own (a bare `imp1` resolves to imp1, not the empty name of its parent `.`)."""
+    path = path.resolve()
+    return path.parent.name if path.name == "checkpoint" else path.name
+
+
 def load_for_inference(path: str | Path, device: str = "cpu", backend: str | None = None) -> tuple[nn.Module, Path]:
-    """The model in eval mode and the checkpoint folder it came from."""
+    """The model in eval mode, on `device` (any --device word, auto included), and the checkpoint folder it
+    came from."""
+    target = check_device(device, auto=True)  # before reading the checkpoint: a bad flag costs nothing
     path = resolve_checkpoint(path)
-    check_device(device)
     overrides = (f"backend={backend}",) if backend else ()
-    return load_model(path, map_location=device, overrides=overrides), path
+    return load_model(path, map_location=target, overrides=overrides), path

@@ -218,12 +218,14 @@ class Pruner:
                     cache.layers[i].keep(index)
 
     def describe(self) -> str:
+        """Per group of layers, what the policy does there: e.g. `layer 0: budget 32; layer 1: not pruned (no F)`."""
         parts = []
         for group, ranked, budget in zip(self.groups, self.ranked, self.group_budgets):
             if self.policy.needs_penalty and not ranked:
                 what = "not pruned (no F)"
-            elif isinstance(self.policy, BudgetPolicy):
-                what = "not pruned" if budget is None else f"budget {budget}"
+            elif isinstance(self.policy, BudgetPolicy):  # window:K too: say which policy the K is for
+                kind = "window" if isinstance(self.policy, WindowPolicy) else "budget"
+                what = "not pruned" if budget is None else f"{kind} {budget}"
             else:
                 what = self.policy.spec()
             parts.append(f"{group.describe()}: {what}")
