@@ -125,19 +125,6 @@ def test_describe_with_overrides(capsys):
     assert "depth 2" in header and len(layers) == 2 and "'kv_heads': 4" in layers[0]
 
 
-def test_describe_says_why_a_backend_was_skipped(capsys, monkeypatch):
-    class Picky(Backend):
-        name = "picky"
-
-        def refuse(self, call):
-            return f"needs head_dim 128, got {call.head_dim}"
-
-    monkeypatch.setitem(BACKENDS._entries, "picky", Picky())
-    monkeypatch.setattr(backends, "AUTO_ORDER", ("picky", "math"))
-    _, layers = describe(capsys, str(CONFIGS / "vanilla.yaml"))
-    assert all(re.search(r"\): math \(skipped picky: needs head_dim 128, got 32\)", layer) for layer in layers)
-
-
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("backend", ["triton", "xformers", "flex"])
 def test_describe_plans_a_named_gpu_backend_from_a_cpu_machine(capsys, backend, device):
