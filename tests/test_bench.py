@@ -67,6 +67,8 @@ def test_cli_end_to_end_in_subprocesses(run_cli, tmp_path):
     assert all(r[-1] == "ok" for r in table)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]  # no temp files left
+    printed = [line for line in result.stdout.splitlines() if line.startswith("|")]  # the table on the terminal too
+    assert printed == [line for line in markdown.splitlines() if line.startswith("|")] and len(printed) == 4
 
 
 def documented_bench_commands() -> list[list[str]]:

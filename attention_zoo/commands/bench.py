@@ -28,7 +28,8 @@ def _list(kind):
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time and peak memory of variants x backends x sequence lengths x batch sizes",
                        description="Each point runs in its own process; ratios to vanilla come from the same run. "
-                                   "Writes results.json, results.md and results.png to --out.")
+                                   "Writes results.json, results.md and results.png to --out and prints the table.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", type=_list(str), default=["vanilla", "selective"],
                    help="comma-separated presets (vanilla, gqa, mqa, residual, selective, selective_gqa, "
                         "selective_residual, cross_layer_share, cross_layer_accumulate), registered variant names, "
@@ -39,11 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=_list(int), default=[4], help="comma-separated batch sizes")
     p.add_argument("--mode", type=_list(str), default=["fwdbwd"],
                    help="comma-separated: fwd (forward, no grad), fwdbwd (forward + cross-entropy + backward)")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--dim", type=int, default=256, help="model width of the benchmark model")
+    p.add_argument("--depth", type=int, default=4, help="transformer blocks")
+    p.add_argument("--heads", type=int, default=8, help="query heads per layer")
+    p.add_argument("--head-dim", type=int, default=64, help="per-head width, kept when --dim changes (heads x "
+                   "head-dim need not equal dim: the projections map between them)")
+    p.add_argument("--vocab-size", type=int, default=256, help="tokens in the vocabulary")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per point (the median is kept)")
@@ -67,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args) -> int:
     from ..bench import BenchSettings, benchmark
+    from ..bench.report import markdown
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads: must be >= 1, got {args.threads}")
@@ -88,8 +91,17 @@ def cmd_bench(args) -> int:
     result = benchmark(settings, args.out, command=command, progress=not args.no_progress)
     failed = [r for r in result["results"] if r["status"] != "ok"]
     written = "results.md, results.json, results.png" + (", profiles.md" if args.profile else "")
+    print(table_of(markdown(result)))
     print(f"wrote {args.out}/{written}: {len(result['results'])} points"
           + (f", {len(failed)} failed" if failed else ""))
     for r in failed:
         print(f"  failed: {r['impl']} {r['variant']} {r['backend']} N={r['seq_len']} B={r['batch']} {r['mode']}: {r['reason']}")
     return 0
+
+
+def table_of(report: str) -> str:
+    """results.md's text from its first table on (the tables, and the peer comparison if any): what a terminal
+    shows; the file also keeps the command and the machine."""
+    lines = report.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    return "\n".join(lines[first:])
