@@ -32,9 +32,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results should read like any other file
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results should read like any other file
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -43,6 +41,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it; set straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @contextlib.contextmanager
@@ -56,6 +61,12 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     old = path.with_name(f".{path.name}.old")
     try:
         yield tmp
+        # mkdtemp makes the folder 0700 and safetensors its files 0600: give them the modes any new file gets
+        umask = _umask()
+        for folder, _, files in os.walk(tmp):
+            os.chmod(folder, 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)  # a directory cannot be replaced in one step: swap, then drop the old one

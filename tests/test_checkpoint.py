@@ -64,3 +64,17 @@ def test_a_broken_checkpoint_is_one_message_naming_its_file(runs, broken, capsys
     if broken == "mismatch":
         assert "do not match" in err
     assert not (root / f"init_{broken}").exists()  # the refused run wrote nothing
+
+
+def test_a_checkpoint_reads_like_any_other_file(runs):
+    """Its folder was 0700 (mkdtemp) and model.safetensors 0600 (safetensors) while other files were 0644:
+    another user or a web server could read the config but not the weights. Now every entry has the modes
+    the umask gives new files (the run here was written under the test process's umask)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    checkpoint = runs["root"] / "good" / "checkpoint"
+    assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.name: p.stat().st_mode & 0o777 for p in checkpoint.iterdir()} == {
+        name: 0o666 & ~umask for name in ("config.yaml", "model.safetensors", "state.pt")}
