@@ -2,7 +2,8 @@
 exposes `register(subparsers)`; modules there are discovered, so a new command touches no other file.
 
 User errors (UserError, which ConfigError and DataError are) print one clean message and exit 2; so does an
-OSError naming a file (a path no command checked beforehand), unless -v asks for its traceback.
+OSError naming a file (a path no command checked beforehand), unless -v asks for its traceback. Ctrl-C and
+SIGTERM stop a command as an interrupt (exit 130 and 143), so what it wrote atomically is whole or gone.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import importlib
 import logging
 import os
 import pkgutil
+import signal
 import sys
+import threading
 
 from . import commands
 from .errors import UserError
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python lets a handler be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         code = int(args.run(args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
@@ -46,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, RegistryError) as exc:
         print(f"attention-zoo {args.command}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
+    except Terminated:
+        print(f"attention-zoo {args.command}: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM
     except KeyboardInterrupt:
         print(f"attention-zoo {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -59,3 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attention-zoo {args.command}: error: {where}: {exc.strerror or exc} (rerun with -v for the "
               "traceback)", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `timeout`'s kill, torchrun stopping its workers) raised as an interrupt, so a
+    command stops as on Ctrl-C: temporary checkpoint folders removed, a bench's finished points reported."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()

@@ -340,3 +340,34 @@ def test_describe_says_a_skip_reason_shared_by_every_layer_once(capsys, monkeypa
     out = "".join(layers)
     assert len(layers) == 3 and all(re.search(r"\): math$", layer, re.M) for layer in layers)
     assert out.count("needs head_dim 128") == 1 and "skipped on every layer: picky: needs head_dim 128, got 32" in out
+
+
+def test_sigterm_stops_a_run_as_an_interrupt_leaving_no_temporary_folder(tmp_path):
+    """`timeout`, a scheduler or torchrun end a run with SIGTERM, which killed Python outright: the checkpoint
+    being saved stayed behind as a .checkpoint.*.tmp folder and nothing was said. Now it stops as Ctrl-C
+    does (exit 143, one line), atomic writes cleaned up, and the run resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {dim: 32, depth: 2, heads: 2, max_seq_len: 32}\ndata: {name: shakespeare}\n"
+                      "train: {steps: 100000, batch_size: 2, seq_len: 32, eval_every: 0, checkpoint_every: 1, "
+                      "device: cpu}\n")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "attention_zoo", "train", str(config), "--out", str(run),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint" / "state.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # saving every step: the signal lands in a save or between two
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().endswith("attention-zoo train: terminated") and "Traceback" not in err
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert (run / "checkpoint" / "state.pt").is_file()
