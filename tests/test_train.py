@@ -66,7 +66,8 @@ def test_data_section_is_checked_without_reading_the_corpus(monkeypatch):
     load_config({"data": {"name": "shakespeare"}})
     with pytest.raises(ConfigError) as err:
         load_config({"data": {"name": "shakespeare", "text": "x.txt"}})
-    assert "data.text" in str(err.value) and "unknown key for dataset 'shakespeare'" in str(err.value)
+    assert ("data.text = 'x.txt': unknown key for dataset 'shakespeare' (dataset text reads it: set data.name too)"
+            in str(err.value))
     with pytest.raises(ConfigError) as err:
         load_config({"data": {"name": "variable_assignment", "num_vars": 99, "num_asignments": 3}})
     assert "data.num_asignments" in str(err.value) and "did you mean 'num_assignments'" in str(err.value)

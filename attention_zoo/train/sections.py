@@ -139,8 +139,12 @@ def validate_data(value: Any, source: str) -> tuple[dict, list[Problem]]:
     if allowed is not None:
         for key in spec:
             if key not in allowed:
-                problems.append(Problem(source, f"data.{key}", spec[key], f"unknown key for dataset {name!r}; "
-                                        f"{did_you_mean(str(key), sorted(allowed))}valid: {', '.join(sorted(allowed))}"))
+                # a key of another dataset: most often `data.text=FILE` over a config that names shakespeare
+                readers = sorted(n for n, keys in _data_keys().items() if keys is not None and key in keys)
+                elsewhere = f" (dataset {' or '.join(readers)} reads it: set data.name too)" if readers else ""
+                problems.append(Problem(source, f"data.{key}", spec[key], f"unknown key for dataset {name!r}"
+                                        f"{elsewhere}; {did_you_mean(str(key), sorted(allowed))}valid: "
+                                        f"{', '.join(sorted(allowed))}"))
     known = {k: v for k, v in spec.items() if allowed is None or k in allowed}  # the keys still to check
     tokenizer = known.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
