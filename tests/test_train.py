@@ -328,7 +328,10 @@ def test_train_and_eval_commands(tmp_path, capsys):
                           (("--batches", "0"), "--batches 0: must be >= 1"),
                           (("--batch-size", "0"), "--batch-size 0: must be >= 1"),
                           (("--json", str(tmp_path)), f"--json {tmp_path}: is a folder"),
-                          (("--device", "tpu"), "--device 'tpu': expected auto, cpu, cuda or cuda:N")):
+                          (("--device", "tpu"), "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+                          # the flag is named, not the checkpoint's train.seq_len (which the user cannot change)
+                          (("--seq-len", "1000"), f"eval of {out / 'checkpoint' / 'config.yaml'}: --seq-len = 1000: "
+                                                  "longer than model.max_seq_len (32); give a shorter --seq-len")):
         code, stdout, err = cli(capsys, "eval", str(out), *args)
         assert code == 2 and message in err and err.count("error:") == 1 and not stdout, (args, err)
 

@@ -79,14 +79,12 @@ def cmd_eval(args) -> int:
     label = f"{path / 'config.yaml'}" + (" with --data" if args.data else "")
     try:
         config = load_config(raw)
+        config.source = label
+        # a run's tokenized corpora (data.tokenizer) are cached in the run folder; reuse its token files
+        run_folder = path.parent if path.name == "checkpoint" else path
+        plan = plan_run(config, cache_dir=run_folder / TOKENS)
     except ConfigError as exc:
-        for problem in exc.problems:
-            problem.source = label
-        raise ConfigError(exc.problems) from None
-    config.source = label
-    # a run's tokenized corpora (data.tokenizer) are cached in the run folder; reuse its token files
-    run_folder = path.parent if path.name == "checkpoint" else path
-    plan = plan_run(config, cache_dir=run_folder / TOKENS)
+        raise ConfigError([_named_by_flag(problem, label, args) for problem in exc.problems]) from None
     batches = train["eval_batches"] if args.batches is None else args.batches
     with torch.no_grad():
         metrics = evaluate(model, plan.dataset, args.split, plan.eval_batch_size, plan.seq_len, batches, device,
@@ -96,3 +94,17 @@ def cmd_eval(args) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _named_by_flag(problem: Problem, label: str, args) -> Problem:
+    """A problem with a value eval's flags set is named by the flag, not by the checkpoint's train section
+    (`--seq-len 64: longer than model.max_seq_len (32)`, not the checkpoint's train.seq_len)."""
+    problem.source = label
+    flags = {"train.seq_len": ("--seq-len", args.seq_len), "train.eval_batch_size": ("--batch-size", args.batch_size)}
+    flag, value = flags.get(problem.path, (None, None))
+    if value is not None:
+        problem.source, problem.path = f"eval of {label}", flag
+        problem.message = problem.message.replace(
+            "raise model.max_seq_len", "give a shorter --seq-len (`attention-zoo stream` measures the loss past the "
+            "training length)")
+    return problem
