@@ -20,6 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from attention_zoo import build_model  # noqa: E402
 from attention_zoo.checkpoint import load_model  # noqa: E402
 from attention_zoo.cli import main  # noqa: E402
 from attention_zoo.hf import ConversionError, from_hf, pool_kv_heads, register, to_hf  # noqa: E402
@@ -318,6 +319,19 @@ def test_to_hf_refuses_what_transformers_cannot_run():
         to_hf(from_hf(tiny("llama"), variant="selective"))
     with pytest.raises(ConversionError, match="qk_norm"):
         to_hf(from_hf(tiny("llama"), qk_norm=True))
+
+
+@pytest.mark.parametrize("biases, message", [
+    ({"mlp_bias": True}, "this model has none where model.attention.qkv_bias and model.attention.out_bias are false"),
+    ({"attention": {"variant": "vanilla", "qkv_bias": True, "out_bias": True}},
+     "this model has none where model.mlp_bias is false"),
+    ({}, "where model.attention.qkv_bias and model.attention.out_bias and model.mlp_bias are false")])
+def test_a_gpt2_stack_without_its_biases_names_the_keys_that_are_false(biases, message):
+    """(The message asked for mlp_bias on a model that had it, and named no key path.)"""
+    model = build_model({"model": {"dim": 32, "depth": 1, "heads": 2, "position": "learned", "norm": "layernorm",
+                                   "mlp": "gelu", **biases}})
+    with pytest.raises(ConversionError, match=re.escape(message)):
+        to_hf(model)
 
 
 # -- register(): zoo attention inside stock transformers models ---------------------------------------------

@@ -51,17 +51,23 @@ def hf_config(model: torch.nn.Module) -> Any:
                      rope_parameters={"rope_type": "default", "rope_theta": m["rope_theta"]}, **common)
         if a["qkv_bias"] and not a["out_bias"]:  # Qwen2: biases on q, k, v only, none in the MLP
             if m["mlp_bias"]:
-                raise ConversionError("qkv_bias without out_bias is Qwen2, which has no mlp_bias")
+                raise ConversionError("model.attention.qkv_bias without out_bias is Qwen2, which has no MLP bias: "
+                                      "model.mlp_bias must be false")
             if head_dim * m["heads"] != m["dim"]:
                 raise ConversionError(f"Qwen2 needs head_dim * heads == dim, got {head_dim} * {m['heads']} != {m['dim']}")
             return transformers.Qwen2Config(**{k: v for k, v in llama.items() if k != "head_dim"})
         if a["qkv_bias"] != a["out_bias"]:
-            raise ConversionError("out_bias without qkv_bias: Llama's attention_bias covers q, k, v and o together")
+            raise ConversionError("model.attention.out_bias without qkv_bias: Llama's attention_bias covers q, k, v "
+                                  "and o together")
         return transformers.LlamaConfig(attention_bias=a["qkv_bias"], mlp_bias=m["mlp_bias"], **llama)
     if stack[:2] == ("learned", "layernorm") and m["mlp"] in _GPT2_ACTIVATION:
-        if not (a["qkv_bias"] and a["out_bias"] and m["mlp_bias"]):
-            raise ConversionError("GPT-2 has biases on q, k, v, the output and the MLP: set qkv_bias, out_bias "
-                                  "and mlp_bias")
+        unset = [key for key, value in (("model.attention.qkv_bias", a["qkv_bias"]),
+                                        ("model.attention.out_bias", a["out_bias"]), ("model.mlp_bias", m["mlp_bias"]))
+                 if not value]
+        if unset:
+            raise ConversionError("GPT-2 has biases on q, k, v, the output and the MLP; this model has none where "
+                                  f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} false (train it with "
+                                  "them true to export it as GPT-2)")
         if a["kv_heads"] != m["heads"] or head_dim * m["heads"] != m["dim"]:
             raise ConversionError("GPT-2 has one kv head per query head and head_dim * heads == dim")
         return transformers.GPT2Config(n_embd=m["dim"], n_layer=m["depth"], n_head=m["heads"], n_inner=hidden,
