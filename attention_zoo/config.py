@@ -484,19 +484,26 @@ def apply_override(data: dict, override: str, source: str) -> Problem | None:
     parts = key.strip().split(".")
     if not all(parts):
         return Problem(source, key, raw, "the key path has an empty part; expected KEY.PATH=VALUE, e.g. model.depth=6")
+    def no_item(path: str, part: str, items: list) -> Problem:
+        have = f"it has {len(items)} item{'s' if len(items) != 1 else ''}" + (f", 0 to {len(items) - 1}" if items else "")
+        return Problem(source, path, _MISSING, f"no list item {part!r} ({have}); set the whole list to add one")
+
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                return Problem(source, ".".join(parts[: i + 1]), _MISSING, f"no list item {part!r}")
+                return no_item(".".join(parts[: i + 1]), part, node)
             node = node[int(part)]
         else:
+            if part not in node and parts[i + 1].isdigit():  # an index into a list the config does not have
+                return Problem(source, ".".join(parts[: i + 1]), _MISSING, f"no list to take item {parts[i + 1]} of; "
+                               f"set the whole list, e.g. {'.'.join(parts[: i + 1])}=[...]")
             node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
                 return Problem(source, ".".join(parts[: i + 1]), node, "cannot set a key inside a non-mapping")
     if isinstance(node, list):
         if not parts[-1].isdigit() or int(parts[-1]) >= len(node):
-            return Problem(source, key, _MISSING, f"no list item {parts[-1]!r}")
+            return no_item(key, parts[-1], node)
         node[int(parts[-1])] = value
     else:
         node[parts[-1]] = value

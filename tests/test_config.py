@@ -199,7 +199,11 @@ def test_override_of_a_list_item():
 @pytest.mark.parametrize("override,fragments", [
     ("model.depth", ["(override)", "KEY.PATH=VALUE"]),
     ("model.depth=six", ["model.depth", "'six'", "expected int"]),
-    ("model.layers.5.at=[1]", ["model.layers.5", "no list item"]),
+    ("model.layers.5.at=[1]", ["model.layers.5", "no list item '5' (it has 2 items, 0 to 1); set the whole list"]),
+    ("model.layers.x.at=[1]", ["no list item 'x' (it has 2 items, 0 to 1)"]),
+    # an index into a list the config does not have (it made a mapping {'5': ...} and said "expected list")
+    ("model.attention.terms.0.weight=2", ["model.attention.terms: no list to take item 0 of; set the whole list, "
+                                          "e.g. model.attention.terms=[...]"]),
 ])
 def test_bad_override(override, fragments):
     with pytest.raises(ConfigError) as info:
