@@ -605,6 +605,27 @@ def test_data_tokenizer_problems_are_named(tmp_path):
         load_config({"data": {"name": "variable_assignment", "tokenizer": str(tmp_path)}})
 
 
+def test_a_folder_without_tokenizer_files_says_so_and_a_broken_one_keeps_its_whole_reason(tmp_path, monkeypatch):
+    """transformers' reason for an empty folder ran over several lines and was cut after the first
+    ("Couldn't instantiate the backend tokenizer from one of: ")."""
+    from attention_zoo.data import DataError
+    from attention_zoo.data.tokenized import load_tokenizer
+
+    (tmp_path / "notes.txt").write_text("no vocabulary here\n")
+    with pytest.raises(DataError, match=r"no tokenizer files there \(expected one of tokenizer.json, .*; the folder "
+                                        r"holds notes.txt\)"):
+        load_tokenizer(tmp_path, "x.yaml")
+    (tmp_path / "tokenizer.json").write_text("{}")
+
+    def fails(*args, **kwargs):
+        raise ValueError("Couldn't instantiate the backend tokenizer from one of: \n(1) a tokenizers file\n(2) ...")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fails)
+    with pytest.raises(DataError, match=re.escape("cannot load a tokenizer there: ValueError: Couldn't instantiate "
+                                                  "the backend tokenizer from one of: (1) a tokenizers file (2) ...")):
+        load_tokenizer(tmp_path, "x.yaml")
+
+
 def test_the_cache_refusal_names_the_implementation_as_written(llama_folder):
     """`attn_implementation='zoo_selective'`, the string a user passes, not `zoo_'selective'`."""
     register()

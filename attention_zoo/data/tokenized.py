@@ -22,6 +22,8 @@ import torch
 from .base import DataError
 from .corpus import CorpusDataset
 
+# A tokenizer's vocabulary comes in one of these (fast tokenizer, BPE, WordPiece, sentencepiece)
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
 CHUNK_BYTES = 1 << 16  # tokenized in line-aligned chunks, so the fast tokenizer batches them
 
 
@@ -36,11 +38,17 @@ def load_tokenizer(path: str | Path, source: str):
     except ImportError:
         raise DataError(source, "data.tokenizer", str(path), "tokenizers need the optional dependency transformers: "
                         "pip install 'attention-zoo[hf]'") from None
+    if not any((folder / name).is_file() for name in _VOCABULARY_FILES):
+        found = sorted(p.name for p in folder.iterdir())
+        raise DataError(source, "data.tokenizer", str(path), "no tokenizer files there (expected one of "
+                        f"{', '.join(_VOCABULARY_FILES)}; the folder holds "
+                        f"{', '.join(found[:6]) + (', ...' if len(found) > 6 else '') if found else 'nothing'})")
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for an unreadable folder
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # its lists span lines
         raise DataError(source, "data.tokenizer", str(path), f"cannot load a tokenizer there: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+                        f"{detail[:400]}{'...' if len(detail) > 400 else ''}") from None
 
 
 def fingerprint(tokenizer_path: str | Path, data: bytes) -> str:
