@@ -411,6 +411,7 @@ def test_train_init_from_starts_from_the_imported_weights(tmp_path, capsys):
     # lr 0: the one step changes nothing, so the run's checkpoint holds exactly the imported weights
     assert main(["train", config, "--out", str(tmp_path / "run"), f"train.init_from={tmp_path / 'zoo'}",
                  "train.lr=0", *tiny_run]) == 0
+    assert f"weights from {tmp_path / 'zoo'}" in capsys.readouterr().out  # the run's header says where it starts
     trained, imported = load_model(tmp_path / "run" / "checkpoint"), load_model(tmp_path / "zoo")
     x = tokens()
     assert max_diff(logits(trained, x), logits(imported, x)) == 0.0

@@ -336,7 +336,7 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     if world.is_main and start_step < tcfg["steps"]:
         print(f"attention-zoo train: {model.num_parameters():,} parameters, {dataset.name}, seq_len {seq_len}, "
               f"batch {tcfg['batch_size']} on {world.size} process(es), {device}, step {start_step} -> {tcfg['steps']}, "
-              f"out {out}")
+              f"out {out}" + (f", weights from {init_from}" if init_from is not None else ""))
 
     raw_model = model
     if tcfg["activation_checkpointing"]:
