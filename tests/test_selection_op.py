@@ -353,6 +353,27 @@ def test_a_build_killed_half_way_is_redone_not_waited_on(tmp_path):
 
 
 @needs_cpu_kernel
+def test_a_process_waiting_on_another_ones_build_says_so(tmp_path):
+    """A second process started while the first builds waited up to a minute without a word (a prefill of 76 s
+    in one trial): it now logs that it waits, and loads once the lock is free."""
+    import fcntl
+
+    require_kernel()
+    lock = cpu_fused.build_directory().with_name(cpu_fused.build_name() + ".lock")
+    code = "from attention_zoo.ops.selection import cpu_fused; assert cpu_fused.kernel() is not None, cpu_fused.refusal()"
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # this process "builds"
+        waiter = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        try:
+            first = waiter.stderr.readline()  # blocks until the waiter says something
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        _, rest = waiter.communicate(timeout=300)
+    assert "waiting for another process to finish building the fused CPU selective-attention kernel" in first
+    assert waiter.returncode == 0, rest[-2000:]
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("where", ["q", "k"])
 def test_kernel_propagates_nan_in_the_selection_as_the_reference_does(where):
     """A NaN in the selection head's q or k reaches F and the outputs, as in the reference (ReLU keeps NaN), rather

@@ -73,16 +73,21 @@ def build_directory() -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive(path: Path):
+def _exclusive(path: Path, waiting: str = ""):
     """An advisory lock on `path` for this process (POSIX flock: the OS releases it when the holder dies, however
-    it dies); elsewhere no lock."""
+    it dies); elsewhere no lock. Logs `waiting` (if given) when another process holds it."""
     try:
         import fcntl
     except ImportError:  # Windows: torch's own lock file serialises builds
         yield
         return
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                log.warning(waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -99,7 +104,8 @@ def _build():
     # torch's own build lock is a plain file that a build killed by a signal or a timeout leaves behind, after
     # which every later load() waits on it forever. Builds here take an flock first, which dies with its holder:
     # whoever holds it is the only builder, so a `lock` file found then is stale.
-    with _exclusive(folder.with_name(name + ".lock")):
+    with _exclusive(folder.with_name(name + ".lock"), "attention-zoo: waiting for another process to finish "
+                    "building the fused CPU selective-attention kernel (about a minute)"):
         for stale in ("lock", ".ninja_lock"):
             (folder / stale).unlink(missing_ok=True)
         if not (folder / f"{name}.so").exists():
