@@ -181,7 +181,7 @@ def test_run_point_records_timeouts_kills_and_crashes(monkeypatch):
     (["--dtype", "float8"], "'float8' is not one of"),
     (["--peer", "timm"], "unknown peer 'timm'"),
     (["--env", "NOVALUE"], "expected KEY=VALUE"),
-    (["--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),  # before any point runs
+    (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),  # before any point runs
     (["--variants", "gqa", "--heads", "3"], "variant 'gqa'"),
 ])
 def test_bad_arguments_are_clean_user_errors(args, message, tmp_path, capsys):

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "head-dim need not equal dim: the projections map between them)")
     p.add_argument("--vocab-size", type=int, default=256, help="tokens in the vocabulary")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (cuda when available)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per point (the median is kept)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=1,
@@ -82,6 +82,9 @@ def cmd_bench(args) -> int:
         if not sep or not key:
             raise UserError(f"--env: expected KEY=VALUE, got {item!r}")
         env[key] = value
+    from ..inference.checkpoints import check_device
+
+    args.device = str(check_device(args.device, auto=True))  # auto resolved: the results record the device used
     settings = BenchSettings(
         variants=args.variants, backends=args.backends, seq_lens=args.seq_lens, batches=args.batch, modes=args.mode,
         dim=args.dim, depth=args.depth, heads=args.heads, head_dim=args.head_dim, vocab_size=args.vocab_size,

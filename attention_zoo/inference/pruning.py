@@ -139,7 +139,7 @@ def parse_prune_spec(text: str, given_as: str | None = None) -> PruningPolicy:
             budgets.append(None)
             continue
         if not item.isdigit():
-            raise bad(f"budget {item!r} is not a whole number" + (" or 'none'" if kind == "budget" else ""))
+            raise bad(f"{kind} {item!r} is not a whole number" + (" or 'none'" if kind == "budget" else ""))
         if int(item) < MIN_BUDGET:
             raise bad(f"budget {item} is below {MIN_BUDGET} (BOS and the newest token are always kept)")
         budgets.append(int(item))
