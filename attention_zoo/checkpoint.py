@@ -80,11 +80,17 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 def save_checkpoint(path: str | Path, model: torch.nn.Module, training_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically. `model.config` must be the config it was built from."""
     with atomic_folder(path) as tmp:
-        _save_weights(model, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(yaml.safe_dump(dict(model.config), sort_keys=False))
-        if training_state is not None:
-            torch.save(training_state, tmp / STATE)
+        write_checkpoint(tmp, model, training_state)
     return Path(path)
+
+
+def write_checkpoint(folder: Path, model: torch.nn.Module, training_state: dict[str, Any] | None = None) -> None:
+    """A checkpoint's files (weights, config.yaml, the training state if given) into an existing folder, e.g. the
+    staging folder of `atomic_folder` when more files go with them."""
+    _save_weights(model, str(folder / WEIGHTS))
+    (folder / CONFIG).write_text(yaml.safe_dump(dict(model.config), sort_keys=False))
+    if training_state is not None:
+        torch.save(training_state, folder / STATE)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

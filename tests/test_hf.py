@@ -198,6 +198,23 @@ def test_import_hf_replaces_only_an_earlier_import_and_never_a_training_run(tmp_
     assert {p.read_text() for p in (run / "checkpoint").iterdir()} == {"kept"}
 
 
+def test_an_interrupted_import_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """The tokenizer files were copied after the checkpoint was in place: an interrupt between left a checkpoint
+    without them (and a config.yaml not naming them). Now the whole folder appears at once or not at all."""
+    import attention_zoo.checkpoint as checkpoint
+
+    tiny("llama").save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text("{}")
+
+    def interrupted(folder, model, training_state=None):
+        assert (folder / "tokenizer_config.json").is_file()  # copied into the staging folder first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", interrupted)
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"num_hidden_layers": 3}, "9 weights missing from the checkpoint (layer 2)"),
     ({"num_hidden_layers": None}, "weights missing from the checkpoint (layers 2-31)"),  # transformers' default 32

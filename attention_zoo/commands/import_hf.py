@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_import_hf(args) -> int:
-    from ..checkpoint import save_checkpoint
+    from pathlib import Path
+
+    from ..checkpoint import atomic_folder, write_checkpoint
     from ..hf import from_hf
     from ..hf.files import check_import_target, copy_tokenizer_files, quiet_transformers
 
@@ -33,9 +35,11 @@ def cmd_import_hf(args) -> int:
     # before any work: an existing folder is replaced only if it is an earlier import (never a training run)
     check_import_target(check_output_path("--out", args.out, "folder"), "--out", args.overwrite)
     model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads)
-    out = save_checkpoint(args.out, model)
-    copied = copy_tokenizer_files(args.src, out)
-    tokenizer = use_tokenizer(model, out) if set(copied) - {"generation_config.json"} else None
+    out = Path(args.out)
+    with atomic_folder(out) as staging:  # the checkpoint and its tokenizer appear together or not at all
+        copied = copy_tokenizer_files(args.src, staging)
+        tokenizer = use_tokenizer(model, staging, out) if set(copied) - {"generation_config.json"} else None
+        write_checkpoint(staging, model)
     attention = model.config["model"]["attention"]
     print(f"attention-zoo import-hf: {args.src} -> {out} ({model.num_parameters():,} parameters, attention "
           f"{attention}; copied with it: {', '.join(copied) or 'no tokenizer or generation files'})")
@@ -44,21 +48,17 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
-def use_tokenizer(model, out) -> str | None:
-    """If the checkpoint folder's tokenizer files load, make them the config's data.tokenizer (an absolute path, so
-    runs started from the checkpoint find it) and rewrite config.yaml; the path, or None."""
-    import yaml
-
-    from ..checkpoint import CONFIG, atomic_write_text
+def use_tokenizer(model, staging, out) -> str | None:
+    """If the tokenizer files copied into `staging` load, make `out` (where they will live) the config's
+    data.tokenizer, as an absolute path so runs started from the checkpoint find it; that path, or None."""
     from ..data import DataError
     from ..data.tokenized import load_tokenizer
 
     try:
-        load_tokenizer(out, str(out))
+        load_tokenizer(staging, str(out))
     except DataError as exc:
         print(f"attention-zoo import-hf: tokenizer files copied but not loadable ({exc}); data stays byte-level")
         return None
     path = str(out.resolve())
     model.config["data"] = {**(model.config.get("data") or {}), "tokenizer": path}
-    atomic_write_text(out / CONFIG, yaml.safe_dump(dict(model.config), sort_keys=False))
     return path
