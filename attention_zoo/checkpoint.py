@@ -27,8 +27,9 @@ WEIGHTS, CONFIG, STATE = "model.safetensors", "config.yaml", "state.pt"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` so readers see either the old file or the whole new one."""
-    path = Path(path)
+    """Write `text` to `path` so readers see either the old file or the whole new one. A symbolic link is written
+    through (its target replaced, the link kept), as `open(path, "w")` would."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -17,6 +17,7 @@ import sys
 import threading
 
 from . import commands
+from .env import check_environment
 from .errors import UserError
 from .registry import RegistryError
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # where Python lets a handler be set
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
+        check_environment()  # a mistyped switch is an error before any work, not after the run has started
         code = int(args.run(args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
         return code

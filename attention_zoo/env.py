@@ -22,3 +22,29 @@ def env_flag(name: str, default: bool) -> bool:
         return False
     raise UserError(f"{name}={raw!r}: expected {'/'.join(_TRUE)} or {'/'.join(_FALSE)} (unset: "
                     f"{'on' if default else 'off'})")
+
+
+# Every switch the library reads, with its default (ATTENTION_ZOO_TRITON_SHARED_DQ takes words, checked where read).
+SWITCHES = {"ATTENTION_ZOO_CPU_KERNEL": True, "ATTENTION_ZOO_SPLIT_BACKWARD": True,
+            "ATTENTION_ZOO_TRITON_AUTOTUNE": True}
+OTHER_VARIABLES = ("ATTENTION_ZOO_TRITON_SHARED_DQ",)
+
+
+def check_environment() -> None:
+    """Every ATTENTION_ZOO_* variable set, checked before a command does any work (a switch is otherwise read only
+    where its code runs, after a run has started, or never): a bad value, or a name no code reads (a typo such as
+    ATTENTION_ZOO_CPU_KERNAL=0 would be ignored), raises one UserError listing them all."""
+    from .registry import did_you_mean
+
+    problems = []
+    for name in sorted(n for n in os.environ if n.startswith("ATTENTION_ZOO_")):
+        if name in SWITCHES:
+            try:
+                env_flag(name, SWITCHES[name])
+            except UserError as exc:
+                problems.append(str(exc))
+        elif name not in OTHER_VARIABLES:
+            known = [*SWITCHES, *OTHER_VARIABLES]
+            problems.append(f"{name}: no such setting; {did_you_mean(name, known)}known: {', '.join(known)}")
+    if problems:
+        raise UserError("environment: " + "; ".join(problems))

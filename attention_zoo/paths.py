@@ -10,10 +10,16 @@ from .errors import UserError
 
 
 def check_output_path(flag: str, path: str | Path, kind: Literal["folder", "file"]) -> Path:
-    """`path` as a Path if a `kind` can be written there, else UserError naming `flag` and `path`: an existing
-    entry of the other kind (a file where a folder belongs, a folder where a file belongs), a file among its
-    parents, or a nearest existing parent that this process may not write into. Creates nothing."""
-    path = Path(path)
+    """`path` as a Path (`~` expanded) if a `kind` can be written there, else UserError naming `flag` and `path`:
+    an empty path, an existing entry of the other kind (a file where a folder belongs, a folder where a file
+    belongs), a device or pipe where a file belongs, a file among its parents, or a nearest existing parent that
+    this process may not write into. Creates nothing. (A symbolic link to a file is written through: see
+    checkpoint.atomic_write_text.)"""
+    if not str(path).strip():
+        raise UserError(f"{flag}: the path is empty; give the {kind} to write")
+    path = Path(path).expanduser()  # as the readers (resolve_checkpoint) expand it, even when a shell did not
+    if kind == "file" and path.exists() and not path.is_dir() and not path.is_file():
+        raise UserError(f"{flag} {path}: not a regular file (a device, a pipe or a socket); give a file to write")
     if path.exists() and (path.is_dir() != (kind == "folder")):
         other = "a folder" if path.is_dir() else "a file"
         raise UserError(f"{flag} {path}: is {other}; give the path of a {kind} to write")

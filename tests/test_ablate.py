@@ -55,6 +55,9 @@ def test_a_sweep_needs_a_base_and_without_grid_or_runs_is_its_base_once_per_seed
     err = capsys.readouterr().err
     assert f"{path}: base: required (the config every run starts from: a config file" in err
     assert "1 problem in config" in err and "Traceback" not in err
+    path.write_text("name: x\nbase: {}\nruns: {a: {}}\n")  # an empty inline base is the same defaults
+    assert main(["ablate", str(path), "--dry-run"]) == 2
+    assert f"{path}: base = {{}}: empty; give the config every run starts from" in capsys.readouterr().err
     sweep = read_sweep_file(sweep_file(tmp_path, runs={}, seeds=[0, 1]))
     assert [(r.label, r.seed, r.settings) for r in sweep.runs] == [("base", 0, {}), ("base", 1, {})]
 

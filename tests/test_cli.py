@@ -371,3 +371,26 @@ def test_sigterm_stops_a_run_as_an_interrupt_leaving_no_temporary_folder(tmp_pat
     assert err.strip().endswith("attention-zoo train: terminated") and "Traceback" not in err
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert (run / "checkpoint" / "state.pt").is_file()
+
+
+def test_a_json_result_writes_through_a_link_and_refuses_a_device_or_an_empty_path(tmp_path, monkeypatch):
+    """`eval --json res.json` where res.json links to a shared file replaced the link with a plain file (and as root
+    `--json /dev/full` replaced the device); `--json ''` silently wrote nothing; a quoted `~` made a folder named ~."""
+    import os
+
+    from attention_zoo.checkpoint import atomic_write_text
+    from attention_zoo.errors import UserError
+    from attention_zoo.paths import check_output_path
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "res.json").write_text("old\n")
+    (tmp_path / "res.json").symlink_to(tmp_path / "shared" / "res.json")
+    atomic_write_text(check_output_path("--json", tmp_path / "res.json", "file"), "new\n")
+    assert (tmp_path / "res.json").is_symlink() and (tmp_path / "shared" / "res.json").read_text() == "new\n"
+    with pytest.raises(UserError, match="--json /dev/null: not a regular file"):
+        check_output_path("--json", "/dev/null", "file")
+    with pytest.raises(UserError, match="--json: the path is empty"):
+        check_output_path("--json", "", "file")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert check_output_path("--out", "~/runs/x", "folder") == tmp_path / "runs" / "x"
+    assert not os.path.exists("~")

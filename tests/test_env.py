@@ -1,6 +1,8 @@
 """The ATTENTION_ZOO_* switches: one parser (attention_zoo/env.py), and the switches that use it."""
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
 from attention_zoo.env import env_flag
@@ -53,3 +55,18 @@ def test_batch_split_switch(monkeypatch):
     monkeypatch.setenv(batch_threads.SPLIT_ENV, "maybe")
     with pytest.raises(UserError, match="ATTENTION_ZOO_SPLIT_BACKWARD='maybe'"):
         batch_threads.batch_workers(4, torch.device("cpu"))
+
+
+def test_the_cli_checks_every_setting_before_any_work(monkeypatch, capsys, tmp_path):
+    """A bad switch was read only where its code ran (after a run had written its folder, or never: a vanilla
+    model never asks for the CPU kernel), and a mistyped name was ignored. Now: one message, exit 2, first."""
+    from attention_zoo.cli import main
+
+    monkeypatch.setenv("ATTENTION_ZOO_CPU_KERNEL", "maybe")
+    monkeypatch.setenv("ATTENTION_ZOO_SPLIT_BACKWARDS", "0")
+    config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "vanilla.yaml"
+    code = main(["train", str(config), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert "ATTENTION_ZOO_CPU_KERNEL='maybe': expected 1/true/yes/on" in err
+    assert "ATTENTION_ZOO_SPLIT_BACKWARDS: no such setting; did you mean 'ATTENTION_ZOO_SPLIT_BACKWARD'" in err

@@ -215,6 +215,39 @@ def test_an_interrupted_import_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+def test_gpt2_weights_saved_with_its_mask_buffers_import(tmp_path, capsys):
+    """Older transformers saved GPT-2's attn.bias / attn.masked_bias buffers with the weights; today's class
+    rebuilds them, so the load lists them as unexpected: not weights, so no refusal (there was one)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny("gpt2")
+    hf.save_pretrained(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    for layer in range(2):
+        weights[f"transformer.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 0, capsys.readouterr().err
+    x = tokens()
+    assert max_diff(logits(load_model(tmp_path / "zoo"), x), logits(hf, x)) < TOL
+
+
+def test_import_hf_never_replaces_a_link_or_a_runs_checkpoint_that_lost_its_state(tmp_path, capsys):
+    tiny("llama").save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 0
+    (tmp_path / "link").symlink_to(tmp_path / "zoo")
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "link"), "--overwrite"]) == 2
+    assert "a symbolic link; give the folder it points to" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    for name in ("config.yaml", "model.safetensors"):  # state.pt lost: it still belongs to a run
+        (run / "checkpoint" / name).write_text("kept")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(run / "checkpoint"), "--overwrite"]) == 2
+    assert "holds a training run or its checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "link").is_symlink() and (run / "checkpoint" / "config.yaml").read_text() == "kept"
+
+
 @pytest.mark.parametrize("change, message", [
     ({"num_hidden_layers": 3}, "9 weights missing from the checkpoint (layer 2)"),
     ({"num_hidden_layers": None}, "weights missing from the checkpoint (layers 2-31)"),  # transformers' default 32

@@ -163,8 +163,11 @@ def test_resume_refuses_a_damaged_checkpoint_and_recovers_one_cut_short_between_
         train(config, run, resume=True, progress=False)
     with pytest.raises(UserError, match="already holds a run"):  # and without --resume it is still a run
         train(config, run, progress=False)
-    (tmp_path / "state.pt").rename(run / "checkpoint" / "state.pt")
     (run / "checkpoint").rename(run / ".checkpoint.old")  # the first rename of a save done, the second not
+    with pytest.raises(UserError, match=r"the checkpoint is damaged \(no state.pt\)"):  # incomplete: not taken
+        train(config, run, resume=True, progress=False)  # for "no checkpoint" (which would start over)
+    (tmp_path / "state.pt").rename(run / "checkpoint" / "state.pt")
+    (run / "checkpoint").rename(run / ".checkpoint.old")
     resumed = train(config, run, resume=True, progress=False)
     assert resumed["train_loss"] == whole["train_loss"] and not (run / ".checkpoint.old").exists()
 

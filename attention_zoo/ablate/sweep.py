@@ -148,6 +148,9 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
         base = load_config((path.parent / base).resolve(), sets)  # the base file's own problems name that file
         base_raw = dict(base)
     else:
+        if not base:  # `base: {}` is the library's defaults, as a missing base was
+            raise ConfigError([Problem(source, "base", base, "empty; give the config every run starts from (a file, "
+                                                         "or a mapping with at least its model section)")])
         base_raw = copy.deepcopy(base)
         for s in sets:  # parsed as `train` parses its overrides
             if (problem := apply_override(base_raw, s, "--set")) is not None:

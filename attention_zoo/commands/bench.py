@@ -75,7 +75,7 @@ def cmd_bench(args) -> int:
         raise UserError(f"--threads: must be >= 1, got {args.threads}")
     if args.timeout <= 0:
         raise UserError(f"--timeout: must be > 0, got {args.timeout}")
-    check_output_path("--out", args.out, "folder")
+    args.out = str(check_output_path("--out", args.out, "folder"))
     env = {}
     for item in args.env:
         key, sep, value = item.partition("=")

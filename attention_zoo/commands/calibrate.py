@@ -48,7 +48,7 @@ def cmd_calibrate(args) -> int:
     if args.threshold < 0:
         raise UserError(f"--threshold {args.threshold}: must be > 0, or 0 to skip")
     if args.out:  # before any work; the default (beside the checkpoint) is checked once the checkpoint is found
-        check_output_path("--out", args.out, "folder")
+        args.out = str(check_output_path("--out", args.out, "folder"))
     model, path = load_for_inference(args.checkpoint, args.device)
     context = model.max_seq_len if args.context is None else args.context  # 0 is refused below, not the default
     if context < 4 or model.max_positions is not None and context > model.max_positions:

@@ -61,8 +61,8 @@ def cmd_eval(args) -> int:
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:  # None: the run's own value
             raise UserError(f"{flag} {value}: must be >= 1 (leave it out for the run's own value)")
-    if args.json:
-        check_output_path("--json", args.json, "file")
+    if args.json is not None:  # "" too: refused, not taken for "no file"
+        args.json = str(check_output_path("--json", args.json, "file"))
     path = resolve_checkpoint(args.checkpoint)
     device = local_device(str(check_device(args.device, auto=True)))
     model = load_model(path, map_location=device)
@@ -91,7 +91,7 @@ def cmd_eval(args) -> int:
                            autocast_context(train, device))
     result = {"checkpoint": str(path), "dataset": plan.dataset.name, "split": args.split, "seq_len": plan.seq_len, **metrics}
     print(json.dumps(result, indent=2))
-    if args.json:
+    if args.json is not None:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -33,7 +33,8 @@ def cmd_import_hf(args) -> int:
 
     quiet_transformers()
     # before any work: an existing folder is replaced only if it is an earlier import (never a training run)
-    check_import_target(check_output_path("--out", args.out, "folder"), "--out", args.overwrite)
+    args.out = str(check_output_path("--out", args.out, "folder"))
+    check_import_target(Path(args.out), "--out", args.overwrite)
     model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads)
     out = Path(args.out)
     with atomic_folder(out) as staging:  # the checkpoint and its tokenizer appear together or not at all

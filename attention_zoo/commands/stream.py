@@ -57,7 +57,7 @@ def cmd_stream(args) -> int:
     from ..inference.checkpoints import checkpoint_label, load_for_inference
     from ..inference.stream_plot import plot_stream
 
-    check_output_path("--out", args.out, "folder")
+    args.out = str(check_output_path("--out", args.out, "folder"))
     for name in ("length", "batches", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")

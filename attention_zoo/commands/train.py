@@ -33,7 +33,7 @@ def cmd_train(args) -> int:
     folder = path.is_dir() and (path / "config.yaml").is_file()  # a checkpoint folder: train its saved config
     config = load_config(path / "config.yaml" if folder else path, args.overrides)
     out = args.out or str(Path("runs") / (path.name if folder else path.stem))
-    check_output_path("--out", out, "folder")
+    out = str(check_output_path("--out", out, "folder"))
     if hint := busy_cpu_hint(config["train"]["device"]):
         print(hint)
     train(config, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)

@@ -79,12 +79,15 @@ def check_import_target(out: Path, flag: str, overwrite: bool = False) -> None:
     a folder with other files."""
     from ..errors import UserError
 
+    if out.is_symlink():  # replacing it would swap the link for a folder and leave the old target dangling
+        raise UserError(f"{flag} {out}: a symbolic link; give the folder it points to ({out.resolve()}) or a new one")
     if not out.is_dir():
         return  # absent (a file there was refused by check_output_path)
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
         return
-    if "state.pt" in entries or "checkpoint" in entries:
+    in_a_run = out.name == "checkpoint" and (out.parent / "metrics.jsonl").exists()  # even if it lost state.pt
+    if "state.pt" in entries or "checkpoint" in entries or in_a_run:
         raise UserError(f"{flag} {out}: holds a training run or its checkpoint (state.pt); an import would replace "
                         "it and lose the run: choose a new or empty folder")
     other = [n for n in entries if n not in _IMPORT_FILES]

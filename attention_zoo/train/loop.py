@@ -148,7 +148,7 @@ def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
     between its two renames (see checkpoint.atomic_folder: the previous one waits as .checkpoint.old)."""
     checkpoint = out / CHECKPOINT_DIR
     previous = out / f".{CHECKPOINT_DIR}.old"
-    if resume and world.is_main and not checkpoint.exists() and (previous / STATE).is_file():
+    if resume and world.is_main and not checkpoint.exists() and previous.is_dir():  # incomplete: refused below
         os.replace(previous, checkpoint)
         print(f"attention-zoo train: {out}: recovered the last complete checkpoint from {previous.name} (a save was "
               "interrupted)")
