@@ -9,6 +9,17 @@ from .errors import UserError
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+# Every switch the library reads, with its default (ATTENTION_ZOO_TRITON_SHARED_DQ takes words, checked where read).
+SWITCHES = {"ATTENTION_ZOO_CPU_KERNEL": True, "ATTENTION_ZOO_SPLIT_BACKWARD": True,
+            "ATTENTION_ZOO_TRITON_AUTOTUNE": True}
+OTHER_VARIABLES = ("ATTENTION_ZOO_TRITON_SHARED_DQ",)
+
+
+def switch(name: str) -> bool:
+    """Library switch `name` (a key of SWITCHES) as set in the environment, else its default there."""
+    return env_flag(name, SWITCHES[name])
+
+
 def env_flag(name: str, default: bool) -> bool:
     """Environment variable `name` as a switch: 1/true/yes/on or 0/false/no/off (any case); `default` when
     unset or empty. Read at each call, so a test or a long-lived process may change it. Raises UserError naming
@@ -24,10 +35,6 @@ def env_flag(name: str, default: bool) -> bool:
                     f"{'on' if default else 'off'})")
 
 
-# Every switch the library reads, with its default (ATTENTION_ZOO_TRITON_SHARED_DQ takes words, checked where read).
-SWITCHES = {"ATTENTION_ZOO_CPU_KERNEL": True, "ATTENTION_ZOO_SPLIT_BACKWARD": True,
-            "ATTENTION_ZOO_TRITON_AUTOTUNE": True}
-OTHER_VARIABLES = ("ATTENTION_ZOO_TRITON_SHARED_DQ",)
 
 
 def check_environment() -> None:
@@ -40,7 +47,7 @@ def check_environment() -> None:
     for name in sorted(n for n in os.environ if n.startswith("ATTENTION_ZOO_")):
         if name in SWITCHES:
             try:
-                env_flag(name, SWITCHES[name])
+                switch(name)
             except UserError as exc:
                 problems.append(str(exc))
         elif name not in OTHER_VARIABLES:

@@ -21,7 +21,7 @@ import time
 
 import triton
 
-from ..env import env_flag
+from ..env import switch
 from ..errors import UserError
 
 
@@ -98,7 +98,7 @@ def tuned(configs: list[tuple[int, int, int, int]], reset_to_zero: list[str] | N
     if INTERPRETED:
         chosen = interpreter or (INTERPRETER_AUTOTUNED_CONFIGS if reset_to_zero else INTERPRETER_CONFIGS)
     else:
-        chosen = configs if env_flag("ATTENTION_ZOO_TRITON_AUTOTUNE", default=True) else configs[:1]
+        chosen = configs if switch("ATTENTION_ZOO_TRITON_AUTOTUNE") else configs[:1]
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen],
         key=[*(key or KEY), *also_key], reset_to_zero=reset_to_zero, do_bench=_wall_clock if INTERPRETED else None)

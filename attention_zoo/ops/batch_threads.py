@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..env import env_flag
+from ..env import switch
 
 # ATTENTION_ZOO_SPLIT_BACKWARD=0 turns the split off (the ops then run on torch's own threading).
 SPLIT_ENV = "ATTENTION_ZOO_SPLIT_BACKWARD"
@@ -22,7 +22,7 @@ SPLIT_ENV = "ATTENTION_ZOO_SPLIT_BACKWARD"
 def batch_workers(batch: int, device: torch.device) -> int:
     """How many threads `over_batch` should use: torch's intra-op threads on CPU, at most one per batch element;
     1 elsewhere (a GPU op is one kernel launch per block, not worth splitting) or when the split is off."""
-    if device.type != "cpu" or not env_flag(SPLIT_ENV, default=True):
+    if device.type != "cpu" or not switch(SPLIT_ENV):
         return 1
     return min(batch, torch.get_num_threads())
 

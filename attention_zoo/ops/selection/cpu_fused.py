@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...env import env_flag
+from ...env import switch
 from .blocked import _flatten, _start_row, _terms
 from .structure import Selection
 
@@ -132,7 +132,7 @@ def kernel():
         return _state.get("module")
     with _lock:
         if not _state:
-            if not env_flag(KERNEL_ENV, default=True):
+            if not switch(KERNEL_ENV):
                 _state["refusal"] = f"{KERNEL_ENV}={os.environ[KERNEL_ENV]}"
                 log.info("attention-zoo: selective attention on CPU runs the PyTorch blocked op: %s", _state["refusal"])
             else:
