@@ -459,6 +459,18 @@ def origin_of(path: str, origins: dict[str, str], default: str) -> str:
     return default
 
 
+def config_file(path: str) -> str:
+    """`path` itself, or for a run or checkpoint folder the config.yaml it holds (a run folder's, else its
+    checkpoint/'s): what train, validate and describe read. UserError for a folder without one."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    for candidate in (folder / "config.yaml", folder / "checkpoint" / "config.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    raise UserError(f"{path}: a folder without config.yaml; give a config file, a run folder or a checkpoint folder")
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """Mappings merge key by key; anything else (lists included) is replaced."""
     out = copy.deepcopy(base)

@@ -10,7 +10,7 @@ import torch
 
 from ..backends import BackendRefused, choose, recording_calls
 from ..components import KINDS
-from ..config import STACK_DEFAULTS, build_model, head_dim_of, layer_specs, load_config
+from ..config import STACK_DEFAULTS, build_model, config_file, head_dim_of, layer_specs, load_config
 from ..errors import UserError
 from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
 
@@ -81,18 +81,6 @@ def cmd_validate(args) -> int:
             failed += 1
             print(exc)
     return 2 if failed else 0
-
-
-def config_file(path: str) -> str:
-    """`path` itself, or for a run or checkpoint folder the config.yaml it holds (a run folder's, else its
-    checkpoint/'s), as `train` reads a folder. UserError for a folder without one."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    for candidate in (folder / "config.yaml", folder / "checkpoint" / "config.yaml"):
-        if candidate.is_file():
-            return str(candidate)
-    raise UserError(f"{path}: a folder without config.yaml; give a config file, a run folder or a checkpoint folder")
 
 
 def _trains(path: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import load_config
+from ..config import config_file, load_config
 from ..errors import UserError
 from ..paths import check_output_path
 
@@ -30,9 +30,8 @@ def cmd_train(args) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after {args.stop_after}: must be a step >= 1 (the run checkpoints after it and exits)")
     path = Path(args.config)
-    folder = path.is_dir() and (path / "config.yaml").is_file()  # a checkpoint folder: train its saved config
-    config = load_config(path / "config.yaml" if folder else path, args.overrides)
-    out = args.out or str(Path("runs") / (path.name if folder else path.stem))
+    config = load_config(config_file(args.config), args.overrides)  # a run or checkpoint folder: its saved config
+    out = args.out or str(Path("runs") / (path.name if path.is_dir() else path.stem))
     out = str(check_output_path("--out", out, "folder"))
     if hint := busy_cpu_hint(config["train"]["device"]):
         print(hint)
