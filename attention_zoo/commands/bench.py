@@ -70,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args) -> int:
     from ..bench import BenchSettings, benchmark
     from ..bench.report import markdown
+    from ..inference.checkpoints import check_device
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads: must be >= 1, got {args.threads}")
@@ -82,8 +83,6 @@ def cmd_bench(args) -> int:
         if not sep or not key:
             raise UserError(f"--env: expected KEY=VALUE, got {item!r}")
         env[key] = value
-    from ..inference.checkpoints import check_device
-
     args.device = str(check_device(args.device, auto=True))  # auto resolved: the results record the device used
     settings = BenchSettings(
         variants=args.variants, backends=args.backends, seq_lens=args.seq_lens, batches=args.batch, modes=args.mode,

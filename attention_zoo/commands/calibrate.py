@@ -58,7 +58,7 @@ def cmd_calibrate(args) -> int:
     if dataset.fixed_seq_len and context < dataset.fixed_seq_len:
         raise UserError(f"--context {context}: dataset {dataset.name!r} needs at least {dataset.fixed_seq_len}")
     batches = list(dataset.eval_batches(args.split, args.batch_size, context, args.batches))
-    out = check_output_path("--out", args.out or path.parent / "calibration", "folder")
+    out = Path(args.out) if args.out else check_output_path("--out", path.parent / "calibration", "folder")
     if args.measure:
         return measure(model, batches, args, context, out, path, dataset.name)
     check = None

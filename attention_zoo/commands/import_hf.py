@@ -25,18 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_import_hf(args) -> int:
-    from pathlib import Path
-
     from ..checkpoint import atomic_folder, write_checkpoint
     from ..hf import from_hf
     from ..hf.files import check_import_target, copy_tokenizer_files, quiet_transformers
 
     quiet_transformers()
     # before any work: an existing folder is replaced only if it is an earlier import (never a training run)
-    args.out = str(check_output_path("--out", args.out, "folder"))
-    check_import_target(Path(args.out), "--out", args.overwrite)
+    out = check_output_path("--out", args.out, "folder")
+    check_import_target(out, "--out", args.overwrite)
     model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads)
-    out = Path(args.out)
     with atomic_folder(out) as staging:  # the checkpoint and its tokenizer appear together or not at all
         copied = copy_tokenizer_files(args.src, staging)
         tokenizer = use_tokenizer(model, staging, out) if set(copied) - {"generation_config.json"} else None
