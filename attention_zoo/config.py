@@ -425,6 +425,7 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
     if base is not None and not isinstance(base, str):
         return {}, [Problem(source, "base", base, "expected a path to another YAML file")]
     names = names or (source,)
+    _resolve_file_keys(data, path, names[-1])
     parent, problems = {}, []
     if base is not None:
         # the base's name as the user would write it: beside the file that names it
@@ -434,6 +435,25 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
         label = names[-1] + (f" ({', '.join(f'base of {n}' for n in reversed(names[:-1]))})" if len(names) > 1 else "")
         _record_origins(data, label, origins)
     return deep_merge(parent, data), problems
+
+
+# Keys naming the user's own files. A relative one is tried from the working directory, then from the folder of
+# the YAML file that sets it, so a config (or a base) kept beside its text works from anywhere.
+FILE_KEYS = (("data", "text"),)
+
+
+def _resolve_file_keys(data: dict, path: Path, name: str) -> None:
+    """Rewrite each relative FILE_KEYS value of `data` (YAML file `path`, which the user named `name`) that
+    does not exist from the working directory but does beside `path` into the path beside it, written as
+    `name`'s folder joined with it (relative to the working directory when `name` is). The rest stays as
+    written, for the data section to report."""
+    for section, key in FILE_KEYS:
+        value = data[section].get(key) if isinstance(data.get(section), dict) else None
+        if not isinstance(value, str) or not value:
+            continue
+        written = Path(value).expanduser()
+        if not written.is_absolute() and not written.exists() and (path.parent / written).exists():
+            data[section][key] = os.path.normpath(Path(name).parent / written)
 
 
 def _record_origins(data: dict, label: str, origins: dict[str, str], prefix: str = "") -> None:

@@ -126,12 +126,41 @@ def test_text_folder_with_few_files_splits_by_bytes(tmp_path):
     assert [data.num_tokens(s) for s in data.splits] == [1700, 200, 100]
 
 
-def test_text_relative_path_beside_config(tmp_path, monkeypatch):
-    (tmp_path / "corpus.txt").write_text("hello " * 100)
-    config = tmp_path / "run.yaml"
-    config.write_text("data: {text: corpus.txt}\n")
+def test_text_relative_path_beside_the_yaml_file_that_sets_it(tmp_path, monkeypatch):
+    """A relative data.text is tried from the working directory, then beside the file that sets it: the config
+    itself, or a base in another folder (it was tried beside the loaded config only, so a base's text was lost)."""
+    from attention_zoo.config import load_config
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "corpus.txt").write_text("hello " * 100)
+    (tmp_path / "shared" / "base.yaml").write_text("data: {text: corpus.txt}\n")
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "run.yaml").write_text("base: ../shared/base.yaml\ntrain: {steps: 3}\n")
+    (tmp_path / "shared" / "own.yaml").write_text("data: {text: corpus.txt}\n")
+
+    monkeypatch.chdir(tmp_path / "exp")  # the child's folder holds no corpus.txt
+    text = load_config("run.yaml")["data"]["text"]
+    assert text == "../shared/corpus.txt"  # as the user would write it from here, not absolute
+    assert build_dataset({"text": text}).num_tokens("train") == 510
     monkeypatch.chdir("/")
-    assert build_dataset({"text": "corpus.txt"}, source=str(config)).num_tokens("train") == 510
+    assert load_config(str(tmp_path / "shared" / "own.yaml"))["data"]["text"] == str(tmp_path / "shared" / "corpus.txt")
+
+    # The working directory comes first: a corpus.txt there is the one meant.
+    (tmp_path / "exp" / "corpus.txt").write_text("local " * 100)
+    monkeypatch.chdir(tmp_path / "exp")
+    assert load_config("run.yaml")["data"]["text"] == "corpus.txt"
+
+
+def test_text_missing_everywhere_names_the_base_file(tmp_path, monkeypatch):
+    from attention_zoo.config import ConfigError, load_config
+
+    (tmp_path / "base.yaml").write_text("data: {text: nowhere.txt}\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config("run.yaml")
+    assert "base.yaml (base of run.yaml): data.text = 'nowhere.txt'" in str(err.value)
+    assert "beside the YAML file that sets it" in str(err.value)
 
 
 # --------------------------------------------------------------------------- variable assignment
@@ -277,8 +306,11 @@ def test_error_unknown_key():
     msg = str(err.value)
     assert "cfg.yaml" in msg and "data.num_var" in msg and "did you mean 'num_vars'" in msg
     assert "num_assignments" in msg and "value_digits" in msg and "loss_on" in msg
-    with pytest.raises(DataError, match=r"data\.seq_len.*valid keys: name$"):
+    with pytest.raises(DataError, match=r"data\.seq_len.*valid keys: name, tokenizer$"):
         build_dataset({"name": "shakespeare", "seq_len": 3})
+    # the builder and config validation give the same message: a key of another dataset names that dataset
+    with pytest.raises(DataError, match=r"data\.text = 'x\.txt': unknown key for dataset 'ptb' \(dataset text reads it"):
+        build_dataset({"name": "ptb", "text": "x.txt"})
 
 
 @pytest.mark.parametrize("spec, key", [

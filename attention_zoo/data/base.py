@@ -34,17 +34,28 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
     return _did_you_mean(str(value), list(choices))
 
 
-def unknown_keys(spec: dict, allowed: Iterable[str], name: str, source: str) -> list[DataError]:
-    """One DataError for each key of `spec` that dataset `name` does not read."""
-    allowed = sorted(allowed)
-    return [DataError(source, f"data.{key}", spec[key], f"unknown key for dataset {name!r}; "
-                      f"{did_you_mean(key, allowed)}valid keys: {', '.join(allowed)}")
-            for key in spec if key not in allowed]
+# dataset name -> the keys of `data:` it reads, filled in by each dataset's module (`tokenizer` included for the
+# corpora: build_dataset takes it off before the builder sees the rest). Config validation checks against it too.
+DATASET_KEYS: dict[str, frozenset[str]] = {}
 
 
-def check_keys(spec: dict, allowed: Iterable[str], name: str, source: str) -> None:
+def unknown_keys(spec: dict, name: str, source: str) -> list[DataError]:
+    """One DataError for each key of `spec` that dataset `name` does not read (see DATASET_KEYS), naming the
+    datasets that do read it: most often `data.text=FILE` over a config that names shakespeare."""
+    allowed = sorted(DATASET_KEYS[name])
+    problems = []
+    for key in spec:
+        if key not in allowed:
+            readers = sorted(n for n, keys in DATASET_KEYS.items() if key in keys)
+            elsewhere = f" (dataset {' or '.join(readers)} reads it: set data.name too)" if readers else ""
+            problems.append(DataError(source, f"data.{key}", spec[key], f"unknown key for dataset {name!r}{elsewhere}; "
+                                      f"{did_you_mean(key, allowed)}valid keys: {', '.join(allowed)}"))
+    return problems
+
+
+def check_keys(spec: dict, name: str, source: str) -> None:
     """Reject keys a dataset does not read: a typo must not silently fall back to a default."""
-    if problems := unknown_keys(spec, allowed, name, source):
+    if problems := unknown_keys(spec, name, source):
         raise problems[0]
 
 

