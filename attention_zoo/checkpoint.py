@@ -55,7 +55,8 @@ def _umask() -> int:
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """A temporary folder next to `path` to write into; when the block ends without an exception it replaces
     `path` (an existing folder is swapped out, then removed), on any failure it is removed and `path` is left as
-    it was. Yields the temporary folder."""
+    it was. Yields the temporary folder. A success also removes the staging folders of saves to `path` that a
+    killed process (SIGKILL, power loss) left behind: one writer per path is assumed, as everywhere here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -76,6 +77,8 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, training_state: dict[str, Any] | None = None) -> Path:

@@ -78,3 +78,26 @@ def test_a_checkpoint_reads_like_any_other_file(runs):
     assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~umask
     assert {p.name: p.stat().st_mode & 0o777 for p in checkpoint.iterdir()} == {
         name: 0o666 & ~umask for name in ("config.yaml", "model.safetensors", "state.pt")}
+
+
+def test_atomic_folder_replaces_whole_and_clears_what_killed_saves_left(tmp_path):
+    """A failed write leaves the folder as it was; a successful one replaces it whole and removes the staging
+    folders a SIGKILLed save left beside it (they survived every later save before)."""
+    from attention_zoo.checkpoint import atomic_folder
+
+    target = tmp_path / "checkpoint"
+    with atomic_folder(target) as tmp:
+        (tmp / "a").write_text("first")
+    stale = tmp_path / ".checkpoint.k1ll3d.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_text("half")
+    other = tmp_path / ".other.k1ll3d.tmp"  # another path's staging folder is not this save's to remove
+    other.mkdir()
+    with pytest.raises(RuntimeError), atomic_folder(target) as tmp:
+        (tmp / "a").write_text("second")
+        raise RuntimeError("interrupted")
+    assert (target / "a").read_text() == "first" and stale.exists()
+    with atomic_folder(target) as tmp:
+        (tmp / "b").write_text("third")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert not stale.exists() and other.exists() and not (tmp_path / ".checkpoint.old").exists()
