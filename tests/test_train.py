@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -337,6 +338,26 @@ def test_train_and_eval_commands(tmp_path, capsys):
                                                   "longer than model.max_seq_len (32); give a shorter --seq-len")):
         code, stdout, err = cli(capsys, "eval", str(out), *args)
         assert code == 2 and message in err and err.count("error:") == 1 and not stdout, (args, err)
+
+
+def test_train_into_the_folder_of_its_own_config_is_refused_before_anything_is_written(tmp_path, capsys):
+    """`train exp/config.yaml --out exp` replaced the user's config.yaml (comments, base: line) with the run's."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    mine = "# my experiment\n" + yaml.safe_dump(tiny(steps=2, eval_every=0))
+    (exp / "config.yaml").write_text(mine)
+    code, _, err = cli(capsys, "train", str(exp / "config.yaml"), "--out", str(exp), "--no-progress")
+    assert code == 2 and "Traceback" not in err
+    assert f"{exp} holds config.yaml but no run" in err and "choose another --out" in err
+    assert (exp / "config.yaml").read_text() == mine and sorted(p.name for p in exp.iterdir()) == ["config.yaml"]
+    code, _, err = cli(capsys, "train", str(exp / "config.yaml"), "--out", str(exp / "run"), "--no-progress")
+    assert code == 0, err  # a subfolder is fine
+    # a run stopped before its first log holds only config.yaml: --resume takes it as the run it is
+    (exp / "run" / "metrics.jsonl").unlink()
+    shutil.rmtree(exp / "run" / "checkpoint")
+    (exp / "run" / "final.json").unlink()
+    code, out, err = cli(capsys, "train", str(exp / "config.yaml"), "--out", str(exp / "run"), "--resume", "--no-progress")
+    assert code == 0 and "starting from step 0" in out, err
 
 
 def test_text_shorter_than_a_window_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -155,6 +155,11 @@ def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
     D.barrier(world)  # every rank sees the recovered folder
     if not resume and (checkpoint.exists() or (out / METRICS).exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if not resume and (theirs := [name for name in (CONFIG, FINAL) if (out / name).exists()]):
+        # e.g. `train exp/config.yaml --out exp`: the run's config.yaml would replace the user's own file
+        raise UserError(f"{out} holds {' and '.join(theirs)} but no run (no {CHECKPOINT_DIR}/ or {METRICS}); training "
+                        "there would replace it: choose another --out (e.g. a subfolder), or pass --resume if it is "
+                        "a run stopped before its first log")
     if resume and checkpoint.exists():
         missing = [name for name in (WEIGHTS, STATE, CONFIG) if not (checkpoint / name).is_file()]
         if missing:
