@@ -316,6 +316,7 @@ def test_train_and_eval_commands(tmp_path, capsys):
     assert code == 0, err
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["loss"] == pytest.approx(final["val"]["loss"], abs=1e-6)  # same batches, same weights
+    assert metrics["tokens"] == final["val"]["tokens"] == 2 * 4 * 32  # eval_batches x batch_size x seq_len, all scored
     code, stdout, err = cli(capsys, "eval", str(out / "checkpoint"), "--data", "name=variable_assignment",
                             "num_assignments=4", "--split", "test", "--batches", "2")
     assert code == 0, err

@@ -47,8 +47,10 @@ def answer_accuracy(predicted: torch.Tensor, targets: torch.Tensor, mask: torch.
 def evaluate(model: nn.Module, dataset: Dataset, split: str, batch_size: int, seq_len: int, max_batches: int | None,
              device: torch.device, autocast: contextlib.AbstractContextManager | None = None,
              world: World = World()) -> dict[str, float]:
-    """Metrics over the fixed evaluation batches of `split`. With several processes each rank scores
-    every size-th batch and the sums are combined, so the result equals a single process's."""
+    """Metrics over the fixed evaluation batches of `split`: `loss` (mean nats per scored token), `tokens` (how
+    many were scored, all ranks together), then `bpb` (bits per byte of text), `ppl` or, for a task, `accuracy`.
+    With several processes each rank scores every size-th batch and the sums are combined, so the result
+    equals a single process's."""
     was_training = model.training
     model.eval()
     # loss sum, scored tokens, exactly right answers, answers
@@ -71,7 +73,7 @@ def evaluate(model: nn.Module, dataset: Dataset, split: str, batch_size: int, se
     has_mask = bool(all_sum(torch.tensor([float(has_mask)], device=device), world).item())
     model.train(was_training)
     loss = (sums[0] / sums[1].clamp(min=1)).item()
-    metrics = {"loss": loss}
+    metrics = {"loss": loss, "tokens": int(sums[1].item())}
     bytes_per_token = getattr(dataset, "bytes_per_token", None)  # tokenized corpora (data.tokenizer)
     if bytes_per_token is not None and not has_mask:  # nats per token -> bits per byte of the text
         metrics["bpb"] = loss / math.log(2) / bytes_per_token[split]
