@@ -236,6 +236,13 @@ def test_base_inheritance(tmp_path):
     assert m["attention"] == {"variant": "selective", "selection_head": 2, "kv_heads": 2}
     assert m["layers"] == []
     assert config.source == str(tmp_path / "child.yaml")
+    # an empty section replaces the base's whole section: its defaults apply; a null key is a type error
+    (tmp_path / "reset.yaml").write_text("base: shared/base.yaml\nmodel:\n")
+    config = load_config(tmp_path / "reset.yaml")
+    assert config["model"] == load_config({})["model"] and config["backend"] == "math"
+    (tmp_path / "null_key.yaml").write_text("base: shared/base.yaml\nmodel: {dim: null}\n")
+    with pytest.raises(ConfigError, match=r"null_key.yaml: model.dim = None: expected int"):
+        load_config(tmp_path / "null_key.yaml")
 
 
 def test_a_problem_names_the_file_or_override_that_set_the_value(tmp_path, monkeypatch):
