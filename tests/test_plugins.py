@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from attention_zoo import ProjectedAttention, build_model, create_variant, list_variants, load_config, register_variant
 from attention_zoo.cli import main as cli_main
@@ -82,6 +83,20 @@ def test_broken_plugins_module_is_reported_by_name_and_harmless(isolated_registr
     message = str(info.value)
     assert "unknown variant" in message and "plugins that failed to import" in message
     assert "plugin module 'zoo_broken_plugin'" in message and "plugin module 'zoo_missing_module'" in message
+
+
+def test_validate_names_a_plugin_that_cannot_be_imported(isolated_registry, monkeypatch, tmp_path, capsys):
+    """load_config lets the config load (its layers need no variant of the plugin); `validate` is where a
+    mistyped or broken plugin must show: exit 2, the file, the key path, the module and why."""
+    monkeypatch.syspath_prepend(str(BROKEN))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**small_model({"variant": "vanilla"}), "plugins": ["math", "zoo_missing_module"]}))
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert f"{cfg}: plugins[1] = 'zoo_missing_module': cannot be imported (ModuleNotFoundError: " in out
+    assert "plugins[0]" not in out and f"{cfg}: ok" not in out
+    cfg.write_text(yaml.safe_dump({**small_model({"variant": "vanilla"}), "plugins": ["math"]}))
+    assert cli_main(["validate", str(cfg)]) == 0 and capsys.readouterr().out.strip() == f"{cfg}: ok"
 
 
 def test_broken_entry_point_is_reported_by_name_and_harmless(isolated_registry, monkeypatch, caplog, capsys):

@@ -12,6 +12,7 @@ from ..backends import BackendRefused, choose, recording_calls
 from ..components import KINDS
 from ..config import STACK_DEFAULTS, build_model, config_file, head_dim_of, layer_specs, load_config
 from ..errors import UserError
+from ..registry import import_plugins
 from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
 
 
@@ -72,10 +73,15 @@ def cmd_validate(args) -> int:
         try:
             file = config_file(path)
             config = load_config(file, overrides)
+            # load_config lets a config whose layers need none of a broken plugin's variants load; validate names it
+            broken = [f"{file}: plugins[{i}] = {module!r}: cannot be imported ({failure.error}); train would run "
+                      "without it" for i, module in enumerate(config["plugins"]) for failure in import_plugins([module])]
             if _trains(file):  # a training config: also what needs model, data and train together, as train checks
                 from ..train.loop import plan_run
 
                 plan_run(config)
+            if broken:
+                raise UserError("\n".join(broken))
             print(f"{path}: ok")
         except UserError as exc:  # ConfigError, DataError, a folder without config.yaml: report, go on
             failed += 1
