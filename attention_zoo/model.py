@@ -18,6 +18,19 @@ from .initialization import init_gpt2
 from .state import fresh_view, merge
 
 
+def own_attention_note(model: nn.Module, layers: list[int], backend: str) -> str | None:
+    """What to tell a user whose config names `backend` when `layers` (from `CausalLM.warm_up`) make no
+    backend call; None when there is nothing to say (no such layer, or backend auto)."""
+    if not layers or backend == "auto":
+        return None
+    names = sorted({type(model.blocks[i].attention).__name__ for i in layers})
+    applies = "to no layer" if len(layers) == len(model.blocks) else "to the other layers only"
+    several = len(layers) > 1
+    return (f"layer{'s' if several else ''} {', '.join(map(str, layers))} ({', '.join(names)}) compute"
+            f"{'' if several else 's'} attention in the variant's own attend() and make{'' if several else 's'} no "
+            f"backend call: backend {backend!r} applies {applies}")
+
+
 class Block(nn.Module):
     """x + attention(norm(x)), then x + mlp(norm(x)). x: (B, N, dim)."""
 
@@ -97,17 +110,32 @@ class CausalLM(nn.Module):
         logits = self.lm_head(self.norm(x))  # (B, N, V)
         return (logits, per_layer) if return_state else logits
 
-    def warm_up(self, device: torch.device | str) -> None:
+    def warm_up(self, device: torch.device | str) -> list[int]:
         """One forward of two tokens on `device`, without gradients or dropout, so that what a backend builds
         on first use for this model's calls (the CPU selective-attention kernel: about a minute, once per
-        machine) is built now, outside timed work. Changes no parameter and draws no random numbers."""
+        machine) is built now, outside timed work. Changes no parameter and draws no random numbers.
+
+        Returns the indices of the layers that made no backend call: their variant computes attention in its
+        own `attend()`, so the config's `backend:` does not apply to them (train and bench say so)."""
+        from .backends import recording_calls
+
         was_training = self.training
         self.eval()
-        try:
-            with torch.no_grad():
-                self(torch.zeros(1, 2, dtype=torch.long, device=device))
-        finally:
-            self.train(was_training)
+        called: list[bool] = []
+        with recording_calls() as calls:
+            def layer_done(*_) -> None:  # a forward hook must return None, or it replaces the block's output
+                called.append(bool(calls))
+                calls.clear()
+
+            hooks = [block.register_forward_hook(layer_done) for block in self.blocks]
+            try:
+                with torch.no_grad():
+                    self(torch.zeros(1, 2, dtype=torch.long, device=device))
+            finally:
+                self.train(was_training)
+                for hook in hooks:
+                    hook.remove()
+        return [i for i, made_a_call in enumerate(called) if not made_a_call]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

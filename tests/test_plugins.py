@@ -7,6 +7,7 @@ Registrations made here are undone after each test (the `isolated_registry` fixt
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -220,3 +221,82 @@ def test_list_variants_wildcards(pattern, expected):
 def test_list_variants_default_is_everything_sorted():
     names = list_variants()
     assert names == sorted(names) and set(BUILTINS) <= set(names) and list_variants("*") == names
+
+
+def _register_sigmoid_attention():
+    """Sigmoid attention (Ramapuram et al., 2024): sigmoid(scale q k^T + b) v under the causal mask, no
+    softmax, so no backend can run it: the variant computes it in its own attend()."""
+
+    @register_variant("zoo_sigmoid")
+    class SigmoidAttention(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def attend(self, q, k, v, bias):
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))  # GQA: kv head per query head
+            Nq, Nk = q.shape[2], k.shape[2]
+            seen = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)  # bottom-right aligned for a cache
+            weights = torch.sigmoid(self.scale * q @ k.transpose(-1, -2) - math.log(Nk))
+            return (weights * seen) @ v
+
+    return SigmoidAttention
+
+
+def test_a_variant_with_its_own_attend_is_said_to_bypass_the_backend(isolated_registry, tmp_path, capsys):
+    """A variant whose attend() makes no backend call: describe says `backend:` does not apply to it (it crashed
+    with an IndexError), train with a named backend says which layers it does not apply to (it said nothing),
+    warm_up names those layers."""
+    cls = _register_sigmoid_attention()
+    model_section = {"vocab_size": 256, "dim": 32, "depth": 3, "heads": 4, "max_seq_len": 32,
+                     "attention": {"variant": "vanilla"}, "layers": [{"at": [1], "attention": {"variant": "zoo_sigmoid"}}]}
+    cfg = tmp_path / "mixed.yaml"
+    cfg.write_text(yaml.safe_dump({"backend": "sdpa", "model": model_section}))
+    model = build_model(load_config(cfg))
+    assert model.warm_up("cpu") == [1]
+    x = torch.randn(2, 5, 32)  # the layer against its formula, written out here
+    layer = model.blocks[1].attention
+    q = layer.q_proj(x).unflatten(-1, (4, 8)).transpose(1, 2)
+    k, v = layer.kv_proj(x).unflatten(-1, (2, 4, 8)).permute(2, 0, 3, 1, 4)
+    w = torch.sigmoid(q @ k.transpose(-1, -2) / 8 ** 0.5 - torch.log(torch.tensor(5.0))) * torch.ones(5, 5).tril()
+    torch.testing.assert_close(layer(x, {})[0], layer.out_proj((w @ v).transpose(1, 2).flatten(2)))
+
+    assert cli_main(["describe", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    layer_lines = out.split("layer 1:")[1].split("layer 2:")[0]
+    assert "none: the variant computes attention in its own attend(), so `backend:` does not apply" in layer_lines
+    assert out.count("): sdpa") == 2  # layers 0 and 2
+
+    train_cfg = tmp_path / "train.yaml"
+    train_cfg.write_text(yaml.safe_dump({"backend": "sdpa", "model": model_section, "data": {"name": "shakespeare"},
+                                         "train": {"steps": 1, "batch_size": 2, "seq_len": 16, "eval_every": 0,
+                                                   "eval_batches": 1, "device": "cpu"}}))
+    assert cli_main(["train", str(train_cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    note = (f"note: layer 1 ({cls.__name__}) computes attention in the variant's own attend() and makes no backend "
+            "call: backend 'sdpa' applies to the other layers only")
+    assert note in capsys.readouterr().out
+    # backend auto: nothing to say
+    train_cfg.write_text(train_cfg.read_text().replace("backend: sdpa", "backend: auto"))
+    assert cli_main(["train", str(train_cfg), "--out", str(tmp_path / "run_auto"), "--no-progress"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_bench_notes_a_backend_its_variant_does_not_use(isolated_registry, monkeypatch, tmp_path):
+    """bench's backend column would claim `sdpa` ran the sigmoid layers: the point's status says it did not."""
+    import json
+
+    from attention_zoo.bench import runner, worker
+
+    _register_sigmoid_attention()
+    monkeypatch.setattr(runner, "run_point", lambda point, timeout, env=None: worker.measure_safely(point))
+    cfg = tmp_path / "sigmoid.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"attention": {"variant": "zoo_sigmoid"}}}))
+    threads = torch.get_num_threads()
+    try:
+        assert cli_main(["bench", "--variants", f"vanilla,{cfg}", "--backends", "sdpa", "--seq-lens", "16",
+                         "--batch", "1", "--dim", "32", "--depth", "1", "--heads", "2", "--head-dim", "16",
+                         "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "out")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["results"]}
+    assert "note" not in rows["vanilla"]
+    assert rows["sigmoid"]["note"].startswith("layer 0 (SigmoidAttention) computes attention in the variant's own attend()")
+    assert "backend 'sdpa' applies to no layer" in (tmp_path / "out" / "results.md").read_text()

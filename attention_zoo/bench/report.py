@@ -58,6 +58,8 @@ def markdown(payload: dict[str, Any]) -> str:
     ]
     for r in payload["results"]:
         status = {"ok": "ok", "pending": "pending"}.get(r["status"], f"failed: {r.get('reason')}")
+        if r.get("note"):
+            status += f" ({r['note']})"
         lines.append(
             f"| {r['impl']} | {r['variant']} | {r['backend']} | {r['seq_len']} | {r['batch']} | {r['mode']} "
             f"| {_f(r.get('median_s'), '.3f')} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_mb'), ',.0f')} "

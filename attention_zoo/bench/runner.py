@@ -57,6 +57,8 @@ class Outcome:
                    times_s=[t for r in ok for t in r["times_s"]],
                    round_median_s=[r["median_s"] if r.get("status") == "ok" else None for r in self.rounds],
                    round_peak_mb=[r["peak_mb"] if r.get("status") == "ok" else None for r in self.rounds])
+        if "note" in ok[0]:
+            row["note"] = ok[0]["note"]
         if "profile" in ok[0]:
             row["profile"] = ok[0]["profile"]  # the first round's: profiles are for reading, not for medians
         return row

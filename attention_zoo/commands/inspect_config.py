@@ -126,6 +126,10 @@ def cmd_describe(args) -> int:
     print(f"parameters: {model.num_parameters():,}")
     plans = []  # per layer: (backend chosen or a refusal, the backends skipped and why)
     for layer_calls in per_layer:
+        if not layer_calls:  # the variant's own attend() computes attention without a backend
+            plans.append(("none: the variant computes attention in its own attend(), so `backend:` does not apply "
+                          "to this layer", ""))
+            continue
         call = dataclasses.replace(layer_calls[0], device=str(device), dtype=dtype)
         try:
             chosen, skipped = choose(config["backend"], call)
@@ -136,7 +140,6 @@ def cmd_describe(args) -> int:
     shared_skip = plans[0][1] if len(plans) > 1 and len({skip for _, skip in plans}) == 1 and plans[0][1] else ""
     for spec, block, layer_calls, (backend, skipped) in zip(layer_specs(m), model.blocks, per_layer, plans):
         attn = block.attention
-        call = layer_calls[0]
         params = resolved_params(spec.variant, spec.params)
         if skipped and not shared_skip:
             backend += f" (skipped {skipped})"
@@ -145,7 +148,8 @@ def cmd_describe(args) -> int:
         print(f"layer {spec.index}: {spec.variant} {params}")
         print(f"    state read: {reads}{f' (optional: {optional})' if optional else ''}; "
               f"written: {', '.join(attn.writes) or '-'}")
-        bias = "none" if not call.has_bias else ("with grad" if call.bias_requires_grad else "constant")
+        call = layer_calls[0] if layer_calls else None
+        bias = "none" if call is None or not call.has_bias else ("with grad" if call.bias_requires_grad else "constant")
         times = f"; {len(layer_calls)} calls" if len(layer_calls) > 1 else ""
         print(f"    backend ({config['backend']}, {device}, {args.dtype}{', train' if args.train else ''}; "
               f"bias {bias}{times}): {backend}")

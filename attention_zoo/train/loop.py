@@ -47,6 +47,7 @@ from ..checkpoint import (
 from ..config import Config, ConfigError, Problem, build_model, load_config, resolved_layers
 from ..data import IGNORE_INDEX, Dataset, build_dataset
 from ..errors import UserError
+from ..model import own_attention_note
 from . import distributed as D
 from .aux_losses import get_aux_loss
 from .execution import compile_model, enable_activation_checkpointing
@@ -370,7 +371,10 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         log.append({"kind": "val", "step": step, **metrics})
         return metrics
 
-    raw_model.warm_up(device)  # kernels built on first use: not in the first step's time nor the run's tokens/s
+    # kernels built on first use: not in the first step's time nor the run's tokens/s
+    note = own_attention_note(raw_model, raw_model.warm_up(device), config["backend"])
+    if note and world.is_main:
+        print(f"attention-zoo train: note: {note}")
     bar = tqdm(total=tcfg["steps"], initial=start_step, disable=not (progress and world.is_main), desc="train",
                unit="step", dynamic_ncols=True)
     model.train()
