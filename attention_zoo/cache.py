@@ -17,7 +17,11 @@ class LayerCache:
     k: Tensor | None = None  # (B, Hkv, T, D)
     v: Tensor | None = None  # (B, Hkv, T, D)
     positions: Tensor | None = None  # (B, T) absolute positions of the kept keys
-    per_key: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, T) float32
+    # name -> (B, ..., T) float32: one value per kept key (the last dim), e.g. (B, T), or (B, H, T) per head
+    per_key: dict[str, Tensor] = field(default_factory=dict)
+    # name -> tensor: the variant's running state that is not per key (e.g. a running sum over every token
+    # seen, evicted ones included); kept as it is on eviction
+    running: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -28,7 +32,8 @@ class LayerCache:
         return int(self.positions[0, -1]) + 1 if self.length else 0
 
     def extend(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Append a chunk of c new keys (B, Hkv, c, D) at absolute positions (B, c); return all keys and values."""
+        """Append a chunk of c new keys (B, Hkv, c, D) at absolute positions (B, c); return all keys and values.
+        Every per-key statistic grows by c zeros, for the variant to fill in."""
         B, c = k.shape[0], k.shape[2]
         pos = positions.expand(B, c)
         if self.k is None:
@@ -38,13 +43,14 @@ class LayerCache:
             self.v = torch.cat([self.v, v], dim=2)
             self.positions = torch.cat([self.positions, pos], dim=1)
         for name, stat in self.per_key.items():
-            self.per_key[name] = torch.cat([stat, stat.new_zeros(B, c)], dim=1)
+            self.per_key[name] = torch.cat([stat, stat.new_zeros(*stat.shape[:-1], c)], dim=-1)
         return self.k, self.v
 
-    def stat(self, name: str, batch: int, device: torch.device) -> Tensor:
-        """A per-key statistic, created as zeros on first use (after `extend`, so it has length T)."""
+    def stat(self, name: str, batch: int, device: torch.device, shape: tuple[int, ...] = ()) -> Tensor:
+        """A per-key statistic (batch, *shape, T) float32, created as zeros on first use (after `extend`, so T
+        counts the new keys too)."""
         if name not in self.per_key:
-            self.per_key[name] = torch.zeros(batch, self.length, device=device, dtype=torch.float32)
+            self.per_key[name] = torch.zeros(batch, *shape, self.length, device=device, dtype=torch.float32)
         return self.per_key[name]
 
     def keep(self, index: Tensor) -> None:
@@ -53,11 +59,17 @@ class LayerCache:
         self.k = self.k.gather(2, gather_kv)
         self.v = self.v.gather(2, gather_kv)
         self.positions = self.positions.gather(1, index)
-        self.per_key = {n: s.gather(1, index) for n, s in self.per_key.items()}
+        self.per_key = {n: s.gather(-1, _along_keys(index, s)) for n, s in self.per_key.items()}
 
     def nbytes(self) -> int:
-        tensors = [self.k, self.v, self.positions, *self.per_key.values()]
+        tensors = [self.k, self.v, self.positions, *self.per_key.values(), *self.running.values()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _along_keys(index: Tensor, stat: Tensor) -> Tensor:
+    """index (B, K) expanded over the middle dims of a (B, ..., T) statistic, to gather its last dim."""
+    middle = stat.shape[1:-1]
+    return index.view(index.shape[0], *(1 for _ in middle), index.shape[1]).expand(-1, *middle, -1)
 
 
 @dataclass

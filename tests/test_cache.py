@@ -147,6 +147,31 @@ def test_cache_nbytes_counts_keys_values_and_stats():
     assert layer.nbytes() == 2 * 3 * 2 * 3 * 8 * 4 + 3 * 3 * 8 + 3 * 3 * 4
 
 
+def test_per_key_statistics_of_any_shape_follow_their_keys():
+    """A (B, T) and a per-head (B, H, T) statistic grow with extend and are gathered with their keys by keep;
+    `running` state is kept as it is and counted. (A (B, H, T) statistic crashed the next extend.)"""
+    from attention_zoo.cache import LayerCache
+
+    B, Hkv, H, D = 2, 1, 3, 4
+    cache = LayerCache()
+    cache.extend(torch.randn(B, Hkv, 4, D), torch.randn(B, Hkv, 4, D), torch.arange(4)[None])
+    flat, per_head = cache.stat("flat", B, "cpu"), cache.stat("per_head", B, "cpu", (H,))
+    assert flat.shape == (B, 4) and per_head.shape == (B, H, 4)
+    ids = torch.arange(4.0)  # each key's statistic names its position, so where it lands shows what moved
+    cache.per_key["flat"] = flat + ids
+    cache.per_key["per_head"] = per_head + ids + 10 * torch.arange(H)[:, None]
+    cache.running["total"] = torch.ones(B, H)
+    cache.extend(torch.randn(B, Hkv, 2, D), torch.randn(B, Hkv, 2, D), torch.arange(4, 6)[None])
+    assert cache.per_key["per_head"].shape == (B, H, 6) and cache.per_key["flat"][:, 4:].eq(0).all()
+    index = torch.tensor([[0, 2, 3], [1, 3, 5]])
+    cache.keep(index)
+    assert cache.per_key["flat"].tolist() == [[0, 2, 3], [1, 3, 0]]
+    assert cache.per_key["per_head"][1].tolist() == [[1, 3, 0], [11, 13, 0], [21, 23, 0]]
+    assert cache.positions.tolist() == [[0, 2, 3], [1, 3, 5]] and cache.running["total"].shape == (B, H)
+    kv = 2 * B * Hkv * 3 * D * 4
+    assert cache.nbytes() == kv + B * 3 * 8 + B * 3 * 4 + B * H * 3 * 4 + B * H * 4
+
+
 @pytest.mark.parametrize("stack", ["rope", "none"])
 @pytest.mark.parametrize("name", list(CASES))
 @torch.no_grad()
