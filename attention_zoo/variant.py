@@ -1,11 +1,13 @@
 """What a variant is: the AttentionVariant protocol, its declared parameters, and a base class.
 
 A variant owns one layer's attention: its projections, the bias it adds to the logits, the state it
-reads from earlier layers and writes for later ones (see `state.py`), and its inference cache. It
-never computes softmax itself: that is the backend's job (`backends/`).
+reads from earlier layers and writes for later ones (see `state.py`), and its inference cache. The
+attention itself is the backend's job (`backends/`), unless a variant replaces the attend step (attention
+that is not a softmax), in which case no backend runs that layer.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
@@ -130,7 +132,10 @@ class ProjectedAttention(nn.Module):
                                            the variant's own transform after calling super()
       extend_cache(k, v, cache, ...)    -> k, v with the cached keys in front (B, Hkv, T + N, D); keys
                                            are stored as transformed, so they are rotated once
-      attention_bias(q, k, state, cache) -> (bias broadcastable to (B, H, N, T + N) or None, state updates)
+      attention_bias(q, k, state, cache) -> (bias broadcastable to (B, H, N, T + N) or None, state updates);
+                                           a subclass whose attention_bias also names `x` (the layer input
+                                           (B, N, dim)) and/or `positions` gets them as keywords: a bias made
+                                           from the tokens (a forget gate, a data-dependent decay)
       (residual carry: with `carry_residual`, the layer attends with R_l = L_l + bias + R_{l-1} and
        writes R_l (RealFormer), kept as q and k concatenated over layers where it can (ops/residual.py),
        else as a dense (B, H, Nq, Nk) tensor that joins the bias)
@@ -142,6 +147,13 @@ class ProjectedAttention(nn.Module):
 
     params: ClassVar[dict[str, Param]] = BASE_PARAMS
     carry_residual: bool = False
+    _bias_inputs: ClassVar[tuple[str, ...]] = ()  # which of x, positions this class's attention_bias names
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Asked for by name, so the four-argument attention_bias of every existing variant keeps working.
+        named = inspect.signature(cls.attention_bias).parameters
+        cls._bias_inputs = tuple(n for n in ("x", "positions") if n in named)
 
     def __init__(self, shape: LayerShape, *, kv_heads: int | None = None, qk_norm: bool = False,
                  qkv_bias: bool = False, out_bias: bool = False, backend: str = "auto"):
@@ -204,7 +216,8 @@ class ProjectedAttention(nn.Module):
         q, k, v = self.project(x)
         q, k = self.transform_qk(q, k, positions)
         k, v = self.extend_cache(k, v, cache, positions)  # (B, Hkv, T + N, D)
-        bias, updates = self.attention_bias(q, k, state, cache)
+        inputs = {"x": x, "positions": positions}
+        bias, updates = self.attention_bias(q, k, state, cache, **{n: inputs[n] for n in self._bias_inputs})
         if self.carry_residual:  # RealFormer: R_l = L_l + bias + R_{l-1}, structured where it can be
             limit = head_dim_limit(self.backend, q.device.type)
             carried, dense_bias = residual.carry(state.get(RESIDUAL_SCORES.name), q, k, bias, self.scale, limit)

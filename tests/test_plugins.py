@@ -300,3 +300,34 @@ def test_bench_notes_a_backend_its_variant_does_not_use(isolated_registry, monke
     assert "note" not in rows["vanilla"]
     assert rows["sigmoid"]["note"].startswith("layer 0 (SigmoidAttention) computes attention in the variant's own attend()")
     assert "backend 'sdpa' applies to no layer" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_attention_bias_gets_x_and_positions_when_it_names_them(isolated_registry):
+    """The layer input and the tokens' absolute positions reach an attention_bias that names them (a bias
+    made from the tokens); one with the four-argument form gets neither and keeps working."""
+    seen = {}
+
+    @register_variant("zoo_sees_inputs")
+    class SeesInputs(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def attention_bias(self, q, k, state, cache, positions, x):
+            seen.update(x=x, positions=positions.index.clone())
+            return None, {}
+
+    @register_variant("zoo_four_arguments")
+    class FourArguments(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def attention_bias(self, q, k, state, cache):
+            return None, {}
+
+    model = build_model(small_model({"variant": "zoo_sees_inputs"}))
+    cache = model.new_cache()
+    model(torch.randint(0, 32, (2, 3)), cache=cache)
+    x = torch.randn(2, 1, 32)
+    layer = model.blocks[0].attention
+    layer(x, {}, cache=cache.layers[0])
+    assert seen["x"] is x and seen["positions"].tolist() == [[3], [3]]  # continues from the cache
+    assert SeesInputs._bias_inputs == ("x", "positions") and FourArguments._bias_inputs == ()
+    build_model(small_model({"variant": "zoo_four_arguments"}))(torch.randint(0, 32, (1, 4)))
