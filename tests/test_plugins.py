@@ -331,3 +331,24 @@ def test_attention_bias_gets_x_and_positions_when_it_names_them(isolated_registr
     assert seen["x"] is x and seen["positions"].tolist() == [[3], [3]]  # continues from the cache
     assert SeesInputs._bias_inputs == ("x", "positions") and FourArguments._bias_inputs == ()
     build_model(small_model({"variant": "zoo_four_arguments"}))(torch.randint(0, 32, (1, 4)))
+
+
+def test_describe_plans_each_call_of_a_layer_whose_calls_differ(isolated_registry, tmp_path, capsys):
+    """describe planned a layer's first call only; calls of different value widths are refused for different
+    reasons (or sent to different backends), so each is said."""
+    from attention_zoo.backends import dispatch
+
+    @register_variant("zoo_two_calls")
+    class TwoCalls(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def attend(self, q, k, v, bias):
+            narrow = dispatch(q, k, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)
+            wide = dispatch(q, k, torch.cat([v, v], -1), bias=bias, causal=True, scale=self.scale, backend=self.backend)
+            return narrow + wide[..., : v.shape[-1]]
+
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump(small_model({"variant": "zoo_two_calls"})))
+    assert cli_main(["describe", str(cfg)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if "2 calls" in x][0]
+    assert "call 1: sdpa" in line and "call 2: sdpa" in line and "values of width 16 differ" in line.split("call 2")[1]

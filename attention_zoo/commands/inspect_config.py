@@ -89,6 +89,15 @@ def cmd_validate(args) -> int:
     return 2 if failed else 0
 
 
+def _plan(backend: str, call) -> tuple[str, str]:
+    """(the backend `backend` picks for `call`, or `none: why`; the backends skipped before it and why)."""
+    try:
+        chosen, skipped = choose(backend, call)
+        return chosen.name, "; ".join(skipped)
+    except BackendRefused as exc:
+        return f"none: {exc}", ""
+
+
 def _trains(path: str) -> bool:
     """Whether the file (with its bases) has a train or data section: a model-only config (for bench,
     import-hf, a sweep's base) is not checked against the default data set it would never train on."""
@@ -130,12 +139,13 @@ def cmd_describe(args) -> int:
             plans.append(("none: the variant computes attention in its own attend(), so `backend:` does not apply "
                           "to this layer", ""))
             continue
-        call = dataclasses.replace(layer_calls[0], device=str(device), dtype=dtype)
-        try:
-            chosen, skipped = choose(config["backend"], call)
-            plans.append((chosen.name, "; ".join(skipped)))
-        except BackendRefused as exc:
-            plans.append((f"none: {exc}", ""))
+        per_call = [_plan(config["backend"], dataclasses.replace(c, device=str(device), dtype=dtype))
+                    for c in layer_calls]
+        if len(set(per_call)) == 1:
+            plans.append(per_call[0])
+        else:  # the layer's calls differ (e.g. in their value width) and so may their backends: each is said
+            plans.append(("; ".join(f"call {i + 1}: {chosen}" + (f" (skipped {skipped})" if skipped else "")
+                                    for i, (chosen, skipped) in enumerate(per_call)), ""))
     # the same skip reasons on every layer are said once, below, not repeated per layer
     shared_skip = plans[0][1] if len(plans) > 1 and len({skip for _, skip in plans}) == 1 and plans[0][1] else ""
     for spec, block, layer_calls, (backend, skipped) in zip(layer_specs(m), model.blocks, per_layer, plans):
