@@ -26,7 +26,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LayerShape:
-    """Where a variant sits: model width, heads, and its place in the stack."""
+    """Where a variant sits: model width, heads, and its place in the stack.
+
+    max_seq_len: the model's `max_seq_len`, the sequence length it is configured (trained) for; for a
+    length-aware init such as sigmoid attention's b = -log(max_seq_len). A hard cap on positions only with
+    learned positions: with rope or none the model runs longer sequences (cached decoding, streaming
+    evaluation, `generate`), so a layer may see more keys than this. A layer built on its own
+    (`create_variant`) gets 1024, the config default, unless told."""
 
     dim: int
     heads: int
@@ -34,6 +40,7 @@ class LayerShape:
     layer_index: int = 0
     depth: int = 1
     norm_eps: float = 1e-5  # for norms inside the layer (QK-norm, differential's per-head norm)
+    max_seq_len: int = 1024
 
 
 def type_name(types: type | tuple[type, ...]) -> str:

@@ -7,6 +7,7 @@ Registrations made here are undone after each test (the `isolated_registry` fixt
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from attention_zoo import ProjectedAttention, build_model, create_variant, list_variants, load_config, register_variant
+from attention_zoo import Param, ProjectedAttention, build_model, create_variant, list_variants, load_config, register_variant
 from attention_zoo.cli import main as cli_main
 from attention_zoo.config import ConfigError
 from attention_zoo.registry import RegistryError
@@ -220,3 +221,27 @@ def test_list_variants_wildcards(pattern, expected):
 def test_list_variants_default_is_everything_sorted():
     names = list_variants()
     assert names == sorted(names) and set(BUILTINS) <= set(names) and list_variants("*") == names
+
+
+def test_a_variant_sees_the_models_max_seq_len(isolated_registry):
+    """LayerShape.max_seq_len is model.max_seq_len, in the Param check and in __init__ (a length-aware init such
+    as sigmoid attention's b = -log(n)); a layer built on its own gets the config default unless told."""
+    seen = []
+
+    @register_variant("zoo_length_aware")
+    class LengthAware(ProjectedAttention):
+        """Records the max_seq_len its shape carries."""
+        params = {"b": Param(float, None, "bias; null: -log(max_seq_len)",
+                             check=lambda value, shape: seen.append(("check", shape.max_seq_len)))}
+
+        def __init__(self, shape, *, b=None, **base):
+            super().__init__(shape, **base)
+            seen.append(("init", shape.max_seq_len))
+            self.b = -math.log(shape.max_seq_len) if b is None else b
+
+    model = build_model(small_model({"variant": "zoo_length_aware", "b": -1.0}))  # max_seq_len: 16
+    assert set(seen) == {("check", 16), ("init", 16)}  # validation may build layers on meta too
+    assert model.blocks[0].attention.b == -1.0
+    assert build_model(small_model({"variant": "zoo_length_aware"})).blocks[1].attention.b == -math.log(16)
+    assert create_variant("zoo_length_aware", dim=32, heads=4).shape.max_seq_len == 1024
+    assert create_variant("zoo_length_aware", dim=32, heads=4, max_seq_len=64).b == -math.log(64)
