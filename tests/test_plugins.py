@@ -45,6 +45,22 @@ def test_entry_point_variant_shows_up_in_list(run_cli):
         assert f"\n{name}: " in f"\n{result.stdout}"
 
 
+def test_list_plugins_shows_a_plugins_module_variant_and_names_one_that_fails(run_cli):
+    """`list --plugins MOD[,MOD]` (repeatable) imports them first, as a config's `plugins:` does."""
+    assert "zoo_yaml_variant" not in run_cli("list", "zoo_*", path=(PLUGIN,)).stdout
+    result = run_cli("list", "zoo_*", "--plugins", "zoo_yaml_plugin", path=(PLUGIN,))
+    assert result.returncode == 0, result.stderr
+    assert "zoo_yaml_variant: Plain causal attention, registered by a `plugins:` module." in result.stdout
+    assert "    kv_heads (int or null, default None): key/value heads (GQA)" in result.stdout  # its Params rendered
+    result = run_cli("list", "--plugins", "zoo_yaml_plugin,zoo_missing_module", "--plugins", "zoo_broken_plugin",
+                     path=(PLUGIN, BROKEN))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("attention-zoo list: error: --plugins: plugin module 'zoo_missing_module' cannot be imported "
+                              "(ModuleNotFoundError: "), message
+    assert "plugin module 'zoo_broken_plugin' cannot be imported" in message and "zoo_yaml_plugin'" not in message
+
+
 def test_entry_point_variant_builds_from_yaml(isolated_registry, monkeypatch, tmp_path):
     assert "local_window" in rediscover(isolated_registry, monkeypatch, PLUGIN)
     path = tmp_path / "window.yaml"
