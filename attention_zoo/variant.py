@@ -195,7 +195,8 @@ class ProjectedAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None) -> Tensor:
         """softmax(scale q k^T + bias + causal mask) v on the configured backend: (B, H, Nq, Dv). A structured
-        `Selection` bias (-F) goes to the backend as it is (ops/selection)."""
+        `Selection` bias (-F) goes to the backend as it is (ops/selection). An override that is not softmax builds
+        on attention_zoo.functional's causal_mask, grouped_logits and grouped_values (GQA without copying k, v)."""
         return dispatch(q, k, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)
 
     def output(self, out: Tensor) -> Tensor:
