@@ -221,8 +221,9 @@ def head_dim_of(model: dict) -> int:
 
 
 def layer_shape(model: dict, index: int) -> LayerShape:
-    return LayerShape(model["dim"], model["heads"], head_dim_of(model), index,
-                      model["depth"], model.get("norm_eps", 1e-5))
+    """Layer `index`'s shape from a model section (defaults where a key failed validation)."""
+    return LayerShape(model["dim"], model["heads"], head_dim_of(model), index, model["depth"],
+                      model.get("norm_eps", 1e-5), model.get("max_seq_len", MODEL_FIELDS["max_seq_len"].default))
 
 
 def stack_shape(model: dict):

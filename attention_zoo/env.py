@@ -9,10 +9,18 @@ from .errors import UserError
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-# Every switch the library reads, with its default (ATTENTION_ZOO_TRITON_SHARED_DQ takes words, checked where read).
+# Every switch the library reads, with its default.
 SWITCHES = {"ATTENTION_ZOO_CPU_KERNEL": True, "ATTENTION_ZOO_SPLIT_BACKWARD": True,
             "ATTENTION_ZOO_TRITON_AUTOTUNE": True}
-OTHER_VARIABLES = ("ATTENTION_ZOO_TRITON_SHARED_DQ",)
+TEST_PLUGINS = "ATTENTION_ZOO_TEST_PLUGINS"
+# The variables that are not on/off switches, with what they take.
+OTHER_VARIABLES = {
+    "ATTENTION_ZOO_TRITON_SHARED_DQ": "atomic, recompute or fastest: the triton backward's shared-dQ path (checked "
+                                      "where read, backends/triton)",
+    TEST_PLUGINS: "comma-separated plug-in modules (mod1,mod2) the test suite imports before collecting "
+                  "(tests/conftest.py), so the registry-looping tests cover their variants; checked here, read by "
+                  "the tests only",
+}
 
 
 def switch(name: str) -> bool:
@@ -37,6 +45,17 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 
+def module_list(name: str) -> list[str]:
+    """Environment variable `name` as comma-separated module names (`mod1, pkg.mod2`); [] when unset or empty.
+    Raises UserError naming the variable and every entry that is not a dotted Python identifier."""
+    modules = [m.strip() for m in os.environ.get(name, "").split(",") if m.strip()]
+    bad = [m for m in modules if not all(part.isidentifier() for part in m.split("."))]
+    if bad:
+        raise UserError(f"{name}: {', '.join(map(repr, bad))} not a module name; expected comma-separated module "
+                        "names such as my_alibi,pkg.variants")
+    return modules
+
+
 def check_environment() -> None:
     """Every ATTENTION_ZOO_* variable set, checked before a command does any work (a switch is otherwise read only
     where its code runs, after a run has started, or never): a bad value, or a name no code reads (a typo such as
@@ -48,6 +67,11 @@ def check_environment() -> None:
         if name in SWITCHES:
             try:
                 switch(name)
+            except UserError as exc:
+                problems.append(str(exc))
+        elif name == TEST_PLUGINS:
+            try:
+                module_list(name)
             except UserError as exc:
                 problems.append(str(exc))
         elif name not in OTHER_VARIABLES:

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import causal_mask, dispatch
+from .backends import causal_mask as _causal_mask
+from .backends import dispatch
+from .backends.base import group_queries as _group_queries
+from .backends.math import grouped_logits as _grouped_logits
 from .ops.selection import Selection
 from .ops.selection.penalty import fused_selection_penalty
 
@@ -28,6 +31,43 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | Non
     return dispatch(q, k, v, bias=bias, causal=causal, scale=scale, backend=backend)
 
 
+# -- building blocks for a variant's own `attend(q, k, v, bias)` -------------------------------------------------
+def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> Tensor:
+    """Bool (Nq, Nk), True where query i may see key j: j <= k_len - q_len + i. Bottom-right aligned, so with a
+    cache (k_len - q_len keys already cached) the queries are the newest tokens; q_len == k_len is the usual
+    lower triangle. With q_len > k_len the first q_len - k_len rows see no key (all False). Raises nothing."""
+    return _causal_mask(q_len, k_len, device)
+
+
+def _check_groups(heads: int, kv_heads: int) -> None:
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+
+
+def group_queries(x: Tensor, kv_heads: int) -> Tensor:
+    """GQA grouping: (B, H, N, ...) -> (B, Hkv, G, N, ...), G = H // Hkv, a view (nothing copied). Query head h
+    lands at [h // G, h % G], next to kv head h // G, so `einsum("bhgnd,bhmd->bhgnm", group_queries(q, Hkv), k)`
+    pairs every query head with its kv head without repeating k or v. Works for q (B, H, Nq, D) and for per-head
+    weights (B, H, Nq, Nk). Raises ValueError when H is not a multiple of kv_heads."""
+    _check_groups(x.shape[1], kv_heads)
+    return _group_queries(x, kv_heads)
+
+
+def grouped_logits(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
+    """scale * q k^T with GQA: q (B, H, Nq, D), k (B, Hkv, Nk, D) -> (B, H, Nq, Nk), query head h against kv
+    head h // (H / Hkv); no mask, no bias. scale: default D^-0.5. Raises ValueError when H is not a multiple of
+    Hkv."""
+    _check_groups(q.shape[1], k.shape[1])
+    return _grouped_logits(q, k, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def grouped_values(weights: Tensor, v: Tensor) -> Tensor:
+    """weights (B, H, Nq, Nk) times v (B, Hkv, Nk, Dv) with GQA -> (B, H, Nq, Dv), the layout `attend` returns.
+    Raises ValueError when H is not a multiple of Hkv."""
+    _check_groups(weights.shape[1], v.shape[1])
+    return torch.einsum("bhgnm,bhmd->bhgnd", _group_queries(weights, v.shape[1]), v).flatten(1, 2)
+
+
 def selection_scores(logits: Tensor, *, protect_bos: bool = True) -> Tensor:
     """S = ReLU(logits) with key 0 (BOS, if protected), the query itself and future keys zeroed.
 
@@ -36,7 +76,7 @@ def selection_scores(logits: Tensor, *, protect_bos: bool = True) -> Tensor:
     entries are 0 whatever the logit there, +-inf included. Raises nothing of its own.
     """
     Nq, Nk = logits.shape[-2:]
-    strictly_earlier = causal_mask(Nq, Nk - 1, logits.device)  # j < own position, as (Nq, Nk - 1)
+    strictly_earlier = _causal_mask(Nq, Nk - 1, logits.device)  # j < own position, as (Nq, Nk - 1)
     keep = F.pad(strictly_earlier, (0, 1), value=False)  # (Nq, Nk): j <= pos - 1
     if protect_bos:
         keep[:, 0] = False
@@ -104,4 +144,4 @@ def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 __all__ = ["attention", "selective_attention", "selection_penalty", "selection_scores", "selection_logits",
-           "penalty_from_scores"]
+           "penalty_from_scores", "causal_mask", "group_queries", "grouped_logits", "grouped_values"]

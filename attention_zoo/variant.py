@@ -28,7 +28,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LayerShape:
-    """Where a variant sits: model width, heads, and its place in the stack."""
+    """Where a variant sits: model width, heads, and its place in the stack.
+
+    max_seq_len: the model's `max_seq_len`, the sequence length it is configured (trained) for; for a
+    length-aware init such as sigmoid attention's b = -log(max_seq_len). A hard cap on positions only with
+    learned positions: with rope or none the model runs longer sequences (cached decoding, streaming
+    evaluation, `generate`), so a layer may see more keys than this. A layer built on its own
+    (`create_variant`) gets 1024, the config default, unless told."""
 
     dim: int
     heads: int
@@ -36,6 +42,7 @@ class LayerShape:
     layer_index: int = 0
     depth: int = 1
     norm_eps: float = 1e-5  # for norms inside the layer (QK-norm, differential's per-head norm)
+    max_seq_len: int = 1024
 
 
 def type_name(types: type | tuple[type, ...]) -> str:
@@ -200,7 +207,8 @@ class ProjectedAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None) -> Tensor:
         """softmax(scale q k^T + bias + causal mask) v on the configured backend: (B, H, Nq, Dv). A structured
-        `Selection` bias (-F) goes to the backend as it is (ops/selection)."""
+        `Selection` bias (-F) goes to the backend as it is (ops/selection). An override that is not softmax builds
+        on attention_zoo.functional's causal_mask, grouped_logits and grouped_values (GQA without copying k, v)."""
         return dispatch(q, k, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)
 
     def output(self, out: Tensor) -> Tensor:

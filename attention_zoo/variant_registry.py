@@ -95,9 +95,10 @@ def resolved_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_variant(name: str, *, dim: int = 64, heads: int = 4, head_dim: int | None = None, layer_index: int = 0,
-                   depth: int = 1, backend: str = "auto", **params: Any) -> nn.Module:
-    """Build one attention layer of variant `name`; invalid parameters raise with every problem listed."""
-    shape = LayerShape(dim, heads, head_dim or dim // heads, layer_index, depth)
+                   depth: int = 1, max_seq_len: int = 1024, backend: str = "auto", **params: Any) -> nn.Module:
+    """Build one attention layer of variant `name` (the sizes fill its LayerShape); invalid parameters raise
+    ValueError with every problem listed."""
+    shape = LayerShape(dim, heads, head_dim or dim // heads, layer_index, depth, max_seq_len=max_seq_len)
     problems = check_params(name, params, shape)
     if problems:
         raise ValueError(f"invalid parameters for variant {name!r}:\n" + "\n".join(

@@ -19,6 +19,25 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """ATTENTION_ZOO_TEST_PLUGINS=mod1,mod2: import those plug-in modules (as a config's `plugins:` does) before
+    any test file is collected, so the tests that loop over the registry (tests/cases.py: the contract, cache,
+    reference tests) cover their variants as they cover an installed one. A module that cannot be imported stops
+    the run with one message (pytest.UsageError)."""
+    from attention_zoo.env import TEST_PLUGINS, module_list
+    from attention_zoo.errors import UserError
+    from attention_zoo.registry import import_plugins
+
+    try:
+        modules = module_list(TEST_PLUGINS)
+    except UserError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    failures = import_plugins(modules)
+    if failures:
+        raise pytest.UsageError(f"{TEST_PLUGINS}: " + "; ".join(f"{f.source} cannot be imported ({f.error})"
+                                                                 for f in failures) + "; is its folder on PYTHONPATH?")
+
+
 # pytest-xdist hands tests out in collection order, so a long test collected last runs alone at the end
 # while the other worker idles (the sm_90 compile tests, 30-50 s each, ended a 6-minute run 40 s after the
 # other worker had finished). The files holding the longest tests go first; the many short ones fill the end.

@@ -49,6 +49,9 @@ def test_adding_a_variant_tutorial_runs(tmp_path, monkeypatch, isolated_registry
         elif lang == "bash":
             for line in filter(None, (line.split(" #")[0].strip() for line in code.splitlines())):
                 words = shlex.split(line)
+                if words[0].startswith("ATTENTION_ZOO_TEST_PLUGINS="):
+                    run_contract_command(words, tmp_path)
+                    continue
                 assert words[:2] == ["PYTHONPATH=.", "attention-zoo"], f"unexpected command in {page.name}: {line}"
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
                 result = subprocess.run([sys.executable, "-m", "attention_zoo", *words[2:]], cwd=tmp_path, env=env,
@@ -62,6 +65,19 @@ def test_adding_a_variant_tutorial_runs(tmp_path, monkeypatch, isolated_registry
             ran["toml"] += 1
     assert ran["python"] >= 3 and ran["bash"] and ran["toml"]
     assert (tmp_path / "my_alibi.py").exists() and (tmp_path / "alibi.yaml").exists()
+
+
+def run_contract_command(words: list[str], folder: Path) -> None:
+    """The page's contract-test command, from the checkout, with `folder` (holding the page's my_alibi.py) as
+    the documented PYTHONPATH; in one process (-n0). The plug-in's cases must be collected and pass."""
+    assert words[1:5] == ["PYTHONPATH=path/to/my_variants", "python", "-m", "pytest"], words
+    env = {**os.environ, "ATTENTION_ZOO_TEST_PLUGINS": words[0].split("=", 1)[1],
+           "PYTHONPATH": os.pathsep.join([str(folder), str(ROOT)])}
+    result = subprocess.run([sys.executable, "-m", "pytest", *words[5:], "-n0", "-p", "no:cacheprovider"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    tail = (result.stdout + result.stderr)[-3000:]
+    assert result.returncode == 0 and re.search(r"\b\d+ passed", result.stdout), tail
+    assert not re.search(r"\b\d+ (failed|error)", result.stdout), tail
 
 
 def config_examples() -> list[tuple[str, int, str]]:

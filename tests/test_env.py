@@ -70,3 +70,16 @@ def test_the_cli_checks_every_setting_before_any_work(monkeypatch, capsys, tmp_p
     assert code == 2 and not (tmp_path / "run").exists()
     assert "ATTENTION_ZOO_CPU_KERNEL='maybe': expected 1/true/yes/on" in err
     assert "ATTENTION_ZOO_SPLIT_BACKWARDS: no such setting; did you mean 'ATTENTION_ZOO_SPLIT_BACKWARD'" in err
+
+
+def test_test_plugins_is_a_known_setting_and_its_module_names_are_checked(monkeypatch, capsys):
+    """ATTENTION_ZOO_TEST_PLUGINS (read by tests/conftest.py) must not make the CLI refuse to start when set."""
+    from attention_zoo.cli import main
+    from attention_zoo.env import check_environment, module_list
+
+    monkeypatch.setenv("ATTENTION_ZOO_TEST_PLUGINS", " my_alibi, pkg.variants ,")
+    check_environment()
+    assert module_list("ATTENTION_ZOO_TEST_PLUGINS") == ["my_alibi", "pkg.variants"]
+    monkeypatch.setenv("ATTENTION_ZOO_TEST_PLUGINS", "my-alibi,ok")
+    assert main(["list", "vanilla"]) == 2
+    assert "ATTENTION_ZOO_TEST_PLUGINS: 'my-alibi' not a module name" in capsys.readouterr().err

@@ -38,3 +38,28 @@ def test_a_named_backend_that_refuses_raises_backend_refused():
     q, k, v = (t.half().requires_grad_() for t in qkv())
     with pytest.raises(BackendRefused, match="backend 'sdpa' refused: fp16 backward on CPU"):
         functional.attention(q, k, v, backend="sdpa")
+
+
+def test_attend_building_blocks_rebuild_the_math_backend_with_gqa_and_a_cache():
+    """causal_mask, grouped_logits and grouped_values (a custom `attend`'s parts) give softmax attention exactly as
+    the math backend does: GQA (4 query heads on 2 kv heads) and more keys than queries (a cache's layout)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = functional.causal_mask(3, 7)
+    assert mask.tolist() == [[j <= 4 + i for j in range(7)] for i in range(3)]  # bottom-right: queries at 4, 5, 6
+    scores = functional.grouped_logits(q, k).masked_fill(~mask, float("-inf"))
+    out = functional.grouped_values(scores.softmax(-1), v)
+    torch.testing.assert_close(out, functional.attention(q, k, v, backend="math"))
+    expanded = k.repeat_interleave(2, dim=1)  # query head h reads kv head h // 2
+    torch.testing.assert_close(functional.grouped_logits(q, k, scale=1.0), q @ expanded.transpose(-1, -2))
+    grouped = functional.group_queries(q, 2)
+    assert grouped.shape == (2, 2, 2, 3, 8) and torch.equal(grouped[:, 1, 0], q[:, 2])  # a view: [h // G, h % G]
+    assert functional.causal_mask(3, 1).tolist() == [[False], [False], [True]]  # more queries than keys
+
+
+@pytest.mark.parametrize("call", [lambda: functional.group_queries(torch.zeros(1, 4, 2, 8), 3),
+                                  lambda: functional.grouped_logits(torch.zeros(1, 4, 2, 8), torch.zeros(1, 3, 2, 8)),
+                                  lambda: functional.grouped_values(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 2, 8))])
+def test_gqa_helpers_reject_heads_that_do_not_group(call):
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of kv heads \(3\)"):
+        call()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from attention_zoo import ProjectedAttention, build_model, create_variant, list_variants, load_config, register_variant
+from attention_zoo import Param, ProjectedAttention, build_model, create_variant, list_variants, load_config, register_variant
 from attention_zoo.cli import main as cli_main
 from attention_zoo.config import ConfigError
 from attention_zoo.registry import RegistryError
@@ -43,6 +43,22 @@ def test_entry_point_variant_shows_up_in_list(run_cli):
     assert "window (int, default 4): keys each query sees" in result.stdout
     for name in BUILTINS:
         assert f"\n{name}: " in f"\n{result.stdout}"
+
+
+def test_list_plugins_shows_a_plugins_module_variant_and_names_one_that_fails(run_cli):
+    """`list --plugins MOD[,MOD]` (repeatable) imports them first, as a config's `plugins:` does."""
+    assert "zoo_yaml_variant" not in run_cli("list", "zoo_*", path=(PLUGIN,)).stdout
+    result = run_cli("list", "zoo_*", "--plugins", "zoo_yaml_plugin", path=(PLUGIN,))
+    assert result.returncode == 0, result.stderr
+    assert "zoo_yaml_variant: Plain causal attention, registered by a `plugins:` module." in result.stdout
+    assert "    kv_heads (int or null, default None): key/value heads (GQA)" in result.stdout  # its Params rendered
+    result = run_cli("list", "--plugins", "zoo_yaml_plugin,zoo_missing_module", "--plugins", "zoo_broken_plugin",
+                     path=(PLUGIN, BROKEN))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("attention-zoo list: error: --plugins: plugin module 'zoo_missing_module' cannot be imported "
+                              "(ModuleNotFoundError: "), message
+    assert "plugin module 'zoo_broken_plugin' cannot be imported" in message and "zoo_yaml_plugin'" not in message
 
 
 def test_entry_point_variant_builds_from_yaml(isolated_registry, monkeypatch, tmp_path):
@@ -352,3 +368,27 @@ def test_describe_plans_each_call_of_a_layer_whose_calls_differ(isolated_registr
     assert cli_main(["describe", str(cfg)]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if "2 calls" in x][0]
     assert "call 1: sdpa" in line and "call 2: sdpa" in line and "values of width 16 differ" in line.split("call 2")[1]
+
+
+def test_a_variant_sees_the_models_max_seq_len(isolated_registry):
+    """LayerShape.max_seq_len is model.max_seq_len, in the Param check and in __init__ (a length-aware init such
+    as sigmoid attention's b = -log(n)); a layer built on its own gets the config default unless told."""
+    seen = []
+
+    @register_variant("zoo_length_aware")
+    class LengthAware(ProjectedAttention):
+        """Records the max_seq_len its shape carries."""
+        params = {"b": Param(float, None, "bias; null: -log(max_seq_len)",
+                             check=lambda value, shape: seen.append(("check", shape.max_seq_len)))}
+
+        def __init__(self, shape, *, b=None, **base):
+            super().__init__(shape, **base)
+            seen.append(("init", shape.max_seq_len))
+            self.b = -math.log(shape.max_seq_len) if b is None else b
+
+    model = build_model(small_model({"variant": "zoo_length_aware", "b": -1.0}))  # max_seq_len: 16
+    assert set(seen) == {("check", 16), ("init", 16)}  # validation may build layers on meta too
+    assert model.blocks[0].attention.b == -1.0
+    assert build_model(small_model({"variant": "zoo_length_aware"})).blocks[1].attention.b == -math.log(16)
+    assert create_variant("zoo_length_aware", dim=32, heads=4).shape.max_seq_len == 1024
+    assert create_variant("zoo_length_aware", dim=32, heads=4, max_seq_len=64).b == -math.log(64)

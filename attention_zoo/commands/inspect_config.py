@@ -19,6 +19,9 @@ from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_pa
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="registered variants with descriptions and parameters")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'sel*'")
+    p.add_argument("--plugins", action="append", default=[], metavar="MOD[,MOD]",
+                   help="import these modules first (as a config's `plugins:` does), so their variants are listed; "
+                   "repeatable; the modules' folder must be importable (e.g. PYTHONPATH=.)")
     p.set_defaults(run=cmd_list)
 
     p = sub.add_parser("validate", help="check config files; report every problem")
@@ -38,6 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_list(args) -> int:
+    """Print the variants matching args.pattern (with their Params), plugin failures and, for `*`, the stack
+    components. Raises UserError (exit 2) naming every `--plugins` module that cannot be imported."""
+    modules = [m.strip() for value in args.plugins for m in value.split(",") if m.strip()]
+    failures = import_plugins(modules)
+    if failures:
+        raise UserError("--plugins: " + "; ".join(f"{f.source} cannot be imported ({f.error})" for f in failures)
+                        + " (a plugin module's folder must be on PYTHONPATH)")
     names = list_variants(args.pattern)
     if not names:
         print(f"no variant matches {args.pattern!r}; registered: {', '.join(list_variants())}")

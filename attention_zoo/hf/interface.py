@@ -74,7 +74,8 @@ def _layer_for(module: torch.nn.Module, variant: str, query: Tensor, key: Tensor
         if kv_heads != heads or "kv_heads" in get_variant(variant).params and get_variant(variant).params["kv_heads"].required:
             params.setdefault("kv_heads", kv_heads)
         shape = LayerShape(heads * head_dim, heads, head_dim, getattr(module, "layer_idx", 0) or 0,
-                           getattr(config, "num_hidden_layers", 1) or 1)
+                           getattr(config, "num_hidden_layers", 1) or 1,
+                           max_seq_len=getattr(config, "max_position_embeddings", None) or 1024)
         problems = check_params(variant, params, shape)
         if problems:
             raise ConversionError(f"{PREFIX}{variant}: " + "; ".join(f"{p.key} = {p.value!r}: {p.message}" for p in problems)
