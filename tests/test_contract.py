@@ -48,9 +48,10 @@ def test_shapes_and_declared_state(name, params):
     assert logits.shape == (B, N, VOCAB)
     assert torch.isfinite(logits).all()
     for layer, (block, updates) in enumerate(zip(model.blocks, per_layer)):
-        for channel, value in updates.items():
-            if CHANNELS[channel].shape in ("(B, H, Nq, Nk)", "(B, Nq, Nk)"):  # layouts Channel.check knows
-                CHANNELS[channel].check(value, B, HEADS, N, N)  # declared shape and dtype
+        attention = block.attention
+        sizes = {"B": B, "H": HEADS, "Hkv": attention.kv_heads, "Nq": N, "Nk": N, "D": attention.head_dim}
+        for channel, value in updates.items():  # the layer checked its writes too; these are the test's own sizes
+            CHANNELS[channel].check(value, sizes, torch.float32, f"layer {layer}")  # declared layout and dtype
         # called directly, not through the stack, whose merge would raise on an undeclared write first
         y, direct = block.attention(torch.randn(B, N, DIM), fresh_view(state_below(per_layer, layer)))
         assert y.shape == (B, N, DIM)

@@ -1,0 +1,133 @@
+"""State channels: a layout is a tuple over a small vocabulary, refused at declaration otherwise, and every
+write is checked against its channel's layout and dtype, with the writing layer's sizes, when it is made."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from attention_zoo import Param, ProjectedAttention, build_model, declare_channel, register_variant
+from attention_zoo.state import CHANNELS, RESIDUAL_SCORES, SELECTION_PENALTY
+from attention_zoo.variant import BASE_PARAMS
+from tests.cases import variant_config
+
+PROBE = "zoo_probe"
+B, N, HEADS, DIM = 2, 6, 4, 32
+
+
+@pytest.fixture
+def channels():
+    """CHANNELS as it was before the test: what the test declares is forgotten after it."""
+    before = dict(CHANNELS)
+    yield CHANNELS
+    CHANNELS.clear()
+    CHANNELS.update(before)
+
+
+def test_builtin_layouts_parse():
+    assert RESIDUAL_SCORES.dims == ("B", "H", "Nq", "Nk")
+    assert SELECTION_PENALTY.dims == ("B", "Nq", "Nk")
+
+
+@pytest.mark.parametrize("layout,dims", [("(B, Hkv, Nk, D)", ("B", "Hkv", "Nk", "D")), ("(B,1,Nq,Nk)", ("B", 1, "Nq", "Nk")),
+                                         ("(B,)", ("B",)), ("()", ())])
+def test_valid_layouts(channels, layout, dims):
+    assert declare_channel(PROBE, layout, None, "probe").dims == dims
+
+
+@pytest.mark.parametrize("layout,why", [
+    ("(B, H, N)", r"unknown dimension 'N'; did you mean 'Nq', 'Nk'\?"),  # the trial's example
+    ("B H Nq Nk", "not a parenthesised, comma-separated tuple"),
+    ("(B, Hk, Nq)", "unknown dimension 'Hk'; did you mean 'Hkv'"),
+    ("(B, 0)", "unknown dimension '0'"),
+    ("", "not a parenthesised"),
+])
+def test_malformed_or_unknown_layout_is_refused_at_declaration(channels, layout, why):
+    with pytest.raises(ValueError, match=why) as refused:
+        declare_channel(PROBE, layout, torch.float32, "probe")
+    message = str(refused.value)
+    assert f"'{PROBE}'" in message and repr(layout) in message and "valid: B, H, Hkv, Nq, Nk, D" in message
+    assert PROBE not in CHANNELS
+
+
+@pytest.fixture
+def writer(channels, isolated_registry):
+    """build(mode): a 2-layer model of a plug-in variant writing PROBE, declared (B, H, Nq, Nk) float32."""
+    declare_channel(PROBE, "(B, H, Nq, Nk)", torch.float32, "a probe written by zoo_writes_state")
+
+    @register_variant("zoo_writes_state")
+    class Writer(ProjectedAttention):
+        """Writes PROBE, declared (B, H, Nq, Nk) float32: right, or wrong in one way (`mode`)."""
+
+        params = {**BASE_PARAMS, "mode": Param(str, "right", choices=("right", "chunk_keys", "heads_last", "half"))}
+
+        def __init__(self, shape, *, mode: str = "right", **base):
+            super().__init__(shape, **base)
+            self.mode = mode
+            self.writes = (PROBE,)
+
+        def attention_bias(self, q, k, state, cache):
+            b, h, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+            value = {
+                "right": lambda: q.new_zeros(b, h, nq, nk),
+                "chunk_keys": lambda: q.new_zeros(b, h, nq, nq),  # the new keys only: right until a cache holds keys
+                "heads_last": lambda: q.new_zeros(b, nq, nk, h),
+                "half": lambda: q.new_zeros(b, h, nq, nk, dtype=torch.float16),
+            }[self.mode]()
+            return None, {PROBE: value}
+
+    def build(mode: str):
+        sizes = {"vocab_size": 32, "dim": DIM, "depth": 2, "heads": HEADS, "max_seq_len": 16}
+        return build_model(variant_config("zoo_writes_state", {"mode": mode}, **sizes))
+
+    return build
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 32, (B, N), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_right_write_passes(writer):
+    _, per_layer = writer("right")(tokens(), return_state=True)
+    assert per_layer[1][PROBE].shape == (B, HEADS, N, N)
+
+
+def test_a_wrongly_shaped_write_fails_at_forward_naming_layer_channel_layout_and_value(writer):
+    expected = (f"layer 0 (Writer) wrote state '{PROBE}' as Tensor of shape ({B}, {N}, {N}, {HEADS}), float32; "
+                f"the channel is (B, H, Nq, Nk) = ({B}, {HEADS}, {N}, {N}), float32 or wider")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        writer("heads_last")(tokens())
+
+
+def test_a_write_of_the_wrong_dtype_fails_at_forward(writer):
+    with pytest.raises(ValueError, match=re.escape(f"wrote state '{PROBE}' as Tensor of shape ({B}, {HEADS}, {N}, {N}), "
+                                                   "float16; the channel is (B, H, Nq, Nk)")):
+        writer("half")(tokens())
+
+
+def test_cached_decoding_checks_new_rows_against_every_visible_key(writer):
+    """Nq is the new rows and Nk the cached and new keys: a value over the chunk's own keys passes a full forward
+    and the first chunk (Nq = Nk there), and fails on the next chunk, when the cache holds keys."""
+    x = tokens()
+    for mode in ("right", "chunk_keys"):
+        model = writer(mode).eval()
+        with torch.no_grad():
+            model(x)
+            cache = model.new_cache()
+            model(x[:, :4], cache)
+            if mode == "right":
+                _, per_layer = model(x[:, 4:5], cache, return_state=True)
+                assert per_layer[0][PROBE].shape == (B, HEADS, 1, 5)
+            else:
+                with pytest.raises(ValueError, match=re.escape(f"(B, H, Nq, Nk) = ({B}, {HEADS}, 1, 5)")):
+                    model(x[:, 4:5], cache)
+
+
+def test_builtin_structured_writes_are_checked_too(monkeypatch):
+    """A Selection is checked by its .shape and .dtype: a channel declared over other sizes refuses it."""
+    monkeypatch.setitem(CHANNELS, SELECTION_PENALTY.name, type(SELECTION_PENALTY)(
+        SELECTION_PENALTY.name, "(B, H, Nq, Nk)", torch.float32, "as if declared per head"))
+    model = build_model(variant_config("selective", {}, vocab_size=32, dim=DIM, depth=1, heads=HEADS, max_seq_len=16))
+    with pytest.raises(ValueError, match=r"layer 0 \(Selective\) wrote state 'selection_penalty' as Selection of shape"):
+        model(tokens())
