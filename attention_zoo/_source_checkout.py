@@ -3,8 +3,10 @@
 The built-in variants live in the repository's top-level `variants/` folder (the layout is fixed) and are
 installed inside the package as `attention_zoo.variants` (pyproject.toml's `package-dir`); a wheel holds
 them at `attention_zoo/variants/`, and an editable install maps the name to the folder. A bare checkout
-has neither, so this finder maps that one name to the folder. It sits last on `sys.meta_path`: any
-install's own finder answers first, and no other name is affected.
+has neither, so this finder maps that one name to the folder. It sits first on `sys.meta_path`, because
+the variants must be the ones beside the package that was imported: a checkout on PYTHONPATH (a git
+worktree, a second clone) next to an editable install of another checkout would otherwise get that
+other checkout's variants from the install's finder, silently. No other name is affected.
 """
 from __future__ import annotations
 
@@ -34,4 +36,4 @@ def install() -> None:
     if (PACKAGE / "variants").exists() or not (FOLDER / "__init__.py").is_file():
         return
     if not any(isinstance(f, SourceVariantsFinder) for f in sys.meta_path):
-        sys.meta_path.append(SourceVariantsFinder())
+        sys.meta_path.insert(0, SourceVariantsFinder())

@@ -59,3 +59,18 @@ def test_a_bare_checkout_on_pythonpath_imports_the_variants():
     assert folder == str(ROOT / "variants" / "__init__.py")
     builtins = sorted(p.stem for p in (ROOT / "variants").glob("*.py") if p.stem != "__init__")
     assert set(builtins) <= set(ast.literal_eval(names)) and "selective" in builtins  # every built-in module registered
+
+
+def test_another_checkout_on_pythonpath_imports_its_own_variants(tmp_path):
+    """A second checkout (a git worktree, another clone) on PYTHONPATH beside this interpreter's editable install
+    of this one: `attention_zoo` came from the second, and so must its variants. The install's finder answered
+    first and gave this checkout's variants, so changes to the second's variants/ were never run."""
+    other = tmp_path / "other"
+    for folder in ("attention_zoo", "variants"):
+        shutil.copytree(ROOT / folder, other / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import attention_zoo, attention_zoo.variants as v; print(attention_zoo.__file__); print(v.__file__)"
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(other)), cwd="/",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [str(other / "attention_zoo" / "__init__.py"),
+                                          str(other / "variants" / "__init__.py")]
