@@ -202,11 +202,21 @@ def test_curriculum_follows_the_step_through_a_resume(tmp_path, monkeypatch):
     assert counts == [2, 2, 2, 2, 2, 4, 4, 4]  # the schedule switches at step 5 wherever the run resumed
 
 
-def test_gradient_accumulation_does_not_change_the_run(tmp_path):
-    one = train(load_config(tiny()), tmp_path / "one", progress=False)
-    four = train(load_config(tiny(grad_accum=4)), tmp_path / "four", progress=False)
-    for r1, r4 in zip(records(tmp_path / "one", "train"), records(tmp_path / "four", "train")):
+@pytest.mark.parametrize("aux", [False, True], ids=["plain", "aux_loss"])
+def test_gradient_accumulation_does_not_change_the_run(tmp_path, aux, penalty_loss):
+    """The same run in 4 micro-batches: the loss, every aux term and the gradient norm (Adam would hide a
+    gradient off by a constant factor, so the loss alone cannot tell) match the run in one."""
+    extra = {"aux_losses": {"test_penalty_mean": {"weight": 5.0}}} if aux else {}
+    variant = "selective" if aux else "vanilla"
+    one = train(load_config(tiny(variant, **extra)), tmp_path / "one", progress=False)
+    four = train(load_config(tiny(variant, grad_accum=4, **extra)), tmp_path / "four", progress=False)
+    pairs = list(zip(records(tmp_path / "one", "train"), records(tmp_path / "four", "train")))
+    assert len(pairs) == 8
+    for r1, r4 in pairs:
         assert r1["loss"] == pytest.approx(r4["loss"], abs=1e-5)
+        assert r1["grad_norm"] == pytest.approx(r4["grad_norm"], rel=1e-4)
+        if aux:
+            assert r1["aux.test_penalty_mean"] == pytest.approx(r4["aux.test_penalty_mean"], rel=1e-4)
     assert one["val"]["loss"] == pytest.approx(four["val"]["loss"], abs=1e-5)
 
 
