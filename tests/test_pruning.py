@@ -149,6 +149,34 @@ def test_budget_evicts_the_largest_penalty():
             assert sorted(acc[b, gone].tolist()) == sorted(candidates.topk(3).values.tolist())
 
 
+def test_a_linked_group_evicts_by_its_layers_smallest_penalty():
+    """Layers linked by key-indexed state (residual scores here: all four) keep one set of keys, ranked by
+    the smallest F any of them gives a key: a key goes only if every layer of the group would drop it."""
+    model = make_model(SELECTIVE_RESIDUAL_GQA)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(tokens(2, 12), cache=cache)
+    per_layer = torch.stack(next_query_penalties(model, cache))  # (layers, B, T)
+    smallest, largest = per_layer.amin(0), per_layer.amax(0)
+    positions = cache.layers[0].positions.clone()
+    Pruner(model, BudgetPolicy(9))(cache)
+    assert all(torch.equal(layer.positions, cache.layers[0].positions) for layer in cache.layers)
+    for b in range(2):
+        gone = sorted(set(positions[b].tolist()) - set(cache.layers[0].positions[b].tolist()))
+        assert len(gone) == 3
+        assert sorted(smallest[b, gone].tolist()) == sorted(smallest[b, 1:-1].topk(3).values.tolist())
+    # the test can tell the group's minimum from its maximum: they pick other keys here
+    assert any(set(smallest[b, 1:-1].topk(3).indices.tolist()) != set(largest[b, 1:-1].topk(3).indices.tolist())
+               for b in range(2))
+
+
+def test_threshold_evicts_a_penalty_equal_to_tau():
+    """The rule is F >= tau (a key is dropped at tau, not only over it); BOS and the newest key stay."""
+    policy = ThresholdPolicy(1.0)
+    penalty = torch.tensor([[2.0, 1.0, 0.5, 1.0 - 1e-6, 2.0]])
+    assert policy.keep(penalty, torch.arange(5)[None], None).tolist() == [[0, 2, 3, 4]]
+
+
 def test_threshold_drops_exactly_the_keys_at_or_over_tau():
     model = make_model(SELECTIVE)
 
