@@ -87,3 +87,33 @@ def test_on_cpu_values_go_unpadded_and_results_match_the_padded_path(attention, 
     assert all(c.value_dim is None for c in calls)
     for a, b in zip(unpadded, padded):
         torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)
+
+
+def test_layers_of_different_scales_carry_the_exact_sum_of_their_scores():
+    """R_2 = s_1 q_1 k_1^T + s_2 q_2 k_2^T when the layers' softmax scales differ (a plug-in or an imported model
+    may set its own): the concatenation carries one scale, so the earlier q is rescaled by s_1 / s_2. Every
+    built-in layer of a model shares one scale, so this ratio was never exercised (mutation audit)."""
+    from attention_zoo.backends.math import math_attention
+    from attention_zoo.ops import residual
+
+    gen = torch.Generator().manual_seed(0)
+    q1, q2 = (torch.randn(2, 4, 9, 8, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(2))
+    k1, k2 = (torch.randn(2, 2, 9, 8, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 2, 9, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    first, _ = residual.carry(None, q1, k1, None, 0.3, None)
+    second, dense = residual.carry(first, q2, k2, None, 0.7, None)
+    assert isinstance(second, ResidualScores) and dense is None
+    repeat = lambda k: k.repeat_interleave(2, dim=1)  # noqa: E731  (GQA: 4 query heads over 2 kv heads)
+    expected = 0.3 * q1 @ repeat(k1).transpose(-1, -2) + 0.7 * q2 @ repeat(k2).transpose(-1, -2)
+    torch.testing.assert_close(second.dense(), expected, rtol=0, atol=1e-12)
+    out = residual.attend(second, v, lambda q, k, v_, bias: math_attention(q, k, v_, bias=bias, causal=True,
+                                                                         scale=second.scale))
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    reference = torch.softmax(expected.masked_fill(~causal, float("-inf")), dim=-1) @ repeat(v)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
+    inputs = (q1, q2, k1, k2, v)
+    weights = torch.randn(reference.shape, dtype=torch.float64, generator=gen)
+    got = torch.autograd.grad((out * weights).sum(), inputs)
+    want = torch.autograd.grad((reference * weights).sum(), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
