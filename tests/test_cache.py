@@ -168,10 +168,10 @@ def test_per_key_statistics_of_any_shape_follow_their_keys():
     assert cache.per_key["flat"].tolist() == [[0, 2, 3], [1, 3, 0]]
     assert cache.per_key["per_head"][1].tolist() == [[1, 3, 0], [11, 13, 0], [21, 23, 0]]
     assert cache.positions.tolist() == [[0, 2, 3], [1, 3, 5]] and cache.running["total"].shape == (B, H)
-    cache.keep(torch.tensor([[1, 2], [1, 2]]))  # older keys evicted; the newest stays (pruning never evicts it)
-    assert cache.length == 2 and cache.next_position() == 4  # after the newest kept key, not the number of keys
     kv = 2 * B * Hkv * 3 * D * 4
     assert cache.nbytes() == kv + B * 3 * 8 + B * 3 * 4 + B * H * 3 * 4 + B * H * 4
+    cache.keep(torch.tensor([[1, 2], [1, 2]]))  # older keys evicted; the newest stays (pruning never evicts it)
+    assert cache.length == 2 and cache.next_position() == 4  # after the newest kept key, not the number of keys
 
 
 @pytest.mark.parametrize("stack", ["rope", "none"])
