@@ -363,10 +363,13 @@ def test_train_into_the_folder_of_its_own_config_is_refused_before_anything_is_w
     assert (exp / "config.yaml").read_text() == mine and sorted(p.name for p in exp.iterdir()) == ["config.yaml"]
     code, _, err = cli(capsys, "train", str(exp / "config.yaml"), "--out", str(exp / "run"), "--no-progress")
     assert code == 0, err  # a subfolder is fine
-    # a run stopped before its first log holds only config.yaml: --resume takes it as the run it is
-    (exp / "run" / "metrics.jsonl").unlink()
+    # --resume does not get past it (the refusal once suggested it, and it replaced the user's file)
+    code, _, err = cli(capsys, "train", str(exp / "config.yaml"), "--out", str(exp), "--resume", "--no-progress")
+    assert code == 2 and "with or without --resume" in err and (exp / "config.yaml").read_text() == mine
+    # a run stopped before its first log holds an empty metrics.jsonl beside its config.yaml: it resumes
     shutil.rmtree(exp / "run" / "checkpoint")
     (exp / "run" / "final.json").unlink()
+    (exp / "run" / "metrics.jsonl").write_text("")
     code, out, err = cli(capsys, "train", str(exp / "config.yaml"), "--out", str(exp / "run"), "--resume", "--no-progress")
     assert code == 0 and "starting from step 0" in out, err
 

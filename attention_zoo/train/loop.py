@@ -156,11 +156,11 @@ def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
     D.barrier(world)  # every rank sees the recovered folder
     if not resume and (checkpoint.exists() or (out / METRICS).exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    if not resume and (theirs := [name for name in (CONFIG, FINAL) if (out / name).exists()]):
+    is_run = checkpoint.exists() or (out / METRICS).exists()  # a run makes metrics.jsonl before its config.yaml
+    if not is_run and (theirs := [name for name in (CONFIG, FINAL) if (out / name).exists()]):
         # e.g. `train exp/config.yaml --out exp`: the run's config.yaml would replace the user's own file
-        raise UserError(f"{out} holds {' and '.join(theirs)} but no run (no {CHECKPOINT_DIR}/ or {METRICS}); training "
-                        "there would replace it: choose another --out (e.g. a subfolder), or pass --resume if it is "
-                        "a run stopped before its first log")
+        raise UserError(f"{out} holds {' and '.join(theirs)} but no run (no {CHECKPOINT_DIR}/ or {METRICS}), with "
+                        "or without --resume: training there would replace it; choose another --out (e.g. a subfolder)")
     if resume and checkpoint.exists():
         missing = [name for name in (WEIGHTS, STATE, CONFIG) if not (checkpoint / name).is_file()]
         if missing:
@@ -326,6 +326,7 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     D.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS).touch()  # first: what marks the folder as a run's (a config.yaml alone may be the user's)
         atomic_write_text(out / CONFIG, yaml.safe_dump(dict(config), sort_keys=False))
     log = MetricsLog(out / METRICS, enabled=world.is_main)
 
