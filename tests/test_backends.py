@@ -5,6 +5,8 @@ fp32: |difference| <= 1e-5 * max(1, largest |value|); float64 1e-10; bf16 forwar
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -166,3 +168,37 @@ def test_the_backend_choice_memo_is_bounded(monkeypatch):
         backends.dispatch(q, kv, kv, bias=None, causal=True, scale=0.5)
     assert len(backends._chosen) == 4
     assert sorted(key[1].k_len for key in backends._chosen) == [7, 8, 9, 10]
+
+
+@pytest.mark.parametrize("shape", [(6,), (5, 6), (4, 5, 6), (1, 5, 6), (2, 1, 1, 6)], ids=str)
+@pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
+def test_a_bias_with_fewer_dims_broadcasts_as_documented(shape, backend):
+    """A bias broadcastable to (B, H, Nq, Nk) with fewer than 4 dims ((Nq, Nk) from positions alone) ran on math
+    and crashed on sdpa, the default on CPU (an IndexError, a size mismatch, "bias must be 4-D"). It is now a
+    4-D view everywhere: outputs and the bias's gradient (summed over what it broadcast over) match the math
+    backend given the bias expanded by hand, fp64."""
+    from attention_zoo import functional
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(2, 2, 6, 8, dtype=torch.float64, generator=gen) for _ in range(2))
+    bias = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    full = bias.detach().expand(2, 4, 5, 6).clone().requires_grad_()
+    out = functional.attention(q, k, v, bias=bias, backend=backend)
+    want = functional.attention(q, k, v, bias=full, backend="math")
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    (got,) = torch.autograd.grad((out * weights).sum(), bias)
+    (expanded,) = torch.autograd.grad((want * weights).sum(), full)
+    dims = tuple(range(4 - len(shape))) + tuple(4 - len(shape) + i for i, n in enumerate(shape) if n == 1)
+    torch.testing.assert_close(got, expanded.sum(dims, keepdim=True).reshape(shape), rtol=0, atol=1e-12)
+
+
+def test_a_bias_that_does_not_broadcast_is_one_clear_error():
+    from attention_zoo import functional
+
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8)
+    for shape in [(5, 5), (3, 5, 6), (1, 2, 4, 5, 6)]:
+        message = f"attention bias of shape {tuple(shape)} does not broadcast to (B, H, Nq, Nk) = (2, 4, 5, 6)"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            functional.attention(q, k, k, bias=torch.zeros(shape), backend="sdpa")

@@ -125,8 +125,10 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None
     (B, H, Nq, Dv) in q's dtype; a row that sees no key is 0.
 
     Raises BackendRefused (a UserError) when the named backend refuses the call, or none does under auto; a
-    RegistryError for a backend name that is not registered. Shapes are not checked here (see
-    `functional.attention`)."""
+    RegistryError for a backend name that is not registered; ValueError for a tensor bias that does not
+    broadcast to (B, H, Nq, Nk). Other shapes are not checked here (see `functional.attention`)."""
+    if isinstance(bias, Tensor):
+        bias = as_4d_bias(bias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     call = AttentionCall.from_tensors(q, k, bias, v)
     for calls in _recorders:
         calls.append(call)
@@ -138,6 +140,15 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None
             _logged.add((why, chosen.name))
             log.info("attention-zoo auto backend: using %s (%s)", chosen.name, why)
     return run_on(chosen, q, k, v, bias, causal, scale)
+
+
+def as_4d_bias(bias: Tensor, full: tuple[int, int, int, int]) -> Tensor:
+    """A tensor bias broadcastable to `full` = (B, H, Nq, Nk) as a 4-D view ((Nq, Nk) -> (1, 1, Nq, Nk)): every
+    backend indexes a bias by those four dims. Raises ValueError naming both shapes when it does not broadcast."""
+    if bias.dim() > 4 or any(b not in (1, f) for b, f in zip(bias.shape[::-1], full[::-1])):
+        raise ValueError(f"attention bias of shape {tuple(bias.shape)} does not broadcast to (B, H, Nq, Nk) = {full}; "
+                         "each of its trailing dims must be 1 or that size")
+    return bias[(None,) * (4 - bias.dim())]  # a view: leading dims of size 1
 
 
 def head_dim_limit(name: str, device: str) -> int | None:
