@@ -404,6 +404,22 @@ def test_register_names_the_single_layer_variants():
     assert not {"zoo_residual", "zoo_cross_layer_selective", "zoo_differential"} & set(names)  # cross-layer / own params
 
 
+def test_a_bias_made_from_the_layer_input_is_not_offered_to_transformers(isolated_registry):
+    """transformers' attention call has no layer input and no zoo positions: a variant whose attention_bias
+    names them was offered as zoo_<name> and failed at its first call (TypeError)."""
+    from attention_zoo import ProjectedAttention, register_variant
+    from attention_zoo.hf.interface import runs_inside_transformers
+
+    @register_variant("zoo_test_position_bias")
+    class PositionBias(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def attention_bias(self, q, k, state, cache, positions):
+            return None, {}
+
+    assert not runs_inside_transformers("zoo_test_position_bias") and runs_inside_transformers("vanilla")
+
+
 def test_registered_vanilla_gives_transformers_logits_and_selective_the_zoo_models(llama_folder):
     register()
     x = tokens(16)

@@ -52,8 +52,8 @@ def runs_inside_transformers(name: str) -> bool:
         layer = _probe(name)
     except Exception:  # noqa: BLE001 - a variant that cannot be built at a small shape is simply not offered
         return False
-    if layer is None or layer.carry_residual or layer.reads:
-        return False
+    if layer is None or layer.carry_residual or layer.reads or cls._bias_inputs:
+        return False  # transformers' attention call gives neither the layer input nor the zoo's positions
     own = {n for n, _ in layer.named_parameters()} - {f"{p}.{k}" for p in ("q_proj", "kv_proj", "out_proj")
                                                         for k in ("weight", "bias")}
     return not own
