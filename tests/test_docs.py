@@ -65,6 +65,10 @@ def test_adding_a_variant_tutorial_runs(tmp_path, monkeypatch, isolated_registry
             ran["toml"] += 1
     assert ran["python"] >= 3 and ran["bash"] and ran["toml"]
     assert (tmp_path / "my_alibi.py").exists() and (tmp_path / "alibi.yaml").exists()
+    # The page's Forgetting Attention is a template: it must pass the contract tests too (float64 gradcheck
+    # included: a float32 cast of its gates failed it).
+    run_contract_command(["ATTENTION_ZOO_TEST_PLUGINS=my_fox", "PYTHONPATH=path/to/my_variants", "python", "-m",
+                          "pytest", "-q", "tests/test_contract.py", "tests/test_cache.py", "-k", "fox"], tmp_path)
 
 
 def run_contract_command(words: list[str], folder: Path) -> None:
