@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .cache import LayerCache, ModelCache
 from .components import PositionalScheme, Positions
 from .initialization import init_gpt2
-from .state import fresh_view, merge
+from .state import check_writes, fresh_view, merge, state_sizes
 
 
 def own_attention_note(model: nn.Module, layers: list[int], backend: str) -> str | None:
@@ -100,9 +100,18 @@ class CausalLM(nn.Module):
         x = self.dropout(self.position_embedding.embed(x, index))
         state: dict[str, Tensor] = {}
         per_layer = []
+        # Writes are checked here, where state passes between layers, whatever a variant's forward does: a wrong
+        # value fails naming the layer that wrote it, not in whichever later layer reads it.
+        device = x.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
+        compute_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         for i, block in enumerate(self.blocks):
             x, updates = block(x, fresh_view(state), None if cache is None else cache.layers[i], positions)
-            state = merge(state, updates, block.attention.writes, f"layer {i} ({type(block.attention).__name__})")
+            who = f"layer {i} ({type(block.attention).__name__})"
+            if updates:
+                keys = N if cache is None else cache.layers[i].length  # Nk: every key the new rows see
+                check_writes(updates, state_sizes(block.attention, B, N, keys, who), compute_dtype, who)
+            state = merge(state, updates, block.attention.writes, who)
             if return_state:
                 per_layer.append(updates)
         if cache is not None:

@@ -73,6 +73,9 @@ class Channel:
 
     def __post_init__(self):
         object.__setattr__(self, "dims", parse_layout(self.name, self.shape))
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"state channel {self.name!r}: dtype {self.dtype!r} is not a torch.dtype; give one such as "
+                             "torch.float32, or None for the compute dtype")
 
     def check(self, value: Any, sizes: Mapping[str, int], compute_dtype: torch.dtype, who: str) -> None:
         """Raise ValueError unless `value` (a tensor, or a structured value with .shape and .dtype such as
@@ -80,6 +83,9 @@ class Channel:
         compute dtype). A floating dtype may be exceeded, not undercut: float32 where bf16 is declared is
         fine, bf16 where float32 is declared is not. Shape tuples only: no device sync."""
         want = tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
+        if not isinstance(getattr(value, "dtype", None), torch.dtype) or not hasattr(value, "shape"):
+            raise ValueError(f"{who} wrote state {self.name!r} as {type(value).__name__}; expected a tensor (or a "
+                             f"structured value with .shape and .dtype) of layout {self.shape} = {want}")
         got = tuple(value.shape)
         dtype = compute_dtype if self.dtype is None else self.dtype
         ok_dtype = value.dtype == dtype or (
@@ -125,10 +131,22 @@ def fresh_view(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     return MappingProxyType(dict(state))
 
 
+def state_sizes(attention, batch: int, queries: int, keys: int, who: str) -> dict[str, int]:
+    """The DIMENSIONS of a layer's state writes: B, Nq (the new rows), Nk (every key they see) from the stack,
+    H, Hkv, D from the layer (its `shape`, and `kv_heads` where it groups k and v; else H). Raises ValueError for
+    a variant without `shape` (AttentionVariant: the LayerShape it was built for)."""
+    shape = getattr(attention, "shape", None)
+    if shape is None:
+        raise ValueError(f"{who} wrote state but has no `shape` (the LayerShape it was built for, which the "
+                         "stack checks its writes against): keep it as self.shape")
+    return {"B": batch, "H": shape.heads, "Hkv": getattr(attention, "kv_heads", shape.heads), "Nq": queries,
+            "Nk": keys, "D": shape.head_dim}
+
+
 def check_writes(updates: Mapping[str, Any], sizes: Mapping[str, int], compute_dtype: torch.dtype, who: str) -> None:
     """Check each written value against its channel (`Channel.check`); a layer calls this on its own updates,
     with its sizes (B, H, Hkv, Nq, Nk, D: in cached decoding Nq counts the new rows, Nk the cached and new
-    keys). `ProjectedAttention.forward` does; a variant that replaces forward calls it itself. Raises
+    keys). The stack (model.py) calls it on every layer's updates. Raises
     ValueError for a channel no `declare_channel` declared, or a value of the wrong layout or dtype."""
     for name, value in updates.items():
         channel = CHANNELS.get(name)
@@ -139,7 +157,7 @@ def check_writes(updates: Mapping[str, Any], sizes: Mapping[str, int], compute_d
 
 def merge(state: Mapping[str, Tensor], updates: Mapping[str, Tensor], writes: tuple[str, ...], who: str) -> dict[str, Tensor]:
     """The state after a layer: `updates` over `state`, in a new dict. Raises RuntimeError if the layer wrote a
-    channel it did not declare in `writes` (the values themselves were checked by the layer: `check_writes`)."""
+    channel it did not declare in `writes` (the values themselves are checked by `check_writes`, just before)."""
     undeclared = set(updates) - set(writes)
     if undeclared:
         raise RuntimeError(f"{who} wrote state {sorted(undeclared)} it did not declare in `writes` {writes}")

@@ -20,7 +20,7 @@ from .initialization import residual_output
 from .ops import residual
 from .ops.rms_norm import rms_norm
 from .ops.selection import Selection
-from .state import RESIDUAL_SCORES, check_writes
+from .state import RESIDUAL_SCORES
 
 if TYPE_CHECKING:
     from .components.positions import Positions
@@ -83,6 +83,7 @@ class AttentionVariant(Protocol):
     """The contract the stack relies on. Subclassing `ProjectedAttention` gives all of it for free."""
 
     params: ClassVar[dict[str, Param]]
+    shape: LayerShape  # the shape it was built for: the stack checks its state writes with these sizes
     reads: tuple[str, ...]  # state channels that must have been written by an earlier layer
     optional_reads: tuple[str, ...]  # channels used when present
     writes: tuple[str, ...]  # channels this layer writes
@@ -148,7 +149,6 @@ class ProjectedAttention(nn.Module):
        else as a dense (B, H, Nq, Nk) tensor that joins the bias)
       attend(q, k, v, bias)             -> (B, H, N, Dv): the backend call, softmax(scale q k^T + bias + mask) v
       output(out)                       -> (B, N, dim): heads merged, output projection
-    and checks the state updates against their channels' layouts and dtypes (`state.check_writes`: ValueError).
     Positions (B, N) come from the model; a layer called on its own numbers its tokens from 0 (or from
     the cache's end).
     """
@@ -238,11 +238,7 @@ class ProjectedAttention(nn.Module):
                 out = self.attend(q, k, v, dense_bias)
         else:
             out = self.attend(q, k, v, bias)  # (B, H, N, D)
-        # Each write against its channel's declared layout and dtype, so a wrong value fails here, naming this
-        # layer, and not in whichever later layer reads it. Nq: the new rows; Nk: every visible key (k is extended).
-        sizes = {"B": B, "H": self.heads, "Hkv": self.kv_heads, "Nq": q.shape[2], "Nk": k.shape[2], "D": self.head_dim}
-        check_writes(updates, sizes, q.dtype, f"layer {self.shape.layer_index} ({type(self).__name__})")
-        return self.output(out), updates
+        return self.output(out), updates  # the stack checks the updates against their channels (model.py)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, backend={self.backend!r}"

@@ -131,3 +131,33 @@ def test_builtin_structured_writes_are_checked_too(monkeypatch):
     model = build_model(variant_config("selective", {}, vocab_size=32, dim=DIM, depth=1, heads=HEADS, max_seq_len=16))
     with pytest.raises(ValueError, match=r"layer 0 \(Selective\) wrote state 'selection_penalty' as Selection of shape"):
         model(tokens())
+
+
+def test_a_variant_that_replaces_forward_is_checked_too(channels, isolated_registry):
+    """The check sits in the stack: a variant whose own forward writes state (skipping ProjectedAttention's)
+    handed a (3, 3) int8 value to a later layer declared (B, H, Nq) float32. A non-tensor write and a dtype that
+    is not a torch.dtype are ValueErrors (they were AttributeErrors at the first write)."""
+    declare_channel("zoo_gate", "(B, H, Nq)", torch.float32, "a test channel")
+
+    @register_variant("zoo_own_forward")
+    class OwnForward(ProjectedAttention):
+        params = {**ProjectedAttention.params, "value": Param(str, "int8", "what to write")}
+
+        def __init__(self, shape, *, value="int8", **base):
+            super().__init__(shape, **base)
+            self.writes, self.value = ("zoo_gate",), value
+
+        def forward(self, x, state, cache=None, positions=None):
+            out, _ = super().forward(x, state, cache, positions)
+            wrong = {"int8": torch.zeros(3, 3, dtype=torch.int8), "list": [1.0, 2.0]}[self.value]
+            return out, {"zoo_gate": wrong}
+
+    for value, message in (("int8", r"layer 0 \(OwnForward\) wrote state 'zoo_gate' as Tensor of shape \(3, 3\), int8; "
+                                    r"the channel is \(B, H, Nq\) = \(2, 4, 6\), float32"),
+                           ("list", r"layer 0 \(OwnForward\) wrote state 'zoo_gate' as list; expected a tensor")):
+        model = build_model(variant_config("zoo_own_forward", {"value": value}, vocab_size=32, dim=DIM, depth=1,
+                                           heads=HEADS, max_seq_len=16))
+        with pytest.raises(ValueError, match=message):
+            model(tokens())
+    with pytest.raises(ValueError, match=r"state channel 'zoo_bad_dtype': dtype 'float32' is not a torch.dtype"):
+        declare_channel("zoo_bad_dtype", "(B, H)", "float32", "a dtype given as a string")
