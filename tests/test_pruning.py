@@ -360,3 +360,29 @@ def test_selective_memory_is_a_train_config_option():
     assert load_config({"model": {"attention": SELECTIVE}})["train"]["aux_losses"] == {}  # off by default
     with pytest.raises(ConfigError, match="train.aux_losses.selective_memory.tau = -1.*must be > 0"):
         load_config({"train": {"aux_losses": {"selective_memory": {"tau": -1}}}})
+
+
+def test_a_per_head_next_query_penalty_ranks_keys_by_its_smallest_head(monkeypatch):
+    """A variant whose F is per head, (B, H, T), crashed budget and threshold pruning with a size mismatch; a
+    key's F is now its smallest over the heads (it goes only if every head would drop it). Another shape is
+    one ValueError naming the layer."""
+    from attention_zoo.variants.selective import Selective
+
+    model = make_model(SELECTIVE)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(tokens(2, 12), cache=cache)
+    per_head = torch.randn(2, 4, 12, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(Selective, "next_query_penalty", lambda self, cache, previous: per_head, raising=False)
+    assert all(torch.equal(f, per_head.amin(1)) for f in next_query_penalties(model, cache))
+    positions = cache.layers[0].positions.clone()
+    Pruner(model, BudgetPolicy(9))(cache)
+    smallest = per_head.amin(1)
+    for b in range(2):
+        gone = sorted(set(positions[b].tolist()) - set(cache.layers[0].positions[b].tolist()))
+        assert sorted(smallest[b, gone].tolist()) == sorted(smallest[b, 1:-1].topk(3).values.tolist())
+    monkeypatch.setattr(Selective, "next_query_penalty", lambda self, cache, previous: torch.zeros(2, 5),
+                        raising=False)
+    with pytest.raises(ValueError, match=r"layer 0 \(Selective\): its next-query penalty has shape \(2, 5\); "
+                                         r"pruning needs one value per kept key, \(B, T\) = \(2, 9\)"):
+        next_query_penalties(model, cache)

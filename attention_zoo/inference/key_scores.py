@@ -72,16 +72,29 @@ def attentions(model: nn.Module) -> list[nn.Module]:
 
 
 def next_query_penalties(model: nn.Module, cache: ModelCache) -> list[Tensor | None]:
-    """Per layer, the F (B, T_l) float32 the next query will attend with, or None where the layer has none."""
+    """Per layer, the F (B, T_l) float32 the next query will attend with, or None where the layer has none. A
+    rule may give F per head, (B, ..., T): a key's F is then its smallest over those dims, so a key goes only
+    if every head would drop it (as a group of layers decides). Raises ValueError for an F of another shape."""
     out: list[Tensor | None] = []
     previous = None
-    for attention, layer_cache in zip(attentions(model), cache.layers):
+    for i, (attention, layer_cache) in enumerate(zip(attentions(model), cache.layers)):
         rule = _rule_for(attention)
         penalty = rule(attention, layer_cache, previous) if rule is not None and layer_cache.length else None
+        if penalty is not None:
+            penalty = _per_key(penalty, layer_cache, f"layer {i} ({type(attention).__name__})")
         out.append(penalty)
         if penalty is not None and SELECTION_PENALTY.name in attention.writes:
             previous = penalty
     return out
+
+
+def _per_key(penalty: Tensor, cache: LayerCache, who: str) -> Tensor:
+    """F (B, ..., T) as (B, T): the smallest over the middle dims. ValueError unless B and T are the cache's."""
+    B, T = cache.k.shape[0], cache.length
+    if penalty.dim() < 2 or penalty.shape[0] != B or penalty.shape[-1] != T:
+        raise ValueError(f"{who}: its next-query penalty has shape {tuple(penalty.shape)}; pruning needs one value "
+                         f"per kept key, (B, T) = ({B}, {T}), or per head, (B, ..., T)")
+    return penalty.flatten(1, -2).amin(1) if penalty.dim() > 2 else penalty
 
 
 def has_penalty_rule(attention: nn.Module) -> bool:
