@@ -526,3 +526,16 @@ def test_train_says_when_a_busy_cpu_will_slow_it(monkeypatch, load, policy, devi
     assert (hint is not None) == hinted
     if hinted:
         assert f"this CPU is busy (load {load:.1f} on 2 cores)" in hint and "OMP_WAIT_POLICY=PASSIVE" in hint
+
+
+def test_eval_data_items_that_switch_dataset_drop_the_old_ones_keys(tmp_path):
+    """`eval RUN --data name=variable_assignment` on a run trained on a text file kept the run's `text` key and
+    was refused with "set data.name too", which the user had done; a tokenizer (any corpus reads it) stays."""
+    from attention_zoo.commands.eval import data_spec
+
+    run = {"name": "text", "text": "/corpus.txt", "tokenizer": "/tok"}
+    assert data_spec(["name=variable_assignment", "num_vars=4"], run) == {"name": "variable_assignment", "num_vars": 4}
+    assert data_spec(["name=shakespeare"], run) == {"name": "shakespeare", "tokenizer": "/tok"}
+    assert data_spec(["text=/other.txt"], {"name": "shakespeare"}) == {"name": "text", "text": "/other.txt"}
+    assert data_spec(["text=/other.txt"], run) == {**run, "text": "/other.txt"}  # same dataset: an edit
+    load_config({"data": data_spec(["name=variable_assignment", "num_vars=4"], run)})  # and it validates

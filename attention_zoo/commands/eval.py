@@ -29,12 +29,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def data_spec(items: list[str], base: dict) -> dict:
-    """`--data` items on top of `base`: a YAML file replaces the spec, KEY=VALUE items edit it."""
-    spec, problems = dict(base), []
+    """`--data` items on top of `base`: a YAML file replaces the spec, KEY=VALUE items edit it. Items that switch
+    to another dataset (`name=...`, or `text=...` alone) drop the keys of the old one that the new one does not
+    read: the run's `text` is no key of variable_assignment."""
+    from ..data import DEFAULT_DATASET
+    from ..data.base import DATASET_KEYS
+
+    spec, problems, given = dict(base), [], set()
     for item in items:
         if "=" in item:
             if (p := apply_override(spec, item, "--data")) is not None:
                 problems.append(p)
+            given.add(item.split("=", 1)[0].strip().split(".")[0])
             continue
         path = Path(item)
         if not path.is_file():
@@ -43,8 +49,14 @@ def data_spec(items: list[str], base: dict) -> dict:
         loaded, unreadable = read_yaml_file(path)
         problems += unreadable
         spec = dict(loaded.get("data", loaded) if isinstance(loaded, dict) else {})
+        base, given = spec, set()
     if problems:
         raise ConfigError(problems)
+    if "text" in given and "name" not in given:
+        spec["name"] = "text"
+    name_of = lambda s: s.get("name", "text" if "text" in s else DEFAULT_DATASET)  # noqa: E731
+    if name_of(spec) != name_of(base) and name_of(spec) in DATASET_KEYS:
+        spec = {k: v for k, v in spec.items() if k in given or k in DATASET_KEYS[name_of(spec)]}
     return spec
 
 
