@@ -139,13 +139,20 @@ class Registry(Generic[T]):
             ) from None
 
 
-def import_plugins(modules: list[str]) -> list[PluginFailure]:
-    """Import user-listed plugin modules; report failures by name instead of raising."""
+def import_plugins(modules: list[str], *, warn: bool = True) -> list[PluginFailure]:
+    """Import user-listed plugin modules; report failures by name instead of raising. Each failure is also
+    logged as a warning (the only word of it where nothing needs the module), unless `warn` is False: for a
+    caller that reports the failures itself. A module that is not found gets a hint about PYTHONPATH; one that
+    was found but failed does not."""
     failures = []
     for module in modules:
         try:
             importlib.import_module(module)
         except Exception as exc:
-            failures.append(PluginFailure(f"plugin module {module!r}", f"{type(exc).__name__}: {exc}"))
-            log.warning("attention-zoo: could not import plugin module %r: %s: %s", module, type(exc).__name__, exc)
+            missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None and module.startswith(exc.name)
+            hint = " (is its folder on PYTHONPATH?)" if missing else ""
+            failures.append(PluginFailure(f"plugin module {module!r}", f"{type(exc).__name__}: {exc}{hint}"))
+            if warn:
+                log.warning("attention-zoo: could not import plugin module %r: %s: %s%s", module, type(exc).__name__,
+                            exc, hint)
     return failures

@@ -32,10 +32,10 @@ def pytest_configure(config):
         modules = module_list(TEST_PLUGINS)
     except UserError as exc:
         raise pytest.UsageError(str(exc)) from None
-    failures = import_plugins(modules)
+    failures = import_plugins(modules, warn=False)
     if failures:
         raise pytest.UsageError(f"{TEST_PLUGINS}: " + "; ".join(f"{f.source} cannot be imported ({f.error})"
-                                                                 for f in failures) + "; is its folder on PYTHONPATH?")
+                                                                 for f in failures))
 
 
 # pytest-xdist hands tests out in collection order, so a long test collected last runs alone at the end

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
+import logging
 from pathlib import Path
 
 import torch
@@ -44,10 +46,9 @@ def cmd_list(args) -> int:
     """Print the variants matching args.pattern (with their Params), plugin failures and, for `*`, the stack
     components. Raises UserError (exit 2) naming every `--plugins` module that cannot be imported."""
     modules = [m.strip() for value in args.plugins for m in value.split(",") if m.strip()]
-    failures = import_plugins(modules)
+    failures = import_plugins(modules, warn=False)
     if failures:
-        raise UserError("--plugins: " + "; ".join(f"{f.source} cannot be imported ({f.error})" for f in failures)
-                        + " (a plugin module's folder must be on PYTHONPATH)")
+        raise UserError("--plugins: " + "; ".join(f"{f.source} cannot be imported ({f.error})" for f in failures))
     names = list_variants(args.pattern)
     if not names:
         print(f"no variant matches {args.pattern!r}; registered: {', '.join(list_variants())}")
@@ -82,10 +83,12 @@ def cmd_validate(args) -> int:
     for path in files:
         try:
             file = config_file(path)
-            config = load_config(file, overrides)
+            with _quiet(logging.getLogger("attention_zoo.registry")):  # its failures are reported below, once
+                config = load_config(file, overrides)
             # load_config lets a config whose layers need none of a broken plugin's variants load; validate names it
             broken = [f"{file}: plugins[{i}] = {module!r}: cannot be imported ({failure.error}); train would run "
-                      "without it" for i, module in enumerate(config["plugins"]) for failure in import_plugins([module])]
+                      "without it" for i, module in enumerate(config["plugins"])
+                      for failure in import_plugins([module], warn=False)]
             if _trains(file):  # a training config: also what needs model, data and train together, as train checks
                 from ..train.loop import plan_run
 
@@ -97,6 +100,17 @@ def cmd_validate(args) -> int:
             failed += 1
             print(exc)
     return 2 if failed else 0
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    """`logger`'s warnings held back inside the block (for a caller that reports the same thing as an error)."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _plan(backend: str, call) -> tuple[str, str]:
