@@ -3,6 +3,7 @@ silent "on" (`ATTENTION_ZOO_CPU_KERNEL=off` used to mean enabled, since only "0"
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 from .errors import UserError
 
@@ -13,10 +14,12 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 SWITCHES = {"ATTENTION_ZOO_CPU_KERNEL": True, "ATTENTION_ZOO_SPLIT_BACKWARD": True,
             "ATTENTION_ZOO_TRITON_AUTOTUNE": True}
 TEST_PLUGINS = "ATTENTION_ZOO_TEST_PLUGINS"
+# Variables that take one word of a list (read where they are used; checked here with the rest).
+WORDS = {"ATTENTION_ZOO_TRITON_SHARED_DQ": ("atomic", "recompute", "fastest")}
 # The variables that are not on/off switches, with what they take.
 OTHER_VARIABLES = {
-    "ATTENTION_ZOO_TRITON_SHARED_DQ": "atomic, recompute or fastest: the triton backward's shared-dQ path (checked "
-                                      "where read, backends/triton)",
+    "ATTENTION_ZOO_TRITON_SHARED_DQ": "atomic, recompute or fastest: the triton backward's shared-dQ path "
+                                      "(backends/triton_tuning.py)",
     TEST_PLUGINS: "comma-separated plug-in modules (mod1,mod2) the test suite imports before collecting "
                   "(tests/conftest.py), so the registry-looping tests cover their variants; checked here, read by "
                   "the tests only",
@@ -32,7 +35,11 @@ def env_flag(name: str, default: bool) -> bool:
     """Environment variable `name` as a switch: 1/true/yes/on or 0/false/no/off (any case); `default` when
     unset or empty. Read at each call, so a test or a long-lived process may change it. Raises UserError naming
     the variable, its value and the valid words for anything else."""
-    raw = os.environ.get(name, "").strip()
+    return _flag(name, os.environ.get(name, ""), default)
+
+
+def _flag(name: str, raw: str, default: bool) -> bool:
+    raw = raw.strip()
     if not raw:
         return default
     if raw.lower() in _TRUE:
@@ -43,12 +50,27 @@ def env_flag(name: str, default: bool) -> bool:
                     f"{'on' if default else 'off'})")
 
 
+def env_word(name: str) -> str | None:
+    """Environment variable `name` (a key of WORDS) as one of its words; None when unset or empty. Raises
+    UserError naming the variable, its value and the words."""
+    return _word(name, os.environ.get(name, ""))
+
+
+def _word(name: str, raw: str) -> str | None:
+    raw = raw.strip()
+    if raw and raw not in WORDS[name]:
+        raise UserError(f"{name}={raw!r}: expected one of {', '.join(WORDS[name])}")
+    return raw or None
 
 
 def module_list(name: str) -> list[str]:
     """Environment variable `name` as comma-separated module names (`mod1, pkg.mod2`); [] when unset or empty.
     Raises UserError naming the variable and every entry that is not a dotted Python identifier."""
-    modules = [m.strip() for m in os.environ.get(name, "").split(",") if m.strip()]
+    return _modules(name, os.environ.get(name, ""))
+
+
+def _modules(name: str, raw: str) -> list[str]:
+    modules = [m.strip() for m in raw.split(",") if m.strip()]
     bad = [m for m in modules if not all(part.isidentifier() for part in m.split("."))]
     if bad:
         raise UserError(f"{name}: {', '.join(map(repr, bad))} not a module name; expected comma-separated module "
@@ -56,26 +78,28 @@ def module_list(name: str) -> list[str]:
     return modules
 
 
-def check_environment() -> None:
-    """Every ATTENTION_ZOO_* variable set, checked before a command does any work (a switch is otherwise read only
-    where its code runs, after a run has started, or never): a bad value, or a name no code reads (a typo such as
-    ATTENTION_ZOO_CPU_KERNAL=0 would be ignored), raises one UserError listing them all."""
+def check_environment(environ: Mapping[str, str] | None = None, where: str = "environment") -> None:
+    """Every ATTENTION_ZOO_* variable of `environ` (default: this process's environment), checked before a command
+    does any work (a switch is otherwise read only where its code runs, after a run has started, or never): a bad
+    value, or a name no code reads (a typo such as ATTENTION_ZOO_CPU_KERNAL=0 would be ignored), raises one
+    UserError listing them all, headed by `where` (`bench --env` checks what it hands its worker processes)."""
     from .registry import did_you_mean
 
+    environ = os.environ if environ is None else environ
     problems = []
-    for name in sorted(n for n in os.environ if n.startswith("ATTENTION_ZOO_")):
-        if name in SWITCHES:
-            try:
-                switch(name)
-            except UserError as exc:
-                problems.append(str(exc))
-        elif name == TEST_PLUGINS:
-            try:
-                module_list(name)
-            except UserError as exc:
-                problems.append(str(exc))
-        elif name not in OTHER_VARIABLES:
-            known = [*SWITCHES, *OTHER_VARIABLES]
-            problems.append(f"{name}: no such setting; {did_you_mean(name, known)}known: {', '.join(known)}")
+    for name in sorted(n for n in environ if n.startswith("ATTENTION_ZOO_")):
+        raw = environ[name]
+        try:
+            if name in SWITCHES:
+                _flag(name, raw, SWITCHES[name])
+            elif name in WORDS:
+                _word(name, raw)
+            elif name == TEST_PLUGINS:
+                _modules(name, raw)
+            else:
+                known = [*SWITCHES, *OTHER_VARIABLES]
+                problems.append(f"{name}: no such setting; {did_you_mean(name, known)}known: {', '.join(known)}")
+        except UserError as exc:
+            problems.append(str(exc))
     if problems:
-        raise UserError("environment: " + "; ".join(problems))
+        raise UserError(f"{where}: " + "; ".join(problems))

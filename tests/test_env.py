@@ -83,3 +83,20 @@ def test_test_plugins_is_a_known_setting_and_its_module_names_are_checked(monkey
     monkeypatch.setenv("ATTENTION_ZOO_TEST_PLUGINS", "my-alibi,ok")
     assert main(["list", "vanilla"]) == 2
     assert "ATTENTION_ZOO_TEST_PLUGINS: 'my-alibi' not a module name" in capsys.readouterr().err
+
+
+def test_word_settings_are_checked_at_start_and_bench_checks_what_it_hands_its_workers(monkeypatch, capsys, tmp_path):
+    """ATTENTION_ZOO_TRITON_SHARED_DQ=bogus passed on a machine that never runs triton (it was checked only where
+    read); `bench --env` handed a typo to its worker processes, where nothing read it."""
+    from attention_zoo.cli import main
+
+    monkeypatch.setenv("ATTENTION_ZOO_TRITON_SHARED_DQ", "bogus")
+    assert main(["list"]) == 2
+    assert "ATTENTION_ZOO_TRITON_SHARED_DQ='bogus': expected one of atomic, recompute, fastest" in capsys.readouterr().err
+    monkeypatch.setenv("ATTENTION_ZOO_TRITON_SHARED_DQ", "fastest")
+    assert main(["list", "vanilla"]) == 0
+    capsys.readouterr()
+    for item, message in (("ATTENTION_ZOO_CPU_KERNAL=0", "--env: ATTENTION_ZOO_CPU_KERNAL: no such setting; did you mean"),
+                          ("ATTENTION_ZOO_CPU_KERNEL=maybe", "--env: ATTENTION_ZOO_CPU_KERNEL='maybe': expected")):
+        assert main(["bench", "--env", item, "--out", str(tmp_path / "b")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "b").exists()

@@ -16,13 +16,11 @@ configuration for every dtype and head dim dominates a GPU test run, where speed
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 
 import triton
 
-from ..env import switch
-from ..errors import UserError
+from ..env import env_word, switch
 
 
 @triton.jit
@@ -146,9 +144,7 @@ def shared_dq_strategy(key: tuple, run, timer=_gpu_milliseconds) -> str:
     same result up to summation order: each run writes d(bias) whole and returns a fresh dq)."""
     if _shared_dq_forced:
         return _shared_dq_forced
-    asked = os.environ.get(SHARED_DQ_ENV)
-    if asked and asked not in (*SHARED_DQ_STRATEGIES, "fastest"):
-        raise UserError(f"{SHARED_DQ_ENV}={asked!r}: expected one of {', '.join(SHARED_DQ_STRATEGIES)}, fastest")
+    asked = env_word(SHARED_DQ_ENV)
     if asked in SHARED_DQ_STRATEGIES:
         return asked
     if asked != "fastest":

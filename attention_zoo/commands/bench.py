@@ -5,6 +5,7 @@ import argparse
 import shlex
 import sys
 
+from ..env import check_environment
 from ..errors import UserError
 from ..numbers import finite_float
 from ..paths import check_output_path
@@ -83,6 +84,7 @@ def cmd_bench(args) -> int:
         if not sep or not key:
             raise UserError(f"--env: expected KEY=VALUE, got {item!r}")
         env[key] = value
+    check_environment(env, where="--env")  # what the worker processes get: a typo there would be ignored
     args.device = str(check_device(args.device, auto=True))  # auto resolved: the results record the device used
     settings = BenchSettings(
         variants=args.variants, backends=args.backends, seq_lens=args.seq_lens, batches=args.batch, modes=args.mode,
