@@ -392,3 +392,36 @@ def test_a_variant_sees_the_models_max_seq_len(isolated_registry):
     assert build_model(small_model({"variant": "zoo_length_aware"})).blocks[1].attention.b == -math.log(16)
     assert create_variant("zoo_length_aware", dim=32, heads=4).shape.max_seq_len == 1024
     assert create_variant("zoo_length_aware", dim=32, heads=4, max_seq_len=64).b == -math.log(64)
+
+
+def test_bench_takes_plugins_so_variants_may_name_their_variants(isolated_registry, monkeypatch, tmp_path, capsys):
+    """`bench --variants sigmoid_attn` (a plug-in's registered name) was an unknown variant: bench had no
+    --plugins, only a YAML file listing them worked. The worker gets the modules with the point's config."""
+    import json
+
+    from attention_zoo.bench import runner, worker
+
+    (tmp_path / "zoo_bench_plugin.py").write_text(
+        "from attention_zoo import ProjectedAttention, register_variant\n\n\n"
+        "@register_variant('zoo_bench_variant')\nclass BenchVariant(ProjectedAttention):\n"
+        "    '''A plug-in variant for the bench test.'''\n    params = ProjectedAttention.params\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    monkeypatch.setattr(runner, "run_point", lambda point, timeout, env=None: seen.append(point) or worker.measure_safely(point))
+    args = ["bench", "--variants", "zoo_bench_variant", "--backends", "sdpa", "--seq-lens", "8", "--batch", "1", "--dim",
+            "16", "--depth", "1", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--warmup", "0", "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        assert cli_main([*args, "--out", str(tmp_path / "nope")]) == 2
+        assert "--variants: unknown variant 'zoo_bench_variant'" in capsys.readouterr().err
+        assert cli_main([*args, "--plugins", "zoo_no_such_module", "--out", str(tmp_path / "nope")]) == 2
+        assert "--plugins: plugin module 'zoo_no_such_module' cannot be imported" in capsys.readouterr().err
+        assert cli_main([*args, "--plugins", "zoo_bench_plugin", "--out", str(tmp_path / "out")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["results"]}
+    assert rows["zoo_bench_variant"]["status"] == "ok"
+    from attention_zoo.bench.points import model_config
+    point = [p for p in seen if p.variant.label == "zoo_bench_variant"][0]
+    assert model_config(point)["plugins"] == ["zoo_bench_plugin"]  # what the worker process imports
+    assert type(point).from_json(json.loads(json.dumps(point.to_json()))) == point  # as the worker receives it

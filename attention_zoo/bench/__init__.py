@@ -42,6 +42,7 @@ class BenchSettings:
     profile: bool = False  # each point also writes where one step's time went (profiles.md)
     peers: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every point's process
+    plugins: list[str] = field(default_factory=list)  # modules registering variants named in `variants`
 
 
 def plan(settings: BenchSettings) -> list[Point]:
@@ -83,7 +84,12 @@ def plan(settings: BenchSettings) -> list[Point]:
     names = list(dict.fromkeys(settings.variants))
     if BASELINE not in names:
         names.insert(0, BASELINE)
-    specs = [resolve_variant(n) for n in names]
+    if settings.plugins:
+        from ..registry import import_plugins
+
+        if failures := import_plugins(settings.plugins, warn=False):
+            raise UserError("--plugins: " + "; ".join(f"{f.source} cannot be imported ({f.error})" for f in failures))
+    specs = [resolve_variant(n, tuple(settings.plugins)) for n in names]
     common = dict(dim=settings.dim, depth=settings.depth, heads=settings.heads, head_dim=settings.head_dim,
                   vocab_size=settings.vocab_size, dtype=settings.dtype, device=settings.device, warmup=settings.warmup,
                   repeats=settings.repeats, threads=settings.threads, profile=settings.profile)

@@ -39,6 +39,7 @@ class VariantSpec:
     label: str
     attention: dict[str, Any] | None = None
     config_path: str | None = None
+    plugins: tuple[str, ...] = ()  # modules that register the variant (bench --plugins), imported by the worker
 
 
 @dataclass
@@ -73,12 +74,13 @@ class Point:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Point":
         data = dict(data)
-        data["variant"] = VariantSpec(**data["variant"])
+        data["variant"] = VariantSpec(**{**data["variant"], "plugins": tuple(data["variant"].get("plugins", ()))})
         return cls(**data)
 
 
-def resolve_variant(name: str) -> VariantSpec:
-    """A preset, a registered variant name (defaults), or a YAML config path (label: its file stem)."""
+def resolve_variant(name: str, plugins: tuple[str, ...] = ()) -> VariantSpec:
+    """A preset, a registered variant name (defaults; `plugins`, already imported, may have registered it), or a
+    YAML config path (label: its file stem)."""
     if name.endswith((".yaml", ".yml")):
         if not Path(name).is_file():
             raise UserError(f"--variants: config file {name!r} not found")
@@ -88,12 +90,12 @@ def resolve_variant(name: str) -> VariantSpec:
     from ..variant_registry import VARIANTS
 
     if name in VARIANTS:
-        return VariantSpec(name, attention={"variant": name})
+        return VariantSpec(name, attention={"variant": name}, plugins=plugins)
     from ..registry import did_you_mean
 
     known = sorted(set(PRESETS) | set(VARIANTS.names()))
     raise UserError(f"--variants: unknown variant {name!r}; {did_you_mean(name, known)}"
-                    f"valid: {', '.join(known)}, or a path to a YAML config")
+                    f"valid: {', '.join(known)}, or a path to a YAML config (a plug-in's variant: --plugins MODULE)")
 
 
 def model_config(point: Point) -> dict[str, Any]:
@@ -106,7 +108,8 @@ def model_config(point: Point) -> dict[str, Any]:
         config = load_config(point.variant.config_path)  # ConfigError names the file and every problem
         model = {**config["model"], **dims}
         return {"plugins": config["plugins"], "backend": point.backend, "model": model}
-    return {"backend": point.backend, "model": {**dims, "attention": copy.deepcopy(point.variant.attention)}}
+    return {"plugins": list(point.variant.plugins), "backend": point.backend,
+            "model": {**dims, "attention": copy.deepcopy(point.variant.attention)}}
 
 
 def peer_kwargs(spec: VariantSpec, depth: int) -> tuple[dict[str, Any] | None, str]:

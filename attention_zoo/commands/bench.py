@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="repeat the whole sweep in interleaved order and keep each point's median round "
                         "(evens out background load on shared machines)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per point (default: torch's)")
+    p.add_argument("--plugins", action="append", default=[], metavar="MOD[,MOD]",
+                   help="plug-in modules to import first, so --variants may name the variants they register "
+                        "(repeatable; their folder must be importable, e.g. PYTHONPATH=.)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for every point's process, e.g. OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads "
                         "sleep instead of spinning: steadier timings on a shared machine)")
@@ -90,7 +93,8 @@ def cmd_bench(args) -> int:
         variants=args.variants, backends=args.backends, seq_lens=args.seq_lens, batches=args.batch, modes=args.mode,
         dim=args.dim, depth=args.depth, heads=args.heads, head_dim=args.head_dim, vocab_size=args.vocab_size,
         dtype=args.dtype, device=args.device, repeats=args.repeats, warmup=args.warmup, rounds=args.rounds,
-        threads=args.threads, timeout=args.timeout, profile=args.profile, peers=args.peer, env=env)
+        threads=args.threads, timeout=args.timeout, profile=args.profile, peers=args.peer, env=env,
+        plugins=[m.strip() for value in args.plugins for m in value.split(",") if m.strip()])
     command = "attention-zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "attention-zoo bench"
     result = benchmark(settings, args.out, command=command, progress=not args.no_progress)
     failed = [r for r in result["results"] if r["status"] != "ok"]
