@@ -48,10 +48,14 @@ class LayerCache:
 
     def stat(self, name: str, batch: int, device: torch.device, shape: tuple[int, ...] = ()) -> Tensor:
         """A per-key statistic (batch, *shape, T) float32, created as zeros on first use (after `extend`, so T
-        counts the new keys too)."""
+        counts the new keys too). Raises ValueError when the statistic exists with another shape."""
         if name not in self.per_key:
             self.per_key[name] = torch.zeros(batch, *shape, self.length, device=device, dtype=torch.float32)
-        return self.per_key[name]
+        stat = self.per_key[name]
+        if tuple(stat.shape) != (batch, *shape, self.length):
+            raise ValueError(f"per-key statistic {name!r} is {tuple(stat.shape)}, asked for "
+                             f"{(batch, *shape, self.length)} (batch, ..., kept keys)")
+        return stat
 
     def keep(self, index: Tensor) -> None:
         """Keep only keys `index` (B, K), in that order (callers pass sorted indices)."""

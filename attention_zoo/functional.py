@@ -35,13 +35,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | Non
 def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> Tensor:
     """Bool (Nq, Nk), True where query i may see key j: j <= k_len - q_len + i. Bottom-right aligned, so with a
     cache (k_len - q_len keys already cached) the queries are the newest tokens; q_len == k_len is the usual
-    lower triangle. With q_len > k_len the first q_len - k_len rows see no key (all False). Raises nothing."""
+    lower triangle. With q_len > k_len the first q_len - k_len rows see no key (all False). Raises ValueError for a
+    negative length."""
+    if q_len < 0 or k_len < 0:
+        raise ValueError(f"causal_mask({q_len}, {k_len}): lengths must be >= 0")
     return _causal_mask(q_len, k_len, device)
 
 
 def _check_groups(heads: int, kv_heads: int) -> None:
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+
+
+def _check_4d(**tensors: Tensor) -> None:
+    """Each tensor (B, heads, N, width), all of one batch: what the grouped helpers index by."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if any(len(shape) != 4 for shape in shapes.values()) or len({shape[0] for shape in shapes.values()}) > 1:
+        raise ValueError("expected (B, heads, N, width) tensors of one batch size, got "
+                         + ", ".join(f"{name} {shape}" for name, shape in shapes.items()))
 
 
 def group_queries(x: Tensor, kv_heads: int) -> Tensor:
@@ -55,15 +66,22 @@ def group_queries(x: Tensor, kv_heads: int) -> Tensor:
 
 def grouped_logits(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
     """scale * q k^T with GQA: q (B, H, Nq, D), k (B, Hkv, Nk, D) -> (B, H, Nq, Nk), query head h against kv
-    head h // (H / Hkv); no mask, no bias. scale: default D^-0.5. Raises ValueError when H is not a multiple of
-    Hkv."""
+    head h // (H / Hkv); no mask, no bias. scale: default D^-0.5. Raises ValueError for tensors that are not 4-D of
+    one batch, head dims that differ, or H not a multiple of Hkv."""
+    _check_4d(q=q, k=k)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in head dim")
     _check_groups(q.shape[1], k.shape[1])
     return _grouped_logits(q, k, q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 def grouped_values(weights: Tensor, v: Tensor) -> Tensor:
     """weights (B, H, Nq, Nk) times v (B, Hkv, Nk, Dv) with GQA -> (B, H, Nq, Dv), the layout `attend` returns.
-    Raises ValueError when H is not a multiple of Hkv."""
+    Raises ValueError for tensors that are not 4-D of one batch, a key count that differs, or H not a multiple
+    of Hkv."""
+    _check_4d(weights=weights, v=v)
+    if weights.shape[-1] != v.shape[2]:
+        raise ValueError(f"weights {tuple(weights.shape)} have {weights.shape[-1]} keys, v {tuple(v.shape)} has {v.shape[2]}")
     _check_groups(weights.shape[1], v.shape[1])
     return torch.einsum("bhgnm,bhmd->bhgnd", _group_queries(weights, v.shape[1]), v).flatten(1, 2)
 

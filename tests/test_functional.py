@@ -63,3 +63,29 @@ def test_attend_building_blocks_rebuild_the_math_backend_with_gqa_and_a_cache():
 def test_gqa_helpers_reject_heads_that_do_not_group(call):
     with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of kv heads \(3\)"):
         call()
+
+
+def test_the_attend_helpers_name_what_is_wrong_with_their_inputs():
+    """Wrong inputs got misleading messages (a 3-D q read N as heads) or einsum's own errors, and a batch of 1
+    broadcast silently against another batch."""
+    from attention_zoo import functional as f
+
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8)
+    cases = [(lambda: f.grouped_logits(q[0], k[0]), r"expected \(B, heads, N, width\) tensors of one batch size"),
+             (lambda: f.grouped_logits(q, k[..., :4]), r"differ in head dim"),
+             (lambda: f.grouped_values(torch.rand(2, 4, 5, 6), torch.randn(1, 2, 6, 8)), "of one batch size"),
+             (lambda: f.grouped_values(torch.rand(2, 4, 5, 7), torch.randn(2, 2, 6, 8)), "have 7 keys, v .* has 6"),
+             (lambda: f.causal_mask(-1, 3), r"lengths must be >= 0")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_a_per_key_statistic_asked_for_in_another_shape_is_refused():
+    from attention_zoo.cache import LayerCache
+
+    cache = LayerCache()
+    cache.extend(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4), torch.arange(3)[None])
+    cache.stat("s", 2, "cpu", (4,))
+    with pytest.raises(ValueError, match=r"per-key statistic 's' is \(2, 4, 3\), asked for \(2, 5, 3\)"):
+        cache.stat("s", 2, "cpu", (5,))
