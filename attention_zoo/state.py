@@ -133,14 +133,14 @@ def fresh_view(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
 
 def state_sizes(attention, batch: int, queries: int, keys: int, who: str) -> dict[str, int]:
     """The DIMENSIONS of a layer's state writes: B, Nq (the new rows), Nk (every key they see) from the stack,
-    H, Hkv, D from the layer (its `shape`, and `kv_heads` where it groups k and v; else H). Raises ValueError for
+    H, Hkv, D from the layer (its `shape`, and `kv_heads` where it groups k and v; else, or None, H). Raises ValueError for
     a variant without `shape` (AttentionVariant: the LayerShape it was built for)."""
     shape = getattr(attention, "shape", None)
     if shape is None:
         raise ValueError(f"{who} wrote state but has no `shape` (the LayerShape it was built for, which the "
                          "stack checks its writes against): keep it as self.shape")
-    return {"B": batch, "H": shape.heads, "Hkv": getattr(attention, "kv_heads", shape.heads), "Nq": queries,
-            "Nk": keys, "D": shape.head_dim}
+    kv_heads = getattr(attention, "kv_heads", None) or shape.heads  # None (a Param's "one per query head") too
+    return {"B": batch, "H": shape.heads, "Hkv": kv_heads, "Nq": queries, "Nk": keys, "D": shape.head_dim}
 
 
 def check_writes(updates: Mapping[str, Any], sizes: Mapping[str, int], compute_dtype: torch.dtype, who: str) -> None:

@@ -80,10 +80,15 @@ class Param:
 
 @runtime_checkable
 class AttentionVariant(Protocol):
-    """The contract the stack relies on. Subclassing `ProjectedAttention` gives all of it for free."""
+    """The contract the stack relies on. Subclassing `ProjectedAttention` gives all of it for free.
+
+    The stack builds a variant as `cls(shape, backend=NAME, **params)`: `shape` its LayerShape, `backend` the
+    config's `backend:` (which a variant that computes its own attention may ignore), `params` its declared
+    Params resolved from YAML."""
 
     params: ClassVar[dict[str, Param]]
     shape: LayerShape  # the shape it was built for: the stack checks its state writes with these sizes
+    kv_heads: int | None  # key/value heads where it groups them (GQA); None or absent: one per query head
     reads: tuple[str, ...]  # state channels that must have been written by an earlier layer
     optional_reads: tuple[str, ...]  # channels used when present
     writes: tuple[str, ...]  # channels this layer writes

@@ -161,3 +161,40 @@ def test_a_variant_that_replaces_forward_is_checked_too(channels, isolated_regis
             model(tokens())
     with pytest.raises(ValueError, match=r"state channel 'zoo_bad_dtype': dtype 'float32' is not a torch.dtype"):
         declare_channel("zoo_bad_dtype", "(B, H)", "float32", "a dtype given as a string")
+
+
+def test_a_plain_module_variant_with_kv_heads_none_writes_an_hkv_channel(channels, isolated_registry, tmp_path):
+    """A variant that is a plain nn.Module (the AttentionVariant protocol, no ProjectedAttention) keeping its
+    kv_heads Param as given (None: one kv head per query head) had every write to an Hkv channel refused
+    (Hkv = None). And a broken write is found before the run folder is written (it was found after, which left
+    a folder that a rerun took for a run)."""
+    from torch import nn
+
+    from attention_zoo.config import load_config
+    from attention_zoo.train import train
+    from attention_zoo.variant import KV_HEADS
+
+    declare_channel("zoo_kv_stat", "(B, Hkv, Nq)", torch.float32, "a per-kv-head statistic")
+
+    @register_variant("zoo_plain_module")
+    class Plain(nn.Module):
+        params = {"kv_heads": KV_HEADS, "wrong": Param(bool, False, "write the wrong shape")}
+
+        def __init__(self, shape, *, kv_heads=None, wrong=False, backend="auto"):
+            super().__init__()
+            self.shape, self.kv_heads, self.wrong = shape, kv_heads, wrong
+            self.reads, self.optional_reads, self.writes = (), (), ("zoo_kv_stat",)
+            self.proj = nn.Linear(shape.dim, shape.dim)
+
+        def forward(self, x, state, cache=None, positions=None):
+            groups = (self.kv_heads or self.shape.heads) + (1 if self.wrong else 0)
+            return self.proj(x), {"zoo_kv_stat": x.new_zeros(x.shape[0], groups, x.shape[1])}
+
+    config = {"vocab_size": 32, "dim": DIM, "depth": 2, "heads": HEADS, "max_seq_len": 16}
+    for kv_heads in (None, 2):
+        build_model(variant_config("zoo_plain_module", {"kv_heads": kv_heads}, **config))(tokens())
+    run = {**variant_config("zoo_plain_module", {"wrong": True}, **{**config, "vocab_size": 256}),
+           "train": {"steps": 1, "batch_size": 2, "seq_len": 8, "eval_every": 0, "eval_batches": 1, "device": "cpu"}}
+    with pytest.raises(ValueError, match=r"wrote state 'zoo_kv_stat' as Tensor of shape \(1, 5, 2\)"):
+        train(load_config(run), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

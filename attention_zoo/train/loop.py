@@ -323,6 +323,11 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     generator = torch.Generator().manual_seed(tcfg["seed"])  # the batch sampler: identical on every rank
     optimizer = build_optimizer(model, tcfg, device)
     schedule = build_schedule(optimizer, tcfg)
+    # kernels built on first use (not in the first step's time nor the run's tokens/s), and a variant's broken
+    # state write found, before the run folder is written
+    note = own_attention_note(model, model.warm_up(device), config["backend"])
+    if note and world.is_main:
+        print(f"attention-zoo train: note: {note}")
     D.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -372,10 +377,6 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         log.append({"kind": "val", "step": step, **metrics})
         return metrics
 
-    # kernels built on first use: not in the first step's time nor the run's tokens/s
-    note = own_attention_note(raw_model, raw_model.warm_up(device), config["backend"])
-    if note and world.is_main:
-        print(f"attention-zoo train: note: {note}")
     bar = tqdm(total=tcfg["steps"], initial=start_step, disable=not (progress and world.is_main), desc="train",
                unit="step", dynamic_ncols=True)
     model.train()
