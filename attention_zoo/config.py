@@ -39,6 +39,25 @@ class Problem:
         return f"{self.source}: {self.path}{value}: {self.message}"
 
 
+class AmbiguousPath(Problem):
+    """A relative FILE_KEYS path naming two different files: a problem only if no later file or override
+    replaces the value (a child's own path, `data.text=...` on the command line)."""
+
+
+def _replaced(problems: list[Problem], data: dict) -> list[Problem]:
+    """`problems` less the AmbiguousPath ones whose key (or a mapping above it) `data` sets."""
+    def sets(path: str) -> bool:
+        node = data
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    return [p for p in problems if not (isinstance(p, AmbiguousPath) and (sets(p.path) or sets(p.path.split(".")[0])
+                                                                          and not isinstance(data[p.path.split(".")[0]], dict)))]
+
+
 class ConfigError(UserError, ValueError):
     """Every problem found in a config, one per line."""
 
@@ -426,16 +445,16 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
     if base is not None and not isinstance(base, str):
         return {}, [Problem(source, "base", base, "expected a path to another YAML file")]
     names = names or (source,)
-    ambiguous = _resolve_file_keys(data, path, names[-1])
+    label = names[-1] + (f" ({', '.join(f'base of {n}' for n in reversed(names[:-1]))})" if len(names) > 1 else "")
+    ambiguous = _resolve_file_keys(data, path, names[-1], label)
     parent, problems = {}, []
     if base is not None:
         # the base's name as the user would write it: beside the file that names it
         base_name = os.path.normpath(Path(names[-1]).parent / base)
         parent, problems = read_yaml_chain((path.parent / base).resolve(), (*chain, path), origins, (*names, base_name))
     if origins is not None:  # after the base's keys, so this file's own keys win as they do in the merge
-        label = names[-1] + (f" ({', '.join(f'base of {n}' for n in reversed(names[:-1]))})" if len(names) > 1 else "")
         _record_origins(data, label, origins)
-    return deep_merge(parent, data), problems + ambiguous
+    return deep_merge(parent, data), _replaced(problems, data) + ambiguous  # a child's value replaces its base's
 
 
 # Keys naming the user's own files. A relative one is tried from the working directory, then from the folder of
@@ -443,8 +462,9 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
 FILE_KEYS = (("data", "text"),)
 
 
-def _resolve_file_keys(data: dict, path: Path, name: str) -> list[Problem]:
-    """Rewrite each relative FILE_KEYS value of `data` (YAML file `path`, which the user named `name`) that does
+def _resolve_file_keys(data: dict, path: Path, name: str, label: str) -> list[Problem]:
+    """Rewrite each relative FILE_KEYS value of `data` (YAML file `path`, which the user named `name`; `label`
+    names it in a problem, with the files it is a base of) that does
     not exist from the working directory but does beside `path` into that file's absolute path, so the run's
     config.yaml names it from anywhere. A relative path that exists in both places, as two different files,
     is a problem (which one was meant cannot be known); the rest stays as written, for the section to check."""
@@ -455,7 +475,7 @@ def _resolve_file_keys(data: dict, path: Path, name: str) -> list[Problem]:
             continue
         here, beside = Path(value).expanduser(), path.parent / Path(value).expanduser()
         if here.exists() and beside.exists() and here.resolve() != beside.resolve():
-            problems.append(Problem(name, f"{section}.{key}", value, f"names two different files: {here.resolve()} "
+            problems.append(AmbiguousPath(label, f"{section}.{key}", value, f"names two different files: {here.resolve()} "
                                     f"(from the working directory) and {beside.resolve()} (beside {name}); write the "
                                     "path of the one you mean"))
         elif not here.exists() and beside.exists():
@@ -588,6 +608,8 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
             key, raw = override.split("=", 1)
             key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key.strip())
             _record_origins({key: yaml.safe_load(raw)}, override_source, origins)
+            problems = [p for p in problems if not (isinstance(p, AmbiguousPath) and  # the override replaced it
+                                                   (p.path == key or p.path.startswith(f"{key}.")))]
     if problems:
         raise ConfigError(problems)
 

@@ -154,6 +154,14 @@ def test_text_relative_path_beside_the_yaml_file_that_sets_it(tmp_path, monkeypa
     with pytest.raises(ConfigError, match=r"data.text = 'corpus.txt': names two different files: .*exp/corpus.txt "
                                           r"\(from the working directory\) and .*shared/corpus.txt \(beside "):
         load_config("run.yaml")
+    # ... unless a later file or an override replaces the value
+    with pytest.raises(ConfigError, match=r"\.\./shared/base.yaml \(base of run.yaml\): data.text = 'corpus.txt'"):
+        load_config("run.yaml")
+    assert load_config("run.yaml", [f"data.text={corpus}"])["data"]["text"] == corpus
+    (tmp_path / "exp" / "child.yaml").write_text(f"base: run.yaml\ndata: {{text: {corpus}}}\n")
+    assert load_config("child.yaml")["data"]["text"] == corpus
+    (tmp_path / "exp" / "reset.yaml").write_text("base: run.yaml\ndata:\n")
+    assert load_config("reset.yaml")["data"] == {"name": "shakespeare"}
 
 
 def test_text_missing_everywhere_names_the_base_file(tmp_path, monkeypatch):
