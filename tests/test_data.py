@@ -322,7 +322,8 @@ def test_error_unknown_key():
     with pytest.raises(DataError, match=r"data\.seq_len.*valid keys: name, tokenizer$"):
         build_dataset({"name": "shakespeare", "seq_len": 3})
     # the builder and config validation give the same message: a key of another dataset names that dataset
-    with pytest.raises(DataError, match=r"data\.text = 'x\.txt': unknown key for dataset 'ptb' \(dataset text reads it"):
+    with pytest.raises(DataError, match=r"data\.text = 'x\.txt': unknown key for dataset 'ptb' "
+                                        r"\(a key of dataset text; data.name is 'ptb'\)"):
         build_dataset({"name": "ptb", "text": "x.txt"})
 
 

@@ -67,8 +67,8 @@ def test_data_section_is_checked_without_reading_the_corpus(monkeypatch):
     load_config({"data": {"name": "shakespeare"}})
     with pytest.raises(ConfigError) as err:
         load_config({"data": {"name": "shakespeare", "text": "x.txt"}})
-    assert ("data.text = 'x.txt': unknown key for dataset 'shakespeare' (dataset text reads it: set data.name too)"
-            in str(err.value))
+    assert ("data.text = 'x.txt': unknown key for dataset 'shakespeare' (a key of dataset text; data.name is "
+            "'shakespeare')" in str(err.value))
     with pytest.raises(ConfigError) as err:
         load_config({"data": {"name": "variable_assignment", "num_vars": 99, "num_asignments": 3}})
     assert "data.num_asignments" in str(err.value) and "did you mean 'num_assignments'" in str(err.value)
@@ -539,3 +539,34 @@ def test_eval_data_items_that_switch_dataset_drop_the_old_ones_keys(tmp_path):
     assert data_spec(["text=/other.txt"], {"name": "shakespeare"}) == {"name": "text", "text": "/other.txt"}
     assert data_spec(["text=/other.txt"], run) == {**run, "text": "/other.txt"}  # same dataset: an edit
     load_config({"data": data_spec(["name=variable_assignment", "num_vars=4"], run)})  # and it validates
+    with pytest.raises(ConfigError, match=r"--data: data.name = 'shakespeare': items are keys of the data section: "
+                                          r"write name=shakespeare"):
+        data_spec(["data.name=shakespeare"], run)
+
+
+def test_eval_data_file_is_read_as_train_reads_a_config(tmp_path, capsys, monkeypatch):
+    """`eval RUN --data sub/d.yaml` took d.yaml's relative `text:` from the working directory only (and said it had
+    tried beside the file); it follows the file's base: chain and resolves beside it, as train does."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=1, eval_every=0)))
+    assert cli(capsys, "train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress")[0] == 0
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "corpus.txt").write_text("a small corpus of text " * 40)
+    (tmp_path / "sub" / "base.yaml").write_text("data: {text: corpus.txt}\n")
+    (tmp_path / "sub" / "d.yaml").write_text("base: base.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "eval", "run", "--data", "sub/d.yaml", "--batches", "1", "--seq-len", "16")
+    assert code == 0, err
+    assert json.loads(out)["dataset"] == "text:corpus.txt"
+
+
+def test_eval_data_whose_examples_do_not_fit_names_the_data_not_train_seq_len(tmp_path, capsys):
+    """It said `train.seq_len = 99 ... raise model.max_seq_len`: the user set no seq_len, and a trained model's
+    max_seq_len cannot be raised."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=1, eval_every=0)))
+    assert cli(capsys, "train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress")[0] == 0
+    code, _, err = cli(capsys, "eval", str(tmp_path / "run"), "--data", "name=variable_assignment", "num_vars=4")
+    assert code == 2 and "--data = {'name': 'variable_assignment', 'num_vars': 4}: its examples are 99 tokens, longer " \
+                         "than model.max_seq_len (32); shorten them (fewer assignments or queries)" in err
+    assert "train.seq_len" not in err and "raise model.max_seq_len" not in err

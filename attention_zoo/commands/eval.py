@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
-from ..config import ConfigError, Problem, apply_override, read_yaml_file
+from ..config import ConfigError, Problem, apply_override, read_yaml_chain
 from ..errors import UserError
 from ..paths import check_output_path
 
@@ -38,6 +38,10 @@ def data_spec(items: list[str], base: dict) -> dict:
     spec, problems, given = dict(base), [], set()
     for item in items:
         if "=" in item:
+            if item.startswith("data."):  # the items are the data section's own keys
+                problems.append(Problem("--data", item.split("=", 1)[0], item.split("=", 1)[1], "items are keys of the "
+                                        f"data section: write {item.removeprefix('data.')}"))
+                continue
             if (p := apply_override(spec, item, "--data")) is not None:
                 problems.append(p)
             given.add(item.split("=", 1)[0].strip().split(".")[0])
@@ -46,7 +50,8 @@ def data_spec(items: list[str], base: dict) -> dict:
         if not path.is_file():
             problems.append(Problem("--data", "(file)", item, "no such YAML file; give a file or KEY=VALUE items"))
             continue
-        loaded, unreadable = read_yaml_file(path)
+        # as train reads a config: its base: chain, a relative data.text beside the file that sets it
+        loaded, unreadable = read_yaml_chain(path.resolve(), names=(item,))
         problems += unreadable
         spec = dict(loaded.get("data", loaded) if isinstance(loaded, dict) else {})
         base, given = spec, set()
@@ -113,6 +118,9 @@ def _named_by_flag(problem: Problem, label: str, args) -> Problem:
     (`--seq-len 64: longer than model.max_seq_len (32)`, not the checkpoint's train.seq_len)."""
     problem.source = label
     flags = {"train.seq_len": ("--seq-len", args.seq_len), "train.eval_batch_size": ("--batch-size", args.batch_size)}
+    if problem.path == "data" and args.data:  # the --data dataset's examples do not fit this model
+        problem.source, problem.path = f"eval of {label}", "--data"
+        problem.message = problem.message.replace(" or raise model.max_seq_len", "")
     flag, value = flags.get(problem.path, (None, None))
     if value is not None:
         problem.source, problem.path = f"eval of {label}", flag

@@ -47,7 +47,7 @@ def unknown_keys(spec: dict, name: str, source: str) -> list[DataError]:
     for key in spec:
         if key not in allowed:
             readers = sorted(n for n, keys in DATASET_KEYS.items() if key in keys)
-            elsewhere = f" (dataset {' or '.join(readers)} reads it: set data.name too)" if readers else ""
+            elsewhere = f" (a key of dataset {' or '.join(readers)}; data.name is {name!r})" if readers else ""
             problems.append(DataError(source, f"data.{key}", spec[key], f"unknown key for dataset {name!r}{elsewhere}; "
                                       f"{did_you_mean(key, allowed)}valid keys: {', '.join(allowed)}"))
     return problems

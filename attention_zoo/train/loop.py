@@ -77,7 +77,11 @@ def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None
     dataset = dataset or build_dataset(config["data"], source=config.source, cache_dir=cache_dir)
     seq_len = train["seq_len"] or dataset.fixed_seq_len or model["max_seq_len"]
     problems = []
-    if seq_len > model["max_seq_len"]:
+    if seq_len > model["max_seq_len"] and not train["seq_len"] and dataset.fixed_seq_len:  # the examples' own length
+        problems.append(Problem(config.source, "data", dict(config["data"]), f"its examples are {seq_len} tokens, "
+                                f"longer than model.max_seq_len ({model['max_seq_len']}); shorten them (fewer "
+                                "assignments or queries) or raise model.max_seq_len"))
+    elif seq_len > model["max_seq_len"]:
         problems.append(Problem(config.source, "train.seq_len", seq_len,
                                 f"longer than model.max_seq_len ({model['max_seq_len']}); raise model.max_seq_len"))
     if dataset.fixed_seq_len and seq_len < dataset.fixed_seq_len:
