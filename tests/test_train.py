@@ -570,3 +570,25 @@ def test_eval_data_whose_examples_do_not_fit_names_the_data_not_train_seq_len(tm
     assert code == 2 and "--data = {'name': 'variable_assignment', 'num_vars': 4}: its examples are 99 tokens, longer " \
                          "than model.max_seq_len (32); shorten them (fewer assignments or queries)" in err
     assert "train.seq_len" not in err and "raise model.max_seq_len" not in err
+
+
+def test_resume_without_a_checkpoint_never_starts_another_run_over_a_finished_or_different_one(tmp_path, capsys,
+                                                                                               monkeypatch):
+    """--resume of a folder without checkpoint/ started over at step 0 whatever it held: a finished run's
+    final.json was replaced by another model's run. And `train RUN --resume` (no --out) resumed into runs/RUN."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=2, eval_every=0)))
+    run = tmp_path / "run"
+    assert cli(capsys, "train", str(cfg), "--out", str(run), "--no-progress")[0] == 0
+    shutil.rmtree(run / "checkpoint")
+    code, _, err = cli(capsys, "train", str(cfg), "--out", str(run), "--resume", "--no-progress")
+    assert code == 2 and "the run finished (final.json) but its checkpoint/ is gone" in err
+    (run / "final.json").unlink()  # now a run killed before its first checkpoint
+    before = (run / "metrics.jsonl").read_text()
+    code, _, err = cli(capsys, "train", str(cfg), "model.dim=64", "--out", str(run), "--resume", "--no-progress")
+    assert code == 2 and "was trained with another config" in err and "model.dim" in err
+    assert (run / "metrics.jsonl").read_text() == before  # a refused resume truncates nothing
+    code, out, err = cli(capsys, "train", str(run), "--resume", "--no-progress")  # the run folder itself
+    assert code == 0 and f"no checkpoint in {run}; starting from step 0" in out, err
+    assert (run / "final.json").exists() and not (tmp_path / "runs").exists()

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML config (model, data, train sections), or a checkpoint folder (its config.yaml, "
                    "e.g. one import-hf wrote, fine-tuned with train.init_from=FOLDER)")
     p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides, e.g. train.lr=3e-4 model.depth=6")
-    p.add_argument("--out", help="run folder (default runs/<config name>)")
+    p.add_argument("--out", help="run folder (default runs/<config name>; with --resume and a run folder as CONFIG, that "
+                   "folder)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (start fresh if there is none)")
     p.add_argument("--stop-after", type=int, metavar="STEP",
                    help="checkpoint after STEP and exit, as if the run were killed there (resume with --resume)")
@@ -31,7 +32,11 @@ def cmd_train(args) -> int:
         raise UserError(f"--stop-after {args.stop_after}: must be a step >= 1 (the run checkpoints after it and exits)")
     path = Path(args.config)
     config = load_config(config_file(args.config), args.overrides)  # a run or checkpoint folder: its saved config
-    out = args.out or str(Path("runs") / (path.name if path.is_dir() else path.stem))
+    is_run = path.is_dir() and ((path / "metrics.jsonl").exists() or (path / "checkpoint").is_dir())
+    if args.out is None and args.resume and is_run:  # `train RUN --resume` continues RUN itself
+        out = str(path)
+    else:
+        out = args.out or str(Path("runs") / (path.name if path.is_dir() else path.stem))
     out = str(check_output_path("--out", out, "folder"))
     if hint := busy_cpu_hint(config["train"]["device"]):
         print(hint)

@@ -171,9 +171,6 @@ def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
             raise UserError(f"{checkpoint}: the checkpoint is damaged (no {', '.join(missing)}), so --resume cannot "
                             "continue it; train again without --resume into another --out, or restore the files")
         return checkpoint
-    if resume and world.is_main:
-        print(f"attention-zoo train: no checkpoint in {out}; starting from step 0")
-        MetricsLog(out / METRICS).truncate_after(0)  # a run killed before its first checkpoint starts over
     return None
 
 
@@ -253,14 +250,9 @@ def _resolve_init_from(init_from: str, config: Config, one_line: bool) -> tuple[
     return path, None
 
 
-def check_resume(checkpoint: Path, config: Config) -> dict[str, Any]:
-    """The training state of the run's checkpoint, after checking that `config` continues that run: the same
-    model and data sections, the same RESUME_KEYS, and train.steps past the checkpoint's step (or equal
-    to it when the run was meant to end there). Raises UserError listing every difference. Reads only."""
-    saved = read_saved_config(checkpoint)
-    state = load_training_state(checkpoint)
-    if not isinstance(state, dict) or "step" not in state:
-        raise UserError(f"{checkpoint / STATE}: not a training state written by train; train again without --resume")
+def _refuse_another_config(saved: dict, config: Config, where: Path) -> None:
+    """UserError listing every difference when `config` does not continue the run whose saved config (raw
+    mapping) is `saved`: the model and data sections, and RESUME_KEYS."""
     saved_model = load_config({"model": with_legacy_stack(saved).get("model") or {}})["model"]
     differences = built_differences(saved_model, config["model"], ignore=())
     if "data" in saved:
@@ -270,9 +262,32 @@ def check_resume(checkpoint: Path, config: Config) -> dict[str, Any]:
                     for key in RESUME_KEYS if key in saved_train and saved_train[key] != train[key]]
     differences = [d.removeprefix(".") for d in differences]
     if differences:
-        raise UserError(f"{config.source}: --resume: {checkpoint} was trained with another config; resume with "
+        raise UserError(f"{config.source}: --resume: {where} was trained with another config; resume with "
                         "the same model, data and train settings (see docs/training.md), or choose another --out:\n  "
                         + "\n  ".join(differences))
+
+
+def check_fresh_resume(out: Path, config: Config) -> None:
+    """--resume of a run without a checkpoint, which starts over at step 0: refused for a finished run (its
+    final.json would be replaced by another run's) and for another config than the run's config.yaml (another
+    model would train into the run's folder). Reads only."""
+    if (out / FINAL).exists():
+        raise UserError(f"{out}: the run finished (final.json) but its {CHECKPOINT_DIR}/ is gone, so --resume has "
+                        "nothing to continue; train into another --out")
+    if (out / CONFIG).is_file():
+        _refuse_another_config(read_saved_config(out), config, out)
+
+
+def check_resume(checkpoint: Path, config: Config) -> dict[str, Any]:
+    """The training state of the run's checkpoint, after checking that `config` continues that run: the same
+    model and data sections, the same RESUME_KEYS, and train.steps past the checkpoint's step (or equal
+    to it when the run was meant to end there). Raises UserError listing every difference. Reads only."""
+    saved = read_saved_config(checkpoint)
+    state = load_training_state(checkpoint)
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{checkpoint / STATE}: not a training state written by train; train again without --resume")
+    _refuse_another_config(saved, config, checkpoint)
+    saved_train, train = saved.get("train") or {}, config["train"]
     step = state["step"]
     if train["steps"] < step or (train["steps"] == step and saved_train.get("steps", step) != step):
         raise UserError(f"{config.source}: train.steps = {train['steps']}: the run in {checkpoint.parent} is already "
@@ -309,6 +324,11 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     # Everything that can refuse the run is checked before the run folder is written: a refused run leaves
     # no config.yaml behind, and a refused resume leaves the run's own untouched.
     state = check_resume(checkpoint, config) if checkpoint is not None else None
+    if resume and checkpoint is None:
+        check_fresh_resume(out, config)
+        if world.is_main:
+            print(f"attention-zoo train: no checkpoint in {out}; starting from step 0")
+            MetricsLog(out / METRICS).truncate_after(0)  # a run killed before its first checkpoint starts over
     if stop_after is not None and stop_after <= (state["step"] if state else 0):
         raise UserError(f"--stop-after {stop_after}: the run is already at step {state['step'] if state else 0}; "
                         "give a later step")
