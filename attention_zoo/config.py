@@ -44,18 +44,22 @@ class AmbiguousPath(Problem):
     replaces the value (a child's own path, `data.text=...` on the command line)."""
 
 
-def _replaced(problems: list[Problem], data: dict) -> list[Problem]:
-    """`problems` less the AmbiguousPath ones whose key (or a mapping above it) `data` sets."""
-    def sets(path: str) -> bool:
-        node = data
-        for part in path.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return False
-            node = node[part]
-        return True
+def _replaces(data: dict, path: str) -> bool:
+    """Whether merging `data` over a base replaces the base's value at key path `path` (`data.text`): `data` sets
+    that key, or a key above it to something that is not a mapping (deep_merge merges mappings, replaces the rest)."""
+    node = data
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+        if not isinstance(node, dict):
+            return True
+    return True
 
-    return [p for p in problems if not (isinstance(p, AmbiguousPath) and (sets(p.path) or sets(p.path.split(".")[0])
-                                                                          and not isinstance(data[p.path.split(".")[0]], dict)))]
+
+def _replaced(problems: list[Problem], data: dict) -> list[Problem]:
+    """`problems` less the AmbiguousPath ones whose value `data` replaces."""
+    return [p for p in problems if not (isinstance(p, AmbiguousPath) and _replaces(data, p.path))]
 
 
 class ConfigError(UserError, ValueError):
@@ -463,17 +467,18 @@ FILE_KEYS = (("data", "text"),)
 
 
 def _resolve_file_keys(data: dict, path: Path, name: str, label: str) -> list[Problem]:
-    """Rewrite each relative FILE_KEYS value of `data` (YAML file `path`, which the user named `name`; `label`
-    names it in a problem, with the files it is a base of) that does
+    """Rewrite each relative FILE_KEYS value of `data` (YAML file `path`, which the user named `name`) that does
     not exist from the working directory but does beside `path` into that file's absolute path, so the run's
     config.yaml names it from anywhere. A relative path that exists in both places, as two different files,
-    is a problem (which one was meant cannot be known); the rest stays as written, for the section to check."""
+    is an AmbiguousPath problem, named `label` (the file, and those it is a base of); the rest stays as
+    written, for the section to check."""
     problems = []
     for section, key in FILE_KEYS:
         value = data[section].get(key) if isinstance(data.get(section), dict) else None
-        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        here = Path(value).expanduser() if isinstance(value, str) and value else None
+        if here is None or here.is_absolute():
             continue
-        here, beside = Path(value).expanduser(), path.parent / Path(value).expanduser()
+        beside = path.parent / here
         if here.exists() and beside.exists() and here.resolve() != beside.resolve():
             problems.append(AmbiguousPath(label, f"{section}.{key}", value, f"names two different files: {here.resolve()} "
                                     f"(from the working directory) and {beside.resolve()} (beside {name}); write the "

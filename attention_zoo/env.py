@@ -18,8 +18,8 @@ TEST_PLUGINS = "ATTENTION_ZOO_TEST_PLUGINS"
 WORDS = {"ATTENTION_ZOO_TRITON_SHARED_DQ": ("atomic", "recompute", "fastest")}
 # The variables that are not on/off switches, with what they take.
 OTHER_VARIABLES = {
-    "ATTENTION_ZOO_TRITON_SHARED_DQ": "atomic, recompute or fastest: the triton backward's shared-dQ path "
-                                      "(backends/triton_tuning.py)",
+    "ATTENTION_ZOO_TRITON_SHARED_DQ": f"{', '.join(WORDS['ATTENTION_ZOO_TRITON_SHARED_DQ'])}: the triton backward's "
+                                      "shared-dQ path (backends/triton_tuning.py)",
     TEST_PLUGINS: "comma-separated plug-in modules (mod1,mod2) the test suite imports before collecting "
                   "(tests/conftest.py), so the registry-looping tests cover their variants; checked here, read by "
                   "the tests only",

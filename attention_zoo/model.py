@@ -31,6 +31,13 @@ def own_attention_note(model: nn.Module, layers: list[int], backend: str) -> str
             f"backend call: backend {backend!r} applies {applies}")
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention computes in for activations `x`: autocast's where it is on (never on meta), else x's."""
+    device = x.device.type
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if on else x.dtype
+
+
 class Block(nn.Module):
     """x + attention(norm(x)), then x + mlp(norm(x)). x: (B, N, dim)."""
 
@@ -100,17 +107,12 @@ class CausalLM(nn.Module):
         x = self.dropout(self.position_embedding.embed(x, index))
         state: dict[str, Tensor] = {}
         per_layer = []
-        # Writes are checked here, where state passes between layers, whatever a variant's forward does: a wrong
-        # value fails naming the layer that wrote it, not in whichever later layer reads it.
-        device = x.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
-        compute_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         for i, block in enumerate(self.blocks):
             x, updates = block(x, fresh_view(state), None if cache is None else cache.layers[i], positions)
             who = f"layer {i} ({type(block.attention).__name__})"
-            if updates:
+            if updates:  # checked where state passes between layers, whatever a variant's forward does
                 keys = N if cache is None else cache.layers[i].length  # Nk: every key the new rows see
-                check_writes(updates, state_sizes(block.attention, B, N, keys, who), compute_dtype, who)
+                check_writes(updates, state_sizes(block.attention, B, N, keys, who), compute_dtype(x), who)
             state = merge(state, updates, block.attention.writes, who)
             if return_state:
                 per_layer.append(updates)

@@ -139,6 +139,17 @@ class Registry(Generic[T]):
             ) from None
 
 
+def import_required_plugins(values: list[str], flag: str = "--plugins") -> list[str]:
+    """The modules named in `values` (each one module or a comma-separated list, as a repeatable `--plugins`
+    option gives them), imported. Raises UserError naming `flag` and every module that cannot be imported."""
+    modules = [m.strip() for value in values for m in value.split(",") if m.strip()]
+    if failures := import_plugins(modules, warn=False):
+        from .errors import UserError
+
+        raise UserError(f"{flag}: " + "; ".join(f"{f.source} cannot be imported ({f.error})" for f in failures))
+    return modules
+
+
 def import_plugins(modules: list[str], *, warn: bool = True) -> list[PluginFailure]:
     """Import user-listed plugin modules; report failures by name instead of raising. Each failure is also
     logged as a warning (the only word of it where nothing needs the module), unless `warn` is False: for a

@@ -144,10 +144,10 @@ def state_sizes(attention, batch: int, queries: int, keys: int, who: str) -> dic
 
 
 def check_writes(updates: Mapping[str, Any], sizes: Mapping[str, int], compute_dtype: torch.dtype, who: str) -> None:
-    """Check each written value against its channel (`Channel.check`); a layer calls this on its own updates,
-    with its sizes (B, H, Hkv, Nq, Nk, D: in cached decoding Nq counts the new rows, Nk the cached and new
-    keys). The stack (model.py) calls it on every layer's updates. Raises
-    ValueError for a channel no `declare_channel` declared, or a value of the wrong layout or dtype."""
+    """Check each written value against its channel (`Channel.check`) at the writing layer's `sizes` (B, H, Hkv,
+    Nq, Nk, D: in cached decoding Nq counts the new rows, Nk the cached and new keys); the stack (model.py) calls
+    it on every layer's updates. Raises ValueError for a channel no `declare_channel` declared, or a value of
+    the wrong layout or dtype."""
     for name, value in updates.items():
         channel = CHANNELS.get(name)
         if channel is None:

@@ -42,7 +42,7 @@ class BenchSettings:
     profile: bool = False  # each point also writes where one step's time went (profiles.md)
     peers: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every point's process
-    plugins: list[str] = field(default_factory=list)  # modules registering variants named in `variants`
+    plugins: list[str] = field(default_factory=list)  # modules (or "a,b" lists) registering variants in `variants`
 
 
 def plan(settings: BenchSettings) -> list[Point]:
@@ -84,12 +84,10 @@ def plan(settings: BenchSettings) -> list[Point]:
     names = list(dict.fromkeys(settings.variants))
     if BASELINE not in names:
         names.insert(0, BASELINE)
-    if settings.plugins:
-        from ..registry import import_plugins
+    from ..registry import import_required_plugins
 
-        if failures := import_plugins(settings.plugins, warn=False):
-            raise UserError("--plugins: " + "; ".join(f"{f.source} cannot be imported ({f.error})" for f in failures))
-    specs = [resolve_variant(n, tuple(settings.plugins)) for n in names]
+    plugins = tuple(import_required_plugins(settings.plugins))
+    specs = [resolve_variant(n, plugins) for n in names]
     common = dict(dim=settings.dim, depth=settings.depth, heads=settings.heads, head_dim=settings.head_dim,
                   vocab_size=settings.vocab_size, dtype=settings.dtype, device=settings.device, warmup=settings.warmup,
                   repeats=settings.repeats, threads=settings.threads, profile=settings.profile)

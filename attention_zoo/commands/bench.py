@@ -94,7 +94,7 @@ def cmd_bench(args) -> int:
         dim=args.dim, depth=args.depth, heads=args.heads, head_dim=args.head_dim, vocab_size=args.vocab_size,
         dtype=args.dtype, device=args.device, repeats=args.repeats, warmup=args.warmup, rounds=args.rounds,
         threads=args.threads, timeout=args.timeout, profile=args.profile, peers=args.peer, env=env,
-        plugins=[m.strip() for value in args.plugins for m in value.split(",") if m.strip()])
+        plugins=args.plugins)
     command = "attention-zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "attention-zoo bench"
     result = benchmark(settings, args.out, command=command, progress=not args.no_progress)
     failed = [r for r in result["results"] if r["status"] != "ok"]

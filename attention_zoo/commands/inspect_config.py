@@ -14,7 +14,7 @@ from ..backends import BackendRefused, choose, recording_calls
 from ..components import KINDS
 from ..config import STACK_DEFAULTS, build_model, config_file, head_dim_of, layer_specs, load_config
 from ..errors import UserError
-from ..registry import import_plugins
+from ..registry import import_plugins, import_required_plugins
 from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
 
 
@@ -45,10 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_list(args) -> int:
     """Print the variants matching args.pattern (with their Params), plugin failures and, for `*`, the stack
     components. Raises UserError (exit 2) naming every `--plugins` module that cannot be imported."""
-    modules = [m.strip() for value in args.plugins for m in value.split(",") if m.strip()]
-    failures = import_plugins(modules, warn=False)
-    if failures:
-        raise UserError("--plugins: " + "; ".join(f"{f.source} cannot be imported ({f.error})" for f in failures))
+    import_required_plugins(args.plugins)
     names = list_variants(args.pattern)
     if not names:
         print(f"no variant matches {args.pattern!r}; registered: {', '.join(list_variants())}")

@@ -27,13 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args) -> int:
     from ..train import train
+    from ..train.loop import holds_run
 
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after {args.stop_after}: must be a step >= 1 (the run checkpoints after it and exits)")
     path = Path(args.config)
     config = load_config(config_file(args.config), args.overrides)  # a run or checkpoint folder: its saved config
-    is_run = path.is_dir() and ((path / "metrics.jsonl").exists() or (path / "checkpoint").is_dir())
-    if args.out is None and args.resume and is_run:  # `train RUN --resume` continues RUN itself
+    if args.out is None and args.resume and path.is_dir() and holds_run(path):  # `train RUN --resume`: RUN itself
         out = str(path)
     else:
         out = args.out or str(Path("runs") / (path.name if path.is_dir() else path.stem))

@@ -147,6 +147,12 @@ def _restore_rng(state: dict[str, Any], generator: torch.Generator, world: D.Wor
             torch.cuda.set_rng_state(mine["cuda"])
 
 
+def holds_run(folder: Path) -> bool:
+    """Whether `folder` holds a training run: its checkpoint/ or its metrics.jsonl (which a run writes first,
+    before its config.yaml, so a run killed before its first log is one too)."""
+    return (folder / CHECKPOINT_DIR).exists() or (folder / METRICS).exists()
+
+
 def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
     """The checkpoint to resume from, or None. Refuses to write over a previous run unless resuming, and to resume
     from a damaged checkpoint (which would silently start over); recovers a checkpoint whose save was cut short
@@ -158,9 +164,9 @@ def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
         print(f"attention-zoo train: {out}: recovered the last complete checkpoint from {previous.name} (a save was "
               "interrupted)")
     D.barrier(world)  # every rank sees the recovered folder
-    if not resume and (checkpoint.exists() or (out / METRICS).exists()):
+    is_run = holds_run(out)
+    if not resume and is_run:
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    is_run = checkpoint.exists() or (out / METRICS).exists()  # a run makes metrics.jsonl before its config.yaml
     if not is_run and (theirs := [name for name in (CONFIG, FINAL) if (out / name).exists()]):
         # e.g. `train exp/config.yaml --out exp`: the run's config.yaml would replace the user's own file
         raise UserError(f"{out} holds {' and '.join(theirs)} but no run (no {CHECKPOINT_DIR}/ or {METRICS}), with "
