@@ -15,14 +15,16 @@ from .backends.base import group_queries as _group_queries
 from .backends.math import grouped_logits as _grouped_logits
 from .ops.selection import Selection
 from .ops.selection.penalty import fused_selection_penalty
+from .ops.separable import SeparableBias
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None = None, causal: bool = True,
+def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | SeparableBias | None = None, causal: bool = True,
               backend: str = "auto", scale: float | None = None) -> Tensor:
     """softmax(scale q k^T + bias + causal mask) v on the chosen backend. Returns (B, H, Nq, D); a query row
     that sees no key (more queries than keys under the causal mask, or a bias of -inf over the whole row)
-    gives 0 and no gradient. `bias`: broadcastable to (B, H, Nq, Nk), or a structured `Selection` (the bias
-    is then -F).
+    gives 0 and no gradient. `bias`: broadcastable to (B, H, Nq, Nk), a structured `Selection` (the bias
+    is then -F), or a `SeparableBias` (row_i + col_j per head, attended without an (Nq, Nk) tensor where it
+    can be: ops/separable.py).
 
     Raises ValueError for tensors that are not (B, H, N, D) with matching batch and head dim and H a multiple
     of Hkv; BackendRefused when the named backend (or, under auto, every backend) refuses the call."""
@@ -161,5 +163,5 @@ def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
 
 
-__all__ = ["attention", "selective_attention", "selection_penalty", "selection_scores", "selection_logits",
+__all__ = ["attention", "SeparableBias", "selective_attention", "selection_penalty", "selection_scores", "selection_logits",
            "penalty_from_scores", "causal_mask", "group_queries", "grouped_logits", "grouped_values"]

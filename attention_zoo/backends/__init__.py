@@ -6,17 +6,20 @@ backend serves every variant whose calls it accepts. `auto` tries backends in `A
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+import torch.nn.functional as tF
 from torch import Tensor
 
 from ..errors import UserError
 from ..ops.selection.dense import penalty as dense_penalty
 from ..ops.selection.structure import Selection
+from ..ops.separable import FOLDABLE_DTYPES, SeparableBias, fold
 from ..registry import Registry
 from .base import AttentionCall, Backend, causal_mask
 from .flex import FlexBackend
@@ -46,7 +49,7 @@ class BackendRefused(UserError, RuntimeError):
     exits 2, since the fix is the config's `backend:` key."""
 
 
-_logged: set[tuple[str, str]] = set()
+_logged: set[str] = set()  # messages already logged (each is said once)
 _recorders: list[list[AttentionCall]] = []
 
 
@@ -116,30 +119,82 @@ def chosen_for(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:
     return hit
 
 
-def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | None, causal: bool, scale: float,
-             backend: str = "auto") -> Tensor:
+def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | SeparableBias | None, causal: bool,
+             scale: float, backend: str = "auto") -> Tensor:
     """softmax(scale q k^T + bias + causal mask) v on the named backend, or the first that accepts the call
     under `auto`. q: (B, H, Nq, D); k: (B, Hkv, Nk, D), H % Hkv == 0; v: (B, Hkv, Nk, Dv) (Dv = D but for
     backends that take other value widths); `bias`: a tensor broadcastable to (B, H, Nq, Nk), a structured
-    `Selection` (the bias is then -F, see ops/selection), or None; causal is bottom-right aligned. Returns
+    `Selection` (the bias is then -F, see ops/selection), a `SeparableBias` (row_i + col_j, folded into q and k
+    where `fold_plan` allows, see ops/separable.py), or None; causal is bottom-right aligned. Returns
     (B, H, Nq, Dv) in q's dtype; a row that sees no key is 0.
 
     Raises BackendRefused (a UserError) when the named backend refuses the call, or none does under auto; a
     RegistryError for a backend name that is not registered; ValueError for a tensor bias that does not
-    broadcast to (B, H, Nq, Nk). Other shapes are not checked here (see `functional.attention`)."""
+    broadcast to (B, H, Nq, Nk) or a SeparableBias of the wrong shape. Other shapes are not checked here (see
+    `functional.attention`)."""
     if isinstance(bias, Tensor):
         bias = as_4d_bias(bias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    elif isinstance(bias, SeparableBias):
+        bias.check(q, k)
     call = AttentionCall.from_tensors(q, k, bias, v)
     for calls in _recorders:
         calls.append(call)
     if call.device == "meta":  # a dry run (`describe`) computes shapes only; backends are chosen for a real device
         return run_on(BACKENDS.get("math"), q, k, v, bias, causal, scale)
+    if isinstance(bias, SeparableBias):
+        folded, why = fold_plan(backend, call)
+        if folded is None:
+            _say_once(f"attention-zoo separable bias: dense (B, H, Nq, Nk) on backend {backend}: {why}")
+            bias = bias.dense()
+            call = AttentionCall.from_tensors(q, k, bias, v)
+        else:
+            q, k = fold(q, k, bias, scale)
+            pad = folded.value_dim == folded.head_dim  # fold_plan pads v where the backend wants equal widths
+            width = v.shape[-1]
+            out = _run(backend, folded, q, k, tF.pad(v, (0, q.shape[-1] - width)) if pad else v, None, causal, scale)
+            return out[..., :width] if pad else out
+    return _run(backend, call, q, k, v, bias, causal, scale)
+
+
+def _run(backend: str, call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, bias, causal: bool, scale: float) -> Tensor:
     chosen, skipped = chosen_for(backend, call)
     for why in skipped:
-        if (why, chosen.name) not in _logged:
-            _logged.add((why, chosen.name))
-            log.info("attention-zoo auto backend: using %s (%s)", chosen.name, why)
+        _say_once(f"attention-zoo auto backend: using {chosen.name} ({why})")
     return run_on(chosen, q, k, v, bias, causal, scale)
+
+
+def _say_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.info("%s", message)
+
+
+def fold_plan(name: str, call: AttentionCall) -> tuple[AttentionCall | None, str]:
+    """For a call whose bias is a SeparableBias (`call.separable_width` > 0): (the plain call it becomes when its
+    column term is folded into q and k, "") where backend `name` should run it so, else (None, why the bias goes
+    dense). The folded call has a head dim of D + separable_width, no bias, and v as wide as before, or padded to
+    the new head dim (value_dim == head_dim) for a backend that wants equal widths."""
+    if call.dtype not in FOLDABLE_DTYPES:
+        return None, (f"in {str(call.dtype).removeprefix('torch.')} a folded key column would round the bias; "
+                      "folding is exact in float32 and float64")
+    if name == "math":
+        return None, "math is the reference and attends with the bias itself"
+    head_dim = call.head_dim + call.separable_width
+    limit = head_dim_limit(name, call.device)
+    if limit is not None and head_dim > limit:
+        return None, f"the folded head dim {head_dim} is above the backend's limit {limit}"
+    value_dim = call.value_dim or call.head_dim
+    if not fuses_unequal_value_dim(name, call.device):
+        value_dim = head_dim  # v zero-padded: the zeros add nothing to the output
+    folded = dataclasses.replace(call, head_dim=head_dim, value_dim=value_dim, has_bias=False, bias_requires_grad=False,
+                                 separable_width=0)
+    try:
+        chosen, _ = chosen_for(name, folded)
+    except BackendRefused as exc:
+        return None, str(exc)
+    if chosen.name == "math":
+        return None, "no fused backend accepts the folded call"
+    return folded, ""
 
 
 def as_4d_bias(bias: Tensor, full: tuple[int, int, int, int]) -> Tensor:
@@ -162,10 +217,13 @@ def fuses_unequal_value_dim(name: str, device: str) -> bool:
     return BACKENDS.get("sdpa" if name == "auto" else name).fuses_unequal_value_dim(device)
 
 
-def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None, causal: bool,
-           scale: float) -> Tensor:
+def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | SeparableBias | None,
+           causal: bool, scale: float) -> Tensor:
     """Run the primitive on `backend`. A Selection goes to the backend's own `selective_attention` where it has
-    one; otherwise -F is made dense, (B, 1, Nq, Nk), and passed as a bias (the only place that happens)."""
+    one; otherwise -F is made dense, (B, 1, Nq, Nk), and passed as a bias (the only place that happens). A
+    SeparableBias that reaches here (the math reference, a dry run) is made dense too."""
+    if isinstance(bias, SeparableBias):
+        bias = bias.dense()
     if isinstance(bias, Selection):
         if backend.selective_attention is not None:
             return backend.selective_attention(q, k, v, bias, causal=causal, scale=scale)
@@ -175,6 +233,6 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
 
 __all__ = [
     "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
-    "head_dim_limit", "fuses_unequal_value_dim", "run_on", "recording_calls",
+    "head_dim_limit", "fuses_unequal_value_dim", "run_on", "recording_calls", "fold_plan",
     "causal_mask", "math_attention", "grouped_logits",
 ]

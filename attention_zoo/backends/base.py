@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..ops.selection.structure import Selection
+from ..ops.separable import SeparableBias
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class AttentionCall:
     grad_enabled: bool = False
     has_selection: bool = False  # the bias is a structured selection (ops/selection), not a tensor
     value_dim: int | None = None  # v's width when it differs from q/k's (differential attention), else None
+    separable_width: int = 0  # the bias is a SeparableBias whose fold adds this many q/k columns (ops/separable)
 
     def unequal_value_dim(self) -> str | None:
         """The refusal of a kernel that needs v as wide as q and k, or None when it is."""
@@ -43,7 +45,7 @@ class AttentionCall:
         return f"values of width {self.value_dim} differ from q/k's head dim {self.head_dim}; its kernels need them equal"
 
     @classmethod
-    def from_tensors(cls, q: Tensor, k: Tensor, bias: "Tensor | Selection | None", v: Tensor | None = None
+    def from_tensors(cls, q: Tensor, k: Tensor, bias: "Tensor | Selection | SeparableBias | None", v: Tensor | None = None
                      ) -> "AttentionCall":
         """The call for these tensors. `grad_enabled`: autograd records it (q, k, v or the bias requires grad)."""
         bias_grad = bias is not None and bias.requires_grad
@@ -61,6 +63,7 @@ class AttentionCall:
             grad_enabled=torch.is_grad_enabled() and (inputs_grad or bias_grad),
             has_selection=isinstance(bias, Selection),
             value_dim=None if v is None or v.shape[-1] == q.shape[-1] else v.shape[-1],
+            separable_width=bias.fold_width(q.shape[1], k.shape[1]) if isinstance(bias, SeparableBias) else 0,
         )
 
 

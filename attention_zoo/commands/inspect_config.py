@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..backends import BackendRefused, choose, recording_calls
+from ..backends import BackendRefused, choose, fold_plan, recording_calls
 from ..components import KINDS
 from ..config import STACK_DEFAULTS, build_model, config_file, head_dim_of, layer_specs, load_config
 from ..errors import UserError
@@ -111,10 +111,20 @@ def _quiet(logger: logging.Logger):
 
 
 def _plan(backend: str, call) -> tuple[str, str]:
-    """(the backend `backend` picks for `call`, or `none: why`; the backends skipped before it and why)."""
+    """(the backend `backend` picks for `call`, or `none: why`; the backends skipped before it and why). A separable
+    bias is planned as dispatch runs it: folded into q and k, or dense, and the plan says which."""
+    note = ""
+    if call.separable_width:
+        folded, why = fold_plan(backend, call)
+        if folded is not None:
+            note = f" (separable bias folded into q/k: head dim {call.head_dim} + {call.separable_width})"
+            call = folded
+        else:
+            note = f" (separable bias made dense: {why})"
+            call = dataclasses.replace(call, separable_width=0)
     try:
         chosen, skipped = choose(backend, call)
-        return chosen.name, "; ".join(skipped)
+        return chosen.name + note, "; ".join(skipped)
     except BackendRefused as exc:
         return f"none: {exc}", ""
 
@@ -181,6 +191,7 @@ def cmd_describe(args) -> int:
               f"written: {', '.join(attn.writes) or '-'}")
         call = layer_calls[0] if layer_calls else None
         bias = "none" if call is None or not call.has_bias else ("with grad" if call.bias_requires_grad else "constant")
+        bias = f"separable, {bias}" if call is not None and call.separable_width else bias
         times = f"; {len(layer_calls)} calls" if len(layer_calls) > 1 else ""
         print(f"    backend ({config['backend']}, {device}, {args.dtype}{', train' if args.train else ''}; "
               f"bias {bias}{times}): {backend}")

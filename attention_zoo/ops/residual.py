@@ -25,6 +25,7 @@ import torch.nn.functional as tF
 from torch import Tensor
 
 from .selection.structure import Selection
+from .separable import SeparableBias
 
 log = logging.getLogger("attention_zoo.ops.residual")
 _logged: set[str] = set()
@@ -80,11 +81,15 @@ def _say_once(why: str) -> None:
         log.info("attention-zoo residual: carried dense (B, H, Nq, Nk): %s", why)
 
 
-def carry(previous: "Tensor | ResidualScores | None", q: Tensor, k: Tensor, bias: "Tensor | Selection | None",
+def carry(previous: "Tensor | ResidualScores | None", q: Tensor, k: Tensor,
+          bias: "Tensor | Selection | SeparableBias | None",
           scale: float, head_dim_limit: int | None) -> tuple["ResidualScores | Tensor", "Tensor | None"]:
     """(R_l, dense bias to attend with). R_l structured where it can be (the bias is then None: attend with
     `attend`), else dense (B, H, Nq, Nk) with the dense bias (R_{l-1} + bias_l) to attend with q and k."""
-    if not isinstance(bias, Tensor) and not isinstance(previous, Tensor):
+    if isinstance(bias, SeparableBias):  # carried as the dense bias it is: R_l holds row_i + col_j for later layers
+        _say_once("a layer added a separable bias")
+        bias = bias.dense()
+    elif not isinstance(bias, Tensor) and not isinstance(previous, Tensor):
         structured = ResidualScores(q, k, scale, bias) if previous is None else previous.extended(q, k, scale, bias)
         if structured is None:
             _say_once("layers disagree on batch, heads, length or dtype")

@@ -1,0 +1,97 @@
+"""A separable bias, bias[i, j] = row_i + col_j per head, attended without a (B, H, Nq, Nk) tensor.
+
+Biases made of one term per query and one per key are common: ALiBi's -m (i - j) = -m i + m j (Press et al.,
+ICLR 2022), Forgetting Attention's c_i - c_j with c the running sum of log forget gates (Lin et al., ICLR 2025).
+Handed to a backend as a dense tensor they cost (B, H, Nq, Nk) memory, and training one that requires grad
+takes the backends' bias-gradient path.
+
+Under softmax the row term changes nothing: it adds one constant to every score of row i, so the weights,
+and the gradient that reaches it, are those of the column term alone. The column term folds into the dot
+product the kernel already computes. With G = H / Hkv query heads per kv head and e_g the one-hot vector of
+query head h's place g = h mod G in its group,
+
+    scale * [q_h, e_g / scale] . [k, col_{group 0}, ..., col_{group G-1}] = scale q_h k^T + col_h,
+
+so attention with a bias becomes plain attention with a q/k head dim of D + G (D + 1 when the column term is
+shared by the heads, or H == Hkv) and v as it is: any fused kernel runs it, gradients reach `col` through k's
+extra columns, and nothing (Nq, Nk)-sized is made. The folded column holds col_j itself, not col_j - col_i as a
+dense bias would: exact in float32 and float64 (the dense difference rounds the same c_i and c_j), not in bf16 or
+fp16, whose 8 or 11 mantissa bits would round a large col_j by more than the scores it ranks (|c| grows with the
+sequence), so half-precision calls take the dense bias (`backends.fold_plan` decides and says why).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# dtypes whose folded column keeps the bias as exact as a dense one (see the module docstring)
+FOLDABLE_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class SeparableBias:
+    """bias[b, h, i, j] = row[b, h, i] + col[b, h, j], added to the scores of a causal softmax attention.
+
+    col: (B or 1, H or 1, Nk), one term per key (cached keys included, in the order of k); row: (B or 1, H or 1,
+    Nq) or None (one term per query; softmax ignores it, so it matters only to `dense()`, to a variant's own
+    non-softmax `attend`, and to the precision of a half-precision dense bias: c_i - c_j is small where the
+    weights are large). Floating tensors; a size-1 batch or head dim broadcasts. Shapes are checked against q and
+    k by `check` (dispatch calls it): ValueError."""
+
+    col: Tensor
+    row: Tensor | None = None
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.col.requires_grad or (self.row is not None and self.row.requires_grad)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.col.dtype
+
+    def check(self, q: Tensor, k: Tensor) -> None:
+        """Raise ValueError unless col is (B|1, H|1, Nk) and row (B|1, H|1, Nq) for q (B, H, Nq, D), k (B, Hkv, Nk, D)."""
+        B, H, Nq = q.shape[:3]
+        for name, term, length in (("col", self.col, k.shape[2]), ("row", self.row, Nq)):
+            if term is None:
+                continue
+            ok = (isinstance(term, Tensor) and term.dim() == 3 and term.shape[0] in (1, B) and term.shape[1] in (1, H)
+                  and term.shape[2] == length and term.is_floating_point())
+            if not ok:
+                got = tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__
+                raise ValueError(f"SeparableBias.{name} must be a floating (B or 1, H or 1, {length}) tensor for q "
+                                 f"{tuple(q.shape)} and k {tuple(k.shape)} (B {B}, H {H}); got {got}")
+
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The bias itself, (B|1, H|1, Nq, Nk), differentiable; in `dtype` (default: col's), the sum formed in
+        col's dtype first, so a half-precision bias rounds c_i - c_j, not c_i and c_j."""
+        out = self.col[..., None, :] if self.row is None else self.row[..., :, None] + self.col[..., None, :]
+        return out if dtype is None else out.to(dtype)
+
+    def fold_width(self, heads: int, kv_heads: int) -> int:
+        """The columns `fold` adds to the q/k head dim: G = H / Hkv for a per-head col, else 1."""
+        return heads // kv_heads if self.col.shape[1] > 1 and heads != kv_heads else 1
+
+
+def fold(q: Tensor, k: Tensor, bias: SeparableBias, scale: float) -> tuple[Tensor, Tensor]:
+    """q (B, H, Nq, D), k (B, Hkv, Nk, D) -> q' (B, H, Nq, D + W), k' (B, Hkv, Nk, D + W), W = bias.fold_width,
+    such that softmax(scale q' k'^T + mask) = softmax(scale q k^T + bias + mask) (the module docstring). In q's
+    dtype; differentiable in q, k and bias.col (the row term is dropped: softmax gives it no weight or gradient)."""
+    B, H, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    width = bias.fold_width(H, Hkv)
+    G = H // Hkv
+    col = bias.col.to(q.dtype)
+    if width == 1:  # one column: the term is shared by the heads, or each query head has its own kv head
+        col = col.expand(B, Hkv, Nk)[..., None]  # (B, Hkv, Nk, 1)
+        selector = q.new_full((B, H, Nq, 1), 1.0 / scale)
+    else:  # column g of kv head h holds query head h * G + g's term; query head h * G + g reads only column g
+        col = col.expand(B, H, Nk).unflatten(1, (Hkv, G)).transpose(-1, -2)  # (B, Hkv, Nk, G)
+        selector = torch.eye(G, dtype=q.dtype, device=q.device).div_(scale).repeat(Hkv, 1)  # (H, G): row h is e_{h mod G}
+        selector = selector[None, :, None, :].expand(B, H, Nq, G)
+    return torch.cat([q, selector], dim=-1), torch.cat([k, col], dim=-1)
+
+
+__all__ = ["SeparableBias", "fold", "FOLDABLE_DTYPES"]
