@@ -7,7 +7,8 @@ of time for a named target with its bundled ptxas, no GPU needed, and that is wh
 PTX to a cubin for sm_90, in bf16 and fp32.
 
 The kernels are compiled exactly as the JIT compiles them at run time. The backend's own launch
-functions (`attention_forward`, `attention_backward` with either dq strategy, `penalty_forward`,
+functions (`attention_forward`, `attention_backward` with either dq strategy and with a per-key bias
+gradient, `penalty_forward`,
 `penalty_backward`, and the fused selective `selective_forward` and `selective_backward` with one selection
 term and with two: a single term's count specialises to the constant 1) run on CPU tensors laid out as the
 model lays them out (q, k, v views of the projections), each launch captured instead of run, and Triton's
@@ -143,7 +144,10 @@ def launches(dtype: torch.dtype) -> list[Launch]:
                                                      for t in range(case.selection_terms)])
                 _, _, G = triton_fused.selective_forward(q, k, v, stacked, **common)
                 triton_fused.selective_backward(q, k, v, out, lse, dout, G, stacked, **common)
-            if case.bias == "shared":
+            if case.bias == "shared":  # a SeparableBias's column term: (B, 1, 1, N), its gradient from the dk/dv kernel
+                key_bias = torch.randn(B, 1, 1, N, generator=gen)
+                triton_kernels.attention_backward(q, k, v, key_bias, out, lse, dout, bias_grad=False,
+                                                  key_bias_grad=True, **common)
                 triton_selection.penalty_forward(q[:, 0], k[:, 0], scale=D ** -0.5, protect_bos=True)
                 triton_selection.penalty_backward(q[:, 0], k[:, 0], torch.randn(B, N, N), scale=D ** -0.5,
                                                   protect_bos=True)

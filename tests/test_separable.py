@@ -238,3 +238,22 @@ def test_the_benchmarked_plugins_run_in_bench(tmp_path):
     assert result.returncode == 0, result.stderr
     points = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert {p["variant"]: p["status"] for p in points} == {"vanilla": "ok", "fox_dense": "ok", "fox_sep": "ok"}
+
+
+def test_a_backend_with_its_own_separable_attention_reads_the_bias_whole(triton_backend, monkeypatch):
+    """Named triton (its interpreter here) gets the SeparableBias itself: neither folded nor made dense; the result
+    matches the formula. describe says so."""
+    from attention_zoo.backends import BACKENDS
+
+    monkeypatch.setattr("attention_zoo.backends.fold", lambda *a, **k: pytest.fail("folded"))
+    monkeypatch.setattr(SeparableBias, "dense", lambda *a, **k: pytest.fail("made dense"))
+    q, k, v, col, row = (t.detach().float().requires_grad_() if t is not None else None
+                         for t in tensors(B=1, H=4, Hkv=2, Nq=20, Nk=20, D=16))
+    got = attention(q, k, v, bias=SeparableBias(col=col, row=row), backend="triton")
+    want = naive(*(t.detach().double() for t in (q, k, v, row, col)), 0.25)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    call = AttentionCall.from_tensors(q, k, SeparableBias(col=col))
+    from attention_zoo.commands.inspect_config import _plan
+
+    assert _plan("triton", call)[0] == "triton (separable bias read by its kernels)"
+    assert BACKENDS.get("triton").separable_attention is not None

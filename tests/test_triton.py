@@ -237,7 +237,7 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
 
     assert triton_module.self_check.__wrapped__(DEVICE, torch.float32, 16) is None
     checks = {"attention": triton_module._attention_check, "penalty": triton_module._penalty_check,
-              "selective": triton_module._selective_check}
+              "selective": triton_module._selective_check, "separable": triton_module._key_bias_check}
 
     def caught(check: str) -> str | None:
         monkeypatch.setattr(triton_module, "SELF_CHECKS", (checks[check],))
@@ -286,6 +286,14 @@ def test_self_check_passes_and_catches_wrong_kernels(triton_backend, monkeypatch
 
     monkeypatch.setattr(triton_fused, "selective_backward", wrong_fused)
     assert "selective daccumulated off by" in caught("selective")
+
+    def wrong_key_bias(*args, **kwargs):
+        dq, dk, dv, dkey = real(*args, **kwargs)
+        return dq, dk, dv, None if dkey is None else dkey * 1.01
+
+    monkeypatch.setattr(triton_kernels, "attention_backward", wrong_key_bias)
+    assert "separable bias dcol off by" in caught("separable")
+    monkeypatch.setattr(triton_kernels, "attention_backward", real)
 
     monkeypatch.setattr(triton_kernels, "attention_forward", lambda *a, **k: 1 / 0)
     assert "ZeroDivisionError" in caught("attention")
@@ -580,3 +588,78 @@ def test_fused_forward_with_an_infinite_selection_logit(triton_backend):
                                          Selection.of_head(qs.double(), ks.double(), 0.25), causal=True, scale=0.25)
     assert torch.isfinite(got).all()
     assert_matches([got], [want], torch.float32, names=("out",))
+
+
+# -- a SeparableBias read by the kernels (its column term, float32, a stride-0 row dim) --------------------------
+SEPARABLE_COLS = {"per-head": lambda B, H: (B, H), "head-shared": lambda B, H: (B, 1), "batch-shared": lambda B, H: (1, H)}
+SEPARABLE_ROWS = [(case, kind) for case in CASES for kind in SEPARABLE_COLS]
+
+
+def separable_both(backend, case, kind, dtype, scale_col=1.0):
+    """(out, dq, dk, dv, dcol) by the kernels and by a float64 reference written from the formula: softmax over the
+    visible keys of scale q k^T + row_i + col_j, the row term included (softmax must ignore it)."""
+    from attention_zoo import SeparableBias
+
+    B, H, Hkv, Nq, Nk, D, causal = case
+    g = torch.Generator().manual_seed(zlib.crc32(repr((case, kind, "separable")).encode()))
+    q = torch.randn(B, H, Nq, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    k, v = (torch.randn(B, Hkv, Nk, D, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    cb, ch = SEPARABLE_COLS[kind](B, H)
+    col = (scale_col * torch.randn(cb, ch, Nk, generator=g)).to(DEVICE).requires_grad_()  # float32, as FoX makes c
+    row = torch.randn(cb, ch, Nq, generator=g).to(DEVICE)
+    dout = torch.randn(B, H, Nq, D, generator=g).to(DEVICE, dtype)
+    out = backend.separable_attention(q, k, v, SeparableBias(col=col, row=row), causal=causal, scale=D ** -0.5)
+    got = [out, *torch.autograd.grad(out, (q, k, v, col), dout)]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, col)]
+    bias = row.double()[..., :, None] + ref[3][..., None, :]  # (cb, ch, Nq, Nk)
+    expected = math_attention(*ref[:3], bias=bias, causal=causal, scale=D ** -0.5)
+    return got, [expected, *torch.autograd.grad(expected, ref, dout.double())]
+
+
+@pytest.mark.parametrize("case,kind", SEPARABLE_ROWS, ids=[f"{case_name(c)}-{k}" for c, k in SEPARABLE_ROWS])
+def test_separable_bias_matches_the_formula_fp32(triton_backend, case, kind):
+    """Output and the gradients of q, k, v and the column term (summed over what it broadcasts), fp32 within 1e-5
+    of max(1, |value|) against float64: per-head, head-shared and batch-shared columns, GQA, MQA, cached keys."""
+    got, want = separable_both(triton_backend, case, kind, torch.float32)
+    assert got[4].shape == want[4].shape and got[4].dtype == torch.float32
+    assert_matches(got, want, torch.float32, names=("out", "dq", "dk", "dv", "dcol"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_separable_bias_in_half_precision_keeps_large_columns(triton_backend, dtype):
+    """Columns of |c| ~ 500 (Forgetting Attention's running sums) in half precision inputs: the kernels add them
+    in float32, so the result is within the dtype's tolerance of the float64 formula (a folded or bf16 column
+    would be off by whole units)."""
+    if triton_backend.refuse(call(dtype=dtype, device=DEVICE)):
+        pytest.skip(triton_backend.refuse(call(dtype=dtype, device=DEVICE)))
+    got, want = separable_both(triton_backend, CASES[1], "per-head", dtype, scale_col=500.0)
+    assert_matches(got, want, dtype, names=("out", "dq", "dk", "dv", "dcol"))
+
+
+def test_separable_bias_makes_no_Nq_Nk_tensor(triton_backend):
+    """Forward and backward allocate nothing near (B, H, Nq, Nk); the spy sees the dense bias when it is made."""
+    from attention_zoo import SeparableBias
+
+    B, H, N, D = 1, 2, 64, 16
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(B, H, N, D, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    col = torch.randn(B, H, N, generator=g).to(DEVICE).requires_grad_()
+    with LargestOwnTensor() as spy:
+        out = triton_backend.separable_attention(q, k, v, SeparableBias(col=col), causal=True, scale=D ** -0.5)
+        torch.autograd.grad(out.sum(), (q, k, v, col))
+    assert spy.largest < B * H * N * N // 2, f"{spy.op} made {spy.largest} elements"  # q, k, v: 1/4 of it
+    with LargestOwnTensor() as dense_spy:
+        SeparableBias(col=col).dense().expand(B, H, N, N).contiguous()
+    assert dense_spy.largest >= B * H * N * N
+
+
+def test_auto_sends_half_precision_separable_calls_to_triton():
+    """On CUDA, a separable bias in bf16/fp16 would go dense on the other backends: auto takes it to triton, which
+    reads it; in fp32 (folded exactly elsewhere) and without a separable bias it still defers."""
+    from attention_zoo.backends import BACKENDS
+
+    backend = BACKENDS.get("triton")
+    separable = dict(call(dtype=torch.bfloat16, bias_grad=False).__dict__, separable_width=1, has_bias=True)
+    assert backend.defer(AttentionCall(**separable)) is None
+    assert backend.defer(AttentionCall(**{**separable, "dtype": torch.float32})) is not None
+    assert backend.defer(call(dtype=torch.bfloat16, bias_grad=False)) is not None

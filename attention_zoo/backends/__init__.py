@@ -142,6 +142,9 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | Sepa
     if call.device == "meta":  # a dry run (`describe`) computes shapes only; backends are chosen for a real device
         return run_on(BACKENDS.get("math"), q, k, v, bias, causal, scale)
     if isinstance(bias, SeparableBias):
+        chosen, _ = chosen_for(backend, call)
+        if chosen.separable_attention is not None:  # its kernels read the column term as it is
+            return _run(backend, call, q, k, v, bias, causal, scale)
         folded, why = fold_plan(backend, call)
         if folded is None:
             _say_once(f"attention-zoo separable bias: dense (B, H, Nq, Nk) on backend {backend}: {why}")
@@ -173,7 +176,8 @@ def fold_plan(name: str, call: AttentionCall) -> tuple[AttentionCall | None, str
     """For a call whose bias is a SeparableBias (`call.separable_width` > 0): (the plain call it becomes when its
     column term is folded into q and k, "") where backend `name` should run it so, else (None, why the bias goes
     dense). The folded call has a head dim of D + separable_width, no bias, and v as wide as before, or padded to
-    the new head dim (value_dim == head_dim) for a backend that wants equal widths."""
+    the new head dim (value_dim == head_dim) for a backend that wants equal widths. Asked only where the backend
+    chosen for `call` has no `separable_attention` of its own."""
     if call.dtype not in FOLDABLE_DTYPES:
         return None, (f"in {str(call.dtype).removeprefix('torch.')} a folded key column would round the bias; "
                       "folding is exact in float32 and float64")
@@ -221,8 +225,11 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
            causal: bool, scale: float) -> Tensor:
     """Run the primitive on `backend`. A Selection goes to the backend's own `selective_attention` where it has
     one; otherwise -F is made dense, (B, 1, Nq, Nk), and passed as a bias (the only place that happens). A
-    SeparableBias that reaches here (the math reference, a dry run) is made dense too."""
+    SeparableBias goes to the backend's own `separable_attention` where it has one, else is made dense too (the
+    math reference, a dry run; `dispatch` folds it before it gets here where that is exact)."""
     if isinstance(bias, SeparableBias):
+        if backend.separable_attention is not None:
+            return backend.separable_attention(q, k, v, bias, causal=causal, scale=scale)
         bias = bias.dense()
     if isinstance(bias, Selection):
         if backend.selective_attention is not None:

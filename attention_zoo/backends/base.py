@@ -99,6 +99,11 @@ class Backend:
     # (B, 1, Nq, Nk) bias.
     selective_attention = None
 
+    # A backend that reads a SeparableBias's column term in its kernels, in any dtype (ops/separable.py), sets
+    # this to a method (q, k, v, bias, *, causal, scale) -> out. Otherwise the dispatcher folds the bias into q
+    # and k where that is exact (`backends.fold_plan`), or hands it dense.
+    separable_attention = None
+
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> Tensor:
     """Bool (Nq, Nk), True where query i may see key j (bottom-right aligned)."""

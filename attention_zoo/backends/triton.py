@@ -10,9 +10,13 @@ Selective attention reaches it as a structured Selection, not a bias: its kernel
 from the selection heads' q and k (`ops/selection/triton_fused.py`), so no (B, Nq, Nk) F is made, forward
 or backward.
 
+A SeparableBias (row_i + col_j, ops/separable.py) reaches it whole: the kernels read the column term as a
+float32 per-key bias and return its gradient from the dk/dv pass, exact in bf16 where the other backends
+would have to make it dense.
+
 Named explicitly (`backend: triton`) it runs every call, with or without a bias or gradients. Under
-`auto` it comes first but defers every call other than training with a trainable bias (inference,
-vanilla, GQA training) to xformers and SDPA, whose kernels are faster for those.
+`auto` it comes first but defers every call other than training with a trainable bias and a separable bias
+in half precision (inference, vanilla, GQA training) to xformers and SDPA, whose kernels are faster for those.
 
 Before its first use for a (device, dtype, head dim) it runs the kernels once on a small problem and
 compares them with the math backend; if they fail to compile or disagree, it refuses with that
@@ -97,8 +101,10 @@ class TritonBackend(Backend):
             return "on CPU it runs in Triton's interpreter, for tests only: name it to use it"
         if call.has_bias and call.bias_requires_grad and call.grad_enabled:
             return None
-        return "auto uses it only to train with a trainable bias (selective's -F, residual scores); " \
-               "xformers and sdpa kernels are faster for every other call"
+        if call.separable_width and call.dtype in (torch.float16, torch.bfloat16):
+            return None  # the others would attend with it dense: a folded column is not exact in half precision
+        return "auto uses it only to train with a trainable bias (selective's -F, residual scores) or to read a " \
+               "separable bias in half precision; xformers and sdpa kernels are faster for every other call"
 
     def selective_attention(self, q: Tensor, k: Tensor, v: Tensor, selection, *, causal: bool, scale: float) -> Tensor:
         """Selective attention with -F formed tile by tile inside the kernels (ops/selection/triton_fused.py),
@@ -115,6 +121,13 @@ class TritonBackend(Backend):
             log.info("triton backend: selective attention with a dense -F (%s)", reason)
         bias = penalty(selection, negate=True, backend=self.name).unsqueeze(1)
         return self.attention(q, k, v, bias=bias, causal=causal, scale=scale)
+
+    def separable_attention(self, q: Tensor, k: Tensor, v: Tensor, bias, *, causal: bool, scale: float) -> Tensor:
+        """A SeparableBias read by the kernels: its column term as a float32 (B, 1|H, 1, Nk) bias (a stride-0 row
+        dim), added to the float32 scores in any input dtype, so bf16 keeps a large col_j exact to float32; its
+        gradient, the column sums of dS, comes from the dk/dv kernel. The row term is dropped (softmax ignores
+        it). Nothing (Nq, Nk)-sized is made, forward or backward."""
+        return TritonKeyBiasAttention.apply(q, k, v, bias.col, causal, scale)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
         spread_heads = 0
@@ -161,6 +174,37 @@ class TritonAttention(torch.autograd.Function):
             if ctx.spread_heads:
                 dbias = spread_over_heads(dbias, ctx.spread_heads, ctx.bias_shape)
         return dq, dk, dv, dbias, None, None, None
+
+
+class TritonKeyBiasAttention(torch.autograd.Function):
+    """softmax(scale q k^T + col_j + causal) v with flash kernels both ways. col: (B|1, H|1, Nk), any float
+    dtype, read as float32; its gradient (B|1, H|1, Nk) in col's dtype, summed over what it broadcasts."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, col: Tensor, causal: bool, scale: float) -> Tensor:
+        kernels, error = load_kernels()
+        if kernels is None:
+            raise RuntimeError(f"triton is not available: {error}")
+        read = col.detach().float()[:, :, None, :].expand(q.shape[0], col.shape[1], q.shape[2], col.shape[2])
+        out, lse = kernels.attention_forward(q.detach(), k.detach(), v.detach(), read, causal=causal, scale=scale)
+        ctx.save_for_backward(q, k, v, read, out, lse)
+        ctx.causal, ctx.scale, ctx.col_shape, ctx.col_dtype = causal, scale, col.shape, col.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor):
+        q, k, v, read, out, lse = ctx.saved_tensors
+        kernels, _ = load_kernels()
+        dq, dk, dv, dkey = kernels.attention_backward(q, k, v, read[:, :, :1], out, lse, dout, causal=ctx.causal,
+                                                      scale=ctx.scale, bias_grad=False,
+                                                      key_bias_grad=ctx.needs_input_grad[3])
+        dcol = None
+        if dkey is not None:  # (B, H, Nk) per query head: summed over the dims col broadcasts
+            B, H = ctx.col_shape[:2]
+            dcol = dkey.sum(0, keepdim=True) if B == 1 else dkey
+            dcol = (dcol.sum(1, keepdim=True) if H == 1 else dcol).to(ctx.col_dtype)
+        return dq, dk, dv, dcol, None, None
 
 
 @functools.lru_cache(maxsize=None)
@@ -237,8 +281,26 @@ def _selective_check(device: str, dtype: torch.dtype, head_dim: int):
     return zip((f"selective {what}" for what in names), got, want)
 
 
+def _key_bias_check(device: str, dtype: torch.dtype, head_dim: int):
+    """A SeparableBias's column term, per head, read by the kernels (GQA, partial tiles): out and the gradients
+    of q, k, v and the column against math with the dense bias in float64."""
+    from ..backends.math import math_attention
+    from .self_check import HEADS, KV_HEADS
+
+    N, scale = _check_length(), head_dim ** -0.5
+    q, k, v, dout = random_inputs(device, dtype, (BATCH, HEADS, N, head_dim), (BATCH, KV_HEADS, N, head_dim),
+                                  (BATCH, KV_HEADS, N, head_dim), (BATCH, HEADS, N, head_dim))
+    col, = random_inputs(device, torch.float32, (BATCH, HEADS, N))
+    ins = [t.requires_grad_() for t in (q, k, v, col)]
+    got = value_and_grads(lambda: TritonKeyBiasAttention.apply(*ins, True, scale), dout, ins)
+    ref = [t.detach().double().requires_grad_() for t in ins]
+    want = value_and_grads(lambda: math_attention(*ref[:3], bias=ref[3][:, :, None, :], causal=True, scale=scale),
+                           dout.double(), ref)
+    return zip((f"separable bias {what}" for what in ("out", "dq", "dk", "dv", "dcol")), got, want)
+
+
 # What `self_check` runs, in order (tests narrow it to the check a wrong kernel should fail).
-SELF_CHECKS = (_attention_check, _penalty_check, _selective_check)
+SELF_CHECKS = (_attention_check, _penalty_check, _selective_check, _key_bias_check)
 
 
-__all__ = ["TritonBackend", "TritonAttention", "load_kernels", "self_check"]
+__all__ = ["TritonBackend", "TritonAttention", "TritonKeyBiasAttention", "load_kernels", "self_check"]

@@ -164,10 +164,11 @@ def _forward(Q, K, V, Bias, Out, Lse,
 
 
 @triton.jit
-def _dk_dv_tile(dk, dv, k, v, Q, DO, Lse, Delta, Bias, start_m, offs_n, offs_d, cols, dims, Nq, offset, qk_scale,
-                sqm, sqd, sdom, sdod, sbm, sbn, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-                MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One query block's share of a key block's dk and dv (for one query head)."""
+def _dk_dv_tile(dk, dv, dkey, k, v, Q, DO, Lse, Delta, Bias, start_m, offs_n, offs_d, cols, dims, Nq, offset, qk_scale,
+                sqm, sqd, sdom, sdod, sbm, sbn, HAS_BIAS: tl.constexpr, KEY_BIAS_GRAD: tl.constexpr,
+                CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query block's share of a key block's dk and dv (for one query head), and with KEY_BIAS_GRAD of the
+    gradient of a per-key bias (the sum of dS over the block's rows)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = offs_m < Nq
     q = rows_tile(Q, offs_m, rows, sqm, offs_d, dims, sqd)
@@ -179,16 +180,18 @@ def _dk_dv_tile(dk, dv, k, v, Q, DO, Lse, Delta, Bias, start_m, offs_n, offs_d, 
     dv += dot(tl.trans(p), do, FP32_DOT)
     ds = p * (dot(do, tl.trans(v), FP32_DOT) - delta[:, None])  # gradient of the logits
     dk += dot(tl.trans(ds), q, FP32_DOT)
-    return dk, dv
+    if KEY_BIAS_GRAD:  # rows past the end and invisible entries have P = 0, so dS = 0 there
+        dkey += tl.sum(ds, 0)
+    return dk, dv, dkey
 
 
 @tuned(DKDV_CONFIGS)
 @triton.jit
-def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
+def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV, DKey,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                     sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod,
                     H, HKV, GROUP, Nq, Nk, qk_scale, scale, HEAD_DIM: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, KEY_BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bhk = tl.program_id(0)
     n_block = tl.program_id(1)  # ascending is heaviest first here: early keys are seen by the most queries
@@ -211,14 +214,17 @@ def _backward_dk_dv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
         h = hk * GROUP + g
         Qh, DOh, Bias_h = Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, Bias + b * sbb + h * sbh
         Lse_h, Delta_h = Lse + (b * H + h) * Nq, Delta + (b * H + h) * Nq
+        dkey = tl.zeros([BLOCK_N], tl.float32)  # this query head's per-key bias gradient (KEY_BIAS_GRAD)
         for start_m in range(lo, unmasked_start, BLOCK_M):  # blocks crossing the diagonal
-            dk, dv = _dk_dv_tile(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, Bias_h, start_m, offs_n, offs_d, cols, dims,
-                                 Nq, offset, qk_scale, sqm, sqd, sdom, sdod, sbm, sbn, HAS_BIAS, CAUSAL, FP32_DOT,
-                                 True, BLOCK_M)
+            dk, dv, dkey = _dk_dv_tile(dk, dv, dkey, k, v, Qh, DOh, Lse_h, Delta_h, Bias_h, start_m, offs_n, offs_d,
+                                       cols, dims, Nq, offset, qk_scale, sqm, sqd, sdom, sdod, sbm, sbn, HAS_BIAS,
+                                       KEY_BIAS_GRAD, CAUSAL, FP32_DOT, True, BLOCK_M)
         for start_m in range(unmasked_start, Nq, BLOCK_M):  # blocks that see every key of this one
-            dk, dv = _dk_dv_tile(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, Bias_h, start_m, offs_n, offs_d, cols, dims,
-                                 Nq, offset, qk_scale, sqm, sqd, sdom, sdod, sbm, sbn, HAS_BIAS, CAUSAL, FP32_DOT,
-                                 False, BLOCK_M)
+            dk, dv, dkey = _dk_dv_tile(dk, dv, dkey, k, v, Qh, DOh, Lse_h, Delta_h, Bias_h, start_m, offs_n, offs_d,
+                                       cols, dims, Nq, offset, qk_scale, sqm, sqd, sdom, sdod, sbm, sbn, HAS_BIAS,
+                                       KEY_BIAS_GRAD, CAUSAL, FP32_DOT, False, BLOCK_M)
+        if KEY_BIAS_GRAD:  # DKey: a contiguous float32 (B, H, Nk); each (b, h, key block) is this program's alone
+            tl.store(DKey + (b * H + h) * Nk + offs_n, dkey, mask=cols)
     out_offsets = bhk * Nk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # DK, DV contiguous
     tl.store(DK + out_offsets, (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None] & dims[None, :])
     tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] & dims[None, :])
@@ -357,10 +363,15 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, c
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out: Tensor, lse: Tensor, dout: Tensor, *,
-                       causal: bool, scale: float, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                       causal: bool, scale: float, bias_grad: bool, key_bias_grad: bool = False
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """dq, dk, dv in the inputs' dtypes, and d(bias) float32 in the bias's compact shape (summed over the
     heads that share it) when `bias_grad`. A batch-broadcast bias (Bb = 1 < B) gets no gradient here:
-    the backend refuses that call when its bias needs one."""
+    the backend refuses that call when its bias needs one.
+
+    With `key_bias_grad` the bias is a per-key one, (B, 1|H, 1, Nk) (a SeparableBias's column term), and its
+    gradient comes back per query head as a float32 (B, H, Nk), the column sums of dS, accumulated by the dk/dv
+    kernel as it walks the query blocks (nothing (Nq, Nk)-sized is made)."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
@@ -369,15 +380,21 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out
     dv = torch.empty(B, Hkv, Nk, D, dtype=v.dtype, device=v.device)
     shared_heads = bias is not None and _strides4(bias)[1] == 0
     dbias = None
+    if key_bias_grad:
+        if bias is None or bias_grad or bias.shape[2] != 1:
+            raise ValueError("a per-key bias gradient needs a (B, 1|H, 1, Nk) bias and no dense bias gradient")
+        dbias = torch.zeros(B, H, Nk, dtype=torch.float32, device=q.device)  # keys no query sees keep 0
     if bias_grad:
         if bias is None or bias.shape[0] != B:
             raise ValueError("a bias gradient needs a (B, 1|H, Nq, Nk) bias")
         # Tiles no query block reaches (the causal future) are never written: they start at zero.
         dbias = torch.zeros(B, 1 if shared_heads else H, Nq, Nk, dtype=torch.float32, device=q.device)
     _backward_dk_dv[lambda meta: (B * Hkv, triton.cdiv(Nk, meta["BLOCK_N"]))](
-        q, k, v, bias if bias is not None else q, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
-        *_strides4(bias), *dout.stride(), H, Hkv, H // Hkv, Nq, Nk, scale * LOG2E, scale, HAS_BIAS=bias is not None,
-        **_fixed(q, causal))
+        q, k, v, bias if bias is not None else q, dout, lse, delta, dk, dv, dbias if key_bias_grad else dk,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride(), H, Hkv, H // Hkv, Nq, Nk,
+        scale * LOG2E, scale, HAS_BIAS=bias is not None, KEY_BIAS_GRAD=key_bias_grad, **_fixed(q, causal))
+    if key_bias_grad:
+        return _per_head_dq(q, k, v, bias, dout, lse, delta, None, causal=causal, scale=scale), dk, dv, dbias
     if dbias is not None and shared_heads:  # selective's -F: one bias gradient summed over the heads
         def run(strategy: str) -> Tensor:
             return _shared_bias_dq(strategy, q, k, v, bias, dout, lse, delta, dbias, causal=causal, scale=scale)

@@ -112,21 +112,23 @@ def _quiet(logger: logging.Logger):
 
 def _plan(backend: str, call) -> tuple[str, str]:
     """(the backend `backend` picks for `call`, or `none: why`; the backends skipped before it and why). A separable
-    bias is planned as dispatch runs it: folded into q and k, or dense, and the plan says which."""
-    note = ""
-    if call.separable_width:
-        folded, why = fold_plan(backend, call)
-        if folded is not None:
-            note = f" (separable bias folded into q/k: head dim {call.head_dim} + {call.separable_width})"
-            call = folded
-        else:
-            note = f" (separable bias made dense: {why})"
-            call = dataclasses.replace(call, separable_width=0)
+    bias is planned as dispatch runs it: read by the chosen backend's kernels, folded into q and k, or dense, and
+    the plan says which."""
     try:
         chosen, skipped = choose(backend, call)
-        return chosen.name + note, "; ".join(skipped)
     except BackendRefused as exc:
         return f"none: {exc}", ""
+    if not call.separable_width:
+        return chosen.name, "; ".join(skipped)
+    if chosen.separable_attention is not None:
+        return f"{chosen.name} (separable bias read by its kernels)", "; ".join(skipped)
+    folded, why = fold_plan(backend, call)
+    if folded is None:
+        return _plan(backend, dataclasses.replace(call, separable_width=0))[0] + f" (separable bias made dense: {why})", \
+            "; ".join(skipped)
+    chosen, skipped = choose(backend, folded)
+    note = f" (separable bias folded into q/k: head dim {call.head_dim} + {call.separable_width})"
+    return chosen.name + note, "; ".join(skipped)
 
 
 def _trains(path: str) -> bool:
