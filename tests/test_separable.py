@@ -109,7 +109,7 @@ def test_half_precision_and_math_go_dense_and_say_why():
     call = AttentionCall.from_tensors(q, k, SeparableBias(col=col))
     assert call.separable_width == 2 and call.has_bias and call.bias_requires_grad
     folded, why = fold_plan("sdpa", call)
-    assert why == "" and folded.head_dim == 10 and not folded.has_bias and folded.value_dim in (8, 10)
+    assert why == "" and folded.head_dim == 10 and not folded.has_bias and folded.value_dim in (8, None)
     for dtype in (torch.bfloat16, torch.float16):
         folded, why = fold_plan("sdpa", AttentionCall(**{**call.__dict__, "dtype": dtype}))
         assert folded is None and "would round the bias" in why and "float32" in why
@@ -257,3 +257,22 @@ def test_a_backend_with_its_own_separable_attention_reads_the_bias_whole(triton_
 
     assert _plan("triton", call)[0] == "triton (separable bias read by its kernels)"
     assert BACKENDS.get("triton").separable_attention is not None
+
+
+def test_a_backend_that_wants_equal_widths_gets_v_padded(monkeypatch):
+    """Where the backend cannot take v narrower than the folded q/k (sdpa off CPU, or without the CPU kernel), v is
+    zero-padded to D + G and the output sliced back: the same result, outputs and gradients (float64)."""
+    from attention_zoo.backends import BACKENDS
+
+    sdpa = BACKENDS.get("sdpa")
+    monkeypatch.setattr(sdpa, "fuses_unequal_value_dim", lambda device: False)
+    widths = []
+    real = sdpa.attention
+    monkeypatch.setattr(sdpa, "attention", lambda q, k, v, **kw: widths.append((q.shape[-1], v.shape[-1])) or real(q, k, v, **kw))
+    q, k, v, col, row = tensors(H=4, Hkv=2)
+    got = attention(q, k, v, bias=SeparableBias(col=col, row=row), backend="sdpa", scale=0.3)
+    assert widths == [(10, 10)] and got.shape == (2, 4, 6, 8)
+    expected = naive(q, k, v, row, col, 0.3)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    for a, b in zip(torch.autograd.grad(got.sum(), [k, v, col]), torch.autograd.grad(expected.sum(), [k, v, col])):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)

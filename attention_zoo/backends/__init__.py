@@ -152,8 +152,8 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | Sepa
             call = AttentionCall.from_tensors(q, k, bias, v)
         else:
             q, k = fold(q, k, bias, scale)
-            pad = folded.value_dim == folded.head_dim  # fold_plan pads v where the backend wants equal widths
             width = v.shape[-1]
+            pad = folded.value_dim is None and width != q.shape[-1]  # the backend wants v as wide as q and k
             out = _run(backend, folded, q, k, tF.pad(v, (0, q.shape[-1] - width)) if pad else v, None, causal, scale)
             return out[..., :width] if pad else out
     return _run(backend, call, q, k, v, bias, causal, scale)
@@ -176,7 +176,7 @@ def fold_plan(name: str, call: AttentionCall) -> tuple[AttentionCall | None, str
     """For a call whose bias is a SeparableBias (`call.separable_width` > 0): (the plain call it becomes when its
     column term is folded into q and k, "") where backend `name` should run it so, else (None, why the bias goes
     dense). The folded call has a head dim of D + separable_width, no bias, and v as wide as before, or padded to
-    the new head dim (value_dim == head_dim) for a backend that wants equal widths. Asked only where the backend
+    the new head dim (value_dim None) for a backend that wants equal widths. Asked only where the backend
     chosen for `call` has no `separable_attention` of its own."""
     if call.dtype not in FOLDABLE_DTYPES:
         return None, (f"in {str(call.dtype).removeprefix('torch.')} a folded key column would round the bias; "
@@ -189,7 +189,7 @@ def fold_plan(name: str, call: AttentionCall) -> tuple[AttentionCall | None, str
         return None, f"the folded head dim {head_dim} is above the backend's limit {limit}"
     value_dim = call.value_dim or call.head_dim
     if not fuses_unequal_value_dim(name, call.device):
-        value_dim = head_dim  # v zero-padded: the zeros add nothing to the output
+        value_dim = None  # v zero-padded to the head dim: the zeros add nothing to the output
     folded = dataclasses.replace(call, head_dim=head_dim, value_dim=value_dim, has_bias=False, bias_requires_grad=False,
                                  separable_width=0)
     try:
