@@ -116,6 +116,25 @@ def test_validate_names_a_plugin_that_cannot_be_imported(isolated_registry, monk
     assert cli_main(["validate", str(cfg)]) == 0 and capsys.readouterr().out.strip() == f"{cfg}: ok"
 
 
+def test_validate_imports_a_failing_plugin_once(isolated_registry, monkeypatch, tmp_path, capsys):
+    """validate imported the `plugins:` modules in load_config and again to name the failures: a module that
+    fails ran twice (its prints and writes twice). Once now, with the same message and exit code."""
+    (tmp_path / "zoo_fails_after_a_side_effect.py").write_text(
+        "import pathlib\n"
+        "print('zoo_fails_after_a_side_effect: importing')\n"
+        "with open(pathlib.Path(__file__).with_name('attempts.txt'), 'a') as f:\n"
+        "    f.write('attempt\\n')\n"
+        "raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**small_model({"variant": "vanilla"}), "plugins": ["zoo_fails_after_a_side_effect"]}))
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert (tmp_path / "attempts.txt").read_text() == "attempt\n" and out.count("importing") == 1
+    assert f"{cfg}: plugins[0] = 'zoo_fails_after_a_side_effect': cannot be imported (RuntimeError: boom); train " \
+           "would run without it" in out
+
+
 def test_broken_entry_point_is_reported_by_name_and_harmless(isolated_registry, monkeypatch, caplog, capsys):
     with caplog.at_level(logging.WARNING):
         names = rediscover(isolated_registry, monkeypatch, BROKEN)
