@@ -12,14 +12,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import yaml
 
 from .errors import UserError
 from .numbers import finite_problem
-from .registry import RegistryError, did_you_mean, import_plugins, valid_choices
+from .registry import PluginFailure, RegistryError, did_you_mean, import_plugins, valid_choices
 from .state import CHANNELS
 from .variant import LayerShape, type_name, type_ok
 from .variant_registry import VARIANTS, check_params, get_variant, resolved_params
@@ -72,9 +73,11 @@ class ConfigError(UserError, ValueError):
 
 
 class Config(dict):
-    """A validated config: plain nested dicts with defaults filled in, plus where it came from."""
+    """A validated config: plain nested dicts with defaults filled in, plus where it came from and which of its
+    `plugins:` modules failed to import (module -> failure), which load_config does not raise for."""
 
     source: str = "<dict>"
+    plugin_failures: Mapping[str, PluginFailure] = MappingProxyType({})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -589,8 +592,8 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
     Raises ConfigError (a ValueError and a UserError) listing every problem at once, each with the file, the
     key path, the bad value and what is valid: a missing, unreadable, empty or invalid YAML file, unknown keys
     or sections, wrong types, non-finite numbers, values out of range, unknown variants or parameters, and a
-    state flow that does not hold. A plugin that fails to import is not raised: it is logged and named in
-    the error of a layer that needs its variant."""
+    state flow that does not hold. A plugin that fails to import is not raised: it is logged, kept in the
+    Config's `plugin_failures` and named in the error of a layer that needs its variant."""
     _load_section_modules()
     origins: dict[str, str] = {}  # key path -> the file or override that set it, to name it in a problem
     if isinstance(path_or_dict, dict):
@@ -629,8 +632,9 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
     plugin_failures: list[str] = []
     if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
         problems.append(Problem(source, "plugins", plugins, "expected a list of importable module names"))
-    else:
-        plugin_failures = [f"{f.source}: {f.error}" for f in import_plugins(plugins)]
+    else:  # imported here only: `validate` names the failures from config.plugin_failures, not a second try
+        config.plugin_failures = {module: f for module in dict.fromkeys(plugins) for f in import_plugins([module])}
+        plugin_failures = [f"{f.source}: {f.error}" for f in config.plugin_failures.values()]
         plugin_failures += [f"{f.source}: {f.error}" for f in VARIANTS.failures]
     config["plugins"] = plugins
 

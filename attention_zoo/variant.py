@@ -135,6 +135,67 @@ class HeadRMSNorm(nn.RMSNorm):
         return rms_norm(x, self.weight, self.eps)
 
 
+# The layer inputs an attention_bias may ask for beyond (q, k, state, cache), by naming them.
+BIAS_INPUTS = ("x", "positions")
+
+
+@dataclass(frozen=True)
+class BiasCall:
+    """How forward passes the layer inputs an attention_bias names: `positional` right after (q, k, state,
+    cache), in this order, then `keyword` by name."""
+
+    positional: tuple[str, ...] = ()
+    keyword: tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every input passed, whichever way."""
+        return self.positional + self.keyword
+
+
+# (function, bound) -> its BiasCall: read once per function, at its first call, so an attention_bias set
+# on a class after it was made, or on an instance, is read too. Holds the functions it has seen.
+_BIAS_CALLS: dict[tuple[Any, bool], BiasCall] = {}
+
+
+def bias_call(fn: Callable[..., Any], owner: str) -> BiasCall:
+    """How to call `fn`, an attention_bias as `layer.attention_bias` gives it (a bound method, or a function set
+    on the instance). `owner` names it in the error. A dict lookup once its function has been read.
+
+    Raises TypeError for a positional-only parameter before a positional-only `x` or `positions` that is
+    neither: forward passes nothing else by position."""
+    bound = inspect.ismethod(fn)
+    return _cached_bias_call(fn.__func__ if bound else fn, bound, owner)
+
+
+def _cached_bias_call(fn: Callable[..., Any], bound: bool, owner: str) -> BiasCall:
+    """bias_call of `fn`, a function whose first parameter takes self when `bound`."""
+    call = _BIAS_CALLS.get((fn, bound))
+    if call is None:
+        call = _BIAS_CALLS[(fn, bound)] = _read_bias_call(inspect.signature(fn), 5 if bound else 4, owner)
+    return call
+
+
+def _read_bias_call(signature: inspect.Signature, standard: int, owner: str) -> BiasCall:
+    """The BiasCall of a signature whose first `standard` positional parameters take (self,) q, k, state,
+    cache, whatever their names."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in signature.parameters.values() if p.kind in kinds]
+    rest = [p for p in signature.parameters.values() if p not in positional[:standard]]
+    # A positional-only input cannot go by name: it goes by position, so every positional-only parameter
+    # before the last such input must be an input too (forward has nothing else to pass).
+    only = [p.name for p in rest if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+    last = max((i for i, n in enumerate(only) if n in BIAS_INPUTS), default=-1)
+    if other := [n for n in only[:last + 1] if n not in BIAS_INPUTS]:
+        raise TypeError(f"{owner}.attention_bias{signature}: positional-only {other[0]!r} comes before the "
+                        f"positional-only {only[last]!r}, but only x and positions are passed after (q, k, state, "
+                        "cache); put them first, or drop the `/` so they go by name")
+    by_position = tuple(only[:last + 1])
+    by_name = tuple(p.name for p in rest if p.name in BIAS_INPUTS and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))  # not a `*x` or `**x`
+    return BiasCall(by_position, by_name)
+
+
 class ProjectedAttention(nn.Module):
     """Multi-head attention with grouped k/v, as a sequence of steps a variant may override.
 
@@ -148,7 +209,13 @@ class ProjectedAttention(nn.Module):
       attention_bias(q, k, state, cache) -> (bias broadcastable to (B, H, N, T + N) or None, state updates);
                                            a subclass whose attention_bias also names `x` (the layer input
                                            (B, N, dim)) and/or `positions` gets them as keywords: a bias made
-                                           from the tokens (a forget gate, a data-dependent decay)
+                                           from the tokens (a forget gate, a data-dependent decay); ones
+                                           that are positional-only (before a `/`) by position instead, in
+                                           their order, right after cache (another positional-only one in
+                                           front of them: TypeError when the class is made). The signature
+                                           is read from the attention_bias the layer has when forward runs
+                                           (bias_call, once per function): one set later on the class or on
+                                           an instance is read too
       (residual carry: with `carry_residual`, the layer attends with R_l = L_l + bias + R_{l-1} and
        writes R_l (RealFormer), kept as q and k concatenated over layers where it can (ops/residual.py),
        else as a dense (B, H, Nq, Nk) tensor that joins the bias)
@@ -160,13 +227,12 @@ class ProjectedAttention(nn.Module):
 
     params: ClassVar[dict[str, Param]] = BASE_PARAMS
     carry_residual: bool = False
-    _bias_inputs: ClassVar[tuple[str, ...]] = ()  # which of x, positions this class's attention_bias names
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        # Asked for by name, so the four-argument attention_bias of every existing variant keeps working.
-        named = inspect.signature(cls.attention_bias).parameters
-        cls._bias_inputs = tuple(n for n in ("x", "positions") if n in named)
+        # A signature forward cannot call is said when the class is made, not at its first forward.
+        if inspect.isfunction(inspect.getattr_static(cls, "attention_bias")):
+            _cached_bias_call(cls.attention_bias, True, cls.__qualname__)
 
     def __init__(self, shape: LayerShape, *, kv_heads: int | None = None, qk_norm: bool = False,
                  qkv_bias: bool = False, out_bias: bool = False, backend: str = "auto"):
@@ -211,6 +277,16 @@ class ProjectedAttention(nn.Module):
         structured `Selection` (the bias is then -F, which fusing backends never materialise), or None."""
         return None, {}
 
+    def _call_attention_bias(self, q: Tensor, k: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None,
+                             x: Tensor, positions: Positions) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """attention_bias(q, k, state, cache) plus the inputs it names (bias_call): x (B, N, dim), positions."""
+        fn = self.attention_bias  # looked up per call: one set on the instance or the class later is used
+        call = bias_call(fn, type(self).__qualname__)
+        if not call.inputs:  # every built-in variant
+            return fn(q, k, state, cache)
+        inputs = {"x": x, "positions": positions}
+        return fn(q, k, state, cache, *(inputs[n] for n in call.positional), **{n: inputs[n] for n in call.keyword})
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None) -> Tensor:
         """softmax(scale q k^T + bias + causal mask) v on the configured backend: (B, H, Nq, Dv). A structured
         `Selection` bias (-F) goes to the backend as it is (ops/selection). An override that is not softmax builds
@@ -230,8 +306,7 @@ class ProjectedAttention(nn.Module):
         q, k, v = self.project(x)
         q, k = self.transform_qk(q, k, positions)
         k, v = self.extend_cache(k, v, cache, positions)  # (B, Hkv, T + N, D)
-        inputs = {"x": x, "positions": positions}
-        bias, updates = self.attention_bias(q, k, state, cache, **{n: inputs[n] for n in self._bias_inputs})
+        bias, updates = self._call_attention_bias(q, k, state, cache, x, positions)
         if self.carry_residual:  # RealFormer: R_l = L_l + bias + R_{l-1}, structured where it can be
             limit = head_dim_limit(self.backend, q.device.type)
             carried, dense_bias = residual.carry(state.get(RESIDUAL_SCORES.name), q, k, bias, self.scale, limit)

@@ -19,6 +19,7 @@ from attention_zoo import Param, ProjectedAttention, build_model, create_variant
 from attention_zoo.cli import main as cli_main
 from attention_zoo.config import ConfigError
 from attention_zoo.registry import RegistryError
+from attention_zoo.variant import LayerShape, bias_call
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PLUGIN, BROKEN = FIXTURES / "zoo_plugin", FIXTURES / "broken_plugin"
@@ -114,6 +115,25 @@ def test_validate_names_a_plugin_that_cannot_be_imported(isolated_registry, monk
     assert "plugins[0]" not in out and f"{cfg}: ok" not in out
     cfg.write_text(yaml.safe_dump({**small_model({"variant": "vanilla"}), "plugins": ["math"]}))
     assert cli_main(["validate", str(cfg)]) == 0 and capsys.readouterr().out.strip() == f"{cfg}: ok"
+
+
+def test_validate_imports_a_failing_plugin_once(isolated_registry, monkeypatch, tmp_path, capsys):
+    """validate imported the `plugins:` modules in load_config and again to name the failures: a module that
+    fails ran twice (its prints and writes twice). Once now, with the same message and exit code."""
+    (tmp_path / "zoo_fails_after_a_side_effect.py").write_text(
+        "import pathlib\n"
+        "print('zoo_fails_after_a_side_effect: importing')\n"
+        "with open(pathlib.Path(__file__).with_name('attempts.txt'), 'a') as f:\n"
+        "    f.write('attempt\\n')\n"
+        "raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**small_model({"variant": "vanilla"}), "plugins": ["zoo_fails_after_a_side_effect"]}))
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert (tmp_path / "attempts.txt").read_text() == "attempt\n" and out.count("importing") == 1
+    assert f"{cfg}: plugins[0] = 'zoo_fails_after_a_side_effect': cannot be imported (RuntimeError: boom); train " \
+           "would run without it" in out
 
 
 def test_broken_entry_point_is_reported_by_name_and_harmless(isolated_registry, monkeypatch, caplog, capsys):
@@ -345,8 +365,76 @@ def test_attention_bias_gets_x_and_positions_when_it_names_them(isolated_registr
     layer = model.blocks[0].attention
     layer(x, {}, cache=cache.layers[0])
     assert seen["x"] is x and seen["positions"].tolist() == [[3], [3]]  # continues from the cache
-    assert SeesInputs._bias_inputs == ("x", "positions") and FourArguments._bias_inputs == ()
+    assert bias_call(layer.attention_bias, "SeesInputs").inputs == ("positions", "x")
+    assert bias_call(FourArguments(LayerShape(32, 4, 8)).attention_bias, "FourArguments").inputs == ()
     build_model(small_model({"variant": "zoo_four_arguments"}))(torch.randint(0, 32, (1, 4)))
+
+
+def test_positional_only_x_and_positions_are_passed_by_position():
+    """A positional-only `x` (or `positions`) got the input as a keyword: TypeError at the first forward. They
+    go by position, in their order, right after (q, k, state, cache); `positions` after a `/` by name."""
+    seen = []
+
+    class XOnly(ProjectedAttention):
+        def attention_bias(self, q, k, state, cache, x, /):
+            seen.append(("XOnly", x))
+            return None, {}
+
+    class Both(ProjectedAttention):
+        def attention_bias(self, q, k, state, cache, positions, x, /):
+            seen.append(("Both", positions.index, x))
+            return None, {}
+
+    class Mixed(ProjectedAttention):
+        def attention_bias(self, query, key, st, c, x, /, *, positions):  # the four named otherwise
+            seen.append(("Mixed", x, positions.index))
+            return None, {}
+
+    x = torch.randn(2, 3, 32)
+    for cls in (XOnly, Both, Mixed):
+        cls(LayerShape(32, 4, 8))(x, {})
+    (_, x1), (_, p2, x2), (_, x3, p3) = seen
+    assert x1 is x and x2 is x and x3 is x and p2.tolist() == p3.tolist() == [[0, 1, 2]] * 2
+
+
+def test_a_positional_only_parameter_forward_cannot_fill_is_refused_when_the_class_is_made():
+    with pytest.raises(TypeError, match=r"Extra\.attention_bias\(self, q, k, state, cache, scale, x, /\): "
+                                        r"positional-only 'scale' comes before the positional-only 'x'"):
+        class Extra(ProjectedAttention):
+            def attention_bias(self, q, k, state, cache, scale, x, /):
+                return None, {}
+
+    class Trailing(ProjectedAttention):  # one after the inputs keeps its default, as before
+        def attention_bias(self, q, k, state, cache, x, scale=2.0, /):
+            return x.new_full((1, 1, 1, 1), -scale), {}
+
+    Trailing(LayerShape(32, 4, 8))(torch.randn(1, 2, 32), {})
+
+
+def test_attention_bias_set_after_the_class_is_made_or_on_an_instance_is_read():
+    """The inputs an attention_bias names were read once, when its class was made: one set on the class later,
+    or on an instance, got neither and failed (missing `x`)."""
+    seen = {}
+
+    class Later(ProjectedAttention):
+        pass
+
+    def on_class(self, q, k, state, cache, x):
+        seen["class"] = x
+        return None, {}
+
+    def on_instance(q, k, state, cache, positions):  # an instance attribute: not bound, no self
+        seen["instance"] = positions.index
+        return None, {}
+
+    Later.attention_bias = on_class
+    x = torch.randn(1, 2, 32)
+    layer = Later(LayerShape(32, 4, 8))
+    layer(x, {})
+    assert seen["class"] is x
+    layer.attention_bias = on_instance
+    layer(x, {})
+    assert seen["instance"].tolist() == [[0, 1]] and Later(LayerShape(32, 4, 8)).attention_bias.__func__ is on_class
 
 
 def test_describe_plans_each_call_of_a_layer_whose_calls_differ(isolated_registry, tmp_path, capsys):

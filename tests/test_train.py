@@ -586,8 +586,12 @@ def test_resume_without_a_checkpoint_never_starts_another_run_over_a_finished_or
     assert code == 2 and "the run finished (final.json) but its checkpoint/ is gone" in err
     (run / "final.json").unlink()  # now a run killed before its first checkpoint
     before = (run / "metrics.jsonl").read_text()
-    code, _, err = cli(capsys, "train", str(cfg), "model.dim=64", "--out", str(run), "--resume", "--no-progress")
-    assert code == 2 and "was trained with another config" in err and "model.dim" in err
+    code, _, err = cli(capsys, "train", str(cfg), "model.dim=64", "train.seed=1", "--out", str(run), "--resume",
+                       "--no-progress")
+    assert code == 2 and "was trained with another config" in err
+    # no checkpoint to compare with: the run's side is its config.yaml (it said `checkpoint 32`)
+    assert "model.dim: the run's config.yaml 32, config 64" in err and "train.seed: the run's config.yaml 0, config 1" in err
+    assert "checkpoint 32" not in err and "checkpoint 0" not in err
     assert (run / "metrics.jsonl").read_text() == before  # a refused resume truncates nothing
     code, out, err = cli(capsys, "train", str(run), "--resume", "--no-progress")  # the run folder itself
     assert code == 0 and f"no checkpoint in {run}; starting from step 0" in out, err

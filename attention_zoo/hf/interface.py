@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..variant import LayerShape, ProjectedAttention
+from ..variant import LayerShape, ProjectedAttention, bias_call
 from ..variant_registry import check_params, get_variant, list_variants
 from .errors import ConversionError, require_transformers
 
@@ -52,7 +52,7 @@ def runs_inside_transformers(name: str) -> bool:
         layer = _probe(name)
     except Exception:  # noqa: BLE001 - a variant that cannot be built at a small shape is simply not offered
         return False
-    if layer is None or layer.carry_residual or layer.reads or cls._bias_inputs:
+    if layer is None or layer.carry_residual or layer.reads or bias_call(layer.attention_bias, cls.__qualname__).inputs:
         return False  # transformers' attention call gives neither the layer input nor the zoo's positions
     own = {n for n, _ in layer.named_parameters()} - {f"{p}.{k}" for p in ("q_proj", "kv_proj", "out_proj")
                                                         for k in ("weight", "bias")}

@@ -180,7 +180,8 @@ def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
     return None
 
 
-def built_differences(saved: dict, wanted: dict, ignore: tuple[str, ...] = ("model.dropout",)) -> list[str]:
+def built_differences(saved: dict, wanted: dict, ignore: tuple[str, ...] = ("model.dropout",),
+                      sides: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
     """model_differences of two validated model sections as the models are built: `attention` and `layers`
     compared through each layer's resolved attention (config.resolved_layers), so a variant default written
     out, or the same layers written another way, is no difference. Named `model.attention.KEY` when every
@@ -194,22 +195,23 @@ def built_differences(saved: dict, wanted: dict, ignore: tuple[str, ...] = ("mod
         out["attention"] = {f"layer {i}": a for i, a in enumerate(ls)} if per_layer else ls[0]
         return out
 
-    return model_differences(built(saved), built(wanted), ignore=ignore)
+    return model_differences(built(saved), built(wanted), ignore=ignore, sides=sides)
 
 
-def model_differences(saved: dict, wanted: dict, path: str = "model", ignore: tuple[str, ...] = ("model.dropout",)
-                      ) -> list[str]:
+def model_differences(saved: dict, wanted: dict, path: str = "model", ignore: tuple[str, ...] = ("model.dropout",),
+                      sides: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
     """`path.key: checkpoint X, config Y` for every key where two sections differ (nested mappings
-    compared key by key). `ignore`: key paths not compared; by default model.dropout, which changes no weight."""
+    compared key by key), the two named by `sides`. `ignore`: key paths not compared; by default model.dropout,
+    which changes no weight."""
     out = []
     for key in sorted(set(saved) | set(wanted), key=str):
         a, b = saved.get(key, "(absent)"), wanted.get(key, "(absent)")
         if f"{path}.{key}" in ignore:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += model_differences(a, b, f"{path}.{key}", ignore)
+            out += model_differences(a, b, f"{path}.{key}", ignore, sides)
         elif a != b:
-            out.append(f"{path}.{key}: checkpoint {a!r}, config {b!r}")
+            out.append(f"{path}.{key}: {sides[0]} {a!r}, {sides[1]} {b!r}")
     return out
 
 
@@ -256,15 +258,18 @@ def _resolve_init_from(init_from: str, config: Config, one_line: bool) -> tuple[
     return path, None
 
 
-def _refuse_another_config(saved: dict, config: Config, where: Path) -> None:
+def _refuse_another_config(saved: dict, config: Config, where: Path, saved_side: str = "checkpoint") -> None:
     """UserError listing every difference when `config` does not continue the run whose saved config (raw
-    mapping) is `saved`: the model and data sections, and RESUME_KEYS."""
+    mapping) is `saved`: the model and data sections, and RESUME_KEYS. `saved_side` names where `saved` was
+    read in each difference (`model.dim: checkpoint 64, config 32`)."""
+    sides = (saved_side, "config")
     saved_model = load_config({"model": with_legacy_stack(saved).get("model") or {}})["model"]
-    differences = built_differences(saved_model, config["model"], ignore=())
+    differences = built_differences(saved_model, config["model"], ignore=(), sides=sides)
     if "data" in saved:
-        differences += model_differences({"data": saved["data"]}, {"data": config["data"]}, path="", ignore=())
+        differences += model_differences({"data": saved["data"]}, {"data": config["data"]}, path="", ignore=(),
+                                         sides=sides)
     saved_train, train = saved.get("train") or {}, config["train"]
-    differences += [f"train.{key}: checkpoint {saved_train[key]!r}, config {train[key]!r}"
+    differences += [f"train.{key}: {saved_side} {saved_train[key]!r}, config {train[key]!r}"
                     for key in RESUME_KEYS if key in saved_train and saved_train[key] != train[key]]
     differences = [d.removeprefix(".") for d in differences]
     if differences:
@@ -280,8 +285,8 @@ def check_fresh_resume(out: Path, config: Config) -> None:
     if (out / FINAL).exists():
         raise UserError(f"{out}: the run finished (final.json) but its {CHECKPOINT_DIR}/ is gone, so --resume has "
                         "nothing to continue; train into another --out")
-    if (out / CONFIG).is_file():
-        _refuse_another_config(read_saved_config(out), config, out)
+    if (out / CONFIG).is_file():  # there is no checkpoint: the run's side of each difference is its config.yaml
+        _refuse_another_config(read_saved_config(out), config, out, saved_side=f"the run's {CONFIG}")
 
 
 def check_resume(checkpoint: Path, config: Config) -> dict[str, Any]:
