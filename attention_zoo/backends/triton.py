@@ -136,6 +136,17 @@ class TritonBackend(Backend):
         return TritonAttention.apply(q, k, v, bias, causal, scale, spread_heads)
 
 
+def _forward(ctx, q: Tensor, k: Tensor, v: Tensor, read: Tensor | None, causal: bool, scale: float) -> Tensor:
+    """The forward kernel on the bias as the kernels read it, saving what both backward passes need."""
+    kernels, error = load_kernels()
+    if kernels is None:
+        raise RuntimeError(f"triton is not available: {error}")
+    out, lse = kernels.attention_forward(q.detach(), k.detach(), v.detach(), read, causal=causal, scale=scale)
+    ctx.save_for_backward(q, k, v, read, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    return out
+
+
 class TritonAttention(torch.autograd.Function):
     """softmax(scale q k^T + bias + causal) v with flash kernels both ways; d(bias) summed over the heads
     that share it. `bias`: None, or (Bb, Hb, Nq, Nk) as `fused.trainable_bias` returns it; with
@@ -144,9 +155,6 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float,
                 spread_heads: int = 0) -> Tensor:
-        kernels, error = load_kernels()
-        if kernels is None:
-            raise RuntimeError(f"triton is not available: {error}")
         read = None
         if bias is not None:
             # The kernels read a size-1 or stride-0 dim as a broadcast: a batch-shared bias is expanded to
@@ -154,10 +162,8 @@ class TritonAttention(torch.autograd.Function):
             read = bias[:, :1] if spread_heads else bias
             read = read.detach().expand(q.shape[0], *read.shape[1:])
             ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
-        out, lse = kernels.attention_forward(q.detach(), k.detach(), v.detach(), read, causal=causal, scale=scale)
-        ctx.save_for_backward(q, k, v, read, out, lse)
-        ctx.causal, ctx.scale, ctx.spread_heads = causal, scale, spread_heads
-        return out
+        ctx.spread_heads = spread_heads
+        return _forward(ctx, q, k, v, read, causal, scale)
 
     @staticmethod
     @once_differentiable
@@ -182,14 +188,9 @@ class TritonKeyBiasAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, col: Tensor, causal: bool, scale: float) -> Tensor:
-        kernels, error = load_kernels()
-        if kernels is None:
-            raise RuntimeError(f"triton is not available: {error}")
+        ctx.col_shape, ctx.col_dtype = col.shape, col.dtype
         read = col.detach().float()[:, :, None, :].expand(q.shape[0], col.shape[1], q.shape[2], col.shape[2])
-        out, lse = kernels.attention_forward(q.detach(), k.detach(), v.detach(), read, causal=causal, scale=scale)
-        ctx.save_for_backward(q, k, v, read, out, lse)
-        ctx.causal, ctx.scale, ctx.col_shape, ctx.col_dtype = causal, scale, col.shape, col.dtype
-        return out
+        return _forward(ctx, q, k, v, read, causal, scale)
 
     @staticmethod
     @once_differentiable
