@@ -46,8 +46,8 @@ def tensors(B=2, H=4, Hkv=2, Nq=6, Nk=6, D=8, col_shape=None, row=True, dtype=to
 
 CASES = [  # (H, Hkv, col batch 1?, col per head?, Nq, Nk, row?)
     (4, 4, False, True, 6, 6, True), (4, 2, False, True, 6, 6, True), (4, 1, False, True, 6, 6, True),
-    (4, 2, True, False, 6, 6, True), (4, 1, True, True, 6, 6, False), (4, 2, False, True, 3, 8, True),
-    (4, 2, False, False, 1, 8, True),
+    (4, 2, True, False, 6, 6, True), (4, 1, True, True, 6, 6, False), (4, 1, False, True, 6, 12, True),
+    (4, 2, False, False, 1, 8, True),  # decoding: dense (test_decoding_takes_the_dense_bias_prefill_folds)
 ]
 
 
@@ -276,3 +276,15 @@ def test_a_backend_that_wants_equal_widths_gets_v_padded(monkeypatch):
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
     for a, b in zip(torch.autograd.grad(got.sum(), [k, v, col]), torch.autograd.grad(expected.sum(), [k, v, col])):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_decoding_takes_the_dense_bias_prefill_folds():
+    """One query against a cache: a (B, H, 1, Nk) bias costs less than copying k with its folded columns, so it
+    goes dense; a prompt's worth of queries folds."""
+    q, k, _, col, _ = tensors(B=1, H=4, Hkv=2, Nq=1, Nk=64, D=8)
+    folded, why = fold_plan("sdpa", AttentionCall.from_tensors(q, k, SeparableBias(col=col)))
+    assert folded is None and "decoding" in why
+    q, k, _, col, _ = tensors(B=1, H=4, Hkv=2, Nq=64, Nk=64, D=8)
+    assert fold_plan("sdpa", AttentionCall.from_tensors(q, k, SeparableBias(col=col)))[0] is not None
+    q, k, _, col, _ = tensors(B=1, H=4, Hkv=1, Nq=6, Nk=12, D=8)  # a cached chunk, as in the formula test
+    assert fold_plan("sdpa", AttentionCall.from_tensors(q, k, SeparableBias(col=col)))[0] is not None

@@ -184,6 +184,8 @@ def fold_plan(name: str, call: AttentionCall) -> tuple[AttentionCall | None, str
     if name == "math":
         return None, "math is the reference and attends with the bias itself"
     head_dim = call.head_dim + call.separable_width
+    if call.heads * call.q_len < call.kv_heads * head_dim:  # decoding: Nq x Nk of bias against Nk x (D + G) of k
+        return None, "few queries (decoding): the dense bias is smaller than the folded copy of k"
     limit = head_dim_limit(name, call.device)
     if limit is not None and head_dim > limit:
         return None, f"the folded head dim {head_dim} is above the backend's limit {limit}"
