@@ -353,6 +353,29 @@ def test_a_build_killed_half_way_is_redone_not_waited_on(tmp_path):
 
 
 @needs_cpu_kernel
+def test_another_checkout_of_the_same_source_loads_the_built_kernel(tmp_path):
+    """torch writes a source's path into build.ninja: building from the checkout's own file made two checkouts of
+    one commit (a clone, a worktree) rebuild each other's kernel in turn, about a minute each. The build reads a
+    copy inside its folder: a copied checkout loads the same .so without rebuilding it."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    require_kernel()
+    root = Path(__file__).resolve().parents[1]
+    other = tmp_path / "checkout"
+    shutil.copytree(root, other, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.egg-info"))
+    built = cpu_fused.build_directory() / f"{cpu_fused.build_name()}.so"
+    before = built.stat().st_mtime_ns
+    code = ("from attention_zoo.ops.selection import cpu_fused; import sys; assert cpu_fused.kernel() is not None, "
+            "cpu_fused.refusal(); assert cpu_fused.__file__.startswith(sys.argv[1]), cpu_fused.__file__")
+    done = subprocess.run([sys.executable, "-c", code, str(other)], capture_output=True, text=True, timeout=300,
+                          cwd=other, env={**os.environ, "PYTHONPATH": str(other)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert built.stat().st_mtime_ns == before, "the copied checkout rebuilt the kernel"
+
+
+@needs_cpu_kernel
 def test_a_process_waiting_on_another_ones_build_says_so(tmp_path):
     """A second process started while the first builds waited up to a minute without a word (a prefill of 76 s
     in one trial): it now logs that it waits, and loads once the lock is free."""

@@ -3,6 +3,7 @@ formula, outputs and gradients; when it folds and when it goes dense (and that d
 float32 precision at the |c| Forgetting Attention reaches; shape errors; residual carry; describe's plan."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -184,7 +185,7 @@ class SeparableALiBi(ProjectedAttention):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["describe", str(tmp_path / "run.yaml"), "--train"]) == 0
     out = capsys.readouterr().out
-    assert "bias separable, constant): sdpa (separable bias folded into q/k: head dim 8 + 2)" in out
+    assert "bias separable, constant): sdpa (separable bias folded into q/k: head dim 8 -> 10)" in out
     assert main(["describe", str(tmp_path / "run.yaml"), "--dtype", "bfloat16"]) == 0
     assert "separable bias made dense: in bfloat16" in capsys.readouterr().out
 
@@ -288,3 +289,37 @@ def test_decoding_takes_the_dense_bias_prefill_folds():
     assert fold_plan("sdpa", AttentionCall.from_tensors(q, k, SeparableBias(col=col)))[0] is not None
     q, k, _, col, _ = tensors(B=1, H=4, Hkv=1, Nq=6, Nk=12, D=8)  # a cached chunk, as in the formula test
     assert fold_plan("sdpa", AttentionCall.from_tensors(q, k, SeparableBias(col=col)))[0] is not None
+
+
+def test_a_masked_key_stays_masked_when_folded():
+    """col_j = -inf masks key j. Folded with GQA, the one-hot selector's zeros times -inf were NaN (output and every
+    gradient); -inf is folded as the dtype's most negative number: the result is the dense bias's, gradients too."""
+    q, k, v, col, _ = tensors(B=1, H=4, Hkv=2, Nq=8, Nk=8)
+    masked = col.detach().clone()
+    masked[:, :, 1] = float("-inf")
+    masked[:, 2, 5] = float("-inf")
+    masked.requires_grad_()
+    got = attention(q, k, v, bias=SeparableBias(col=masked), backend="sdpa")
+    want = attention(q, k, v, bias=SeparableBias(col=masked), backend="math")
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    grads = torch.autograd.grad(got.sum(), [q, k, v, masked])
+    for a, b in zip(grads, torch.autograd.grad(want.sum(), [q, k, v, masked])):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_off_cpu_the_folded_head_dim_is_a_multiple_of_8():
+    """GPU kernels want q/k widths in multiples of 8 (SDPA's float32 memory-efficient kernel: of 4; otherwise it runs
+    its math kernel, (B, H, Nq, Nk) scores): the fold pads with zero columns, which change nothing."""
+    q, k, v, col, row = tensors(H=4, Hkv=2, D=8)
+    call = AttentionCall.from_tensors(q, k, SeparableBias(col=col))
+    cuda = dataclasses.replace(call, device="cuda", q_len=64, k_len=64)
+    folded, why = fold_plan("sdpa", cuda)
+    assert why == "" and folded.head_dim == 16 and folded.value_dim is None  # 8 + 2 -> 16; v padded on CUDA sdpa
+    q2, k2 = fold(q, k, SeparableBias(col=col), 0.3, head_dim=16)
+    assert q2.shape[-1] == k2.shape[-1] == 16 and (q2[..., 10:] == 0).all() and (k2[..., 10:] == 0).all()
+    pv = torch.nn.functional.pad(v, (0, 8))
+    got = attention(q2, k2, pv, backend="sdpa", scale=0.3)[..., :8]
+    torch.testing.assert_close(got, naive(q, k, v, None, col, 0.3), atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="below the folded width 8 \\+ 2"):
+        fold(q, k, SeparableBias(col=col), 0.3, head_dim=9)

@@ -49,6 +49,7 @@ class BackendRefused(UserError, RuntimeError):
     exits 2, since the fix is the config's `backend:` key."""
 
 
+FOLD_ALIGN = 8  # off CPU a folded head dim is padded to a multiple of this (fold_plan)
 _logged: set[str] = set()  # messages already logged (each is said once)
 _recorders: list[list[AttentionCall]] = []
 
@@ -151,7 +152,7 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | Sepa
             bias = bias.dense()
             call = AttentionCall.from_tensors(q, k, bias, v)
         else:
-            q, k = fold(q, k, bias, scale)
+            q, k = fold(q, k, bias, scale, head_dim=folded.head_dim)
             width = v.shape[-1]
             pad = folded.value_dim is None and width != q.shape[-1]  # the backend wants v as wide as q and k
             out = _run(backend, folded, q, k, tF.pad(v, (0, q.shape[-1] - width)) if pad else v, None, causal, scale)
@@ -180,10 +181,12 @@ def fold_plan(name: str, call: AttentionCall) -> tuple[AttentionCall | None, str
     chosen for `call` has no `separable_attention` of its own."""
     if call.dtype not in FOLDABLE_DTYPES:
         return None, (f"in {str(call.dtype).removeprefix('torch.')} a folded key column would round the bias; "
-                      "folding is exact in float32 and float64")
+                      "it is folded in float32 and float64 only")
     if name == "math":
         return None, "math is the reference and attends with the bias itself"
     head_dim = call.head_dim + call.separable_width
+    if call.device != "cpu":  # GPU kernels want q/k widths in multiples of 8 (SDPA's fp32 kernel: of 4); zeros pad
+        head_dim = -(-head_dim // FOLD_ALIGN) * FOLD_ALIGN
     if call.heads * call.q_len < call.kv_heads * head_dim:  # decoding: Nq x Nk of bias against Nk x (D + G) of k
         return None, "few queries (decoding): the dense bias is smaller than the folded copy of k"
     limit = head_dim_limit(name, call.device)
@@ -228,7 +231,7 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
     """Run the primitive on `backend`. A Selection goes to the backend's own `selective_attention` where it has
     one; otherwise -F is made dense, (B, 1, Nq, Nk), and passed as a bias (the only place that happens). A
     SeparableBias goes to the backend's own `separable_attention` where it has one, else is made dense too (the
-    math reference, a dry run; `dispatch` folds it before it gets here where that is exact)."""
+    math reference, a dry run; `dispatch` folds it before it gets here where `fold_plan` allows)."""
     if isinstance(bias, SeparableBias):
         if backend.separable_attention is not None:
             return backend.separable_attention(q, k, v, bias, causal=causal, scale=scale)

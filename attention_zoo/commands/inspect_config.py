@@ -127,7 +127,7 @@ def _plan(backend: str, call) -> tuple[str, str]:
         return _plan(backend, dataclasses.replace(call, separable_width=0))[0] + f" (separable bias made dense: {why})", \
             "; ".join(skipped)
     chosen, skipped = choose(backend, folded)
-    note = f" (separable bias folded into q/k: head dim {call.head_dim} + {call.separable_width})"
+    note = f" (separable bias folded into q/k: head dim {call.head_dim} -> {folded.head_dim})"
     return chosen.name + note, "; ".join(skipped)
 
 

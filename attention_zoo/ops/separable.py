@@ -14,10 +14,15 @@ query head h's place g = h mod G in its group,
 
 so attention with a bias becomes plain attention with a q/k head dim of D + G (D + 1 when the column term is
 shared by the heads, or H == Hkv) and v as it is: any fused kernel runs it, gradients reach `col` through k's
-extra columns, and nothing (Nq, Nk)-sized is made. The folded column holds col_j itself, not col_j - col_i as a
-dense bias would: exact in float32 and float64 (the dense difference rounds the same c_i and c_j), not in bf16 or
-fp16, whose 8 or 11 mantissa bits would round a large col_j by more than the scores it ranks (|c| grows with the
-sequence), so half-precision calls take the dense bias (`backends.fold_plan` decides and says why).
+extra columns, and nothing (Nq, Nk)-sized is made.
+
+Precision: the folded column holds col_j itself, not row_i + col_j, which is small where the weights are large,
+and the kernel's dot product adds it to q . k: a logit then carries an absolute error up to about the spacing of
+the dtype at max |col| (float32: 6e-5 at |col| = 1000, 1e-3 at 16000; float64: 1e-13 at 1000). That is what a
+dense float32 bias c_i - c_j carries when c itself is a float32 running sum (Forgetting Attention's); an exact
+col (ALiBi's integers) or one computed in float64 is more precise dense. In bf16 or fp16 (8 or 11 mantissa bits)
+the error would be whole units at |col| ~ 100, so half-precision calls take the dense bias or a backend that
+reads the column in float32 (triton); `backends.fold_plan` decides and says why.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# dtypes whose folded column keeps the bias as exact as a dense one (see the module docstring)
+# dtypes the fold is used in (see the module docstring's precision paragraph)
 FOLDABLE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -75,15 +80,21 @@ class SeparableBias:
         return heads // kv_heads if self.col.shape[1] > 1 and heads != kv_heads else 1
 
 
-def fold(q: Tensor, k: Tensor, bias: SeparableBias, scale: float) -> tuple[Tensor, Tensor]:
-    """q (B, H, Nq, D), k (B, Hkv, Nk, D) -> q' (B, H, Nq, D + W), k' (B, Hkv, Nk, D + W), W = bias.fold_width,
+def fold(q: Tensor, k: Tensor, bias: SeparableBias, scale: float, head_dim: int | None = None) -> tuple[Tensor, Tensor]:
+    """q (B, H, Nq, D), k (B, Hkv, Nk, D) -> q' (B, H, Nq, D'), k' (B, Hkv, Nk, D'), D' = D + W (W =
+    bias.fold_width) or `head_dim` if given (>= D + W; the rest zeros, for kernels that want a multiple of 8),
     such that softmax(scale q' k'^T + mask) = softmax(scale q k^T + bias + mask) (the module docstring). In q's
-    dtype; differentiable in q, k and bias.col (the row term is dropped: softmax gives it no weight or gradient)."""
-    B, H, Nq, _ = q.shape
+    dtype; differentiable in q, k and bias.col (the row term is dropped: softmax gives it no weight or gradient).
+    A -inf in col (a masked key) stays a masked key: it is folded as the dtype's most negative number, since the
+    one-hot selector's zeros times -inf would be NaN. Raises ValueError for a head_dim below D + W."""
+    B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     width = bias.fold_width(H, Hkv)
+    pad = 0 if head_dim is None else head_dim - D - width
+    if pad < 0:
+        raise ValueError(f"head_dim {head_dim} is below the folded width {D} + {width}")
     G = H // Hkv
-    col = bias.col.to(q.dtype)
+    col = bias.col.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
     if width == 1:  # one column: the term is shared by the heads, or each query head has its own kv head
         col = col.expand(B, Hkv, Nk)[..., None]  # (B, Hkv, Nk, 1)
         selector = q.new_full((B, H, Nq, 1), 1.0 / scale)
@@ -91,6 +102,8 @@ def fold(q: Tensor, k: Tensor, bias: SeparableBias, scale: float) -> tuple[Tenso
         col = col.expand(B, H, Nk).unflatten(1, (Hkv, G)).transpose(-1, -2)  # (B, Hkv, Nk, G)
         selector = torch.eye(G, dtype=q.dtype, device=q.device).div_(scale).repeat(Hkv, 1)  # (H, G): row h is e_{h mod G}
         selector = selector[None, :, None, :].expand(B, H, Nq, G)
+    if pad:  # zero columns add nothing to q' . k'
+        selector, col = torch.nn.functional.pad(selector, (0, pad)), torch.nn.functional.pad(col, (0, pad))
     return torch.cat([q, selector], dim=-1), torch.cat([k, col], dim=-1)
 
 

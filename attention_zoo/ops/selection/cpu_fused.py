@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import threading
 import warnings
@@ -108,12 +109,20 @@ def _build():
                     "building the fused CPU selective-attention kernel (about a minute)"):
         for stale in ("lock", ".ninja_lock"):
             (folder / stale).unlink(missing_ok=True)
+        # The build reads a copy inside its folder: torch writes the source's path into build.ninja, so two
+        # checkouts of one source would otherwise rebuild each other's kernel in turn (the digest in the folder's
+        # name fixes the copy's content).
+        source = folder / SOURCE.name
+        if not source.exists():
+            partial = folder / (SOURCE.name + ".partial")
+            shutil.copyfile(SOURCE, partial)
+            partial.replace(source)
         if not (folder / f"{name}.so").exists():
             log.warning("attention-zoo: building the fused CPU selective-attention kernel (once per machine, about "
                         "a minute; ATTENTION_ZOO_CPU_KERNEL=0 skips it)")
         with warnings.catch_warnings():  # torch's compiler-version notices; a failure is reported below
             warnings.simplefilter("ignore")
-            return load(name=name, sources=[str(SOURCE)], extra_cflags=_CFLAGS + _ARCH_FLAGS.get(capability, []),
+            return load(name=name, sources=[str(source)], extra_cflags=_CFLAGS + _ARCH_FLAGS.get(capability, []),
                         build_directory=str(folder), verbose=False)
 
 
