@@ -20,6 +20,7 @@ from .initialization import residual_output
 from .ops import residual
 from .ops.rms_norm import rms_norm
 from .ops.selection import Selection
+from .ops.separable import SeparableBias
 from .state import RESIDUAL_SCORES
 
 if TYPE_CHECKING:
@@ -206,7 +207,8 @@ class ProjectedAttention(nn.Module):
                                            the variant's own transform after calling super()
       extend_cache(k, v, cache, ...)    -> k, v with the cached keys in front (B, Hkv, T + N, D); keys
                                            are stored as transformed, so they are rotated once
-      attention_bias(q, k, state, cache) -> (bias broadcastable to (B, H, N, T + N) or None, state updates);
+      attention_bias(q, k, state, cache) -> (bias broadcastable to (B, H, N, T + N), a Selection, a
+                                           SeparableBias or None, state updates);
                                            a subclass whose attention_bias also names `x` (the layer input
                                            (B, N, dim)) and/or `positions` gets them as keywords: a bias made
                                            from the tokens (a forget gate, a data-dependent decay); ones
@@ -274,7 +276,8 @@ class ProjectedAttention(nn.Module):
     def attention_bias(self, q: Tensor, k: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None
                        ) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The variant's own bias and its state updates. The bias: a tensor broadcastable to (B, H, Nq, Nk), a
-        structured `Selection` (the bias is then -F, which fusing backends never materialise), or None."""
+        structured `Selection` (the bias is then -F, which fusing backends never materialise), a `SeparableBias`
+        (row_i + col_j per head, attended without an (Nq, Nk) tensor where it can be: ops/separable.py), or None."""
         return None, {}
 
     def _call_attention_bias(self, q: Tensor, k: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None,
@@ -287,10 +290,12 @@ class ProjectedAttention(nn.Module):
         inputs = {"x": x, "positions": positions}
         return fn(q, k, state, cache, *(inputs[n] for n in call.positional), **{n: inputs[n] for n in call.keyword})
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | SeparableBias | None) -> Tensor:
         """softmax(scale q k^T + bias + causal mask) v on the configured backend: (B, H, Nq, Dv). A structured
-        `Selection` bias (-F) goes to the backend as it is (ops/selection). An override that is not softmax builds
-        on attention_zoo.functional's causal_mask, grouped_logits and grouped_values (GQA without copying k, v)."""
+        `Selection` bias (-F) or a `SeparableBias` goes to the backend as it is (ops/selection, ops/separable.py).
+        An override that is not softmax builds on attention_zoo.functional's causal_mask, grouped_logits and
+        grouped_values (GQA without copying k, v), and makes a SeparableBias a tensor with `.dense()` (its row term
+        matters outside softmax)."""
         return dispatch(q, k, v, bias=bias, causal=True, scale=self.scale, backend=self.backend)
 
     def output(self, out: Tensor) -> Tensor:

@@ -409,3 +409,26 @@ def test_kernel_propagates_nan_in_the_selection_as_the_reference_does(where):
         want = reference.selective_attention(q, k, v, selection, causal=True, scale=0.3)
     assert want.isnan().any()
     assert torch.equal(got.isnan(), want.isnan())
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("empty", ["batch", "queries"])
+def test_an_empty_batch_or_query_set_gives_an_empty_result(empty):
+    """B = 0 or Nq = 0 killed the process (SIGFPE: the kernel divides its work by these sizes), in a subprocess
+    here so that a regression fails the test instead of the run; selective and plain calls both."""
+    require_kernel()
+    B, Nq = (0, 6) if empty == "batch" else (2, 0)
+    code = f"""
+import torch
+from attention_zoo.ops.selection import Selection, cpu_fused
+q = torch.randn({B}, 4, {Nq}, 8, requires_grad=True)
+k, v = torch.randn({B}, 2, 6, 8), torch.randn({B}, 2, 6, 8)
+out = cpu_fused.attention(q, k, v[..., :4], causal=True, scale=0.3)
+out.sum().backward()
+selective = cpu_fused.selective_attention(q, k, v, Selection.of_head(q[:, 0].detach(), k[:, 0], 0.3), causal=True,
+                                          scale=0.3)
+print(tuple(out.shape), tuple(selective.shape))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [f"({B},", "4,", f"{Nq},", "4)", f"({B},", "4,", f"{Nq},", "8)"]

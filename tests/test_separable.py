@@ -73,13 +73,13 @@ def test_folded_attention_matches_the_formula_with_gradients(H, Hkv, batch_share
 
 
 def test_the_fold_is_scale_qk_plus_the_column_term():
-    """scale q' k'^T = scale q k^T + col per query head (GQA groups of 4): the identity the fold rests on."""
+    """q' k'^T = scale q k^T + col per query head (GQA groups of 4): the identity the fold rests on."""
     q, k, _, col, _ = tensors(B=2, H=8, Hkv=2, Nq=5, Nk=5, D=4)
     scale = 0.5
     q2, k2 = fold(q, k, SeparableBias(col=col), scale)
     assert q2.shape == (2, 8, 5, 8) and k2.shape == (2, 2, 5, 8)  # D + G, G = 4
     for h in range(8):
-        lhs = scale * q2[:, h] @ k2[:, h // 4].transpose(-1, -2)
+        lhs = q2[:, h] @ k2[:, h // 4].transpose(-1, -2)
         rhs = scale * q[:, h] @ k[:, h // 4].transpose(-1, -2) + col[:, h, None, :]
         torch.testing.assert_close(lhs, rhs, atol=1e-12, rtol=0)
 
@@ -148,7 +148,9 @@ def test_float32_fold_keeps_forgetting_attentions_large_terms_exact():
 @pytest.mark.parametrize("bad,message", [
     (dict(col=torch.zeros(2, 4, 5)), "SeparableBias.col must be a floating (B or 1, H or 1, 6) tensor"),
     (dict(col=torch.zeros(2, 3, 6)), "H 4"),
-    (dict(col=torch.zeros(4, 6)), "got (4, 6)"),
+    (dict(col=torch.zeros(4, 6)), "got (4, 6) float32 on cpu"),
+    (dict(col=None), "SeparableBias.col must be .* got NoneType"),
+    (dict(col=torch.zeros(2, 4, 6, device="meta")), "on cpu for q .* got (2, 4, 6) float32 on meta"),
     (dict(col=torch.zeros(2, 4, 6), row=torch.zeros(2, 4, 7)), "SeparableBias.row must be"),
     (dict(col=torch.zeros(2, 4, 6, dtype=torch.long)), "floating"),
 ])
@@ -319,7 +321,17 @@ def test_off_cpu_the_folded_head_dim_is_a_multiple_of_8():
     q2, k2 = fold(q, k, SeparableBias(col=col), 0.3, head_dim=16)
     assert q2.shape[-1] == k2.shape[-1] == 16 and (q2[..., 10:] == 0).all() and (k2[..., 10:] == 0).all()
     pv = torch.nn.functional.pad(v, (0, 8))
-    got = attention(q2, k2, pv, backend="sdpa", scale=0.3)[..., :8]
+    got = attention(q2, k2, pv, backend="sdpa", scale=1.0)[..., :8]
     torch.testing.assert_close(got, naive(q, k, v, None, col, 0.3), atol=1e-10, rtol=0)
     with pytest.raises(ValueError, match="below the folded width 8 \\+ 2"):
         fold(q, k, SeparableBias(col=col), 0.3, head_dim=9)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-40, -0.5])
+def test_any_scale_folds(scale):
+    """The scale goes into q, not a 1/scale selector: scale 0 (attention by the bias alone) and a scale whose inverse
+    overflows float32 gave NaN."""
+    q, k, v, col, _ = tensors(B=1, H=4, Hkv=2, Nq=8, Nk=8, dtype=torch.float32)
+    got = attention(q, k, v, bias=SeparableBias(col=col), backend="sdpa", scale=scale)
+    want = attention(q, k, v, bias=SeparableBias(col=col), backend="math", scale=scale)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

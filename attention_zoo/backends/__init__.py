@@ -155,7 +155,7 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | Sepa
             q, k = fold(q, k, bias, scale, head_dim=folded.head_dim)
             width = v.shape[-1]
             pad = folded.value_dim is None and width != q.shape[-1]  # the backend wants v as wide as q and k
-            out = _run(backend, folded, q, k, tF.pad(v, (0, q.shape[-1] - width)) if pad else v, None, causal, scale)
+            out = _run(backend, folded, q, k, tF.pad(v, (0, q.shape[-1] - width)) if pad else v, None, causal, 1.0)
             return out[..., :width] if pad else out
     return _run(backend, call, q, k, v, bias, causal, scale)
 

@@ -10,11 +10,12 @@ and the gradient that reaches it, are those of the column term alone. The column
 product the kernel already computes. With G = H / Hkv query heads per kv head and e_g the one-hot vector of
 query head h's place g = h mod G in its group,
 
-    scale * [q_h, e_g / scale] . [k, col_{group 0}, ..., col_{group G-1}] = scale q_h k^T + col_h,
+    [scale q_h, e_g] . [k, col_{group 0}, ..., col_{group G-1}] = scale q_h k^T + col_h,
 
-so attention with a bias becomes plain attention with a q/k head dim of D + G (D + 1 when the column term is
-shared by the heads, or H == Hkv) and v as it is: any fused kernel runs it, gradients reach `col` through k's
-extra columns, and nothing (Nq, Nk)-sized is made.
+so attention with a bias becomes plain attention at scale 1 with a q/k head dim of D + G (D + 1 when the column
+term is shared by the heads, or H == Hkv) and v as it is (the scale goes into q, so any scale, 0 included,
+folds): any fused kernel runs it, gradients reach `col` through k's extra columns, and nothing (Nq, Nk)-sized
+is made.
 
 Precision: the folded column holds col_j itself, not row_i + col_j, which is small where the weights are large,
 and the kernel's dot product adds it to q . k: a logit then carries an absolute error up to about the spacing of
@@ -42,15 +43,16 @@ class SeparableBias:
     col: (B or 1, H or 1, Nk), one term per key (cached keys included, in the order of k); row: (B or 1, H or 1,
     Nq) or None (one term per query; softmax ignores it, so it matters only to `dense()`, to a variant's own
     non-softmax `attend`, and to the precision of a half-precision dense bias: c_i - c_j is small where the
-    weights are large). Floating tensors; a size-1 batch or head dim broadcasts. Shapes are checked against q and
-    k by `check` (dispatch calls it): ValueError."""
+    weights are large). Floating tensors on q's device; a size-1 batch or head dim broadcasts. col may hold -inf
+    (a masked key); row must be finite (a folded call never reads it, so a -inf row would not mask its query).
+    Shapes, dtypes and devices are checked against q and k by `check` (dispatch calls it): ValueError."""
 
     col: Tensor
     row: Tensor | None = None
 
     @property
     def requires_grad(self) -> bool:
-        return self.col.requires_grad or (self.row is not None and self.row.requires_grad)
+        return any(isinstance(t, Tensor) and t.requires_grad for t in (self.col, self.row))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -60,14 +62,16 @@ class SeparableBias:
         """Raise ValueError unless col is (B|1, H|1, Nk) and row (B|1, H|1, Nq) for q (B, H, Nq, D), k (B, Hkv, Nk, D)."""
         B, H, Nq = q.shape[:3]
         for name, term, length in (("col", self.col, k.shape[2]), ("row", self.row, Nq)):
-            if term is None:
+            if term is None and name == "row":
                 continue
             ok = (isinstance(term, Tensor) and term.dim() == 3 and term.shape[0] in (1, B) and term.shape[1] in (1, H)
-                  and term.shape[2] == length and term.is_floating_point())
+                  and term.shape[2] == length and term.is_floating_point() and term.device == q.device)
             if not ok:
-                got = tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__
-                raise ValueError(f"SeparableBias.{name} must be a floating (B or 1, H or 1, {length}) tensor for q "
-                                 f"{tuple(q.shape)} and k {tuple(k.shape)} (B {B}, H {H}); got {got}")
+                got = (f"{tuple(term.shape)} {str(term.dtype).removeprefix('torch.')} on {term.device}"
+                       if isinstance(term, Tensor) else type(term).__name__)
+                keys = " (one term per key, cached keys included)" if name == "col" else ""
+                raise ValueError(f"SeparableBias.{name} must be a floating (B or 1, H or 1, {length}) tensor{keys} on "
+                                 f"{q.device} for q {tuple(q.shape)} and k {tuple(k.shape)} (B {B}, H {H}); got {got}")
 
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         """The bias itself, (B|1, H|1, Nq, Nk), differentiable; in `dtype` (default: col's), the sum formed in
@@ -83,7 +87,8 @@ class SeparableBias:
 def fold(q: Tensor, k: Tensor, bias: SeparableBias, scale: float, head_dim: int | None = None) -> tuple[Tensor, Tensor]:
     """q (B, H, Nq, D), k (B, Hkv, Nk, D) -> q' (B, H, Nq, D'), k' (B, Hkv, Nk, D'), D' = D + W (W =
     bias.fold_width) or `head_dim` if given (>= D + W; the rest zeros, for kernels that want a multiple of 8),
-    such that softmax(scale q' k'^T + mask) = softmax(scale q k^T + bias + mask) (the module docstring). In q's
+    such that softmax(q' k'^T + mask) = softmax(scale q k^T + bias + mask) (the module docstring): attend with the
+    folded pair at scale 1. In q's
     dtype; differentiable in q, k and bias.col (the row term is dropped: softmax gives it no weight or gradient).
     A -inf in col (a masked key) stays a masked key: it is folded as the dtype's most negative number, since the
     one-hot selector's zeros times -inf would be NaN. Raises ValueError for a head_dim below D + W."""
@@ -97,14 +102,14 @@ def fold(q: Tensor, k: Tensor, bias: SeparableBias, scale: float, head_dim: int 
     col = bias.col.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
     if width == 1:  # one column: the term is shared by the heads, or each query head has its own kv head
         col = col.expand(B, Hkv, Nk)[..., None]  # (B, Hkv, Nk, 1)
-        selector = q.new_full((B, H, Nq, 1), 1.0 / scale)
+        selector = q.new_ones(B, H, Nq, 1)
     else:  # column g of kv head h holds query head h * G + g's term; query head h * G + g reads only column g
         col = col.expand(B, H, Nk).unflatten(1, (Hkv, G)).transpose(-1, -2)  # (B, Hkv, Nk, G)
-        selector = torch.eye(G, dtype=q.dtype, device=q.device).div_(scale).repeat(Hkv, 1)  # (H, G): row h is e_{h mod G}
+        selector = torch.eye(G, dtype=q.dtype, device=q.device).repeat(Hkv, 1)  # (H, G): row h is e_{h mod G}
         selector = selector[None, :, None, :].expand(B, H, Nq, G)
     if pad:  # zero columns add nothing to q' . k'
         selector, col = torch.nn.functional.pad(selector, (0, pad)), torch.nn.functional.pad(col, (0, pad))
-    return torch.cat([q, selector], dim=-1), torch.cat([k, col], dim=-1)
+    return torch.cat([q * scale, selector], dim=-1), torch.cat([k, col], dim=-1)
 
 
 __all__ = ["SeparableBias", "fold", "FOLDABLE_DTYPES"]

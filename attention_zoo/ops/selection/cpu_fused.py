@@ -212,6 +212,12 @@ def _operands(q, k, v, terms, scale: float, ct: torch.dtype):
             [bool(t.protect_bos) for t in terms])
 
 
+def _empty(q: Tensor, k: Tensor) -> bool:
+    """No batch element, head or query: the kernel splits its work by these sizes (a division by zero killed the
+    process with SIGFPE), while the reference returns the empty result. (No key is fine: the kernel gives 0.)"""
+    return 0 in (*q.shape[:3], k.shape[1])
+
+
 def selective_attention(q: Tensor, k: Tensor, v: Tensor, selection: Selection, *, causal: bool, scale: float,
                         rows: int | None = None, chunk: int | None = None) -> Tensor:
     """softmax(scale q k^T - F + causal) v on CPU with the fused kernel, F never stored; query blocks of `rows`
@@ -225,6 +231,10 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, selection: Selection, *
         raise ValueError(f"selection (B, Nq, Nk) = {(Bs, Nqs, Nks)} does not match q{tuple(q.shape)} k{tuple(k.shape)}")
     if kernel() is None:
         raise RuntimeError(f"the fused CPU selective kernel is not available: {refusal()}")
+    if _empty(q, k):
+        from .reference import selective_attention as reference
+
+        return reference(q, k, v, selection, causal=causal, scale=scale)
     meta, tensors = _flatten(selection)
     return FusedCPUSelectiveAttention.apply(q, k, v, causal, scale, rows or ROWS, chunk or KEY_CHUNK, meta,
                                             *tensors)
@@ -237,6 +247,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, ro
     RuntimeError when the kernel is not available (`refusal()` says why)."""
     if kernel() is None:
         raise RuntimeError(f"the fused CPU kernel is not available: {refusal()}")
+    if _empty(q, k):
+        from ...backends.math import math_attention
+
+        return math_attention(q, k, v, causal=causal, scale=scale)
     return FusedCPUSelectiveAttention.apply(q, k, v, causal, scale, rows or ROWS, chunk or KEY_CHUNK, ())
 
 
