@@ -335,3 +335,21 @@ def test_any_scale_folds(scale):
     got = attention(q, k, v, bias=SeparableBias(col=col), backend="sdpa", scale=scale)
     want = attention(q, k, v, bias=SeparableBias(col=col), backend="math", scale=scale)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_value_wider_than_the_folded_keys_is_kept_whole(monkeypatch):
+    """Differential attention's v (D) is wider than its q/k halves (D / 2) plus the folded columns: on a backend that
+    wants equal widths, q' and k' are zero-padded to v's width (v was cropped to theirs: a wrong-width output)."""
+    from attention_zoo.backends import BACKENDS
+
+    monkeypatch.setattr(BACKENDS.get("sdpa"), "fuses_unequal_value_dim", lambda device: False)
+    q, k, _, col, row = tensors(H=4, Hkv=2, D=8)
+    v = torch.randn(2, 2, 6, 32, dtype=torch.float64, requires_grad=True)
+    from attention_zoo.backends import dispatch  # functional.attention wants v as wide as q and k; layers do not
+
+    got = dispatch(q, k, v, bias=SeparableBias(col=col, row=row), causal=True, scale=0.3, backend="sdpa")
+    assert got.shape == (2, 4, 6, 32)
+    expected = naive(q, k, v, row, col, 0.3)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    for a, b in zip(torch.autograd.grad(got.sum(), [q, v, col]), torch.autograd.grad(expected.sum(), [q, v, col])):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)

@@ -143,8 +143,7 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | Sepa
     if call.device == "meta":  # a dry run (`describe`) computes shapes only; backends are chosen for a real device
         return run_on(BACKENDS.get("math"), q, k, v, bias, causal, scale)
     if isinstance(bias, SeparableBias):
-        chosen, _ = chosen_for(backend, call)
-        if chosen.separable_attention is not None:  # its kernels read the column term as it is
+        if reads_separable(backend, call):  # its kernels read the column term as it is
             return _run(backend, call, q, k, v, bias, causal, scale)
         folded, why = fold_plan(backend, call)
         if folded is None:
@@ -173,11 +172,22 @@ def _say_once(message: str) -> None:
         log.info("%s", message)
 
 
+def reads_separable(name: str, call: AttentionCall) -> bool:
+    """Whether backend `name` takes `call`, whose bias is a SeparableBias, to its own `separable_attention`. A
+    refusal is no answer yet: the folded or dense call may still be accepted (`fold_plan`)."""
+    try:
+        chosen, _ = chosen_for(name, call)
+    except BackendRefused:
+        return False
+    return chosen.separable_attention is not None
+
+
 def fold_plan(name: str, call: AttentionCall) -> tuple[AttentionCall | None, str]:
     """For a call whose bias is a SeparableBias (`call.separable_width` > 0): (the plain call it becomes when its
     column term is folded into q and k, "") where backend `name` should run it so, else (None, why the bias goes
-    dense). The folded call has a head dim of D + separable_width, no bias, and v as wide as before, or padded to
-    the new head dim (value_dim None) for a backend that wants equal widths. Asked only where the backend
+    dense). The folded call has a head dim of D + separable_width (off CPU rounded up to a multiple of FOLD_ALIGN),
+    no bias, and v as wide as before; for a backend that wants equal widths, the narrower of q/k and v is
+    zero-padded to the wider (value_dim None). Asked only where the backend
     chosen for `call` has no `separable_attention` of its own."""
     if call.dtype not in FOLDABLE_DTYPES:
         return None, (f"in {str(call.dtype).removeprefix('torch.')} a folded key column would round the bias; "
@@ -193,8 +203,8 @@ def fold_plan(name: str, call: AttentionCall) -> tuple[AttentionCall | None, str
     if limit is not None and head_dim > limit:
         return None, f"the folded head dim {head_dim} is above the backend's limit {limit}"
     value_dim = call.value_dim or call.head_dim
-    if not fuses_unequal_value_dim(name, call.device):
-        value_dim = None  # v zero-padded to the head dim: the zeros add nothing to the output
+    if not fuses_unequal_value_dim(name, call.device):  # equal widths: the narrower side is zero-padded, which
+        head_dim, value_dim = max(head_dim, value_dim), None  # adds nothing to q' k'^T or to the output
     folded = dataclasses.replace(call, head_dim=head_dim, value_dim=value_dim, has_bias=False, bias_requires_grad=False,
                                  separable_width=0)
     try:
@@ -245,6 +255,6 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
 
 __all__ = [
     "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
-    "head_dim_limit", "fuses_unequal_value_dim", "run_on", "recording_calls", "fold_plan",
+    "head_dim_limit", "fuses_unequal_value_dim", "run_on", "recording_calls", "fold_plan", "reads_separable",
     "causal_mask", "math_attention", "grouped_logits",
 ]

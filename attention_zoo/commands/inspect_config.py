@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..backends import BackendRefused, choose, fold_plan, recording_calls
+from ..backends import BackendRefused, choose, fold_plan, reads_separable, recording_calls
 from ..components import KINDS
 from ..config import STACK_DEFAULTS, build_model, config_file, head_dim_of, layer_specs, load_config
 from ..errors import UserError
@@ -114,21 +114,22 @@ def _plan(backend: str, call) -> tuple[str, str]:
     """(the backend `backend` picks for `call`, or `none: why`; the backends skipped before it and why). A separable
     bias is planned as dispatch runs it: read by the chosen backend's kernels, folded into q and k, or dense, and
     the plan says which."""
+    note = ""
+    if call.separable_width and reads_separable(backend, call):
+        note = " (separable bias read by its kernels)"
+    elif call.separable_width:
+        folded, why = fold_plan(backend, call)
+        if folded is not None:
+            note = f" (separable bias folded into q/k: head dim {call.head_dim} -> {folded.head_dim})"
+            call = folded
+        else:
+            note = f" (separable bias made dense: {why})"
+            call = dataclasses.replace(call, separable_width=0)
     try:
         chosen, skipped = choose(backend, call)
+        return chosen.name + note, "; ".join(skipped)
     except BackendRefused as exc:
         return f"none: {exc}", ""
-    if not call.separable_width:
-        return chosen.name, "; ".join(skipped)
-    if chosen.separable_attention is not None:
-        return f"{chosen.name} (separable bias read by its kernels)", "; ".join(skipped)
-    folded, why = fold_plan(backend, call)
-    if folded is None:
-        return _plan(backend, dataclasses.replace(call, separable_width=0))[0] + f" (separable bias made dense: {why})", \
-            "; ".join(skipped)
-    chosen, skipped = choose(backend, folded)
-    note = f" (separable bias folded into q/k: head dim {call.head_dim} -> {folded.head_dim})"
-    return chosen.name + note, "; ".join(skipped)
 
 
 def _trains(path: str) -> bool:
