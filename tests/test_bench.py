@@ -82,16 +82,28 @@ def documented_bench_commands() -> list[list[str]]:
     return commands
 
 
+def documented_plugin_modules() -> dict[str, str]:
+    """The plug-in modules benchmarks.md prints (```python blocks opening with `# NAME.py`): file name -> code."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    return {match[0]: match[1] for match in re.findall(r"```python\n# (\w+\.py)\n(.*?)```", text, flags=re.S)}
+
+
 def test_docs_have_bench_commands():
     assert len(documented_bench_commands()) >= 2
 
 
 @pytest.mark.parametrize("argv", documented_bench_commands(), ids=lambda a: " ".join(a)[:70])
-def test_documented_command_runs_with_tiny_sizes(argv, in_process, tmp_path):
+def test_documented_command_runs_with_tiny_sizes(argv, in_process, tmp_path, monkeypatch, isolated_registry):
+    """Each command as written, with tiny sizes; a command's `--plugins` modules are the ones the page prints, on
+    the path as the page says."""
     import torch
 
     if "cuda" in argv and not torch.cuda.is_available():
         pytest.skip("a GPU command; no CUDA here")
+    if "--plugins" in argv:
+        for name, code in documented_plugin_modules().items():
+            (tmp_path / name).write_text(code)
+        monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "out"
     assert main([*argv, *TINY, "--out", str(out)]) == 0  # later flags override the documented sizes
     data, markdown = read(out)

@@ -218,31 +218,6 @@ def test_separable_alibi_equals_the_dense_alibi_in_a_layer():
     assert math.isclose(separable.scale, 0.5)
 
 
-def test_the_benchmarked_plugins_run_in_bench(tmp_path):
-    """docs/benchmarks.md's fox_plugins.py, as written, through `attention-zoo bench --plugins` at a tiny size:
-    both forms run (status ok) in their own processes."""
-    import json
-    import os
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    page = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
-    (code,) = [block for block in re.findall(r"```python\n(.*?)```", page, flags=re.S)
-               if block.startswith("# fox_plugins.py")]
-    (tmp_path / "fox_plugins.py").write_text(code)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "attention_zoo", "bench", "--plugins", "fox_plugins", "--variants",
-                             "vanilla,fox_dense,fox_sep", "--seq-lens", "32", "--batch", "1", "--dim", "32",
-                             "--depth", "1", "--heads", "2", "--head-dim", "16", "--repeats", "1", "--warmup", "0",
-                             "--out", str(tmp_path / "out"), "--no-progress"],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr
-    points = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-    assert {p["variant"]: p["status"] for p in points} == {"vanilla": "ok", "fox_dense": "ok", "fox_sep": "ok"}
-
-
 def test_a_backend_with_its_own_separable_attention_reads_the_bias_whole(triton_backend, monkeypatch):
     """Named triton (its interpreter here) gets the SeparableBias itself: neither folded nor made dense; the result
     matches the formula. describe says so."""
