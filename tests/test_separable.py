@@ -328,3 +328,20 @@ def test_a_value_wider_than_the_folded_keys_is_kept_whole(monkeypatch):
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
     for a, b in zip(torch.autograd.grad(got.sum(), [q, v, col]), torch.autograd.grad(expected.sum(), [q, v, col])):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("Nq,Nk", [(8, 8), (3, 8)])
+def test_a_query_whose_every_key_is_masked_gets_zero(Nq, Nk):
+    """col = -inf on keys 0..2 (and on every key for head 1): the queries that see only those keys get 0, as the
+    dense bias gives (a row that sees no key); the folded kernel alone would average the masked keys' values."""
+    q, k, v, col, _ = tensors(B=2, H=4, Hkv=2, Nq=Nq, Nk=Nk)
+    masked = col.detach().clone()
+    masked[..., :3] = float("-inf")
+    masked[:, 1] = float("-inf")
+    masked.requires_grad_()
+    got = attention(q, k, v, bias=SeparableBias(col=masked), backend="sdpa")
+    want = attention(q, k, v, bias=SeparableBias(col=masked), backend="math")
+    assert (want[:, 1] == 0).all() and (want[:, :, : max(0, 3 - (Nk - Nq))] == 0).all()
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    for a, b in zip(torch.autograd.grad(got.sum(), [q, k, v, masked]), torch.autograd.grad(want.sum(), [q, k, v, masked])):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..ops.selection.dense import penalty as dense_penalty
 from ..ops.selection.structure import Selection
-from ..ops.separable import FOLDABLE_DTYPES, SeparableBias, fold
+from ..ops.separable import FOLDABLE_DTYPES, SeparableBias, fold, sees_a_key
 from ..registry import Registry
 from .base import AttentionCall, Backend, causal_mask
 from .flex import FlexBackend
@@ -151,11 +151,13 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | Sepa
             bias = bias.dense()
             call = AttentionCall.from_tensors(q, k, bias, v)
         else:
+            Nq, Nk = q.shape[2], k.shape[2]
             q, k = fold(q, k, bias, scale, head_dim=folded.head_dim)
             width = v.shape[-1]
             pad = folded.value_dim is None and width != q.shape[-1]  # the backend wants v as wide as q and k
             out = _run(backend, folded, q, k, tF.pad(v, (0, q.shape[-1] - width)) if pad else v, None, causal, 1.0)
-            return out[..., :width] if pad else out
+            out = out[..., :width] if pad else out
+            return out.masked_fill(~sees_a_key(bias, Nq, Nk, causal), 0.0)  # every visible key masked by col: 0
     return _run(backend, call, q, k, v, bias, causal, scale)
 
 
@@ -198,7 +200,7 @@ def fold_plan(name: str, call: AttentionCall) -> tuple[AttentionCall | None, str
     if call.device != "cpu":  # GPU kernels want q/k widths in multiples of 8 (SDPA's fp32 kernel: of 4); zeros pad
         head_dim = -(-head_dim // FOLD_ALIGN) * FOLD_ALIGN
     if call.heads * call.q_len < call.kv_heads * head_dim:  # decoding: Nq x Nk of bias against Nk x (D + G) of k
-        return None, "few queries (decoding): the dense bias is smaller than the folded copy of k"
+        return None, "few queries (a decoding step, or a warm-up's 2 tokens): the dense bias is smaller than a folded copy of k"
     limit = head_dim_limit(name, call.device)
     if limit is not None and head_dim > limit:
         return None, f"the folded head dim {head_dim} is above the backend's limit {limit}"

@@ -69,11 +69,11 @@ class TritonBackend(Backend):
     def refuse(self, call: AttentionCall) -> str | None:
         if call.device not in ("cuda", "cpu"):
             return f"Triton kernels run on CUDA (tensors are on {call.device})"
-        if unequal := call.unequal_value_dim():
-            return unequal
         if call.device == "cpu" and not interpreter_requested():
             return ("Triton kernels run on CUDA (tensors are on cpu; TRITON_INTERPRET=1 runs them in Triton's interpreter, "
                     "for tests)")
+        if unequal := call.unequal_value_dim():
+            return unequal
         kernels, error = load_kernels()
         if kernels is None:
             return f"triton is not installed or does not import ({error}); pip install triton"

@@ -90,8 +90,9 @@ def fold(q: Tensor, k: Tensor, bias: SeparableBias, scale: float, head_dim: int 
     such that softmax(q' k'^T + mask) = softmax(scale q k^T + bias + mask) (the module docstring): attend with the
     folded pair at scale 1. In q's
     dtype; differentiable in q, k and bias.col (the row term is dropped: softmax gives it no weight or gradient).
-    A -inf in col (a masked key) stays a masked key: it is folded as the dtype's most negative number, since the
-    one-hot selector's zeros times -inf would be NaN. Raises ValueError for a head_dim below D + W."""
+    A -inf in col (a masked key) is folded as the dtype's most negative number, since the one-hot selector's zeros
+    times -inf would be NaN; a query all of whose keys are masked then needs its output zeroed (`sees_a_key`).
+    Raises ValueError for a head_dim below D + W."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     width = bias.fold_width(H, Hkv)
@@ -112,4 +113,15 @@ def fold(q: Tensor, k: Tensor, bias: SeparableBias, scale: float, head_dim: int 
     return torch.cat([q * scale, selector], dim=-1), torch.cat([k, col], dim=-1)
 
 
-__all__ = ["SeparableBias", "fold", "FOLDABLE_DTYPES"]
+def sees_a_key(bias: SeparableBias, q_len: int, k_len: int, causal: bool) -> Tensor:
+    """Bool (B|1, H|1, Nq, 1): whether query i sees a key that col does not mask (-inf), causal bottom-right
+    aligned. A folded -inf is the dtype's most negative finite number, so a query whose every visible key is
+    masked gets an ordinary softmax over them from the kernel; the dense bias gives it 0, as a row that sees no
+    key gets, and the folded output is zeroed where this is False to agree. No host sync (a cumulative count)."""
+    unmasked = torch.nn.functional.pad((bias.col > float("-inf")).cumsum(-1), (1, 0))  # [..., j]: keys < j unmasked
+    last = torch.arange(q_len, device=bias.col.device) + (k_len - q_len + 1) if causal else \
+        torch.full((q_len,), k_len, device=bias.col.device)  # keys each query sees: [0, last)
+    return (unmasked[..., last.clamp(0, k_len)] > 0)[..., None]
+
+
+__all__ = ["SeparableBias", "fold", "sees_a_key", "FOLDABLE_DTYPES"]
