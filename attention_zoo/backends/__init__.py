@@ -157,7 +157,11 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | Sepa
             pad = folded.value_dim is None and width != q.shape[-1]  # the backend wants v as wide as q and k
             out = _run(backend, folded, q, k, tF.pad(v, (0, q.shape[-1] - width)) if pad else v, None, causal, 1.0)
             out = out[..., :width] if pad else out
-            return out.masked_fill(~sees_a_key(bias, Nq, Nk, causal), 0.0)  # every visible key masked by col: 0
+            # A query whose every visible key col masks gets 0. Only where col masks a key: the out-of-place fill
+            # keeps one more (B, H, Nq, Dv) tensor for the backward (about 5% of FoX's activations at 2048 tokens).
+            if torch.compiler.is_compiling() or bias.col.isneginf().any():
+                out = out.masked_fill(~sees_a_key(bias, Nq, Nk, causal), 0.0)
+            return out
     return _run(backend, call, q, k, v, bias, causal, scale)
 
 
