@@ -143,26 +143,28 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | Selection | Sepa
     if call.device == "meta":  # a dry run (`describe`) computes shapes only; backends are chosen for a real device
         return run_on(BACKENDS.get("math"), q, k, v, bias, causal, scale)
     if isinstance(bias, SeparableBias):
-        if reads_separable(backend, call):  # its kernels read the column term as it is
-            return _run(backend, call, q, k, v, bias, causal, scale)
-        folded, why = fold_plan(backend, call)
-        if folded is None:
-            _say_once(f"attention-zoo separable bias: dense (B, H, Nq, Nk) on backend {backend}: {why}")
-            bias = bias.dense()
-            call = AttentionCall.from_tensors(q, k, bias, v)
-        else:
-            Nq, Nk = q.shape[2], k.shape[2]
-            q, k = fold(q, k, bias, scale, head_dim=folded.head_dim)
-            width = v.shape[-1]
-            pad = folded.value_dim is None and width != q.shape[-1]  # the backend wants v as wide as q and k
-            out = _run(backend, folded, q, k, tF.pad(v, (0, q.shape[-1] - width)) if pad else v, None, causal, 1.0)
-            out = out[..., :width] if pad else out
-            # A query whose every visible key col masks gets 0. Only where col masks a key: the out-of-place fill
-            # keeps one more (B, H, Nq, Dv) tensor for the backward (about 5% of FoX's activations at 2048 tokens).
-            if torch.compiler.is_compiling() or bias.col.isneginf().any():
-                out = out.masked_fill(~sees_a_key(bias, Nq, Nk, causal), 0.0)
-            return out
+        route = separable_route(backend, call)
+        if route.how == "folded":
+            return _attend_folded(backend, route.call, q, k, v, bias, causal, scale)
+        if route.how == "dense":
+            _say_once(f"attention-zoo separable bias: dense (B, H, Nq, Nk) on backend {backend}: {route.why}")
+            bias, call = bias.dense(), route.call
     return _run(backend, call, q, k, v, bias, causal, scale)
+
+
+def _attend_folded(backend: str, folded: AttentionCall, q: Tensor, k: Tensor, v: Tensor, bias: SeparableBias,
+                   causal: bool, scale: float) -> Tensor:
+    """The separable call as `fold_plan`'s `folded` call: the column term folded into q and k, at scale 1."""
+    Nq, Nk, width = q.shape[2], k.shape[2], v.shape[-1]
+    q, k = fold(q, k, bias, scale, head_dim=folded.head_dim)
+    pad = folded.value_dim is None and width != q.shape[-1]  # the backend wants v as wide as q and k
+    out = _run(backend, folded, q, k, tF.pad(v, (0, q.shape[-1] - width)) if pad else v, None, causal, 1.0)
+    out = out[..., :width] if pad else out
+    # A query whose every visible key col masks gets 0. Only where col masks a key: the out-of-place fill keeps
+    # one more (B, H, Nq, Dv) tensor for the backward (about 5% of FoX's activations at 2048 tokens).
+    if torch.compiler.is_compiling() or bias.col.isneginf().any():
+        out = out.masked_fill(~sees_a_key(bias, Nq, Nk, causal), 0.0)
+    return out
 
 
 def _run(backend: str, call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, bias, causal: bool, scale: float) -> Tensor:
@@ -176,6 +178,26 @@ def _say_once(message: str) -> None:
     if message not in _logged:
         _logged.add(message)
         log.info("%s", message)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeparableRoute:
+    """How a call whose bias is a SeparableBias runs (`separable_route`): `how` is "read" (the backend's own
+    `separable_attention`), "folded" (`fold_plan`) or "dense" (for `why`); `call` is what the backend is asked."""
+
+    how: str
+    call: AttentionCall
+    why: str = ""
+
+
+def separable_route(name: str, call: AttentionCall) -> SeparableRoute:
+    """The one decision dispatch acts on and `describe` prints, for a call with `call.separable_width` > 0."""
+    if reads_separable(name, call):
+        return SeparableRoute("read", call)
+    folded, why = fold_plan(name, call)
+    if folded is None:  # the call of the dense bias: the same but for the separable width
+        return SeparableRoute("dense", dataclasses.replace(call, separable_width=0), why)
+    return SeparableRoute("folded", folded)
 
 
 def reads_separable(name: str, call: AttentionCall) -> bool:
@@ -262,5 +284,6 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
 __all__ = [
     "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
     "head_dim_limit", "fuses_unequal_value_dim", "run_on", "recording_calls", "fold_plan", "reads_separable",
+    "separable_route", "SeparableRoute",
     "causal_mask", "math_attention", "grouped_logits",
 ]

@@ -189,7 +189,7 @@ class TritonKeyBiasAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, col: Tensor, causal: bool, scale: float) -> Tensor:
         ctx.col_shape, ctx.col_dtype = col.shape, col.dtype
-        read = col.detach().float()[:, :, None, :].expand(q.shape[0], col.shape[1], q.shape[2], col.shape[2])
+        read = col.detach().float()[:, :, None, :].expand(q.shape[0], -1, -1, -1)  # (B, 1|H, 1, Nk): rows broadcast
         return _forward(ctx, q, k, v, read, causal, scale)
 
     @staticmethod
@@ -197,14 +197,10 @@ class TritonKeyBiasAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k, v, read, out, lse = ctx.saved_tensors
         kernels, _ = load_kernels()
-        dq, dk, dv, dkey = kernels.attention_backward(q, k, v, read[:, :, :1], out, lse, dout, causal=ctx.causal,
-                                                      scale=ctx.scale, bias_grad=False,
-                                                      key_bias_grad=ctx.needs_input_grad[3])
-        dcol = None
-        if dkey is not None:  # (B, H, Nk) per query head: summed over the dims col broadcasts
-            B, H = ctx.col_shape[:2]
-            dcol = dkey.sum(0, keepdim=True) if B == 1 else dkey
-            dcol = (dcol.sum(1, keepdim=True) if H == 1 else dcol).to(ctx.col_dtype)
+        dq, dk, dv, dkey = kernels.attention_backward(q, k, v, read, out, lse, dout, causal=ctx.causal, scale=ctx.scale,
+                                                      bias_grad=False, key_bias_grad=ctx.needs_input_grad[3])
+        # (B, H, Nk) per query head: summed over the dims col broadcasts
+        dcol = None if dkey is None else dkey.sum_to_size(ctx.col_shape).to(ctx.col_dtype)
         return dq, dk, dv, dcol, None, None
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..backends import BackendRefused, choose, fold_plan, reads_separable, recording_calls
+from ..backends import BackendRefused, choose, recording_calls, separable_route
 from ..components import KINDS
 from ..config import STACK_DEFAULTS, build_model, config_file, head_dim_of, layer_specs, load_config
 from ..errors import UserError
@@ -115,16 +115,12 @@ def _plan(backend: str, call) -> tuple[str, str]:
     bias is planned as dispatch runs it: read by the chosen backend's kernels, folded into q and k, or dense, and
     the plan says which."""
     note = ""
-    if call.separable_width and reads_separable(backend, call):
-        note = " (separable bias read by its kernels)"
-    elif call.separable_width:
-        folded, why = fold_plan(backend, call)
-        if folded is not None:
-            note = f" (separable bias folded into q/k: head dim {call.head_dim} -> {folded.head_dim})"
-            call = folded
-        else:
-            note = f" (separable bias made dense: {why})"
-            call = dataclasses.replace(call, separable_width=0)
+    if call.separable_width:
+        route = separable_route(backend, call)
+        note = {"read": " (separable bias read by its kernels)",
+                "folded": f" (separable bias folded into q/k: head dim {call.head_dim} -> {route.call.head_dim})",
+                "dense": f" (separable bias made dense: {route.why})"}[route.how]
+        call = route.call
     try:
         chosen, skipped = choose(backend, call)
         return chosen.name + note, "; ".join(skipped)
