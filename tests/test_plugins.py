@@ -513,3 +513,78 @@ def test_bench_takes_plugins_so_variants_may_name_their_variants(isolated_regist
     point = [p for p in seen if p.variant.label == "zoo_bench_variant"][0]
     assert model_config(point)["plugins"] == ["zoo_bench_plugin"]  # what the worker process imports
     assert type(point).from_json(json.loads(json.dumps(point.to_json()))) == point  # as the worker receives it
+
+
+def _broken_contract_variants() -> dict[str, tuple[type, str]]:
+    """Variants that break the attention_bias / state contract, each with a phrase the problem must contain."""
+    from attention_zoo import SeparableBias
+
+    class LongBias(ProjectedAttention):
+        def attention_bias(self, q, k, state, cache):
+            return torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2] + 3, device=q.device), {}
+
+    class ShortColumn(ProjectedAttention):
+        def attention_bias(self, q, k, state, cache):
+            return SeparableBias(torch.zeros(1, 1, k.shape[2] - 1, device=q.device)), {}
+
+    class BiasOnCPU(ProjectedAttention):  # works on a CPU-only machine, fails on any GPU: found on meta
+        def attention_bias(self, q, k, state, cache):
+            return SeparableBias(torch.zeros(1, 1, k.shape[2])), {}
+
+    class UndeclaredState(ProjectedAttention):
+        writes = ("zoo_not_a_channel",)
+
+        def attention_bias(self, q, k, state, cache):
+            return None, {"zoo_not_a_channel": torch.zeros(q.shape[0], device=q.device)}
+
+    return {"zoo_long_bias": (LongBias, "does not broadcast to (B, H, Nq, Nk) = (1, 4, 16, 16)"),
+            "zoo_short_column": (ShortColumn, "SeparableBias.col must be a floating (B or 1, H or 1, 16) tensor"),
+            "zoo_bias_on_cpu": (BiasOnCPU, "must be on its inputs' device (here meta), e.g. device=q.device"),
+            "zoo_undeclared_state": (UndeclaredState, "which no declare_channel declared")}
+
+
+@pytest.mark.parametrize("name", list(_broken_contract_variants()))
+def test_validate_and_describe_report_a_variant_that_breaks_its_contract(name, isolated_registry, tmp_path, capsys):
+    """A plug-in whose attention_bias returns a bias of the wrong shape or device, or writes state no channel
+    declares, passed `validate` and failed a training run's first step with a traceback (exit 1). Both commands
+    run the model once on the meta device: one problem at the key path that chose the variant, naming the
+    layer, the class and what it did; exit 2, no traceback."""
+    cls, phrase = _broken_contract_variants()[name]
+    cls.params = {**ProjectedAttention.params}
+    register_variant(name)(cls)
+    config = small_model({"variant": "vanilla"})
+    config["model"]["layers"] = [{"at": 1, "attention": {"variant": name}}]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    for command in ("validate", "describe"):
+        assert cli_main([command, str(cfg)]) == 2
+        captured = capsys.readouterr()
+        line = [x for x in (captured.out + captured.err).splitlines() if "layer 1" in x][0]
+        assert f"c.yaml: model.layers[0].attention.variant = {name!r}: layer 1 (" in line, line
+        assert cls.__qualname__ in line and "on the meta device" in line and phrase in line, line
+        assert "Traceback" not in captured.err
+
+
+def test_validate_reports_a_broken_component_at_its_key_and_with_the_other_problems(tmp_path, capsys):
+    """A broken plug-in component (here an MLP that skips its up projection) is named at its model key; validate
+    reports it together with what `train` would check (a seq_len over max_seq_len), not one at a time."""
+    from attention_zoo.components import MLPS
+    from attention_zoo.components.mlps import GELU
+
+    @MLPS.register("zoo_narrow_mlp")
+    class Narrow(GELU):
+        def forward(self, x):
+            return self.down(x)  # (B, N, dim) into a Linear(hidden, dim)
+
+    try:
+        config = small_model({"variant": "vanilla"}, train={"seq_len": 64})
+        config["model"].update(mlp="zoo_narrow_mlp", vocab_size=256)
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        assert cli_main(["validate", str(cfg)]) == 2
+        out = capsys.readouterr().out
+        assert "2 problems in config" in out, out
+        assert "c.yaml: model.mlp = 'zoo_narrow_mlp': module blocks.0.mlp (" in out and "Narrow" in out, out
+        assert "c.yaml: train.seq_len = 64: longer than model.max_seq_len (16)" in out, out
+    finally:
+        del MLPS.registry._entries["zoo_narrow_mlp"]

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ..backends import BackendRefused, choose, recording_calls, separable_route
+from ..backends import BackendRefused, choose, separable_route
 from ..components import KINDS
-from ..config import STACK_DEFAULTS, build_model, config_file, head_dim_of, layer_specs, load_config
+from ..config import STACK_DEFAULTS, ConfigError, Problem, config_file, head_dim_of, layer_specs, load_config
+from ..dry_run import dry_run
 from ..errors import UserError
 from ..registry import import_required_plugins
 from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
@@ -86,10 +87,13 @@ def cmd_validate(args) -> int:
             broken = [f"{file}: plugins[{i}] = {module!r}: cannot be imported ({failure.error}); train would run "
                       "without it" for i, module in enumerate(config["plugins"])
                       if (failure := config.plugin_failures.get(module)) is not None]
+            problems = _problems_of(dry_run, config)  # a plug-in's broken contract (a bias's shape, its state)
             if _trains(file):  # a training config: also what needs model, data and train together, as train checks
                 from ..train.loop import plan_run
 
-                plan_run(config)
+                problems += _problems_of(plan_run, config)
+            if problems:
+                raise ConfigError(problems)
             if broken:
                 raise UserError("\n".join(broken))
             print(f"{path}: ok")
@@ -97,6 +101,16 @@ def cmd_validate(args) -> int:
             failed += 1
             print(exc)
     return 2 if failed else 0
+
+
+def _problems_of(check, config) -> list[Problem]:
+    """The problems `check(config)` raises as a ConfigError (none if it returns), so that validate reports those of
+    every check together; another UserError (a DataError) passes through."""
+    try:
+        check(config)
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
 
 
 @contextlib.contextmanager
@@ -143,22 +157,9 @@ def cmd_describe(args) -> int:
     device = check_device(args.device, auto=True, present=False)  # planning for a device this machine may lack is fine
     config = load_config(config_file(args.file), args.overrides)
     m = config["model"]
-    with torch.device("meta"):  # no weights allocated: describe works for models of any size
-        model = build_model(config)
+    model, per_layer = dry_run(config, train=args.train)  # exactly what each layer asks its backend for
     head_dim = head_dim_of(m)
     dtype = getattr(torch, args.dtype)
-    # One forward pass on the meta device records exactly what each layer asks its backend for.
-    tokens = torch.zeros(1, m["max_seq_len"], dtype=torch.long, device="meta")
-    per_layer: list[list] = []  # a layer may make several calls (differential makes two)
-
-    def layer_done(*_) -> None:  # a forward hook must return None, or it replaces the block's output
-        per_layer.append(list(calls))
-        calls.clear()
-
-    with recording_calls() as calls, torch.set_grad_enabled(args.train):
-        for block in model.blocks:
-            block.register_forward_hook(layer_done)
-        model(tokens)
     print(f"{args.file}: depth {m['depth']}, dim {m['dim']}, heads {m['heads']} x {head_dim}, "
           f"vocab {m['vocab_size']}, max_seq_len {m['max_seq_len']}")
     print(f"stack: position {m['position']}, norm {m['norm']}, mlp {m['mlp']}")
