@@ -281,3 +281,13 @@ def test_the_peer_is_built_on_our_default_stack():
     ours = build_model({"model": {"dim": 128, "depth": 2, "heads": 4, "max_seq_len": 64}})
     assert abs(sum(p.numel() for p in peer.parameters()) / ours.num_parameters() - 1) < 0.01
     assert points_module.peer_stack({"position": "learned", "norm": "layernorm", "mlp": "gelu"}, 32) == ({}, {})
+
+
+def test_a_list_item_given_twice_is_one_point():
+    """--seq-lens 16,16 measured every point twice, and each row's ratio went to whichever vanilla came last
+    (the first vanilla read 0.46x itself)."""
+    from attention_zoo.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--seq-lens", "16,32,16", "--batch", "2,2", "--mode", "fwd,fwd",
+                                      "--backends", "sdpa,math,sdpa", "--out", "o"])
+    assert (args.seq_lens, args.batch, args.mode, args.backends) == ([16, 32], [2], ["fwd"], ["sdpa", "math"])

@@ -12,16 +12,18 @@ from ..paths import check_output_path
 
 
 def _list(kind):
+    """An argparse type: comma-separated items of `kind`, each once in the order given (a point measured twice
+    would give two vanilla rows, and ratios to whichever came last)."""
     def parse(text: str):
         items = [t.strip() for t in text.split(",") if t.strip()]
         if not items:
             raise argparse.ArgumentTypeError("expected a comma-separated list")
         if kind is int:
             try:
-                return [int(t) for t in items]
+                items = [int(t) for t in items]
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-        return items
+        return list(dict.fromkeys(items))
 
     return parse
 
