@@ -89,6 +89,27 @@ def test_logits_equal_transformers_in_memory_and_from_a_folder(family, tmp_path)
     assert zoo.num_parameters() == sum(p.numel() for p in hf.parameters())
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_checkpoint_whose_config_ties_embeddings_its_weights_do_not_imports_what_transformers_runs(family, tmp_path):
+    """config.json says tie_word_embeddings: true but the file holds an lm_head.weight other than the embedding:
+    transformers (5.x) then keeps them apart (a warning our CLI silences) and uses that lm_head. The import tied
+    them from the config and dropped the lm_head, a silently different model (max |diff| ~3)."""
+    import json
+
+    untied = tiny(family, tie_word_embeddings=False)
+    untied.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    x = tokens()
+    assert max_diff(logits(hf, x), logits(untied, x)) == 0  # transformers runs the untied model
+    for source in (tmp_path / "hf", hf):
+        zoo = from_hf(source)
+        assert max_diff(logits(zoo, x), logits(hf, x)) < TOL
+        assert zoo.config["model"]["tie_embeddings"] is False and zoo.lm_head.weight is not zoo.token_embedding.weight
+    assert from_hf(tiny(family, tie_word_embeddings=True)).config["model"]["tie_embeddings"] is True
+
+
 def test_gqa_checkpoint_becomes_gqa_and_llama_attention_bias_covers_the_output():
     assert from_hf(tiny("llama_gqa")).config["model"]["attention"] == {"variant": "gqa", "kv_heads": 2}
     hf = tiny("llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=True)

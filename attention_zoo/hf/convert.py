@@ -73,6 +73,16 @@ def weight_problems(info: dict[str, Any]) -> list[str]:
     return problems
 
 
+def ties_embeddings(hf: Any) -> bool:
+    """Whether the transformers model's output projection is its input embedding. `tie_word_embeddings` alone does
+    not say: transformers (5.x) keeps a checkpoint's lm_head.weight apart, and uses it, when it holds other values
+    than the embedding (with a warning the CLI silences), so the model it runs is untied whatever the config says."""
+    output, embedding = hf.get_output_embeddings(), hf.get_input_embeddings()
+    if output is None or output.weight is embedding.weight:
+        return True
+    return output.weight.shape == embedding.weight.shape and torch.equal(output.weight, embedding.weight)
+
+
 def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | None = None, backend: str = "auto",
             **variant_params: Any):
     """A zoo CausalLM with the weights of a transformers Llama / Mistral / Qwen2 / GPT-2 causal LM.
@@ -92,6 +102,7 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
     """
     hf = load_hf(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     family, model_section, attention = zoo_model_section(hf.config)
+    model_section["tie_embeddings"] = model_section["tie_embeddings"] and ties_embeddings(hf)
     heads, checkpoint_kv = model_section["heads"], attention["kv_heads"]
     new_kv = checkpoint_kv if kv_heads is None else kv_heads
     if not (isinstance(new_kv, int) and 1 <= new_kv <= checkpoint_kv and checkpoint_kv % new_kv == 0):
