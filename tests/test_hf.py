@@ -131,6 +131,19 @@ def test_to_hf_round_trip(family):
     assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
 
 
+def test_a_qwen2_with_its_own_head_dim_exports_and_loads_back(tmp_path):
+    """transformers' Qwen2 reads config.head_dim (here 16 where hidden / heads is 8): the import reproduced it, but
+    the export refused it ("Qwen2 needs head_dim * heads == dim"), so such a checkpoint could not go back."""
+    hf = tiny("qwen2", head_dim=16)
+    zoo = from_hf(hf)
+    assert zoo.config["model"]["head_dim"] == 16
+    to_hf(zoo).save_pretrained(tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", local_files_only=True).eval()
+    assert type(back).__name__ == "Qwen2ForCausalLM" and back.config.head_dim == 16
+    x = tokens()
+    assert max_diff(logits(back, x), logits(hf, x)) < TOL
+
+
 def test_export_hf_folder_loads_with_from_pretrained(tmp_path, capsys):
     hf = tiny("qwen2")
     hf.save_pretrained(tmp_path / "hf")

@@ -53,9 +53,9 @@ def hf_config(model: torch.nn.Module) -> Any:
             if m["mlp_bias"]:
                 raise ConversionError("model.attention.qkv_bias without out_bias is Qwen2, which has no MLP bias: "
                                       "model.mlp_bias must be false")
-            if head_dim * m["heads"] != m["dim"]:
-                raise ConversionError(f"Qwen2 needs head_dim * heads == dim, got {head_dim} * {m['heads']} != {m['dim']}")
-            return transformers.Qwen2Config(**{k: v for k, v in llama.items() if k != "head_dim"})
+            # Qwen2Config declares no head_dim, but keeps it as an attribute (saved in config.json) and Qwen2's
+            # attention and rotary embedding read it, as the import does
+            return transformers.Qwen2Config(**llama)
         if a["qkv_bias"] != a["out_bias"]:
             raise ConversionError("model.attention.out_bias without qkv_bias: Llama's attention_bias covers q, k, v "
                                   "and o together")
