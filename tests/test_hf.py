@@ -697,6 +697,25 @@ def test_import_hf_brings_its_tokenizer_to_train_eval_and_generate(tokenized_lla
     assert prompt_tokens < len(prompt)  # the prompt went in as the tokenizer's tokens, not bytes
 
 
+def test_export_hf_of_a_fine_tuned_run_brings_its_tokenizer_from_any_folder(tokenized_llama, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A run keeps train.init_from as typed (relative to where it was trained): exported from another folder, the
+    export found no tokenizer and wrote the model without one. data.tokenizer (absolute) says where it is."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["import-hf", str(tokenized_llama / "llm"), "--out", "zoo"]) == 0
+    text = str(tokenized_llama / "small.txt")
+    assert main(["train", "zoo", "--out", "run", "train.init_from=zoo", "data.name=text", f"data.text={text}",
+                 *TINY_TRAIN]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "run"), "--out", "exported"]) == 0
+    assert "tokenizer.json" in capsys.readouterr().out
+    exported = tmp_path / "elsewhere" / "exported"
+    assert (exported / "tokenizer.json").read_bytes() == (tokenized_llama / "llm" / "tokenizer.json").read_bytes()
+    assert len(transformers.AutoTokenizer.from_pretrained(exported)) == 300
+
+
 def test_data_tokenizer_problems_are_named(tmp_path):
     from attention_zoo.config import ConfigError, load_config
 

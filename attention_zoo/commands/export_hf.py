@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..paths import check_output_path
 
@@ -21,8 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export_hf(args) -> int:
-    from pathlib import Path
-
     from ..checkpoint import atomic_folder, load_model, resolve_checkpoint
     from ..hf import to_hf
     from ..hf.files import check_export_target, copy_tokenizer_files, quiet_transformers
@@ -36,10 +35,20 @@ def cmd_export_hf(args) -> int:
     hf = to_hf(model)
     with atomic_folder(out) as staging:  # written next to OUT, renamed into place only when complete
         hf.save_pretrained(str(staging))
-        copied = copy_tokenizer_files(path, staging)
-        init_from = (model.config.get("train") or {}).get("init_from")
-        if not copied and init_from and Path(init_from).is_dir():  # a fine-tuned run: its tokenizer came with init_from
-            copied = copy_tokenizer_files(init_from, staging)
+        copied = []
+        for folder in tokenizer_folders(path, model.config):
+            if copied := copy_tokenizer_files(folder, staging):
+                break
     extras = ", ".join(copied) or "no tokenizer or generation files"
     print(f"attention-zoo export-hf: {path} -> {out} ({type(hf).__name__}; copied with it: {extras})")
     return 0
+
+
+def tokenizer_folders(checkpoint: Path, config: dict) -> list[Path]:
+    """Where the tokenizer files of `checkpoint` may be, in order: the checkpoint itself (an import), its
+    data.tokenizer (the tokenizer a fine-tuned run read; absolute as import-hf writes it), its train.init_from (the
+    checkpoint a run started from). A run keeps init_from as typed, relative to where it was trained, so it is
+    the last resort: exported from another folder it names nothing, or the wrong folder."""
+    data, train = config.get("data") or {}, config.get("train") or {}
+    folders = [checkpoint] + [Path(p) for p in (data.get("tokenizer"), train.get("init_from")) if p]
+    return [folder for folder in folders if folder.is_dir()]
