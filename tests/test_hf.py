@@ -716,6 +716,16 @@ def test_export_hf_of_a_fine_tuned_run_brings_its_tokenizer_from_any_folder(toke
     assert len(transformers.AutoTokenizer.from_pretrained(exported)) == 300
 
 
+def test_generate_with_a_tokenizer_calls_an_empty_prompt_empty(tokenized_llama, tmp_path, capsys):
+    """A tokenizer that adds no BOS gives "" no tokens: that was reported as "its tokens do not fit the model's
+    vocabulary (300 tokens)", which sends the user after the wrong problem."""
+    assert main(["import-hf", str(tokenized_llama / "llm"), "--out", str(tmp_path / "zoo")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "zoo"), "--prompt", "", "--max-tokens", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "the prompt is empty" in captured.err and "vocabulary" not in captured.err and captured.out == ""
+
+
 def test_data_tokenizer_problems_are_named(tmp_path):
     from attention_zoo.config import ConfigError, load_config
 
