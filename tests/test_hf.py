@@ -282,6 +282,29 @@ def test_import_hf_never_replaces_a_link_or_a_runs_checkpoint_that_lost_its_stat
     assert (tmp_path / "link").is_symlink() and (run / "checkpoint" / "config.yaml").read_text() == "kept"
 
 
+def test_a_truncated_or_corrupt_weight_file_is_named(tmp_path, capsys):
+    """An interrupted download leaves one shard truncated: the message named the folder and safetensors' "incomplete
+    metadata, file not fully covered", not which of the shards (or the index) to fetch again."""
+    tiny("llama").save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].write_bytes(shards[1].read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 2
+    err = capsys.readouterr().err
+    assert f"{shards[1]}: cannot be read (SafetensorError: " in err and "file not fully covered" in err, err
+    assert err.count("error:") == 1 and not (tmp_path / "zoo").exists()
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    index.write_text("{")
+    with pytest.raises(ConversionError, match=re.escape(f"{index}: cannot be read (JSONDecodeError: ")):
+        from_hf(tmp_path / "hf")
+    (tmp_path / "bin").mkdir()
+    tiny("llama").config.save_pretrained(tmp_path / "bin")
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ConversionError, match=re.escape(f"{tmp_path / 'bin' / 'pytorch_model.bin'}: cannot be read (")):
+        from_hf(tmp_path / "bin")
+
+
 @pytest.mark.parametrize("change, message", [
     ({"num_hidden_layers": 3}, "9 weights missing from the checkpoint (layer 2)"),
     ({"num_hidden_layers": None}, "weights missing from the checkpoint (layers 2-31)"),  # transformers' default 32
