@@ -155,6 +155,23 @@ def test_export_hf_folder_loads_with_from_pretrained(tmp_path, capsys):
     assert max_diff(logits(back, x), logits(hf, x)) < TOL
 
 
+def test_export_keeps_the_checkpoints_special_tokens_and_invents_none(tmp_path, capsys):
+    """config.json got the config class's defaults (Llama bos 1 / eos 2, GPT-2 50256: outside a 256-token vocabulary,
+    a warning on every load; transformers' generate stopped at token 2) instead of the imported checkpoint's ids."""
+    hf = tiny("llama", bos_token_id=5, eos_token_id=[7, 9], pad_token_id=3)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 0
+    assert main(["export-hf", str(tmp_path / "zoo"), "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoConfig.from_pretrained(tmp_path / "back", local_files_only=True)
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (5, [7, 9], 3)
+    gpt2_stack = {"position": "learned", "norm": "layernorm", "mlp": "gelu_tanh", "mlp_bias": True,
+                  "attention": {"variant": "vanilla", "qkv_bias": True, "out_bias": True}}
+    for stack in ({}, gpt2_stack):  # a zoo model knows no special tokens
+        exported = to_hf(build_model({"model": {"dim": 32, "depth": 1, "heads": 2, **stack}}))
+        assert (exported.config.bos_token_id, exported.config.eos_token_id) == (None, None), stack
+        assert exported.generation_config.eos_token_id is None
+
+
 def test_export_hf_refuses_an_out_it_would_destroy_and_writes_atomically(tmp_path, capsys, monkeypatch):
     """--out may be new, empty or (with --overwrite) an earlier export, replaced whole; a zoo checkpoint or run (the source itself
     included), a folder with other files or a file is refused before any work; a failed export leaves nothing."""

@@ -43,7 +43,10 @@ def hf_config(model: torch.nn.Module) -> Any:
     head_dim = head_dim_of(m)
     hidden = model.blocks[0].mlp.down.in_features  # the MLP's resolved width (mlp_hidden may be null)
     stack = (m["position"], m["norm"], m["mlp"])
-    common = dict(vocab_size=m["vocab_size"], tie_word_embeddings=m["tie_embeddings"])
+    # no special tokens: the config classes' defaults (Llama bos 1 / eos 2, GPT-2 50256) would be invented ones that
+    # transformers' generate stops at; export-hf sets those of the checkpoint's generation_config.json
+    common = dict(vocab_size=m["vocab_size"], tie_word_embeddings=m["tie_embeddings"], bos_token_id=None,
+                  eos_token_id=None, pad_token_id=None)
     if stack == ("rope", "rmsnorm", "swiglu"):
         llama = dict(hidden_size=m["dim"], intermediate_size=hidden, num_hidden_layers=m["depth"],
                      num_attention_heads=m["heads"], num_key_value_heads=a["kv_heads"], head_dim=head_dim,
