@@ -45,6 +45,29 @@ def test_sampler_options():
             Sampler(**bad)
 
 
+def test_a_tiny_temperature_is_greedy_not_a_crash(checkpoint, capsys):
+    """logits / 1e-40 overflowed to inf, softmax gave NaN and torch.multinomial raised a RuntimeError (a
+    traceback from `generate --temperature 1e-40`, a finite value the CLI accepts)."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 1.0, -2.0, float("-inf")]])
+    for temperature in (1e-40, 1e-45):
+        assert Sampler(temperature=temperature, seed=0)(logits).flatten().tolist() == [1, 0]
+        assert Sampler(temperature=temperature, top_p=0.5, top_k=2, seed=0)(logits).flatten().tolist() == [1, 0]
+    assert main(["generate", str(checkpoint), "--prompt", "ab", "--max-tokens", "3", "--temperature", "1e-40"]) == 0
+    assert "generated 3 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_logits_that_are_not_numbers_are_named_not_sampled(temperature, bad):
+    """NaN or +inf logits (a checkpoint holding NaN weights, an overflow): sampling raised torch's "probability
+    tensor contains either inf, nan or element < 0", and greedy decoding silently picked the NaN's index."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [1.0, 0.0, bad, 2.0]])
+    with pytest.raises(UserError, match=r"row 1 of the model's logits holds (nan|inf)"):
+        Sampler(temperature=temperature, seed=0)(logits)
+    with pytest.raises(UserError, match=r"row 0 of the model's logits is -inf everywhere"):
+        Sampler(temperature=temperature, seed=0)(torch.full((1, 4), float("-inf")))
+
+
 # --------------------------------------------------------------------------- the loop
 
 

@@ -89,6 +89,27 @@ def test_logits_equal_transformers_in_memory_and_from_a_folder(family, tmp_path)
     assert zoo.num_parameters() == sum(p.numel() for p in hf.parameters())
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_checkpoint_whose_config_ties_embeddings_its_weights_do_not_imports_what_transformers_runs(family, tmp_path):
+    """config.json says tie_word_embeddings: true but the file holds an lm_head.weight other than the embedding:
+    transformers (5.x) then keeps them apart (a warning our CLI silences) and uses that lm_head. The import tied
+    them from the config and dropped the lm_head, a silently different model (max |diff| ~3)."""
+    import json
+
+    untied = tiny(family, tie_word_embeddings=False)
+    untied.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    x = tokens()
+    assert max_diff(logits(hf, x), logits(untied, x)) == 0  # transformers runs the untied model
+    for source in (tmp_path / "hf", hf):
+        zoo = from_hf(source)
+        assert max_diff(logits(zoo, x), logits(hf, x)) < TOL
+        assert zoo.config["model"]["tie_embeddings"] is False and zoo.lm_head.weight is not zoo.token_embedding.weight
+    assert from_hf(tiny(family, tie_word_embeddings=True)).config["model"]["tie_embeddings"] is True
+
+
 def test_gqa_checkpoint_becomes_gqa_and_llama_attention_bias_covers_the_output():
     assert from_hf(tiny("llama_gqa")).config["model"]["attention"] == {"variant": "gqa", "kv_heads": 2}
     hf = tiny("llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
@@ -110,6 +131,19 @@ def test_to_hf_round_trip(family):
     assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
 
 
+def test_a_qwen2_with_its_own_head_dim_exports_and_loads_back(tmp_path):
+    """transformers' Qwen2 reads config.head_dim (here 16 where hidden / heads is 8): the import reproduced it, but
+    the export refused it ("Qwen2 needs head_dim * heads == dim"), so such a checkpoint could not go back."""
+    hf = tiny("qwen2", head_dim=16)
+    zoo = from_hf(hf)
+    assert zoo.config["model"]["head_dim"] == 16
+    to_hf(zoo).save_pretrained(tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", local_files_only=True).eval()
+    assert type(back).__name__ == "Qwen2ForCausalLM" and back.config.head_dim == 16
+    x = tokens()
+    assert max_diff(logits(back, x), logits(hf, x)) < TOL
+
+
 def test_export_hf_folder_loads_with_from_pretrained(tmp_path, capsys):
     hf = tiny("qwen2")
     hf.save_pretrained(tmp_path / "hf")
@@ -119,6 +153,23 @@ def test_export_hf_folder_loads_with_from_pretrained(tmp_path, capsys):
     assert type(back).__name__ == "Qwen2ForCausalLM"
     x = tokens()
     assert max_diff(logits(back, x), logits(hf, x)) < TOL
+
+
+def test_export_keeps_the_checkpoints_special_tokens_and_invents_none(tmp_path, capsys):
+    """config.json got the config class's defaults (Llama bos 1 / eos 2, GPT-2 50256: outside a 256-token vocabulary,
+    a warning on every load; transformers' generate stopped at token 2) instead of the imported checkpoint's ids."""
+    hf = tiny("llama", bos_token_id=5, eos_token_id=[7, 9], pad_token_id=3)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 0
+    assert main(["export-hf", str(tmp_path / "zoo"), "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoConfig.from_pretrained(tmp_path / "back", local_files_only=True)
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (5, [7, 9], 3)
+    gpt2_stack = {"position": "learned", "norm": "layernorm", "mlp": "gelu_tanh", "mlp_bias": True,
+                  "attention": {"variant": "vanilla", "qkv_bias": True, "out_bias": True}}
+    for stack in ({}, gpt2_stack):  # a zoo model knows no special tokens
+        exported = to_hf(build_model({"model": {"dim": 32, "depth": 1, "heads": 2, **stack}}))
+        assert (exported.config.bos_token_id, exported.config.eos_token_id) == (None, None), stack
+        assert exported.generation_config.eos_token_id is None
 
 
 def test_export_hf_refuses_an_out_it_would_destroy_and_writes_atomically(tmp_path, capsys, monkeypatch):
@@ -246,6 +297,29 @@ def test_import_hf_never_replaces_a_link_or_a_runs_checkpoint_that_lost_its_stat
     assert main(["import-hf", str(tmp_path / "hf"), "--out", str(run / "checkpoint"), "--overwrite"]) == 2
     assert "holds a training run or its checkpoint" in capsys.readouterr().err
     assert (tmp_path / "link").is_symlink() and (run / "checkpoint" / "config.yaml").read_text() == "kept"
+
+
+def test_a_truncated_or_corrupt_weight_file_is_named(tmp_path, capsys):
+    """An interrupted download leaves one shard truncated: the message named the folder and safetensors' "incomplete
+    metadata, file not fully covered", not which of the shards (or the index) to fetch again."""
+    tiny("llama").save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].write_bytes(shards[1].read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 2
+    err = capsys.readouterr().err
+    assert f"{shards[1]}: cannot be read (SafetensorError: " in err and "file not fully covered" in err, err
+    assert err.count("error:") == 1 and not (tmp_path / "zoo").exists()
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    index.write_text("{")
+    with pytest.raises(ConversionError, match=re.escape(f"{index}: cannot be read (JSONDecodeError: ")):
+        from_hf(tmp_path / "hf")
+    (tmp_path / "bin").mkdir()
+    tiny("llama").config.save_pretrained(tmp_path / "bin")
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ConversionError, match=re.escape(f"{tmp_path / 'bin' / 'pytorch_model.bin'}: cannot be read (")):
+        from_hf(tmp_path / "bin")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -661,6 +735,35 @@ def test_import_hf_brings_its_tokenizer_to_train_eval_and_generate(tokenized_lla
     prompt_tokens = len(transformers.AutoTokenizer.from_pretrained(tokenized_llama / "llm")(prompt)["input_ids"])
     assert out.startswith(prompt) and f"prompt {prompt_tokens} tokens" in out and "generated 5 tokens" in out
     assert prompt_tokens < len(prompt)  # the prompt went in as the tokenizer's tokens, not bytes
+
+
+def test_export_hf_of_a_fine_tuned_run_brings_its_tokenizer_from_any_folder(tokenized_llama, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A run keeps train.init_from as typed (relative to where it was trained): exported from another folder, the
+    export found no tokenizer and wrote the model without one. data.tokenizer (absolute) says where it is."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["import-hf", str(tokenized_llama / "llm"), "--out", "zoo"]) == 0
+    text = str(tokenized_llama / "small.txt")
+    assert main(["train", "zoo", "--out", "run", "train.init_from=zoo", "data.name=text", f"data.text={text}",
+                 *TINY_TRAIN]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "run"), "--out", "exported"]) == 0
+    assert "tokenizer.json" in capsys.readouterr().out
+    exported = tmp_path / "elsewhere" / "exported"
+    assert (exported / "tokenizer.json").read_bytes() == (tokenized_llama / "llm" / "tokenizer.json").read_bytes()
+    assert len(transformers.AutoTokenizer.from_pretrained(exported)) == 300
+
+
+def test_generate_with_a_tokenizer_calls_an_empty_prompt_empty(tokenized_llama, tmp_path, capsys):
+    """A tokenizer that adds no BOS gives "" no tokens: that was reported as "its tokens do not fit the model's
+    vocabulary (300 tokens)", which sends the user after the wrong problem."""
+    assert main(["import-hf", str(tokenized_llama / "llm"), "--out", str(tmp_path / "zoo")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "zoo"), "--prompt", "", "--max-tokens", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "the prompt is empty" in captured.err and "vocabulary" not in captured.err and captured.out == ""
 
 
 def test_data_tokenizer_problems_are_named(tmp_path):

@@ -49,7 +49,7 @@ def cmd_generate(args) -> int:
 
         tokenizer = load_tokenizer(tokenizer_path, f"{path}/config.yaml")
         ids = tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
-        if not ids or max(ids) >= model.vocab_size:
+        if ids and max(ids) >= model.vocab_size:  # no ids at all: generate() says the prompt is empty
             raise UserError(f"--prompt: its tokens do not fit the model's vocabulary ({model.vocab_size} tokens)")
         prompt = torch.tensor([ids], dtype=torch.long, device=device)
         generated: list[int] = []

@@ -1,6 +1,7 @@
 """`from_hf`: a transformers causal LM (in memory, or a local folder) as a zoo CausalLM with the same weights."""
 from __future__ import annotations
 
+import json
 import re
 from functools import partial
 from pathlib import Path
@@ -41,12 +42,50 @@ def load_hf(path: str | Path) -> Any:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:  # noqa: BLE001
+        if culprit := unreadable_weight_file(path):
+            raise ConversionError(f"{culprit}; download or save it again") from None
         raise ConversionError(f"{path}: could not load the weights: {type(exc).__name__}: {exc}") from None
     if problems := weight_problems(info):
         raise ConversionError(f"{path}: the weights do not match config.json, so transformers would fill the gap with "
                               "random weights: " + "; ".join(problems) + ". Make config.json's sizes (num_hidden_layers, "
                               "hidden_size, intermediate_size, heads, vocab_size) describe the weights")
     return model.eval()
+
+
+def unreadable_weight_file(path: Path) -> str | None:
+    """'FILE: cannot be read (reason)' for the first weight file of transformers folder `path` that does not open (a
+    shard index that is not JSON, a safetensors file whose header does not parse or cover the file, a .bin file
+    torch.load refuses), or None. transformers' own error names no file, and an interrupted download truncates one
+    shard of many. Called only after a load failed: opening a safetensors header reads no tensor, but a .bin is
+    loaded (memory-mapped)."""
+    from safetensors import safe_open
+
+    def first_line(exc: Exception) -> str:
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+    for index in sorted(path.glob("*.index.json")):
+        try:
+            json.loads(index.read_text())
+        except (OSError, ValueError) as exc:
+            return f"{index}: cannot be read ({first_line(exc)})"
+    safetensors = sorted(path.glob("*.safetensors"))
+    for file in safetensors:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError
+            return f"{file}: cannot be read ({first_line(exc)})"
+    for file in [] if safetensors else sorted(path.glob("pytorch_model*.bin")):  # read only without safetensors
+        try:
+            try:
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # not a zip file: pre-1.6 format (cannot be memory-mapped), or not torch's
+                if "mmap" not in str(exc):
+                    raise
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors
+            return f"{file}: cannot be read ({first_line(exc)})"
+    return None
 
 
 def weight_problems(info: dict[str, Any]) -> list[str]:
@@ -73,6 +112,16 @@ def weight_problems(info: dict[str, Any]) -> list[str]:
     return problems
 
 
+def ties_embeddings(hf: Any) -> bool:
+    """Whether the transformers model's output projection is its input embedding. `tie_word_embeddings` alone does
+    not say: transformers (5.x) keeps a checkpoint's lm_head.weight apart, and uses it, when it holds other values
+    than the embedding (with a warning the CLI silences), so the model it runs is untied whatever the config says."""
+    output, embedding = hf.get_output_embeddings(), hf.get_input_embeddings()
+    if output is None or output.weight is embedding.weight:
+        return True
+    return output.weight.shape == embedding.weight.shape and torch.equal(output.weight, embedding.weight)
+
+
 def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | None = None, backend: str = "auto",
             **variant_params: Any):
     """A zoo CausalLM with the weights of a transformers Llama / Mistral / Qwen2 / GPT-2 causal LM.
@@ -92,6 +141,7 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
     """
     hf = load_hf(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     family, model_section, attention = zoo_model_section(hf.config)
+    model_section["tie_embeddings"] = model_section["tie_embeddings"] and ties_embeddings(hf)
     heads, checkpoint_kv = model_section["heads"], attention["kv_heads"]
     new_kv = checkpoint_kv if kv_heads is None else kv_heads
     if not (isinstance(new_kv, int) and 1 <= new_kv <= checkpoint_kv and checkpoint_kv % new_kv == 0):

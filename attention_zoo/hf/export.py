@@ -43,7 +43,10 @@ def hf_config(model: torch.nn.Module) -> Any:
     head_dim = head_dim_of(m)
     hidden = model.blocks[0].mlp.down.in_features  # the MLP's resolved width (mlp_hidden may be null)
     stack = (m["position"], m["norm"], m["mlp"])
-    common = dict(vocab_size=m["vocab_size"], tie_word_embeddings=m["tie_embeddings"])
+    # no special tokens: the config classes' defaults (Llama bos 1 / eos 2, GPT-2 50256) would be invented ones that
+    # transformers' generate stops at; export-hf sets those of the checkpoint's generation_config.json
+    common = dict(vocab_size=m["vocab_size"], tie_word_embeddings=m["tie_embeddings"], bos_token_id=None,
+                  eos_token_id=None, pad_token_id=None)
     if stack == ("rope", "rmsnorm", "swiglu"):
         llama = dict(hidden_size=m["dim"], intermediate_size=hidden, num_hidden_layers=m["depth"],
                      num_attention_heads=m["heads"], num_key_value_heads=a["kv_heads"], head_dim=head_dim,
@@ -53,9 +56,9 @@ def hf_config(model: torch.nn.Module) -> Any:
             if m["mlp_bias"]:
                 raise ConversionError("model.attention.qkv_bias without out_bias is Qwen2, which has no MLP bias: "
                                       "model.mlp_bias must be false")
-            if head_dim * m["heads"] != m["dim"]:
-                raise ConversionError(f"Qwen2 needs head_dim * heads == dim, got {head_dim} * {m['heads']} != {m['dim']}")
-            return transformers.Qwen2Config(**{k: v for k, v in llama.items() if k != "head_dim"})
+            # Qwen2Config declares no head_dim, but keeps it as an attribute (saved in config.json) and Qwen2's
+            # attention and rotary embedding read it, as the import does
+            return transformers.Qwen2Config(**llama)
         if a["qkv_bias"] != a["out_bias"]:
             raise ConversionError("model.attention.out_bias without qkv_bias: Llama's attention_bias covers q, k, v "
                                   "and o together")

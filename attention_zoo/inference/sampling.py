@@ -35,11 +35,15 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: Tensor) -> Tensor:
-        """logits (B, V) -> tokens (B, 1)."""
+        """logits (B, V) -> tokens (B, 1). -inf logits (tokens ruled out) are fine; raises UserError for a row
+        holding NaN or +inf, or -inf everywhere, which no token can be drawn from."""
         logits = logits.float()
+        _check_logits(logits)
         if self.temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / self.temperature
+        # shifted so each row's largest logit is 0 before dividing: a tiny temperature (1e-40) would overflow
+        # the others to +-inf and softmax to NaN; now they go to -inf at worst, and the argmax keeps weight 1
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / self.temperature
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -51,3 +55,16 @@ class Sampler:
             logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
         probs = logits.softmax(dim=-1)
         return torch.multinomial(probs.cpu(), 1, generator=self.generator).to(logits.device)
+
+
+def _check_logits(logits: Tensor) -> None:
+    """UserError naming the first row of logits (B, V) that holds NaN or +inf, or is -inf everywhere (a checkpoint
+    with non-finite weights, an overflow): torch.multinomial would raise an opaque RuntimeError and argmax would
+    silently pick a NaN's index. One host sync, as sampling has anyway."""
+    bad = logits.isnan() | (logits == float("inf"))
+    rows = bad.any(dim=-1) | (logits == float("-inf")).all(dim=-1)
+    if rows.any():
+        row = int(rows.nonzero()[0, 0])
+        what = (f"holds {logits[row][bad[row]][0].item()}" if bad[row].any() else "is -inf everywhere")
+        raise UserError(f"row {row} of the model's logits {what}: no token can be sampled from it (non-finite "
+                        "weights in the checkpoint, or an overflow in a low-precision dtype)")
