@@ -83,6 +83,23 @@ def test_cached_generation_equals_recomputing_from_scratch():
     assert result.generated == 12 and result.stopped == "max_tokens" and result.cache.seen == 5 + 11
 
 
+def test_generation_stops_once_every_row_has_sampled_a_stop_token():
+    """An end-of-sequence id ends generation when every row has sampled one (a row that ended first is sampled on,
+    as a batch must be); the stop token is the last one kept. Greedy, so the run without stops says where."""
+    model = tiny_model()
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    free = generate(model, prompt, 12, Sampler(temperature=0)).tokens[:, 5:]
+    row0, row1 = free.tolist()
+    stops = {row0[3], row1[1]}
+    first = [next(i for i, t in enumerate(row) if t in stops) for row in (row0, row1)]
+    result = generate(model, prompt, 12, Sampler(temperature=0), stop_tokens=stops)
+    assert result.stopped == "end_of_sequence" and result.generated == max(first) + 1 < 12
+    assert torch.equal(result.tokens[:, 5:], free[:, : max(first) + 1])
+    alone = generate(model, prompt[:1], 12, Sampler(temperature=0), stop_tokens=stops)
+    assert alone.stopped == "end_of_sequence" and alone.tokens[0, 5:].tolist() == row0[: first[0] + 1]
+    assert generate(model, prompt, 12, Sampler(temperature=0), stop_tokens=[]).stopped == "max_tokens"
+
+
 def test_generation_with_pruning_keeps_the_budget():
     model = tiny_model()
     seen = []

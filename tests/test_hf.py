@@ -766,6 +766,42 @@ def test_generate_with_a_tokenizer_calls_an_empty_prompt_empty(tokenized_llama, 
     assert "the prompt is empty" in captured.err and "vocabulary" not in captured.err and captured.out == ""
 
 
+def test_generate_stops_at_the_checkpoints_end_of_sequence_token(tokenized_llama, tmp_path, capsys):
+    """generate ran to --max-tokens past the end-of-sequence token of an imported checkpoint; it stops there (the
+    eos_token_id of the generation_config.json the import brought, else the tokenizer's) unless --ignore-eos."""
+    import json
+
+    zoo = tmp_path / "zoo"
+    assert main(["import-hf", str(tokenized_llama / "llm"), "--out", str(zoo)]) == 0
+    greedy = ["generate", str(zoo), "--prompt", "And the king", "--temperature", "0", "--max-tokens", "8"]
+    config = zoo / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token_id": None}))
+    capsys.readouterr()
+    assert main(greedy) == 0
+    free = capsys.readouterr().out
+    assert "generated 8 tokens" in free and "stopped" not in free
+    model = load_model(zoo)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(zoo)
+    sequence = torch.tensor([tokenizer("And the king")["input_ids"]])
+    prompt_length = sequence.shape[1]
+    for _ in range(8):
+        sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
+    tokens = sequence[0, prompt_length:].tolist()
+    at = next(i for i in range(1, 8) if tokens[i] not in tokens[:i])  # a token first sampled after the first one
+    eos = tokens[at]
+    for value in (eos, [299, eos]):
+        config.write_text(json.dumps({"eos_token_id": value}))
+        assert main(greedy) == 0
+        out = capsys.readouterr().out
+        assert f"generated {at + 1} tokens" in out and f"-- stopped: end-of-sequence token {eos}" in out, out
+        assert out.split("\n")[0] == "And the king" + tokenizer.decode(tokens[:at])  # the text before the EOS
+    assert main([*greedy, "--ignore-eos"]) == 0
+    assert "generated 8 tokens" in capsys.readouterr().out
+    config.write_text(json.dumps({"eos_token_id": "</s>"}))
+    assert main(greedy) == 2
+    assert f"{config}: eos_token_id = '</s>': expected a token id or a list of token ids" in capsys.readouterr().err
+
+
 def test_data_tokenizer_problems_are_named(tmp_path):
     from attention_zoo.config import ConfigError, load_config
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..paths import check_output_path
 
@@ -24,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_export_hf(args) -> int:
     from ..checkpoint import atomic_folder, load_model, resolve_checkpoint
     from ..hf import to_hf
-    from ..hf.files import TOKENIZER_FILES, check_export_target, copy_tokenizer_files, quiet_transformers
+    from ..hf.files import check_export_target, copy_tokenizer_files, quiet_transformers, read_generation_config, tokenizer_folder
 
     quiet_transformers()
 
@@ -33,44 +32,13 @@ def cmd_export_hf(args) -> int:
     check_export_target(out, "--out", args.overwrite)  # before any work: an existing folder is replaced only if it is an export
     model = load_model(path)
     hf = to_hf(model)
-    # the first folder holding tokenizer files (or the checkpoint, holding none)
-    folder = next((f for f in tokenizer_folders(path, model.config) if any((f / n).is_file() for n in TOKENIZER_FILES)),
-                  path)
-    set_special_tokens(hf.config, folder / "generation_config.json")
+    folder = tokenizer_folder(path, model.config)
+    for key, value in read_generation_config(folder).items():  # config.json names the checkpoint's own special tokens
+        if key in ("bos_token_id", "eos_token_id", "pad_token_id") and value is not None:
+            setattr(hf.config, key, value)
     with atomic_folder(out) as staging:  # written next to OUT, renamed into place only when complete
         hf.save_pretrained(str(staging))
         copied = copy_tokenizer_files(folder, staging)  # its generation_config.json replaces the one just saved
     extras = ", ".join(copied) or "no tokenizer or generation files"
     print(f"attention-zoo export-hf: {path} -> {out} ({type(hf).__name__}; copied with it: {extras})")
     return 0
-
-
-def tokenizer_folders(checkpoint: Path, config: dict) -> list[Path]:
-    """Where the tokenizer files of `checkpoint` may be, in order: the checkpoint itself (an import), its
-    data.tokenizer (the tokenizer a fine-tuned run read; absolute as import-hf writes it), its train.init_from (the
-    checkpoint a run started from). A run keeps init_from as typed, relative to where it was trained, so it is
-    the last resort: exported from another folder it names nothing, or the wrong folder."""
-    data, train = config.get("data") or {}, config.get("train") or {}
-    folders = [checkpoint] + [Path(p) for p in (data.get("tokenizer"), train.get("init_from")) if p]
-    return [folder for folder in folders if folder.is_dir()]
-
-
-def set_special_tokens(config, generation_config: Path) -> None:
-    """Copy bos / eos / pad token ids from `generation_config` (the generation_config.json an import brought along,
-    if there is one) onto the transformers `config`, so config.json names the checkpoint's own special tokens.
-    Raises UserError naming the file if it is not a JSON object."""
-    import json
-
-    from ..errors import UserError
-
-    if not generation_config.is_file():
-        return
-    try:
-        values = json.loads(generation_config.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{generation_config}: cannot be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{generation_config}: expected a JSON object, got {type(values).__name__}")
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if values.get(key) is not None:
-            setattr(config, key, values[key])

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(one per layer, 'none' = not pruned), or window:K (sliding-window baseline)")
     p.add_argument("--prefill-chunk", type=int, help="prefill the prompt in chunks of this many tokens "
                    "(default: all at once); with pruning, the cache is pruned after each chunk")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token (the "
+                   "eos_token_id of the checkpoint's generation_config.json, else its tokenizer's; byte-level models "
+                   "have none): always generate --max-tokens")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--backend", help="override the checkpoint's attention backend (auto, sdpa, math, xformers)")
     p.set_defaults(run=cmd_generate)
@@ -34,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_generate(args) -> int:
     import torch
 
+    from ..hf.files import end_of_sequence_ids, tokenizer_folder
     from ..inference import Pruner, Sampler, generate, parse_prune_spec
     from ..inference.checkpoints import load_for_inference
 
@@ -44,6 +48,7 @@ def cmd_generate(args) -> int:
     device = next(model.parameters()).device  # --device auto resolved
     pruner = Pruner(model, parse_prune_spec(args.prune)) if args.prune else None
     tokenizer_path = (model.config.get("data") or {}).get("tokenizer")
+    stop_tokens: list[int] = []  # byte-level models have no end-of-sequence token
     if tokenizer_path:  # the run's data.tokenizer: prompt and output in its tokens
         from ..data.tokenized import load_tokenizer
 
@@ -52,12 +57,14 @@ def cmd_generate(args) -> int:
         if ids and max(ids) >= model.vocab_size:  # no ids at all: generate() says the prompt is empty
             raise UserError(f"--prompt: its tokens do not fit the model's vocabulary ({model.vocab_size} tokens)")
         prompt = torch.tensor([ids], dtype=torch.long, device=device)
+        if not args.ignore_eos:
+            stop_tokens = end_of_sequence_ids(tokenizer_folder(path, model.config), tokenizer)
         generated: list[int] = []
         shown = [""]
 
         def show(token: torch.Tensor) -> None:  # decode the whole continuation: tokens may split characters
-            if int(token[0, 0]) < len(tokenizer):  # a model's vocabulary may be padded past its tokenizer's
-                generated.append(int(token[0, 0]))
+            if int(token[0, 0]) < len(tokenizer) and int(token[0, 0]) not in stop_tokens:  # the vocabulary may be
+                generated.append(int(token[0, 0]))  # padded past the tokenizer's; an EOS ends the text, unprinted
             text = tokenizer.decode(generated)
             out.write(text[len(shown[0]):])
             shown[0] = text
@@ -88,7 +95,7 @@ def cmd_generate(args) -> int:
         show(token)
 
     result = generate(model, prompt, args.max_tokens, sampler, pruner=pruner, prefill_chunk=args.prefill_chunk,
-                      on_token=show_after_prompt)
+                      on_token=show_after_prompt, stop_tokens=stop_tokens)
     show_prompt()
     out.write(decoder.decode(b"", final=True) + "\n")
     cache = result.cache
@@ -99,6 +106,8 @@ def cmd_generate(args) -> int:
           f"(of {cache.seen} tokens seen)")
     if pruner is not None:
         print(f"-- pruning {pruner.policy.spec()}: {pruner.describe()}")
+    if result.stopped == "end_of_sequence":
+        print(f"-- stopped: end-of-sequence token {int(result.tokens[0, -1])} (--ignore-eos runs on)")
     if result.stopped == "max_seq_len":
         print(f"-- stopped: the model's learned positions end at model.max_seq_len={model.max_seq_len}")
     return 0

@@ -23,6 +23,53 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
+def tokenizer_folder(checkpoint: str | Path, config: dict) -> Path:
+    """The folder holding `checkpoint`'s tokenizer files (and generation_config.json), the first of: the checkpoint
+    itself (an import), its data.tokenizer (the tokenizer a fine-tuned run read; absolute as import-hf writes
+    it), its train.init_from (the checkpoint a run started from). A run keeps init_from as typed, relative to where
+    it was trained, so it is the last resort: from another folder it names nothing, or the wrong folder. The
+    checkpoint itself when none holds any."""
+    data, train = config.get("data") or {}, config.get("train") or {}
+    folders = [Path(checkpoint)] + [Path(p) for p in (data.get("tokenizer"), train.get("init_from")) if p]
+    return next((f for f in folders if f.is_dir() and any((f / n).is_file() for n in TOKENIZER_FILES)), Path(checkpoint))
+
+
+def read_generation_config(folder: str | Path) -> dict:
+    """The generation_config.json in `folder` as a dict ({} when there is none). Raises UserError naming the file if
+    it cannot be read or is not a JSON object."""
+    import json
+
+    from ..errors import UserError
+
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    return values
+
+
+def end_of_sequence_ids(folder: str | Path, tokenizer=None) -> list[int]:
+    """The token ids that end a sequence for the checkpoint whose tokenizer files are in `folder`: eos_token_id of
+    its generation_config.json (an id or a list of ids, as transformers writes it), else the tokenizer's
+    eos_token_id; [] when neither names one (the zoo's byte-level models). Raises UserError naming the file for
+    an eos_token_id that is not an id or a list of ids."""
+    from ..errors import UserError
+
+    value = read_generation_config(folder).get("eos_token_id")
+    if value is None and tokenizer is not None:
+        value = tokenizer.eos_token_id
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise UserError(f"{Path(folder) / 'generation_config.json'}: eos_token_id = {value!r}: expected a token id "
+                        "or a list of token ids")
+    return ids
+
+
 def quiet_transformers() -> None:
     """No progress bars or info logs from transformers on the CLI (its load / save bars are noise there)."""
     from .errors import require_transformers

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ class GenerationResult:
     cache: ModelCache
     prefill_seconds: float
     decode_seconds: float  # sampling and the forward calls after the prefill
-    stopped: str  # "max_tokens" or "max_seq_len"
+    stopped: str  # "max_tokens", "max_seq_len" or "end_of_sequence"
 
     @property
     def generated(self) -> int:
@@ -39,13 +39,16 @@ class GenerationResult:
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler, *, pruner: Pruner | None = None,
-             prefill_chunk: int | None = None, on_token: Callable[[Tensor], None] | None = None) -> GenerationResult:
+             prefill_chunk: int | None = None, on_token: Callable[[Tensor], None] | None = None,
+             stop_tokens: Collection[int] = ()) -> GenerationResult:
     """prompt (B, P) -> up to `max_tokens` new tokens per row.
 
     Learned positions end at model.max_seq_len: a token sampled there is kept but cannot be fed back,
-    so generation stops (`stopped == "max_seq_len"`); rope and none run on past it. `on_token(tokens
-    (B, 1))` sees each new token. Raises UserError for an empty prompt, one past learned positions, or
-    a negative max_tokens.
+    so generation stops (`stopped == "max_seq_len"`); rope and none run on past it. Once every row has
+    sampled one of `stop_tokens` (end-of-sequence ids), generation stops (`stopped == "end_of_sequence"`);
+    the stop token is the last one kept, and a row that ended before others is sampled on until they end
+    (cut it at its first stop token). `on_token(tokens (B, 1))` sees each new token. Raises UserError for
+    an empty prompt, one past learned positions, or a negative max_tokens.
     """
     B, P = prompt.shape
     if P == 0:
@@ -69,12 +72,18 @@ def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler
     prefill_seconds = time.perf_counter() - start
 
     out, stopped = [prompt], "max_tokens"
+    stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=prompt.device)
+    ended = torch.zeros(B, 1, dtype=torch.bool, device=prompt.device)
     start = time.perf_counter()
     for step in range(max_tokens):
         token = sampler(logits[:, -1])  # (B, 1)
         out.append(token)
         if on_token is not None:
             on_token(token)
+        ended |= torch.isin(token, stop)
+        if stop_tokens and bool(ended.all()):
+            stopped = "end_of_sequence"
+            break
         if step == max_tokens - 1:
             break
         if limit is not None and cache.seen >= limit:
