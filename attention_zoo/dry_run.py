@@ -5,6 +5,7 @@ traceback at a training run's first step."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import torch
@@ -78,7 +79,7 @@ def _problem(config: Config, model: CausalLM, running: list[str], finished: int,
     innermost = running[-1] if running else (f"blocks.{finished - 1}.attention" if finished else "")
     parts = innermost.split(".") if innermost else []
     what = f"{type(exc).__name__}: {exc}"
-    if "meta" in str(exc):  # a tensor made with device="cpu" (or .cuda()) meets the dry run's meta tensors
+    if re.search(r"\bmeta\b", str(exc)):  # a tensor made with device="cpu" (or .cuda()) met the dry run's meta ones
         what += "; a tensor the variant makes must be on its inputs' device (here meta), e.g. device=q.device"
     during = f"the model's forward on the meta device (1 x {m['max_seq_len']} tokens) raised {what}"
     owner = next((i for i, part in enumerate(parts) if part == "attention" or part in _COMPONENT_KEYS), None)
