@@ -596,3 +596,52 @@ def test_resume_without_a_checkpoint_never_starts_another_run_over_a_finished_or
     code, out, err = cli(capsys, "train", str(run), "--resume", "--no-progress")  # the run folder itself
     assert code == 0 and f"no checkpoint in {run}; starting from step 0" in out, err
     assert (run / "final.json").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_second_training_into_a_folder_another_training_holds_is_refused(tmp_path, capsys, monkeypatch):
+    """Two `train` into one --out both ran when the second started before the first had written anything (it
+    builds and warms up its model first: a minute for a kernel's first build), and two `--resume` of one run
+    (a requeued job while the old one still runs, a sweep started twice) always did: their records interleaved
+    in metrics.jsonl, config.yaml was one run's and checkpoint/ the other's, and one run's save deleted the
+    other's staging folder (a SafetensorError traceback)."""
+    from attention_zoo.train import loop
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=4, eval_every=0, checkpoint_every=2)))
+    out = tmp_path / "run"
+    second: list[tuple[int, str]] = []
+
+    def start_another(*args):  # runs while the first training is preparing: nothing is written yet
+        monkeypatch.setattr(loop, "own_attention_note", real_note)
+        code, _, err = cli(capsys, "train", str(cfg), "train.lr=1e-3", "--out", str(out), "--no-progress")
+        second.append((code, err))
+        return real_note(*args)
+
+    real_note = loop.own_attention_note
+    monkeypatch.setattr(loop, "own_attention_note", start_another)
+    assert train(load_config(str(cfg)), out, stop_after=2, progress=False)["stopped_at"] == 2
+    [(code, err)] = second
+    assert code == 2 and f"{out}: another `attention-zoo train` is writing into this folder" in err, err
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 3e-3  # the first run's, whole
+    assert [r["step"] for r in records(out, "train")] == [1, 2]
+
+    resumed: list[tuple[int, str]] = []
+    real_append = loop.MetricsLog.append
+
+    def resume_again(self, record):  # a second --resume while the first resumed run is training
+        if not resumed:
+            code, _, err = cli(capsys, "train", str(cfg), "--out", str(out), "--resume", "--no-progress")
+            resumed.append((code, err))
+        return real_append(self, record)
+
+    monkeypatch.setattr(loop.MetricsLog, "append", resume_again)
+    train(load_config(str(cfg)), out, resume=True, progress=False)
+    [(code, err)] = resumed
+    assert code == 2 and "another `attention-zoo train` is writing into this folder" in err, err
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
+    monkeypatch.setattr(loop.MetricsLog, "append", real_append)
+    # the folder is free once the run ended, and a refused run into a new folder leaves no folder behind
+    code, out_text, err = cli(capsys, "train", str(cfg), "--out", str(out), "--resume", "--no-progress")
+    assert code == 0 and "already finished" in out_text, err
+    code, _, err = cli(capsys, "train", str(cfg), "train.init_from=/nonexistent", "--out", str(tmp_path / "a" / "b"))
+    assert code == 2 and not (tmp_path / "a").exists()

@@ -153,6 +153,53 @@ def holds_run(folder: Path) -> bool:
     return (folder / CHECKPOINT_DIR).exists() or (folder / METRICS).exists()
 
 
+def _hold_out_dir(out: Path, world: D.World, closing: contextlib.ExitStack) -> None:
+    """Hold an exclusive lock on the run folder until the run ends (`closing` releases it), so that a second
+    `train` into the same --out is refused rather than interleaving its metrics and checkpoints with this
+    run's: one started while this run still builds its model (nothing written yet), or a second --resume of a
+    run still training. Raises UserError on every rank when another process holds the folder. The folder (and
+    any missing parent) is created to be locked; what was created is removed again at exit if it is still
+    empty, so a refused run leaves nothing behind. Rank 0 locks; where the file system cannot lock (no fcntl,
+    some network file systems), the run goes ahead unlocked."""
+    refusal = None
+    if world.is_main:
+        created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+        out.mkdir(parents=True, exist_ok=True)
+        closing.callback(_remove_empty_folders, created)  # registered first, so it runs after the unlock
+        refusal = _lock_folder(out, closing)
+    refusal = D.gather_objects(refusal, world)[0]
+    if refusal is not None:
+        raise UserError(refusal)
+
+
+def _lock_folder(folder: Path, closing: contextlib.ExitStack) -> str | None:
+    """flock `folder` (held until `closing` exits); why not when another process holds it, else None."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    closing.callback(os.close, fd)  # closing the descriptor releases the lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return (f"{folder}: another `attention-zoo train` is writing into this folder right now; wait until it "
+                "ends (then --resume continues it if it stopped early), or choose another --out")
+    except OSError:  # the file system has no locks: nothing to check with
+        pass
+    return None
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) as long as each is empty: what a refused run created and left unused."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote into it), or already gone
+            return
+
+
 def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
     """The checkpoint to resume from, or None. Refuses to write over a previous run unless resuming, and to resume
     from a damaged checkpoint (which would silently start over); recovers a checkpoint whose save was cut short
@@ -329,6 +376,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_aft
 
 def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D.World, resume: bool,
            stop_after: int | None, progress: bool, closing: contextlib.ExitStack) -> dict[str, Any]:
+    _hold_out_dir(out, world, closing)
     plan = plan_run(config, world, cache_dir=out / TOKENS)
     dataset, seq_len = plan.dataset, plan.seq_len
     checkpoint = _prepare_out_dir(out, resume, world)
