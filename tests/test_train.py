@@ -645,3 +645,20 @@ def test_a_second_training_into_a_folder_another_training_holds_is_refused(tmp_p
     assert code == 0 and "already finished" in out_text, err
     code, _, err = cli(capsys, "train", str(cfg), "train.init_from=/nonexistent", "--out", str(tmp_path / "a" / "b"))
     assert code == 2 and not (tmp_path / "a").exists()
+
+
+def test_a_diverged_run_never_replaces_its_last_good_checkpoint(tmp_path):
+    """Without a progress bar (every sweep's runs, --no-progress) the loss was looked at only on log steps: with
+    log_every 20 a run that diverged at step ~3 went on saving checkpoints of NaN weights over its last good one
+    until step 20, then blamed step 20."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    config = load_config(tiny(steps=40, lr=1e6, warmup=0, log_every=20, checkpoint_every=1, eval_every=0))
+    with pytest.raises(UserError) as exc:
+        train(config, run, progress=False)
+    step = torch.load(run / "checkpoint" / "state.pt", weights_only=False)["step"]
+    weights = load_file(run / "checkpoint" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values()), f"checkpoint of step {step} holds NaN weights"
+    assert step < 20 and f"at step {step + 1}" in str(exc.value) and "lower train.lr" in str(exc.value)
+    assert f"the checkpoint of step {step} is kept" in str(exc.value)

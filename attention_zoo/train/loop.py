@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -198,6 +199,17 @@ def _remove_empty_folders(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:  # not empty (the run wrote into it), or already gone
             return
+
+
+def _diverged(what: str, step: int, last_good: int, saved_step: int | None, out: Path) -> str:
+    """The message of a run stopped because `what` happened (the loss or the weights stopped being finite): at
+    `step`, or somewhere after `last_good` when the steps between were not looked at; and which checkpoint is left."""
+    when = f"at step {step}" if last_good >= step - 1 else (
+        f"between steps {last_good + 1} and {step} (without a progress bar the loss is read on log and checkpoint "
+        "steps only)")
+    kept = (f"the checkpoint of step {saved_step} is kept ({out / CHECKPOINT_DIR})" if saved_step is not None
+            else "no checkpoint was written")
+    return f"{what} {when}; {kept}; lower train.lr or raise train.warmup"
 
 
 def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
@@ -446,13 +458,21 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     micro = (rows.stop - rows.start) // tcfg["grad_accum"]
     end = tcfg["steps"] if stop_after is None else min(stop_after, tcfg["steps"])
 
+    saved_step = start_step if state is not None else None  # the checkpoint on disk, if any
+    checked_step = start_step  # the last step whose loss was seen finite
+
     def checkpoint_now(step: int) -> None:
+        nonlocal saved_step
+        # every rank holds the same weights, so every rank refuses together
+        if not torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all():
+            raise UserError(_diverged("the weights became NaN or infinite", step, step - 1, saved_step, out))
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
                  "rng": _rng_state(generator, world), "tokens_seen": tokens_seen, "train_time": train_time,
                  "world_size": world.size, "train_loss": loss_value}
         if world.is_main:
             save_checkpoint(out / CHECKPOINT_DIR, raw_model, state)
         D.barrier(world)
+        saved_step = step
 
     def validate(step: int) -> dict[str, float]:
         metrics = evaluate(raw_model, dataset, "val", plan.eval_batch_size, seq_len, tcfg["eval_batches"], device,
@@ -499,11 +519,15 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         done = step + 1
         tokens_seen += tcfg["batch_size"] * seq_len
         log_now = done % tcfg["log_every"] == 0 or done == end
-        if log_now or progress:
+        checkpoint_due = done == end or (tcfg["checkpoint_every"] and done % tcfg["checkpoint_every"] == 0)
+        # The loss is read (a device sync) only when it is shown, logged or about to be checkpointed: a run that
+        # diverged must never replace its last good checkpoint.
+        if log_now or progress or checkpoint_due:
             stats = D.all_sum(torch.stack([ce_sum, *aux_sums.values()]), world)
             loss_value = stats[0].item() / max(scored, 1)
-            if loss_value != loss_value:  # NaN
-                raise UserError(f"loss became NaN at step {done}; lower train.lr or raise train.warmup")
+            if not math.isfinite(loss_value):
+                raise UserError(_diverged(f"the loss became {loss_value}", done, checked_step, saved_step, out))
+            checked_step = done
         train_time += time.perf_counter() - t0
         tokens_per_s = tokens_seen / max(train_time, 1e-9)
         if log_now:
@@ -518,7 +542,7 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
             val_metrics = validate(done)
             if world.is_main and progress:
                 bar.write(f"step {done}: val " + " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
-        if done == end or (tcfg["checkpoint_every"] and done % tcfg["checkpoint_every"] == 0):
+        if checkpoint_due:
             checkpoint_now(done)
     bar.close()
 
