@@ -221,3 +221,17 @@ def test_every_runs_init_from_is_checked_before_anything_trains(tmp_path, capsys
         assert f"(runs: run folder): train.init_from = '{tmp_path}': not a checkpoint folder" in err
         assert "(runs: other): train.init_from" in err and "model.dim: checkpoint 32, config 16" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_whose_labels_make_one_folder_name_are_refused_before_anything_trains(tmp_path, capsys):
+    """Labels are made folder names by replacing what is unusual with `_`: `lr 1` and `lr/1` both trained in
+    `lr_1/seed0`, and the second was refused mid-sweep ("holds a run of a different config", exit 2, no
+    summary) after the first had trained; a run named `..` trained outside --out."""
+    path = sweep_file(tmp_path, runs={"lr 1": {"train.lr": 1e-3}, "lr/1": {"train.lr": 3e-3},
+                                      "..": {"train.lr": 2e-3}, "ok": {"train.lr": 4e-3}})
+    assert main(["ablate", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems in config" in err and "Traceback" not in err
+    assert f"{path}: runs = ['lr 1', 'lr/1']: these runs' labels make one folder name, 'lr_1'; rename one" in err
+    assert f"{path}: runs = '..': the label makes the folder name '..', which is no folder of its own" in err
+    assert "'ok'" not in err

@@ -47,6 +47,11 @@ SWEEP_FIELDS = {
 }
 
 
+def folder_name(label: str) -> str:
+    """The folder a run of `label` trains in (OUT/<folder>/seed<k>): the label with anything unusual replaced."""
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", label).strip("_") or "base"
+
+
 @dataclass
 class Run:
     label: str  # shown in tables and plots: the run's name, or its grid values
@@ -57,7 +62,7 @@ class Run:
     @property
     def slug(self) -> str:
         """A folder name: the label with anything unusual replaced."""
-        return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", self.label).strip("_") or "base"
+        return folder_name(self.label)
 
     @property
     def fingerprint(self) -> str:
@@ -170,6 +175,8 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
     for label in sorted({name for name in labels if labels.count(name) > 1}):
         problems.append(Problem(source, "runs", label, "two runs have this label; rename the named run"))
 
+    problems += _folder_problems(labels, set(map(str, spec["runs"])), source)
+
     if spec["baseline"] is not None and spec["baseline"] not in labels:
         problems.append(Problem(source, "baseline", spec["baseline"],
                                 f"not a run of this sweep; valid: {', '.join(map(repr, labels))}"))
@@ -181,6 +188,24 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
         raise ConfigError(problems)
     return Sweep(path, spec["name"] or path.stem, spec["description"], spec["metric"], spec["seeds"], runs,
                  spec["baseline"])
+
+
+def _folder_problems(labels: list[str], named: set[str], source: str) -> list[Problem]:
+    """Runs of distinct labels must train in distinct folders: two labels the folder name makes one (`lr 1` and
+    `lr/1`) would share a run folder, and a name of dots (`..`) is the sweep's own folder or lies outside it."""
+    by_folder: dict[str, list[str]] = {}
+    for label in dict.fromkeys(labels):
+        by_folder.setdefault(folder_name(label), []).append(label)
+    problems = []
+    for folder, same in by_folder.items():
+        key = "runs" if named.issuperset(same) else "grid"
+        if set(folder) == {"."}:
+            problems += [Problem(source, key, label, f"the label makes the folder name {folder!r}, which is no folder "
+                                 "of its own; rename the run") for label in same]
+        elif len(same) > 1:
+            problems.append(Problem(source, key, same, f"these runs' labels make one folder name, {folder!r}; "
+                                    "rename one"))
+    return problems
 
 
 def _check_shape(spec: dict, source: str) -> list[Problem]:
