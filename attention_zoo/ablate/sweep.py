@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, Field, Problem, apply_override, load_config, read_yaml_file, validate_fields
+from ..config import _resolve_file_keys as resolve_file_keys  # what a config file's own paths get
 from ..data import DataError
 
 METRICS = ("val.loss", "val.bpb", "val.ppl", "val.accuracy", "train_loss")
@@ -157,6 +158,7 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
             raise ConfigError([Problem(source, "base", base, "empty; give the config every run starts from (a file, "
                                                          "or a mapping with at least its model section)")])
         base_raw = copy.deepcopy(base)
+        problems += resolve_file_keys(base_raw, path, source, source)  # a data.text beside the sweep file
         for s in sets:  # parsed as `train` parses its overrides
             if (problem := apply_override(base_raw, s, "--set")) is not None:
                 problems.append(problem)
@@ -238,6 +240,9 @@ def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) ->
         for key, value in run.settings.items():
             if (msg := set_key(raw, key, value)) is not None:
                 note(Problem(source, key, value, msg), run.label)
+        if any(key in ("data", "data.text") for key in run.settings):  # the sweep file set data.text
+            for problem in resolve_file_keys(raw, Path(source), source, source):
+                note(problem, run.label)
         set_key(raw, "train.seed", run.seed)
         try:
             config = load_config(raw)
