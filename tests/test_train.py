@@ -662,3 +662,45 @@ def test_a_diverged_run_never_replaces_its_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in weights.values()), f"checkpoint of step {step} holds NaN weights"
     assert step < 20 and f"at step {step + 1}" in str(exc.value) and "lower train.lr" in str(exc.value)
     assert f"the checkpoint of step {step} is kept" in str(exc.value)
+
+
+@pytest.fixture(scope="module")
+def bpe_folder(tmp_path_factory) -> Path:
+    """A folder holding a tiny byte-level BPE tokenizer (300 tokens) and `small.txt`, the text it was trained on."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from attention_zoo.data.corpus import shakespeare_works
+
+    path = tmp_path_factory.mktemp("bpe")
+    text = shakespeare_works()["hamlet"][:20_000]
+    (path / "small.txt").write_bytes(text)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe.train_from_iterator([text.decode()], trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(path / "tok")
+    return path
+
+
+def test_token_files_are_cached_only_in_a_run_that_trains(tmp_path, capsys, bpe_folder):
+    """A run's tokenized splits are cached in OUT/tokens/. They were written before the run's checks, so a refused
+    run left OUT/tokens/ behind ("a refused run leaves nothing behind"), and `eval` of a checkpoint folder that
+    belongs to no run (a copy, one import-hf wrote) wrote tokens/ into that folder."""
+    cfg = tmp_path / "tiny.yaml"
+    config = tiny(steps=2, eval_every=0, eval_batches=1)
+    config["model"]["vocab_size"] = 300
+    config["data"] = {"text": str(bpe_folder / "small.txt"), "tokenizer": str(bpe_folder / "tok")}
+    cfg.write_text(yaml.safe_dump(config))
+    code, _, err = cli(capsys, "train", str(cfg), "train.init_from=/nonexistent", "--out", str(tmp_path / "refused"))
+    assert code == 2 and "not a checkpoint folder" in err and not (tmp_path / "refused").exists()
+    run = tmp_path / "run"
+    assert cli(capsys, "train", str(cfg), "--out", str(run), "--no-progress")[0] == 0
+    assert len(list((run / "tokens").glob("*.pt"))) == 3
+    copy = tmp_path / "copy"
+    shutil.copytree(run / "checkpoint", copy)
+    before = sorted(p.name for p in copy.iterdir())
+    code, stdout, err = cli(capsys, "eval", str(copy), "--batches", "1")
+    assert code == 0 and "bpb" in stdout, err
+    assert sorted(p.name for p in copy.iterdir()) == before

@@ -70,12 +70,14 @@ class RunPlan:
 
 
 def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None = None,
-             cache_dir: str | Path | None = None) -> RunPlan:
+             cache_dir: str | Path | None = None, write_cache: bool = True) -> RunPlan:
     """Build the dataset and check what needs model, data and process count together. Raises
     ConfigError (every problem at once) or DataError. cache_dir: where tokenized corpora keep their
-    token files (data.tokenizer), e.g. OUT/tokens."""
+    token files (data.tokenizer), e.g. OUT/tokens; with write_cache False, new ones are written only by
+    `plan.dataset.write_cache()`."""
     train, model = config["train"], config["model"]
-    dataset = dataset or build_dataset(config["data"], source=config.source, cache_dir=cache_dir)
+    dataset = dataset or build_dataset(config["data"], source=config.source, cache_dir=cache_dir,
+                                       write_cache=write_cache)
     seq_len = train["seq_len"] or dataset.fixed_seq_len or model["max_seq_len"]
     problems = []
     if seq_len > model["max_seq_len"] and not train["seq_len"] and dataset.fixed_seq_len:  # the examples' own length
@@ -389,7 +391,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_aft
 def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D.World, resume: bool,
            stop_after: int | None, progress: bool, closing: contextlib.ExitStack) -> dict[str, Any]:
     _hold_out_dir(out, world, closing)
-    plan = plan_run(config, world, cache_dir=out / TOKENS)
+    plan = plan_run(config, world, cache_dir=out / TOKENS, write_cache=False)  # written once the run is accepted
     dataset, seq_len = plan.dataset, plan.seq_len
     checkpoint = _prepare_out_dir(out, resume, world)
     # Everything that can refuse the run is checked before the run folder is written: a refused run leaves
@@ -428,6 +430,7 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS).touch()  # first: what marks the folder as a run's (a config.yaml alone may be the user's)
         atomic_write_text(out / CONFIG, yaml.safe_dump(dict(config), sort_keys=False))
+        dataset.write_cache()
     log = MetricsLog(out / METRICS, enabled=world.is_main)
 
     start_step, tokens_seen, train_time, loss_value = 0, 0, 0.0, float("nan")
