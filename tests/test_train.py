@@ -704,3 +704,19 @@ def test_token_files_are_cached_only_in_a_run_that_trains(tmp_path, capsys, bpe_
     code, stdout, err = cli(capsys, "eval", str(copy), "--batches", "1")
     assert code == 0 and "bpb" in stdout, err
     assert sorted(p.name for p in copy.iterdir()) == before
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("seed", 2**64, "must be a 64-bit integer"), ("seed", -(2**63) - 1, "must be a 64-bit integer"),
+    ("batch_size", 10**20, "must be <= 2,147,483,647 (a typo?)"),
+    ("eval_batch_size", 10**20, "must be <= 2,147,483,647 (a typo?)")])
+def test_a_seed_or_batch_torch_cannot_take_is_refused_in_validation(tmp_path, capsys, key, value, message):
+    """`train.seed=99999999999999999999` and `train.batch_size=1e20` (an extra digit) validated, then stopped inside
+    torch with a traceback (`Overflow when unpacking long long`), the batch one after the run folder was written."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=2, eval_every=0)))
+    code, _, err = cli(capsys, "train", str(cfg), f"train.{key}={value}", "--out", str(tmp_path / "run"))
+    assert code == 2 and f"train.{key} = {value}: {message}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+    load_config(tiny(seed=2**63 - 1, batch_size=2**31 - 1, eval_batch_size=2**31 - 1))  # the limits themselves
+    load_config(tiny(seed=-(2**63)))
