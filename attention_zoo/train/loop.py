@@ -442,7 +442,8 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         loss_value = state["train_loss"]
         log.truncate_after(start_step)
     if tcfg["tensorboard"] and world.is_main:
-        log.mirror = closing.enter_context(TensorBoardLog(out, resumed_from=start_step))
+        # resumed: purge what a killed process logged past start_step (0 too: killed before its first checkpoint)
+        log.mirror = closing.enter_context(TensorBoardLog(out, resumed_from=start_step if resume else None))
     if world.is_main and start_step < tcfg["steps"]:
         print(f"attention-zoo train: {model.num_parameters():,} parameters, {dataset.name}, seq_len {seq_len}, "
               f"batch {tcfg['batch_size']} on {world.size} process(es), {device}, step {start_step} -> {tcfg['steps']}, "
