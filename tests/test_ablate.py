@@ -221,3 +221,41 @@ def test_every_runs_init_from_is_checked_before_anything_trains(tmp_path, capsys
         assert f"(runs: run folder): train.init_from = '{tmp_path}': not a checkpoint folder" in err
         assert "(runs: other): train.init_from" in err and "model.dim: checkpoint 32, config 16" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_whose_labels_make_one_folder_name_are_refused_before_anything_trains(tmp_path, capsys):
+    """Labels are made folder names by replacing what is unusual with `_`: `lr 1` and `lr/1` both trained in
+    `lr_1/seed0`, and the second was refused mid-sweep ("holds a run of a different config", exit 2, no
+    summary) after the first had trained; a run named `..` trained outside --out."""
+    path = sweep_file(tmp_path, runs={"lr 1": {"train.lr": 1e-3}, "lr/1": {"train.lr": 3e-3},
+                                      "..": {"train.lr": 2e-3}, "ok": {"train.lr": 4e-3}})
+    assert main(["ablate", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems in config" in err and "Traceback" not in err
+    assert f"{path}: runs = ['lr 1', 'lr/1']: these runs' labels make one folder name, 'lr_1'; rename one" in err
+    assert f"{path}: runs = '..': the label makes the folder name '..', which is no folder of its own" in err
+    assert "'ok'" not in err
+
+
+def test_a_text_path_the_sweep_file_sets_is_found_beside_it_as_in_a_config(tmp_path, monkeypatch):
+    """data.md: a relative `data.text` is tried from the working directory, then beside the YAML file that sets it.
+    A sweep file's inline base, grid or runs setting it were read from the working directory only: the sweep
+    worked from its own folder and was refused from any other ("no such file or folder ... beside the YAML file
+    that sets it", which was the very file)."""
+    sub = tmp_path / "sweeps"
+    sub.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (sub / name).write_text(f"{name} holds some text to train on. " * 40)
+    base = {**BASE, "data": {"text": "a.txt"}}
+    path = sub / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "grid": {"model.depth": [1, 2]},
+                                    "runs": {"b": {"data.text": "b.txt"}, "b again": {"data": {"text": "b.txt"}}}}))
+    monkeypatch.chdir(tmp_path)
+    sweep = read_sweep_file(path)
+    texts = {run.label: run.config["data"]["text"] for run in sweep.runs}
+    assert texts == {"depth=1": str(sub / "a.txt"), "depth=2": str(sub / "a.txt"), "b": str(sub / "b.txt"),
+                     "b again": str(sub / "b.txt")}
+    # --set is typed on the command line: its relative path is the working directory's, as train's overrides
+    (tmp_path / "c.txt").write_text("c.txt holds some text to train on. " * 40)
+    sweep = read_sweep_file(path, ["data.text=c.txt"])
+    assert {run.config["data"]["text"] for run in sweep.runs if run.label.startswith("depth")} == {str(tmp_path / "c.txt")}

@@ -59,6 +59,23 @@ def test_a_resumed_run_shows_each_step_once_with_the_redone_values(tmp_path):
     assert [v for _, v in points] == pytest.approx(list(logged(tmp_path, "train", "loss").values()), rel=1e-6)
 
 
+
+def test_a_run_resumed_before_its_first_checkpoint_shows_each_step_once(tmp_path):
+    """A run killed before its first checkpoint (the first 500 steps by default) restarts at step 0 on --resume,
+    and metrics.jsonl drops what it had logged; its event files kept those points, so TensorBoard drew steps
+    1..k twice (no purge when resuming "from step 0")."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 123.0}\n')  # as the killed run left it
+    with SummaryWriter(str(tmp_path)) as stale:
+        for step in (1, 2):
+            stale.add_scalar("train/loss", 123.0, step)
+    train(load_config(tiny(tensorboard=True)), tmp_path, resume=True, progress=False)
+    points = scalars(tmp_path)["train/loss"]
+    assert [s for s, _ in points] == list(range(1, 9))
+    assert [v for _, v in points] == pytest.approx(list(logged(tmp_path, "train", "loss").values()), rel=1e-6)
+
 def test_without_the_package_the_config_is_refused_naming_the_key_and_the_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # find_spec -> None: as if not installed
     cfg = tmp_path / "tb.yaml"

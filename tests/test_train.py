@@ -596,3 +596,127 @@ def test_resume_without_a_checkpoint_never_starts_another_run_over_a_finished_or
     code, out, err = cli(capsys, "train", str(run), "--resume", "--no-progress")  # the run folder itself
     assert code == 0 and f"no checkpoint in {run}; starting from step 0" in out, err
     assert (run / "final.json").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_second_training_into_a_folder_another_training_holds_is_refused(tmp_path, capsys, monkeypatch):
+    """Two `train` into one --out both ran when the second started before the first had written anything (it
+    builds and warms up its model first: a minute for a kernel's first build), and two `--resume` of one run
+    (a requeued job while the old one still runs, a sweep started twice) always did: their records interleaved
+    in metrics.jsonl, config.yaml was one run's and checkpoint/ the other's, and one run's save deleted the
+    other's staging folder (a SafetensorError traceback)."""
+    from attention_zoo.train import loop
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=4, eval_every=0, checkpoint_every=2)))
+    out = tmp_path / "run"
+    second: list[tuple[int, str]] = []
+
+    def start_another(*args):  # runs while the first training is preparing: nothing is written yet
+        monkeypatch.setattr(loop, "own_attention_note", real_note)
+        code, _, err = cli(capsys, "train", str(cfg), "train.lr=1e-3", "--out", str(out), "--no-progress")
+        second.append((code, err))
+        return real_note(*args)
+
+    real_note = loop.own_attention_note
+    monkeypatch.setattr(loop, "own_attention_note", start_another)
+    assert train(load_config(str(cfg)), out, stop_after=2, progress=False)["stopped_at"] == 2
+    [(code, err)] = second
+    assert code == 2 and f"{out}: another `attention-zoo train` is writing into this folder" in err, err
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 3e-3  # the first run's, whole
+    assert [r["step"] for r in records(out, "train")] == [1, 2]
+
+    resumed: list[tuple[int, str]] = []
+    real_append = loop.MetricsLog.append
+
+    def resume_again(self, record):  # a second --resume while the first resumed run is training
+        if not resumed:
+            code, _, err = cli(capsys, "train", str(cfg), "--out", str(out), "--resume", "--no-progress")
+            resumed.append((code, err))
+        return real_append(self, record)
+
+    monkeypatch.setattr(loop.MetricsLog, "append", resume_again)
+    train(load_config(str(cfg)), out, resume=True, progress=False)
+    [(code, err)] = resumed
+    assert code == 2 and "another `attention-zoo train` is writing into this folder" in err, err
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
+    monkeypatch.setattr(loop.MetricsLog, "append", real_append)
+    # the folder is free once the run ended, and a refused run into a new folder leaves no folder behind
+    code, out_text, err = cli(capsys, "train", str(cfg), "--out", str(out), "--resume", "--no-progress")
+    assert code == 0 and "already finished" in out_text, err
+    code, _, err = cli(capsys, "train", str(cfg), "train.init_from=/nonexistent", "--out", str(tmp_path / "a" / "b"))
+    assert code == 2 and not (tmp_path / "a").exists()
+
+
+def test_a_diverged_run_never_replaces_its_last_good_checkpoint(tmp_path):
+    """Without a progress bar (every sweep's runs, --no-progress) the loss was looked at only on log steps: with
+    log_every 20 a run that diverged at step ~3 went on saving checkpoints of NaN weights over its last good one
+    until step 20, then blamed step 20."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    config = load_config(tiny(steps=40, lr=1e6, warmup=0, log_every=20, checkpoint_every=1, eval_every=0))
+    with pytest.raises(UserError) as exc:
+        train(config, run, progress=False)
+    step = torch.load(run / "checkpoint" / "state.pt", weights_only=False)["step"]
+    weights = load_file(run / "checkpoint" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values()), f"checkpoint of step {step} holds NaN weights"
+    assert step < 20 and f"at step {step + 1}" in str(exc.value) and "lower train.lr" in str(exc.value)
+    assert f"the checkpoint of step {step} is kept" in str(exc.value)
+
+
+@pytest.fixture(scope="module")
+def bpe_folder(tmp_path_factory) -> Path:
+    """A folder holding a tiny byte-level BPE tokenizer (300 tokens) and `small.txt`, the text it was trained on."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from attention_zoo.data.corpus import shakespeare_works
+
+    path = tmp_path_factory.mktemp("bpe")
+    text = shakespeare_works()["hamlet"][:20_000]
+    (path / "small.txt").write_bytes(text)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe.train_from_iterator([text.decode()], trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(path / "tok")
+    return path
+
+
+def test_token_files_are_cached_only_in_a_run_that_trains(tmp_path, capsys, bpe_folder):
+    """A run's tokenized splits are cached in OUT/tokens/. They were written before the run's checks, so a refused
+    run left OUT/tokens/ behind ("a refused run leaves nothing behind"), and `eval` of a checkpoint folder that
+    belongs to no run (a copy, one import-hf wrote) wrote tokens/ into that folder."""
+    cfg = tmp_path / "tiny.yaml"
+    config = tiny(steps=2, eval_every=0, eval_batches=1)
+    config["model"]["vocab_size"] = 300
+    config["data"] = {"text": str(bpe_folder / "small.txt"), "tokenizer": str(bpe_folder / "tok")}
+    cfg.write_text(yaml.safe_dump(config))
+    code, _, err = cli(capsys, "train", str(cfg), "train.init_from=/nonexistent", "--out", str(tmp_path / "refused"))
+    assert code == 2 and "not a checkpoint folder" in err and not (tmp_path / "refused").exists()
+    run = tmp_path / "run"
+    assert cli(capsys, "train", str(cfg), "--out", str(run), "--no-progress")[0] == 0
+    assert len(list((run / "tokens").glob("*.pt"))) == 3
+    copy = tmp_path / "copy"
+    shutil.copytree(run / "checkpoint", copy)
+    before = sorted(p.name for p in copy.iterdir())
+    code, stdout, err = cli(capsys, "eval", str(copy), "--batches", "1")
+    assert code == 0 and "bpb" in stdout, err
+    assert sorted(p.name for p in copy.iterdir()) == before
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("seed", 2**64, "must be a 64-bit integer"), ("seed", -(2**63) - 1, "must be a 64-bit integer"),
+    ("batch_size", 10**20, "must be <= 2,147,483,647 (a typo?)"),
+    ("eval_batch_size", 10**20, "must be <= 2,147,483,647 (a typo?)")])
+def test_a_seed_or_batch_torch_cannot_take_is_refused_in_validation(tmp_path, capsys, key, value, message):
+    """`train.seed=99999999999999999999` and `train.batch_size=1e20` (an extra digit) validated, then stopped inside
+    torch with a traceback (`Overflow when unpacking long long`), the batch one after the run folder was written."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=2, eval_every=0)))
+    code, _, err = cli(capsys, "train", str(cfg), f"train.{key}={value}", "--out", str(tmp_path / "run"))
+    assert code == 2 and f"train.{key} = {value}: {message}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+    load_config(tiny(seed=2**63 - 1, batch_size=2**31 - 1, eval_batch_size=2**31 - 1))  # the limits themselves
+    load_config(tiny(seed=-(2**63)))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, Field, Problem, apply_override, load_config, read_yaml_file, validate_fields
+from ..config import _resolve_file_keys as resolve_file_keys  # what a config file's own paths get
 from ..data import DataError
 
 METRICS = ("val.loss", "val.bpb", "val.ppl", "val.accuracy", "train_loss")
@@ -47,6 +48,11 @@ SWEEP_FIELDS = {
 }
 
 
+def folder_name(label: str) -> str:
+    """The folder a run of `label` trains in (OUT/<folder>/seed<k>): the label with anything unusual replaced."""
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", label).strip("_") or "base"
+
+
 @dataclass
 class Run:
     label: str  # shown in tables and plots: the run's name, or its grid values
@@ -57,7 +63,7 @@ class Run:
     @property
     def slug(self) -> str:
         """A folder name: the label with anything unusual replaced."""
-        return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", self.label).strip("_") or "base"
+        return folder_name(self.label)
 
     @property
     def fingerprint(self) -> str:
@@ -152,6 +158,7 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
             raise ConfigError([Problem(source, "base", base, "empty; give the config every run starts from (a file, "
                                                          "or a mapping with at least its model section)")])
         base_raw = copy.deepcopy(base)
+        problems += resolve_file_keys(base_raw, path, source, source)  # a data.text beside the sweep file
         for s in sets:  # parsed as `train` parses its overrides
             if (problem := apply_override(base_raw, s, "--set")) is not None:
                 problems.append(problem)
@@ -170,6 +177,8 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
     for label in sorted({name for name in labels if labels.count(name) > 1}):
         problems.append(Problem(source, "runs", label, "two runs have this label; rename the named run"))
 
+    problems += _folder_problems(labels, set(map(str, spec["runs"])), source)
+
     if spec["baseline"] is not None and spec["baseline"] not in labels:
         problems.append(Problem(source, "baseline", spec["baseline"],
                                 f"not a run of this sweep; valid: {', '.join(map(repr, labels))}"))
@@ -181,6 +190,24 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
         raise ConfigError(problems)
     return Sweep(path, spec["name"] or path.stem, spec["description"], spec["metric"], spec["seeds"], runs,
                  spec["baseline"])
+
+
+def _folder_problems(labels: list[str], named: set[str], source: str) -> list[Problem]:
+    """Runs of distinct labels must train in distinct folders: two labels the folder name makes one (`lr 1` and
+    `lr/1`) would share a run folder, and a name of dots (`..`) is the sweep's own folder or lies outside it."""
+    by_folder: dict[str, list[str]] = {}
+    for label in dict.fromkeys(labels):
+        by_folder.setdefault(folder_name(label), []).append(label)
+    problems = []
+    for folder, same in by_folder.items():
+        key = "runs" if named.issuperset(same) else "grid"
+        if set(folder) == {"."}:
+            problems += [Problem(source, key, label, f"the label makes the folder name {folder!r}, which is no folder "
+                                 "of its own; rename the run") for label in same]
+        elif len(same) > 1:
+            problems.append(Problem(source, key, same, f"these runs' labels make one folder name, {folder!r}; "
+                                    "rename one"))
+    return problems
 
 
 def _check_shape(spec: dict, source: str) -> list[Problem]:
@@ -213,6 +240,9 @@ def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) ->
         for key, value in run.settings.items():
             if (msg := set_key(raw, key, value)) is not None:
                 note(Problem(source, key, value, msg), run.label)
+        if any(key in ("data", "data.text") for key in run.settings):  # the sweep file set data.text
+            for problem in resolve_file_keys(raw, Path(source), source, source):
+                note(problem, run.label)
         set_key(raw, "train.seed", run.seed)
         try:
             config = load_config(raw)

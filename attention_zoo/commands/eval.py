@@ -73,7 +73,7 @@ def cmd_eval(args) -> int:
     from ..inference.checkpoints import check_device
     from ..train import evaluate, plan_run
     from ..train.distributed import local_device
-    from ..train.loop import TOKENS, autocast_context
+    from ..train.loop import CHECKPOINT_DIR, TOKENS, autocast_context, holds_run
 
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:  # None: the run's own value
@@ -97,9 +97,11 @@ def cmd_eval(args) -> int:
     try:
         config = load_config(raw)
         config.source = label
-        # a run's tokenized corpora (data.tokenizer) are cached in the run folder; reuse its token files
-        run_folder = path.parent if path.name == "checkpoint" else path
-        plan = plan_run(config, cache_dir=run_folder / TOKENS)
+        # a run's tokenized corpora (data.tokenizer) are cached in the run folder: reuse its token files, and
+        # cache what it lacks there; a checkpoint folder of no run (a copy, import-hf's) is only read
+        in_run = path.name == CHECKPOINT_DIR and holds_run(path.parent)
+        run_folder = path.parent if in_run else path
+        plan = plan_run(config, cache_dir=run_folder / TOKENS, write_cache=in_run)
     except ConfigError as exc:
         raise ConfigError([_named_by_flag(problem, label, args) for problem in exc.problems]) from None
     batches = train["eval_batches"] if args.batches is None else args.batches

@@ -32,11 +32,13 @@ DATASETS: dict[str, Callable[[dict, str], Dataset]] = {
 DEFAULT_DATASET = "shakespeare"
 
 
-def build_dataset(spec: dict[str, Any] | None, *, source: str = "<config>", cache_dir: str | Path | None = None) -> Dataset:
+def build_dataset(spec: dict[str, Any] | None, *, source: str = "<config>", cache_dir: str | Path | None = None,
+                  write_cache: bool = True) -> Dataset:
     """Build the dataset a config's `data:` section describes. `source` names the config file in
     error messages. An empty/None spec means the embedded Shakespeare; `{text: PATH}` needs no name.
     `tokenizer: PATH` tokenizes a text corpus with that local transformers tokenizer (see tokenized.py);
-    its token files are cached in `cache_dir` when given."""
+    its token files are cached in `cache_dir` when given: written there at once, or with `write_cache=False` only
+    when `Dataset.write_cache()` is called (what is cached already is read either way)."""
     if isinstance(spec, dict) and spec.get("tokenizer") is not None:
         spec = dict(spec)
         tokenizer_path = spec.pop("tokenizer")
@@ -48,7 +50,7 @@ def build_dataset(spec: dict[str, Any] | None, *, source: str = "<config>", cach
 
         if not isinstance(tokenizer_path, (str, Path)):
             raise DataError(source, "data.tokenizer", tokenizer_path, "expected a path to a tokenizer folder")
-        return TokenizedCorpus(corpus, load_tokenizer(tokenizer_path, source), tokenizer_path, cache_dir)
+        return TokenizedCorpus(corpus, load_tokenizer(tokenizer_path, source), tokenizer_path, cache_dir, write_cache)
     if not spec:
         spec = {"name": DEFAULT_DATASET}
     if not isinstance(spec, dict):

@@ -103,6 +103,10 @@ class Dataset:
         """Called by the trainer before each training batch with the step it is for, so a dataset with a
         curriculum (a schedule over steps) can switch; resumed runs call it again. Default: nothing."""
 
+    def write_cache(self) -> None:
+        """Write what the dataset built but was told not to write yet (build_dataset's write_cache=False): a
+        tokenized corpus's token files. Default: nothing."""
+
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 

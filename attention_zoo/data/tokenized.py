@@ -82,8 +82,13 @@ class TokenizedCorpus(CorpusDataset):
     vocab_size: len(tokenizer) (added tokens included); bytes_per_token[split]: the split's bytes / tokens.
     """
 
-    def __init__(self, corpus: CorpusDataset, tokenizer, tokenizer_path: str | Path, cache_dir: str | Path | None):
+    def __init__(self, corpus: CorpusDataset, tokenizer, tokenizer_path: str | Path, cache_dir: str | Path | None,
+                 write_cache: bool = True):
         self.name = f"{corpus.name} ({Path(tokenizer_path).name} tokens)"
+        # write_cache False: token files missing from cache_dir wait in memory for write_cache(), so a run refused
+        # by a later check, or an eval of someone else's folder, writes nothing
+        self.unwritten: dict[Path, torch.Tensor] = {}
+        self.writes_cache = write_cache
         self.splits = corpus.splits
         self.sources = corpus.sources
         self.tokenizer = tokenizer
@@ -103,16 +108,17 @@ class TokenizedCorpus(CorpusDataset):
         if file.is_file():
             return torch.load(file, weights_only=True)
         tokens = tokenize(self.tokenizer, raw)
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{file.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(tokens, tmp)
-            os.replace(tmp, file)  # readers see no file or the whole file
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if self.writes_cache:
+            _save_tokens(file, tokens)
+        else:
+            self.unwritten[file] = tokens
         return tokens
+
+    def write_cache(self) -> None:
+        """Write the token files that were tokenized here but not yet cached."""
+        for file, tokens in self.unwritten.items():
+            _save_tokens(file, tokens)
+        self.unwritten.clear()
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -121,6 +127,20 @@ class TokenizedCorpus(CorpusDataset):
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.reshape(-1).tolist()
         return self.tokenizer.decode([t for t in tokens if 0 <= t < self.vocab_size])
+
+
+def _save_tokens(file: Path, tokens: torch.Tensor) -> None:
+    """Save `tokens` as `file`, atomically."""
+    cache = file.parent
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{file.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(tokens, tmp)
+        os.replace(tmp, file)  # readers see no file or the whole file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 __all__ = ["TokenizedCorpus", "load_tokenizer", "tokenize", "fingerprint"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -69,12 +70,14 @@ class RunPlan:
 
 
 def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None = None,
-             cache_dir: str | Path | None = None) -> RunPlan:
+             cache_dir: str | Path | None = None, write_cache: bool = True) -> RunPlan:
     """Build the dataset and check what needs model, data and process count together. Raises
     ConfigError (every problem at once) or DataError. cache_dir: where tokenized corpora keep their
-    token files (data.tokenizer), e.g. OUT/tokens."""
+    token files (data.tokenizer), e.g. OUT/tokens; with write_cache False, new ones are written only by
+    `plan.dataset.write_cache()`."""
     train, model = config["train"], config["model"]
-    dataset = dataset or build_dataset(config["data"], source=config.source, cache_dir=cache_dir)
+    dataset = dataset or build_dataset(config["data"], source=config.source, cache_dir=cache_dir,
+                                       write_cache=write_cache)
     seq_len = train["seq_len"] or dataset.fixed_seq_len or model["max_seq_len"]
     problems = []
     if seq_len > model["max_seq_len"] and not train["seq_len"] and dataset.fixed_seq_len:  # the examples' own length
@@ -151,6 +154,64 @@ def holds_run(folder: Path) -> bool:
     """Whether `folder` holds a training run: its checkpoint/ or its metrics.jsonl (which a run writes first,
     before its config.yaml, so a run killed before its first log is one too)."""
     return (folder / CHECKPOINT_DIR).exists() or (folder / METRICS).exists()
+
+
+def _hold_out_dir(out: Path, world: D.World, closing: contextlib.ExitStack) -> None:
+    """Hold an exclusive lock on the run folder until the run ends (`closing` releases it), so that a second
+    `train` into the same --out is refused rather than interleaving its metrics and checkpoints with this
+    run's: one started while this run still builds its model (nothing written yet), or a second --resume of a
+    run still training. Raises UserError on every rank when another process holds the folder. The folder (and
+    any missing parent) is created to be locked; what was created is removed again at exit if it is still
+    empty, so a refused run leaves nothing behind. Rank 0 locks; where the file system cannot lock (no fcntl,
+    some network file systems), the run goes ahead unlocked."""
+    refusal = None
+    if world.is_main:
+        created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+        out.mkdir(parents=True, exist_ok=True)
+        closing.callback(_remove_empty_folders, created)  # registered first, so it runs after the unlock
+        refusal = _lock_folder(out, closing)
+    refusal = D.gather_objects(refusal, world)[0]
+    if refusal is not None:
+        raise UserError(refusal)
+
+
+def _lock_folder(folder: Path, closing: contextlib.ExitStack) -> str | None:
+    """flock `folder` (held until `closing` exits); why not when another process holds it, else None."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    closing.callback(os.close, fd)  # closing the descriptor releases the lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return (f"{folder}: another `attention-zoo train` is writing into this folder right now; wait until it "
+                "ends (then --resume continues it if it stopped early), or choose another --out")
+    except OSError:  # the file system has no locks: nothing to check with
+        pass
+    return None
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) as long as each is empty: what a refused run created and left unused."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote into it), or already gone
+            return
+
+
+def _diverged(what: str, step: int, last_good: int, saved_step: int | None, out: Path) -> str:
+    """The message of a run stopped because `what` happened (the loss or the weights stopped being finite): at
+    `step`, or somewhere after `last_good` when the steps between were not looked at; and which checkpoint is left."""
+    when = f"at step {step}" if last_good >= step - 1 else (
+        f"between steps {last_good + 1} and {step} (without a progress bar the loss is read on log and checkpoint "
+        "steps only)")
+    kept = (f"the checkpoint of step {saved_step} is kept ({out / CHECKPOINT_DIR})" if saved_step is not None
+            else "no checkpoint was written")
+    return f"{what} {when}; {kept}; lower train.lr or raise train.warmup"
 
 
 def _prepare_out_dir(out: Path, resume: bool, world: D.World) -> Path | None:
@@ -329,7 +390,8 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, stop_aft
 
 def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D.World, resume: bool,
            stop_after: int | None, progress: bool, closing: contextlib.ExitStack) -> dict[str, Any]:
-    plan = plan_run(config, world, cache_dir=out / TOKENS)
+    _hold_out_dir(out, world, closing)
+    plan = plan_run(config, world, cache_dir=out / TOKENS, write_cache=False)  # written once the run is accepted
     dataset, seq_len = plan.dataset, plan.seq_len
     checkpoint = _prepare_out_dir(out, resume, world)
     # Everything that can refuse the run is checked before the run folder is written: a refused run leaves
@@ -368,6 +430,7 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS).touch()  # first: what marks the folder as a run's (a config.yaml alone may be the user's)
         atomic_write_text(out / CONFIG, yaml.safe_dump(dict(config), sort_keys=False))
+        dataset.write_cache()
     log = MetricsLog(out / METRICS, enabled=world.is_main)
 
     start_step, tokens_seen, train_time, loss_value = 0, 0, 0.0, float("nan")
@@ -379,7 +442,8 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         loss_value = state["train_loss"]
         log.truncate_after(start_step)
     if tcfg["tensorboard"] and world.is_main:
-        log.mirror = closing.enter_context(TensorBoardLog(out, resumed_from=start_step))
+        # resumed: purge what a killed process logged past start_step (0 too: killed before its first checkpoint)
+        log.mirror = closing.enter_context(TensorBoardLog(out, resumed_from=start_step if resume else None))
     if world.is_main and start_step < tcfg["steps"]:
         print(f"attention-zoo train: {model.num_parameters():,} parameters, {dataset.name}, seq_len {seq_len}, "
               f"batch {tcfg['batch_size']} on {world.size} process(es), {device}, step {start_step} -> {tcfg['steps']}, "
@@ -398,13 +462,21 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     micro = (rows.stop - rows.start) // tcfg["grad_accum"]
     end = tcfg["steps"] if stop_after is None else min(stop_after, tcfg["steps"])
 
+    saved_step = start_step if state is not None else None  # the checkpoint on disk, if any
+    checked_step = start_step  # the last step whose loss was seen finite
+
     def checkpoint_now(step: int) -> None:
+        nonlocal saved_step
+        # every rank holds the same weights, so every rank refuses together
+        if not torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all():
+            raise UserError(_diverged("the weights became NaN or infinite", step, step - 1, saved_step, out))
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
                  "rng": _rng_state(generator, world), "tokens_seen": tokens_seen, "train_time": train_time,
                  "world_size": world.size, "train_loss": loss_value}
         if world.is_main:
             save_checkpoint(out / CHECKPOINT_DIR, raw_model, state)
         D.barrier(world)
+        saved_step = step
 
     def validate(step: int) -> dict[str, float]:
         metrics = evaluate(raw_model, dataset, "val", plan.eval_batch_size, seq_len, tcfg["eval_batches"], device,
@@ -451,11 +523,15 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         done = step + 1
         tokens_seen += tcfg["batch_size"] * seq_len
         log_now = done % tcfg["log_every"] == 0 or done == end
-        if log_now or progress:
+        checkpoint_due = done == end or (tcfg["checkpoint_every"] and done % tcfg["checkpoint_every"] == 0)
+        # The loss is read (a device sync) only when it is shown, logged or about to be checkpointed: a run that
+        # diverged must never replace its last good checkpoint.
+        if log_now or progress or checkpoint_due:
             stats = D.all_sum(torch.stack([ce_sum, *aux_sums.values()]), world)
             loss_value = stats[0].item() / max(scored, 1)
-            if loss_value != loss_value:  # NaN
-                raise UserError(f"loss became NaN at step {done}; lower train.lr or raise train.warmup")
+            if not math.isfinite(loss_value):
+                raise UserError(_diverged(f"the loss became {loss_value}", done, checked_step, saved_step, out))
+            checked_step = done
         train_time += time.perf_counter() - t0
         tokens_per_s = tokens_seen / max(train_time, 1e-9)
         if log_now:
@@ -470,7 +546,7 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
             val_metrics = validate(done)
             if world.is_main and progress:
                 bar.write(f"step {done}: val " + " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
-        if done == end or (tcfg["checkpoint_every"] and done % tcfg["checkpoint_every"] == 0):
+        if checkpoint_due:
             checkpoint_now(done)
     bar.close()
 

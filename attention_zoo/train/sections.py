@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..config import Field, Problem, register_section, validate_fields
+from ..config import Field, Problem, _at_most, register_section, validate_fields
 from ..numbers import finite_problem
 from ..registry import did_you_mean
 
@@ -32,9 +32,19 @@ def _fraction_check(value: float) -> str | None:
     return None if value <= 1 else "must be <= 1"
 
 
+def _seed_check(value: int) -> str | None:
+    """torch.manual_seed takes 64-bit integers: a larger seed stopped the run inside torch with a traceback."""
+    return None if -(2**63) <= value <= 2**63 - 1 else "must be a 64-bit integer (-2**63 to 2**63 - 1)"
+
+
+# More rows than an index of 32 bits can count is a typo (an extra digit, 1e20), not a batch: torch overflowed.
+_BATCH_LIMIT = _at_most(2**31 - 1)
+
+
 TRAIN_FIELDS = {
     "steps": Field(int, 1000, "optimizer steps (the cosine schedule ends here)", minimum=1),
-    "batch_size": Field(int, 16, "sequences per optimizer step, over all processes and accumulation steps", minimum=1),
+    "batch_size": Field(int, 16, "sequences per optimizer step, over all processes and accumulation steps", minimum=1,
+                        check=_BATCH_LIMIT),
     "seq_len": Field((int, type(None)), None, "tokens per sequence; null: a task's example length, else model.max_seq_len",
                      minimum=1),
     "grad_accum": Field(int, 1, "micro-batches per optimizer step (batch_size must divide evenly)", minimum=1),
@@ -44,12 +54,13 @@ TRAIN_FIELDS = {
     "weight_decay": Field(float, 0.1, "AdamW decay, applied to weight matrices only", minimum=0),
     "betas": Field(list, [0.9, 0.95], "AdamW betas", check=_betas_check),
     "clip": Field((float, type(None)), 1.0, "max global gradient norm; null or 0 disables", minimum=0),
-    "seed": Field(int, 0, "seeds weight init, dropout and the batch sampler"),
+    "seed": Field(int, 0, "seeds weight init, dropout and the batch sampler", check=_seed_check),
     "device": Field(str, "auto", "auto (cuda when available), cpu, cuda, cuda:N", check=_device_check),
     "precision": Field(str, "auto", "auto: bf16 autocast on GPU, float32 on CPU", choices=("auto", "float32", "bfloat16")),
     "eval_every": Field(int, 100, "validate every N steps (and at the end); 0: only at the end", minimum=0),
     "eval_batches": Field(int, 20, "validation batches per evaluation", minimum=1),
-    "eval_batch_size": Field((int, type(None)), None, "sequences per validation batch; null: batch_size", minimum=1),
+    "eval_batch_size": Field((int, type(None)), None, "sequences per validation batch; null: batch_size", minimum=1,
+                             check=_BATCH_LIMIT),
     "checkpoint_every": Field(int, 500, "checkpoint every N steps (and at the end); 0: only at the end", minimum=0),
     "log_every": Field(int, 10, "append a train record to metrics.jsonl every N steps", minimum=1),
     "aux_losses": Field(dict, {}, "auxiliary losses added to the LM loss: {name: {params}}"),

@@ -29,16 +29,17 @@ class TensorBoardLog:
     """Scalars of metrics records into event files under `log_dir`; a context manager that closes
     (flushes) the writer.
 
-    `resumed_from`: the step a resumed run restarts after. Events an earlier, killed process wrote past
-    that step are dropped by TensorBoard (SummaryWriter's purge_step), as metrics.jsonl drops them, so
-    the redone steps are not drawn twice. Records at that step itself (the checkpoint's) are kept.
+    `resumed_from`: the step a resumed run restarts after (0 for one killed before its first checkpoint),
+    None for a new run. Events an earlier, killed process wrote past that step are dropped by TensorBoard
+    (SummaryWriter's purge_step), as metrics.jsonl drops them, so the redone steps are not drawn twice.
+    Records at that step itself (the checkpoint's) are kept.
     """
 
-    def __init__(self, log_dir: str | Path, resumed_from: int = 0):
+    def __init__(self, log_dir: str | Path, resumed_from: int | None = None):
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
 
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_from + 1 if resumed_from else None,
-                                    flush_secs=FLUSH_SECS)
+        purge = None if resumed_from is None else resumed_from + 1
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge, flush_secs=FLUSH_SECS)
 
     def append(self, record: dict[str, Any]) -> None:
         """One metrics record {"kind": "train" | "val", "step": int, name: number, ...}: each number
