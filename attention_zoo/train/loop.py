@@ -47,6 +47,7 @@ from ..checkpoint import (
 )
 from ..config import Config, ConfigError, Problem, build_model, load_config, resolved_layers
 from ..data import IGNORE_INDEX, Dataset, build_dataset
+from ..dry_run import plugin_failures_reported
 from ..errors import UserError
 from ..model import own_attention_note
 from . import distributed as D
@@ -420,9 +421,10 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     generator = torch.Generator().manual_seed(tcfg["seed"])  # the batch sampler: identical on every rank
     optimizer = build_optimizer(model, tcfg, device)
     schedule = build_schedule(optimizer, tcfg)
-    # kernels built on first use (not in the first step's time nor the run's tokens/s), and a variant's broken
-    # state write found, before the run folder is written
-    note = own_attention_note(model, model.warm_up(device), config["backend"])
+    # kernels built on first use (not in the first step's time nor the run's tokens/s), and a plug-in's broken
+    # contract (its bias, its state writes) found and named, before the run folder is written
+    with plugin_failures_reported(config, model, f"the model's first forward (2 tokens on {device})"):
+        note = own_attention_note(model, model.warm_up(device), config["backend"])
     if note and world.is_main:
         print(f"attention-zoo train: note: {note}")
     D.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
