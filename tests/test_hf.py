@@ -655,19 +655,13 @@ def test_hf_doc_runs_as_written(tmp_path, capsys, monkeypatch):
 def tokenized_llama(tmp_path_factory):
     """A folder with a byte-level BPE tokenizer (300 tokens, trained here on a slice of Hamlet) and a tiny Llama of
     that vocabulary, plus `small.txt`, 40 kB of Hamlet for data.text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from attention_zoo.data.corpus import shakespeare_works
+    from tests.tiny_tokenizer import train_bpe
 
     path = tmp_path_factory.mktemp("tokenized")
     text = shakespeare_works()["hamlet"][:40_000]
     (path / "small.txt").write_bytes(text)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([text.decode()], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
-                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>")
+    tokenizer = train_bpe(text.decode(), bos_token="<s>")
     tokenizer.save_pretrained(path / "llm")
     tiny("llama", vocab_size=len(tokenizer)).save_pretrained(path / "llm")
     return path

@@ -667,20 +667,14 @@ def test_a_diverged_run_never_replaces_its_last_good_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def bpe_folder(tmp_path_factory) -> Path:
     """A folder holding a tiny byte-level BPE tokenizer (300 tokens) and `small.txt`, the text it was trained on."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+    pytest.importorskip("transformers")
     from attention_zoo.data.corpus import shakespeare_works
+    from tests.tiny_tokenizer import train_bpe
 
     path = tmp_path_factory.mktemp("bpe")
     text = shakespeare_works()["hamlet"][:20_000]
     (path / "small.txt").write_bytes(text)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    bpe.train_from_iterator([text.decode()], trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(path / "tok")
+    train_bpe(text.decode()).save_pretrained(path / "tok")
     return path
 
 
