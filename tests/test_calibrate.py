@@ -105,6 +105,22 @@ def test_calibrate_command(run_folder, capsys):
     assert f"KV memory {best['memory_ratio']:.1f}x less" in printed and "sliding window, same memory" in printed
 
 
+def test_memory_is_measured_by_the_most_keys_held_for_every_policy(run_folder, capsys):
+    """A threshold's memory was the keys it held on average over the stream, a budget's its K: streaming from one
+    token averages (N + 1) / 2 even unpruned, so a threshold that pruned nothing read 2x less memory. Every
+    policy is now measured by the most keys a layer held (a budget's K); the mean is reported beside it."""
+    out = run_folder / "measure"
+    assert main(["calibrate", str(run_folder), "--context", "24", "--batches", "1", "--batch-size", "2", "--out",
+                 str(out), "--no-progress", "--measure", "threshold:1e30", "budget:6", "window:6"]) == 0
+    rows = {r["policy"]: r for r in json.loads((out / "measure-val.json").read_text())["policies"]}
+    nothing_pruned = rows["threshold:1e30"]
+    assert nothing_pruned["peak_kept"] == [24, 24] and nothing_pruned["memory_ratio"] == 1.0
+    assert nothing_pruned["mean_kept"] == [12.5, 12.5]  # 1, 2, ..., 24 keys after each step
+    assert rows["budget:6"]["peak_kept"] == [6, 6] and rows["budget:6"]["memory_ratio"] == 4.0
+    assert rows["window:6"]["memory_ratio"] == 4.0
+    assert "threshold:1e30: loss" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,message", [
     (["--tolerance", "0"], "relative tolerance in (0, 1)"),
     (["--context", "3"], "--context 3: must be >= 4"),

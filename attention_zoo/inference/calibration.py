@@ -45,8 +45,9 @@ class Evaluation:
     budgets: list[int]  # K_l per layer (N where a layer is not pruned)
     loss: float
     memory_ratio: float
-    mean_kept: list[float] = field(default_factory=list)
+    mean_kept: list[float] = field(default_factory=list)  # per layer: keys held after each step, averaged
     stage: str = ""
+    peak_kept: list[int] = field(default_factory=list)  # per layer: most keys held after a step
 
     def within(self, target: float) -> bool:
         return self.loss <= target
@@ -96,9 +97,10 @@ class Calibrator:
         pruner = Pruner(self.model, policy)
         result = streaming_loss(self.model, self.batches, pruner)
         budgets = pruner.layer_budgets(self.context)
-        if isinstance(policy, ThresholdPolicy):  # no fixed budget: memory is what it kept on average
-            budgets = [max(1, round(k)) for k in result.mean_kept]
-        ev = Evaluation(policy.spec(), budgets, result.loss, self.memory_ratio(budgets), result.mean_kept, stage)
+        if isinstance(policy, ThresholdPolicy):  # no fixed budget: the memory to provision is the most it held,
+            budgets = result.peak_kept  # as a budget's is K (its mean over a stream from 1 token is lower)
+        ev = Evaluation(policy.spec(), budgets, result.loss, self.memory_ratio(budgets), result.mean_kept, stage,
+                        result.peak_kept)
         self.evaluations.append(ev)
         self.bar.update(1)
         self.bar.set_postfix(stage=stage, ratio=f"{ev.memory_ratio:.1f}x", loss=f"{ev.loss:.4f}", refresh=False)

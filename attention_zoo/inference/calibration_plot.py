@@ -31,7 +31,7 @@ def plot_calibration(report: dict, path: str | Path, title: str = "") -> Path:
         t = report["threshold"]
         shown = t["loss"] <= top
         ax.scatter([t["memory_ratio"]] if shown else [], [t["loss"]] if shown else [], marker="D", s=50,
-                   color="tab:purple", zorder=5, label=f"{t['policy']}: {t['memory_ratio']:.0f}x (mean keys kept), "
+                   color="tab:purple", zorder=5, label=f"{t['policy']}: {t['memory_ratio']:.0f}x (most keys kept), "
                    f"{t['relative_increase']:+.1%}" + ("" if shown else " (above the chart)"))
     ax.axhline(report["base_loss"], color="black", linewidth=1, label="unpruned")
     ax.axhline(report["target_loss"], color="black", linestyle="--", linewidth=1,
