@@ -560,6 +560,21 @@ def test_eval_data_file_is_read_as_train_reads_a_config(tmp_path, capsys, monkey
     assert json.loads(out)["dataset"] == "text:corpus.txt"
 
 
+def test_eval_on_another_corpus_reads_it_at_the_runs_length(tmp_path, capsys):
+    """`eval RUN --data name=...` read a corpus at model.max_seq_len, not at the seq_len the run trained at (a model
+    trained on 16 tokens scored at 32, without a word); a task's examples keep their own length."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=1, eval_every=0, seq_len=16)))
+    assert cli(capsys, "train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress")[0] == 0
+    (tmp_path / "corpus.txt").write_text("a small corpus of text " * 40)
+    code, out, err = cli(capsys, "eval", str(tmp_path / "run"), "--data", f"text={tmp_path / 'corpus.txt'}",
+                         "--batches", "1")
+    assert code == 0 and json.loads(out)["seq_len"] == 16, err
+    code, out, err = cli(capsys, "eval", str(tmp_path / "run"), "--data", "name=variable_assignment", "num_vars=2",
+                         "num_assignments=2", "num_queries=1", "--batches", "1")
+    assert code == 0 and json.loads(out)["seq_len"] not in (16, 32), err  # the task's own example length
+
+
 def test_eval_data_whose_examples_do_not_fit_names_the_data_not_train_seq_len(tmp_path, capsys):
     """It said `train.seq_len = 99 ... raise model.max_seq_len`: the user set no seq_len, and a trained model's
     max_seq_len cannot be raised."""

@@ -70,6 +70,7 @@ def cmd_eval(args) -> int:
 
     from ..checkpoint import load_model, resolve_checkpoint
     from ..config import load_config
+    from ..data import build_dataset
     from ..inference.checkpoints import check_device
     from ..train import evaluate, plan_run
     from ..train.distributed import local_device
@@ -90,8 +91,6 @@ def cmd_eval(args) -> int:
     for key, value in (("eval_batch_size", args.batch_size), ("seq_len", args.seq_len)):
         if value is not None:
             train[key] = value
-    if args.data and args.seq_len is None:
-        train["seq_len"] = None  # other data: its own example length, or the model's longest
     raw["train"] = train
     label = f"{path / 'config.yaml'}" + (" with --data" if args.data else "")
     try:
@@ -101,7 +100,10 @@ def cmd_eval(args) -> int:
         # cache what it lacks there; a checkpoint folder of no run (a copy, import-hf's) is only read
         in_run = path.name == CHECKPOINT_DIR and holds_run(path.parent)
         run_folder = path.parent if in_run else path
-        plan = plan_run(config, cache_dir=run_folder / TOKENS, write_cache=in_run)
+        dataset = build_dataset(config["data"], source=label, cache_dir=run_folder / TOKENS, write_cache=in_run)
+        if args.data and args.seq_len is None and dataset.fixed_seq_len:  # a task's examples set their own length;
+            config["train"]["seq_len"] = None  # a corpus is read at the length the run trained at
+        plan = plan_run(config, dataset=dataset)
     except ConfigError as exc:
         raise ConfigError([_named_by_flag(problem, label, args) for problem in exc.problems]) from None
     batches = train["eval_batches"] if args.batches is None else args.batches
