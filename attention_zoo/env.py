@@ -103,3 +103,31 @@ def check_environment(environ: Mapping[str, str] | None = None, where: str = "en
             problems.append(str(exc))
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
+
+
+def busy_cpu_hint(command: str, device: str) -> str | None:
+    """A line for `attention-zoo COMMAND` on a CPU that is already busy (1-minute load average within half a core
+    of the core count) while OMP_WAIT_POLICY is unset: torch's OpenMP threads then wait by spinning, which made a
+    quickstart step 20x slower on 2 shared cores, and train 22x and generate 4x slower at a load of 1.8
+    (docs/training.md, "CPU threads"). `ablate` sets PASSIVE for its runs; elsewhere the choice stays the
+    user's (PASSIVE costs ~1.2x on a quiet machine), so this only says so. None on a quiet CPU or a GPU."""
+    if device not in ("cpu", "auto") or "OMP_WAIT_POLICY" in os.environ or not hasattr(os, "getloadavg"):
+        return None
+    import torch
+
+    if device == "auto" and torch.cuda.is_available():
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < cores - 0.5:
+        return None
+    return (f"attention-zoo {command}: this CPU is busy (load {load:.1f} on {cores} cores): torch's threads wait by "
+            f"spinning and may run many times slower; OMP_WAIT_POLICY=PASSIVE attention-zoo {command} ... avoids it "
+            "(docs/training.md, CPU threads)")
+
+
+def say_if_cpu_is_busy(command: str, device: str) -> None:
+    """Print busy_cpu_hint(command, device), if any, on stderr (stdout may be the command's output)."""
+    import sys
+
+    if hint := busy_cpu_hint(command, device):
+        print(hint, file=sys.stderr)

@@ -506,14 +506,16 @@ def test_a_device_torch_does_not_see_is_refused_before_the_run(tmp_path, capsys,
 
 
 @pytest.mark.parametrize("load, policy, device, hinted", [(2.5, None, "cpu", True), (2.0, None, "auto", True),
-                                                          (1.5, None, "cpu", False), (4.0, "PASSIVE", "cpu", False),
-                                                          (4.0, "ACTIVE", "cpu", False), (4.0, None, "cuda", False)])
-def test_train_says_when_a_busy_cpu_will_slow_it(monkeypatch, load, policy, device, hinted):
-    """On 2 cores that are already busy, with no OMP_WAIT_POLICY chosen, train says what to set (a quickstart
-    step ran 20x slower with spinning threads); set either way, or on a quiet machine, it says nothing."""
+                                                          (1.8, None, "cpu", True), (1.2, None, "cpu", False),
+                                                          (4.0, "PASSIVE", "cpu", False), (4.0, "ACTIVE", "cpu", False),
+                                                          (4.0, None, "cuda", False)])
+def test_a_command_says_when_a_busy_cpu_will_slow_it(monkeypatch, load, policy, device, hinted):
+    """On 2 cores that are already busy, with no OMP_WAIT_POLICY chosen, a command says what to set (a quickstart
+    step ran 20x slower with spinning threads; train 22x at a load of 1.8, which the old rule, load >= cores,
+    let pass); set either way, or on a quiet machine, it says nothing."""
     import os
 
-    from attention_zoo.commands.train import busy_cpu_hint
+    from attention_zoo.env import busy_cpu_hint
 
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
@@ -522,10 +524,11 @@ def test_train_says_when_a_busy_cpu_will_slow_it(monkeypatch, load, policy, devi
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     else:
         monkeypatch.setenv("OMP_WAIT_POLICY", policy)
-    hint = busy_cpu_hint(device)
+    hint = busy_cpu_hint("generate", device)
     assert (hint is not None) == hinted
     if hinted:
-        assert f"this CPU is busy (load {load:.1f} on 2 cores)" in hint and "OMP_WAIT_POLICY=PASSIVE" in hint
+        assert f"attention-zoo generate: this CPU is busy (load {load:.1f} on 2 cores)" in hint
+        assert "OMP_WAIT_POLICY=PASSIVE attention-zoo generate" in hint
 
 
 def test_eval_data_items_that_switch_dataset_drop_the_old_ones_keys(tmp_path):

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..env import say_if_cpu_is_busy
 from ..errors import UserError
 from ..numbers import finite_float
 from ..paths import check_output_path
@@ -50,6 +51,7 @@ def cmd_calibrate(args) -> int:
     if args.out:  # before any work; the default (beside the checkpoint) is checked once the checkpoint is found
         args.out = str(check_output_path("--out", args.out, "folder"))
     model, path = load_for_inference(args.checkpoint, args.device)
+    say_if_cpu_is_busy("calibrate", args.device)
     context = model.max_seq_len if args.context is None else args.context  # 0 is refused below, not the default
     if context < 4 or model.max_positions is not None and context > model.max_positions:
         limit = f"between 4 and model.max_seq_len ({model.max_positions}; learned positions)" if model.max_positions else ">= 4"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..checkpoint import atomic_write_text
 from ..config import ConfigError, Problem, apply_override, read_yaml_chain
+from ..env import say_if_cpu_is_busy
 from ..errors import UserError
 from ..paths import check_output_path
 
@@ -83,6 +84,7 @@ def cmd_eval(args) -> int:
         args.json = str(check_output_path("--json", args.json, "file"))
     path = resolve_checkpoint(args.checkpoint)
     device = local_device(str(check_device(args.device, auto=True)))
+    say_if_cpu_is_busy("eval", args.device)
     model = load_model(path, map_location=device)
     saved = model.config
     raw = {k: v for k, v in saved.items()}

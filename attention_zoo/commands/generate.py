@@ -6,6 +6,7 @@ import codecs
 import sys
 from pathlib import Path
 
+from ..env import say_if_cpu_is_busy
 from ..errors import UserError
 from ..numbers import finite_float
 
@@ -45,6 +46,7 @@ def cmd_generate(args) -> int:
         raise UserError(f"--prefill-chunk {args.prefill_chunk}: must be >= 1")
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     model, path = load_for_inference(args.checkpoint, args.device, args.backend)
+    say_if_cpu_is_busy("generate", args.device)
     device = next(model.parameters()).device  # --device auto resolved
     pruner = Pruner(model, parse_prune_spec(args.prune)) if args.prune else None
     tokenizer_path = (model.config.get("data") or {}).get("tokenizer")

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from ..env import say_if_cpu_is_busy
 from ..errors import UserError
 from ..paths import check_output_path
 
@@ -76,6 +77,7 @@ def cmd_stream(args) -> int:
                             "of a model with learned positions; rope or none positions stream past it")
         pruner = None if policy == "none" else Pruner(model, parse_prune_spec(policy, f"argument {text!r}"))
         runs.append((path_text, policy, model, path, pruner))
+    say_if_cpu_is_busy("stream", args.device)
     datas = {json.dumps(run[2].config.get("data"), sort_keys=True) for run in runs}
     if len(datas) > 1:
         raise UserError("the checkpoints were trained on different data sections; stream models of one dataset together")

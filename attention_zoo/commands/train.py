@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..config import config_file, load_config
+from ..env import say_if_cpu_is_busy
 from ..errors import UserError
 from ..paths import check_output_path
 
@@ -38,28 +39,6 @@ def cmd_train(args) -> int:
     else:
         out = args.out or str(Path("runs") / (path.name if path.is_dir() else path.stem))
     out = str(check_output_path("--out", out, "folder"))
-    if hint := busy_cpu_hint(config["train"]["device"]):
-        print(hint)
+    say_if_cpu_is_busy("train", config["train"]["device"])
     train(config, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     return 0
-
-
-def busy_cpu_hint(device: str) -> str | None:
-    """A line for a CPU run on a machine already busy (1-minute load average at least the core count) while
-    OMP_WAIT_POLICY is unset: torch's OpenMP threads then wait by spinning, which made a quickstart step 20x
-    slower on 2 shared cores (docs/training.md, "CPU threads"). `ablate` sets PASSIVE for its runs; a lone
-    `train` leaves the choice to the user (PASSIVE costs ~1.2x on a quiet machine), so it only says so."""
-    import os
-
-    if device not in ("cpu", "auto") or "OMP_WAIT_POLICY" in os.environ or not hasattr(os, "getloadavg"):
-        return None
-    import torch
-
-    if device == "auto" and torch.cuda.is_available():
-        return None
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load < cores:
-        return None
-    return (f"attention-zoo train: this CPU is busy (load {load:.1f} on {cores} cores): torch's threads wait by "
-            "spinning and may run many times slower; OMP_WAIT_POLICY=PASSIVE attention-zoo train ... avoids it "
-            "(docs/training.md, CPU threads)")
