@@ -68,13 +68,14 @@ def markdown(payload: dict[str, Any]) -> str:
     if payload.get("comparison"):
         lines += ["", "## Against x-transformers (same run)", "",
                   "| variant | ours (backend) | x-transformers path | seq | batch | mode | ours s | peer s "
-                  "| time ours / peer | ours MB | peer MB | memory ours / peer |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| time ours / peer | ours MB | peer MB | memory ours / peer | activation ours / peer |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in payload["comparison"]:
             lines.append(
                 f"| {c['variant']} | {c['backend']} | {c['peer_backend']} | {c['seq_len']} | {c['batch']} | {c['mode']} "
                 f"| {_f(c['ours_s'], '.3f')} | {_f(c['peer_s'], '.3f')} | {_f(c['time_ours_over_peer'], '.2f')} "
-                f"| {_f(c['ours_mb'], ',.0f')} | {_f(c['peer_mb'], ',.0f')} | {_f(c['memory_ours_over_peer'], '.2f')} |")
+                f"| {_f(c['ours_mb'], ',.0f')} | {_f(c['peer_mb'], ',.0f')} | {_f(c['memory_ours_over_peer'], '.2f')} "
+                f"| {_f(c.get('activation_ours_over_peer'), '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

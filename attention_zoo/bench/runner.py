@@ -133,7 +133,8 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def peer_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each of our points against the x-transformers point of the same variant, length, batch and mode."""
+    """Each of our points against the x-transformers point of the same variant, length, batch and mode: time,
+    peak memory and activation memory (what the step adds to the built model) as ratios ours / peer."""
     peers = {(r["variant"], r["seq_len"], r["batch"], r["mode"], r["dtype"]): r for r in rows if r["impl"] == PEER}
     out = []
     for r in rows:
@@ -149,6 +150,9 @@ def peer_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ours_s": r.get("median_s"), "peer_s": p.get("median_s"), "ours_mb": r.get("peak_mb"), "peer_mb": p.get("peak_mb"),
             "time_ours_over_peer": ratio(r, p, "round_median_s", "median_s") if both else None,
             "memory_ours_over_peer": ratio(r, p, "round_peak_mb", "peak_mb") if both else None,
+            # on CPU the peaks are process RSS, each with its own imports: the step's own memory compares the models
+            "activation_ours_over_peer": (r["activation_mb"] / p["activation_mb"]
+                                          if both and p.get("activation_mb", 0) > 0 else None),
             "status": "ok" if both else f"ours: {r.get('reason', 'ok')}; peer: {p.get('reason', 'ok')}",
         })
     return out
