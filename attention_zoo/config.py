@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from .registry import PluginFailure, RegistryError, did_you_mean, import_plugins
 from .state import CHANNELS
 from .variant import LayerShape, type_name, type_ok
 from .variant_registry import VARIANTS, check_params, get_variant, resolved_params
+
+log = logging.getLogger(__name__)
 
 _MISSING = object()
 
@@ -461,6 +464,10 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
         parent, problems = read_yaml_chain((path.parent / base).resolve(), (*chain, path), origins, (*names, base_name))
     if origins is not None:  # after the base's keys, so this file's own keys win as they do in the merge
         _record_origins(data, label, origins)
+    for key, value in data.items():  # as documented, but one keystroke from keeping it: said, not silent
+        if value is None and isinstance(parent.get(key), dict) and parent[key]:
+            log.warning(f"{source}: `{key}:` is empty (null), so it replaces the whole `{key}` section of its base "
+                        f"{base_name} with the defaults; leave the key out, or write `{key}: {{}}`, to keep it")
     return deep_merge(parent, data), _replaced(problems, data) + ambiguous  # a child's value replaces its base's
 
 

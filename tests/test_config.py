@@ -2,6 +2,7 @@
 file, the key path, the bad value and what is valid; all problems are reported at once."""
 from __future__ import annotations
 
+import logging
 import textwrap
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def test_bad_override(override, fragments):
         assert fragment in str(info.value)
 
 
-def test_base_inheritance(tmp_path):
+def test_base_inheritance(tmp_path, caplog):
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "base.yaml").write_text(textwrap.dedent("""\
         backend: math
@@ -238,8 +239,11 @@ def test_base_inheritance(tmp_path):
     assert config.source == str(tmp_path / "child.yaml")
     # an empty section replaces the base's whole section: its defaults apply; a null key is a type error
     (tmp_path / "reset.yaml").write_text("base: shared/base.yaml\nmodel:\n")
-    config = load_config(tmp_path / "reset.yaml")
+    with caplog.at_level(logging.WARNING, logger="attention_zoo.config"):
+        config = load_config(tmp_path / "reset.yaml")
     assert config["model"] == load_config({})["model"] and config["backend"] == "math"
+    # a commented-out key under `model:` makes it null: the variant under test silently became vanilla
+    assert "reset.yaml: `model:` is empty (null), so it replaces the whole `model` section of its base" in caplog.text
     (tmp_path / "null_key.yaml").write_text("base: shared/base.yaml\nmodel: {dim: null}\n")
     with pytest.raises(ConfigError, match=r"null_key.yaml: model.dim = None: expected int"):
         load_config(tmp_path / "null_key.yaml")
