@@ -504,6 +504,22 @@ def test_registered_vanilla_gives_transformers_logits_and_selective_the_zoo_mode
     assert max_diff(selective, reference) > 1e-2
 
 
+def test_registered_attention_reads_zoo_attention_when_it_changes(llama_folder):
+    """config.zoo_attention set after the first forward was ignored (the layer was built once, with what it held
+    then), and an invalid value set then was accepted silently."""
+    from attention_zoo.hf.errors import ConversionError
+
+    register()
+    x = tokens(16)
+    model = stock(llama_folder, "zoo_selective")
+    logits(model, x)
+    model.config.zoo_attention = {"selection_head": 1}
+    assert max_diff(logits(model, x), logits(from_hf(llama_folder, variant="selective", selection_head=1), x)) < TOL
+    model.config.zoo_attention = {"selection_head": 99}
+    with pytest.raises(ConversionError, match="selection_head = 99"):
+        logits(model, x)
+
+
 @pytest.mark.parametrize("implementation", ["zoo_vanilla", "zoo_selective"])
 def test_registered_attention_is_causal(llama_folder, implementation):
     register()

@@ -25,7 +25,7 @@ PREFIX = "zoo_"
 CONFIG_KEY = "zoo_attention"  # optional mapping on the transformers config: the variant's parameters
 # The steps transformers does itself (projections, rotation, cache, output); a variant overriding one cannot run there.
 _HF_STEPS = ("forward", "project", "transform_qk", "extend_cache", "output")
-_layers: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, ProjectedAttention]]" = weakref.WeakKeyDictionary()
+_layers: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str], ProjectedAttention]]" = weakref.WeakKeyDictionary()
 
 
 def _probe(name: str) -> ProjectedAttention | None:
@@ -65,12 +65,15 @@ def needs_history(layer: ProjectedAttention) -> bool:
 
 
 def _layer_for(module: torch.nn.Module, variant: str, query: Tensor, key: Tensor) -> ProjectedAttention:
-    """The zoo layer (meta-device projections, never used) that computes `variant`'s bias for this module."""
+    """The zoo layer (meta-device projections, never used) that computes `variant`'s bias for this module, with the
+    parameters config.zoo_attention holds now (a layer per parameter set: a change after the first forward is
+    read, not ignored)."""
     per_module = _layers.setdefault(module, {})
-    if variant not in per_module:
+    config = getattr(module, "config", None)
+    params = dict(getattr(config, CONFIG_KEY, None) or {})
+    built_for = (variant, repr(sorted(params.items())))
+    if built_for not in per_module:
         heads, head_dim, kv_heads = query.shape[1], query.shape[-1], key.shape[1]
-        config = getattr(module, "config", None)
-        params = dict(getattr(config, CONFIG_KEY, None) or {})
         if kv_heads != heads or "kv_heads" in get_variant(variant).params and get_variant(variant).params["kv_heads"].required:
             params.setdefault("kv_heads", kv_heads)
         shape = LayerShape(heads * head_dim, heads, head_dim, getattr(module, "layer_idx", 0) or 0,
@@ -81,8 +84,8 @@ def _layer_for(module: torch.nn.Module, variant: str, query: Tensor, key: Tensor
             raise ConversionError(f"{PREFIX}{variant}: " + "; ".join(f"{p.key} = {p.value!r}: {p.message}" for p in problems)
                                   + f" (parameters come from config.{CONFIG_KEY})")
         with torch.device("meta"):
-            per_module[variant] = get_variant(variant)(shape, **params)
-    return per_module[variant]
+            per_module[built_for] = get_variant(variant)(shape, **params)
+    return per_module[built_for]
 
 
 def attention_function(variant: str) -> Callable[..., tuple[Tensor, None]]:
