@@ -47,35 +47,65 @@ def plugin_failures_reported(config: Config, model: CausalLM, during: str) -> It
     running (a variant, or a model.mlp / norm / position component registered outside the zoo) is raised as a
     ConfigError with one Problem at the key that chose the plug-in, naming the layer, its class and what it
     raised `during` (e.g. "the model's first forward"). Failures of the zoo's own modules pass through."""
-    running: list[str] = []  # the modules whose forward is running, outermost first: a raise never pops its own
+    running: list[str] = []  # the modules running, outermost first: one that raises stays (its forward hook never runs)
     finished = [0]  # blocks done: the stack checks a layer's state writes after its block returns
 
     def entered(name: str):
         return lambda *_: running.append(name)  # a hook returning None leaves the input and output as they are
 
-    def left(*_) -> None:
-        running.pop()
+    def left(name: str):
+        return lambda *_: _pop_to(running, name)
 
     def block_done(*_) -> None:
         finished[0] += 1
 
-    hooks = [model.blocks[i].register_forward_hook(block_done) for i in range(len(model.blocks))]
-    for name, module in model.named_modules():
-        if name:
-            hooks += [module.register_forward_pre_hook(entered(name)), module.register_forward_hook(left)]
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as exc:
-        innermost = running[-1] if running else (f"blocks.{finished[0] - 1}.attention" if finished[0] else "")
-        problem = _plugin_problem(config, model, innermost, exc, during)
-        if problem is None:
+    with contextlib.ExitStack() as undo:  # every hook and wrapper removed, however the block ends
+        for block in model.blocks:
+            undo.callback(block.register_forward_hook(block_done).remove)
+        for name, module in model.named_modules():
+            if name:
+                undo.callback(module.register_forward_pre_hook(entered(name)).remove)
+                undo.callback(module.register_forward_hook(left(name)).remove)
+                for method in _CALLED_AS_METHODS.get(name, ()):
+                    _track_method(module, method, name, running, undo)
+        try:
+            yield
+        except UserError:
             raise
-        raise ConfigError([problem]) from exc
-    finally:
-        for hook in hooks:
-            hook.remove()
+        except Exception as exc:
+            innermost = running[-1] if running else (f"blocks.{finished[0] - 1}.attention" if finished[0] else "")
+            problem = _plugin_problem(config, model, innermost, exc, during)
+            if problem is None:
+                raise
+            raise ConfigError([problem]) from exc
+
+
+def _pop_to(running: list[str], name: str) -> None:
+    """Pop `name` off `running`, with whatever is above it: a submodule that raised inside `name` (its forward hook
+    never ran) and whose exception `name` caught, as a plug-in with a fallback path does."""
+    while running and running.pop() != name:
+        pass
+
+
+def _track_method(module: torch.nn.Module, method: str, name: str, running: list[str],
+                  undo: contextlib.ExitStack) -> None:
+    """Put `name` on `running` while `module.method` runs: the model calls it directly (a positional scheme's
+    prepare / embed / rotate), not through Module.__call__, so no hook sees it. An instance attribute shadows the
+    class's method until `undo` exits."""
+    own = vars(module).get(method)  # an instance attribute of that name the module set itself, put back after
+    bound = getattr(module, method)
+
+    def tracked(*args, **kwargs):
+        running.append(name)
+        result = bound(*args, **kwargs)
+        _pop_to(running, name)
+        return result
+
+    setattr(module, method, tracked)
+    if own is not None:
+        undo.callback(setattr, module, method, own)
+    else:
+        undo.callback(delattr, module, method)
 
 
 def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Exception, during: str) -> Problem | None:
@@ -100,6 +130,9 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
     key = _COMPONENT_KEYS[parts[owner]]
     return Problem(config.source, f"model.{key}", config["model"][key], f"module {name} ({cls}): {what}")
 
+
+# a module the model calls methods of directly (not its forward) -> those methods
+_CALLED_AS_METHODS = {"position_embedding": ("prepare", "embed", "rotate")}
 
 # a stack module's attribute name -> the model key that chose it (components are plug-ins too)
 _COMPONENT_KEYS = {"mlp": "mlp", "norm_attn": "norm", "norm_mlp": "norm", "norm": "norm",

@@ -612,3 +612,67 @@ def test_validate_reports_a_broken_component_at_its_key_and_with_the_other_probl
         assert "c.yaml: train.seq_len = 64: longer than model.max_seq_len (16)" in out, out
     finally:
         del MLPS.registry._entries["zoo_narrow_mlp"]
+
+
+def test_a_plugin_that_recovers_from_its_own_submodules_failure_is_still_named(isolated_registry, tmp_path, capsys):
+    """A variant that tries a submodule and falls back when it raises left that submodule on the dry run's stack of
+    running modules (a raise skips its forward hook), and every later hook popped the wrong name: the variant's
+    real failure (state no channel declares, checked once its block returned) went out as a traceback."""
+
+    @register_variant("zoo_fallback")
+    class Fallback(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+        writes = ("zoo_not_a_channel",)
+
+        def __init__(self, shape, **base):
+            super().__init__(shape, **base)
+            self.fast = torch.nn.Module()  # a fast path this input does not take: it raises, the variant goes on
+
+        def attention_bias(self, q, k, state, cache):
+            try:
+                self.fast(q)  # Module.forward is not implemented
+            except NotImplementedError:
+                pass
+            return None, {"zoo_not_a_channel": torch.zeros(q.shape[0], device=q.device)}
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small_model({"variant": "zoo_fallback"})))
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert "c.yaml: model.attention.variant = 'zoo_fallback': layer 0 (" in out and "no declare_channel" in out, out
+
+
+@pytest.mark.parametrize("method", ["prepare", "embed", "rotate"])
+def test_a_broken_position_plugin_is_named_at_model_position(method, tmp_path, capsys):
+    """A positional scheme's prepare / embed / rotate are called as methods (by the stack, and rotate inside each
+    attention layer), never through Module.__call__, so no hook saw them: a plug-in scheme that raised there
+    went out as a traceback (or, for rotate, was blamed on the layer's variant)."""
+    from attention_zoo.components import POSITIONS
+    from attention_zoo.components.positions import PositionalScheme
+    from attention_zoo.dry_run import plugin_failures_reported
+
+    def broken(self, *args):
+        raise RuntimeError(f"{method} is broken")
+
+    POSITIONS.register("zoo_broken_position")(type("BrokenPosition", (PositionalScheme,), {method: broken}))
+    try:
+        config = small_model({"variant": "vanilla"})
+        config["model"]["position"] = "zoo_broken_position"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        for command in ("validate", "describe"):
+            assert cli_main([command, str(cfg)]) == 2
+            captured = capsys.readouterr()
+            text = captured.out + captured.err
+            assert "Traceback" not in text
+            assert "c.yaml: model.position = 'zoo_broken_position': module position_embedding (" in text, text
+            assert f"BrokenPosition): the model's forward on the meta device (1 x 16 tokens) raised RuntimeError: " \
+                   f"{method} is broken" in text, text
+        model = build_model(config)  # what the dry run put on the model is gone after a failure
+        with pytest.raises(ConfigError):
+            with plugin_failures_reported(load_config(config), model, "a test forward"):
+                model(torch.zeros(1, 4, dtype=torch.long))
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        assert method not in vars(model.position_embedding)
+    finally:
+        del POSITIONS.registry._entries["zoo_broken_position"]
