@@ -119,9 +119,7 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
     module = model.get_submodule(name)
     if type(module).__module__.split(".")[0] == "attention_zoo":
         return None
-    what = f"{during} raised {type(exc).__name__}: {exc}"
-    if re.search(r"\bmeta\b|same device", str(exc)):  # a tensor made with device="cpu" (or .cuda()) met q's
-        what += "; a tensor the plug-in makes must be on its inputs' device, e.g. device=q.device"
+    what = f"{during} raised {type(exc).__name__}: {exc}{_advice(str(exc))}"
     cls = f"{type(module).__module__}.{type(module).__qualname__}"
     if parts[owner] == "attention":
         spec = layer_specs(config["model"])[int(parts[1])]
@@ -129,6 +127,19 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
                        f"layer {spec.index} ({cls}): {what}")
     key = _COMPONENT_KEYS[parts[owner]]
     return Problem(config.source, f"model.{key}", config["model"][key], f"module {name} ({cls}): {what}")
+
+
+def _advice(message: str) -> str:
+    """What to do about a failure whose message is `message`, when its words say it: a forward that read tensor
+    values, which meta tensors do not hold (.item(): "cannot be called on meta tensors", .tolist(): "Cannot copy
+    out of meta tensor", .numpy(): "meta device type tensor"), or a tensor made on a fixed device that met the
+    inputs' ("... not on the expected device meta!", the zoo's own "on meta for q ...; got ... on cpu"); "" else."""
+    if re.search(r"\bmeta tensors?\b|\bmeta device type\b", message):
+        return ("; it reads tensor values, which the meta device does not hold: give its forward a path for it "
+                "(if q.device.type == \"meta\": return a tensor of the output's shape)")
+    if re.search(r"\bmeta\b|same device", message):  # a tensor made with device="cpu" (or .cuda()) met q's
+        return "; a tensor the plug-in makes must be on its inputs' device, e.g. device=q.device"
+    return ""
 
 
 # a module the model calls methods of directly (not its forward) -> those methods

@@ -676,3 +676,25 @@ def test_a_broken_position_plugin_is_named_at_model_position(method, tmp_path, c
         assert method not in vars(model.position_embedding)
     finally:
         del POSITIONS.registry._entries["zoo_broken_position"]
+
+
+def test_a_plugin_that_reads_tensor_values_gets_the_meta_advice_not_the_device_one(isolated_registry, tmp_path, capsys):
+    """A variant whose attend() reads a value (.item()) cannot run on the meta device; the problem told it to make
+    its tensors on its inputs' device (the advice for a CPU-made tensor), which it already does and which does not
+    help. It is told what docs/adding-a-variant.md says: give the forward a path for the meta device."""
+
+    @register_variant("zoo_reads_values")
+    class ReadsValues(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def attend(self, q, k, v, bias):
+            return super().attend(q, k, v, bias) / float(q.abs().max().item())
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small_model({"variant": "zoo_reads_values"})))
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert "raised RuntimeError: Tensor.item() cannot be called on meta tensors" in out, out
+    assert "device=q.device" not in out, out
+    assert "it reads tensor values, which the meta device does not hold: give its forward a path for it " \
+           "(if q.device.type == \"meta\": return a tensor of the output's shape)" in out, out
