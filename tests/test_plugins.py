@@ -698,3 +698,36 @@ def test_a_plugin_that_reads_tensor_values_gets_the_meta_advice_not_the_device_o
     assert "device=q.device" not in out, out
     assert "it reads tensor values, which the meta device does not hold: give its forward a path for it " \
            "(if q.device.type == \"meta\": return a tensor of the output's shape)" in out, out
+
+
+def test_a_plugin_that_fails_only_with_gradients_on_is_found_before_training(isolated_registry, tmp_path, capsys):
+    """A variant that clamps its own parameter in place in its forward runs without gradients (validate's dry run,
+    train's warm-up) and fails with them: validate said ok, and train wrote its run folder and died at its first
+    step with a traceback. validate of a training config runs the dry run with gradients on, as train's steps do,
+    and so does train's warm-up: one problem, exit 2, no run folder."""
+
+    @register_variant("zoo_clamps_in_place")
+    class ClampsInPlace(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def __init__(self, shape, **base):
+            super().__init__(shape, **base)
+            self.slope = torch.nn.Parameter(torch.ones(shape.heads))
+
+        def attention_bias(self, q, k, state, cache):
+            self.slope.clamp_(min=0)  # a leaf that requires grad, changed in place: only an error with grad on
+            return self.slope[None, :, None, None] * torch.zeros(q.shape[2], k.shape[2], device=q.device), {}
+
+    config = small_model({"variant": "zoo_clamps_in_place"},
+                         train={"steps": 1, "batch_size": 2, "seq_len": 16, "eval_every": 0})
+    config["model"]["vocab_size"] = 256
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    phrase = "raised RuntimeError: a leaf Variable that requires grad is being used in an in-place operation"
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert "c.yaml: model.attention.variant = 'zoo_clamps_in_place': layer 0 (" in out and phrase in out, out
+    assert cli_main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.attention.variant = 'zoo_clamps_in_place': layer 0 (" in err and phrase in err, err
+    assert not (tmp_path / "run").exists()
