@@ -19,7 +19,7 @@ from attention_zoo import Param, ProjectedAttention, build_model, create_variant
 from attention_zoo.cli import main as cli_main
 from attention_zoo.config import ConfigError
 from attention_zoo.registry import RegistryError
-from attention_zoo.variant import LayerShape, bias_call
+from attention_zoo.variant import LayerShape, bias_call, run_check
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PLUGIN, BROKEN = FIXTURES / "zoo_plugin", FIXTURES / "broken_plugin"
@@ -731,3 +731,48 @@ def test_a_plugin_that_fails_only_with_gradients_on_is_found_before_training(iso
     err = capsys.readouterr().err
     assert "model.attention.variant = 'zoo_clamps_in_place': layer 0 (" in err and phrase in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_plugin_check_that_raises_is_a_problem_at_its_key(isolated_registry, tmp_path, capsys):
+    """A plug-in's Param check (or a component's check_shape) that raises instead of returning a message went out
+    of validate as a traceback (exit 1); it is one problem at the key it checks, naming the check and what it
+    raised. A check of the zoo's own that raises is a bug and keeps its traceback."""
+    from attention_zoo.components import NORMS
+    from attention_zoo.components.norms import RMSNorm
+
+    def positive(value, shape):
+        return None if value > 0 else "must be > 0"  # a str value, as YAML gives it quoted: TypeError
+
+    @register_variant("zoo_raising_check")
+    class RaisingCheck(ProjectedAttention):
+        params = {**ProjectedAttention.params, "gain": Param((int, float, str), 1, "a gain", check=positive)}
+
+        def __init__(self, shape, *, gain=1, **base):
+            super().__init__(shape, **base)
+
+    @NORMS.register("zoo_raising_norm")
+    class RaisingNorm(RMSNorm):
+        @classmethod
+        def check_shape(cls, shape):
+            return None if shape.dim % shape.bad_name else "odd"  # AttributeError
+
+    try:
+        config = small_model({"variant": "zoo_raising_check", "gain": "2"})
+        config["model"]["norm"] = "zoo_raising_norm"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        assert cli_main(["validate", str(cfg)]) == 2
+        out = capsys.readouterr().out
+        assert "c.yaml: model.attention.gain = '2': its check (test_plugins." in out and \
+               "positive) raised TypeError: '>' not supported between instances of 'str' and 'int'" in out, out
+        assert "c.yaml: model.norm = 'zoo_raising_norm': its check (test_plugins." in out and \
+               "RaisingNorm.check_shape) raised AttributeError: " in out, out
+    finally:
+        del NORMS.registry._entries["zoo_raising_norm"]
+
+    def zoo_bug(value, shape):
+        raise ValueError("a bug in the zoo's check")
+
+    zoo_bug.__module__ = "attention_zoo.variant"  # as the zoo's own checks are
+    with pytest.raises(ValueError, match="a bug in the zoo's check"):
+        run_check(zoo_bug, 1, None)
