@@ -65,6 +65,8 @@ def plugin_failures_reported(config: Config, model: CausalLM, during: str) -> It
         for name, module in model.named_modules():
             if name:
                 undo.callback(module.register_forward_pre_hook(entered(name)).remove)
+                if re.fullmatch(_SHAPE_KEEPING, name) and not _zoos_own(module):  # checked while it is running
+                    undo.callback(module.register_forward_hook(_same_shape).remove)
                 undo.callback(module.register_forward_hook(left(name)).remove)
                 for method in _CALLED_AS_METHODS.get(name, ()):
                     _track_method(module, method, name, running, undo)
@@ -85,6 +87,18 @@ def _pop_to(running: list[str], name: str) -> None:
     never ran) and whose exception `name` caught, as a plug-in with a fallback path does."""
     while running and running.pop() != name:
         pass
+
+
+def _same_shape(module: torch.nn.Module, inputs: tuple, output) -> None:
+    """A forward hook: raise ValueError when a norm or MLP's `output` is not shaped like its input x (B, N, dim);
+    otherwise the layer after it fails, and the failure is blamed on that layer."""
+    if isinstance(output, torch.Tensor) and inputs and output.shape != inputs[0].shape:
+        raise ValueError(f"returned shape {tuple(output.shape)} for an input of shape {tuple(inputs[0].shape)}; "
+                         "a norm or MLP returns its input's shape")
+
+
+def _zoos_own(module: torch.nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "attention_zoo"
 
 
 def _track_method(module: torch.nn.Module, method: str, name: str, running: list[str],
@@ -117,7 +131,7 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
         return None
     name = ".".join(parts[: owner + 1])
     module = model.get_submodule(name)
-    if type(module).__module__.split(".")[0] == "attention_zoo":
+    if _zoos_own(module):
         return None
     what = f"{during} raised {type(exc).__name__}: {exc}{_advice(str(exc))}"
     cls = f"{type(module).__module__}.{type(module).__qualname__}"
@@ -141,6 +155,9 @@ def _advice(message: str) -> str:
         return "; a tensor the plug-in makes must be on its inputs' device, e.g. device=q.device"
     return ""
 
+
+# the stack's norms and MLPs, whose output has their input's shape (B, N, dim)
+_SHAPE_KEEPING = r"(blocks\.\d+\.)?(norm_attn|norm_mlp|mlp)|norm"
 
 # a module the model calls methods of directly (not its forward) -> those methods
 _CALLED_AS_METHODS = {"position_embedding": ("prepare", "embed", "rotate")}

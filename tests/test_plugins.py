@@ -776,3 +776,29 @@ def test_a_plugin_check_that_raises_is_a_problem_at_its_key(isolated_registry, t
     zoo_bug.__module__ = "attention_zoo.variant"  # as the zoo's own checks are
     with pytest.raises(ValueError, match="a bug in the zoo's check"):
         run_check(zoo_bug, 1, None)
+
+
+def test_a_norm_plugin_that_returns_another_shape_is_named_not_the_layer_after_it(tmp_path, capsys):
+    """A plug-in norm that returns another shape than its input's does not fail itself: the attention layer after
+    it does, a built-in, so the problem went out as a traceback blaming the zoo. A plug-in norm or MLP returning
+    another shape is the problem, at model.norm / model.mlp."""
+    from attention_zoo.components import NORMS
+    from attention_zoo.components.norms import RMSNorm
+
+    @NORMS.register("zoo_flattening_norm")
+    class Flattening(RMSNorm):
+        def forward(self, x):
+            return super().forward(x).flatten(1)  # (B, N * dim)
+
+    try:
+        config = small_model({"variant": "vanilla"})
+        config["model"]["norm"] = "zoo_flattening_norm"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        assert cli_main(["validate", str(cfg)]) == 2
+        out = capsys.readouterr().out
+        assert "c.yaml: model.norm = 'zoo_flattening_norm': module blocks.0.norm_attn (" in out, out
+        assert "raised ValueError: returned shape (1, 512) for an input of shape (1, 16, 32); a norm or MLP " \
+               "returns its input's shape" in out, out
+    finally:
+        del NORMS.registry._entries["zoo_flattening_norm"]
