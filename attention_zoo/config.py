@@ -23,7 +23,7 @@ from .errors import UserError
 from .numbers import finite_problem
 from .registry import PluginFailure, RegistryError, did_you_mean, import_plugins, valid_choices
 from .state import CHANNELS
-from .variant import LayerShape, type_name, type_ok
+from .variant import LayerShape, run_check, type_name, type_ok
 from .variant_registry import VARIANTS, check_params, get_variant, resolved_params
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def model_fields() -> dict[str, Field]:
     for key, kind in KINDS.items():
         fields[key] = Field(str, STACK_DEFAULTS[key], kind.doc, choices=tuple(kind.names()))
         for name, param in kind.params().items():
-            check = (lambda p: (lambda v: p.check(v, None)))(param) if param.check else None
+            check = (lambda p: (lambda v: run_check(p.check, v, None)))(param) if param.check else None
             fields[name] = Field(param.type, param.default, param.doc, param.choices, check=check, finite=param.finite)
     return fields
 
@@ -336,7 +336,7 @@ def _check_components(model: dict, source: str) -> list[Problem]:
     problems = []
     for key, kind in KINDS.items():
         name = model.get(key)
-        if name in kind.names() and (message := kind.get(name).check_shape(stack_shape(model))):
+        if name in kind.names() and (message := run_check(kind.get(name).check_shape, stack_shape(model))):
             problems.append(Problem(source, f"model.{key}", name, message))
     return problems
 

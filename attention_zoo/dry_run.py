@@ -47,35 +47,79 @@ def plugin_failures_reported(config: Config, model: CausalLM, during: str) -> It
     running (a variant, or a model.mlp / norm / position component registered outside the zoo) is raised as a
     ConfigError with one Problem at the key that chose the plug-in, naming the layer, its class and what it
     raised `during` (e.g. "the model's first forward"). Failures of the zoo's own modules pass through."""
-    running: list[str] = []  # the modules whose forward is running, outermost first: a raise never pops its own
+    running: list[str] = []  # the modules running, outermost first: one that raises stays (its forward hook never runs)
     finished = [0]  # blocks done: the stack checks a layer's state writes after its block returns
 
     def entered(name: str):
         return lambda *_: running.append(name)  # a hook returning None leaves the input and output as they are
 
-    def left(*_) -> None:
-        running.pop()
+    def left(name: str):
+        return lambda *_: _pop_to(running, name)
 
     def block_done(*_) -> None:
         finished[0] += 1
 
-    hooks = [model.blocks[i].register_forward_hook(block_done) for i in range(len(model.blocks))]
-    for name, module in model.named_modules():
-        if name:
-            hooks += [module.register_forward_pre_hook(entered(name)), module.register_forward_hook(left)]
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as exc:
-        innermost = running[-1] if running else (f"blocks.{finished[0] - 1}.attention" if finished[0] else "")
-        problem = _plugin_problem(config, model, innermost, exc, during)
-        if problem is None:
+    with contextlib.ExitStack() as undo:  # every hook and wrapper removed, however the block ends
+        for block in model.blocks:
+            undo.callback(block.register_forward_hook(block_done).remove)
+        for name, module in model.named_modules():
+            if name:
+                undo.callback(module.register_forward_pre_hook(entered(name)).remove)
+                if re.fullmatch(_SHAPE_KEEPING, name) and not _zoos_own(module):  # checked while it is running
+                    undo.callback(module.register_forward_hook(_same_shape).remove)
+                undo.callback(module.register_forward_hook(left(name)).remove)
+                for method in _CALLED_AS_METHODS.get(name, ()):
+                    _track_method(module, method, name, running, undo)
+        try:
+            yield
+        except UserError:
             raise
-        raise ConfigError([problem]) from exc
-    finally:
-        for hook in hooks:
-            hook.remove()
+        except Exception as exc:
+            innermost = running[-1] if running else (f"blocks.{finished[0] - 1}.attention" if finished[0] else "")
+            problem = _plugin_problem(config, model, innermost, exc, during)
+            if problem is None:
+                raise
+            raise ConfigError([problem]) from exc
+
+
+def _pop_to(running: list[str], name: str) -> None:
+    """Pop `name` off `running`, with whatever is above it: a submodule that raised inside `name` (its forward hook
+    never ran) and whose exception `name` caught, as a plug-in with a fallback path does."""
+    while running and running.pop() != name:
+        pass
+
+
+def _same_shape(module: torch.nn.Module, inputs: tuple, output) -> None:
+    """A forward hook: raise ValueError when a norm or MLP's `output` is not shaped like its input x (B, N, dim);
+    otherwise the layer after it fails, and the failure is blamed on that layer."""
+    if isinstance(output, torch.Tensor) and inputs and output.shape != inputs[0].shape:
+        raise ValueError(f"returned shape {tuple(output.shape)} for an input of shape {tuple(inputs[0].shape)}; "
+                         "a norm or MLP returns its input's shape")
+
+
+def _zoos_own(module: torch.nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "attention_zoo"
+
+
+def _track_method(module: torch.nn.Module, method: str, name: str, running: list[str],
+                  undo: contextlib.ExitStack) -> None:
+    """Put `name` on `running` while `module.method` runs: the model calls it directly (a positional scheme's
+    prepare / embed / rotate), not through Module.__call__, so no hook sees it. An instance attribute shadows the
+    class's method until `undo` exits."""
+    own = vars(module).get(method)  # an instance attribute of that name the module set itself, put back after
+    bound = getattr(module, method)
+
+    def tracked(*args, **kwargs):
+        running.append(name)
+        result = bound(*args, **kwargs)
+        _pop_to(running, name)
+        return result
+
+    setattr(module, method, tracked)
+    if own is not None:
+        undo.callback(setattr, module, method, own)
+    else:
+        undo.callback(delattr, module, method)
 
 
 def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Exception, during: str) -> Problem | None:
@@ -87,11 +131,9 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
         return None
     name = ".".join(parts[: owner + 1])
     module = model.get_submodule(name)
-    if type(module).__module__.split(".")[0] == "attention_zoo":
+    if _zoos_own(module):
         return None
-    what = f"{during} raised {type(exc).__name__}: {exc}"
-    if re.search(r"\bmeta\b|same device", str(exc)):  # a tensor made with device="cpu" (or .cuda()) met q's
-        what += "; a tensor the plug-in makes must be on its inputs' device, e.g. device=q.device"
+    what = f"{during} raised {type(exc).__name__}: {exc}{_advice(str(exc))}"
     cls = f"{type(module).__module__}.{type(module).__qualname__}"
     if parts[owner] == "attention":
         spec = layer_specs(config["model"])[int(parts[1])]
@@ -100,6 +142,25 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
     key = _COMPONENT_KEYS[parts[owner]]
     return Problem(config.source, f"model.{key}", config["model"][key], f"module {name} ({cls}): {what}")
 
+
+def _advice(message: str) -> str:
+    """What to do about a failure whose message is `message`, when its words say it: a forward that read tensor
+    values, which meta tensors do not hold (.item(): "cannot be called on meta tensors", .tolist(): "Cannot copy
+    out of meta tensor", .numpy(): "meta device type tensor"), or a tensor made on a fixed device that met the
+    inputs' ("... not on the expected device meta!", the zoo's own "on meta for q ...; got ... on cpu"); "" else."""
+    if re.search(r"\bmeta tensors?\b|\bmeta device type\b", message):
+        return ("; it reads tensor values, which the meta device does not hold: give its forward a path for it "
+                "(if q.device.type == \"meta\": return a tensor of the output's shape)")
+    if re.search(r"\bmeta\b|same device", message):  # a tensor made with device="cpu" (or .cuda()) met q's
+        return "; a tensor the plug-in makes must be on its inputs' device, e.g. device=q.device"
+    return ""
+
+
+# the stack's norms and MLPs, whose output has their input's shape (B, N, dim)
+_SHAPE_KEEPING = r"(blocks\.\d+\.)?(norm_attn|norm_mlp|mlp)|norm"
+
+# a module the model calls methods of directly (not its forward) -> those methods
+_CALLED_AS_METHODS = {"position_embedding": ("prepare", "embed", "rotate")}
 
 # a stack module's attribute name -> the model key that chose it (components are plug-ins too)
 _COMPONENT_KEYS = {"mlp": "mlp", "norm_attn": "norm", "norm_mlp": "norm", "norm": "norm",

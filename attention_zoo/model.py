@@ -121,10 +121,12 @@ class CausalLM(nn.Module):
         logits = self.lm_head(self.norm(x))  # (B, N, V)
         return (logits, per_layer) if return_state else logits
 
-    def warm_up(self, device: torch.device | str) -> list[int]:
-        """One forward of two tokens on `device`, without gradients or dropout, so that what a backend builds
+    def warm_up(self, device: torch.device | str, *, grad: bool = False) -> list[int]:
+        """One forward of two tokens on `device`, without dropout (and gradients), so that what a backend builds
         on first use for this model's calls (the CPU selective-attention kernel: about a minute, once per
         machine) is built now, outside timed work. Changes no parameter and draws no random numbers.
+        With `grad`, the forward records gradients, as a training step's does: what fails only then (a plug-in
+        changing a parameter in place) fails here, before a training run writes anything (no backward runs).
 
         Returns the indices of the layers that made no backend call: their variant computes attention in its
         own `attend()`, so the config's `backend:` does not apply to them (train and bench say so)."""
@@ -140,7 +142,7 @@ class CausalLM(nn.Module):
 
             hooks = [block.register_forward_hook(layer_done) for block in self.blocks]
             try:
-                with torch.no_grad():
+                with torch.set_grad_enabled(grad):
                     self(torch.zeros(1, 2, dtype=torch.long, device=device))
             finally:
                 self.train(was_training)

@@ -79,6 +79,21 @@ class Param:
         return type_name(self.type)
 
 
+def run_check(check: Callable[..., str | None], *args: Any) -> str | None:
+    """`check(*args)`: a Param's check or a component's check_shape, which returns an error message or None. One
+    that a plug-in wrote and that raises (an Exception) is reported as the message "its check (NAME) raised
+    TYPE: ...", so validation names the key rather than stopping with a traceback; a check of the zoo's own that
+    raises is a bug, raised as it is."""
+    try:
+        return check(*args)
+    except Exception as exc:
+        module = getattr(check, "__module__", None) or ""
+        if module.split(".")[0] == "attention_zoo":
+            raise
+        name = f"{module}.{getattr(check, '__qualname__', check)}".lstrip(".")  # the plug-in file and function
+        return f"its check ({name}) raised {type(exc).__name__}: {exc}"
+
+
 @runtime_checkable
 class AttentionVariant(Protocol):
     """The contract the stack relies on. Subclassing `ProjectedAttention` gives all of it for free.

@@ -14,7 +14,7 @@ from torch import nn
 
 from .numbers import finite_problem
 from .registry import Registry, RegistryError, did_you_mean
-from .variant import LayerShape, Param, type_ok
+from .variant import LayerShape, Param, run_check, type_ok
 
 VARIANTS: Registry[type] = Registry("variant", entry_point_group="attention_zoo.variants",
                                     builtin_modules=("attention_zoo.variants",))
@@ -82,7 +82,7 @@ def check_params(name: str, params: dict[str, Any], shape: LayerShape) -> list[P
             problems.append(ParamProblem(key, value, f"{hint}valid: {', '.join(map(str, spec.choices))}"))
             continue
         if spec.check is not None:
-            message = spec.check(value, shape)
+            message = run_check(spec.check, value, shape)  # a plug-in's check that raises: a message
             if message:
                 problems.append(ParamProblem(key, value, message))
     return problems

@@ -19,7 +19,7 @@ from attention_zoo import Param, ProjectedAttention, build_model, create_variant
 from attention_zoo.cli import main as cli_main
 from attention_zoo.config import ConfigError
 from attention_zoo.registry import RegistryError
-from attention_zoo.variant import LayerShape, bias_call
+from attention_zoo.variant import LayerShape, bias_call, run_check
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PLUGIN, BROKEN = FIXTURES / "zoo_plugin", FIXTURES / "broken_plugin"
@@ -612,3 +612,193 @@ def test_validate_reports_a_broken_component_at_its_key_and_with_the_other_probl
         assert "c.yaml: train.seq_len = 64: longer than model.max_seq_len (16)" in out, out
     finally:
         del MLPS.registry._entries["zoo_narrow_mlp"]
+
+
+def test_a_plugin_that_recovers_from_its_own_submodules_failure_is_still_named(isolated_registry, tmp_path, capsys):
+    """A variant that tries a submodule and falls back when it raises left that submodule on the dry run's stack of
+    running modules (a raise skips its forward hook), and every later hook popped the wrong name: the variant's
+    real failure (state no channel declares, checked once its block returned) went out as a traceback."""
+
+    @register_variant("zoo_fallback")
+    class Fallback(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+        writes = ("zoo_not_a_channel",)
+
+        def __init__(self, shape, **base):
+            super().__init__(shape, **base)
+            self.fast = torch.nn.Module()  # a fast path this input does not take: it raises, the variant goes on
+
+        def attention_bias(self, q, k, state, cache):
+            try:
+                self.fast(q)  # Module.forward is not implemented
+            except NotImplementedError:
+                pass
+            return None, {"zoo_not_a_channel": torch.zeros(q.shape[0], device=q.device)}
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small_model({"variant": "zoo_fallback"})))
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert "c.yaml: model.attention.variant = 'zoo_fallback': layer 0 (" in out and "no declare_channel" in out, out
+
+
+@pytest.mark.parametrize("method", ["prepare", "embed", "rotate"])
+def test_a_broken_position_plugin_is_named_at_model_position(method, tmp_path, capsys):
+    """A positional scheme's prepare / embed / rotate are called as methods (by the stack, and rotate inside each
+    attention layer), never through Module.__call__, so no hook saw them: a plug-in scheme that raised there
+    went out as a traceback (or, for rotate, was blamed on the layer's variant)."""
+    from attention_zoo.components import POSITIONS
+    from attention_zoo.components.positions import PositionalScheme
+    from attention_zoo.dry_run import plugin_failures_reported
+
+    def broken(self, *args):
+        raise RuntimeError(f"{method} is broken")
+
+    POSITIONS.register("zoo_broken_position")(type("BrokenPosition", (PositionalScheme,), {method: broken}))
+    try:
+        config = small_model({"variant": "vanilla"})
+        config["model"]["position"] = "zoo_broken_position"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        for command in ("validate", "describe"):
+            assert cli_main([command, str(cfg)]) == 2
+            captured = capsys.readouterr()
+            text = captured.out + captured.err
+            assert "Traceback" not in text
+            assert "c.yaml: model.position = 'zoo_broken_position': module position_embedding (" in text, text
+            assert f"BrokenPosition): the model's forward on the meta device (1 x 16 tokens) raised RuntimeError: " \
+                   f"{method} is broken" in text, text
+        model = build_model(config)  # what the dry run put on the model is gone after a failure
+        with pytest.raises(ConfigError):
+            with plugin_failures_reported(load_config(config), model, "a test forward"):
+                model(torch.zeros(1, 4, dtype=torch.long))
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        assert method not in vars(model.position_embedding)
+    finally:
+        del POSITIONS.registry._entries["zoo_broken_position"]
+
+
+def test_a_plugin_that_reads_tensor_values_gets_the_meta_advice_not_the_device_one(isolated_registry, tmp_path, capsys):
+    """A variant whose attend() reads a value (.item()) cannot run on the meta device; the problem told it to make
+    its tensors on its inputs' device (the advice for a CPU-made tensor), which it already does and which does not
+    help. It is told what docs/adding-a-variant.md says: give the forward a path for the meta device."""
+
+    @register_variant("zoo_reads_values")
+    class ReadsValues(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def attend(self, q, k, v, bias):
+            return super().attend(q, k, v, bias) / float(q.abs().max().item())
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small_model({"variant": "zoo_reads_values"})))
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert "raised RuntimeError: Tensor.item() cannot be called on meta tensors" in out, out
+    assert "device=q.device" not in out, out
+    assert "it reads tensor values, which the meta device does not hold: give its forward a path for it " \
+           "(if q.device.type == \"meta\": return a tensor of the output's shape)" in out, out
+
+
+def test_a_plugin_that_fails_only_with_gradients_on_is_found_before_training(isolated_registry, tmp_path, capsys):
+    """A variant that clamps its own parameter in place in its forward runs without gradients (validate's dry run,
+    train's warm-up) and fails with them: validate said ok, and train wrote its run folder and died at its first
+    step with a traceback. validate of a training config runs the dry run with gradients on, as train's steps do,
+    and so does train's warm-up: one problem, exit 2, no run folder."""
+
+    @register_variant("zoo_clamps_in_place")
+    class ClampsInPlace(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def __init__(self, shape, **base):
+            super().__init__(shape, **base)
+            self.slope = torch.nn.Parameter(torch.ones(shape.heads))
+
+        def attention_bias(self, q, k, state, cache):
+            self.slope.clamp_(min=0)  # a leaf that requires grad, changed in place: only an error with grad on
+            return self.slope[None, :, None, None] * torch.zeros(q.shape[2], k.shape[2], device=q.device), {}
+
+    config = small_model({"variant": "zoo_clamps_in_place"},
+                         train={"steps": 1, "batch_size": 2, "seq_len": 16, "eval_every": 0})
+    config["model"]["vocab_size"] = 256
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    phrase = "raised RuntimeError: a leaf Variable that requires grad is being used in an in-place operation"
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert "c.yaml: model.attention.variant = 'zoo_clamps_in_place': layer 0 (" in out and phrase in out, out
+    assert cli_main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.attention.variant = 'zoo_clamps_in_place': layer 0 (" in err and phrase in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plugin_check_that_raises_is_a_problem_at_its_key(isolated_registry, tmp_path, capsys):
+    """A plug-in's Param check (or a component's check_shape) that raises instead of returning a message went out
+    of validate as a traceback (exit 1); it is one problem at the key it checks, naming the check and what it
+    raised. A check of the zoo's own that raises is a bug and keeps its traceback."""
+    from attention_zoo.components import NORMS
+    from attention_zoo.components.norms import RMSNorm
+
+    def positive(value, shape):
+        return None if value > 0 else "must be > 0"  # a str value, as YAML gives it quoted: TypeError
+
+    @register_variant("zoo_raising_check")
+    class RaisingCheck(ProjectedAttention):
+        params = {**ProjectedAttention.params, "gain": Param((int, float, str), 1, "a gain", check=positive)}
+
+        def __init__(self, shape, *, gain=1, **base):
+            super().__init__(shape, **base)
+
+    @NORMS.register("zoo_raising_norm")
+    class RaisingNorm(RMSNorm):
+        @classmethod
+        def check_shape(cls, shape):
+            return None if shape.dim % shape.bad_name else "odd"  # AttributeError
+
+    try:
+        config = small_model({"variant": "zoo_raising_check", "gain": "2"})
+        config["model"]["norm"] = "zoo_raising_norm"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        assert cli_main(["validate", str(cfg)]) == 2
+        out = capsys.readouterr().out
+        assert "c.yaml: model.attention.gain = '2': its check (test_plugins." in out and \
+               "positive) raised TypeError: '>' not supported between instances of 'str' and 'int'" in out, out
+        assert "c.yaml: model.norm = 'zoo_raising_norm': its check (test_plugins." in out and \
+               "RaisingNorm.check_shape) raised AttributeError: " in out, out
+    finally:
+        del NORMS.registry._entries["zoo_raising_norm"]
+
+    def zoo_bug(value, shape):
+        raise ValueError("a bug in the zoo's check")
+
+    zoo_bug.__module__ = "attention_zoo.variant"  # as the zoo's own checks are
+    with pytest.raises(ValueError, match="a bug in the zoo's check"):
+        run_check(zoo_bug, 1, None)
+
+
+def test_a_norm_plugin_that_returns_another_shape_is_named_not_the_layer_after_it(tmp_path, capsys):
+    """A plug-in norm that returns another shape than its input's does not fail itself: the attention layer after
+    it does, a built-in, so the problem went out as a traceback blaming the zoo. A plug-in norm or MLP returning
+    another shape is the problem, at model.norm / model.mlp."""
+    from attention_zoo.components import NORMS
+    from attention_zoo.components.norms import RMSNorm
+
+    @NORMS.register("zoo_flattening_norm")
+    class Flattening(RMSNorm):
+        def forward(self, x):
+            return super().forward(x).flatten(1)  # (B, N * dim)
+
+    try:
+        config = small_model({"variant": "vanilla"})
+        config["model"]["norm"] = "zoo_flattening_norm"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        assert cli_main(["validate", str(cfg)]) == 2
+        out = capsys.readouterr().out
+        assert "c.yaml: model.norm = 'zoo_flattening_norm': module blocks.0.norm_attn (" in out, out
+        assert "raised ValueError: returned shape (1, 512) for an input of shape (1, 16, 32); a norm or MLP " \
+               "returns its input's shape" in out, out
+    finally:
+        del NORMS.registry._entries["zoo_flattening_norm"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 from pathlib import Path
@@ -87,8 +88,9 @@ def cmd_validate(args) -> int:
             broken = [f"{file}: plugins[{i}] = {module!r}: cannot be imported ({failure.error}); train would run "
                       "without it" for i, module in enumerate(config["plugins"])
                       if (failure := config.plugin_failures.get(module)) is not None]
-            problems = _problems_of(dry_run, config)  # a plug-in's broken contract (a bias's shape, its state)
-            if _trains(file):  # a training config: also what needs model, data and train together, as train checks
+            trains = _trains(file)  # a training config: its dry run with gradients on, as train's steps run
+            problems = _problems_of(functools.partial(dry_run, train=trains), config)  # a plug-in's broken contract
+            if trains:  # also what needs model, data and train together, as train checks
                 from ..train.loop import plan_run
 
                 problems += _problems_of(plan_run, config)

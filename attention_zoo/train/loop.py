@@ -422,9 +422,10 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     optimizer = build_optimizer(model, tcfg, device)
     schedule = build_schedule(optimizer, tcfg)
     # kernels built on first use (not in the first step's time nor the run's tokens/s), and a plug-in's broken
-    # contract (its bias, its state writes) found and named, before the run folder is written
+    # contract (its bias, its state writes, what fails only with gradients on) found and named, before the run
+    # folder is written
     with plugin_failures_reported(config, model, f"the model's first forward (2 tokens on {device})"):
-        note = own_attention_note(model, model.warm_up(device), config["backend"])
+        note = own_attention_note(model, model.warm_up(device, grad=True), config["backend"])
     if note and world.is_main:
         print(f"attention-zoo train: note: {note}")
     D.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
