@@ -15,6 +15,7 @@ import pkgutil
 import signal
 import sys
 import threading
+import traceback
 
 from . import commands
 from .env import check_environment
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
         return code
     except (UserError, RegistryError) as exc:
+        if args.verbose and exc.__cause__ is not None:  # a plug-in's failure behind a config problem: its traceback
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
         print(f"attention-zoo {args.command}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except Terminated:

@@ -5,7 +5,9 @@ warm-up forward `train` runs before it writes its run folder."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
+import traceback
 from collections.abc import Iterator
 
 import torch
@@ -133,7 +135,7 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
     module = model.get_submodule(name)
     if _zoos_own(module):
         return None
-    what = f"{during} raised {type(exc).__name__}: {exc}{_advice(str(exc))}"
+    what = f"{during} raised {type(exc).__name__}: {exc}{_where(exc, type(module))}{_advice(str(exc))}"
     cls = f"{type(module).__module__}.{type(module).__qualname__}"
     if parts[owner] == "attention":
         spec = layer_specs(config["model"])[int(parts[1])]
@@ -141,6 +143,17 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
                        f"layer {spec.index} ({cls}): {what}")
     key = _COMPONENT_KEYS[parts[owner]]
     return Problem(config.source, f"model.{key}", config["model"][key], f"module {name} ({cls}): {what}")
+
+
+def _where(exc: Exception, cls: type) -> str:
+    """" (at FILE:LINE)": the last line of `cls`'s source file that `exc` passed through (the plug-in author's own
+    line, where the zoo code it called raised), or "" when its traceback never entered that file."""
+    try:
+        source = inspect.getsourcefile(cls)
+    except TypeError:  # a class defined where no file can be found (an interactive session)
+        return ""
+    lines = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == source]
+    return f" (at {lines[-1].filename}:{lines[-1].lineno})" if lines else ""
 
 
 def _advice(message: str) -> str:

@@ -609,6 +609,9 @@ def test_validate_reports_a_broken_component_at_its_key_and_with_the_other_probl
         out = capsys.readouterr().out
         assert "2 problems in config" in out, out
         assert "c.yaml: model.mlp = 'zoo_narrow_mlp': module blocks.0.mlp (" in out and "Narrow" in out, out
+        assert f"(at {__file__}:" in out, out  # the plug-in's own line that called into what raised
+        assert cli_main(["-v", "validate", str(cfg)]) == 2  # -v: the plug-in's traceback too
+        assert "Traceback (most recent call last)" in capsys.readouterr().err
         assert "c.yaml: train.seq_len = 64: longer than model.max_seq_len (16)" in out, out
     finally:
         del MLPS.registry._entries["zoo_narrow_mlp"]

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import traceback
 from pathlib import Path
 
 import torch
@@ -89,11 +90,12 @@ def cmd_validate(args) -> int:
                       "without it" for i, module in enumerate(config["plugins"])
                       if (failure := config.plugin_failures.get(module)) is not None]
             trains = _trains(file)  # a training config: its dry run with gradients on, as train's steps run
-            problems = _problems_of(functools.partial(dry_run, train=trains), config)  # a plug-in's broken contract
+            # a plug-in's broken contract (a bias's shape, its state), found by one forward on the meta device
+            problems = _problems_of(functools.partial(dry_run, train=trains), config, args.verbose)
             if trains:  # also what needs model, data and train together, as train checks
                 from ..train.loop import plan_run
 
-                problems += _problems_of(plan_run, config)
+                problems += _problems_of(plan_run, config, args.verbose)
             if problems:
                 raise ConfigError(problems)
             if broken:
@@ -105,12 +107,15 @@ def cmd_validate(args) -> int:
     return 2 if failed else 0
 
 
-def _problems_of(check, config) -> list[Problem]:
+def _problems_of(check, config, verbose: bool) -> list[Problem]:
     """The problems `check(config)` raises as a ConfigError (none if it returns), so that validate reports those of
-    every check together; another UserError (a DataError) passes through."""
+    every check together; another UserError (a DataError) passes through. `verbose`: also print the traceback of
+    what caused it (a plug-in's failing forward)."""
     try:
         check(config)
     except ConfigError as exc:
+        if verbose and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)
         return list(exc.problems)
     return []
 
