@@ -11,6 +11,14 @@ from ..numbers import finite_float
 from ..paths import check_output_path
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where there is none to show (None, an empty list): a required
+    --out, or --threads whose help says what unset means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default in (None, []) else super()._get_help_string(action)
+
+
 def _list(kind):
     """An argparse type: comma-separated items of `kind`, each once in the order given (a point measured twice
     would give two vanilla rows, and ratios to whichever came last)."""
@@ -32,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time and peak memory of variants x backends x sequence lengths x batch sizes",
                        description="Each point runs in its own process; ratios to vanilla come from the same run. "
                                    "Writes results.json, results.md and results.png to --out and prints the table.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsShown)
     p.add_argument("--variants", type=_list(str), default=["vanilla", "selective"],
                    help="comma-separated presets (vanilla, gqa, mqa, residual, selective, selective_gqa, "
                         "selective_residual, cross_layer_share, cross_layer_accumulate), registered variant names, "

@@ -548,7 +548,8 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         if tcfg["eval_every"] and done % tcfg["eval_every"] == 0 and done < tcfg["steps"]:
             val_metrics = validate(done)
             if world.is_main and progress:
-                bar.write(f"step {done}: val " + " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
+                bar.write(f"step {done}: val " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in val_metrics.items()))
         if checkpoint_due:
             checkpoint_now(done)
     bar.close()
