@@ -456,7 +456,7 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
         return {}, [Problem(source, "base", base, "expected a path to another YAML file")]
     names = names or (source,)
     label = names[-1] + (f" ({', '.join(f'base of {n}' for n in reversed(names[:-1]))})" if len(names) > 1 else "")
-    ambiguous = _resolve_file_keys(data, path, names[-1], label)
+    ambiguous = resolve_file_keys(data, path, names[-1], label)
     parent, problems = {}, []
     if base is not None:
         # the base's name as the user would write it: beside the file that names it
@@ -476,7 +476,7 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
 FILE_KEYS = (("data", "text"),)
 
 
-def _resolve_file_keys(data: dict, path: Path, name: str, label: str) -> list[Problem]:
+def resolve_file_keys(data: dict, path: Path, name: str, label: str) -> list[Problem]:
     """Rewrite each relative FILE_KEYS value of `data` (YAML file `path`, which the user named `name`) that does
     not exist from the working directory but does beside `path` into that file's absolute path, so the run's
     config.yaml names it from anywhere. A relative path that exists in both places, as two different files,

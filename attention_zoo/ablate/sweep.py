@@ -27,8 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError, Field, Problem, apply_override, load_config, read_yaml_file, validate_fields
-from ..config import _resolve_file_keys as resolve_file_keys  # what a config file's own paths get
+from ..config import (
+    Config,
+    ConfigError,
+    Field,
+    Problem,
+    apply_override,
+    load_config,
+    read_yaml_file,
+    resolve_file_keys,
+    validate_fields,
+)
 from ..data import DataError
 
 METRICS = ("val.loss", "val.bpb", "val.ppl", "val.accuracy", "train_loss")
