@@ -168,20 +168,20 @@ def _backend_choices() -> tuple[str, ...]:
     return BACKEND_CHOICES
 
 
-def _at_most(limit: int) -> Callable[[int], str | None]:
+def at_most(limit: int) -> Callable[[int], str | None]:
     """A bound far above any real model's, so that a typo (an extra digit, 1e20) is an error in validation
     instead of a memory exhaustion or an integer overflow inside torch."""
     return lambda value: None if value is None or value <= limit else f"must be <= {limit:,} (a typo?)"
 
 
 MODEL_FIELDS = {
-    "vocab_size": Field(int, 256, "tokens in the vocabulary", minimum=1, check=_at_most(2**31 - 1)),
-    "dim": Field(int, 256, "model width", minimum=1, check=_at_most(2**20)),
-    "depth": Field(int, 4, "number of transformer blocks", minimum=1, check=_at_most(10_000)),
-    "heads": Field(int, 8, "query heads per layer", minimum=1, check=_at_most(2**16)),
-    "head_dim": Field((int, type(None)), None, "per-head width; default dim // heads", minimum=1, check=_at_most(2**16)),
+    "vocab_size": Field(int, 256, "tokens in the vocabulary", minimum=1, check=at_most(2**31 - 1)),
+    "dim": Field(int, 256, "model width", minimum=1, check=at_most(2**20)),
+    "depth": Field(int, 4, "number of transformer blocks", minimum=1, check=at_most(10_000)),
+    "heads": Field(int, 8, "query heads per layer", minimum=1, check=at_most(2**16)),
+    "head_dim": Field((int, type(None)), None, "per-head width; default dim // heads", minimum=1, check=at_most(2**16)),
     "max_seq_len": Field(int, 1024, "training length; a hard cap only with position: learned", minimum=1,
-                         check=_at_most(2**31 - 1)),
+                         check=at_most(2**31 - 1)),
     "mlp_ratio": Field(float, 4.0, "input of the MLP's hidden-width rule (gelu: ratio * dim, swiglu: 2/3 of that)",
                        minimum=0, check=lambda v: None if v > 0 else "must be > 0"),
     "dropout": Field(float, 0.0, "dropout probability", minimum=0, check=lambda v: None if v < 1 else "must be < 1"),

@@ -16,6 +16,7 @@ from .backends import AttentionCall, recording_calls
 from .config import Config, ConfigError, Problem, build_model, layer_specs
 from .errors import UserError
 from .model import CausalLM
+from .variant import zoos_own
 
 
 def dry_run(config: Config, *, train: bool = False) -> tuple[CausalLM, list[list[AttentionCall]]]:
@@ -67,7 +68,7 @@ def plugin_failures_reported(config: Config, model: CausalLM, during: str) -> It
         for name, module in model.named_modules():
             if name:
                 undo.callback(module.register_forward_pre_hook(entered(name)).remove)
-                if re.fullmatch(_SHAPE_KEEPING, name) and not _zoos_own(module):  # checked while it is running
+                if re.fullmatch(_SHAPE_KEEPING, name) and not zoos_own(type(module)):  # checked while it is running
                     undo.callback(module.register_forward_hook(_same_shape).remove)
                 undo.callback(module.register_forward_hook(left(name)).remove)
                 for method in _CALLED_AS_METHODS.get(name, ()):
@@ -97,10 +98,6 @@ def _same_shape(module: torch.nn.Module, inputs: tuple, output) -> None:
     if isinstance(output, torch.Tensor) and inputs and output.shape != inputs[0].shape:
         raise ValueError(f"returned shape {tuple(output.shape)} for an input of shape {tuple(inputs[0].shape)}; "
                          "a norm or MLP returns its input's shape")
-
-
-def _zoos_own(module: torch.nn.Module) -> bool:
-    return type(module).__module__.split(".")[0] == "attention_zoo"
 
 
 def _track_method(module: torch.nn.Module, method: str, name: str, running: list[str],
@@ -133,7 +130,7 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
         return None
     name = ".".join(parts[: owner + 1])
     module = model.get_submodule(name)
-    if _zoos_own(module):
+    if zoos_own(type(module)):
         return None
     what = f"{during} raised {type(exc).__name__}: {exc}{_where(exc, type(module))}{_advice(str(exc))}"
     cls = f"{type(module).__module__}.{type(module).__qualname__}"

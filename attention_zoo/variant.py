@@ -79,6 +79,12 @@ class Param:
         return type_name(self.type)
 
 
+def zoos_own(obj: Any) -> bool:
+    """Whether `obj` (a class or function) is defined in the zoo itself, not in a plug-in: a failure inside it is the
+    zoo's bug, raised with its traceback, where a plug-in's is reported as a problem at its config key."""
+    return (getattr(obj, "__module__", None) or "").split(".")[0] == "attention_zoo"
+
+
 def run_check(check: Callable[..., str | None], *args: Any) -> str | None:
     """`check(*args)`: a Param's check or a component's check_shape, which returns an error message or None. One
     that a plug-in wrote and that raises (an Exception) is reported as the message "its check (NAME) raised
@@ -87,9 +93,9 @@ def run_check(check: Callable[..., str | None], *args: Any) -> str | None:
     try:
         return check(*args)
     except Exception as exc:
-        module = getattr(check, "__module__", None) or ""
-        if module.split(".")[0] == "attention_zoo":
+        if zoos_own(check):
             raise
+        module = getattr(check, "__module__", None) or ""
         name = f"{module}.{getattr(check, '__qualname__', check)}".lstrip(".")  # the plug-in file and function
         return f"its check ({name}) raised {type(exc).__name__}: {exc}"
 

@@ -80,10 +80,11 @@ def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler
         out.append(token)
         if on_token is not None:
             on_token(token)
-        ended |= torch.isin(token, stop)
-        if stop_tokens and bool(ended.all()):
-            stopped = "end_of_sequence"
-            break
+        if stop_tokens:
+            ended |= torch.isin(token, stop)
+            if bool(ended.all()):
+                stopped = "end_of_sequence"
+                break
         if step == max_tokens - 1:
             break
         if limit is not None and cache.seen >= limit:

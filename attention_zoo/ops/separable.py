@@ -88,8 +88,8 @@ def fold(q: Tensor, k: Tensor, bias: SeparableBias, scale: float, head_dim: int 
     """q (B, H, Nq, D), k (B, Hkv, Nk, D) -> q' (B, H, Nq, D'), k' (B, Hkv, Nk, D'), D' = D + W (W =
     bias.fold_width) or `head_dim` if given (>= D + W; the rest zeros, for kernels that want a multiple of 8),
     such that softmax(q' k'^T + mask) = softmax(scale q k^T + bias + mask) (the module docstring): attend with the
-    folded pair at scale 1. In q's
-    dtype; differentiable in q, k and bias.col (the row term is dropped: softmax gives it no weight or gradient).
+    folded pair at scale 1. In q's dtype; differentiable in q, k and bias.col (the row term is dropped: softmax
+    gives it no weight or gradient).
     A -inf in col (a masked key) is folded as the dtype's most negative number, since the one-hot selector's zeros
     times -inf would be NaN; a query all of whose keys are masked then needs its output zeroed (`sees_a_key`).
     Raises ValueError for a head_dim below D + W."""

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..config import Field, Problem, _at_most, register_section, validate_fields
+from ..config import Field, Problem, at_most, register_section, validate_fields
 from ..numbers import finite_problem
 from ..registry import did_you_mean
 
@@ -38,7 +38,7 @@ def _seed_check(value: int) -> str | None:
 
 
 # More rows than an index of 32 bits can count is a typo (an extra digit, 1e20), not a batch: torch overflowed.
-_BATCH_LIMIT = _at_most(2**31 - 1)
+_BATCH_LIMIT = at_most(2**31 - 1)
 
 
 TRAIN_FIELDS = {
