@@ -12,17 +12,21 @@ from collections.abc import Iterator
 
 import torch
 
-from .backends import AttentionCall, recording_calls
+from .backends import AttentionCall, planning_for, recording_calls
 from .config import Config, ConfigError, Problem, build_model, layer_specs
 from .errors import UserError
 from .model import CausalLM
+from .ops.residual import recording_dense_carries
 from .variant import zoos_own
 
 
-def dry_run(config: Config, *, train: bool = False) -> tuple[CausalLM, list[list[AttentionCall]]]:
+def dry_run(config: Config, *, train: bool = False, device: str = "cpu"
+            ) -> tuple[CausalLM, list[list[AttentionCall]], list[str | None]]:
     """Build `config`'s model on the meta device and run one forward of (1, max_seq_len) tokens through it
-    (gradients on when `train`). Returns the meta model and, per layer, the backend calls its attention made
-    (several for a variant that attends more than once, none for one whose own attend() computes attention).
+    (gradients on when `train`), taking the decisions a run on `device` ("cpu", "cuda") would take
+    (`backends.planning_for`). Returns the meta model; per layer, the backend calls its attention made
+    (several for a variant that attends more than once, none for one whose own attend() computes attention);
+    and per layer, why it carried residual scores as a dense (B, H, N, N) tensor (None where it did not).
 
     Raises ConfigError when a plug-in's forward fails (plugin_failures_reported); a failure in the zoo's own
     modules is raised as it is (a bug to see with its traceback)."""
@@ -31,17 +35,21 @@ def dry_run(config: Config, *, train: bool = False) -> tuple[CausalLM, list[list
         model = build_model(config)
     tokens = torch.zeros(1, m["max_seq_len"], dtype=torch.long, device="meta")
     per_layer: list[list[AttentionCall]] = []
+    dense_residual: list[str | None] = []
 
     def layer_done(*_) -> None:  # a forward hook must return None, or it replaces the block's output
         per_layer.append(list(calls))
+        dense_residual.append("; ".join(dict.fromkeys(dense_reasons)) or None)
         calls.clear()
+        dense_reasons.clear()
 
     during = f"the model's forward on the meta device (1 x {m['max_seq_len']} tokens)"
-    with recording_calls() as calls, plugin_failures_reported(config, model, during), torch.set_grad_enabled(train):
+    with (recording_calls() as calls, recording_dense_carries() as dense_reasons, planning_for(device),
+          plugin_failures_reported(config, model, during), torch.set_grad_enabled(train)):
         for block in model.blocks:
             block.register_forward_hook(layer_done)
         model(tokens)
-    return model, per_layer
+    return model, per_layer, dense_residual
 
 
 @contextlib.contextmanager

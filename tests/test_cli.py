@@ -141,6 +141,24 @@ def test_describe_plans_a_named_gpu_backend_from_a_cpu_machine(capsys, backend, 
                    for layer in layers)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_describe_says_where_residual_scores_go_dense_on_the_device_planned_for(capsys, device):
+    """RealFormer's R is attention on q and k concatenated over layers, (l + 1) D wide at layer l, until that
+    passes the backend's head-dim limit: none on CPU, 256 for SDPA's flash kernels on CUDA. The meta-device plan
+    takes that decision for --device (it took the meta device's, a CUDA limit, for a CPU plan) and says where
+    R becomes a (B, H, N, N) tensor and why."""
+    D = 32  # 8 layers of dim 128, 4 heads: layer l is (l + 1) * 32 wide, 288 > 256 at layer 8
+    _, layers = describe(capsys, str(CONFIGS / "residual.yaml"), "--device", device, "model.depth=10",
+                         "model.dim=128", "model.heads=4")
+    dense = [i for i, layer in enumerate(layers) if "residual scores R carried as a dense" in layer]
+    if device == "cpu":
+        assert dense == []
+    else:
+        assert dense == [8, 9] and (8 + 1) * D > 256 >= (7 + 1) * D
+        assert f"the concatenated head dim {(8 + 1) * D} is above the backend's limit 256" in layers[8]
+        assert "an earlier layer carried R dense" in layers[9]
+
+
 def test_describe_a_bad_config_exits_2(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {attention: {variant: vanila}}\n")

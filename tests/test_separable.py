@@ -192,6 +192,33 @@ class SeparableALiBi(ProjectedAttention):
     assert "separable bias made dense: in bfloat16" in capsys.readouterr().out
 
 
+def test_describe_says_a_residual_stack_carries_a_separable_bias_dense(tmp_path, monkeypatch, capsys,
+                                                                         isolated_registry):
+    """RealFormer's R_l = L_l + bias_l + R_{l-1} takes a separable bias in as the dense (B, H, N, N) tensor it is:
+    every layer from the first then pays for R dense, and describe says so and why (it said "bias constant")."""
+    (tmp_path / "sep_res.py").write_text('''
+import torch
+from attention_zoo import ProjectedAttention, SeparableBias, register_variant
+
+
+@register_variant("sep_res")
+class SeparableResidual(ProjectedAttention):
+    carry_residual = True
+
+    def attention_bias(self, q, k, state, cache):
+        keys = torch.arange(k.shape[2], dtype=torch.float32, device=k.device)
+        return SeparableBias(row=-0.5 * keys[-q.shape[2]:], col=0.5 * keys), {}
+''')
+    (tmp_path / "run.yaml").write_text("plugins: [sep_res]\nmodel: {dim: 32, depth: 2, heads: 4, max_seq_len: 16, "
+                                       "attention: {variant: sep_res}}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["describe", str(tmp_path / "run.yaml")]) == 0
+    layers = capsys.readouterr().out.split("\nlayer ")[1:]
+    assert len(layers) == 2
+    assert "residual scores R carried as a dense (B, H, N, N) tensor: a layer added a separable bias" in layers[0]
+    assert "residual scores R carried as a dense (B, H, N, N) tensor:" in layers[1]
+
+
 def test_separable_alibi_equals_the_dense_alibi_in_a_layer():
     """ALiBi -m (i - j) written as row -m i and col m j gives the layer output of the dense bias (float64)."""
     from attention_zoo.variant import LayerShape, ProjectedAttention

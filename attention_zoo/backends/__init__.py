@@ -52,6 +52,23 @@ class BackendRefused(UserError, RuntimeError):
 FOLD_ALIGN = 8  # off CPU a folded head dim is padded to a multiple of this (fold_plan)
 _logged: set[str] = set()  # messages already logged (each is said once)
 _recorders: list[list[AttentionCall]] = []
+_planned_device: list[str] = []  # while planning on the meta device: the device the plan is for
+
+
+@contextmanager
+def planning_for(device: str) -> Iterator[None]:
+    """Inside the block, a layer running on the meta device asks `head_dim_limit` and `fuses_unequal_value_dim`
+    about `device` ("cpu", "cuda"): a plan (describe's meta-device forward) then takes the decisions a real run on
+    that device would, such as where residual attention's concatenated head dim outgrows the fast kernels."""
+    _planned_device.append(device)
+    try:
+        yield
+    finally:
+        _planned_device.pop()
+
+
+def _device_meant(device: str) -> str:
+    return _planned_device[-1] if device == "meta" and _planned_device else device
 
 
 @contextmanager
@@ -256,12 +273,12 @@ def as_4d_bias(bias: Tensor, full: tuple[int, int, int, int]) -> Tensor:
 def head_dim_limit(name: str, device: str) -> int | None:
     """The largest q/k head dim backend `name` runs fast on `device` (None: no limit): where residual attention
     stops concatenating layers' q and k. `auto` answers for sdpa, which serves plain calls."""
-    return BACKENDS.get("sdpa" if name == "auto" else name).head_dim_limit(device)
+    return BACKENDS.get("sdpa" if name == "auto" else name).head_dim_limit(_device_meant(device))
 
 
 def fuses_unequal_value_dim(name: str, device: str) -> bool:
     """`Backend.fuses_unequal_value_dim` of backend `name` (`auto` answers for sdpa, which serves plain calls)."""
-    return BACKENDS.get("sdpa" if name == "auto" else name).fuses_unequal_value_dim(device)
+    return BACKENDS.get("sdpa" if name == "auto" else name).fuses_unequal_value_dim(_device_meant(device))
 
 
 def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Selection | SeparableBias | None,
@@ -283,7 +300,7 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
 
 __all__ = [
     "AttentionCall", "Backend", "BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "BackendRefused", "choose", "dispatch",
-    "head_dim_limit", "fuses_unequal_value_dim", "run_on", "recording_calls", "fold_plan", "reads_separable",
+    "head_dim_limit", "fuses_unequal_value_dim", "planning_for", "run_on", "recording_calls", "fold_plan", "reads_separable",
     "separable_route", "SeparableRoute",
     "causal_mask", "math_attention", "grouped_logits",
 ]

@@ -164,7 +164,7 @@ def cmd_describe(args) -> int:
     device = check_device(args.device, auto=True, present=False)  # planning for a device this machine may lack is fine
     config = load_config(config_file(args.file), args.overrides)
     m = config["model"]
-    model, per_layer = dry_run(config, train=args.train)  # exactly what each layer asks its backend for
+    model, per_layer, dense_residual = dry_run(config, train=args.train, device=device.type)  # what each layer asks for
     head_dim = head_dim_of(m)
     dtype = getattr(torch, args.dtype)
     print(f"{args.file}: depth {m['depth']}, dim {m['dim']}, heads {m['heads']} x {head_dim}, "
@@ -186,7 +186,8 @@ def cmd_describe(args) -> int:
                                     for i, (chosen, skipped) in enumerate(per_call)), ""))
     # the same skip reasons on every layer are said once, below, not repeated per layer
     shared_skip = plans[0][1] if len(plans) > 1 and len({skip for _, skip in plans}) == 1 and plans[0][1] else ""
-    for spec, block, layer_calls, (backend, skipped) in zip(layer_specs(m), model.blocks, per_layer, plans):
+    for spec, block, layer_calls, (backend, skipped), dense_why in zip(layer_specs(m), model.blocks, per_layer, plans,
+                                                                      dense_residual):
         attn = block.attention
         params = resolved_params(spec.variant, spec.params)
         if skipped and not shared_skip:
@@ -202,6 +203,8 @@ def cmd_describe(args) -> int:
         times = f"; {len(layer_calls)} calls" if len(layer_calls) > 1 else ""
         print(f"    backend ({config['backend']}, {device}, {args.dtype}{', train' if args.train else ''}; "
               f"bias {bias}{times}): {backend}")
+        if dense_why:  # RealFormer's R went from q/k concatenated over layers to a (B, H, N, N) tensor here
+            print(f"    residual scores R carried as a dense (B, H, N, N) tensor: {dense_why}")
     if shared_skip:
         print(f"skipped on every layer: {shared_skip}")
     return 0

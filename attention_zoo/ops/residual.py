@@ -13,11 +13,14 @@ as one Selection (-F is linear in its terms). `ResidualScores` is that definitio
 
 Where this cannot hold the layer carries R dense, as before: past the backend's head-dim limit (the
 concatenated head dimension grows with depth), after a layer that added a dense bias, or when layers
-disagree on heads. `carry` logs why, once per reason.
+disagree on heads. `carry` logs why, once per reason, and tells `recording_dense_carries` (describe's plan) every
+time.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +32,7 @@ from .separable import SeparableBias
 
 log = logging.getLogger("attention_zoo.ops.residual")
 _logged: set[str] = set()
+_recorders: list[list[str]] = []
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,7 +79,21 @@ def scores_tensor(value: "Tensor | ResidualScores") -> Tensor:
     return value.dense() if isinstance(value, ResidualScores) else value
 
 
+@contextlib.contextmanager
+def recording_dense_carries() -> Iterator[list[str]]:
+    """Collect, in order, why each `carry` inside the block made R dense (B, H, Nq, Nk), so that a plan of the
+    model (describe's meta-device forward) can say which layers pay for it and why."""
+    reasons: list[str] = []
+    _recorders.append(reasons)
+    try:
+        yield reasons
+    finally:
+        _recorders.remove(reasons)
+
+
 def _say_once(why: str) -> None:
+    for reasons in _recorders:
+        reasons.append(why)
     if why not in _logged:
         _logged.add(why)
         log.info("attention-zoo residual: carried dense (B, H, Nq, Nk): %s", why)
@@ -97,6 +115,8 @@ def carry(previous: "Tensor | ResidualScores | None", q: Tensor, k: Tensor,
             _say_once(f"the concatenated head dim {structured.head_dim} is above the backend's limit {head_dim_limit}")
         else:
             return structured, None
+    elif isinstance(previous, Tensor):
+        _say_once("an earlier layer carried R dense")
     else:
         _say_once("a layer added a dense bias")
     from ..backends.math import grouped_logits
