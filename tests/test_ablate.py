@@ -259,3 +259,40 @@ def test_a_text_path_the_sweep_file_sets_is_found_beside_it_as_in_a_config(tmp_p
     (tmp_path / "c.txt").write_text("c.txt holds some text to train on. " * 40)
     sweep = read_sweep_file(path, ["data.text=c.txt"])
     assert {run.config["data"]["text"] for run in sweep.runs if run.label.startswith("depth")} == {str(tmp_path / "c.txt")}
+
+
+def test_tune_compares_each_setting_at_its_own_best_value(tmp_path):
+    """tune: [train.lr] picks, per variant, the learning rate of the best mean over seeds and pairs the seeds of
+    each variant's best against the baseline variant's best (not against the baseline's run at the same rate)."""
+    path = sweep_file(tmp_path, grid={"model.attention.variant": ["vanilla", "selective"], "train.lr": [0.001, 0.002, 0.004]},
+                      seeds=[0, 1], baseline="variant=vanilla lr=0.002", tune=["train.lr"])
+    sweep = read_sweep_file(path)
+    assert sweep.setting_of["variant=selective lr=0.004"] == "variant=selective"
+    loss = {("vanilla", 0.001): (3.0, 3.2), ("vanilla", 0.002): (2.5, 2.9), ("vanilla", 0.004): (2.6, 2.6),
+            ("selective", 0.001): (2.4, 2.4), ("selective", 0.002): (2.45, 2.45), ("selective", 0.004): (2.8, 2.9)}
+    fp = {(r.label, r.seed): r.fingerprint for r in sweep.runs}
+    records = []
+    for (variant, lr), per_seed in loss.items():
+        label = f"variant={variant} lr={lr}"
+        for seed, value in enumerate(per_seed):
+            record = fake_record(label, seed, value, fp[label, seed])
+            record["val"]["bpb"] = value  # the sweep's metric is val.loss; bpb set equal for readability
+            records.append(record)
+    table = markdown_table(sweep, current_records(records, sweep.runs))
+    assert "### Each setting at its best train.lr" in table
+    # vanilla: means 3.1, 2.7, 2.6 -> lr 0.004, the grid's last value; selective: 2.4, 2.45, 2.85 -> 0.001, its first
+    vanilla_row = next(line for line in table.splitlines() if line.startswith("| variant=vanilla | lr=0.004"))
+    selective_row = next(line for line in table.splitlines() if line.startswith("| variant=selective | lr=0.001"))
+    assert "(grid's edge)" in vanilla_row and "| 2.6000 ± 0.0000 | (baseline) |" in vanilla_row
+    assert "0.001: 3.1000, 0.002: 2.7000, 0.004: 2.6000" in vanilla_row
+    # paired per seed against vanilla at 0.004: (2.4 - 2.6, 2.4 - 2.6) = -0.2 on both seeds
+    assert "| -0.2000 ± 0.0000 (better in 2/2) |" in selective_row
+
+
+def test_a_tune_key_must_be_a_grid_key(tmp_path):
+    path = sweep_file(tmp_path, grid={"model.attention.variant": ["vanilla", "selective"]}, tune=["train.lr"])
+    with pytest.raises(ConfigError) as err:
+        read_sweep_file(path)
+    (problem,) = err.value.problems
+    assert problem.path == "tune" and problem.value == "train.lr"
+    assert "not a grid key; valid: model.attention.variant" in problem.message

@@ -53,10 +53,16 @@ def paired_differences(sweep: Sweep, groups: dict[str, list[dict[str, Any]]]) ->
     A paired comparison: one seed fixes the batch order for every run (the batch sampler is seeded from
     train.seed alone), so a difference on the same seed has the data's luck removed; it is what an
     A/B claim should be judged on, rather than two overlapping mean +- std."""
-    base = {r["seed"]: v for r in groups.get(sweep.baseline, []) if (v := metric_of(r, sweep.metric)) is not None}
-    return {label: [v - base[r["seed"]] for r in sorted(rs, key=lambda r: r["seed"])
-                    if r["seed"] in base and (v := metric_of(r, sweep.metric)) is not None]
-            for label, rs in groups.items() if label != sweep.baseline}
+    base = groups.get(sweep.baseline, [])
+    return {label: _per_seed_differences(rs, base, sweep.metric) for label, rs in groups.items()
+            if label != sweep.baseline}
+
+
+def _per_seed_differences(records: list[dict[str, Any]], base: list[dict[str, Any]], metric: str) -> list[float]:
+    """metric(record) - metric(base record of the same seed), over the seeds both have, in seed order."""
+    by_seed = {r["seed"]: v for r in base if (v := metric_of(r, metric)) is not None}
+    return [v - by_seed[r["seed"]] for r in sorted(records, key=lambda r: r["seed"])
+            if r["seed"] in by_seed and (v := metric_of(r, metric)) is not None]
 
 
 def _paired_cell(diffs: list[float], higher_is_better: bool) -> str:
@@ -102,7 +108,55 @@ def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
     device = sorted({r.get("device", "?") for r in records})
     foot = (f"\nDevice: {', '.join(device)}. Peak memory: GPU, the peak allocated by tensors; CPU, the training "
             "process's peak resident set (it includes ~0.3-0.5 GB of Python and torch runtime).\n")
-    return head + "\n".join(lines) + "\n" + tail + foot
+    return head + "\n".join(lines) + "\n" + tail + foot + (tuned_table(sweep, groups) if sweep.tune else "")
+
+
+def tuned_table(sweep: Sweep, groups: dict[str, list[dict[str, Any]]]) -> str:
+    """The sweep's settings each at its own best value of the `tune:` keys (e.g. each variant at its best learning
+    rate), chosen by the metric's mean over seeds, with the paired Δ to the baseline's setting at its best: the
+    comparison a claim against a baseline should rest on, since one shared value may suit one setting more than
+    another. A best value at either end of a tuned key's grid is flagged (the optimum may lie outside it). The
+    choice is made on the metric it reports, which flatters every row alike."""
+    metric, pick = sweep.metric, (max if sweep.higher_is_better else min)
+    settings_of_label = {r.label: r.settings for r in sweep.runs}
+    grid_ends = {key: set() for key in sweep.tune}  # each tuned key's first and last grid value
+    for key in sweep.tune:
+        values = list(dict.fromkeys(s[key] for s in settings_of_label.values() if key in s))
+        grid_ends[key] = {values[0], values[-1]} if len(values) > 1 else set()
+    means = {label: mean_std(vs)[0] for label, rs in groups.items()
+             if (vs := [v for r in rs if (v := metric_of(r, metric)) is not None])}
+    candidates: dict[str, list[str]] = {}  # setting -> its labels with results, one per tuned value
+    for label in sweep.labels:
+        if label in means:
+            candidates.setdefault(sweep.setting_of.get(label, label), []).append(label)
+    best = {setting: pick(labels, key=means.get) for setting, labels in candidates.items()}  # a tie: the first
+    base_setting = sweep.setting_of.get(sweep.baseline) if sweep.baseline else None
+    keys = ", ".join(sweep.tune)
+    lines = [f"\n### Each setting at its best {keys}\n",
+             f"The value of {keys} with the best mean {metric} over seeds, per setting; "
+             + (f"Δ: paired per seed against {base_setting} at its best. " if base_setting in best else "")
+             + "Chosen on the metric shown, which flatters every row alike.\n",
+             "| setting | best " + keys + f" | {metric} | " + ("Δ, paired | " if base_setting in best else "")
+             + "mean at each value |",
+             "|---|---|---|" + ("---|" if base_setting in best else "") + "---|"]
+    for setting, label in best.items():
+        values = settings_of_label[label]
+        if any(k not in values for k in sweep.tune):
+            chosen = "not tuned (a named run)"
+        else:
+            chosen = " ".join(f"{k.rsplit('.', 1)[-1]}={values[k]}" for k in sweep.tune)
+            chosen += " (grid's edge)" if any(values[k] in grid_ends[k] for k in sweep.tune) else ""
+        rs = groups[label]
+        cells = [setting, chosen, _fmt([v for r in rs if (v := metric_of(r, metric)) is not None])]
+        if base_setting in best:
+            cells.append("(baseline)" if setting == base_setting else
+                         _paired_cell(_per_seed_differences(rs, groups[best[base_setting]], metric),
+                                      sweep.higher_is_better))
+        at_each = [f"{' '.join(str(settings_of_label[other].get(k, '-')) for k in sweep.tune)}: {means[other]:.4f}"
+                   for other in candidates[setting]]
+        cells.append(", ".join(at_each))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_markdown(path: Path, sweep: Sweep, records: list[dict[str, Any]]) -> str:

@@ -10,6 +10,8 @@
     metric: val.loss                           # val.loss | val.bpb | val.ppl | val.accuracy | train_loss
     baseline: vanilla                          # optional: a run label; the table adds each run's paired
                                                # difference to it (same seed: same init seed, same batches)
+    tune: [train.lr]                           # optional: grid keys every other setting is tuned over; a second
+                                               # table compares each setting at its own best value of them
 
 With neither grid nor runs, the sweep is its base, once per seed (the spread over seeds). Every run's config
 is built and validated (model, data and train together) before anything trains, and every problem of every
@@ -54,6 +56,8 @@ SWEEP_FIELDS = {
     "metric": Field(str, "val.loss", "the number to compare", choices=METRICS),
     "description": Field(str, "", "free text, copied above the results table"),
     "baseline": Field((str, type(None)), None, "a run label: the table adds each run's paired difference to it"),
+    "tune": Field(list, [], "grid key paths every other setting is tuned over: results.md adds a table of each "
+                  "setting at its own best value of them (by the metric's mean over seeds)"),
 }
 
 
@@ -89,6 +93,8 @@ class Sweep:
     seeds: list[int]
     runs: list[Run]
     baseline: str | None = None  # a label; results.md adds each run's per-seed difference to it
+    tune: list[str] = field(default_factory=list)  # grid keys each setting is tuned over (summary.tuned_table)
+    setting_of: dict[str, str] = field(default_factory=dict)  # with tune: label -> its setting's label, tune keys left out
 
     def only_seeds(self, seeds: list[int]) -> Sweep:
         """The same sweep restricted to `seeds` (each one of its own). Raises ConfigError naming `--seeds`."""
@@ -179,6 +185,7 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
     for values in itertools.product(*(spec["grid"][k] for k in keys)) if keys else ():
         settings = dict(zip(keys, values))
         combos.append((_label(settings, keys), settings))
+    grid_labels = {label for label, _ in combos}
     combos += [(str(name), dict(settings or {})) for name, settings in spec["runs"].items()]
     if not combos:
         combos = [("base", {})]
@@ -191,6 +198,12 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
     if spec["baseline"] is not None and spec["baseline"] not in labels:
         problems.append(Problem(source, "baseline", spec["baseline"],
                                 f"not a run of this sweep; valid: {', '.join(map(repr, labels))}"))
+    problems += [Problem(source, "tune", key, f"not a grid key; valid: {', '.join(keys) or 'none (the sweep has no grid)'}")
+                 for key in spec["tune"] if key not in keys]
+    setting_of = {}
+    if spec["tune"]:  # a grid run's setting is its grid values but the tuned ones; a named run is its own setting
+        others = [k for k in keys if k not in spec["tune"]]
+        setting_of = {label: _label(settings, others) if label in grid_labels else label for label, settings in combos}
 
     # Seed-major: a sweep stopped half-way has every variant once rather than some variants twice.
     runs = [Run(label, seed, settings) for seed in spec["seeds"] for label, settings in combos]
@@ -198,7 +211,7 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
     if problems:
         raise ConfigError(problems)
     return Sweep(path, spec["name"] or path.stem, spec["description"], spec["metric"], spec["seeds"], runs,
-                 spec["baseline"])
+                 spec["baseline"], spec["tune"], setting_of)
 
 
 def _folder_problems(labels: list[str], named: set[str], source: str) -> list[Problem]:
