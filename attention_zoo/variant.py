@@ -137,7 +137,7 @@ def _head_index_check(value: int, shape: LayerShape) -> str | None:
 
 KV_HEADS = Param((int, type(None)), None, "key/value heads (GQA); null means one per query head", check=_kv_heads_check)
 QK_NORM = Param(bool, False, "RMSNorm with a learnable scale over the head dimension of q and k, before the rotation "
-                "(OLMo 2; Dehghani et al. 2023)")
+                "(per head as Qwen3; Dehghani et al. 2023)")
 QKV_BIAS = Param(bool, False, "biases on the q, k and v projections (Qwen2, GPT-2)")
 OUT_BIAS = Param(bool, False, "a bias on the output projection (GPT-2)")
 SELECTION_HEAD = Param(int, 0, "query head whose logits select what later tokens ignore", check=_head_index_check)
@@ -269,7 +269,8 @@ class ProjectedAttention(nn.Module):
         self.q_proj = nn.Linear(shape.dim, self.heads * self.head_dim, bias=qkv_bias)
         self.kv_proj = nn.Linear(shape.dim, 2 * self.kv_heads * self.head_dim, bias=qkv_bias)  # rows (k|v, head, D)
         self.out_proj = residual_output(nn.Linear(self.heads * self.head_dim, shape.dim, bias=out_bias))
-        # QK-norm over the head dimension, one scale shared by all heads (as OLMo 2 / Qwen3 per-head norms)
+        # QK-norm over the head dimension, one scale shared by all heads, as Qwen3's (OLMo 2 normalises the
+        # flattened (H * D) projection instead, with one scale per channel: not this)
         self.q_norm = HeadRMSNorm(self.head_dim, eps=shape.norm_eps) if qk_norm else None
         self.k_norm = HeadRMSNorm(self.head_dim, eps=shape.norm_eps) if qk_norm else None
         self.reads: tuple[str, ...] = ()
@@ -295,14 +296,15 @@ class ProjectedAttention(nn.Module):
         return (k, v) if cache is None else cache.extend(k, v, positions.index)
 
     def attention_bias(self, q: Tensor, k: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None
-                       ) -> tuple[Tensor | None, dict[str, Tensor]]:
+                       ) -> tuple[Tensor | Selection | SeparableBias | None, dict[str, Any]]:
         """The variant's own bias and its state updates. The bias: a tensor broadcastable to (B, H, Nq, Nk), a
         structured `Selection` (the bias is then -F, which fusing backends never materialise), a `SeparableBias`
         (row_i + col_j per head, attended without an (Nq, Nk) tensor where it can be: ops/separable.py), or None."""
         return None, {}
 
     def _call_attention_bias(self, q: Tensor, k: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None,
-                             x: Tensor, positions: Positions) -> tuple[Tensor | None, dict[str, Tensor]]:
+                             x: Tensor, positions: Positions) -> tuple[Tensor | Selection | SeparableBias | None,
+                                                                       dict[str, Any]]:
         """attention_bias(q, k, state, cache) plus the inputs it names (bias_call): x (B, N, dim), positions."""
         fn = self.attention_bias  # looked up per call: one set on the instance or the class later is used
         call = bias_call(fn, type(self).__qualname__)
@@ -324,7 +326,12 @@ class ProjectedAttention(nn.Module):
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
 
     def forward(self, x: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None = None,
-                positions: Positions | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                positions: Positions | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """x (B, N, dim) -> (B, N, dim) and this layer's state updates (channel -> value), through the steps in
+        the class docstring. `state`: what earlier layers wrote (read-only); `cache`: this layer's LayerCache, or
+        None; `positions`: the tokens' absolute positions (B, N) and the stack's scheme (None: 0..N-1, or from the
+        cache's end, with no scheme). Raises what the steps and the backend raise (e.g. BackendRefused for a
+        named backend that refuses the call); the stack, not this method, checks the updates."""
         B, N, _ = x.shape
         if positions is None:  # called on its own, outside a model: no positional scheme
             from .components.positions import Positions
