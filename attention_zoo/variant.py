@@ -185,7 +185,8 @@ def bias_call(fn: Callable[..., Any], owner: str) -> BiasCall:
     on the instance). `owner` names it in the error. A dict lookup once its function has been read.
 
     Raises TypeError for a positional-only parameter before a positional-only `x` or `positions` that is
-    neither: forward passes nothing else by position."""
+    neither (forward passes nothing else by position), and for an `x` or `positions` among the four leading
+    parameters, which receive q, k, state, cache by position (one of those left out)."""
     bound = inspect.ismethod(fn)
     return _cached_bias_call(fn.__func__ if bound else fn, bound, owner)
 
@@ -203,6 +204,13 @@ def _read_bias_call(signature: inspect.Signature, standard: int, owner: str) -> 
     cache, whatever their names."""
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     positional = [p for p in signature.parameters.values() if p.kind in kinds]
+    # The four leading slots are filled by position whatever their names: an `x` or `positions` there (the
+    # `cache` left out) would silently receive the cache or the state.
+    slots = positional[standard - 4:standard]
+    if misplaced := [(p.name, slot) for p, slot in zip(slots, ("q", "k", "state", "cache")) if p.name in BIAS_INPUTS]:
+        name, slot = misplaced[0]
+        raise TypeError(f"{owner}.attention_bias{signature}: {name!r} sits where {slot!r} is passed (the first four "
+                        f"parameters receive q, k, state, cache by position); name all four before {name!r}")
     rest = [p for p in signature.parameters.values() if p not in positional[:standard]]
     # A positional-only input cannot go by name: it goes by position, so every positional-only parameter
     # before the last such input must be an input too (forward has nothing else to pass).
