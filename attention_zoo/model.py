@@ -88,13 +88,16 @@ class CausalLM(nn.Module):
         return self.position_embedding.max_positions
 
     def new_cache(self) -> ModelCache:
+        """An empty inference cache, one LayerCache per block, for `forward(tokens, cache=...)`."""
         return ModelCache([LayerCache() for _ in self.blocks])
 
     def forward(self, tokens: Tensor, cache: ModelCache | None = None, return_state: bool = False):
         """tokens (B, N) -> logits (B, N, V). With `cache`, tokens continue what the cache has seen.
 
         return_state: also return each layer's state updates (a list of dicts), e.g. for auxiliary
-        losses on the selection penalty. Raises ValueError past `max_positions` (learned positions).
+        losses on the selection penalty. Raises ValueError past `max_positions` (learned positions) and for a
+        state write that does not match its channel (state.check_writes), RuntimeError for a write the layer
+        did not declare (state.merge).
         """
         B, N = tokens.shape
         start = cache.seen if cache is not None else 0

@@ -99,10 +99,6 @@ class Registry(Generic[T]):
         except (AttributeError, TypeError):
             pass
 
-    def unregister(self, name: str) -> None:
-        """Forget `name` (a plug-in's test cleans up after itself); an unknown name is ignored."""
-        self._entries.pop(name, None)
-
     # -- discovery ---------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
         if self._loaded:

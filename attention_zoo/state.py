@@ -115,7 +115,8 @@ RESIDUAL_SCORES = declare_channel(
     "residual_scores",
     "(B, H, Nq, Nk)",
     None,
-    "RealFormer's carried pre-mask scores R_l = L_l + R_{l-1}, per query head.",
+    "RealFormer's carried pre-mask scores R_l = L_l + bias_l + R_{l-1} (bias_l: the layer's own bias, e.g. a "
+    "selective layer's -F_l), per query head.",
 )
 SELECTION_PENALTY = declare_channel(
     "selection_penalty",

@@ -137,7 +137,7 @@ def _head_index_check(value: int, shape: LayerShape) -> str | None:
 
 KV_HEADS = Param((int, type(None)), None, "key/value heads (GQA); null means one per query head", check=_kv_heads_check)
 QK_NORM = Param(bool, False, "RMSNorm with a learnable scale over the head dimension of q and k, before the rotation "
-                "(OLMo 2; Dehghani et al. 2023)")
+                "(per head as Qwen3; Dehghani et al. 2023)")
 QKV_BIAS = Param(bool, False, "biases on the q, k and v projections (Qwen2, GPT-2)")
 OUT_BIAS = Param(bool, False, "a bias on the output projection (GPT-2)")
 SELECTION_HEAD = Param(int, 0, "query head whose logits select what later tokens ignore", check=_head_index_check)
@@ -185,7 +185,8 @@ def bias_call(fn: Callable[..., Any], owner: str) -> BiasCall:
     on the instance). `owner` names it in the error. A dict lookup once its function has been read.
 
     Raises TypeError for a positional-only parameter before a positional-only `x` or `positions` that is
-    neither: forward passes nothing else by position."""
+    neither (forward passes nothing else by position), and for an `x` or `positions` among the four leading
+    parameters, which receive q, k, state, cache by position (one of those left out)."""
     bound = inspect.ismethod(fn)
     return _cached_bias_call(fn.__func__ if bound else fn, bound, owner)
 
@@ -203,6 +204,13 @@ def _read_bias_call(signature: inspect.Signature, standard: int, owner: str) -> 
     cache, whatever their names."""
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     positional = [p for p in signature.parameters.values() if p.kind in kinds]
+    # The four leading slots are filled by position whatever their names: an `x` or `positions` there (the
+    # `cache` left out) would silently receive the cache or the state.
+    slots = positional[standard - 4:standard]
+    if misplaced := [(p.name, slot) for p, slot in zip(slots, ("q", "k", "state", "cache")) if p.name in BIAS_INPUTS]:
+        name, slot = misplaced[0]
+        raise TypeError(f"{owner}.attention_bias{signature}: {name!r} sits where {slot!r} is passed (the first four "
+                        f"parameters receive q, k, state, cache by position); name all four before {name!r}")
     rest = [p for p in signature.parameters.values() if p not in positional[:standard]]
     # A positional-only input cannot go by name: it goes by position, so every positional-only parameter
     # before the last such input must be an input too (forward has nothing else to pass).
@@ -269,7 +277,8 @@ class ProjectedAttention(nn.Module):
         self.q_proj = nn.Linear(shape.dim, self.heads * self.head_dim, bias=qkv_bias)
         self.kv_proj = nn.Linear(shape.dim, 2 * self.kv_heads * self.head_dim, bias=qkv_bias)  # rows (k|v, head, D)
         self.out_proj = residual_output(nn.Linear(self.heads * self.head_dim, shape.dim, bias=out_bias))
-        # QK-norm over the head dimension, one scale shared by all heads (as OLMo 2 / Qwen3 per-head norms)
+        # QK-norm over the head dimension, one scale shared by all heads, as Qwen3's (OLMo 2 normalises the
+        # flattened (H * D) projection instead, with one scale per channel: not this)
         self.q_norm = HeadRMSNorm(self.head_dim, eps=shape.norm_eps) if qk_norm else None
         self.k_norm = HeadRMSNorm(self.head_dim, eps=shape.norm_eps) if qk_norm else None
         self.reads: tuple[str, ...] = ()
@@ -295,14 +304,15 @@ class ProjectedAttention(nn.Module):
         return (k, v) if cache is None else cache.extend(k, v, positions.index)
 
     def attention_bias(self, q: Tensor, k: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None
-                       ) -> tuple[Tensor | None, dict[str, Tensor]]:
+                       ) -> tuple[Tensor | Selection | SeparableBias | None, dict[str, Any]]:
         """The variant's own bias and its state updates. The bias: a tensor broadcastable to (B, H, Nq, Nk), a
         structured `Selection` (the bias is then -F, which fusing backends never materialise), a `SeparableBias`
         (row_i + col_j per head, attended without an (Nq, Nk) tensor where it can be: ops/separable.py), or None."""
         return None, {}
 
     def _call_attention_bias(self, q: Tensor, k: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None,
-                             x: Tensor, positions: Positions) -> tuple[Tensor | None, dict[str, Tensor]]:
+                             x: Tensor, positions: Positions) -> tuple[Tensor | Selection | SeparableBias | None,
+                                                                       dict[str, Any]]:
         """attention_bias(q, k, state, cache) plus the inputs it names (bias_call): x (B, N, dim), positions."""
         fn = self.attention_bias  # looked up per call: one set on the instance or the class later is used
         call = bias_call(fn, type(self).__qualname__)
@@ -324,7 +334,12 @@ class ProjectedAttention(nn.Module):
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
 
     def forward(self, x: Tensor, state: Mapping[str, Tensor], cache: LayerCache | None = None,
-                positions: Positions | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                positions: Positions | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """x (B, N, dim) -> (B, N, dim) and this layer's state updates (channel -> value), through the steps in
+        the class docstring. `state`: what earlier layers wrote (read-only); `cache`: this layer's LayerCache, or
+        None; `positions`: the tokens' absolute positions (B, N) and the stack's scheme (None: 0..N-1, or from the
+        cache's end, with no scheme). Raises what the steps and the backend raise (e.g. BackendRefused for a
+        named backend that refuses the call); the stack, not this method, checks the updates."""
         B, N, _ = x.shape
         if positions is None:  # called on its own, outside a model: no positional scheme
             from .components.positions import Positions

@@ -411,6 +411,24 @@ def test_a_positional_only_parameter_forward_cannot_fill_is_refused_when_the_cla
     Trailing(LayerShape(32, 4, 8))(torch.randn(1, 2, 32), {})
 
 
+def test_an_input_named_in_the_place_of_cache_is_refused_when_the_class_is_made():
+    """`attention_bias(self, q, k, state, positions)` (cache left out) got the cache, or None, as `positions`,
+    silently: the four leading parameters are filled by position whatever their names."""
+    with pytest.raises(TypeError, match=r"NoCache\.attention_bias\(self, q, k, state, positions\): 'positions' "
+                                        r"sits where 'cache' is passed"):
+        class NoCache(ProjectedAttention):
+            def attention_bias(self, q, k, state, positions):
+                return None, {}
+
+    def on_instance(q, k, x):  # an instance attribute: no self, and state and cache left out
+        return None, {}
+
+    layer = ProjectedAttention(LayerShape(32, 4, 8))
+    layer.attention_bias = on_instance
+    with pytest.raises(TypeError, match=r"'x' sits where 'state' is passed"):
+        layer(torch.randn(1, 2, 32), {})
+
+
 def test_attention_bias_set_after_the_class_is_made_or_on_an_instance_is_read():
     """The inputs an attention_bias names were read once, when its class was made: one set on the class later,
     or on an instance, got neither and failed (missing `x`)."""

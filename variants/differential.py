@@ -7,8 +7,12 @@ Each head's q and k are split into halves [Q1; Q2], [K1; K2] of width d = D/2; v
 
 for layer l = 1..L (lq*, lk* learnable vectors of size d, shared by the layer's heads). Each head's
 output is RMS-normalised and scaled by (1 - lambda_init) before the output projection. The two maps are
-two ordinary backend calls: the variant only overrides `attend`, so the cache, GQA and the positional
-scheme work unchanged. Same parameter count as vanilla attention, plus 4 * d + D per layer.
+two ordinary backend calls: the variant only overrides `attend`, so the cache and GQA work unchanged. Same
+parameter count as vanilla attention, plus 4 * d + D per layer.
+
+Known difference from the paper under `position: rope`: the stack rotates the full head (rotate-half pairs
+dimension i with i + D/2, one from each half), so Q1 K1^T and Q2 K2^T each depend on absolute position; only
+their sum Q K^T is a function of the distance. The paper rotates each half as its own head of width d.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ def _eps_check(value: float, shape) -> str | None:
     return None if 0 < value < 1 and math.isfinite(value) else "must be in (0, 1)"
 
 
-NORM_EPS = Param(float, 1e-5, "epsilon added to the variance in every norm", check=_eps_check)
+NORM_EPS = Param(float, 1e-5, "epsilon added to the mean square (rmsnorm) or the variance (layernorm) in every norm, "
+                 "QK-norm and differential attention's head norm included", check=_eps_check)
 
 
 @register_norm("rmsnorm")
