@@ -69,6 +69,46 @@ def test_rope_keeps_dot_products_relative():
     torch.testing.assert_close(logits[0], logits[1], atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("width", [8, 4])
+def test_rope_rotates_a_narrower_head_as_a_head_of_that_width(width):
+    """A variant attending with heads of width w dividing D (differential's halves) gets RoPE for width w: dimension
+    1 of a width-w head turns by p * theta^(-2/w) into dimension 1 + w/2. Another width is a ValueError."""
+    D, theta, p = 8, 100.0, 3
+    rope = RotaryPositions(StackShape(dim=D, heads=1, head_dim=D, max_seq_len=16), rope_theta=theta)
+    positions = rope.prepare(torch.arange(p + 1)[None], torch.float64)
+    x = torch.zeros(1, 1, p + 1, width, dtype=torch.float64)
+    x[..., 1] = 1.0
+    q, _ = positions.rotate(x, x)
+    angle = p * theta ** (-2 / width)
+    expected = torch.zeros(width, dtype=torch.float64)
+    expected[1], expected[1 + width // 2] = math.cos(angle), math.sin(angle)
+    torch.testing.assert_close(q[0, 0, p], expected, atol=1e-12, rtol=0)
+    for bad in (6, 3):
+        with pytest.raises(ValueError, match=f"even width dividing it; got width {bad}"):
+            positions.rotate(torch.zeros(1, 1, p + 1, bad), torch.zeros(1, 1, p + 1, bad))
+
+
+def test_differential_attention_maps_are_each_relative_under_rope():
+    """The paper rotates each half of a differential head as a head of width D/2, so Q1 K1^T and Q2 K2^T are each a
+    function of the distance: shifting every position by 100 (a cache that has seen 100 tokens) leaves both maps,
+    not only their sum, unchanged."""
+    from attention_zoo import create_variant
+    from attention_zoo.components.positions import Positions
+
+    torch.manual_seed(0)
+    layer = create_variant("differential", dim=32, heads=2, backend="math").double()
+    rope = RotaryPositions(StackShape(dim=32, heads=2, head_dim=16, max_seq_len=8))
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    maps = []
+    for start in (0, 100):
+        positions: Positions = rope.prepare(torch.arange(start, start + 6)[None], torch.float64)
+        q, k, _ = layer.project(x)
+        q, k = layer.transform_qk(q, k, positions)
+        maps.append([qs @ ks.transpose(-1, -2) for qs, ks in zip(q.chunk(2, -1), k.chunk(2, -1))])
+    for before, after in zip(*maps):
+        torch.testing.assert_close(before, after, atol=1e-10, rtol=0)
+
+
 def test_cos_and_sin_are_computed_once_per_forward(monkeypatch):
     calls = []
     original = RotaryPositions.prepare

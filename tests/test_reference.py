@@ -270,12 +270,19 @@ def ref_mlp(kind, h, mlp):
     return tF.gelu(h @ mlp.up.weight.T, approximate="tanh" if kind == "gelu_tanh" else "none") @ mlp.down.weight.T
 
 
-def ref_differential(q, k, v, a, index, depth_index):
-    """Ye et al. 2025: (softmax(Q1 K1^T/sqrt(d)) - lambda softmax(Q2 K2^T/sqrt(d))) V per head, RMSNorm, * (1 - lambda_init)."""
+def ref_differential(q, k, v, a, index, depth_index, theta=None):
+    """Ye et al. 2025: (softmax(Q1 K1^T/sqrt(d)) - lambda softmax(Q2 K2^T/sqrt(d))) V per head, RMSNorm, * (1 - lambda_init).
+    q, k: projected (QK-normalised) but not rotated; with `theta` (RoPE) each half Q_s, K_s is rotated as a head
+    of width d, as the paper's code rotates its 2H heads of width d."""
     d = q.shape[-1] // 2
     init = 0.8 - 0.6 * math.exp(-0.3 * depth_index)  # layer l = depth_index + 1
     lam = torch.exp((a.lambda_q1 * a.lambda_k1).sum()) - torch.exp((a.lambda_q2 * a.lambda_k2).sum()) + init
-    maps = [ref_softmax_attend(ref_logits(q[..., s * d:(s + 1) * d], k[..., s * d:(s + 1) * d]), v) for s in (0, 1)]
+    maps = []
+    for s in (0, 1):
+        qs, ks = q[..., s * d:(s + 1) * d], k[..., s * d:(s + 1) * d]
+        if theta is not None:
+            qs, ks = ref_rope(qs, theta), ref_rope(ks, theta)
+        maps.append(ref_softmax_attend(ref_logits(qs, ks), v))
     return ref_rmsnorm(maps[0] - lam * maps[1], a.head_norm.weight) * (1 - init)
 
 
@@ -299,6 +306,7 @@ def reference_lm(model, tokens, layers, components=COMPONENTS["rope"]):
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         if params.get("qk_norm"):  # before the rotation
             q, k = ref_rmsnorm(q, a.q_norm.weight), ref_rmsnorm(k, a.k_norm.weight)
+        unrotated = q, k  # differential rotates each half of a head on its own
         if components["position"] == "rope":
             q, k = ref_rope(q, components["rope_theta"]), ref_rope(k, components["rope_theta"])
         L = ref_logits(q, k)
@@ -319,7 +327,9 @@ def reference_lm(model, tokens, layers, components=COMPONENTS["rope"]):
         if own is not None or params.get("mode") == "accumulate":
             F_latest = Fl
         trace.append({"L": L, "F": Fl, "R": R})
-        heads_out = ref_differential(q, k, v, a, index, index) if name == "differential" else ref_softmax_attend(scores, v)
+        theta = components["rope_theta"] if components["position"] == "rope" else None
+        heads_out = (ref_differential(*unrotated, v, a, index, index, theta) if name == "differential"
+                     else ref_softmax_attend(scores, v))
         x = x + heads_out.transpose(1, 2).reshape(B, -1, DIM) @ a.out_proj.weight.T
         x = x + ref_mlp(mlp, ref_norm(norm, x, block.norm_mlp), block.mlp)
     x = ref_norm(norm, x, model.norm)

@@ -10,9 +10,9 @@ output is RMS-normalised and scaled by (1 - lambda_init) before the output proje
 two ordinary backend calls: the variant only overrides `attend`, so the cache and GQA work unchanged. Same
 parameter count as vanilla attention, plus 4 * d + D per layer.
 
-Known difference from the paper under `position: rope`: the stack rotates the full head (rotate-half pairs
-dimension i with i + D/2, one from each half), so Q1 K1^T and Q2 K2^T each depend on absolute position; only
-their sum Q K^T is a function of the distance. The paper rotates each half as its own head of width d.
+Under `position: rope` each half is rotated as a head of its own width d, as the paper does (`transform_qk`):
+rotating the whole head would pair dimension i with i + D/2, one from each half, and each map's Q_s K_s^T
+would then depend on absolute position (only their sum would be a function of the distance).
 """
 from __future__ import annotations
 
@@ -22,8 +22,19 @@ import torch
 from torch import Tensor, nn
 
 from attention_zoo.backends import dispatch
+from attention_zoo.components.positions import Positions
 from attention_zoo.variant import BASE_PARAMS, LayerShape, ProjectedAttention
 from attention_zoo.variant_registry import register_variant
+
+
+def _halves_as_heads(x: Tensor) -> Tensor:
+    """(B, H, N, D) -> (B, 2H, N, D/2): heads 0..H-1 are the first halves, H..2H-1 the second."""
+    return torch.cat(x.chunk(2, dim=-1), dim=1)
+
+
+def _heads_as_halves(x: Tensor) -> Tensor:
+    """The inverse of `_halves_as_heads`: (B, 2H, N, D/2) -> (B, H, N, D)."""
+    return torch.cat(x.chunk(2, dim=1), dim=-1)
 
 
 def lambda_init(layer_index: int) -> float:
@@ -53,6 +64,14 @@ class Differential(ProjectedAttention):
         """lambda, a 0-dim tensor: exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init."""
         return (torch.exp(torch.dot(self.lambda_q1, self.lambda_k1)) - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2))
                 + self.lambda_init)
+
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> tuple[Tensor, Tensor]:
+        """q (B, H, N, D), k (B, Hkv, N, D) -> the same, QK-normalised over D, then each half rotated as a head
+        of width d = D/2: Q1 K1^T and Q2 K2^T each a function of the distance under RoPE."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = positions.rotate(_halves_as_heads(q), _halves_as_heads(k))  # (B, 2H, N, d), (B, 2 Hkv, N, d)
+        return _heads_as_halves(q), _heads_as_halves(k)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         q1, q2 = q.chunk(2, dim=-1)  # (B, H, Nq, D/2) each

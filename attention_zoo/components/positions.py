@@ -34,7 +34,8 @@ class Positions:
     tables: tuple[Tensor, ...] = field(default=())
 
     def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """q (B, H, N, D), k (B, Hkv, N, D) transformed by the scheme (identity for most)."""
+        """q (B, H, N, D), k (B, Hkv, N, D) transformed by the scheme (identity for most). RoPE also rotates heads
+        of an even width dividing D, each as a head of that width (RotaryPositions.rotate)."""
         return (q, k) if self.scheme is None else self.scheme.rotate(q, k, self)
 
     @classmethod
@@ -92,6 +93,18 @@ def _theta_check(value: float, shape) -> str | None:
 ROPE_THETA = Param(float, 10000.0, "RoPE base: inv_freq_i = rope_theta^(-2i/head_dim)", check=_theta_check)
 
 
+def _for_width(table: Tensor, width: int) -> Tensor:
+    """A (..., D) cos or sin table of angles (a, a), a_i = p * theta^(-2i/D), as the table for heads of `width`:
+    a_j for width w is a_{j D/w} (theta^(-2j/w) = theta^(-2 (j D/w) / D)), j < w/2."""
+    D = table.shape[-1]
+    if width == D:
+        return table
+    if width % 2 or width <= 0 or D % width:
+        raise ValueError(f"rope rotates heads of width {D} or an even width dividing it; got width {width}")
+    half = table[..., : D // 2 : D // width]  # (..., w/2)
+    return torch.cat((half, half), dim=-1)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     """(x1, x2) -> (-x2, x1) over the two halves of the last dimension: pairs dimension i with i + D/2."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -135,8 +148,11 @@ class RotaryPositions(PositionalScheme):
         return Positions(index, self, (angles.cos(), angles.sin()))
 
     def rotate(self, q: Tensor, k: Tensor, positions: Positions) -> tuple[Tensor, Tensor]:
+        """q (B, H, N, w), k (B, Hkv, N, w) rotated as heads of width w: w is the stack's head_dim D, or an even
+        width dividing it for a variant that attends with narrower heads (differential attention's halves), whose
+        angles position * rope_theta^(-2j/w) are every (D/w)-th of the tables'. Raises ValueError for another w."""
         # cos and sin in q's dtype (under autocast q is bf16 while the tables are float32: keep it bf16)
-        cos, sin = (t.to(q.dtype) for t in positions.tables)
+        cos, sin = (_for_width(t, q.shape[-1]).to(q.dtype) for t in positions.tables)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     def extra_repr(self) -> str:
