@@ -88,8 +88,9 @@ def test_key_groups_follow_key_indexed_state():
 
 @torch.no_grad()
 def test_next_query_penalties_replay_the_state_flow():
-    for attention in (SHARE_TWO, ACCUMULATE):
-        model = make_model(attention)
+    decay0 = [{"at": [1], "attention": {**ACCUMULATE, "decay": 0.0}}]  # F_1 = 0 (no source), F_2 = own_2 + 0.5 * 0
+    for attention, layers in ((SHARE_TWO, None), (ACCUMULATE, None), (ACCUMULATE, decay0)):
+        model = make_model(attention, layers)
         x = tokens(2, 12)
         _, updates = model(x, return_state=True)
         cache = model.new_cache()

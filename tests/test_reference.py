@@ -364,6 +364,10 @@ STACKS = {
     "share": ({"variant": "cross_layer_selective", "sources": [0, 2]}, []),
     "share-residual-gqa": ({"variant": "cross_layer_selective", "sources": [0], "residual": True, "kv_heads": 2}, []),
     "accumulate": ({"variant": "cross_layer_selective", "mode": "accumulate", "sources": [1, 2], "decay": 0.5}, []),
+    # decay 0 at a layer that is no source: F_1 = 0, so layer 2 (decay 1) attends with F_2 = F_1 = 0, not F_0
+    "accumulate-decay0": ({"variant": "cross_layer_selective", "mode": "accumulate", "sources": [0]},
+                          [{"at": [1], "attention": {"variant": "cross_layer_selective", "mode": "accumulate",
+                                                     "sources": [0], "decay": 0.0}}]),
     "differential": ({"variant": "differential"}, []),
     "differential-gqa-qk_norm": ({"variant": "differential", "kv_heads": 2, "qk_norm": True}, []),
     "mixed": ({"variant": "selective", "residual": True}, [{"at": [1], "attention": {"variant": "vanilla"}},

@@ -85,9 +85,13 @@ class CrossLayerSelective(SelectionMixin, ProjectedAttention):
         previous = state.get(channel)
         own = self.own_selection(q, k, cache) if self.is_source else None
         if previous is None or not self.decay:
-            if own is None:  # no source at or below this layer yet: plain attention
+            if own is not None:
+                return own, {channel: own}
+            if previous is None:  # no source at or below this layer yet: plain attention
                 return None, {}
-            return own, {channel: own}
+            # decay 0 and no own term: F_l = 0. The layer attends without a penalty, and the layers above must
+            # read this zero, not F_{l-1} (key_scores' _cross_layer mirrors this for pruning)
+            return None, {channel: as_selection(previous).scaled(0.0)}
         # F_l = own_l + decay * F_{l-1}: the cumulative sum is linear, so this is a sum of weighted terms.
         selection = as_selection(previous).scaled(self.decay)
         if own is not None:

@@ -59,7 +59,7 @@ def _register_builtin_rules() -> None:
         own = cache.per_key.get(ACCUMULATOR) if attention.is_source else None
         if attention.mode == "share":
             return own if attention.is_source else previous
-        if previous is not None and attention.decay:  # accumulate: F_l = own_l + decay * F_{l-1}
+        if previous is not None:  # accumulate: F_l = own_l + decay * F_{l-1} (decay 0 and no own term: zeros)
             return attention.decay * previous if own is None else own + attention.decay * previous
         return own
 
