@@ -476,6 +476,33 @@ def test_describe_plans_each_call_of_a_layer_whose_calls_differ(isolated_registr
     assert "call 1: sdpa" in line and "call 2: sdpa" in line and "values of width 16 differ" in line.split("call 2")[1]
 
 
+def test_a_variant_keeps_its_own_init_through_init_weights(isolated_registry):
+    """build_model draws every Linear from GPT-2's init after the layers exist, so a gate bias set to 5 in
+    __init__ comes back 0; set in init_weights() (run after that draw) it stays 5, and only where asked."""
+    from torch import nn
+
+    @register_variant("zoo_gated")
+    class Gated(ProjectedAttention):
+        """A per-head gate whose bias starts at 5 (gate open)."""
+        params = ProjectedAttention.params
+
+        def __init__(self, shape, **base):
+            super().__init__(shape, **base)
+            self.gate = nn.Linear(shape.dim, shape.heads)
+            self.init_weights()
+
+        def init_weights(self):
+            nn.init.constant_(self.gate.bias, 5.0)
+
+    model = build_model(small_model({"variant": "zoo_gated"}))
+    for block in model.blocks:
+        assert torch.equal(block.attention.gate.bias, torch.full((4,), 5.0))
+        assert 0.015 < block.attention.gate.weight.std().item() < 0.025  # the weight keeps GPT-2's N(0, 0.02)
+    assert torch.equal(create_variant("zoo_gated", dim=32, heads=4).gate.bias, torch.full((4,), 5.0))
+    del Gated.init_weights  # without the hook, GPT-2's init zeroes the bias __init__ set
+    assert torch.equal(build_model(small_model({"variant": "zoo_gated"})).blocks[0].attention.gate.bias, torch.zeros(4))
+
+
 def test_a_variant_sees_the_models_max_seq_len(isolated_registry):
     """LayerShape.max_seq_len is model.max_seq_len, in the Param check and in __init__ (a length-aware init such
     as sigmoid attention's b = -log(n)); a layer built on its own gets the config default unless told."""
