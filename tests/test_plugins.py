@@ -489,18 +489,23 @@ def test_a_variant_keeps_its_own_init_through_init_weights(isolated_registry):
         def __init__(self, shape, **base):
             super().__init__(shape, **base)
             self.gate = nn.Linear(shape.dim, shape.heads)
-            self.init_weights()
+            nn.init.constant_(self.gate.bias, 5.0)  # what GPT-2's init, run after every layer exists, redraws
 
         def init_weights(self):
             nn.init.constant_(self.gate.bias, 5.0)
+
+    @register_variant("zoo_gated_naive")
+    class NaiveGated(Gated):
+        """The same with its init in __init__ only."""
+        init_weights = None
 
     model = build_model(small_model({"variant": "zoo_gated"}))
     for block in model.blocks:
         assert torch.equal(block.attention.gate.bias, torch.full((4,), 5.0))
         assert 0.015 < block.attention.gate.weight.std().item() < 0.025  # the weight keeps GPT-2's N(0, 0.02)
     assert torch.equal(create_variant("zoo_gated", dim=32, heads=4).gate.bias, torch.full((4,), 5.0))
-    del Gated.init_weights  # without the hook, GPT-2's init zeroes the bias __init__ set
-    assert torch.equal(build_model(small_model({"variant": "zoo_gated"})).blocks[0].attention.gate.bias, torch.zeros(4))
+    naive = build_model(small_model({"variant": "zoo_gated_naive"}))  # no hook: GPT-2's init zeroes the bias
+    assert torch.equal(naive.blocks[0].attention.gate.bias, torch.zeros(4))
 
 
 def test_a_variant_sees_the_models_max_seq_len(isolated_registry):
