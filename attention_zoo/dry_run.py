@@ -46,9 +46,12 @@ def dry_run(config: Config, *, train: bool = False, device: str = "cpu"
     during = f"the model's forward on the meta device (1 x {m['max_seq_len']} tokens)"
     with (recording_calls() as calls, recording_dense_carries() as dense_reasons, planning_for(device),
           plugin_failures_reported(config, model, during), torch.set_grad_enabled(train)):
-        for block in model.blocks:
-            block.register_forward_hook(layer_done)
-        model(tokens)
+        hooks = [block.register_forward_hook(layer_done) for block in model.blocks]
+        try:
+            model(tokens)
+        finally:  # the meta model is returned: a later forward must not append to these lists
+            for hook in hooks:
+                hook.remove()
     return model, per_layer, dense_residual
 
 

@@ -103,9 +103,13 @@ class Registry(Generic[T]):
     def _ensure_loaded(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
-        for module in self._builtin_modules:
-            importlib.import_module(module)
+        self._loaded = True  # first: importing a built-in module registers into this registry, which must not recurse
+        try:
+            for module in self._builtin_modules:
+                importlib.import_module(module)
+        except BaseException:  # a broken built-in (or Ctrl-C mid-import): the next lookup tries again, not a partial registry
+            self._loaded = False
+            raise
         if self.entry_point_group:
             for ep in metadata.entry_points(group=self.entry_point_group):
                 try:

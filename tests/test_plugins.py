@@ -149,6 +149,28 @@ def test_broken_entry_point_is_reported_by_name_and_harmless(isolated_registry, 
         load_config(small_model({"variant": "broken_window"}))
 
 
+def test_a_builtin_module_that_fails_to_import_is_tried_again_not_left_half_registered(tmp_path, monkeypatch):
+    """A registry whose built-in module raised on import (a bug, or Ctrl-C mid-import) raises that error again on
+    the next lookup instead of answering from a partial registry ("unknown name" for what is only unloaded)."""
+    from attention_zoo.registry import Registry
+
+    (tmp_path / "zoo_flaky_builtin.py").write_text(
+        "import os\nfrom attention_zoo.registry import REG\n"
+        "if os.environ.get('ZOO_FLAKY') == '1':\n    raise RuntimeError('flaky import')\nREG.add('thing', 1)\n")
+    import attention_zoo.registry as registry_module
+
+    registry = Registry("thing", builtin_modules=("zoo_flaky_builtin",))
+    monkeypatch.setattr(registry_module, "REG", registry, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ZOO_FLAKY", "1")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="flaky import"):
+            registry.names()
+        sys.modules.pop("zoo_flaky_builtin", None)
+    monkeypatch.setenv("ZOO_FLAKY", "0")
+    assert registry.names() == ["thing"]
+
+
 def test_duplicate_registration_names_both_definitions(isolated_registry):
     with pytest.raises(RegistryError) as info:
         @register_variant("selective")
