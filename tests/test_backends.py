@@ -137,6 +137,14 @@ def test_refusals_and_auto_order_on_cpu(monkeypatch):
     assert SDPA.refuse(call) is None
 
 
+def test_the_fp16_probe_answers_the_same_under_inference_mode():
+    """`refuse` may be asked under inference mode (`describe`, generation), whose tensors cannot be saved for a
+    backward: the probe must not cache that as torch's inability."""
+    with torch.inference_mode():
+        inside = sdpa_module.half_backward_probe()
+    assert inside == sdpa_module.half_backward_probe()
+
+
 @pytest.mark.skipif(sdpa_module.cpu_half_backward_error() is not None, reason="this torch has no CPU fp16 SDPA backward")
 @pytest.mark.parametrize("bias_kind", ["none", "size1", "per_head"])
 def test_fp16_training_on_cpu_matches_math_where_torch_differentiates_it(bias_kind):

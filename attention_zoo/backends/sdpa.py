@@ -35,14 +35,12 @@ FORWARD_BLOCK = {"cpu": 128}
 DEFAULT_FORWARD_BLOCK = 512
 
 
-@torch.compiler.disable  # a probe run eagerly, once: never traced into a compiled model's graph
-@functools.lru_cache(maxsize=None)
-def cpu_half_backward_error() -> str | None:
-    """Why this torch cannot differentiate fp16 SDPA on CPU (older builds had no CPU half kernels), or None.
-    Tried once on a tiny problem, causal and with a float mask, as the backend calls it (its own backward of a
-    trainable bias and the fused CPU kernel compute in float32)."""
+def half_backward_probe() -> str | None:
+    """Why this torch cannot differentiate fp16 SDPA on CPU (older builds had no CPU half kernels), or None:
+    a tiny problem, causal and with a float mask, as the backend calls it (its own backward of a trainable bias
+    and the fused CPU kernel compute in float32). Under inference mode too (`describe`, generation)."""
     try:
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # asked from anywhere: `describe`, inference
             q = torch.ones(1, 1, 2, 8, dtype=torch.float16, requires_grad=True)
             mask = torch.zeros(2, 2, dtype=torch.float16)
             (F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
@@ -50,6 +48,10 @@ def cpu_half_backward_error() -> str | None:
     except Exception as exc:  # noqa: BLE001 -- any failure is the reason
         return f"{type(exc).__name__}: {str(exc).strip()[:200]}"
     return None
+
+
+# The probe once per process, run eagerly: never traced into a compiled model's graph.
+cpu_half_backward_error = torch.compiler.disable(functools.lru_cache(maxsize=None)(half_backward_probe))
 
 
 class SDPABackend(Backend):
