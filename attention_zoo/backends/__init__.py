@@ -286,7 +286,11 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Sel
     """Run the primitive on `backend`. A Selection goes to the backend's own `selective_attention` where it has
     one; otherwise -F is made dense, (B, 1, Nq, Nk), and passed as a bias (the only place that happens). A
     SeparableBias goes to the backend's own `separable_attention` where it has one, else is made dense too (the
-    math reference, a dry run; `dispatch` folds it before it gets here where `fold_plan` allows)."""
+    math reference, a dry run; `dispatch` folds it before it gets here where `fold_plan` allows). A call with
+    nothing to attend (no batch element, head, query or key) runs on math whatever the backend: the result is
+    empty, or 0 for queries without keys, and the kernels divide their work by these sizes."""
+    if 0 in (*q.shape[:3], k.shape[2]):
+        backend = BACKENDS.get("math")
     if isinstance(bias, SeparableBias):
         if backend.separable_attention is not None:
             return backend.separable_attention(q, k, v, bias, causal=causal, scale=scale)

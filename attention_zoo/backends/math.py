@@ -38,6 +38,8 @@ def masked_softmax(scores: Tensor) -> Tensor:
 
     The dead rows are selected out before the softmax and after it, never multiplied by a mask: the
     softmax of an all -inf row is NaN, and NaN * 0 is NaN (in the backward too)."""
+    if scores.shape[-1] == 0:  # no key at all: every row is dead, and amax has nothing to reduce
+        return scores
     dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
     weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1)
     return weights.masked_fill(dead, 0.0)

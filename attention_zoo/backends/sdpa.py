@@ -17,6 +17,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,13 +35,32 @@ FORWARD_BLOCK = {"cpu": 128}
 DEFAULT_FORWARD_BLOCK = 512
 
 
+def half_backward_probe() -> str | None:
+    """Why this torch cannot differentiate fp16 SDPA on CPU (older builds had no CPU half kernels), or None:
+    a tiny problem, causal and with a float mask, as the backend calls it (its own backward of a trainable bias
+    and the fused CPU kernel compute in float32). Under inference mode too (`describe`, generation)."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # asked from anywhere: `describe`, inference
+            q = torch.ones(1, 1, 2, 8, dtype=torch.float16, requires_grad=True)
+            mask = torch.zeros(2, 2, dtype=torch.float16)
+            (F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+             + F.scaled_dot_product_attention(q, q, q, attn_mask=mask).sum()).backward()
+    except Exception as exc:  # noqa: BLE001 -- any failure is the reason
+        return f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    return None
+
+
+# The probe once per process, run eagerly: never traced into a compiled model's graph.
+cpu_half_backward_error = torch.compiler.disable(functools.lru_cache(maxsize=None)(half_backward_probe))
+
+
 class SDPABackend(Backend):
     name = "sdpa"
     description = "torch scaled_dot_product_attention (flash / memory-efficient kernels where torch has them)"
 
     def refuse(self, call: AttentionCall) -> str | None:
-        if call.device == "cpu" and call.dtype == torch.float16 and call.grad_enabled:
-            return "fp16 backward on CPU is not supported by SDPA's CPU kernels"
+        if call.device == "cpu" and call.dtype == torch.float16 and call.grad_enabled and (why := cpu_half_backward_error()):
+            return f"fp16 backward on CPU is not supported by this torch's SDPA ({why})"
         if call.bias_requires_grad and call.grad_enabled and call.value_dim is not None:
             if not (call.has_selection and self.fuses_unequal_value_dim(call.device)):  # the fused kernel takes any
                 return f"the blockwise backward of a trainable bias needs v as wide as q and k ({call.unequal_value_dim()})"
