@@ -155,6 +155,9 @@ def test_generate_command_stops_at_the_position_limit(checkpoint, capsys):
     (["--prune", "budget:x"], "--prune 'budget:x'"),
     (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
     (["--max-tokens", "-1"], "--max-tokens -1: must be >= 0"),
+    # torch's manual_seed takes 64-bit integers: a larger seed raised "Overflow when unpacking long long"
+    (["--seed", str(2**64)], f"--seed {2**64}: must be a 64-bit integer"),
+    (["--seed", str(-(2**63) - 1)], f"--seed {-(2**63) - 1}: must be a 64-bit integer"),
     (["--prompt", "y" * 60], "model.max_seq_len=48"),
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--device", "meta"], "--device 'meta': expected auto, cpu, cuda or cuda:N (or mps"),

@@ -61,7 +61,9 @@ def test_parse_prune_spec():
     assert parse_prune_spec("window:8") == WindowPolicy(8)
     for bad, words in [("thresh:1", "unknown policy"), ("budget", "POLICY:VALUE"), ("threshold:x", "not a number"),
                        ("threshold:0", "> 0"), ("budget:1", "below 2"), ("budget:3.5", "whole number"),
-                       ("window:none", "whole number"), ("window:-1", "window '-1' is not a whole number")]:
+                       ("window:none", "whole number"), ("window:-1", "window '-1' is not a whole number"),
+                       # str.isdigit() holds for '²', which int() refuses: a ValueError traceback from the CLI
+                       ("budget:²", "budget '²' is not a whole number"), ("window:8,²", "window '²'")]:
         with pytest.raises(PruningError, match=words) as info:
             parse_prune_spec(bad)
         assert repr(bad) in str(info.value) and "valid forms" in str(info.value)

@@ -138,7 +138,7 @@ def parse_prune_spec(text: str, given_as: str | None = None) -> PruningPolicy:
         if item.lower() == "none" and kind == "budget":
             budgets.append(None)
             continue
-        if not item.isdigit():
+        if not (item.isascii() and item.isdigit()):  # str.isdigit() is also true of '²', which int() refuses
             raise bad(f"{kind} {item!r} is not a whole number" + (" or 'none'" if kind == "budget" else ""))
         if int(item) < MIN_BUDGET:
             raise bad(f"budget {item} is below {MIN_BUDGET} (BOS and the newest token are always kept)")

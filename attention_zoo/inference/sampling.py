@@ -11,7 +11,9 @@ from ..errors import UserError
 
 @dataclass
 class Sampler:
-    """temperature 0 means greedy (argmax); top_k / top_p of None keep every token."""
+    """temperature 0 means greedy (argmax); top_k / top_p of None keep every token; seed None draws a fresh one.
+    Raises UserError naming the option for a negative temperature, top_k < 1, top_p outside (0, 1], or a seed
+    outside the 64-bit integers."""
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -26,6 +28,10 @@ class Sampler:
             problems.append(f"--top-k {self.top_k}: must be >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             problems.append(f"--top-p {self.top_p}: must be in (0, 1]")
+        # torch.Generator.manual_seed takes 64-bit integers; a larger one raised an opaque "Overflow when unpacking
+        # long long" (the range train.seed accepts, train/sections.py)
+        if self.seed is not None and not -(2**63) <= self.seed <= 2**63 - 1:
+            problems.append(f"--seed {self.seed}: must be a 64-bit integer (-2**63 to 2**63 - 1)")
         if problems:
             raise UserError("; ".join(problems))
         self.generator = torch.Generator()
