@@ -2,6 +2,8 @@
 evaluation, and the auxiliary memory loss."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from attention_zoo.inference import (
     streaming_loss,
 )
 from attention_zoo.inference.memory_loss import memory_needed, selective_memory_loss
-from attention_zoo.inference.pruning import keep_lowest
+from attention_zoo.inference.pruning import MIN_BUDGET, keep_lowest
 from attention_zoo.ops.selection import penalty_tensor
 from attention_zoo.train.aux_losses import get_aux_loss
 from attention_zoo.variants.selective import ACCUMULATOR
@@ -289,6 +291,30 @@ def test_policies_that_cannot_apply_are_refused_clearly():
     assert pruner.layer_budgets(64) == [8, 64, 8, 8]
     _, cache = run(mixed, pruner, tokens(1, 12))
     assert cache.lengths() == [8, 12, 8, 8]
+
+
+@pytest.mark.parametrize("policy,args", [
+    (BudgetPolicy, (1,)), (BudgetPolicy, (0,)), (BudgetPolicy, (-2,)), (BudgetPolicy, (2.5,)), (BudgetPolicy, (True,)),
+    (BudgetPolicy, (None,)), (BudgetPolicy, ([],)), (BudgetPolicy, ([8, 1, 8, 8],)), (WindowPolicy, (1,)),
+    (ThresholdPolicy, (float("nan"),)), (ThresholdPolicy, (float("inf"),)), (ThresholdPolicy, (-1.0,)),
+    (ThresholdPolicy, (0,)), (ThresholdPolicy, ("1",)),
+])
+def test_policies_built_from_python_check_their_values(policy, args):
+    """parse_prune_spec checked the text, but the classes took anything: BudgetPolicy(1) dropped BOS (only the
+    newest key left), BudgetPolicy(0) emptied every cache and generation ran on, each token seeing only itself,
+    ThresholdPolicy(nan) silently pruned nothing."""
+    with pytest.raises(PruningError, match=re.escape(f"{policy.__name__}(")) as info:
+        policy(*args)
+    assert repr(args[0]) in str(info.value)
+
+
+def test_the_smallest_budget_keeps_bos_and_the_newest_key():
+    model = make_model(SELECTIVE)
+    x = tokens(2, 12)
+    for policy in (BudgetPolicy(MIN_BUDGET), WindowPolicy(MIN_BUDGET), BudgetPolicy([MIN_BUDGET, None, 3, 4])):
+        _, cache = run(model, Pruner(model, policy), x)
+        for layer in cache.layers:
+            assert (layer.positions[:, 0] == 0).all() and (layer.positions[:, -1] == x.shape[1] - 1).all()
 
 
 # --------------------------------------------------------------------------- streaming evaluation

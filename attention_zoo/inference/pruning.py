@@ -20,6 +20,7 @@ their least-masked extras), because the cache is one rectangular (B, Hkv, T, D) 
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,15 @@ class PruningPolicy:
 
 @dataclass
 class ThresholdPolicy(PruningPolicy):
+    """Drop a key once its F is >= tau. Raises PruningError unless tau is a finite number > 0 (a NaN tau would
+    silently drop nothing, a negative one everything but BOS and the newest key)."""
+
     tau: float
+
+    def __post_init__(self):
+        tau = self.tau
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or finite_problem(tau) or not tau > 0:
+            raise PruningError(f"ThresholdPolicy(tau={tau!r}): the threshold must be a finite number > 0")
 
     def keep(self, penalty, positions, budget):
         safe = protected(positions)
@@ -85,6 +94,22 @@ class BudgetPolicy(PruningPolicy):
     """Per-layer budgets K_l; one int means the same budget for every layer that has an F."""
 
     budgets: int | list[int | None]
+
+    def __post_init__(self):
+        """PruningError unless every budget is a whole number >= MIN_BUDGET (None, in a per-layer list: not pruned).
+        parse_prune_spec checks the text; this guards the Python API, where BudgetPolicy(1) dropped BOS and
+        BudgetPolicy(0) emptied the cache, silently."""
+        name = type(self).__name__
+        items = self.budgets if isinstance(self.budgets, (list, tuple)) else [self.budgets]
+        if isinstance(self.budgets, (list, tuple)) and not self.budgets:
+            raise PruningError(f"{name}([]): give one budget, or one per layer")
+        for item in items:
+            if item is None and isinstance(self.budgets, (list, tuple)):
+                continue
+            if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < MIN_BUDGET:
+                raise PruningError(f"{name}({self.budgets!r}): budget {item!r} is not a whole number >= {MIN_BUDGET} "
+                                   "(BOS and the newest token are always kept)" +
+                                   ("; None (not pruned) only in a per-layer list" if item is None else ""))
 
     def keep(self, penalty, positions, budget):
         if budget is None or positions.shape[-1] <= budget:
