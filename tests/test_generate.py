@@ -122,6 +122,22 @@ def test_generation_stops_at_max_seq_len():
         generate(model, torch.zeros(1, 4, dtype=torch.long), 1, Sampler(), prefill_chunk=0)
 
 
+@pytest.mark.parametrize("prompt,max_tokens,message", [
+    (torch.tensor([1, 2, 3]), 2, r"prompt \(3,\): expected a \(batch, tokens\) tensor"),
+    ([[1, 2]], 2, "prompt list: expected a \\(batch, tokens\\) tensor"),
+    (torch.tensor([[1.0, 2.0]]), 2, "prompt of dtype torch.float32: token ids must be integers"),
+    (torch.tensor([[1, 256]]), 2, r"prompt token 256 \(row 0, position 1\) is outside .* \[0, 256\)"),
+    (torch.tensor([[1, 2], [3, -1]]), 2, r"prompt token -1 \(row 1, position 1\) is outside"),
+    (torch.tensor([[1, 2]]), 2.5, "max_tokens 2.5: must be a whole number >= 0"),
+    (torch.tensor([[1, 2]]), None, "max_tokens None: must be a whole number >= 0"),
+])
+def test_generate_names_a_prompt_or_max_tokens_it_cannot_take(prompt, max_tokens, message):
+    """From Python these failed deep in the model: "not enough values to unpack", "index out of range in self",
+    "Expected tensor for argument #1 'indices' to have one of the following scalar types", a TypeError."""
+    with pytest.raises(UserError, match=message):
+        generate(tiny_model(), prompt, max_tokens, Sampler(seed=0))
+
+
 @pytest.mark.parametrize("position", ["rope", "none"])
 def test_generation_runs_past_max_seq_len_without_learned_positions(position):
     model = tiny_model(max_seq_len=10, position=position)
