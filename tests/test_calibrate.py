@@ -126,6 +126,7 @@ def test_memory_is_measured_by_the_most_keys_held_for_every_policy(run_folder, c
     (["--context", "3"], "--context 3: must be >= 4"),
     (["--context", "0"], "--context 0: must be >= 4"),  # not read as "unset" (the model's max_seq_len)
     (["--context", "16", "--measure", "budget:x"], "--measure 'budget:x': budget"),  # calibrate has no --prune
+    (["--context", "16", "--measure", "budget:4,4,4"], "--measure 'budget:4,4,4': 3 budgets for 2 layers"),
     (["--batches", "0"], "--batches 0: must be >= 1"),
 ])
 def test_calibrate_command_errors(run_folder, capsys, args, message):

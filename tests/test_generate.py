@@ -175,6 +175,8 @@ def test_generate_command_stops_at_the_position_limit(checkpoint, capsys):
     (["--seed", str(2**64)], f"--seed {2**64}: must be a 64-bit integer"),
     (["--seed", str(-(2**63) - 1)], f"--seed {-(2**63) - 1}: must be a 64-bit integer"),
     (["--prompt", "y" * 60], "model.max_seq_len=48"),
+    # a policy that cannot apply to this model is named by the flag that gave it (it said only "budget:3,4,5: ...")
+    (["--prune", "budget:3,4,5"], "--prune 'budget:3,4,5': 3 budgets for 2 layers"),
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--device", "meta"], "--device 'meta': expected auto, cpu, cuda or cuda:N (or mps"),
 ])

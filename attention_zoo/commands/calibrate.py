@@ -103,7 +103,7 @@ def measure(model, batches, args, context: int, out: Path, path: Path, dataset: 
     from ..inference import Pruner, parse_prune_spec, streaming_loss
 
     # every spec checked before any work
-    pruners = [Pruner(model, parse_prune_spec(spec, f"--measure {spec!r}")) for spec in args.measure]
+    pruners = [Pruner(model, parse_prune_spec(spec, f"--measure {spec!r}"), f"--measure {spec!r}") for spec in args.measure]
     base = streaming_loss(model, batches).loss
     depth = len(model.blocks)
     rows = []

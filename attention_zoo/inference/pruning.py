@@ -173,17 +173,22 @@ def parse_prune_spec(text: str, given_as: str | None = None) -> PruningPolicy:
 
 
 class Pruner:
-    """Applies a policy to a ModelCache after each forward call: `logits = model(x, cache); pruner(cache)`."""
+    """Applies a policy to a ModelCache after each forward call: `logits = model(x, cache); pruner(cache)`.
 
-    def __init__(self, model: nn.Module, policy: PruningPolicy):
+    Raises PruningError when the policy cannot apply to `model` (no layer has an F to rank keys by, a budget list
+    of the wrong length, different budgets inside a linked group, a budget for a layer without F); the message
+    starts with `given_as` (where the user wrote the policy, e.g. `--prune 'budget:3,4'`), else the policy."""
+
+    def __init__(self, model: nn.Module, policy: PruningPolicy, given_as: str | None = None):
         self.model, self.policy = model, policy
+        self.where = given_as or policy.spec()
         self.groups: list[KeyGroup] = key_groups(model)
         mods = attentions(model)
         self.depth = len(mods)
         self.ranked = [any(has_penalty_rule(mods[i]) for i in g.layers) for g in self.groups]
         if policy.needs_penalty and not any(self.ranked):
             names = sorted({type(m).__name__ for m in mods})
-            raise PruningError(f"{policy.spec()}: no layer of this model has a selection penalty F to rank keys by "
+            raise PruningError(f"{self.where}: no layer of this model has a selection penalty F to rank keys by "
                                f"(attention: {', '.join(names)}); use window:K for a sliding window")
         self.group_budgets = self._resolve_budgets()
 
@@ -194,17 +199,17 @@ class Pruner:
         if isinstance(budgets, int):  # one budget for every layer that can be pruned by this policy
             return [budgets if ranked or not self.policy.needs_penalty else None for ranked in self.ranked]
         if len(budgets) != self.depth:
-            raise PruningError(f"{self.policy.spec()}: {len(budgets)} budgets for {self.depth} layers; give one "
+            raise PruningError(f"{self.where}: {len(budgets)} budgets for {self.depth} layers; give one "
                                f"number for every layer, or a single number for all")
         out = []
         for group, ranked in zip(self.groups, self.ranked):
             values = {budgets[i] for i in group.layers}
             if len(values) > 1:
-                raise PruningError(f"{self.policy.spec()}: {group.describe()} must keep the same keys (their state is "
+                raise PruningError(f"{self.where}: {group.describe()} must keep the same keys (their state is "
                                    f"indexed by key), so give them one budget; got {[budgets[i] for i in group.layers]}")
             value = values.pop()
             if value is not None and self.policy.needs_penalty and not ranked:
-                raise PruningError(f"{self.policy.spec()}: {group.describe()} has no selection penalty F to rank its "
+                raise PruningError(f"{self.where}: {group.describe()} has no selection penalty F to rank its "
                                    f"keys by; write 'none' for it (it is then not pruned)")
             out.append(value)
         return out
