@@ -339,6 +339,16 @@ def test_unpruned_streaming_loss_equals_full_forward_loss():
     assert pruned.loss == pytest.approx(streamed.loss, abs=1e-5)
 
 
+@pytest.mark.parametrize("prefill", [0, -3, 2.5])
+def test_streaming_refuses_a_prefill_below_one(prefill):
+    """prefill=0 was read as "unset": without a pruner it raised AttributeError ('NoneType' object has no attribute
+    'safe_prefill'), with one it silently took the default; a negative one silently became 1."""
+    model = make_model(SELECTIVE)
+    for pruner in (None, Pruner(model, BudgetPolicy(4))):
+        with pytest.raises(ValueError, match=f"prefill {prefill!r}: must be a whole number >= 1"):
+            streaming_loss(model, [batch_of(tokens(2, 10))], pruner, prefill=prefill)
+
+
 def test_streaming_prefill_shortcut_is_exact_for_budgets():
     model = make_model(SELECTIVE)
     batches = [batch_of(tokens(2, 25))]
