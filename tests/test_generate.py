@@ -43,6 +43,11 @@ def test_sampler_options():
     for bad in ({"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}):
         with pytest.raises(UserError):
             Sampler(**bad)
+    # from Python these raised torch's TypeError / RuntimeError when sampling, or (temperature inf) sampled uniformly
+    for bad in ({"top_k": 2.5}, {"top_k": True}, {"seed": 1.5}, {"temperature": float("inf")}, {"temperature": "1"}):
+        (name, value), = bad.items()
+        with pytest.raises(UserError, match=re.escape(f"--{name.replace('_', '-')} {value}: must be")):
+            Sampler(**bad)
 
 
 def test_a_tiny_temperature_is_greedy_not_a_crash(checkpoint, capsys):
