@@ -36,8 +36,10 @@ class LayerCache:
         Every per-key statistic grows by c zeros, for the variant to fill in."""
         B, c = k.shape[0], k.shape[2]
         pos = positions.expand(B, c)
-        if self.k is None:
-            self.k, self.v, self.positions = k, v, pos
+        if self.k is None:  # own compact copies: k, v may be views of a projection that holds more (v of a fused
+            # k|v whose k half rope replaced), positions one row expanded over B; nbytes() is then what is held
+            own = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+            self.k, self.v, self.positions = own(k), own(v), own(pos)
         else:
             self.k = torch.cat([self.k, k], dim=2)
             self.v = torch.cat([self.v, v], dim=2)
@@ -66,6 +68,8 @@ class LayerCache:
         self.per_key = {n: s.gather(-1, _along_keys(index, s)) for n, s in self.per_key.items()}
 
     def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds: keys, values, positions, per-key and running state. Each is its
+        own compact tensor (extend copies, keep gathers, cat allocates), so this is the memory kept alive."""
         tensors = [self.k, self.v, self.positions, *self.per_key.values(), *self.running.values()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 

@@ -147,6 +147,33 @@ def test_cache_nbytes_counts_keys_values_and_stats():
     assert layer.nbytes() == 2 * 3 * 2 * 3 * 8 * 4 + 3 * 3 * 8 + 3 * 3 * 4
 
 
+def held_bytes(cache) -> int:
+    """Bytes of the distinct storages the cache's tensors keep alive: what it really holds in memory."""
+    storages = {}
+    for layer in cache.layers:
+        for t in (layer.k, layer.v, layer.positions, *layer.per_key.values(), *layer.running.values()):
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+@pytest.mark.parametrize("name", ["vanilla-defaults", "gqa-kv_heads=2", "selective-kv_heads=2", "differential-defaults"])
+@torch.no_grad()
+def test_cache_nbytes_is_the_memory_it_holds(name, stack):
+    """After a prefill the cache kept views: v of the projection that holds k and v together (rope rotates k into a
+    tensor of its own, so the k half was dead memory held, 1.5x what nbytes said), and positions expanded over the
+    batch (counted B times, stored once). nbytes must be what the cache really keeps alive, after the prefill and
+    after a decoding step."""
+    model = make_model(ALL[name][0], stack=stack)
+    cache = model.new_cache()
+    tokens = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(0))
+    model(tokens[:, :8], cache=cache)
+    assert held_bytes(cache) == cache.nbytes()
+    model(tokens[:, 8:], cache=cache)
+    assert held_bytes(cache) == cache.nbytes()
+
+
 def test_per_key_statistics_of_any_shape_follow_their_keys():
     """A (B, T) and a per-head (B, H, T) statistic grow with extend and are gathered with their keys by keep;
     `running` state is kept as it is and counted. (A (B, H, T) statistic crashed the next extend.)"""

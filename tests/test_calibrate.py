@@ -126,7 +126,11 @@ def test_memory_is_measured_by_the_most_keys_held_for_every_policy(run_folder, c
     (["--context", "3"], "--context 3: must be >= 4"),
     (["--context", "0"], "--context 0: must be >= 4"),  # not read as "unset" (the model's max_seq_len)
     (["--context", "16", "--measure", "budget:x"], "--measure 'budget:x': budget"),  # calibrate has no --prune
+    (["--context", "16", "--measure", "budget:4,4,4"], "--measure 'budget:4,4,4': 3 budgets for 2 layers"),
     (["--batches", "0"], "--batches 0: must be >= 1"),
+    # rope runs past max_seq_len, so only the data bounds the context: the dataset's ValueError was a traceback
+    (["--context", "10000000"], "--context 10000000 (--split val): split 'val' of dataset"),
+    (["--context", "10000000", "--measure", "budget:4"], "--context 10000000 (--split val): split 'val' of dataset"),
 ])
 def test_calibrate_command_errors(run_folder, capsys, args, message):
     assert main(["calibrate", str(run_folder), "--no-progress", "--out", str(run_folder / "bad"), *args]) == 2

@@ -43,6 +43,11 @@ def test_sampler_options():
     for bad in ({"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}):
         with pytest.raises(UserError):
             Sampler(**bad)
+    # from Python these raised torch's TypeError / RuntimeError when sampling, or (temperature inf) sampled uniformly
+    for bad in ({"top_k": 2.5}, {"top_k": True}, {"seed": 1.5}, {"temperature": float("inf")}, {"temperature": "1"}):
+        (name, value), = bad.items()
+        with pytest.raises(UserError, match=re.escape(f"--{name.replace('_', '-')} {value}: must be")):
+            Sampler(**bad)
 
 
 def test_a_tiny_temperature_is_greedy_not_a_crash(checkpoint, capsys):
@@ -122,6 +127,22 @@ def test_generation_stops_at_max_seq_len():
         generate(model, torch.zeros(1, 4, dtype=torch.long), 1, Sampler(), prefill_chunk=0)
 
 
+@pytest.mark.parametrize("prompt,max_tokens,message", [
+    (torch.tensor([1, 2, 3]), 2, r"prompt \(3,\): expected a \(batch, tokens\) tensor"),
+    ([[1, 2]], 2, "prompt list: expected a \\(batch, tokens\\) tensor"),
+    (torch.tensor([[1.0, 2.0]]), 2, "prompt of dtype torch.float32: token ids must be integers"),
+    (torch.tensor([[1, 256]]), 2, r"prompt token 256 \(row 0, position 1\) is outside .* \[0, 256\)"),
+    (torch.tensor([[1, 2], [3, -1]]), 2, r"prompt token -1 \(row 1, position 1\) is outside"),
+    (torch.tensor([[1, 2]]), 2.5, "max_tokens 2.5: must be a whole number >= 0"),
+    (torch.tensor([[1, 2]]), None, "max_tokens None: must be a whole number >= 0"),
+])
+def test_generate_names_a_prompt_or_max_tokens_it_cannot_take(prompt, max_tokens, message):
+    """From Python these failed deep in the model: "not enough values to unpack", "index out of range in self",
+    "Expected tensor for argument #1 'indices' to have one of the following scalar types", a TypeError."""
+    with pytest.raises(UserError, match=message):
+        generate(tiny_model(), prompt, max_tokens, Sampler(seed=0))
+
+
 @pytest.mark.parametrize("position", ["rope", "none"])
 def test_generation_runs_past_max_seq_len_without_learned_positions(position):
     model = tiny_model(max_seq_len=10, position=position)
@@ -155,7 +176,12 @@ def test_generate_command_stops_at_the_position_limit(checkpoint, capsys):
     (["--prune", "budget:x"], "--prune 'budget:x'"),
     (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
     (["--max-tokens", "-1"], "--max-tokens -1: must be >= 0"),
+    # torch's manual_seed takes 64-bit integers: a larger seed raised "Overflow when unpacking long long"
+    (["--seed", str(2**64)], f"--seed {2**64}: must be a 64-bit integer"),
+    (["--seed", str(-(2**63) - 1)], f"--seed {-(2**63) - 1}: must be a 64-bit integer"),
     (["--prompt", "y" * 60], "model.max_seq_len=48"),
+    # a policy that cannot apply to this model is named by the flag that gave it (it said only "budget:3,4,5: ...")
+    (["--prune", "budget:3,4,5"], "--prune 'budget:3,4,5': 3 budgets for 2 layers"),
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--device", "meta"], "--device 'meta': expected auto, cpu, cuda or cuda:N (or mps"),
 ])

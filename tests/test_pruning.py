@@ -2,6 +2,8 @@
 evaluation, and the auxiliary memory loss."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from attention_zoo.inference import (
     streaming_loss,
 )
 from attention_zoo.inference.memory_loss import memory_needed, selective_memory_loss
-from attention_zoo.inference.pruning import keep_lowest
+from attention_zoo.inference.pruning import MIN_BUDGET, keep_lowest
 from attention_zoo.ops.selection import penalty_tensor
 from attention_zoo.train.aux_losses import get_aux_loss
 from attention_zoo.variants.selective import ACCUMULATOR
@@ -61,7 +63,9 @@ def test_parse_prune_spec():
     assert parse_prune_spec("window:8") == WindowPolicy(8)
     for bad, words in [("thresh:1", "unknown policy"), ("budget", "POLICY:VALUE"), ("threshold:x", "not a number"),
                        ("threshold:0", "> 0"), ("budget:1", "below 2"), ("budget:3.5", "whole number"),
-                       ("window:none", "whole number"), ("window:-1", "window '-1' is not a whole number")]:
+                       ("window:none", "whole number"), ("window:-1", "window '-1' is not a whole number"),
+                       # str.isdigit() holds for '²', which int() refuses: a ValueError traceback from the CLI
+                       ("budget:²", "budget '²' is not a whole number"), ("window:8,²", "window '²'")]:
         with pytest.raises(PruningError, match=words) as info:
             parse_prune_spec(bad)
         assert repr(bad) in str(info.value) and "valid forms" in str(info.value)
@@ -290,6 +294,30 @@ def test_policies_that_cannot_apply_are_refused_clearly():
     assert cache.lengths() == [8, 12, 8, 8]
 
 
+@pytest.mark.parametrize("policy,args", [
+    (BudgetPolicy, (1,)), (BudgetPolicy, (0,)), (BudgetPolicy, (-2,)), (BudgetPolicy, (2.5,)), (BudgetPolicy, (True,)),
+    (BudgetPolicy, (None,)), (BudgetPolicy, ([],)), (BudgetPolicy, ([8, 1, 8, 8],)), (WindowPolicy, (1,)),
+    (ThresholdPolicy, (float("nan"),)), (ThresholdPolicy, (float("inf"),)), (ThresholdPolicy, (-1.0,)),
+    (ThresholdPolicy, (0,)), (ThresholdPolicy, ("1",)),
+])
+def test_policies_built_from_python_check_their_values(policy, args):
+    """parse_prune_spec checked the text, but the classes took anything: BudgetPolicy(1) dropped BOS (only the
+    newest key left), BudgetPolicy(0) emptied every cache and generation ran on, each token seeing only itself,
+    ThresholdPolicy(nan) silently pruned nothing."""
+    with pytest.raises(PruningError, match=re.escape(f"{policy.__name__}(")) as info:
+        policy(*args)
+    assert repr(args[0]) in str(info.value)
+
+
+def test_the_smallest_budget_keeps_bos_and_the_newest_key():
+    model = make_model(SELECTIVE)
+    x = tokens(2, 12)
+    for policy in (BudgetPolicy(MIN_BUDGET), WindowPolicy(MIN_BUDGET), BudgetPolicy([MIN_BUDGET, None, 3, 4])):
+        _, cache = run(model, Pruner(model, policy), x)
+        for layer in cache.layers:
+            assert (layer.positions[:, 0] == 0).all() and (layer.positions[:, -1] == x.shape[1] - 1).all()
+
+
 # --------------------------------------------------------------------------- streaming evaluation
 
 
@@ -310,6 +338,16 @@ def test_unpruned_streaming_loss_equals_full_forward_loss():
     assert abs(streamed.loss - total.item() / count) < 1e-5
     pruned = streaming_loss(model, batches, Pruner(model, BudgetPolicy(64)), prefill=1)
     assert pruned.loss == pytest.approx(streamed.loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("prefill", [0, -3, 2.5])
+def test_streaming_refuses_a_prefill_below_one(prefill):
+    """prefill=0 was read as "unset": without a pruner it raised AttributeError ('NoneType' object has no attribute
+    'safe_prefill'), with one it silently took the default; a negative one silently became 1."""
+    model = make_model(SELECTIVE)
+    for pruner in (None, Pruner(model, BudgetPolicy(4))):
+        with pytest.raises(ValueError, match=f"prefill {prefill!r}: must be a whole number >= 1"):
+            streaming_loss(model, [batch_of(tokens(2, 10))], pruner, prefill=prefill)
 
 
 def test_streaming_prefill_shortcut_is_exact_for_budgets():

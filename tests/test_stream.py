@@ -89,6 +89,7 @@ def test_stream_command_compares_policies_on_the_same_sequences(runs, capsys):
     (["{vanilla}=budget:4", "--length", "40"], "use window:K for a sliding window"),
     (["{vanilla}=", "--length", "40"], "expected CHECKPOINT or CHECKPOINT=POLICY"),
     (["{vanilla}=budget:x", "--length", "40"], "error: argument '{vanilla}=budget:x': budget"),  # stream has no --prune
+    (["{vanilla}=budget:8", "--length", "40"], "error: argument '{vanilla}=budget:8': no layer of this model has"),
     (["{vanilla}", "--length", "0"], "--length 0: must be >= 1"),
     (["{vanilla}", "--length", "40", "--bucket", "0"], "--bucket 0: must be >= 1"),
     (["{vanilla}", "--length", "10000000"], "--length 10000000: split 'test' of dataset 'shakespeare' has"),

@@ -59,13 +59,13 @@ def cmd_calibrate(args) -> int:
     dataset = build_dataset(model.config.get("data"), source=str(path / "config.yaml"))
     if dataset.fixed_seq_len and context < dataset.fixed_seq_len:
         raise UserError(f"--context {context}: dataset {dataset.name!r} needs at least {dataset.fixed_seq_len}")
-    batches = list(dataset.eval_batches(args.split, args.batch_size, context, args.batches))
+    batches = _sequences(dataset, args.split, args, context, "--split")
     out = Path(args.out) if args.out else check_output_path("--out", path.parent / "calibration", "folder")
     if args.measure:
         return measure(model, batches, args, context, out, path, dataset.name)
     check = None
     if args.check_split != "none":
-        check = list(dataset.eval_batches(args.check_split, args.batch_size, context, args.batches))
+        check = _sequences(dataset, args.check_split, args, context, "--check-split")
     report = calibrate(model, batches, context=context, tolerance=args.tolerance, progress=not args.no_progress,
                        curve=not args.no_curve, threshold=args.threshold or None, check_batches=check)
     report = {"checkpoint": str(path), "dataset": dataset.name, "split": args.split,
@@ -91,6 +91,15 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _sequences(dataset, split: str, args, context: int, flag: str) -> list:
+    """The evaluation batches of `split`; UserError naming --context when the split is shorter than one sequence
+    (the dataset's ValueError was a traceback: `calibrate --context 10000000` on a rope model)."""
+    try:
+        return list(dataset.eval_batches(split, args.batch_size, context, args.batches))
+    except ValueError as exc:
+        raise UserError(f"--context {context} ({flag} {split}): {exc}") from None
+
+
 def kept(row: dict) -> str:
     """Keys held per layer, at most and on average over the stream, as a report row has them."""
     return (f"keys kept per layer at most {', '.join(map(str, row['peak_kept']))}, on average "
@@ -103,7 +112,7 @@ def measure(model, batches, args, context: int, out: Path, path: Path, dataset: 
     from ..inference import Pruner, parse_prune_spec, streaming_loss
 
     # every spec checked before any work
-    pruners = [Pruner(model, parse_prune_spec(spec, f"--measure {spec!r}")) for spec in args.measure]
+    pruners = [Pruner(model, parse_prune_spec(spec, f"--measure {spec!r}"), f"--measure {spec!r}") for spec in args.measure]
     base = streaming_loss(model, batches).loss
     depth = len(model.blocks)
     rows = []

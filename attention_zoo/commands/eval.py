@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
@@ -107,7 +108,10 @@ def cmd_eval(args) -> int:
             config["train"]["seq_len"] = None  # a corpus is read at the length the run trained at
         plan = plan_run(config, dataset=dataset)
     except ConfigError as exc:
-        raise ConfigError([_named_by_flag(problem, label, args) for problem in exc.problems]) from None
+        problems = [p for p in exc.problems if _split_named(p) in (None, args.split)]  # eval reads one split
+        if not problems:
+            problems = exc.problems
+        raise ConfigError([_named_by_flag(problem, label, args) for problem in problems]) from None
     batches = train["eval_batches"] if args.batches is None else args.batches
     with torch.no_grad():
         metrics = evaluate(model, plan.dataset, args.split, plan.eval_batch_size, plan.seq_len, batches, device,
@@ -119,6 +123,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+SHORT_SPLIT = re.compile(r"^split '(\w+)' of dataset .* fewer than one window of ")  # train.loop._split_length_problems
+
+
+def _split_named(problem: Problem) -> str | None:
+    """The split a "split shorter than one window" problem is about, else None. plan_run checks every split, as
+    training reads them all; eval reads only --split, so a short train split is no reason to refuse it."""
+    match = SHORT_SPLIT.match(problem.message)
+    return match.group(1) if match else None
+
+
 def _named_by_flag(problem: Problem, label: str, args) -> Problem:
     """A problem with a value eval's flags set is named by the flag, not by the checkpoint's train section
     (`--seq-len 64: longer than model.max_seq_len (32)`, not the checkpoint's train.seq_len)."""
@@ -127,6 +141,10 @@ def _named_by_flag(problem: Problem, label: str, args) -> Problem:
     if problem.path == "data" and args.data:  # the --data dataset's examples do not fit this model
         problem.source, problem.path = f"eval of {label}", "--data"
         problem.message = problem.message.replace(" or raise model.max_seq_len", "")
+    if args.seq_len is not None and _split_named(problem):  # `--seq-len 10000000` on a rope model: the split is short
+        problem.source, problem.path, problem.value = f"eval of {label}", "--seq-len", args.seq_len
+        problem.message = (problem.message.replace(f"train.seq_len = {args.seq_len}", "--seq-len")
+                           .replace("give more text or lower train.seq_len", "give a shorter --seq-len"))
     flag, value = flags.get(problem.path, (None, None))
     if value is not None:
         problem.source, problem.path = f"eval of {label}", flag

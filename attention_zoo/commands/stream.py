@@ -75,7 +75,8 @@ def cmd_stream(args) -> int:
         if model.max_positions is not None and args.length > model.max_positions:
             raise UserError(f"{path_text}: --length {args.length} is past model.max_seq_len ({model.max_positions}) "
                             "of a model with learned positions; rope or none positions stream past it")
-        pruner = None if policy == "none" else Pruner(model, parse_prune_spec(policy, f"argument {text!r}"))
+        where = f"argument {text!r}"
+        pruner = None if policy == "none" else Pruner(model, parse_prune_spec(policy, where), where)
         runs.append((path_text, policy, model, path, pruner))
     say_if_cpu_is_busy("stream", args.device)
     datas = {json.dumps(run[2].config.get("data"), sort_keys=True) for run in runs}

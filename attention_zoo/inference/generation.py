@@ -6,6 +6,7 @@ if given, runs after every forward call, so the cache never holds more than the 
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, Collection
@@ -48,8 +49,10 @@ def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler
     sampled one of `stop_tokens` (end-of-sequence ids), generation stops (`stopped == "end_of_sequence"`);
     the stop token is the last one kept, and a row that ended before others is sampled on until they end
     (cut it at its first stop token). `on_token(tokens (B, 1))` sees each new token. Raises UserError for
-    an empty prompt, one past learned positions, or a negative max_tokens.
+    a prompt that is not a (B, P) integer tensor of token ids in [0, model.vocab_size), an empty prompt, one
+    past learned positions, or a max_tokens that is not a whole number >= 0.
     """
+    _check_prompt(prompt, model.vocab_size)
     B, P = prompt.shape
     if P == 0:
         raise UserError("the prompt is empty: give at least one token (it becomes position 0, the BOS)")
@@ -57,6 +60,8 @@ def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler
     if limit is not None and P > limit:
         raise UserError(f"the prompt has {P} tokens but the model's positions end at model.max_seq_len="
                         f"{model.max_seq_len}; shorten it")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral):
+        raise UserError(f"max_tokens {max_tokens!r}: must be a whole number >= 0")
     if max_tokens < 0:
         raise UserError(f"--max-tokens {max_tokens}: must be >= 0")
     if prefill_chunk is not None and prefill_chunk < 1:  # 0 is not "all at once": None is
@@ -94,3 +99,21 @@ def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler
         if pruner is not None:
             pruner(cache)
     return GenerationResult(torch.cat(out, dim=1), P, cache, prefill_seconds, time.perf_counter() - start, stopped)
+
+
+def _check_prompt(prompt: Tensor, vocab_size: int) -> None:
+    """UserError unless `prompt` is a (B, P) integer tensor of ids in [0, vocab_size): a 1-D prompt, float ids or an
+    id past the vocabulary failed deep inside the model ("not enough values to unpack", "index out of range in
+    self"). One host sync when P > 0."""
+    if not isinstance(prompt, Tensor) or prompt.dim() != 2:
+        shape = tuple(prompt.shape) if isinstance(prompt, Tensor) else type(prompt).__name__
+        raise UserError(f"prompt {shape}: expected a (batch, tokens) tensor of token ids, e.g. torch.tensor([ids])")
+    if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+        raise UserError(f"prompt of dtype {prompt.dtype}: token ids must be integers (torch.long)")
+    if prompt.numel():
+        low, high = int(prompt.min()), int(prompt.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            row, col = (prompt == bad).nonzero()[0].tolist()
+            raise UserError(f"prompt token {bad} (row {row}, position {col}) is outside the model's vocabulary: ids "
+                            f"must be in [0, {vocab_size})")

@@ -20,6 +20,7 @@ their least-masked extras), because the cache is one rectangular (B, Hkv, T, D) 
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,15 @@ class PruningPolicy:
 
 @dataclass
 class ThresholdPolicy(PruningPolicy):
+    """Drop a key once its F is >= tau. Raises PruningError unless tau is a finite number > 0 (a NaN tau would
+    silently drop nothing, a negative one everything but BOS and the newest key)."""
+
     tau: float
+
+    def __post_init__(self):
+        tau = self.tau
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or finite_problem(tau) or not tau > 0:
+            raise PruningError(f"ThresholdPolicy(tau={tau!r}): the threshold must be a finite number > 0")
 
     def keep(self, penalty, positions, budget):
         safe = protected(positions)
@@ -85,6 +94,22 @@ class BudgetPolicy(PruningPolicy):
     """Per-layer budgets K_l; one int means the same budget for every layer that has an F."""
 
     budgets: int | list[int | None]
+
+    def __post_init__(self):
+        """PruningError unless every budget is a whole number >= MIN_BUDGET (None, in a per-layer list: not pruned).
+        parse_prune_spec checks the text; this guards the Python API, where BudgetPolicy(1) dropped BOS and
+        BudgetPolicy(0) emptied the cache, silently."""
+        name = type(self).__name__
+        items = self.budgets if isinstance(self.budgets, (list, tuple)) else [self.budgets]
+        if isinstance(self.budgets, (list, tuple)) and not self.budgets:
+            raise PruningError(f"{name}([]): give one budget, or one per layer")
+        for item in items:
+            if item is None and isinstance(self.budgets, (list, tuple)):
+                continue
+            if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < MIN_BUDGET:
+                raise PruningError(f"{name}({self.budgets!r}): budget {item!r} is not a whole number >= {MIN_BUDGET} "
+                                   "(BOS and the newest token are always kept)" +
+                                   ("; None (not pruned) only in a per-layer list" if item is None else ""))
 
     def keep(self, penalty, positions, budget):
         if budget is None or positions.shape[-1] <= budget:
@@ -138,7 +163,7 @@ def parse_prune_spec(text: str, given_as: str | None = None) -> PruningPolicy:
         if item.lower() == "none" and kind == "budget":
             budgets.append(None)
             continue
-        if not item.isdigit():
+        if not (item.isascii() and item.isdigit()):  # str.isdigit() is also true of '²', which int() refuses
             raise bad(f"{kind} {item!r} is not a whole number" + (" or 'none'" if kind == "budget" else ""))
         if int(item) < MIN_BUDGET:
             raise bad(f"budget {item} is below {MIN_BUDGET} (BOS and the newest token are always kept)")
@@ -148,17 +173,22 @@ def parse_prune_spec(text: str, given_as: str | None = None) -> PruningPolicy:
 
 
 class Pruner:
-    """Applies a policy to a ModelCache after each forward call: `logits = model(x, cache); pruner(cache)`."""
+    """Applies a policy to a ModelCache after each forward call: `logits = model(x, cache); pruner(cache)`.
 
-    def __init__(self, model: nn.Module, policy: PruningPolicy):
+    Raises PruningError when the policy cannot apply to `model` (no layer has an F to rank keys by, a budget list
+    of the wrong length, different budgets inside a linked group, a budget for a layer without F); the message
+    starts with `given_as` (where the user wrote the policy, e.g. `--prune 'budget:3,4'`), else the policy."""
+
+    def __init__(self, model: nn.Module, policy: PruningPolicy, given_as: str | None = None):
         self.model, self.policy = model, policy
+        self.where = given_as or policy.spec()
         self.groups: list[KeyGroup] = key_groups(model)
         mods = attentions(model)
         self.depth = len(mods)
         self.ranked = [any(has_penalty_rule(mods[i]) for i in g.layers) for g in self.groups]
         if policy.needs_penalty and not any(self.ranked):
             names = sorted({type(m).__name__ for m in mods})
-            raise PruningError(f"{policy.spec()}: no layer of this model has a selection penalty F to rank keys by "
+            raise PruningError(f"{self.where}: no layer of this model has a selection penalty F to rank keys by "
                                f"(attention: {', '.join(names)}); use window:K for a sliding window")
         self.group_budgets = self._resolve_budgets()
 
@@ -169,17 +199,17 @@ class Pruner:
         if isinstance(budgets, int):  # one budget for every layer that can be pruned by this policy
             return [budgets if ranked or not self.policy.needs_penalty else None for ranked in self.ranked]
         if len(budgets) != self.depth:
-            raise PruningError(f"{self.policy.spec()}: {len(budgets)} budgets for {self.depth} layers; give one "
+            raise PruningError(f"{self.where}: {len(budgets)} budgets for {self.depth} layers; give one "
                                f"number for every layer, or a single number for all")
         out = []
         for group, ranked in zip(self.groups, self.ranked):
             values = {budgets[i] for i in group.layers}
             if len(values) > 1:
-                raise PruningError(f"{self.policy.spec()}: {group.describe()} must keep the same keys (their state is "
+                raise PruningError(f"{self.where}: {group.describe()} must keep the same keys (their state is "
                                    f"indexed by key), so give them one budget; got {[budgets[i] for i in group.layers]}")
             value = values.pop()
             if value is not None and self.policy.needs_penalty and not ranked:
-                raise PruningError(f"{self.policy.spec()}: {group.describe()} has no selection penalty F to rank its "
+                raise PruningError(f"{self.where}: {group.describe()} has no selection penalty F to rank its "
                                    f"keys by; write 'none' for it (it is then not pruned)")
             out.append(value)
         return out

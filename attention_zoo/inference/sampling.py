@@ -1,6 +1,8 @@
 """Next-token sampling: temperature, top-k and nucleus (top-p), with a seeded generator."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +13,9 @@ from ..errors import UserError
 
 @dataclass
 class Sampler:
-    """temperature 0 means greedy (argmax); top_k / top_p of None keep every token."""
+    """temperature 0 means greedy (argmax); top_k / top_p of None keep every token; seed None draws a fresh one.
+    Raises UserError naming the option for a temperature that is not a finite number >= 0, a top_k that is not a
+    whole number >= 1, a top_p outside (0, 1], or a seed that is not a 64-bit integer."""
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -20,12 +24,17 @@ class Sampler:
 
     def __post_init__(self):
         problems = []
-        if not self.temperature >= 0:
-            problems.append(f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            problems.append(f"--top-k {self.top_k}: must be >= 1")
+        whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+        if not (isinstance(self.temperature, numbers.Real) and 0 <= self.temperature < math.inf):
+            problems.append(f"--temperature {self.temperature}: must be a finite number >= 0 (0 = greedy)")
+        if self.top_k is not None and not (whole(self.top_k) and self.top_k >= 1):
+            problems.append(f"--top-k {self.top_k}: must be a whole number >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             problems.append(f"--top-p {self.top_p}: must be in (0, 1]")
+        # torch.Generator.manual_seed takes 64-bit integers; a larger one raised an opaque "Overflow when unpacking
+        # long long" (the range train.seed accepts, train/sections.py)
+        if self.seed is not None and not (whole(self.seed) and -(2**63) <= self.seed <= 2**63 - 1):
+            problems.append(f"--seed {self.seed}: must be a 64-bit integer (-2**63 to 2**63 - 1)")
         if problems:
             raise UserError("; ".join(problems))
         self.generator = torch.Generator()

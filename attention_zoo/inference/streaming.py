@@ -44,7 +44,11 @@ def streaming_loss(model: nn.Module, batches: Iterable[Batch], pruner: Pruner | 
     track_positions: also record the loss and the keys held at every position (all batches must have the
     same length). Inside the prefill chunk no key has been dropped, so there every layer holds position + 1
     keys; after it, what the cache holds once that token's step is done (pruned or not).
+    Raises ValueError for a prefill < 1 (0 is not "the default": None is), batches of different lengths with
+    track_positions, or batches with no scored token.
     """
+    if prefill is not None and (isinstance(prefill, bool) or not isinstance(prefill, int) or prefill < 1):
+        raise ValueError(f"prefill {prefill!r}: must be a whole number >= 1 (None: the default)")
     model.eval()
     total, count = 0.0, 0
     kept_sum: list[float] = []
@@ -63,7 +67,7 @@ def streaming_loss(model: nn.Module, batches: Iterable[Batch], pruner: Pruner | 
     for batch in batches:
         inputs, targets = batch.inputs.to(device), batch.targets.to(device)
         N = inputs.shape[1]
-        first = N if pruner is None and prefill is None else (prefill or pruner.safe_prefill())
+        first = prefill if prefill is not None else N if pruner is None else pruner.safe_prefill()
         first = max(1, min(first, N))
         cache = model.new_cache()
         begin = 0
