@@ -6,6 +6,7 @@ backend serves every variant whose calls it accepts. `auto` tries backends in `A
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,6 +21,7 @@ from ..errors import UserError
 from ..ops.selection.dense import penalty as dense_penalty
 from ..ops.selection.structure import Selection
 from ..ops.separable import FOLDABLE_DTYPES, SeparableBias, fold, sees_a_key
+from ..recording import collecting
 from ..registry import Registry
 from .base import AttentionCall, Backend, causal_mask
 from .flex import FlexBackend
@@ -71,16 +73,10 @@ def _device_meant(device: str) -> str:
     return _planned_device[-1] if device == "meta" and _planned_device else device
 
 
-@contextmanager
-def recording_calls() -> Iterator[list[AttentionCall]]:
+def recording_calls() -> contextlib.AbstractContextManager[list[AttentionCall]]:
     """Collect the AttentionCall of every dispatch inside the block (e.g. a meta-device forward pass),
     so tools can plan backends from what the variants really ask for, without knowing any variant."""
-    calls: list[AttentionCall] = []
-    _recorders.append(calls)
-    try:
-        yield calls
-    finally:
-        _recorders.remove(calls)
+    return collecting(_recorders)
 
 
 def choose(name: str, call: AttentionCall) -> tuple[Backend, list[str]]:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as tF
 from torch import Tensor
 
+from ..recording import collecting
 from .selection.structure import Selection
 from .separable import SeparableBias
 
@@ -79,16 +79,10 @@ def scores_tensor(value: "Tensor | ResidualScores") -> Tensor:
     return value.dense() if isinstance(value, ResidualScores) else value
 
 
-@contextlib.contextmanager
-def recording_dense_carries() -> Iterator[list[str]]:
+def recording_dense_carries() -> contextlib.AbstractContextManager[list[str]]:
     """Collect, in order, why each `carry` inside the block made R dense (B, H, Nq, Nk), so that a plan of the
     model (describe's meta-device forward) can say which layers pay for it and why."""
-    reasons: list[str] = []
-    _recorders.append(reasons)
-    try:
-        yield reasons
-    finally:
-        _recorders.remove(reasons)
+    return collecting(_recorders)
 
 
 def _say_once(why: str) -> None:
