@@ -3,6 +3,8 @@ route, exit codes and tracebacks included, is covered in test_config.py and test
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,16 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def test_the_parser_is_built_without_importing_torch():
+    """`attention-zoo --help` and a mistyped flag answer in a fraction of a second, and a Ctrl-C during torch's
+    import reaches the CLI's handler: neither the package nor any command module imports torch at its top."""
+    code = ("import sys; from attention_zoo.cli import build_parser; build_parser(); import attention_zoo; "
+            "heavy = sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules); "
+            "assert not heavy, heavy; attention_zoo.ProjectedAttention; assert 'torch' in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_list_shows_every_variant_with_description_and_parameters(capsys):

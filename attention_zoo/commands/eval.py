@@ -5,12 +5,14 @@ import argparse
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..checkpoint import atomic_write_text
-from ..config import ConfigError, Problem, apply_override, read_yaml_chain
 from ..env import say_if_cpu_is_busy
 from ..errors import UserError
 from ..paths import check_output_path
+
+if TYPE_CHECKING:  # imported where used: the parser is built without torch
+    from ..config import Problem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +36,7 @@ def data_spec(items: list[str], base: dict) -> dict:
     """`--data` items on top of `base`: a YAML file replaces the spec, KEY=VALUE items edit it. Items that switch
     to another dataset (`name=...`, or `text=...` alone) drop the keys of the old one that the new one does not
     read: the run's `text` is no key of variable_assignment."""
+    from ..config import ConfigError, Problem, apply_override, read_yaml_chain
     from ..data import DEFAULT_DATASET
     from ..data.base import DATASET_KEYS
 
@@ -70,8 +73,8 @@ def data_spec(items: list[str], base: dict) -> dict:
 def cmd_eval(args) -> int:
     import torch
 
-    from ..checkpoint import load_model, resolve_checkpoint
-    from ..config import load_config
+    from ..checkpoint import atomic_write_text, load_model, resolve_checkpoint
+    from ..config import ConfigError, load_config
     from ..data import build_dataset
     from ..inference.checkpoints import check_device
     from ..train import evaluate, plan_run

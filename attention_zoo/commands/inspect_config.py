@@ -1,4 +1,7 @@
-"""`list`, `validate` and `describe`: look at variants and configs without training anything."""
+"""`list`, `validate` and `describe`: look at variants and configs without training anything.
+
+Like every command module, this one imports torch and the model code inside its commands, not at the top:
+building the parser (`attention-zoo --help`, a mistyped flag) then takes a fraction of a second."""
 from __future__ import annotations
 
 import argparse
@@ -9,16 +12,12 @@ import inspect
 import logging
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..backends import BackendRefused, choose, separable_route
-from ..components import KINDS
-from ..config import STACK_DEFAULTS, ConfigError, Problem, config_file, head_dim_of, layer_specs, load_config
-from ..dry_run import dry_run
 from ..errors import UserError
-from ..registry import import_required_plugins
-from ..variant_registry import VARIANTS, get_variant, list_variants, resolved_params, summary
+
+if TYPE_CHECKING:
+    from ..config import Problem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_list(args) -> int:
     """Print the variants matching args.pattern (with their Params), plugin failures and, for `*`, the stack
     components. Raises UserError (exit 2) naming every `--plugins` module that cannot be imported."""
+    from ..components import KINDS
+    from ..config import STACK_DEFAULTS
+    from ..registry import import_required_plugins
+    from ..variant_registry import VARIANTS, get_variant, list_variants, summary
+
     import_required_plugins(args.plugins)
     names = list_variants(args.pattern)
     if not names:
@@ -74,6 +78,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from ..config import ConfigError, config_file, load_config
+    from ..dry_run import dry_run
+
     # KEY.PATH=VALUE is an override unless a file of that name exists (as `train` and `describe` read them)
     overrides = [a for a in args.files if "=" in a and not Path(a).exists()]
     files = [a for a in args.files if a not in overrides]
@@ -111,6 +118,8 @@ def _problems_of(check, config, verbose: bool) -> list[Problem]:
     """The problems `check(config)` raises as a ConfigError (none if it returns), so that validate reports those of
     every check together; another UserError (a DataError) passes through. `verbose`: also print the traceback of
     what caused it (a plug-in's failing forward)."""
+    from ..config import ConfigError
+
     try:
         check(config)
     except ConfigError as exc:
@@ -135,6 +144,8 @@ def _plan(backend: str, call) -> tuple[str, str]:
     """(the backend `backend` picks for `call`, or `none: why`; the backends skipped before it and why). A separable
     bias is planned as dispatch runs it: read by the chosen backend's kernels, folded into q and k, or dense, and
     the plan says which."""
+    from ..backends import BackendRefused, choose, separable_route
+
     note = ""
     if call.separable_width:
         route = separable_route(backend, call)
@@ -159,7 +170,12 @@ def _trains(path: str) -> bool:
 
 
 def cmd_describe(args) -> int:
+    import torch
+
+    from ..config import config_file, head_dim_of, layer_specs, load_config
+    from ..dry_run import dry_run
     from ..inference.checkpoints import check_device
+    from ..variant_registry import resolved_params
 
     device = check_device(args.device, auto=True, present=False)  # planning for a device this machine may lack is fine
     config = load_config(config_file(args.file), args.overrides)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import config_file, load_config
 from ..env import say_if_cpu_is_busy
 from ..errors import UserError
 from ..paths import check_output_path
@@ -27,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args) -> int:
+    from ..config import config_file, load_config
     from ..train import train
     from ..train.loop import holds_run
 
