@@ -359,3 +359,17 @@ def test_tune_compares_a_settings_values_on_the_seeds_all_of_them_finished(tmp_p
         return on_seed0[run.settings["train.lr"]] + run.seed * 0.5
     row = row_of(markdown_table(sweep, tuned_records(sweep, loss)), "variant=vanilla")
     assert "| lr=0.002 |" in row and "0.002: 2.5000, 0.004: 2.6000 (over seed 0: those every value finished)" in row
+
+
+def test_a_pipe_in_a_label_or_value_does_not_shift_the_tables_columns(tmp_path):
+    """Markdown ends a cell at `|`: a run named `a|b` (allowed: its folder is a_b) or a string grid value with one
+    added a column to its row, under the wrong headers."""
+    sweep = read_sweep_file(sweep_file(tmp_path, grid={"model.attention.variant": ["vanilla", "selective"],
+                                                       "train.lr": [0.001, 0.002]},
+                                       runs={"a|b": {}}, baseline="a|b", tune=["train.lr"]))
+    table = markdown_table(sweep, tuned_records(sweep, lambda r: 2.0 + r.settings.get("train.lr", 0)))
+    main, tuned = table.split("### Each setting")
+    for part in (main, tuned):
+        counts = {line.replace("\\|", "").count("|") for line in part.splitlines() if line.startswith("|")}
+        assert len(counts) == 1, part
+    assert "| a\\|b |" in main and "Δ vs a\\|b, paired" in main

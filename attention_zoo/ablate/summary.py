@@ -74,6 +74,12 @@ def _paired_cell(diffs: list[float], higher_is_better: bool) -> str:
     return f"{mean:+.4f}{spread} (better in {better}/{len(diffs)})"
 
 
+def _row(cells: list[str]) -> str:
+    """A markdown table row. A `|` inside a cell (a run named `a|b`, a string value) would end the cell and shift
+    the row's columns: escaped."""
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
 def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
     groups = grouped(sweep, records)
     metric = sweep.metric
@@ -86,7 +92,7 @@ def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
     versus = [f"Δ vs {sweep.baseline}, paired"] if paired is not None else []
     header = ["run", "params", f"{metric} ({arrow})", *versus, *extra, "train loss", "tokens/s", "peak mem (MB)",
               "seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [_row(header), "|" + "---|" * len(header)]
     for label, rs in groups.items():
         main = _fmt([v for r in rs if (v := metric_of(r, metric)) is not None])
         cells = [label, f"{rs[0]['params']:,}", f"**{main}**" if label == best and len(groups) > 1 else main,
@@ -96,7 +102,7 @@ def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
                  _fmt([r["train_loss"] for r in rs]),
                  f"{statistics.fmean(r['tokens_per_s'] for r in rs):,.0f}",
                  f"{statistics.fmean(r['peak_mem_mb'] for r in rs):,.0f}", str(len(rs))]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     missing = [label for label in sweep.labels if label not in groups]
     total = len(sweep.runs)
     head = f"## {sweep.name}\n\n" + (f"{sweep.description.strip()}\n\n" if sweep.description.strip() else "")
@@ -142,8 +148,8 @@ def tuned_table(sweep: Sweep, groups: dict[str, list[dict[str, Any]]]) -> str:
              f"The value of {keys} with the best mean {metric} over the seeds all the setting's values finished; "
              + (f"Δ: paired per seed against {base_setting} at its best. " if base_setting in best else "")
              + "Chosen on the metric shown, which flatters every row alike.\n",
-             "| setting | best " + keys + f" | {metric} | " + ("Δ, paired | " if base_setting in best else "")
-             + "mean at each value |",
+             _row(["setting", f"best {keys}", metric, *(["Δ, paired"] if base_setting in best else []),
+                   "mean at each value"]),
              "|---|---|---|" + ("---|" if base_setting in best else "") + "---|"]
     for setting, label in best.items():
         values = settings_of_label[label]
@@ -170,7 +176,7 @@ def tuned_table(sweep: Sweep, groups: dict[str, list[dict[str, Any]]]) -> str:
             elif any(len(per_seed[other]) != len(on) for other in candidates[setting]):
                 at_each += f" (over seed{'s' if len(on) > 1 else ''} {', '.join(map(str, on))}: those every value finished)"
             cells.append(at_each)
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     return "\n".join(lines) + "\n"
 
 
