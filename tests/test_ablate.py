@@ -373,3 +373,19 @@ def test_a_pipe_in_a_label_or_value_does_not_shift_the_tables_columns(tmp_path):
         counts = {line.replace("\\|", "").count("|") for line in part.splitlines() if line.startswith("|")}
         assert len(counts) == 1, part
     assert "| a\\|b |" in main and "Δ vs a\\|b, paired" in main
+
+
+def test_a_folder_of_another_config_is_refused_before_anything_trains(tmp_path):
+    """A changed sweep (or --set) whose later run finds its folder holding another config was refused only when it
+    reached that run, after training every run before it."""
+    from attention_zoo.errors import UserError
+
+    sweep = read_sweep_file(sweep_file(tmp_path, grid={"train.lr": [0.001, 0.002, 0.003]}))
+    out = tmp_path / "out"
+    for label in ("lr=0.002", "lr=0.003"):
+        (out / label / "seed0").mkdir(parents=True)
+        (out / label / "seed0" / "run.yaml").write_text("model: {dim: 32}\n")
+    with pytest.raises(UserError, match="each of 2 run folders .*lr=0.002/seed0.*lr=0.003/seed0.* holds a run of a "
+                                        "different config"):
+        run_sweep(sweep, out, progress=False)
+    assert not (out / "lr=0.001").exists()  # the first run, whose folder was free, did not train
