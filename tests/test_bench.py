@@ -315,3 +315,11 @@ def test_variants_sharing_a_label_are_refused(tmp_path, capsys):
         plan(BenchSettings(variants=[f"{x}/a.yaml", f"{y}/a.yaml"], seq_lens=[16]))
     points = plan(BenchSettings(variants=[f"{x}/a.yaml", f"{x}/../x/a.yaml"], seq_lens=[16]))
     assert [p.variant.label for p in points] == ["vanilla", "a"]
+
+
+def test_a_negative_value_that_rounds_to_zero_reads_zero():
+    """The activation column showed "-0" where a point's RSS shrank by a fraction of a MB."""
+    from attention_zoo.bench.report import _f
+
+    assert [_f(-0.3, ",.0f"), _f(-0.004, ".2f"), _f(-1.6, ",.0f"), _f(-0.02, ".2f"), _f(None, ".2f")] == \
+        ["0", "0.00", "-2", "-0.02", "-"]
