@@ -389,3 +389,15 @@ def test_a_folder_of_another_config_is_refused_before_anything_trains(tmp_path):
                                         "different config"):
         run_sweep(sweep, out, progress=False)
     assert not (out / "lr=0.001").exists()  # the first run, whose folder was free, did not train
+
+
+def test_a_key_path_that_is_not_text_is_a_problem_not_a_traceback(tmp_path, capsys):
+    """YAML reads `1:` or `null:` as a number or None: a grid or run key of that kind raised AttributeError
+    ('int' object has no attribute 'split'), exit 1 with a traceback."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": BASE}) + "grid: {1: [2], null: [3]}\nruns: {a: {2: 4}}\n")
+    assert main(["ablate", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "3 problems in config" in err
+    assert f"{path}: grid = 1: expected a key path" in err and f"{path}: grid = None: expected a key path" in err
+    assert f"{path}: runs.a = 2: expected a key path" in err

@@ -259,12 +259,18 @@ def _folder_problems(labels: list[str], named: set[str], source: str) -> list[Pr
 
 def _check_shape(spec: dict, source: str) -> list[Problem]:
     problems = []
+    # A key path must be text: YAML reads `1:` or `null:` as a number or None, which set_key cannot split.
+    problems += [Problem(source, "grid", key, "expected a key path such as model.depth (text), as every grid key")
+                 for key in spec.get("grid", {}) if not isinstance(key, str)]
     for key, values in spec.get("grid", {}).items():
         if not isinstance(values, list) or not values:
             problems.append(Problem(source, f"grid.{key}", values, "expected a non-empty list of values"))
     for name, settings in spec.get("runs", {}).items():
         if settings is not None and not isinstance(settings, dict):
             problems.append(Problem(source, f"runs.{name}", settings, "expected a mapping {key.path: value}"))
+        problems += [Problem(source, f"runs.{name}", key, "expected a key path such as model.depth (text), as every "
+                             "key of a run") for key in (settings if isinstance(settings, dict) else ())
+                     if not isinstance(key, str)]
     seeds = spec.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
         problems.append(Problem(source, "seeds", seeds, "expected a non-empty list of distinct integers"))
