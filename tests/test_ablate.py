@@ -296,3 +296,108 @@ def test_a_tune_key_must_be_a_grid_key(tmp_path):
     (problem,) = err.value.problems
     assert problem.path == "tune" and problem.value == "train.lr"
     assert "not a grid key; valid: model.attention.variant" in problem.message
+
+
+def tuned_records(sweep, loss) -> list[dict]:
+    """A fake record of every run of `sweep` whose loss(run) is not None."""
+    return current_records([fake_record(r.label, r.seed, value, r.fingerprint) for r in sweep.runs
+                            if (value := loss(r)) is not None], sweep.runs)
+
+
+def row_of(table: str, setting: str) -> str:
+    return next(line for line in table[table.index("### Each setting"):].splitlines()
+                if line.startswith(f"| {setting} |"))
+
+
+def test_tune_refuses_a_repeated_key_and_a_named_run_labelled_as_a_setting(tmp_path):
+    """A named run labelled `variant=vanilla` beside a grid of variant x lr tuned over lr was taken for one more
+    learning rate of vanilla (and could be chosen as its best); a key listed twice was accepted."""
+    grid = {"model.attention.variant": ["vanilla", "selective"], "train.lr": [0.001, 0.002]}
+    with pytest.raises(ConfigError) as err:
+        read_sweep_file(sweep_file(tmp_path, grid=grid, runs={"variant=vanilla": {"train.lr": 0.01}},
+                                   tune=["train.lr", "train.lr"]))
+    assert [(p.path, p.value) for p in err.value.problems] == [("tune", "train.lr"), ("runs", "variant=vanilla")]
+    assert "listed more than once" in str(err.value) and "rename the named run" in str(err.value)
+    with pytest.raises(ConfigError, match="runs = 'base': also the label of a setting"):  # every grid key tuned
+        read_sweep_file(sweep_file(tmp_path, grid={"train.lr": [0.001, 0.002]}, runs={"base": {}}, tune=["train.lr"]))
+
+
+def test_tune_edges_are_the_grids_own_and_a_named_run_setting_the_key_is_not_tuned(tmp_path):
+    """The grid's ends were read from every run's settings, named runs included: a named run at lr 0.01 made 0.01
+    the 'last grid value', so vanilla's best at the grid's real end, 0.004, was not flagged, and the named run
+    showed as tuned at 'lr=0.01 (grid's edge)'. A one-value grid is its own edge; unhashable values crashed."""
+    grid = {"model.attention.variant": ["vanilla", "selective"], "train.lr": [0.001, 0.002, 0.004]}
+    sweep = read_sweep_file(sweep_file(tmp_path, grid=grid, tune=["train.lr"],
+                                       runs={"fast": {"model.attention.variant": "selective", "train.lr": 0.01}}))
+    table = markdown_table(sweep, tuned_records(sweep, lambda r: 3.0 - 100 * r.settings["train.lr"]))
+    assert "| lr=0.004 (grid's edge) |" in row_of(table, "variant=vanilla")
+    assert row_of(table, "fast").startswith("| fast | not tuned (a named run) |")
+    sweep = read_sweep_file(sweep_file(tmp_path, grid={**grid, "train.lr": [0.002]}, tune=["train.lr"]))
+    assert "| lr=0.002 (grid's edge) |" in row_of(markdown_table(sweep, tuned_records(sweep, lambda r: 2.0)),
+                                                  "variant=vanilla")
+    grid = {"model.attention": [{"variant": "vanilla"}, {"variant": "selective"}, {"variant": "residual"}],
+            "model.attention.kv_heads": [None, 1]}  # dict values; None shown as the labels show it
+    sweep = read_sweep_file(sweep_file(tmp_path, grid=grid, tune=["model.attention"]))
+    loss = {"vanilla": 2.0, "selective": 1.0, "residual": 3.0}
+    table = markdown_table(sweep, tuned_records(sweep, lambda r: loss[r.settings["model.attention"]["variant"]]))
+    row = row_of(table, "kv_heads=null")
+    assert "| attention={'variant': 'selective'} |" in row  # the middle value: no edge
+    assert "kv_heads=None" not in table
+
+
+def test_tune_compares_a_settings_values_on_the_seeds_all_of_them_finished(tmp_path):
+    """A half-finished sweep has some values on more seeds than others: their means over different seeds differ by
+    the seeds' luck. Here seed 1 is harder for every value; lr 0.002 is better than 0.004 on seed 0, the one both
+    finished, but its mean over seeds 0 and 1 was worse than 0.004's over seed 0 alone, and 0.004 was chosen."""
+    grid = {"model.attention.variant": ["vanilla"], "train.lr": [0.001, 0.002, 0.004]}
+    sweep = read_sweep_file(sweep_file(tmp_path, grid=grid, tune=["train.lr"], seeds=[0, 1]))
+    on_seed0 = {0.001: 3.0, 0.002: 2.5, 0.004: 2.6}
+
+    def loss(run):
+        if run.seed == 1 and run.settings["train.lr"] == 0.004:
+            return None  # not finished yet
+        return on_seed0[run.settings["train.lr"]] + run.seed * 0.5
+    row = row_of(markdown_table(sweep, tuned_records(sweep, loss)), "variant=vanilla")
+    assert "| lr=0.002 |" in row and "0.002: 2.5000, 0.004: 2.6000 (over seed 0: those every value finished)" in row
+
+
+def test_a_pipe_in_a_label_or_value_does_not_shift_the_tables_columns(tmp_path):
+    """Markdown ends a cell at `|`: a run named `a|b` (allowed: its folder is a_b) or a string grid value with one
+    added a column to its row, under the wrong headers."""
+    sweep = read_sweep_file(sweep_file(tmp_path, grid={"model.attention.variant": ["vanilla", "selective"],
+                                                       "train.lr": [0.001, 0.002]},
+                                       runs={"a|b": {}}, baseline="a|b", tune=["train.lr"]))
+    table = markdown_table(sweep, tuned_records(sweep, lambda r: 2.0 + r.settings.get("train.lr", 0)))
+    main, tuned = table.split("### Each setting")
+    for part in (main, tuned):
+        counts = {line.replace("\\|", "").count("|") for line in part.splitlines() if line.startswith("|")}
+        assert len(counts) == 1, part
+    assert "| a\\|b |" in main and "Δ vs a\\|b, paired" in main
+
+
+def test_a_folder_of_another_config_is_refused_before_anything_trains(tmp_path):
+    """A changed sweep (or --set) whose later run finds its folder holding another config was refused only when it
+    reached that run, after training every run before it."""
+    from attention_zoo.errors import UserError
+
+    sweep = read_sweep_file(sweep_file(tmp_path, grid={"train.lr": [0.001, 0.002, 0.003]}))
+    out = tmp_path / "out"
+    for label in ("lr=0.002", "lr=0.003"):
+        (out / label / "seed0").mkdir(parents=True)
+        (out / label / "seed0" / "run.yaml").write_text("model: {dim: 32}\n")
+    with pytest.raises(UserError, match="each of 2 run folders .*lr=0.002/seed0.*lr=0.003/seed0.* holds a run of a "
+                                        "different config"):
+        run_sweep(sweep, out, progress=False)
+    assert not (out / "lr=0.001").exists()  # the first run, whose folder was free, did not train
+
+
+def test_a_key_path_that_is_not_text_is_a_problem_not_a_traceback(tmp_path, capsys):
+    """YAML reads `1:` or `null:` as a number or None: a grid or run key of that kind raised AttributeError
+    ('int' object has no attribute 'split'), exit 1 with a traceback."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": BASE}) + "grid: {1: [2], null: [3]}\nruns: {a: {2: 4}}\n")
+    assert main(["ablate", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "3 problems in config" in err
+    assert f"{path}: grid = 1: expected a key path" in err and f"{path}: grid = None: expected a key path" in err
+    assert f"{path}: runs.a = 2: expected a key path" in err

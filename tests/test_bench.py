@@ -18,6 +18,7 @@ import pytest
 from attention_zoo.bench import points as points_module
 from attention_zoo.bench import runner, worker
 from attention_zoo.cli import main
+from attention_zoo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # head dim 8: x-transformers' rotary embedding (the peer runs on our rope stack) divides by its width - 2,
@@ -294,3 +295,31 @@ def test_a_list_item_given_twice_is_one_point():
     args = build_parser().parse_args(["bench", "--seq-lens", "16,32,16", "--batch", "2,2", "--mode", "fwd,fwd",
                                       "--backends", "sdpa,math,sdpa", "--out", "o"])
     assert (args.seq_lens, args.batch, args.mode, args.backends) == ([16, 32], [2], ["fwd"], ["sdpa", "math"])
+
+
+def test_variants_sharing_a_label_are_refused(tmp_path, capsys):
+    """Rows, rounds and ratios are keyed by a variant's label, and a config file is labelled by its file name: a
+    selective config saved as vanilla.yaml became a second `vanilla` row and the ratios' baseline (the real vanilla
+    read 0.56x), and a.yaml from two folders pooled into one label. The same file twice is one variant."""
+    from attention_zoo.bench import BenchSettings, plan
+
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "vanilla.yaml").write_text("model:\n  attention: {variant: selective}\n")
+        (tmp_path / folder / "a.yaml").write_text("model:\n  attention: {variant: selective}\n")
+    x, y = tmp_path / "x", tmp_path / "y"
+    assert main(["bench", "--variants", f"{x}/vanilla.yaml", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"'vanilla' and '{x / 'vanilla.yaml'}' share the label 'vanilla'" in err and "ratios' baseline" in err
+    with pytest.raises(UserError, match=f"'{x / 'a.yaml'}' and '{y / 'a.yaml'}' share the label 'a'"):
+        plan(BenchSettings(variants=[f"{x}/a.yaml", f"{y}/a.yaml"], seq_lens=[16]))
+    points = plan(BenchSettings(variants=[f"{x}/a.yaml", f"{x}/../x/a.yaml"], seq_lens=[16]))
+    assert [p.variant.label for p in points] == ["vanilla", "a"]
+
+
+def test_a_negative_value_that_rounds_to_zero_reads_zero():
+    """The activation column showed "-0" where a point's RSS shrank by a fraction of a MB."""
+    from attention_zoo.bench.report import _f
+
+    assert [_f(-0.3, ",.0f"), _f(-0.004, ".2f"), _f(-1.6, ",.0f"), _f(-0.02, ".2f"), _f(None, ".2f")] == \
+        ["0", "0.00", "-2", "-0.02", "-"]

@@ -171,6 +171,17 @@ def test_describe_says_where_residual_scores_go_dense_on_the_device_planned_for(
         assert "an earlier layer carried R dense" in layers[9]
 
 
+@pytest.mark.parametrize("config,argv", [("selective.yaml", ["--train", "--dtype", "bfloat16"]),
+                                         ("residual.yaml", ["model.depth=10", "model.dim=128", "model.heads=4"])])
+def test_describe_plans_cuda_n_as_cuda(capsys, config, argv):
+    """A run's calls carry the device's type ("cuda"): a plan for --device cuda:1 passed "cuda:1", and Triton and
+    xformers were refused on every layer as not on CUDA ("tensors are on cuda:1"), unlike the run it plans."""
+    _, on_cuda = describe(capsys, str(CONFIGS / config), "--device", "cuda", *argv)
+    _, on_cuda_1 = describe(capsys, str(CONFIGS / config), "--device", "cuda:1", *argv)
+    assert [layer.replace("cuda:1,", "cuda,") for layer in on_cuda_1] == on_cuda
+    assert "tensors are on cuda:1" not in "".join(on_cuda_1)
+
+
 def test_describe_a_bad_config_exits_2(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {attention: {variant: vanila}}\n")

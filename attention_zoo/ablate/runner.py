@@ -37,14 +37,33 @@ def run_dir_for(out: Path, run: Run) -> Path:
     return out / run.slug / f"seed{run.seed}"
 
 
+def _run_yaml(run: Run) -> str:
+    return yaml.safe_dump(dict(run.config), sort_keys=False)
+
+
+def _holds_other_config(run: Run, run_dir: Path) -> bool:
+    """Whether `run_dir` trained (or began training) a config other than `run`'s."""
+    existing = run_dir / RUN_CONFIG
+    return existing.exists() and existing.read_text() != _run_yaml(run)
+
+
+def _check_folders(out: Path, runs: list[Run]) -> None:
+    """Raise UserError naming every run folder of `runs` that holds a different config, before anything trains:
+    found one run at a time, a changed sweep trained its runs up to the first such folder (hours, perhaps) and
+    then stopped."""
+    stale = [str(run_dir_for(out, run)) for run in runs if _holds_other_config(run, run_dir_for(out, run))]
+    if stale:
+        which = stale[0] if len(stale) == 1 else f"each of {len(stale)} run folders ({', '.join(stale)})"
+        raise UserError(f"{which} holds a run of a different config (the sweep or its --set changed); remove "
+                        f"{'it' if len(stale) == 1 else 'them'} or choose another --out; nothing was trained")
+
+
 def _prepare(run: Run, run_dir: Path) -> None:
     """Write the run's config; refuse to continue a folder that trained a different config."""
-    text = yaml.safe_dump(dict(run.config), sort_keys=False)
-    existing = run_dir / RUN_CONFIG
-    if existing.exists() and existing.read_text() != text:
+    if _holds_other_config(run, run_dir):
         raise UserError(f"{run_dir} holds a run of a different config (the sweep or its --set changed); "
                         "remove that folder or choose another --out")
-    atomic_write_text(existing, text)
+    atomic_write_text(run_dir / RUN_CONFIG, _run_yaml(run))
 
 
 _CONTEXT = None
@@ -135,6 +154,7 @@ def write_summaries(out: Path, sweep: Sweep, records: list[dict], plots: bool = 
 
 def run_sweep(sweep: Sweep, out: Path, *, progress: bool | None = None) -> int:
     """Run what is not finished; rewrite the summaries after every run. Returns the number of failed runs.
+    Raises UserError, before training anything, when a run's folder holds a different config.
 
     progress: True shows a bar of the whole sweep (steps, the running run and its loss, the time left)
     on stderr and the estimated time left after each finished run's line; None (default) does the
@@ -142,6 +162,7 @@ def run_sweep(sweep: Sweep, out: Path, *, progress: bool | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     finished = {(r.get("label"), r.get("seed"), r.get("fingerprint")) for r in read_records(out)}
     todo = [run for run in sweep.runs if (run.label, run.seed, run.fingerprint) not in finished]
+    _check_folders(out, todo)
     tracker = SweepProgress([run.config["train"]["steps"] for run in todo], eta=progress is not False,
                             bar=sys.stderr.isatty() if progress is None else progress)
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..checkpoint import atomic_write_text
 from .records import metric_of
-from .sweep import Sweep
+from .sweep import Sweep, settings_label, value_text
 
 CSV_COLUMNS = ("label", "seed", "params", "steps", "train_loss", "val_loss", "val_bpb", "val_ppl", "val_accuracy",
                "tokens_per_s", "peak_mem_mb", "train_time_s", "wall_s", "settings", "run_dir")
@@ -74,6 +74,12 @@ def _paired_cell(diffs: list[float], higher_is_better: bool) -> str:
     return f"{mean:+.4f}{spread} (better in {better}/{len(diffs)})"
 
 
+def _row(cells: list[str]) -> str:
+    """A markdown table row. A `|` inside a cell (a run named `a|b`, a string value) would end the cell and shift
+    the row's columns: escaped."""
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
 def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
     groups = grouped(sweep, records)
     metric = sweep.metric
@@ -86,7 +92,7 @@ def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
     versus = [f"Δ vs {sweep.baseline}, paired"] if paired is not None else []
     header = ["run", "params", f"{metric} ({arrow})", *versus, *extra, "train loss", "tokens/s", "peak mem (MB)",
               "seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [_row(header), "|" + "---|" * len(header)]
     for label, rs in groups.items():
         main = _fmt([v for r in rs if (v := metric_of(r, metric)) is not None])
         cells = [label, f"{rs[0]['params']:,}", f"**{main}**" if label == best and len(groups) > 1 else main,
@@ -96,7 +102,7 @@ def markdown_table(sweep: Sweep, records: list[dict[str, Any]]) -> str:
                  _fmt([r["train_loss"] for r in rs]),
                  f"{statistics.fmean(r['tokens_per_s'] for r in rs):,.0f}",
                  f"{statistics.fmean(r['peak_mem_mb'] for r in rs):,.0f}", str(len(rs))]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     missing = [label for label in sweep.labels if label not in groups]
     total = len(sweep.runs)
     head = f"## {sweep.name}\n\n" + (f"{sweep.description.strip()}\n\n" if sweep.description.strip() else "")
@@ -115,47 +121,62 @@ def tuned_table(sweep: Sweep, groups: dict[str, list[dict[str, Any]]]) -> str:
     """The sweep's settings each at its own best value of the `tune:` keys (e.g. each variant at its best learning
     rate), chosen by the metric's mean over seeds, with the paired Δ to the baseline's setting at its best: the
     comparison a claim against a baseline should rest on, since one shared value may suit one setting more than
-    another. A best value at either end of a tuned key's grid is flagged (the optimum may lie outside it). The
-    choice is made on the metric it reports, which flatters every row alike."""
+    another. A best value at either end of a tuned key's grid (or its only value) is flagged: the optimum may lie
+    outside it. The choice is made on the metric it reports, which flatters every row alike.
+
+    A setting's values are compared on the seeds all of them finished (a half-finished sweep has some values on
+    more seeds than others, and a mean over other seeds differs by the seeds' luck, not the value's); with no
+    seed in common, each on its own seeds, and the row says so."""
     metric, pick = sweep.metric, (max if sweep.higher_is_better else min)
     settings_of_label = {r.label: r.settings for r in sweep.runs}
-    grid_ends = {key: set() for key in sweep.tune}  # each tuned key's first and last grid value
-    for key in sweep.tune:
-        values = list(dict.fromkeys(s[key] for s in settings_of_label.values() if key in s))
-        grid_ends[key] = {values[0], values[-1]} if len(values) > 1 else set()
-    means = {label: mean_std(vs)[0] for label, rs in groups.items()
-             if (vs := [v for r in rs if (v := metric_of(r, metric)) is not None])}
+    per_seed = {label: {r["seed"]: v for r in rs if (v := metric_of(r, metric)) is not None}
+                for label, rs in groups.items()}
     candidates: dict[str, list[str]] = {}  # setting -> its labels with results, one per tuned value
     for label in sweep.labels:
-        if label in means:
+        if per_seed.get(label):
             candidates.setdefault(sweep.setting_of.get(label, label), []).append(label)
+    means: dict[str, float] = {}  # label -> its mean over the seeds its setting's values are compared on
+    compared_on: dict[str, list[int]] = {}  # setting -> those seeds ([]: none in common)
+    for setting, labels in candidates.items():
+        compared_on[setting] = sorted(set.intersection(*(set(per_seed[label]) for label in labels)))
+        for label in labels:
+            means[label] = statistics.fmean(per_seed[label][s] for s in compared_on[setting] or per_seed[label])
     best = {setting: pick(labels, key=means.get) for setting, labels in candidates.items()}  # a tie: the first
     base_setting = sweep.setting_of.get(sweep.baseline) if sweep.baseline else None
     keys = ", ".join(sweep.tune)
     lines = [f"\n### Each setting at its best {keys}\n",
-             f"The value of {keys} with the best mean {metric} over seeds, per setting; "
+             f"The value of {keys} with the best mean {metric} over the seeds all the setting's values finished; "
              + (f"Δ: paired per seed against {base_setting} at its best. " if base_setting in best else "")
              + "Chosen on the metric shown, which flatters every row alike.\n",
-             "| setting | best " + keys + f" | {metric} | " + ("Δ, paired | " if base_setting in best else "")
-             + "mean at each value |",
+             _row(["setting", f"best {keys}", metric, *(["Δ, paired"] if base_setting in best else []),
+                   "mean at each value"]),
              "|---|---|---|" + ("---|" if base_setting in best else "") + "---|"]
     for setting, label in best.items():
         values = settings_of_label[label]
-        if any(k not in values for k in sweep.tune):
+        tuned = label in sweep.tuned_at
+        if not tuned:
             chosen = "not tuned (a named run)"
         else:
-            chosen = " ".join(f"{k.rsplit('.', 1)[-1]}={values[k]}" for k in sweep.tune)
-            chosen += " (grid's edge)" if any(values[k] in grid_ends[k] for k in sweep.tune) else ""
+            chosen = settings_label(values, sweep.tune)
+            chosen += " (grid's edge)" if any(i in (0, n - 1) for i, n in sweep.tuned_at[label].values()) else ""
         rs = groups[label]
         cells = [setting, chosen, _fmt([v for r in rs if (v := metric_of(r, metric)) is not None])]
         if base_setting in best:
             cells.append("(baseline)" if setting == base_setting else
                          _paired_cell(_per_seed_differences(rs, groups[best[base_setting]], metric),
                                       sweep.higher_is_better))
-        at_each = [f"{' '.join(str(settings_of_label[other].get(k, '-')) for k in sweep.tune)}: {means[other]:.4f}"
-                   for other in candidates[setting]]
-        cells.append(", ".join(at_each))
-        lines.append("| " + " | ".join(cells) + " |")
+        if not tuned:
+            cells.append("-")
+        else:
+            at_each = ", ".join(f"{' '.join(value_text(settings_of_label[other][k]) for k in sweep.tune)}: "
+                                f"{means[other]:.4f}" for other in candidates[setting])
+            on = compared_on[setting]
+            if not on:
+                at_each += " (no seed finished at every value: each over its own seeds)"
+            elif any(len(per_seed[other]) != len(on) for other in candidates[setting]):
+                at_each += f" (over seed{'s' if len(on) > 1 else ''} {', '.join(map(str, on))}: those every value finished)"
+            cells.append(at_each)
+        lines.append(_row(cells))
     return "\n".join(lines) + "\n"
 
 

@@ -95,6 +95,10 @@ class Sweep:
     baseline: str | None = None  # a label; results.md adds each run's per-seed difference to it
     tune: list[str] = field(default_factory=list)  # grid keys each setting is tuned over (summary.tuned_table)
     setting_of: dict[str, str] = field(default_factory=dict)  # with tune: label -> its setting's label, tune keys left out
+    # with tune: grid label -> {tuned key: (index of its value in that key's grid list, the list's length)}; a named
+    # run has none (it is not tuned, whatever keys it sets). Positions, not values: values may be unhashable or
+    # compare equal across types (1, 1.0, True), and a named run's value is not a grid value.
+    tuned_at: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
 
     def only_seeds(self, seeds: list[int]) -> Sweep:
         """The same sweep restricted to `seeds` (each one of its own). Raises ConfigError naming `--seeds`."""
@@ -141,11 +145,16 @@ def _short(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
-def _label(settings: dict[str, Any], keys: list[str]) -> str:
+def value_text(value: Any) -> str:
+    """A setting's value as labels show it: YAML's `null` for None, else str()."""
+    return "null" if value is None else str(value)
+
+
+def settings_label(settings: dict[str, Any], keys: list[str]) -> str:
     """`variant=selective kv_heads=2`: the last part of each key path, unless two keys share it."""
     shorts = [_short(k) for k in keys]
     names = [s if shorts.count(s) == 1 else k for s, k in zip(shorts, keys)]
-    return " ".join(f"{n}={'null' if settings[k] is None else settings[k]}" for n, k in zip(names, keys)) or "base"
+    return " ".join(f"{n}={value_text(settings[k])}" for n, k in zip(names, keys)) or "base"
 
 
 def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
@@ -182,9 +191,11 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
 
     combos: list[tuple[str, dict]] = []
     keys = list(spec["grid"])
-    for values in itertools.product(*(spec["grid"][k] for k in keys)) if keys else ():
-        settings = dict(zip(keys, values))
-        combos.append((_label(settings, keys), settings))
+    positions: dict[str, tuple[int, ...]] = {}  # grid label -> the index of each key's value in its grid list
+    for index in itertools.product(*(range(len(spec["grid"][k])) for k in keys)) if keys else ():
+        settings = {k: spec["grid"][k][i] for k, i in zip(keys, index)}
+        combos.append((settings_label(settings, keys), settings))
+        positions[combos[-1][0]] = index
     grid_labels = {label for label, _ in combos}
     combos += [(str(name), dict(settings or {})) for name, settings in spec["runs"].items()]
     if not combos:
@@ -200,10 +211,24 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
                                 f"not a run of this sweep; valid: {', '.join(map(repr, labels))}"))
     problems += [Problem(source, "tune", key, f"not a grid key; valid: {', '.join(keys) or 'none (the sweep has no grid)'}")
                  for key in spec["tune"] if key not in keys]
-    setting_of = {}
+    repeated = []  # by equality, not hashing: a wrong-typed entry may be a list
+    for i, key in enumerate(spec["tune"]):
+        if key in spec["tune"][:i] and key not in repeated:
+            repeated.append(key)
+    problems += [Problem(source, "tune", key, "listed more than once; list each key once") for key in repeated]
+    setting_of, tuned_at = {}, {}
     if spec["tune"]:  # a grid run's setting is its grid values but the tuned ones; a named run is its own setting
         others = [k for k in keys if k not in spec["tune"]]
-        setting_of = {label: _label(settings, others) if label in grid_labels else label for label, settings in combos}
+        setting_of = {label: settings_label(settings, others) if label in grid_labels else label
+                      for label, settings in combos}
+        tuned_at = {label: {k: (index[keys.index(k)], len(spec["grid"][k])) for k in spec["tune"] if k in keys}
+                    for label, index in positions.items()}
+        # A named run whose label is a setting's (`variant=vanilla`, or `base` with every grid key tuned) would be
+        # compared with that setting's runs as one more of its tuned values.
+        setting_labels = {setting_of[label] for label in grid_labels}
+        problems += [Problem(source, "runs", str(name), "also the label of a setting of the grid tuned over "
+                             f"{', '.join(map(str, spec['tune']))}; rename the named run")
+                     for name in spec["runs"] if str(name) in setting_labels]
 
     # Seed-major: a sweep stopped half-way has every variant once rather than some variants twice.
     runs = [Run(label, seed, settings) for seed in spec["seeds"] for label, settings in combos]
@@ -211,7 +236,7 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
     if problems:
         raise ConfigError(problems)
     return Sweep(path, spec["name"] or path.stem, spec["description"], spec["metric"], spec["seeds"], runs,
-                 spec["baseline"], spec["tune"], setting_of)
+                 spec["baseline"], spec["tune"], setting_of, tuned_at)
 
 
 def _folder_problems(labels: list[str], named: set[str], source: str) -> list[Problem]:
@@ -234,12 +259,18 @@ def _folder_problems(labels: list[str], named: set[str], source: str) -> list[Pr
 
 def _check_shape(spec: dict, source: str) -> list[Problem]:
     problems = []
+    # A key path must be text: YAML reads `1:` or `null:` as a number or None, which set_key cannot split.
+    problems += [Problem(source, "grid", key, "expected a key path such as model.depth (text), as every grid key")
+                 for key in spec.get("grid", {}) if not isinstance(key, str)]
     for key, values in spec.get("grid", {}).items():
         if not isinstance(values, list) or not values:
             problems.append(Problem(source, f"grid.{key}", values, "expected a non-empty list of values"))
     for name, settings in spec.get("runs", {}).items():
         if settings is not None and not isinstance(settings, dict):
             problems.append(Problem(source, f"runs.{name}", settings, "expected a mapping {key.path: value}"))
+        problems += [Problem(source, f"runs.{name}", key, "expected a key path such as model.depth (text), as every "
+                             "key of a run") for key in (settings if isinstance(settings, dict) else ())
+                     if not isinstance(key, str)]
     seeds = spec.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
         problems.append(Problem(source, "seeds", seeds, "expected a non-empty list of distinct integers"))

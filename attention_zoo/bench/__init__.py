@@ -87,7 +87,12 @@ def plan(settings: BenchSettings) -> list[Point]:
     from ..registry import import_required_plugins
 
     plugins = tuple(import_required_plugins(settings.plugins))
-    specs = [resolve_variant(n, plugins) for n in names]
+    specs = []
+    for name in names:
+        spec = resolve_variant(name, plugins)
+        if spec not in specs:  # one config file given twice, e.g. as a.yaml and ./a.yaml
+            specs.append(spec)
+    _check_labels(specs)
     common = dict(dim=settings.dim, depth=settings.depth, heads=settings.heads, head_dim=settings.head_dim,
                   vocab_size=settings.vocab_size, dtype=settings.dtype, device=settings.device, warmup=settings.warmup,
                   repeats=settings.repeats, threads=settings.threads, profile=settings.profile)
@@ -109,6 +114,22 @@ def plan(settings: BenchSettings) -> list[Point]:
                         if kwargs is not None:
                             points.append(Point(PEER, spec, path, n, b, mode, **common, extra={"peer_kwargs": kwargs}))
     return points
+
+
+def _check_labels(specs: list[VariantSpec]) -> None:
+    """Raise UserError where two variants share a label: a point's rows, its rounds' medians and its ratios are
+    keyed by label, so a config file named `vanilla.yaml` (labelled by its file name) became the ratios'
+    baseline in place of vanilla, and two `a.yaml` files from two folders pooled their rounds."""
+    by_label: dict[str, list[str]] = {}
+    for spec in specs:
+        shown = spec.config_path or spec.label
+        by_label.setdefault(spec.label, []).append(shown)
+    clashes = [f"--variants: {' and '.join(map(repr, shown))} share the label {label!r}"
+               + (" (vanilla is always measured: the ratios' baseline)" if label == BASELINE else "")
+               + "; a config file is labelled by its file name: rename one" for label, shown in by_label.items()
+               if len(shown) > 1]
+    if clashes:
+        raise UserError("\n".join(clashes))
 
 
 def summarize(outcomes: list[Outcome]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

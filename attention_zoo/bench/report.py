@@ -29,7 +29,12 @@ def write_json(out: Path, payload: dict[str, Any]) -> None:
 
 
 def _f(value: Any, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    """`value` formatted, "-" for None. A small negative value that rounds to zero (activation memory of a
+    process whose RSS shrank by under 0.5 MB) reads "0", not "-0"."""
+    if value is None:
+        return "-"
+    text = format(value, fmt)
+    return text[1:] if text.startswith("-") and not any(c in "123456789" for c in text) else text
 
 
 def markdown(payload: dict[str, Any]) -> str:

@@ -193,7 +193,9 @@ def cmd_describe(args) -> int:
             plans.append(("none: the variant computes attention in its own attend(), so `backend:` does not apply "
                           "to this layer", ""))
             continue
-        per_call = [_plan(config["backend"], dataclasses.replace(c, device=str(device), dtype=dtype))
+        # the device's type, as a run's calls carry it (q.device.type): the backends check for "cuda", so a plan
+        # for cuda:1 made with "cuda:1" refused Triton and xformers as "not on CUDA"
+        per_call = [_plan(config["backend"], dataclasses.replace(c, device=device.type, dtype=dtype))
                     for c in layer_calls]
         if len(set(per_call)) == 1:
             plans.append(per_call[0])
