@@ -401,3 +401,15 @@ def test_a_key_path_that_is_not_text_is_a_problem_not_a_traceback(tmp_path, caps
     assert "Traceback" not in err and "3 problems in config" in err
     assert f"{path}: grid = 1: expected a key path" in err and f"{path}: grid = None: expected a key path" in err
     assert f"{path}: runs.a = 2: expected a key path" in err
+
+
+def test_curves_of_more_than_ten_labels_are_told_apart():
+    """matplotlib's default cycle has ten colours: the 11th curve of a variant x learning-rate grid was drawn like
+    the 1st. Up to 40 labels get distinct (colour, line style) pairs; past that, a clear error."""
+    from attention_zoo.ablate.plots import line_styles
+
+    for n in (1, 10, 11, 12, 40):
+        styles = line_styles(n)
+        assert len(styles) == n and len(set(styles)) == n
+    with pytest.raises(ValueError, match="41 curves"):
+        line_styles(41)

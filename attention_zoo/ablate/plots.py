@@ -16,6 +16,17 @@ from .sweep import Sweep
 CURVES, FINAL = "curves.png", "final.png"
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def line_styles(n: int) -> list[tuple[str, str]]:
+    """n distinct (color, linestyle) pairs: tab10's ten colours, then again dashed, dotted, dash-dotted, so a sweep
+    of more than ten labels (a variant x learning-rate grid) draws no two curves alike. Raises ValueError past 40."""
+    if n > 10 * len(LINESTYLES):
+        raise ValueError(f"{n} curves: at most {10 * len(LINESTYLES)} can be told apart in one plot")
+    return [(f"C{i % 10}", LINESTYLES[i // 10]) for i in range(n)]
+
+
 def _curve_key(metric: str) -> str:
     return metric[4:] if metric.startswith("val.") else "loss"
 
@@ -25,7 +36,9 @@ def plot_curves(path: Path, sweep: Sweep, records: list[dict[str, Any]]) -> None
     plt = pyplot()
     key = _curve_key(sweep.metric)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, rs in grouped(sweep, records).items():
+    groups = grouped(sweep, records)
+    styles = line_styles(len(groups)) if len(groups) <= 10 * len(LINESTYLES) else [(None, "-")] * len(groups)
+    for (label, rs), (color, linestyle) in zip(groups.items(), styles):
         by_step: dict[int, list[float]] = {}
         for r in rs:
             for point in r["curve"]:
@@ -35,7 +48,8 @@ def plot_curves(path: Path, sweep: Sweep, records: list[dict[str, Any]]) -> None
         if not steps:
             continue
         mean = [statistics.fmean(by_step[s]) for s in steps]
-        line, = ax.plot(steps, mean, marker="o", markersize=2.5, linewidth=1.3, label=label)
+        line, = ax.plot(steps, mean, marker="o", markersize=2.5, linewidth=1.3, label=label, color=color,
+                        linestyle=linestyle)
         if len(rs) > 1:
             ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                             color=line.get_color(), alpha=0.15, linewidth=0)
