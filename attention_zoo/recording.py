@@ -16,5 +16,5 @@ def collecting(listeners: list[list[T]]) -> Iterator[list[T]]:
     listeners.append(items)
     try:
         yield items
-    finally:
-        listeners.remove(items)
+    finally:  # this list itself: list.remove would take the first one *equal* to it (another collector's)
+        del listeners[next(i for i, other in enumerate(listeners) if other is items)]

@@ -109,6 +109,44 @@ def test_differential_attention_maps_are_each_relative_under_rope():
         torch.testing.assert_close(before, after, atol=1e-10, rtol=0)
 
 
+def test_differential_gives_a_plugin_positional_scheme_whole_heads(monkeypatch):
+    """Only RoPE rotates heads narrower than head_dim: a plug-in scheme gets differential's q, k as every other
+    variant's, (B, H, N, D) with the stack's head_dim (it got the halves as 2H heads of width D/2, which a scheme
+    with a per-dimension table cannot take)."""
+    seen = []
+
+    @POSITIONS.register("zoo_per_dim_scale")
+    class PerDimScale(PositionalScheme):
+        def rotate(self, q, k, positions):
+            seen.append((tuple(q.shape), tuple(k.shape)))
+            scale = torch.arange(1, 9, dtype=q.dtype) / 8  # one factor per head dimension, (D,) = (8,)
+            return q * scale, k * scale
+
+    try:
+        model = build_model({"model": {**SMALL, "position": "zoo_per_dim_scale",
+                                       "attention": {"variant": "differential", "kv_heads": 2}}})
+        model(torch.zeros(1, 5, dtype=torch.long))
+        assert seen == [((1, 4, 5, 8), (1, 2, 5, 8))] * SMALL["depth"]
+    finally:
+        POSITIONS.registry._entries.pop("zoo_per_dim_scale", None)
+
+
+def test_differential_under_rope_needs_even_halves(tmp_path, capsys):
+    """head_dim 6 under rope: each half (width 3) cannot be rotated as a head. A message naming differential and
+    head_dim, not rope's ValueError traceback from the first forward."""
+    path = tmp_path / "d6.yaml"
+    path.write_text("model: {vocab_size: 32, dim: 12, depth: 2, heads: 2, max_seq_len: 8, "
+                    "attention: {variant: differential}}\n")
+    assert main(["describe", str(path), "--device", "cpu"]) == 2
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    assert "differential" in out.err and "head_dim (6) must be a multiple of 4" in out.err
+    for position in ("none", "learned"):  # no rotation: head_dim 6 is fine
+        model = build_model({"model": {**SMALL, "dim": 12, "heads": 2, "position": position,
+                                       "attention": {"variant": "differential"}}})
+        model(torch.zeros(1, 5, dtype=torch.long))
+
+
 def test_cos_and_sin_are_computed_once_per_forward(monkeypatch):
     calls = []
     original = RotaryPositions.prepare

@@ -117,3 +117,19 @@ def test_layers_of_different_scales_carry_the_exact_sum_of_their_scores():
     want = torch.autograd.grad((reference * weights).sum(), inputs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
+
+
+def test_nested_collectors_each_keep_receiving_until_their_own_block_ends():
+    """recording.collecting removes its own list when its block ends, not the first list equal to it: an inner
+    block that ended while both lists were equal (both empty) took the outer one's place, so the outer block
+    missed every later report and its own exit raised ValueError (or removed the wrong list)."""
+    from attention_zoo.recording import collecting
+
+    listeners: list[list[str]] = []
+    with collecting(listeners) as outer:
+        with collecting(listeners) as inner:
+            pass
+        for items in listeners:  # what a reporter does: append to every live collector
+            items.append("after the inner block")
+        assert outer == ["after the inner block"] and inner == []
+    assert listeners == []

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from attention_zoo.backends import dispatch
-from attention_zoo.components.positions import Positions
+from attention_zoo.components.positions import Positions, RotaryPositions
+from attention_zoo.errors import UserError
 from attention_zoo.variant import BASE_PARAMS, LayerShape, ProjectedAttention
 from attention_zoo.variant_registry import register_variant
 
@@ -66,8 +67,16 @@ class Differential(ProjectedAttention):
                 + self.lambda_init)
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> tuple[Tensor, Tensor]:
-        """q (B, H, N, D), k (B, Hkv, N, D) -> the same, QK-normalised over D, then each half rotated as a head
-        of width d = D/2: Q1 K1^T and Q2 K2^T each a function of the distance under RoPE."""
+        """q (B, H, N, D), k (B, Hkv, N, D) -> the same, QK-normalised over D, then under RoPE each half rotated as
+        a head of width d = D/2: Q1 K1^T and Q2 K2^T each a function of the distance. Another scheme (a plug-in's
+        too) gets whole heads, as with every variant: only RoPE rotates heads narrower than head_dim. Raises
+        UserError under RoPE when d is odd (RoPE rotates pairs of dimensions)."""
+        if not isinstance(positions.scheme, RotaryPositions):
+            return super().transform_qk(q, k, positions)
+        if self.head_dim % 4:
+            raise UserError(f"differential attention under position rope rotates each half of a head as a head of "
+                            f"width head_dim / 2, which rope needs even: head_dim ({self.head_dim}) must be a "
+                            "multiple of 4 (or use position: none or learned)")
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = positions.rotate(_halves_as_heads(q), _halves_as_heads(k))  # (B, 2H, N, d), (B, 2 Hkv, N, d)
