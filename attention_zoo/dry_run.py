@@ -60,7 +60,8 @@ def plugin_failures_reported(config: Config, model: CausalLM, during: str) -> It
     """Inside the block, an exception (not a UserError) from a forward of `model` that a plug-in's module was
     running (a variant, or a model.mlp / norm / position component registered outside the zoo) is raised as a
     ConfigError with one Problem at the key that chose the plug-in, naming the layer, its class and what it
-    raised `during` (e.g. "the model's first forward"). Failures of the zoo's own modules pass through."""
+    raised `during` (e.g. "the model's first forward"). Failures of the zoo's own modules pass through, except a
+    UserError a layer raises to refuse its configuration, which is a Problem at the key that chose its variant."""
     running: list[str] = []  # the modules running, outermost first: one that raises stays (its forward hook never runs)
     finished = [0]  # blocks done: the stack checks a layer's state writes after its block returns
 
@@ -86,8 +87,13 @@ def plugin_failures_reported(config: Config, model: CausalLM, during: str) -> It
                     _track_method(module, method, name, running, undo)
         try:
             yield
-        except UserError:
+        except ConfigError:
             raise
+        except UserError as exc:  # a layer that refuses its configuration (differential: rope needs even halves)
+            problem = _layer_refusal(config, running[-1] if running else "", exc)
+            if problem is None:
+                raise
+            raise ConfigError([problem]) from exc
         except Exception as exc:
             innermost = running[-1] if running else (f"blocks.{finished[0] - 1}.attention" if finished[0] else "")
             problem = _plugin_problem(config, model, innermost, exc, during)
@@ -151,6 +157,16 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
                        f"layer {spec.index} ({cls}): {what}")
     key = _COMPONENT_KEYS[parts[owner]]
     return Problem(config.source, f"model.{key}", config["model"][key], f"module {name} ({cls}): {what}")
+
+
+def _layer_refusal(config: Config, innermost: str, exc: UserError) -> Problem | None:
+    """A UserError raised inside a layer's attention (the zoo's own variants too: a refusal is about the config, not
+    a bug) as the Problem at the key that chose the layer's variant; None outside any layer's attention."""
+    parts = innermost.split(".")
+    if len(parts) < 3 or parts[0] != "blocks" or parts[2] != "attention":
+        return None
+    spec = layer_specs(config["model"])[int(parts[1])]
+    return Problem(config.source, f"{spec.origin['variant']}.variant", spec.variant, f"layer {spec.index}: {exc}")
 
 
 def _where(exc: Exception, cls: type) -> str:

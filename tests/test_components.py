@@ -141,6 +141,10 @@ def test_differential_under_rope_needs_even_halves(tmp_path, capsys):
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
     assert "differential" in out.err and "head_dim (6) must be a multiple of 4" in out.err
+    # validate reports it as a config problem at the key that chose the variant, with the file
+    assert main(["validate", str(path)]) == 2
+    printed = capsys.readouterr().out
+    assert f"{path}: model.attention.variant = 'differential': layer 0: differential attention" in printed
     for position in ("none", "learned"):  # no rotation: head_dim 6 is fine
         model = build_model({"model": {**SMALL, "dim": 12, "heads": 2, "position": position,
                                        "attention": {"variant": "differential"}}})
