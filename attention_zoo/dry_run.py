@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .backends import AttentionCall, planning_for, recording_calls
+from .backends import AttentionCall, BackendRefused, planning_for, recording_calls
 from .config import Config, ConfigError, Problem, build_model, layer_specs
 from .errors import UserError
 from .model import CausalLM
@@ -87,7 +87,7 @@ def plugin_failures_reported(config: Config, model: CausalLM, during: str) -> It
                     _track_method(module, method, name, running, undo)
         try:
             yield
-        except ConfigError:
+        except (ConfigError, BackendRefused):  # a backend's refusal already says to change `backend:`
             raise
         except UserError as exc:  # a layer that refuses its configuration (differential: rope needs even halves)
             problem = _layer_refusal(config, running[-1] if running else "", exc)
