@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from typing import Any
 
 FINITE_MESSAGE = "must be a finite number (NaN and infinities are not accepted)"
@@ -44,6 +45,18 @@ def finite_problem(value: Any, spec: Any = None) -> str | None:
 
 
 
+def is_whole(value: Any) -> bool:
+    """Whether `value` is an integer a user meant as a count or an id: any Integral but a bool (True is an int
+    to Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def seed_problem(value: int) -> str | None:
+    """torch.manual_seed and torch.Generator take 64-bit integers (a larger seed raised inside torch): the message
+    for one outside that range, else None."""
+    return None if -(2**63) <= value <= 2**63 - 1 else "must be a 64-bit integer (-2**63 to 2**63 - 1)"
+
+
 def finite_float(text: str) -> float:
     """argparse `type=` for a command-line number under the same rule: argparse prints
     `argument --x: 'nan' must be a finite number ...` and exits with status 2."""
@@ -56,4 +69,4 @@ def finite_float(text: str) -> float:
     return value
 
 
-__all__ = ["FINITE_MESSAGE", "finite_float", "finite_problem", "non_finite"]
+__all__ = ["FINITE_MESSAGE", "finite_float", "finite_problem", "is_whole", "non_finite", "seed_problem"]

@@ -6,7 +6,6 @@ if given, runs after every forward call, so the cache never holds more than the 
 """
 from __future__ import annotations
 
-import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, Collection
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 
 from ..cache import ModelCache
 from ..errors import UserError
+from ..numbers import is_whole
 from .pruning import Pruner
 from .sampling import Sampler
 
@@ -60,7 +60,7 @@ def generate(model: nn.Module, prompt: Tensor, max_tokens: int, sampler: Sampler
     if limit is not None and P > limit:
         raise UserError(f"the prompt has {P} tokens but the model's positions end at model.max_seq_len="
                         f"{model.max_seq_len}; shorten it")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral):
+    if not is_whole(max_tokens):
         raise UserError(f"max_tokens {max_tokens!r}: must be a whole number >= 0")
     if max_tokens < 0:
         raise UserError(f"--max-tokens {max_tokens}: must be >= 0")

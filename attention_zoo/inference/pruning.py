@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..cache import ModelCache
 from ..errors import UserError
-from ..numbers import finite_problem
+from ..numbers import finite_problem, is_whole
 from .key_scores import KeyGroup, attentions, has_penalty_rule, key_groups, next_query_penalties
 
 SPEC_FORMS = "threshold:TAU (e.g. threshold:1.0), budget:K or budget:K1,K2,... (one per layer, 'none' = not pruned), window:K"
@@ -106,7 +106,7 @@ class BudgetPolicy(PruningPolicy):
         for item in items:
             if item is None and isinstance(self.budgets, (list, tuple)):
                 continue
-            if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < MIN_BUDGET:
+            if not is_whole(item) or item < MIN_BUDGET:
                 raise PruningError(f"{name}({self.budgets!r}): budget {item!r} is not a whole number >= {MIN_BUDGET} "
                                    "(BOS and the newest token are always kept)" +
                                    ("; None (not pruned) only in a per-layer list" if item is None else ""))

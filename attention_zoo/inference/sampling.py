@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..numbers import is_whole, seed_problem
 
 
 @dataclass
@@ -24,16 +25,15 @@ class Sampler:
 
     def __post_init__(self):
         problems = []
-        whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
         if not (isinstance(self.temperature, numbers.Real) and 0 <= self.temperature < math.inf):
             problems.append(f"--temperature {self.temperature}: must be a finite number >= 0 (0 = greedy)")
-        if self.top_k is not None and not (whole(self.top_k) and self.top_k >= 1):
+        if self.top_k is not None and not (is_whole(self.top_k) and self.top_k >= 1):
             problems.append(f"--top-k {self.top_k}: must be a whole number >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             problems.append(f"--top-p {self.top_p}: must be in (0, 1]")
         # torch.Generator.manual_seed takes 64-bit integers; a larger one raised an opaque "Overflow when unpacking
-        # long long" (the range train.seed accepts, train/sections.py)
-        if self.seed is not None and not (whole(self.seed) and -(2**63) <= self.seed <= 2**63 - 1):
+        # long long" (the range train.seed accepts)
+        if self.seed is not None and not (is_whole(self.seed) and seed_problem(self.seed) is None):
             problems.append(f"--seed {self.seed}: must be a 64-bit integer (-2**63 to 2**63 - 1)")
         if problems:
             raise UserError("; ".join(problems))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Field, Problem, at_most, register_section, validate_fields
-from ..numbers import finite_problem
+from ..numbers import finite_problem, seed_problem
 from ..registry import did_you_mean
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -30,11 +30,6 @@ def _betas_check(value: list) -> str | None:
 
 def _fraction_check(value: float) -> str | None:
     return None if value <= 1 else "must be <= 1"
-
-
-def _seed_check(value: int) -> str | None:
-    """torch.manual_seed takes 64-bit integers: a larger seed stopped the run inside torch with a traceback."""
-    return None if -(2**63) <= value <= 2**63 - 1 else "must be a 64-bit integer (-2**63 to 2**63 - 1)"
 
 
 # More rows than an index of 32 bits can count is a typo (an extra digit, 1e20), not a batch: torch overflowed.
@@ -54,7 +49,7 @@ TRAIN_FIELDS = {
     "weight_decay": Field(float, 0.1, "AdamW decay, applied to weight matrices only", minimum=0),
     "betas": Field(list, [0.9, 0.95], "AdamW betas", check=_betas_check),
     "clip": Field((float, type(None)), 1.0, "max global gradient norm; null or 0 disables", minimum=0),
-    "seed": Field(int, 0, "seeds weight init, dropout and the batch sampler", check=_seed_check),
+    "seed": Field(int, 0, "seeds weight init, dropout and the batch sampler", check=seed_problem),
     "device": Field(str, "auto", "auto (cuda when available), cpu, cuda, cuda:N", check=_device_check),
     "precision": Field(str, "auto", "auto: bf16 autocast on GPU, float32 on CPU", choices=("auto", "float32", "bfloat16")),
     "eval_every": Field(int, 100, "validate every N steps (and at the end); 0: only at the end", minimum=0),
