@@ -115,14 +115,27 @@ def _require(path: Path) -> None:
 
 
 def read_saved_config(path: str | Path) -> dict:
-    """The raw mapping in checkpoint `path`'s config.yaml. Raises ConfigError naming that file when it is
-    unreadable, invalid YAML or not a mapping."""
+    """The raw mapping in checkpoint `path`'s config.yaml (a legacy negative train.seed read as torch read it, see
+    `with_legacy_seed`). Raises ConfigError naming that file when it is unreadable, invalid YAML or not a mapping."""
     from .config import read_yaml_chain
 
     data, problems = read_yaml_chain(Path(path) / CONFIG)
     if problems:
         raise ConfigError(problems)
-    return data
+    return with_legacy_seed(data)
+
+
+def with_legacy_seed(saved: Any) -> Any:
+    """A run from before seeds were refused below 0 may have saved a negative train.seed; torch read it modulo 2**64
+    (-1 seeded as 2**64 - 1), so it is read as that seed here: its checkpoint still loads, and resuming it takes
+    the seed as a config may now give it."""
+    from .numbers import SEED_MAX, is_whole
+
+    train = saved.get("train") if isinstance(saved, dict) else None
+    seed = train.get("seed") if isinstance(train, dict) else None
+    if is_whole(seed) and -(2**63) <= seed < 0:  # the range train.seed took then
+        saved = {**saved, "train": {**train, "seed": seed % (SEED_MAX + 1)}}
+    return saved
 
 
 def load_saved_config(path: str | Path, overrides: tuple[str, ...] = ()) -> Config:

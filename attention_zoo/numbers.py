@@ -51,10 +51,20 @@ def is_whole(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+SEED_MAX = 2**64 - 1
+SEED_RANGE = "must be an integer from 0 to 2**64 - 1 (torch's seed range)"
+
+
 def seed_problem(value: int) -> str | None:
-    """torch.manual_seed and torch.Generator take 64-bit integers (a larger seed raised inside torch): the message
-    for one outside that range, else None."""
-    return None if -(2**63) <= value <= 2**63 - 1 else "must be a 64-bit integer (-2**63 to 2**63 - 1)"
+    """The message for a seed (an int) outside 0 to 2**64 - 1, else None. torch's generators take unsigned 64-bit
+    seeds: a larger one raised inside torch ("Overflow when unpacking long long"), and a negative one is read modulo
+    2**64 (manual_seed(-1) is manual_seed(2**64 - 1)), so it would silently repeat another seed's run."""
+    if 0 <= value <= SEED_MAX:
+        return None
+    if -(2**63) <= value < 0:
+        return (f"must be an integer from 0 to 2**64 - 1: torch would read {value} as {value % 2**64}, the seed of "
+                "another run")
+    return SEED_RANGE
 
 
 def finite_float(text: str) -> float:
@@ -69,4 +79,5 @@ def finite_float(text: str) -> float:
     return value
 
 
-__all__ = ["FINITE_MESSAGE", "finite_float", "finite_problem", "is_whole", "non_finite", "seed_problem"]
+__all__ = ["FINITE_MESSAGE", "SEED_MAX", "SEED_RANGE", "finite_float", "finite_problem", "is_whole", "non_finite",
+           "seed_problem"]

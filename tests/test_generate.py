@@ -40,11 +40,13 @@ def test_sampler_options():
     assert {Sampler(top_p=0.01, seed=s)(logits).item() for s in range(10)} == {1}  # the top token always stays
     draws = [Sampler(seed=7)(logits.repeat(5, 1)).flatten().tolist() for _ in range(2)]
     assert draws[0] == draws[1]  # seeded: reproducible
+    Sampler(seed=2**64 - 1)  # torch's largest seed
     for bad in ({"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}):
         with pytest.raises(UserError):
             Sampler(**bad)
     # from Python these raised torch's TypeError / RuntimeError when sampling, or (temperature inf) sampled uniformly
-    for bad in ({"top_k": 2.5}, {"top_k": True}, {"seed": 1.5}, {"temperature": float("inf")}, {"temperature": "1"}):
+    for bad in ({"top_k": 2.5}, {"top_k": True}, {"seed": 1.5}, {"seed": -1}, {"temperature": float("inf")},
+                {"temperature": "1"}):
         (name, value), = bad.items()
         with pytest.raises(UserError, match=re.escape(f"--{name.replace('_', '-')} {value}: must be")):
             Sampler(**bad)
@@ -177,8 +179,10 @@ def test_generate_command_stops_at_the_position_limit(checkpoint, capsys):
     (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
     (["--max-tokens", "-1"], "--max-tokens -1: must be >= 0"),
     # torch's manual_seed takes 64-bit integers: a larger seed raised "Overflow when unpacking long long"
-    (["--seed", str(2**64)], f"--seed {2**64}: must be a 64-bit integer"),
-    (["--seed", str(-(2**63) - 1)], f"--seed {-(2**63) - 1}: must be a 64-bit integer"),
+    (["--seed", str(2**64)], f"--seed {2**64}: must be an integer from 0 to 2**64 - 1"),
+    (["--seed", str(-(2**63) - 1)], f"--seed {-(2**63) - 1}: must be an integer from 0 to 2**64 - 1"),
+    # torch reads a negative seed modulo 2**64: --seed -1 was the run of --seed 18446744073709551615
+    (["--seed", "-1"], f"--seed -1: must be an integer from 0 to 2**64 - 1: torch would read -1 as {2**64 - 1}"),
     (["--prompt", "y" * 60], "model.max_seq_len=48"),
     # a policy that cannot apply to this model is named by the flag that gave it (it said only "budget:3,4,5: ...")
     (["--prune", "budget:3,4,5"], "--prune 'budget:3,4,5': 3 budgets for 2 layers"),

@@ -719,7 +719,9 @@ def test_token_files_are_cached_only_in_a_run_that_trains(tmp_path, capsys, bpe_
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("seed", 2**64, "must be a 64-bit integer"), ("seed", -(2**63) - 1, "must be a 64-bit integer"),
+    ("seed", 2**64, "must be an integer from 0 to 2**64 - 1"), ("seed", -(2**63) - 1, "must be an integer from 0"),
+    # torch reads a negative seed modulo 2**64: seed -1 trained the very run of seed 2**64 - 1
+    ("seed", -1, f"must be an integer from 0 to 2**64 - 1: torch would read -1 as {2**64 - 1}, the seed of another"),
     ("batch_size", 10**20, "must be <= 2,147,483,647 (a typo?)"),
     ("eval_batch_size", 10**20, "must be <= 2,147,483,647 (a typo?)")])
 def test_a_seed_or_batch_torch_cannot_take_is_refused_in_validation(tmp_path, capsys, key, value, message):
@@ -730,5 +732,24 @@ def test_a_seed_or_batch_torch_cannot_take_is_refused_in_validation(tmp_path, ca
     code, _, err = cli(capsys, "train", str(cfg), f"train.{key}={value}", "--out", str(tmp_path / "run"))
     assert code == 2 and f"train.{key} = {value}: {message}" in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
-    load_config(tiny(seed=2**63 - 1, batch_size=2**31 - 1, eval_batch_size=2**31 - 1))  # the limits themselves
-    load_config(tiny(seed=-(2**63)))
+    load_config(tiny(seed=2**64 - 1, batch_size=2**31 - 1, eval_batch_size=2**31 - 1))  # the limits themselves
+    load_config(tiny(seed=0))
+
+
+def test_the_largest_seed_trains_and_a_saved_negative_seed_reads_as_the_seed_torch_took(tmp_path, capsys):
+    """Seeds are 0 to 2**64 - 1. A run saved when train.seed -1 was accepted (torch seeded it as 2**64 - 1) still
+    loads, its seed read as 2**64 - 1, and resumes from a config that gives that seed (its -1 is now refused)."""
+    from attention_zoo.checkpoint import load_saved_config
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=2, eval_every=0, checkpoint_every=1, seed=2**64 - 1)))
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, "train", str(cfg), "--out", str(run), "--no-progress", "--stop-after", "1")
+    assert code == 0, err
+    for saved in (run / "config.yaml", run / "checkpoint" / "config.yaml"):  # as a run of -1 wrote them
+        text = saved.read_text()
+        assert f"seed: {2**64 - 1}" in text
+        saved.write_text(text.replace(f"seed: {2**64 - 1}", "seed: -1"))
+    assert load_saved_config(run / "checkpoint")["train"]["seed"] == 2**64 - 1
+    code, _, err = cli(capsys, "train", str(cfg), "--out", str(run), "--no-progress", "--resume")
+    assert code == 0, err

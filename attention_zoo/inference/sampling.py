@@ -9,14 +9,14 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..numbers import is_whole, seed_problem
+from ..numbers import SEED_RANGE, is_whole, seed_problem
 
 
 @dataclass
 class Sampler:
     """temperature 0 means greedy (argmax); top_k / top_p of None keep every token; seed None draws a fresh one.
     Raises UserError naming the option for a temperature that is not a finite number >= 0, a top_k that is not a
-    whole number >= 1, a top_p outside (0, 1], or a seed that is not a 64-bit integer."""
+    whole number >= 1, a top_p outside (0, 1], or a seed that is not an integer from 0 to 2**64 - 1."""
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -31,10 +31,12 @@ class Sampler:
             problems.append(f"--top-k {self.top_k}: must be a whole number >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             problems.append(f"--top-p {self.top_p}: must be in (0, 1]")
-        # torch.Generator.manual_seed takes 64-bit integers; a larger one raised an opaque "Overflow when unpacking
-        # long long" (the range train.seed accepts)
-        if self.seed is not None and not (is_whole(self.seed) and seed_problem(self.seed) is None):
-            problems.append(f"--seed {self.seed}: must be a 64-bit integer (-2**63 to 2**63 - 1)")
+        # the range train.seed accepts: torch.Generator.manual_seed raised an opaque "Overflow when unpacking long
+        # long" past 64 bits, and read a negative seed modulo 2**64 (--seed -1 repeated --seed 18446744073709551615)
+        if self.seed is not None:
+            problem = seed_problem(self.seed) if is_whole(self.seed) else SEED_RANGE
+            if problem is not None:
+                problems.append(f"--seed {self.seed}: {problem}")
         if problems:
             raise UserError("; ".join(problems))
         self.generator = torch.Generator()

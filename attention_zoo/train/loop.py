@@ -50,6 +50,7 @@ from ..data import IGNORE_INDEX, Dataset, build_dataset
 from ..dry_run import plugin_failures_reported
 from ..errors import UserError
 from ..model import own_attention_note
+from ..numbers import SEED_MAX
 from . import distributed as D
 from .aux_losses import get_aux_loss
 from .execution import compile_model, enable_activation_checkpointing
@@ -416,8 +417,10 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
         load_weights(model, init_from, device)
     if checkpoint is not None:
         load_weights(model, checkpoint, device)
-    torch.manual_seed(tcfg["seed"] + world.rank)  # dropout differs between ranks' rows
-    random.seed(tcfg["seed"] + world.rank)
+    # dropout differs between ranks' rows; modulo 2**64, torch's seed range: train.seed may be its largest value
+    rank_seed = (tcfg["seed"] + world.rank) % (SEED_MAX + 1)
+    torch.manual_seed(rank_seed)
+    random.seed(rank_seed)
     generator = torch.Generator().manual_seed(tcfg["seed"])  # the batch sampler: identical on every rank
     optimizer = build_optimizer(model, tcfg, device)
     schedule = build_schedule(optimizer, tcfg)
