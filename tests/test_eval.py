@@ -1,11 +1,16 @@
 """`attention-zoo eval` on a checkpoint: problems named by the flag that caused them."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attention_zoo import build_model
 from attention_zoo.checkpoint import save_checkpoint
 from attention_zoo.cli import main
+from attention_zoo.commands.eval import _split_named
+from attention_zoo.config import ConfigError, Problem, load_config
+from attention_zoo.train import plan_run
+from attention_zoo.train.loop import ShortSplit
 
 
 def test_a_seq_len_longer_than_the_data_is_named_by_the_flag_for_the_split_evaluated(tmp_path, capsys):
@@ -19,3 +24,20 @@ def test_a_seq_len_longer_than_the_data_is_named_by_the_flag_for_the_split_evalu
     assert "Traceback" not in err and "train.seq_len" not in err and "data.name" not in err
     assert "--seq-len = 10000000: split 'val' of dataset 'shakespeare' has" in err and "give a shorter --seq-len" in err
     assert "split 'train'" not in err and "split 'test'" not in err
+
+
+def test_a_short_split_is_told_by_its_type_not_by_its_wording():
+    """eval found plan_run's "split shorter than one window" problems by matching their message with a regex, so
+    rewording the message in train.loop would have made eval refuse a split it does not read. plan_run now gives
+    each such problem as a ShortSplit naming its split; eval goes by that type alone."""
+    config = load_config({"model": {"dim": 16, "depth": 1, "heads": 2, "max_seq_len": 16, "position": "rope"},
+                          "train": {"seq_len": 10_000_000}})
+    with pytest.raises(ConfigError) as caught:
+        plan_run(config)
+    short = [p for p in caught.value.problems if isinstance(p, ShortSplit)]
+    assert sorted(p.split for p in short) == ["test", "train", "val"]
+    assert all(_split_named(p) == p.split and "fewer than one window" in p.message for p in short)
+    same_words = Problem("x.yaml", "data.name", "shakespeare", short[0].message)  # another problem, same text
+    assert _split_named(same_words) is None
+    reworded = ShortSplit("x.yaml", "data.name", "shakespeare", "too short to sample", "val")
+    assert _split_named(reworded) == "val"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,14 +125,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
-SHORT_SPLIT = re.compile(r"^split '(\w+)' of dataset .* fewer than one window of ")  # train.loop._split_length_problems
-
-
 def _split_named(problem: Problem) -> str | None:
-    """The split a "split shorter than one window" problem is about, else None. plan_run checks every split, as
-    training reads them all; eval reads only --split, so a short train split is no reason to refuse it."""
-    match = SHORT_SPLIT.match(problem.message)
-    return match.group(1) if match else None
+    """The split a "split shorter than one window" problem (train.loop.ShortSplit) is about, else None. plan_run
+    checks every split, as training reads them all; eval reads only --split, so a short train split is no reason to
+    refuse it."""
+    from ..train.loop import ShortSplit
+
+    return problem.split if isinstance(problem, ShortSplit) else None
 
 
 def _named_by_flag(problem: Problem, label: str, args) -> Problem:

@@ -104,9 +104,17 @@ def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None
     return RunPlan(dataset, seq_len, train["eval_batch_size"] or train["batch_size"])
 
 
+@dataclass
+class ShortSplit(Problem):
+    """The problem of a split shorter than one window, with the split it is about: a command that reads only some
+    splits (eval) tells which of plan_run's problems concern it by this type, not by the message's wording."""
+
+    split: str
+
+
 def _split_length_problems(config: Config, dataset: Dataset, seq_len: int) -> list[Problem]:
     """A corpus split shorter than one window (seq_len tokens and the next one) cannot be sampled or
-    evaluated: found here, before anything is written or trained, for every split."""
+    evaluated: found here, before anything is written or trained, for every split (one ShortSplit each)."""
     data = config.get("data") or {}
     key = "data.text" if "text" in data else "data.name" if "name" in data else "data"
     value = data.get("text", data.get("name", data))
@@ -116,9 +124,9 @@ def _split_length_problems(config: Config, dataset: Dataset, seq_len: int) -> li
     for split in dataset.splits:
         n = dataset.num_tokens(split)
         if n is not None and n < seq_len + 1:
-            problems.append(Problem(config.source, key, value, f"split {split!r} of dataset {dataset.name!r} has {n} "
-                                    f"tokens, fewer than one window of {how} plus the next token ({seq_len + 1}); "
-                                    "give more text or lower train.seq_len"))
+            problems.append(ShortSplit(config.source, key, value, f"split {split!r} of dataset {dataset.name!r} has "
+                                       f"{n} tokens, fewer than one window of {how} plus the next token ({seq_len + 1}); "
+                                       "give more text or lower train.seq_len", split))
     return problems
 
 
