@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -39,4 +40,17 @@ def save_figure(fig, path: str | Path, dpi: int = 100, **savefig_kwargs) -> Path
     return path
 
 
-__all__ = ["pyplot", "save_figure"]
+def save_report_and_figure(report: str | Path, text: str, figure: str | Path, draw: Callable[[Path], object]) -> None:
+    """Write `text` to the file `report` (a JSON) and the figure `draw(figure)` draws, so that the figure beside the
+    report is never another run's: the old figure is removed first, then the report is written, then the figure
+    (each file atomically). An interruption or a failing plot leaves the old pair, the old or the new report
+    without a figure, or the new pair; drawing last also keeps the report when only the plot fails. Raises what
+    the writes or `draw` raise (OSError for a path that cannot be written)."""
+    from .checkpoint import atomic_write_text  # imports torch: not for a command that draws nothing
+
+    Path(figure).unlink(missing_ok=True)
+    atomic_write_text(report, text)
+    draw(Path(figure))
+
+
+__all__ = ["pyplot", "save_figure", "save_report_and_figure"]

@@ -105,6 +105,27 @@ def test_calibrate_command(run_folder, capsys):
     assert f"KV memory {best['memory_ratio']:.1f}x less" in printed and "sliding window, same memory" in printed
 
 
+def test_an_interrupt_while_drawing_leaves_no_earlier_figure_beside_the_new_json(run_folder, capsys, monkeypatch):
+    """calibrate wrote calibration.json, then calibration.png: an interrupt between the two left this run's JSON
+    beside an earlier run's figure. The old figure now goes first and the figure is drawn last."""
+    import attention_zoo.inference.calibration_plot as calibration_plot
+
+    out = run_folder / "cal_interrupted"
+    argv = ["calibrate", str(run_folder), "--context", "16", "--batches", "1", "--batch-size", "1", "--no-curve",
+            "--threshold", "0", "--check-split", "none", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert (out / "calibration.png").is_file()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration_plot, "save_figure", interrupted)
+    assert main([*argv, "--tolerance", "0.5"]) == 130  # another run, Ctrl-C while its figure is drawn
+    capsys.readouterr()
+    assert json.loads((out / "calibration.json").read_text())["tolerance"] == 0.5  # the new report is whole
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.json"]  # no figure of the first run, no temp file
+
+
 def test_memory_is_measured_by_the_most_keys_held_for_every_policy(run_folder, capsys):
     """A threshold's memory was the keys it held on average over the stream, a budget's its K: streaming from one
     token averages (N + 1) / 2 even unpruned, so a threshold that pruned nothing read 2x less memory. Every

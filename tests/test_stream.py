@@ -84,6 +84,26 @@ def test_stream_command_compares_policies_on_the_same_sequences(runs, capsys):
     assert "selective budget:6: loss" in printed and "past it" in printed
 
 
+def test_an_interrupt_while_drawing_leaves_no_earlier_figure_beside_the_new_json(runs, capsys, monkeypatch):
+    """stream wrote stream.json, then stream.png: an interrupt between the two left this run's JSON beside the
+    figure of an earlier run into the same --out. The old figure now goes first and the figure is drawn last."""
+    import attention_zoo.inference.stream_plot as stream_plot
+
+    out = runs / "out_interrupted"
+    argv = [f"{runs / 'vanilla'}=window:6", "--length", "24", "--batch-size", "1", "--out", str(out), "--no-progress"]
+    assert main(["stream", *argv]) == 0
+    assert (out / "stream.png").is_file()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream_plot, "save_figure", interrupted)
+    assert main(["stream", *argv, "--length", "32"]) == 130  # another run, Ctrl-C while its figure is drawn
+    capsys.readouterr()
+    assert json.loads((out / "stream.json").read_text())["length"] == 32  # the new report is whole
+    assert sorted(p.name for p in out.iterdir()) == ["stream.json"]  # no figure of the 24-token run, no temp file
+
+
 @pytest.mark.parametrize("args,message", [
     (["{learned}", "--length", "40"], "past model.max_seq_len (16) of a model with learned positions"),
     (["{vanilla}=budget:4", "--length", "40"], "use window:K for a sliding window"),

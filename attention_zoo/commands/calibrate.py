@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from ..checkpoint import atomic_write_text
     from ..data import build_dataset
+    from ..figures import save_report_and_figure
     from ..inference.calibration import calibrate
     from ..inference.calibration_plot import plot_calibration
     from ..inference.checkpoints import checkpoint_label, load_for_inference
@@ -70,8 +70,10 @@ def cmd_calibrate(args) -> int:
                        curve=not args.no_curve, threshold=args.threshold or None, check_batches=check)
     report = {"checkpoint": str(path), "dataset": dataset.name, "split": args.split,
               "check_split": None if check is None else args.check_split, **report}
-    atomic_write_text(out / "calibration.json", json.dumps(report, indent=2) + "\n")
-    plot_calibration(report, out / "calibration.png", title=f"{checkpoint_label(path)}: context pruning at {context}")
+    # an interrupt between the two files must not leave this run's JSON beside an earlier run's figure
+    save_report_and_figure(out / "calibration.json", json.dumps(report, indent=2) + "\n", out / "calibration.png",
+                           lambda png: plot_calibration(report, png,
+                                                        title=f"{checkpoint_label(path)}: context pruning at {context}"))
 
     best, window = report["calibrated"], report["window_same_memory"]
     print(f"unpruned {args.split} loss {report['base_loss']:.4f} (tolerance {args.tolerance:.2%}: <= "

@@ -52,8 +52,8 @@ def bucket_means(values: list[float], size: int) -> list[float]:
 
 
 def cmd_stream(args) -> int:
-    from ..checkpoint import atomic_write_text
     from ..data import build_dataset
+    from ..figures import save_report_and_figure
     from ..inference import Pruner, parse_prune_spec, streaming_loss
     from ..inference.checkpoints import checkpoint_label, load_for_inference
     from ..inference.stream_plot import plot_stream
@@ -109,7 +109,8 @@ def cmd_stream(args) -> int:
     report = {"dataset": dataset.name, "split": args.split, "length": args.length,
               "sequences": sum(b.inputs.shape[0] for b in batches), "entries": rows}
     out = Path(args.out)
-    atomic_write_text(out / "stream.json", json.dumps(report, indent=2) + "\n")
-    plot_stream(report, out / "stream.png")
+    # an interrupt between the two files must not leave this run's JSON beside an earlier run's figure
+    save_report_and_figure(out / "stream.json", json.dumps(report, indent=2) + "\n", out / "stream.png",
+                           lambda png: plot_stream(report, png))
     print(f"wrote {out / 'stream.json'} and {out / 'stream.png'}")
     return 0
