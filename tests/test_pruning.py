@@ -425,3 +425,28 @@ def test_a_per_head_next_query_penalty_ranks_keys_by_its_smallest_head(monkeypat
     with pytest.raises(ValueError, match=r"layer 0 \(Selective\): its next-query penalty has shape \(2, 5\); "
                                          r"pruning needs one value per kept key, \(B, T\) = \(2, 9\)"):
         next_query_penalties(model, cache)
+
+
+def test_a_penalty_rule_that_gives_none_is_an_error_naming_the_variant(monkeypatch):
+    """A plug-in rule returning None at run time left its layers unpruned while layer_budgets (the memory figure of
+    calibrate and generate) counted them at their budget. The pruner now refuses, naming the layer, its variant and
+    what a rule must return; a layer with no rule at all is still simply not pruned, and None stays fine for a
+    layer whose group another layer's F ranks (cross-layer accumulate below its first source)."""
+    from attention_zoo.variants.selective import Selective
+
+    model = make_model(SELECTIVE)
+    monkeypatch.setattr(Selective, "next_query_penalty", lambda self, cache, previous: None, raising=False)
+    for policy in (BudgetPolicy(4), ThresholdPolicy(1.0)):
+        pruner = Pruner(model, policy, "--prune 'x'")
+        with pytest.raises(PruningError, match=r"^--prune 'x': layer 0 \(Selective, variant 'selective'\) gave no "
+                                               r"selection penalty F for the 1 key held: .*returned None.*"
+                                               r"must return F for every kept key, \(B, T\) or per head"):
+            run(model, pruner, tokens(1, 6))
+    monkeypatch.undo()
+
+    mixed = make_model(SELECTIVE, [{"at": [1], "attention": {"variant": "vanilla"}}])  # layer 1: no rule
+    _, cache = run(mixed, Pruner(mixed, BudgetPolicy(4)), tokens(1, 8))
+    assert cache.lengths() == [4, 8, 4, 4]
+    late = make_model({**ACCUMULATE, "sources": [2]})  # layers 0 and 1 give None; layer 2's F ranks the group
+    _, cache = run(late, Pruner(late, BudgetPolicy(4)), tokens(1, 8))
+    assert cache.lengths() == [4, 4, 4, 4]

@@ -20,14 +20,18 @@ from torch import Tensor, nn
 from ..cache import LayerCache, ModelCache
 from ..state import SELECTION_PENALTY
 
-# rule(attention module, its LayerCache, F of the latest layer that wrote one or None) -> F (B, T) or None
+# rule(attention module, its LayerCache, F of the latest layer that wrote one or None) -> F (B, T) or (B, ..., T),
+# or None for a layer with no F of its own whose group another layer's F ranks (cross-layer accumulate below its
+# first source); a group whose rules all give None while it holds keys is a PruningError (Pruner.__call__)
 PenaltyRule = Callable[[nn.Module, LayerCache, "Tensor | None"], "Tensor | None"]
 PENALTY_RULES: dict[type, PenaltyRule] = {}
 
 
 def register_penalty_rule(cls: type) -> Callable[[PenaltyRule], PenaltyRule]:
-    """Tell pruning how variant `cls` turns its cache into F for the next query. A variant may instead
-    define `next_query_penalty(self, cache, previous)`; that method wins."""
+    """Tell pruning how variant `cls` turns its cache into F for the next query: F (B, T) float for every kept
+    key, or per head (B, ..., T); None only where another layer of the same KeyGroup gives F (else pruning raises
+    PruningError: the layer would stay unpruned). A variant may instead define `next_query_penalty(self, cache,
+    previous)`; that method wins."""
 
     def decorator(rule: PenaltyRule) -> PenaltyRule:
         PENALTY_RULES[cls] = rule

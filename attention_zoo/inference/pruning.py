@@ -135,6 +135,16 @@ class WindowPolicy(BudgetPolicy):
         return f"window:{_budgets_text(self.budgets)}"
 
 
+def _variant_name(attention: nn.Module) -> str:
+    """`Selective, variant 'selective'`: the class, and the name it is registered under (none for a subclass made
+    outside the registry)."""
+    from ..variant_registry import VARIANTS
+
+    cls = type(attention)
+    names = [name for name in VARIANTS.names() if VARIANTS.get(name) is cls]
+    return f"{cls.__name__}, variant {names[0]!r}" if names else cls.__name__
+
+
 def _budgets_text(budgets: int | list[int | None]) -> str:
     return str(budgets) if isinstance(budgets, int) else ",".join("none" if b is None else str(b) for b in budgets)
 
@@ -231,8 +241,11 @@ class Pruner:
         return 1
 
     def __call__(self, cache: ModelCache) -> None:
+        """Prune `cache` in place. Raises PruningError when a group the policy prunes by F (one whose layers have a
+        penalty rule) gets None from every one of its rules while it holds keys: it would stay unpruned while
+        `layer_budgets`, and the memory figures built on it, count it at its budget."""
         penalties = next_query_penalties(self.model, cache) if self.policy.needs_penalty else None
-        for group, budget in zip(self.groups, self.group_budgets):
+        for group, ranked, budget in zip(self.groups, self.ranked, self.group_budgets):
             first = cache.layers[group.layers[0]]
             if not first.length:
                 continue
@@ -240,12 +253,29 @@ class Pruner:
             if penalties is not None:
                 found = [penalties[i] for i in group.layers if penalties[i] is not None]
                 if not found:
-                    continue
+                    if ranked:
+                        raise PruningError(self._no_penalty_message(group, first.length))
+                    continue  # no layer of the group has a rule: not pruned, as describe() and layer_budgets() say
                 penalty = found[0] if len(found) == 1 else torch.stack(found).amin(dim=0)
             index = self.policy.keep(penalty, first.positions, budget)
             if index is not None:
                 for i in group.layers:
                     cache.layers[i].keep(index)
+
+    def _no_penalty_message(self, group: KeyGroup, keys: int) -> str:
+        mods = attentions(self.model)
+        by_variant: dict[str, list[str]] = {}  # layers 0, 1 (Selective, variant 'selective'): each variant once
+        for i in group.layers:
+            if has_penalty_rule(mods[i]):
+                by_variant.setdefault(_variant_name(mods[i]), []).append(str(i))
+        who = ", ".join(f"layer{'s' * (len(ids) > 1)} {', '.join(ids)} ({name})" for name, ids in by_variant.items())
+        return (f"{self.where}: {who} gave no selection penalty F for the {keys} key{'s' * (keys != 1)} held: the "
+                "penalty rule (next_query_penalty, or one registered with key_scores.register_penalty_rule) returned "
+                "None, so pruning would leave these keys while counting the layer as pruned (a budget's memory "
+                "figure counts its K keys). A penalty rule must return F for every kept key, (B, T) or per head "
+                "(B, ..., T); None only for a layer whose group another layer's F ranks (layers linked by "
+                "key-indexed state). A variant with no F defines no rule: its layers are then not pruned by budget "
+                "or threshold (window:K prunes any layer)")
 
     def describe(self) -> str:
         """Per group of layers, what the policy does there: e.g. `layer 0: budget 32; layer 1: not pruned (no F)`."""
