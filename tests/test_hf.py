@@ -31,7 +31,22 @@ VOCAB = 64
 
 def tiny(family: str, **overrides):
     """A tiny transformers causal LM with random weights (seeded). initializer_range 0.1 (not 0.02) so attention
-    logits are large enough for selective attention to change the output measurably."""
+    logits are large enough for selective attention to change the output measurably. Weights transformers
+    initialises to a constant (norm scales 1, biases 0) are made random too: with them constant, a norm or bias
+    mapped to the wrong place (a block's two norms swapped, a bias dropped) gave the same logits."""
+    return _randomise_constants(_tiny(family, **overrides))
+
+
+def _randomise_constants(model):
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
+                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def _tiny(family: str, **overrides):
     torch.manual_seed(0)
     llama_like = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.1)
