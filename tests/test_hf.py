@@ -535,6 +535,21 @@ def test_registered_attention_reads_zoo_attention_when_it_changes(llama_folder):
         logits(model, x)
 
 
+def test_from_hf_of_a_model_running_registered_attention_converts_what_it_computes(llama_folder):
+    """from_hf(model) of a model loaded with attn_implementation="zoo_selective" returned a vanilla zoo model:
+    silently other logits than the model passed in (max |diff| ~1)."""
+    register()
+    x = tokens(16)
+    model = stock(llama_folder, "zoo_selective")
+    model.config.zoo_attention = {"selection_head": 1}
+    zoo = from_hf(model)
+    assert zoo.config["model"]["attention"] == {"variant": "selective", "kv_heads": 2, "selection_head": 1}
+    assert max_diff(logits(zoo, x), logits(model, x)) < TOL
+    assert from_hf(model, variant="selective", selection_head=0).blocks[0].attention.selection_head == 0
+    vanilla = from_hf(model, variant="vanilla")  # another variant, asked for: as asked
+    assert max_diff(logits(vanilla, x), logits(stock(llama_folder, "eager"), x)) < TOL
+
+
 @pytest.mark.parametrize("implementation", ["zoo_vanilla", "zoo_selective"])
 def test_registered_attention_is_causal(llama_folder, implementation):
     register()

@@ -122,15 +122,30 @@ def ties_embeddings(hf: Any) -> bool:
     return output.weight.shape == embedding.weight.shape and torch.equal(output.weight, embedding.weight)
 
 
+def zoo_attention_running(hf: Any) -> tuple[str | None, dict[str, Any]]:
+    """(variant, parameters) of the zoo attention an in-memory transformers model runs through register()
+    (attn_implementation "zoo_<variant>", parameters from config.zoo_attention), or (None, {})."""
+    from .interface import CONFIG_KEY, PREFIX
+
+    implementation = getattr(hf.config, "_attn_implementation", None)
+    if not (isinstance(implementation, str) and implementation.startswith(PREFIX)):
+        return None, {}
+    params = dict(getattr(hf.config, CONFIG_KEY, None) or {})
+    params.pop("kv_heads", None)  # the weights' (or kv_heads=) count, as for any import
+    return implementation[len(PREFIX):], params
+
+
 def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | None = None, backend: str = "auto",
             **variant_params: Any):
     """A zoo CausalLM with the weights of a transformers Llama / Mistral / Qwen2 / GPT-2 causal LM.
 
     model_or_path: a transformers model (LlamaForCausalLM, MistralForCausalLM without sliding window,
         Qwen2ForCausalLM, GPT2LMHeadModel) or a local folder holding one (never downloaded).
-    variant: the zoo attention to run on those weights (default: vanilla, or gqa for a GQA checkpoint);
-        any registered variant whose other parameters have defaults, given in `variant_params`. Parameters a
-        variant adds (none for selective) keep their initialisation.
+    variant: the zoo attention to run on those weights (default: vanilla, or gqa for a GQA checkpoint; for a
+        model loaded with attn_implementation="zoo_<variant>" after register(), that variant with the parameters
+        of its config.zoo_attention, as the model computes); any registered variant whose other parameters have
+        defaults, given in `variant_params`. Parameters a variant adds (none for selective) keep their
+        initialisation.
     kv_heads: fewer key/value heads than the checkpoint has: each group of consecutive kv heads is mean-pooled
         into one (the GQA paper's uptraining conversion); query head h reads pooled head h // (H / kv_heads).
     backend: the zoo attention backend the model runs on (auto, math, sdpa, ...).
@@ -141,6 +156,9 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
     """
     hf = load_hf(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     family, model_section, attention = zoo_model_section(hf.config)
+    running, running_params = zoo_attention_running(hf)
+    if running is not None and variant in (None, running):  # the attention the model computes, not vanilla
+        variant, variant_params = running, {**running_params, **variant_params}
     model_section["tie_embeddings"] = model_section["tie_embeddings"] and ties_embeddings(hf)
     heads, checkpoint_kv = model_section["heads"], attention["kv_heads"]
     new_kv = checkpoint_kv if kv_heads is None else kv_heads
