@@ -187,6 +187,28 @@ def test_export_keeps_the_checkpoints_special_tokens_and_invents_none(tmp_path, 
         assert exported.generation_config.eos_token_id is None
 
 
+def test_special_tokens_of_a_checkpoint_without_generation_config_survive_import_and_export(tmp_path, capsys):
+    """A folder saved before transformers wrote generation_config.json keeps bos / eos / pad in config.json alone
+    (transformers derives its generation config from them). The import copied no generation file, so `generate`
+    never stopped at the end-of-sequence token and the export wrote eos_token_id null."""
+    from attention_zoo.hf.files import end_of_sequence_ids
+
+    tiny("llama", bos_token_id=5, eos_token_id=7).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").unlink()
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").generation_config.eos_token_id == 7
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 0
+    assert "generation_config.json (written from config.json's special tokens)" in capsys.readouterr().out
+    assert end_of_sequence_ids(tmp_path / "zoo") == [7]
+    assert main(["export-hf", str(tmp_path / "zoo"), "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", local_files_only=True)
+    assert (back.config.bos_token_id, back.config.eos_token_id) == (5, 7)
+    assert back.generation_config.eos_token_id == 7
+    tiny("llama", bos_token_id=None, eos_token_id=None).save_pretrained(tmp_path / "none")
+    (tmp_path / "none" / "generation_config.json").unlink()
+    assert main(["import-hf", str(tmp_path / "none"), "--out", str(tmp_path / "zoo2")]) == 0
+    assert not (tmp_path / "zoo2" / "generation_config.json").exists()  # none invented
+
+
 def test_export_hf_refuses_an_out_it_would_destroy_and_writes_atomically(tmp_path, capsys, monkeypatch):
     """--out may be new, empty or (with --overwrite) an earlier export, replaced whole; a zoo checkpoint or run (the source itself
     included), a folder with other files or a file is refused before any work; a failed export leaves nothing."""

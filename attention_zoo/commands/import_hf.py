@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_import_hf(args) -> int:
     from ..checkpoint import atomic_folder, write_checkpoint
     from ..hf import from_hf
-    from ..hf.files import check_import_target, copy_tokenizer_files, quiet_transformers
+    from ..hf.files import check_import_target, copy_tokenizer_files, derive_generation_config, quiet_transformers
 
     quiet_transformers()
     # before any work: an existing folder is replaced only if it is an earlier import (never a training run)
@@ -37,6 +37,8 @@ def cmd_import_hf(args) -> int:
     with atomic_folder(out) as staging:  # the checkpoint and its tokenizer appear together or not at all
         copied = copy_tokenizer_files(args.src, staging)
         tokenizer = use_tokenizer(model, staging, out) if set(copied) - {"generation_config.json"} else None
+        if derive_generation_config(args.src, staging):  # as transformers does: bos / eos / pad of config.json
+            copied.append("generation_config.json (written from config.json's special tokens)")
         write_checkpoint(staging, model)
     attention = model.config["model"]["attention"]
     print(f"attention-zoo import-hf: {args.src} -> {out} ({model.num_parameters():,} parameters, attention "
