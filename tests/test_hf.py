@@ -647,7 +647,9 @@ def test_cli_errors_exit_2_with_one_message(tmp_path, capsys, monkeypatch):
     tiny("llama").save_pretrained(tmp_path / "llama")
     assert main(["import-hf", "llama", "--out", "sel", "--variant", "selective"]) == 0
     cases = [(("import-hf", "missing", "--out", "z"), "missing: no such folder"),
-             (("import-hf", "empty", "--out", "z"), "empty: not a readable transformers checkpoint"),
+             (("import-hf", "empty", "--out", "z"), "empty: not a transformers checkpoint folder: no config.json (it holds "
+              "nothing)"),
+             (("import-hf", "sel", "--out", "z"), "sel: a zoo checkpoint (config.yaml), not a transformers folder"),
              (("import-hf", "opt", "--out", "z"), "unsupported architecture OPTForCausalLM"),
              (("import-hf", "llama", "--out", "z", "--kv-heads", "3"), "kv_heads = 3"),
              (("import-hf", "llama", "--out", "z", "--variant", "nope"), "unknown variant"),

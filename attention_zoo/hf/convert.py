@@ -33,6 +33,15 @@ def load_hf(path: str | Path) -> Any:
     if not path.is_dir():
         raise ConversionError(f"{path}: no such folder (give a local transformers checkpoint folder with config.json; "
                               "nothing is downloaded)")
+    if not (path / "config.json").is_file():  # transformers' own message asks for a model_type in config.json
+        entries = sorted(p.name for p in path.iterdir())
+        held = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "") if entries else "nothing"
+        if "config.yaml" in entries:
+            raise ConversionError(f"{path}: a zoo checkpoint (config.yaml), not a transformers folder (config.json): "
+                                  "eval, generate, train and export-hf take it as it is")
+        raise ConversionError(f"{path}: not a transformers checkpoint folder: no config.json (it holds {held}); "
+                              "give the folder save_pretrained wrote: config.json with model.safetensors, its shards "
+                              "and model.safetensors.index.json, or pytorch_model.bin")
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for an unreadable folder
