@@ -359,6 +359,24 @@ def test_a_truncated_or_corrupt_weight_file_is_named(tmp_path, capsys):
         from_hf(tmp_path / "bin")
 
 
+def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path, capsys):
+    """A damaged checkpoint whose weights hold NaN (transformers loads it as it is) imported without a word: every
+    logit NaN, and a fine-tune starting from it."""
+    from safetensors.torch import load_file, save_file
+
+    tiny("llama").save_pretrained(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][0, :3] = float("nan")
+    weights["model.norm.weight"][0] = float("inf")
+    save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 2
+    err = capsys.readouterr().err
+    assert ("2 weights hold NaN or infinite values (model.layers.1.mlp.up_proj.weight (3 values), model.norm.weight "
+            "(1 value))") in err, err
+    assert err.count("error:") == 1 and not (tmp_path / "zoo").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"num_hidden_layers": 3}, "9 weights missing from the checkpoint (layer 2)"),
     ({"num_hidden_layers": None}, "weights missing from the checkpoint (layers 2-31)"),  # transformers' default 32

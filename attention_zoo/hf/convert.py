@@ -12,7 +12,7 @@ import torch
 from ..config import ConfigError, build_model
 from .errors import ConversionError, require_transformers
 from .families import family_of, zoo_model_section
-from .weights import Source, gpt2_to_zoo, llama_to_zoo, pool_kv_heads
+from .weights import Source, gpt2_to_zoo, llama_to_zoo, non_finite_weights, pool_kv_heads
 
 # A layer's index in a transformers weight name: model.layers.3. (Llama, Mistral, Qwen2), transformer.h.3. (GPT-2).
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
@@ -193,6 +193,9 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
                                                                  new_kv_heads=new_kv)
     to_zoo = llama_to_zoo if family == "llama" else gpt2_to_zoo
     src = Source(hf.state_dict(), where)
+    if bad := non_finite_weights(src.state):  # transformers loads them as they are; every logit would be NaN
+        raise ConversionError(f"{where}: {len(bad)} weights hold NaN or infinite values ({', '.join(bad[:4])}"
+                              f"{', ...' if len(bad) > 4 else ''}): the checkpoint is damaged; download or save it again")
     state = to_zoo(src, model_section["depth"], model_section["tie_embeddings"], pool)
     src.check_all_used()
     _load(zoo, state, where)
