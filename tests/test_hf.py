@@ -473,6 +473,9 @@ def test_kv_heads_selective_and_gqa_together():
 
 @pytest.mark.parametrize("make,match", [
     (lambda: tiny("mistral", sliding_window=16), "sliding_window"),
+    (lambda: tiny("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1),
+     re.escape("Qwen2Config.layer_types = ['full_attention', 'sliding_attention']: layer 1 runs 'sliding_attention' "
+               "(sliding_window 8); only full attention is implemented")),
     (lambda: tiny("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type"),
     (lambda: tiny("llama", hidden_act="gelu"), "hidden_act"),
     (lambda: tiny("gpt2", activation_function="relu"), "activation_function"),
@@ -484,6 +487,17 @@ def test_kv_heads_selective_and_gqa_together():
 def test_what_the_zoo_cannot_reproduce_is_refused_by_name(make, match):
     with pytest.raises(ConversionError, match=match):
         from_hf(make())
+
+
+def test_a_qwen2_sliding_window_no_layer_uses_is_no_reason_to_refuse():
+    """Qwen2 slides only from layer max_window_layers on (its layer_types): with use_sliding_window true and
+    max_window_layers >= num_hidden_layers transformers runs full attention everywhere, the same logits as without
+    a window; the import refused it ('sliding-window attention is not implemented')."""
+    hf = tiny("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    assert hf.config.sliding_window == 8 and set(hf.config.layer_types) == {"full_attention"}
+    x = tokens(24)  # longer than the window
+    assert max_diff(logits(from_hf(hf), x), logits(hf, x)) < TOL
+    assert max_diff(logits(hf, x), logits(tiny("qwen2"), x)) == 0  # the window changes nothing in transformers
 
 
 def test_kv_heads_must_divide_the_checkpoints():
