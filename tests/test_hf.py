@@ -928,6 +928,33 @@ def test_a_folder_without_tokenizer_files_says_so_and_a_broken_one_keeps_its_who
         load_tokenizer(tmp_path, "x.yaml")
 
 
+def test_a_tokenizer_that_does_not_fit_the_model_leaves_data_byte_level_and_says_why(tokenized_llama, tmp_path,
+                                                                                      capsys):
+    """A tokenizer with more tokens than the model's embedding rows became data.tokenizer: the import said "train, eval
+    and generate use these tokens", then each refused ("model.vocab_size = 200: dataset ... has 300 tokens"). A
+    tokenizer that does not load was reported under the import's temporary folder, gone afterwards."""
+    import shutil
+
+    from attention_zoo.config import load_config
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenized_llama / "llm" / name, tmp_path / name)
+    tiny("llama", vocab_size=200).save_pretrained(tmp_path / "small")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tmp_path / name, tmp_path / "small" / name)
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "small"), "--out", str(tmp_path / "zoo")]) == 0
+    out = capsys.readouterr().out
+    assert "its tokenizer has 300 tokens (added tokens included), more than the model's 200 embedding rows" in out, out
+    assert "data.tokenizer =" not in out and (tmp_path / "zoo" / "tokenizer.json").is_file()
+    assert (load_config(tmp_path / "zoo" / "config.yaml").get("data") or {}).get("tokenizer") is None
+    (tmp_path / "small" / "tokenizer.json").write_text("{broken")
+    assert main(["import-hf", str(tmp_path / "small"), "--out", str(tmp_path / "zoo2")]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'small'}: tokenizer files copied but not loadable (cannot load a tokenizer there: " in out, out
+    assert ".tmp" not in out
+
+
 def test_the_cache_refusal_names_the_implementation_as_written(llama_folder):
     """`attn_implementation='zoo_selective'`, the string a user passes, not `zoo_'selective'`."""
     register()
