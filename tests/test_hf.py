@@ -589,6 +589,26 @@ def test_registered_attention_reads_zoo_attention_when_it_changes(llama_folder):
         logits(model, x)
 
 
+def test_registered_attention_refuses_to_train_without_the_models_attention_dropout(tmp_path):
+    """GPT-2 (attn_pdrop 0.1 by default) loaded with a zoo attention trained silently without attention dropout
+    (transformers passes it in training mode only; the zoo's backends have none)."""
+    register()
+    tiny("gpt2").save_pretrained(tmp_path / "gpt2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", attn_implementation="zoo_vanilla",
+                                                              local_files_only=True)
+    assert model.config.attn_pdrop == 0.1
+    x = tokens()
+    model.train()
+    with pytest.raises(ConversionError, match=re.escape("attn_implementation='zoo_vanilla' applies no attention "
+                                                        "dropout, and this model asks for 0.1 in training mode")):
+        model(x, labels=x)
+    model.eval()
+    assert max_diff(logits(model, x), logits(tiny("gpt2"), x)) < TOL
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", attn_implementation="zoo_vanilla",
+                                                              attn_pdrop=0.0, local_files_only=True).train()
+    assert torch.isfinite(model(x, labels=x).loss)
+
+
 def test_from_hf_of_a_model_running_registered_attention_converts_what_it_computes(llama_folder):
     """from_hf(model) of a model loaded with attn_implementation="zoo_selective" returned a vanilla zoo model:
     silently other logits than the model passed in (max |diff| ~1)."""
