@@ -478,6 +478,9 @@ def test_kv_heads_selective_and_gqa_together():
                "(sliding_window 8); only full attention is implemented")),
     (lambda: tiny("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type"),
     (lambda: tiny("llama", hidden_act="gelu"), "hidden_act"),
+    (lambda: transformers.LlamaModel(tiny("llama").config),  # was "expected weight 'model.embed_tokens.weight' is missing"
+     re.escape("LlamaModel: not a causal language model with its head; from_hf takes a LlamaForCausalLM")),
+    (lambda: transformers.GPT2Model(tiny("gpt2").config), "GPT2Model: not a causal language model.*GPT2LMHeadModel"),
     (lambda: tiny("gpt2", activation_function="relu"), "activation_function"),
     (lambda: tiny("gpt2", scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
     (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32,

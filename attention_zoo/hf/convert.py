@@ -11,7 +11,7 @@ import torch
 
 from ..config import ConfigError, build_model
 from .errors import ConversionError, require_transformers
-from .families import family_of, zoo_model_section
+from .families import causal_lm_class, family_of, zoo_model_section
 from .weights import Source, gpt2_to_zoo, llama_to_zoo, non_finite_weights, pool_kv_heads
 
 # A layer's index in a transformers weight name: model.layers.3. (Llama, Mistral, Qwen2), transformer.h.3. (GPT-2).
@@ -165,6 +165,10 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
     """
     hf = load_hf(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     family, model_section, attention = zoo_model_section(hf.config)
+    expected = causal_lm_class(hf.config)
+    if not isinstance(hf, getattr(require_transformers(), expected)):  # a base model or another head
+        raise ConversionError(f"{type(hf).__name__}: not a causal language model with its head; from_hf takes a "
+                              f"{expected} (AutoModelForCausalLM.from_pretrained) or the folder it was saved to")
     running, running_params = zoo_attention_running(hf)
     if running is not None and variant in (None, running):  # the attention the model computes, not vanilla
         variant, variant_params = running, {**running_params, **variant_params}

@@ -32,6 +32,12 @@ def family_of(config: Any) -> str:
     raise ConversionError(f"unsupported architecture {archs}; the zoo imports {SUPPORTED}")
 
 
+def causal_lm_class(config: Any) -> str:
+    """The transformers class name of a supported config's causal LM ('LlamaForCausalLM', 'GPT2LMHeadModel', ...)."""
+    family_of(config)
+    return {**LLAMA_TYPES, **GPT2_TYPES}[config.model_type]
+
+
 def _refuse(config: Any, what: str, value: Any, why: str) -> None:
     name = type(config).__name__
     raise ConversionError(f"{name}.{what} = {value!r}: {why}; the zoo cannot reproduce this model exactly")
