@@ -357,6 +357,10 @@ def test_a_truncated_or_corrupt_weight_file_is_named(tmp_path, capsys):
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(ConversionError, match=re.escape(f"{tmp_path / 'bin' / 'pytorch_model.bin'}: cannot be read (")):
         from_hf(tmp_path / "bin")
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"garbage")  # torch's first line: "re-run with weights_only=False"
+    with pytest.raises(ConversionError, match=re.escape("pytorch_model.bin: cannot be read (not a file of tensors "
+                                                        "torch.load(weights_only=True) reads: Unsupported operand")):
+        from_hf(tmp_path / "bin")
 
 
 def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path, capsys):

@@ -70,7 +70,11 @@ def unreadable_weight_file(path: Path) -> str | None:
     from safetensors import safe_open
 
     def first_line(exc: Exception) -> str:
-        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        text = str(exc)
+        if "WeightsUnpickler error:" in text:  # torch's first lines advise weights_only=False, not the reason
+            reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+            return f"not a file of tensors torch.load(weights_only=True) reads: {reason}"
+        return f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0]}"
 
     for index in sorted(path.glob("*.index.json")):
         try:
