@@ -706,6 +706,8 @@ def test_cli_errors_exit_2_with_one_message(tmp_path, capsys, monkeypatch):
     tiny("llama").save_pretrained(tmp_path / "llama")
     assert main(["import-hf", "llama", "--out", "sel", "--variant", "selective"]) == 0
     cases = [(("import-hf", "missing", "--out", "z"), "missing: no such folder"),
+             (("import-hf", "llama/config.json", "--out", "z"), "llama/config.json: a file; give the transformers "
+              "checkpoint folder that holds config.json and the weights (llama?)"),
              (("import-hf", "empty", "--out", "z"), "empty: not a transformers checkpoint folder: no config.json (it holds "
               "nothing)"),
              (("import-hf", "sel", "--out", "z"), "sel: a zoo checkpoint (config.yaml), not a transformers folder"),

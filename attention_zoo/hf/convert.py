@@ -30,6 +30,9 @@ def load_hf(path: str | Path) -> Any:
     Raises ConversionError if the folder is missing or unreadable, or its architecture unsupported."""
     transformers = require_transformers()
     path = Path(path)
+    if path.is_file():  # config.json or a weight file: "no such folder" would be puzzling
+        raise ConversionError(f"{path}: a file; give the transformers checkpoint folder that holds config.json and the "
+                              f"weights ({path.parent}?)")
     if not path.is_dir():
         raise ConversionError(f"{path}: no such folder (give a local transformers checkpoint folder with config.json; "
                               "nothing is downloaded)")
