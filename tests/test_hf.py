@@ -715,6 +715,10 @@ def test_cli_errors_exit_2_with_one_message(tmp_path, capsys, monkeypatch):
              (("import-hf", "llama", "--out", "z", "--kv-heads", "3"), "kv_heads = 3"),
              (("import-hf", "llama", "--out", "z", "--variant", "nope"), "unknown variant"),
              (("export-hf", "missing", "--out", "h"), "missing: not a checkpoint"),
+             (("eval", "llama"), "llama: not a checkpoint or run folder (expected config.yaml and model.safetensors, or "
+              "a checkpoint/ folder holding them); it holds a transformers model (config.json): convert it first, "
+              "attention-zoo import-hf llama --out FOLDER"),
+             (("export-hf", "llama", "--out", "h"), "it holds a transformers model (config.json): convert it first"),
              (("export-hf", "sel", "--out", "h"), "variant 'selective'"),
              (("import-hf", "llama", "--out", "opt"), "exists and is not an earlier import")]
     capsys.readouterr()
