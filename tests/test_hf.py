@@ -381,18 +381,20 @@ def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path, capsys):
     assert err.count("error:") == 1 and not (tmp_path / "zoo").exists()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"num_hidden_layers": 3}, "9 weights missing from the checkpoint (layer 2)"),
-    ({"num_hidden_layers": None}, "weights missing from the checkpoint (layers 2-31)"),  # transformers' default 32
-    ({"num_hidden_layers": 1}, "9 weights in the checkpoint that config.json has no place for (layer 1)"),
-    ({"hidden_size": 48}, "weights of another shape (lm_head.weight (64, 32) where config.json makes (64, 48), "),
+@pytest.mark.parametrize("family, change, message", [
+    ("llama", {"num_hidden_layers": 3}, "9 weights missing from the checkpoint (layer 2)"),
+    ("llama", {"num_hidden_layers": None}, "weights missing from the checkpoint (layers 2-31)"),  # the default 32
+    ("llama", {"num_hidden_layers": 1}, "9 weights in the checkpoint that config.json has no place for (layer 1)"),
+    ("llama", {"hidden_size": 48}, "weights of another shape (lm_head.weight (64, 32) where config.json makes (64, 48), "),
+    # transformers itself leaves c_attn.bias out of GPT-2's unexpected keys (its "attn.bias" pattern matches it): 11
+    ("gpt2", {"n_layer": 1}, "weights in the checkpoint that config.json has no place for (layer 1)"),
 ])
-def test_import_hf_refuses_weights_that_do_not_match_config_json(tmp_path, capsys, change, message):
+def test_import_hf_refuses_weights_that_do_not_match_config_json(tmp_path, capsys, family, change, message):
     """transformers fills what config.json asks for and the weights lack with random values (and drops or
     re-initialises the rest) after a warning we silence: the import refuses instead of keeping them."""
     import json
 
-    tiny("llama").save_pretrained(tmp_path / "hf")
+    tiny(family).save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     for key, value in change.items():
         config.pop(key) if value is None else config.__setitem__(key, value)
@@ -401,6 +403,18 @@ def test_import_hf_refuses_weights_that_do_not_match_config_json(tmp_path, capsy
     err = capsys.readouterr().err
     assert "the weights do not match config.json" in err and message in err, err
     assert not (tmp_path / "zoo").exists()
+
+
+def test_only_the_mask_buffers_old_checkpoints_hold_are_left_out_of_the_unexpected_weights():
+    """The buffers were matched by suffix alone: GPT-2's q/k/v bias c_attn.bias ends in "attn.bias" too, so an
+    unexpected c_attn.bias was not reported (and alone, not at all)."""
+    from attention_zoo.hf.convert import weight_problems
+
+    saved_buffers = ["transformer.h.0.attn.bias", "transformer.h.0.attn.masked_bias",
+                     "model.layers.0.self_attn.rotary_emb.inv_freq"]
+    assert weight_problems({"unexpected_keys": saved_buffers}) == []
+    assert weight_problems({"unexpected_keys": ["transformer.h.2.attn.c_attn.bias", *saved_buffers]}) == [
+        "1 weights in the checkpoint that config.json has no place for (layer 2)"]
 
 
 def test_selective_conversion_same_parameters_new_logits_and_cached_decoding_matches():

@@ -19,7 +19,8 @@ _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 # Buffers, not weights, that checkpoints of older transformers versions hold (GPT-2's causal mask and its fill
 # value, Llama's rotary frequencies): today's classes rebuild them, so the load reports them as unexpected.
-_SAVED_BUFFERS = ("attn.masked_bias", "attn.bias", "rotary_emb.inv_freq")
+# Matched as whole dotted name parts: "c_attn.bias", GPT-2's q/k/v bias, also ends in "attn.bias".
+_SAVED_BUFFERS = (".attn.masked_bias", ".attn.bias", ".rotary_emb.inv_freq")
 
 # The parameters of the plain projected-attention stack; a variant may add its own (left as initialised).
 _MAPPED = ("q_proj.", "kv_proj.", "out_proj.")
@@ -118,7 +119,7 @@ def weight_problems(info: dict[str, Any]) -> list[str]:
     problems = []
     if missing := list(info.get("missing_keys") or []):
         problems.append(f"{len(missing)} weights missing from the checkpoint ({layers_or_keys(missing)})")
-    if unexpected := [k for k in info.get("unexpected_keys") or [] if not k.endswith(_SAVED_BUFFERS)]:
+    if unexpected := [k for k in info.get("unexpected_keys") or [] if not ("." + k).endswith(_SAVED_BUFFERS)]:
         problems.append(f"{len(unexpected)} weights in the checkpoint that config.json has no place for "
                         f"({layers_or_keys(unexpected)})")
     if mismatched := sorted(info.get("mismatched_keys") or []):  # a set: sorted, so the same ones are shown
