@@ -59,7 +59,10 @@ def _llama_checks(config: Any) -> None:
     # Qwen2 slides only in the layers its layer_types name (those from max_window_layers on, with
     # use_sliding_window): a sliding_window no layer uses changes nothing. Mistral slides in every layer.
     if getattr(config, "sliding_window", None) is not None and config.model_type != "qwen2":
-        _refuse(config, "sliding_window", config.sliding_window, "sliding-window attention is not implemented")
+        window = config.sliding_window
+        _refuse(config, "sliding_window", window, "sliding-window attention is not implemented (up to "
+                f"{window} tokens it is full attention: with sliding_window null in config.json the import is exact "
+                f"for sequences of at most {window} tokens, not beyond)")
     layer_types = list(getattr(config, "layer_types", None) or [])
     if other := [i for i, t in enumerate(layer_types) if t != "full_attention"]:
         _refuse(config, "layer_types", sorted(set(layer_types)), f"layer{'s' if len(other) > 1 else ''} "
