@@ -1004,6 +1004,19 @@ def test_a_tokenizer_that_does_not_fit_the_model_leaves_data_byte_level_and_says
     assert ".tmp" not in out
 
 
+def test_a_checkpoint_without_tokenizer_files_is_said_to_read_bytes_as_its_tokens(tmp_path, capsys):
+    """Weights and config.json alone (a download without the tokenizer) imported in silence: train and eval then fed
+    Shakespeare's bytes as token ids 0-255 of a model whose ids 0-255 stand for other text."""
+    tiny("llama").save_pretrained(tmp_path / "hf")
+    tiny("llama", vocab_size=256).save_pretrained(tmp_path / "bytes")
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 0
+    assert (f"{tmp_path / 'hf'} holds no tokenizer files, so data stays byte-level: train, eval and generate feed bytes "
+            "as token ids 0-255 of this 64-token model, which are not its tokens") in capsys.readouterr().out
+    assert main(["import-hf", str(tmp_path / "bytes"), "--out", str(tmp_path / "zoo2")]) == 0  # a byte-level model
+    assert "no tokenizer files" not in capsys.readouterr().out
+
+
 def test_the_cache_refusal_names_the_implementation_as_written(llama_folder):
     """`attn_implementation='zoo_selective'`, the string a user passes, not `zoo_'selective'`."""
     register()

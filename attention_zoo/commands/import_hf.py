@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_import_hf(args) -> int:
     from ..checkpoint import atomic_folder, write_checkpoint
+    from ..data.base import VOCAB_SIZE
     from ..hf import from_hf
     from ..hf.files import check_import_target, copy_tokenizer_files, derive_generation_config, quiet_transformers
 
@@ -45,6 +46,12 @@ def cmd_import_hf(args) -> int:
           f"{attention}; copied with it: {', '.join(copied) or 'no tokenizer or generation files'})")
     if tokenizer:
         print(f"attention-zoo import-hf: data.tokenizer = {tokenizer} (train, eval and generate use these tokens)")
+    elif not set(copied) - {"generation_config.json"} and model.vocab_size != VOCAB_SIZE:
+        # bytes 0-255 are then read as the model's token ids 0-255, which stand for other text
+        print(f"attention-zoo import-hf: {args.src} holds no tokenizer files, so data stays byte-level: train, eval "
+              f"and generate feed bytes as token ids 0-255 of this {model.vocab_size:,}-token model, which are not "
+              "its tokens (its numbers would mean little); copy the tokenizer files into the source folder and "
+              "import again (--overwrite)")
     return 0
 
 
