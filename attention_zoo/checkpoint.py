@@ -104,8 +104,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "checkpoint").is_dir():
         path = path / "checkpoint"
     if not (path / CONFIG).is_file():
+        hf = (f"; it holds a transformers model (config.json): convert it first, attention-zoo import-hf {path} --out "
+              "FOLDER") if (path / "config.json").is_file() else ""
         raise UserError(f"{path}: not a checkpoint or run folder (expected {CONFIG} and {WEIGHTS}, "
-                        "or a checkpoint/ folder holding them)")
+                        f"or a checkpoint/ folder holding them){hf}")
     return path
 
 

@@ -31,7 +31,22 @@ VOCAB = 64
 
 def tiny(family: str, **overrides):
     """A tiny transformers causal LM with random weights (seeded). initializer_range 0.1 (not 0.02) so attention
-    logits are large enough for selective attention to change the output measurably."""
+    logits are large enough for selective attention to change the output measurably. Weights transformers
+    initialises to a constant (norm scales 1, biases 0) are made random too: with them constant, a norm or bias
+    mapped to the wrong place (a block's two norms swapped, a bias dropped) gave the same logits."""
+    return _randomise_constants(_tiny(family, **overrides))
+
+
+def _randomise_constants(model):
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
+                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def _tiny(family: str, **overrides):
     torch.manual_seed(0)
     llama_like = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.1)
@@ -170,6 +185,28 @@ def test_export_keeps_the_checkpoints_special_tokens_and_invents_none(tmp_path, 
         exported = to_hf(build_model({"model": {"dim": 32, "depth": 1, "heads": 2, **stack}}))
         assert (exported.config.bos_token_id, exported.config.eos_token_id) == (None, None), stack
         assert exported.generation_config.eos_token_id is None
+
+
+def test_special_tokens_of_a_checkpoint_without_generation_config_survive_import_and_export(tmp_path, capsys):
+    """A folder saved before transformers wrote generation_config.json keeps bos / eos / pad in config.json alone
+    (transformers derives its generation config from them). The import copied no generation file, so `generate`
+    never stopped at the end-of-sequence token and the export wrote eos_token_id null."""
+    from attention_zoo.hf.files import end_of_sequence_ids
+
+    tiny("llama", bos_token_id=5, eos_token_id=7).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").unlink()
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").generation_config.eos_token_id == 7
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 0
+    assert "generation_config.json (written from config.json's special tokens)" in capsys.readouterr().out
+    assert end_of_sequence_ids(tmp_path / "zoo") == [7]
+    assert main(["export-hf", str(tmp_path / "zoo"), "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", local_files_only=True)
+    assert (back.config.bos_token_id, back.config.eos_token_id) == (5, 7)
+    assert back.generation_config.eos_token_id == 7
+    tiny("llama", bos_token_id=None, eos_token_id=None).save_pretrained(tmp_path / "none")
+    (tmp_path / "none" / "generation_config.json").unlink()
+    assert main(["import-hf", str(tmp_path / "none"), "--out", str(tmp_path / "zoo2")]) == 0
+    assert not (tmp_path / "zoo2" / "generation_config.json").exists()  # none invented
 
 
 def test_export_hf_refuses_an_out_it_would_destroy_and_writes_atomically(tmp_path, capsys, monkeypatch):
@@ -320,20 +357,44 @@ def test_a_truncated_or_corrupt_weight_file_is_named(tmp_path, capsys):
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(ConversionError, match=re.escape(f"{tmp_path / 'bin' / 'pytorch_model.bin'}: cannot be read (")):
         from_hf(tmp_path / "bin")
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"garbage")  # torch's first line: "re-run with weights_only=False"
+    with pytest.raises(ConversionError, match=re.escape("pytorch_model.bin: cannot be read (not a file of tensors "
+                                                        "torch.load(weights_only=True) reads: Unsupported operand")):
+        from_hf(tmp_path / "bin")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"num_hidden_layers": 3}, "9 weights missing from the checkpoint (layer 2)"),
-    ({"num_hidden_layers": None}, "weights missing from the checkpoint (layers 2-31)"),  # transformers' default 32
-    ({"num_hidden_layers": 1}, "9 weights in the checkpoint that config.json has no place for (layer 1)"),
-    ({"hidden_size": 48}, "weights of another shape (lm_head.weight (64, 32) where config.json makes (64, 48), "),
+def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path, capsys):
+    """A damaged checkpoint whose weights hold NaN (transformers loads it as it is) imported without a word: every
+    logit NaN, and a fine-tune starting from it."""
+    from safetensors.torch import load_file, save_file
+
+    tiny("llama").save_pretrained(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][0, :3] = float("nan")
+    weights["model.norm.weight"][0] = float("inf")
+    save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 2
+    err = capsys.readouterr().err
+    assert ("2 weights hold NaN or infinite values (model.layers.1.mlp.up_proj.weight (3 values), model.norm.weight "
+            "(1 value))") in err, err
+    assert err.count("error:") == 1 and not (tmp_path / "zoo").exists()
+
+
+@pytest.mark.parametrize("family, change, message", [
+    ("llama", {"num_hidden_layers": 3}, "9 weights missing from the checkpoint (layer 2)"),
+    ("llama", {"num_hidden_layers": None}, "weights missing from the checkpoint (layers 2-31)"),  # the default 32
+    ("llama", {"num_hidden_layers": 1}, "9 weights in the checkpoint that config.json has no place for (layer 1)"),
+    ("llama", {"hidden_size": 48}, "weights of another shape (lm_head.weight (64, 32) where config.json makes (64, 48), "),
+    # transformers itself leaves c_attn.bias out of GPT-2's unexpected keys (its "attn.bias" pattern matches it): 11
+    ("gpt2", {"n_layer": 1}, "weights in the checkpoint that config.json has no place for (layer 1)"),
 ])
-def test_import_hf_refuses_weights_that_do_not_match_config_json(tmp_path, capsys, change, message):
+def test_import_hf_refuses_weights_that_do_not_match_config_json(tmp_path, capsys, family, change, message):
     """transformers fills what config.json asks for and the weights lack with random values (and drops or
     re-initialises the rest) after a warning we silence: the import refuses instead of keeping them."""
     import json
 
-    tiny("llama").save_pretrained(tmp_path / "hf")
+    tiny(family).save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     for key, value in change.items():
         config.pop(key) if value is None else config.__setitem__(key, value)
@@ -342,6 +403,18 @@ def test_import_hf_refuses_weights_that_do_not_match_config_json(tmp_path, capsy
     err = capsys.readouterr().err
     assert "the weights do not match config.json" in err and message in err, err
     assert not (tmp_path / "zoo").exists()
+
+
+def test_only_the_mask_buffers_old_checkpoints_hold_are_left_out_of_the_unexpected_weights():
+    """The buffers were matched by suffix alone: GPT-2's q/k/v bias c_attn.bias ends in "attn.bias" too, so an
+    unexpected c_attn.bias was not reported (and alone, not at all)."""
+    from attention_zoo.hf.convert import weight_problems
+
+    saved_buffers = ["transformer.h.0.attn.bias", "transformer.h.0.attn.masked_bias",
+                     "model.layers.0.self_attn.rotary_emb.inv_freq"]
+    assert weight_problems({"unexpected_keys": saved_buffers}) == []
+    assert weight_problems({"unexpected_keys": ["transformer.h.2.attn.c_attn.bias", *saved_buffers]}) == [
+        "1 weights in the checkpoint that config.json has no place for (layer 2)"]
 
 
 def test_selective_conversion_same_parameters_new_logits_and_cached_decoding_matches():
@@ -417,9 +490,17 @@ def test_kv_heads_selective_and_gqa_together():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: tiny("mistral", sliding_window=16), "sliding_window"),
+    (lambda: tiny("mistral", sliding_window=16), re.escape("MistralConfig.sliding_window = 16: sliding-window "
+                                                           "attention is not implemented (up to 16 tokens it is full "
+                                                           "attention: with sliding_window null in config.json")),
+    (lambda: tiny("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1),
+     re.escape("Qwen2Config.layer_types = ['full_attention', 'sliding_attention']: layer 1 runs 'sliding_attention' "
+               "(sliding_window 8); only full attention is implemented")),
     (lambda: tiny("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type"),
     (lambda: tiny("llama", hidden_act="gelu"), "hidden_act"),
+    (lambda: transformers.LlamaModel(tiny("llama").config),  # was "expected weight 'model.embed_tokens.weight' is missing"
+     re.escape("LlamaModel: not a causal language model with its head; from_hf takes a LlamaForCausalLM")),
+    (lambda: transformers.GPT2Model(tiny("gpt2").config), "GPT2Model: not a causal language model.*GPT2LMHeadModel"),
     (lambda: tiny("gpt2", activation_function="relu"), "activation_function"),
     (lambda: tiny("gpt2", scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
     (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32,
@@ -429,6 +510,17 @@ def test_kv_heads_selective_and_gqa_together():
 def test_what_the_zoo_cannot_reproduce_is_refused_by_name(make, match):
     with pytest.raises(ConversionError, match=match):
         from_hf(make())
+
+
+def test_a_qwen2_sliding_window_no_layer_uses_is_no_reason_to_refuse():
+    """Qwen2 slides only from layer max_window_layers on (its layer_types): with use_sliding_window true and
+    max_window_layers >= num_hidden_layers transformers runs full attention everywhere, the same logits as without
+    a window; the import refused it ('sliding-window attention is not implemented')."""
+    hf = tiny("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    assert hf.config.sliding_window == 8 and set(hf.config.layer_types) == {"full_attention"}
+    x = tokens(24)  # longer than the window
+    assert max_diff(logits(from_hf(hf), x), logits(hf, x)) < TOL
+    assert max_diff(logits(hf, x), logits(tiny("qwen2"), x)) == 0  # the window changes nothing in transformers
 
 
 def test_kv_heads_must_divide_the_checkpoints():
@@ -520,6 +612,41 @@ def test_registered_attention_reads_zoo_attention_when_it_changes(llama_folder):
         logits(model, x)
 
 
+def test_registered_attention_refuses_to_train_without_the_models_attention_dropout(tmp_path):
+    """GPT-2 (attn_pdrop 0.1 by default) loaded with a zoo attention trained silently without attention dropout
+    (transformers passes it in training mode only; the zoo's backends have none)."""
+    register()
+    tiny("gpt2").save_pretrained(tmp_path / "gpt2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", attn_implementation="zoo_vanilla",
+                                                              local_files_only=True)
+    assert model.config.attn_pdrop == 0.1
+    x = tokens()
+    model.train()
+    with pytest.raises(ConversionError, match=re.escape("attn_implementation='zoo_vanilla' applies no attention "
+                                                        "dropout, and this model asks for 0.1 in training mode")):
+        model(x, labels=x)
+    model.eval()
+    assert max_diff(logits(model, x), logits(tiny("gpt2"), x)) < TOL
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", attn_implementation="zoo_vanilla",
+                                                              attn_pdrop=0.0, local_files_only=True).train()
+    assert torch.isfinite(model(x, labels=x).loss)
+
+
+def test_from_hf_of_a_model_running_registered_attention_converts_what_it_computes(llama_folder):
+    """from_hf(model) of a model loaded with attn_implementation="zoo_selective" returned a vanilla zoo model:
+    silently other logits than the model passed in (max |diff| ~1)."""
+    register()
+    x = tokens(16)
+    model = stock(llama_folder, "zoo_selective")
+    model.config.zoo_attention = {"selection_head": 1}
+    zoo = from_hf(model)
+    assert zoo.config["model"]["attention"] == {"variant": "selective", "kv_heads": 2, "selection_head": 1}
+    assert max_diff(logits(zoo, x), logits(model, x)) < TOL
+    assert from_hf(model, variant="selective", selection_head=0).blocks[0].attention.selection_head == 0
+    vanilla = from_hf(model, variant="vanilla")  # another variant, asked for: as asked
+    assert max_diff(logits(vanilla, x), logits(stock(llama_folder, "eager"), x)) < TOL
+
+
 @pytest.mark.parametrize("implementation", ["zoo_vanilla", "zoo_selective"])
 def test_registered_attention_is_causal(llama_folder, implementation):
     register()
@@ -595,11 +722,19 @@ def test_cli_errors_exit_2_with_one_message(tmp_path, capsys, monkeypatch):
     tiny("llama").save_pretrained(tmp_path / "llama")
     assert main(["import-hf", "llama", "--out", "sel", "--variant", "selective"]) == 0
     cases = [(("import-hf", "missing", "--out", "z"), "missing: no such folder"),
-             (("import-hf", "empty", "--out", "z"), "empty: not a readable transformers checkpoint"),
+             (("import-hf", "llama/config.json", "--out", "z"), "llama/config.json: a file; give the transformers "
+              "checkpoint folder that holds config.json and the weights (llama?)"),
+             (("import-hf", "empty", "--out", "z"), "empty: not a transformers checkpoint folder: no config.json (it holds "
+              "nothing)"),
+             (("import-hf", "sel", "--out", "z"), "sel: a zoo checkpoint (config.yaml), not a transformers folder"),
              (("import-hf", "opt", "--out", "z"), "unsupported architecture OPTForCausalLM"),
              (("import-hf", "llama", "--out", "z", "--kv-heads", "3"), "kv_heads = 3"),
              (("import-hf", "llama", "--out", "z", "--variant", "nope"), "unknown variant"),
              (("export-hf", "missing", "--out", "h"), "missing: not a checkpoint"),
+             (("eval", "llama"), "llama: not a checkpoint or run folder (expected config.yaml and model.safetensors, or "
+              "a checkpoint/ folder holding them); it holds a transformers model (config.json): convert it first, "
+              "attention-zoo import-hf llama --out FOLDER"),
+             (("export-hf", "llama", "--out", "h"), "it holds a transformers model (config.json): convert it first"),
              (("export-hf", "sel", "--out", "h"), "variant 'selective'"),
              (("import-hf", "llama", "--out", "opt"), "exists and is not an earlier import")]
     capsys.readouterr()
@@ -840,6 +975,46 @@ def test_a_folder_without_tokenizer_files_says_so_and_a_broken_one_keeps_its_who
     with pytest.raises(DataError, match=re.escape("cannot load a tokenizer there: ValueError: Couldn't instantiate "
                                                   "the backend tokenizer from one of: (1) a tokenizers file (2) ...")):
         load_tokenizer(tmp_path, "x.yaml")
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_leaves_data_byte_level_and_says_why(tokenized_llama, tmp_path,
+                                                                                      capsys):
+    """A tokenizer with more tokens than the model's embedding rows became data.tokenizer: the import said "train, eval
+    and generate use these tokens", then each refused ("model.vocab_size = 200: dataset ... has 300 tokens"). A
+    tokenizer that does not load was reported under the import's temporary folder, gone afterwards."""
+    import shutil
+
+    from attention_zoo.config import load_config
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenized_llama / "llm" / name, tmp_path / name)
+    tiny("llama", vocab_size=200).save_pretrained(tmp_path / "small")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tmp_path / name, tmp_path / "small" / name)
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "small"), "--out", str(tmp_path / "zoo")]) == 0
+    out = capsys.readouterr().out
+    assert "its tokenizer has 300 tokens (added tokens included), more than the model's 200 embedding rows" in out, out
+    assert "data.tokenizer =" not in out and (tmp_path / "zoo" / "tokenizer.json").is_file()
+    assert (load_config(tmp_path / "zoo" / "config.yaml").get("data") or {}).get("tokenizer") is None
+    (tmp_path / "small" / "tokenizer.json").write_text("{broken")
+    assert main(["import-hf", str(tmp_path / "small"), "--out", str(tmp_path / "zoo2")]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'small'}: tokenizer files copied but not loadable (cannot load a tokenizer there: " in out, out
+    assert ".tmp" not in out
+
+
+def test_a_checkpoint_without_tokenizer_files_is_said_to_read_bytes_as_its_tokens(tmp_path, capsys):
+    """Weights and config.json alone (a download without the tokenizer) imported in silence: train and eval then fed
+    Shakespeare's bytes as token ids 0-255 of a model whose ids 0-255 stand for other text."""
+    tiny("llama").save_pretrained(tmp_path / "hf")
+    tiny("llama", vocab_size=256).save_pretrained(tmp_path / "bytes")
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 0
+    assert (f"{tmp_path / 'hf'} holds no tokenizer files, so data stays byte-level: train, eval and generate feed bytes "
+            "as token ids 0-255 of this 64-token model, which are not its tokens") in capsys.readouterr().out
+    assert main(["import-hf", str(tmp_path / "bytes"), "--out", str(tmp_path / "zoo2")]) == 0  # a byte-level model
+    assert "no tokenizer files" not in capsys.readouterr().out
 
 
 def test_the_cache_refusal_names_the_implementation_as_written(llama_folder):

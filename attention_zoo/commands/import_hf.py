@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_import_hf(args) -> int:
     from ..checkpoint import atomic_folder, write_checkpoint
+    from ..data.base import VOCAB_SIZE
     from ..hf import from_hf
-    from ..hf.files import check_import_target, copy_tokenizer_files, quiet_transformers
+    from ..hf.files import check_import_target, copy_tokenizer_files, derive_generation_config, quiet_transformers
 
     quiet_transformers()
     # before any work: an existing folder is replaced only if it is an earlier import (never a training run)
@@ -36,26 +37,42 @@ def cmd_import_hf(args) -> int:
     model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads)
     with atomic_folder(out) as staging:  # the checkpoint and its tokenizer appear together or not at all
         copied = copy_tokenizer_files(args.src, staging)
-        tokenizer = use_tokenizer(model, staging, out) if set(copied) - {"generation_config.json"} else None
+        tokenizer = use_tokenizer(model, args.src, staging, out) if set(copied) - {"generation_config.json"} else None
+        if derive_generation_config(args.src, staging):  # as transformers does: bos / eos / pad of config.json
+            copied.append("generation_config.json (written from config.json's special tokens)")
         write_checkpoint(staging, model)
     attention = model.config["model"]["attention"]
     print(f"attention-zoo import-hf: {args.src} -> {out} ({model.num_parameters():,} parameters, attention "
           f"{attention}; copied with it: {', '.join(copied) or 'no tokenizer or generation files'})")
     if tokenizer:
         print(f"attention-zoo import-hf: data.tokenizer = {tokenizer} (train, eval and generate use these tokens)")
+    elif not set(copied) - {"generation_config.json"} and model.vocab_size != VOCAB_SIZE:
+        # bytes 0-255 are then read as the model's token ids 0-255, which stand for other text
+        print(f"attention-zoo import-hf: {args.src} holds no tokenizer files, so data stays byte-level: train, eval "
+              f"and generate feed bytes as token ids 0-255 of this {model.vocab_size:,}-token model, which are not "
+              "its tokens (its numbers would mean little); copy the tokenizer files into the source folder and "
+              "import again (--overwrite)")
     return 0
 
 
-def use_tokenizer(model, staging, out) -> str | None:
-    """If the tokenizer files copied into `staging` load, make `out` (where they will live) the config's
-    data.tokenizer, as an absolute path so runs started from the checkpoint find it; that path, or None."""
+def use_tokenizer(model, src, staging, out) -> str | None:
+    """If the tokenizer files copied into `staging` load and their ids fit the model's embedding, make `out` (where
+    they will live) the config's data.tokenizer, as an absolute path so runs started from the checkpoint find it;
+    that path, or None (data stays byte-level, and a line says why)."""
     from ..data import DataError
     from ..data.tokenized import load_tokenizer
 
     try:
-        load_tokenizer(staging, str(out))
-    except DataError as exc:
-        print(f"attention-zoo import-hf: tokenizer files copied but not loadable ({exc}); data stays byte-level")
+        tokenizer = load_tokenizer(staging, str(out))
+    except DataError as exc:  # its message names the staging folder, gone after the import
+        print(f"attention-zoo import-hf: {src}: tokenizer files copied but not loadable ({exc.hint}); data stays "
+              "byte-level")
+        return None
+    vocab = model.config["model"]["vocab_size"]
+    if len(tokenizer) > vocab:  # train, eval and generate would refuse every run (model.vocab_size < the data's)
+        print(f"attention-zoo import-hf: {src}: its tokenizer has {len(tokenizer)} tokens (added tokens included), "
+              f"more than the model's {vocab} embedding rows (config.json's vocab_size): ids from {vocab} on have no "
+              "embedding, so data stays byte-level (the tokenizer files are copied)")
         return None
     path = str(out.resolve())
     model.config["data"] = {**(model.config.get("data") or {}), "tokenizer": path}

@@ -11,15 +11,16 @@ import torch
 
 from ..config import ConfigError, build_model
 from .errors import ConversionError, require_transformers
-from .families import family_of, zoo_model_section
-from .weights import Source, gpt2_to_zoo, llama_to_zoo, pool_kv_heads
+from .families import causal_lm_class, family_of, zoo_model_section
+from .weights import Source, gpt2_to_zoo, llama_to_zoo, non_finite_weights, pool_kv_heads
 
 # A layer's index in a transformers weight name: model.layers.3. (Llama, Mistral, Qwen2), transformer.h.3. (GPT-2).
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 # Buffers, not weights, that checkpoints of older transformers versions hold (GPT-2's causal mask and its fill
 # value, Llama's rotary frequencies): today's classes rebuild them, so the load reports them as unexpected.
-_SAVED_BUFFERS = ("attn.masked_bias", "attn.bias", "rotary_emb.inv_freq")
+# Matched as whole dotted name parts: "c_attn.bias", GPT-2's q/k/v bias, also ends in "attn.bias".
+_SAVED_BUFFERS = (".attn.masked_bias", ".attn.bias", ".rotary_emb.inv_freq")
 
 # The parameters of the plain projected-attention stack; a variant may add its own (left as initialised).
 _MAPPED = ("q_proj.", "kv_proj.", "out_proj.")
@@ -30,9 +31,21 @@ def load_hf(path: str | Path) -> Any:
     Raises ConversionError if the folder is missing or unreadable, or its architecture unsupported."""
     transformers = require_transformers()
     path = Path(path)
+    if path.is_file():  # config.json or a weight file: "no such folder" would be puzzling
+        raise ConversionError(f"{path}: a file; give the transformers checkpoint folder that holds config.json and the "
+                              f"weights ({path.parent}?)")
     if not path.is_dir():
         raise ConversionError(f"{path}: no such folder (give a local transformers checkpoint folder with config.json; "
                               "nothing is downloaded)")
+    if not (path / "config.json").is_file():  # transformers' own message asks for a model_type in config.json
+        entries = sorted(p.name for p in path.iterdir())
+        held = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "") if entries else "nothing"
+        if "config.yaml" in entries:
+            raise ConversionError(f"{path}: a zoo checkpoint (config.yaml), not a transformers folder (config.json): "
+                                  "eval, generate, train and export-hf take it as it is")
+        raise ConversionError(f"{path}: not a transformers checkpoint folder: no config.json (it holds {held}); "
+                              "give the folder save_pretrained wrote: config.json with model.safetensors, its shards "
+                              "and model.safetensors.index.json, or pytorch_model.bin")
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for an unreadable folder
@@ -61,7 +74,11 @@ def unreadable_weight_file(path: Path) -> str | None:
     from safetensors import safe_open
 
     def first_line(exc: Exception) -> str:
-        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        text = str(exc)
+        if "WeightsUnpickler error:" in text:  # torch's first lines advise weights_only=False, not the reason
+            reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+            return f"not a file of tensors torch.load(weights_only=True) reads: {reason}"
+        return f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0]}"
 
     for index in sorted(path.glob("*.index.json")):
         try:
@@ -102,7 +119,7 @@ def weight_problems(info: dict[str, Any]) -> list[str]:
     problems = []
     if missing := list(info.get("missing_keys") or []):
         problems.append(f"{len(missing)} weights missing from the checkpoint ({layers_or_keys(missing)})")
-    if unexpected := [k for k in info.get("unexpected_keys") or [] if not k.endswith(_SAVED_BUFFERS)]:
+    if unexpected := [k for k in info.get("unexpected_keys") or [] if not ("." + k).endswith(_SAVED_BUFFERS)]:
         problems.append(f"{len(unexpected)} weights in the checkpoint that config.json has no place for "
                         f"({layers_or_keys(unexpected)})")
     if mismatched := sorted(info.get("mismatched_keys") or []):  # a set: sorted, so the same ones are shown
@@ -122,15 +139,30 @@ def ties_embeddings(hf: Any) -> bool:
     return output.weight.shape == embedding.weight.shape and torch.equal(output.weight, embedding.weight)
 
 
+def zoo_attention_running(hf: Any) -> tuple[str | None, dict[str, Any]]:
+    """(variant, parameters) of the zoo attention an in-memory transformers model runs through register()
+    (attn_implementation "zoo_<variant>", parameters from config.zoo_attention), or (None, {})."""
+    from .interface import CONFIG_KEY, PREFIX
+
+    implementation = getattr(hf.config, "_attn_implementation", None)
+    if not (isinstance(implementation, str) and implementation.startswith(PREFIX)):
+        return None, {}
+    params = dict(getattr(hf.config, CONFIG_KEY, None) or {})
+    params.pop("kv_heads", None)  # the weights' (or kv_heads=) count, as for any import
+    return implementation[len(PREFIX):], params
+
+
 def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | None = None, backend: str = "auto",
             **variant_params: Any):
     """A zoo CausalLM with the weights of a transformers Llama / Mistral / Qwen2 / GPT-2 causal LM.
 
     model_or_path: a transformers model (LlamaForCausalLM, MistralForCausalLM without sliding window,
         Qwen2ForCausalLM, GPT2LMHeadModel) or a local folder holding one (never downloaded).
-    variant: the zoo attention to run on those weights (default: vanilla, or gqa for a GQA checkpoint);
-        any registered variant whose other parameters have defaults, given in `variant_params`. Parameters a
-        variant adds (none for selective) keep their initialisation.
+    variant: the zoo attention to run on those weights (default: vanilla, or gqa for a GQA checkpoint; for a
+        model loaded with attn_implementation="zoo_<variant>" after register(), that variant with the parameters
+        of its config.zoo_attention, as the model computes); any registered variant whose other parameters have
+        defaults, given in `variant_params`. Parameters a variant adds (none for selective) keep their
+        initialisation.
     kv_heads: fewer key/value heads than the checkpoint has: each group of consecutive kv heads is mean-pooled
         into one (the GQA paper's uptraining conversion); query head h reads pooled head h // (H / kv_heads).
     backend: the zoo attention backend the model runs on (auto, math, sdpa, ...).
@@ -141,6 +173,13 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
     """
     hf = load_hf(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     family, model_section, attention = zoo_model_section(hf.config)
+    expected = causal_lm_class(hf.config)
+    if not isinstance(hf, getattr(require_transformers(), expected)):  # a base model or another head
+        raise ConversionError(f"{type(hf).__name__}: not a causal language model with its head; from_hf takes a "
+                              f"{expected} (AutoModelForCausalLM.from_pretrained) or the folder it was saved to")
+    running, running_params = zoo_attention_running(hf)
+    if running is not None and variant in (None, running):  # the attention the model computes, not vanilla
+        variant, variant_params = running, {**running_params, **variant_params}
     model_section["tie_embeddings"] = model_section["tie_embeddings"] and ties_embeddings(hf)
     heads, checkpoint_kv = model_section["heads"], attention["kv_heads"]
     new_kv = checkpoint_kv if kv_heads is None else kv_heads
@@ -166,6 +205,9 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
                                                                  new_kv_heads=new_kv)
     to_zoo = llama_to_zoo if family == "llama" else gpt2_to_zoo
     src = Source(hf.state_dict(), where)
+    if bad := non_finite_weights(src.state):  # transformers loads them as they are; every logit would be NaN
+        raise ConversionError(f"{where}: {len(bad)} weights hold NaN or infinite values ({', '.join(bad[:4])}"
+                              f"{', ...' if len(bad) > 4 else ''}): the checkpoint is damaged; download or save it again")
     state = to_zoo(src, model_section["depth"], model_section["tie_embeddings"], pool)
     src.check_all_used()
     _load(zoo, state, where)

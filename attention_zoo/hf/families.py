@@ -32,6 +32,12 @@ def family_of(config: Any) -> str:
     raise ConversionError(f"unsupported architecture {archs}; the zoo imports {SUPPORTED}")
 
 
+def causal_lm_class(config: Any) -> str:
+    """The transformers class name of a supported config's causal LM ('LlamaForCausalLM', 'GPT2LMHeadModel', ...)."""
+    family_of(config)
+    return {**LLAMA_TYPES, **GPT2_TYPES}[config.model_type]
+
+
 def _refuse(config: Any, what: str, value: Any, why: str) -> None:
     name = type(config).__name__
     raise ConversionError(f"{name}.{what} = {value!r}: {why}; the zoo cannot reproduce this model exactly")
@@ -50,12 +56,18 @@ def rope_theta(config: Any) -> float:
 
 
 def _llama_checks(config: Any) -> None:
-    if getattr(config, "sliding_window", None) is not None and (config.model_type != "qwen2" or
-                                                                 getattr(config, "use_sliding_window", False)):
-        _refuse(config, "sliding_window", config.sliding_window, "sliding-window attention is not implemented")
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        _refuse(config, "layer_types", sorted(set(layer_types)), "only full attention is implemented")
+    # Qwen2 slides only in the layers its layer_types name (those from max_window_layers on, with
+    # use_sliding_window): a sliding_window no layer uses changes nothing. Mistral slides in every layer.
+    if getattr(config, "sliding_window", None) is not None and config.model_type != "qwen2":
+        window = config.sliding_window
+        _refuse(config, "sliding_window", window, "sliding-window attention is not implemented (up to "
+                f"{window} tokens it is full attention: with sliding_window null in config.json the import is exact "
+                f"for sequences of at most {window} tokens, not beyond)")
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    if other := [i for i, t in enumerate(layer_types) if t != "full_attention"]:
+        _refuse(config, "layer_types", sorted(set(layer_types)), f"layer{'s' if len(other) > 1 else ''} "
+                f"{', '.join(map(str, other))} run{'' if len(other) > 1 else 's'} {layer_types[other[0]]!r} (sliding_window "
+                f"{getattr(config, 'sliding_window', None)}); only full attention is implemented")
     if getattr(config, "hidden_act", "silu") != "silu":
         _refuse(config, "hidden_act", config.hidden_act, "the zoo's SwiGLU uses silu")
     partial = getattr(config, "partial_rotary_factor", None)

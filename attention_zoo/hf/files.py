@@ -23,6 +23,25 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
+def derive_generation_config(src: str | Path, dst: str | Path) -> bool:
+    """For a transformers folder `src` without generation_config.json (checkpoints saved before transformers wrote
+    one keep bos / eos / pad in config.json), write to `dst` the generation_config.json transformers derives from
+    config.json when it loads `src`, so that `generate` stops at its end-of-sequence token and an export keeps its
+    special tokens. True if written (only when config.json names a special token)."""
+    from .errors import require_transformers
+
+    src, dst = Path(src), Path(dst)
+    if (src / "generation_config.json").is_file():
+        return False
+    transformers = require_transformers()
+    config = transformers.AutoConfig.from_pretrained(str(src), local_files_only=True)
+    generation = transformers.GenerationConfig.from_model_config(config)
+    if all(getattr(generation, key, None) is None for key in ("bos_token_id", "eos_token_id", "pad_token_id")):
+        return False
+    generation.save_pretrained(str(dst))
+    return True
+
+
 def tokenizer_folder(checkpoint: str | Path, config: dict) -> Path:
     """The folder holding `checkpoint`'s tokenizer files (and generation_config.json), the first of: the checkpoint
     itself (an import), its data.tokenizer (the tokenizer a fine-tuned run read; absolute as import-hf writes

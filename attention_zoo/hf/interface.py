@@ -96,8 +96,13 @@ def attention_function(variant: str) -> Callable[..., tuple[Tensor, None]]:
                       **kwargs: Any) -> tuple[Tensor, None]:
         """query (B, H, N, D), key / value (B, Hkv, T, D) as transformers passes them (rotated, cache included);
         attention_mask None or (B, 1, N, T) (bool: True = attend; float: additive) -> ((B, N, H, D), None).
-        Attention dropout is not applied. Raises NotImplementedError where a cache would need the variant's own
-        state (selective's accumulator)."""
+        Raises NotImplementedError where a cache would need the variant's own state (selective's accumulator), and
+        ConversionError for attention dropout (which zoo attention does not apply) rather than train without it."""
+        if dropout:  # transformers passes the model's attention dropout in training mode only
+            raise ConversionError(
+                f"attn_implementation={PREFIX + variant!r} applies no attention dropout, and this model asks for "
+                f"{dropout:g} in training mode: load it with none (GPT-2: from_pretrained(..., attn_pdrop=0.0); Llama, "
+                "Qwen2, Mistral: attention_dropout=0.0) to train without it, or call model.eval()")
         layer = _layer_for(module, variant, query, key)
         if needs_history(layer) and key.shape[-2] != query.shape[-2]:
             raise NotImplementedError(

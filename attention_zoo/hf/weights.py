@@ -29,6 +29,15 @@ def pool_kv_heads(weight: Tensor, kv_heads: int, new_kv_heads: int) -> Tensor:
     return grouped.mean(dim=1).flatten(0, 1)
 
 
+def non_finite_weights(state: dict[str, Tensor]) -> list[str]:
+    """'NAME (n values)' for each floating-point tensor of `state` holding NaN or +-inf, in state order."""
+    bad = []
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and (count := int((~torch.isfinite(tensor)).sum())):
+            bad.append(f"{name} ({count} value{'s' if count > 1 else ''})")
+    return bad
+
+
 class Source:
     """A state dict read key by key, so what no mapping consumed can be reported (never silently dropped)."""
 
