@@ -413,3 +413,80 @@ def test_curves_of_more_than_ten_labels_are_told_apart():
         assert len(styles) == n and len(set(styles)) == n
     with pytest.raises(ValueError, match="41 curves"):
         line_styles(41)
+
+
+def test_every_distinct_model_is_dry_run_before_anything_trains(isolated_registry, tmp_path, capsys, monkeypatch):
+    """A plug-in variant whose forward or backward raises, or settings that fail only once the model is built
+    (differential under rope with a head dim not a multiple of 4), passed the sweep's checks: each was found when
+    the sweep reached its run, in that run's train.log, after the runs before it had trained. Each distinct model
+    (not each seed or learning rate) runs once on the meta device, forward and backward, as `validate` runs it,
+    and every problem is reported at once, naming its runs and key path; exit 2, nothing written."""
+    import torch
+
+    from attention_zoo import ProjectedAttention, register_variant
+    from attention_zoo.ablate import dry_runs
+    from attention_zoo.ablate import sweep as sweep_module
+
+    class Refuses(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("no backward yet")
+
+    @register_variant("zoo_forward_fails")
+    class ForwardFails(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def attention_bias(self, q, k, state, cache):
+            raise RuntimeError("no forward yet")
+
+    @register_variant("zoo_backward_fails")
+    class BackwardFails(ProjectedAttention):
+        params = {**ProjectedAttention.params}
+
+        def attend(self, q, k, v, bias):
+            return super().attend(Refuses.apply(q), k, v, bias)
+
+    calls = []
+    monkeypatch.setattr(sweep_module, "dry_run_problems",
+                        lambda config: calls.append(config) or dry_runs.dry_run_problems(config))
+    path = sweep_file(tmp_path, grid={"model.attention.variant": ["vanilla", "zoo_forward_fails", "zoo_backward_fails"],
+                                      "train.lr": [0.001, 0.002]},
+                      runs={"differential": {"model.attention.variant": "differential", "model.heads": 4,
+                                             "model.dim": 24}}, seeds=[0, 1])
+    assert main(["ablate", str(path), "--dry-run"]) == 2
+    assert len(calls) == 4  # vanilla, the two plug-ins, differential: 14 runs
+    err = capsys.readouterr().err
+    assert "3 problems in config" in err and "Traceback" not in err
+    forward = (f"{path} (runs: variant=zoo_forward_fails lr=0.001, variant=zoo_forward_fails lr=0.002): "
+               "model.attention.variant = 'zoo_forward_fails': layer 0 (")
+    assert forward in err and "the model's forward on the meta device (1 x 16 tokens) raised RuntimeError: " \
+                              "no forward yet" in err, err
+    backward = (f"{path} (runs: variant=zoo_backward_fails lr=0.001, variant=zoo_backward_fails lr=0.002): "
+                "model.attention.variant = 'zoo_backward_fails': layer 1 (")
+    assert backward in err and "the backward of the model's forward on the meta device (1 x 16 tokens) raised " \
+                               "RuntimeError: no backward yet" in err, err
+    assert f"{path} (runs: differential): model.attention.variant = 'differential': layer 0: " \
+           "differential attention under position rope" in err and "head_dim (6) must be a multiple of 4" in err, err
+    out = tmp_path / "out"
+    assert main(["ablate", str(path), "--out", str(out)]) == 2
+    assert "3 problems in config" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_empty_grid_or_run_key_is_named_as_such_not_an_unknown_section(tmp_path, capsys):
+    """`grid: {"": [2]}` set a config section named "" on every run: "unknown section; valid: plugins, ...", as if the
+    key were a misspelt section; a key path with an empty part (`model..depth`) read as an unknown key `model.`."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": BASE, "grid": {"": [2], "model..depth": [1]}, "runs": {"a": {" ": 3}}}))
+    assert main(["ablate", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems in config" in err and "unknown" not in err and "Traceback" not in err, err
+    assert f"{path}: grid = '': an empty key path; a grid key is a dotted config path such as " \
+           "model.attention.variant" in err, err
+    assert f"{path}: grid = 'model..depth': the key path has an empty part; a grid key is a dotted config path" in err
+    assert f"{path}: runs.a = ' ': an empty key path; a key of a run is a dotted config path such as " \
+           "model.attention.variant" in err, err

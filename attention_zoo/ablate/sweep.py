@@ -14,8 +14,9 @@
                                                # table compares each setting at its own best value of them
 
 With neither grid nor runs, the sweep is its base, once per seed (the spread over seeds). Every run's config
-is built and validated (model, data and train together) before anything trains, and every problem of every
-run is reported at once, each naming the runs it affects.
+is built and validated (model, data and train together, and each distinct model's dry run on the meta device,
+forward and backward, as `validate` runs it) before anything trains, and every problem of every run is reported
+at once, each naming the runs it affects.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from ..config import (
     validate_fields,
 )
 from ..data import DataError
+from .dry_runs import dry_run_problems, model_key
 
 METRICS = ("val.loss", "val.bpb", "val.ppl", "val.accuracy", "train_loss")
 HIGHER_IS_BETTER = {"val.accuracy"}
@@ -159,7 +161,8 @@ def settings_label(settings: dict[str, Any], keys: list[str]) -> str:
 
 def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
     """Parse and validate a sweep file and every run it describes. Raises ConfigError listing every
-    problem (sweep keys, base config, each run's config and data), before anything is trained."""
+    problem (sweep keys, base config, each run's config and data, and what the meta-device dry run of each
+    distinct model finds: a plug-in whose forward or backward raises), before anything is trained."""
     path = Path(path)
     source = str(path)
     raw, problems = read_yaml_file(path)
@@ -262,6 +265,8 @@ def _check_shape(spec: dict, source: str) -> list[Problem]:
     # A key path must be text: YAML reads `1:` or `null:` as a number or None, which set_key cannot split.
     problems += [Problem(source, "grid", key, "expected a key path such as model.depth (text), as every grid key")
                  for key in spec.get("grid", {}) if not isinstance(key, str)]
+    problems += [Problem(source, "grid", key, message) for key in spec.get("grid", {})
+                 if (message := _empty_key_problem(key, "a grid key")) is not None]
     for key, values in spec.get("grid", {}).items():
         if not isinstance(values, list) or not values:
             problems.append(Problem(source, f"grid.{key}", values, "expected a non-empty list of values"))
@@ -271,18 +276,36 @@ def _check_shape(spec: dict, source: str) -> list[Problem]:
         problems += [Problem(source, f"runs.{name}", key, "expected a key path such as model.depth (text), as every "
                              "key of a run") for key in (settings if isinstance(settings, dict) else ())
                      if not isinstance(key, str)]
+        problems += [Problem(source, f"runs.{name}", key, message)
+                     for key in (settings if isinstance(settings, dict) else ())
+                     if (message := _empty_key_problem(key, "a key of a run")) is not None]
     seeds = spec.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
         problems.append(Problem(source, "seeds", seeds, "expected a non-empty list of distinct integers"))
     return problems
 
 
+def _empty_key_problem(key: object, what: str) -> str | None:
+    """What is wrong with text key `key` of the grid or a run, when it is empty or has an empty part (set_key made
+    `""` a config section of that name, reported as "unknown section"); None otherwise, or for a key not text."""
+    if not isinstance(key, str):
+        return None
+    example = f"{what} is a dotted config path such as model.attention.variant"
+    if not key.strip():
+        return f"an empty key path; {example}"
+    if not all(part.strip() for part in key.split(".")):
+        return f"the key path has an empty part; {example}"
+    return None
+
+
 def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) -> list[Problem]:
-    """Validate every run's config and data; a problem shared by several runs is reported once."""
+    """Validate every run's config and data, and dry-run each distinct model (finished runs too: the sweep file
+    does not know which are); a problem shared by several runs is reported once."""
     from ..train.loop import init_from_problem, plan_run
 
     found: dict[tuple[str, str, str], tuple[Problem, list[str]]] = {}
     datasets: dict[str, Any] = {}  # one dataset per distinct data section: corpora load once
+    dry_runs: dict[str, list[Problem]] = {}  # one meta-device dry run per distinct model (not per seed or lr)
 
     def note(problem: Problem, label: str) -> None:
         key = (problem.path, repr(problem.value), problem.message)
@@ -305,6 +328,10 @@ def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) ->
             continue
         config.source = f"{source} [{run.label}]"
         run.config = config
+        if (key := model_key(config)) not in dry_runs:
+            dry_runs[key] = dry_run_problems(config)
+        for problem in dry_runs[key]:
+            note(problem, run.label)
         if (init_from := config["train"].get("init_from")) is not None:  # as train checks it, weights unread
             try:
                 problem = init_from_problem(init_from, config, one_line=True)

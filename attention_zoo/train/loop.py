@@ -47,7 +47,7 @@ from ..checkpoint import (
 )
 from ..config import Config, ConfigError, Problem, build_model, load_config, resolved_layers
 from ..data import IGNORE_INDEX, Dataset, build_dataset
-from ..dry_run import plugin_failures_reported
+from ..dry_run import dry_run, plugin_failures_reported
 from ..errors import UserError
 from ..model import own_attention_note
 from ..numbers import SEED_MAX
@@ -419,6 +419,9 @@ def _train(config: Config, out: Path, tcfg: dict, device: torch.device, world: D
     if checkpoint is None and tcfg.get("init_from"):  # resuming restores the run's own weights instead
         init_from = check_init_from(tcfg["init_from"], config)
 
+    # A plug-in whose backward raises (its warm-up below runs no backward), found on the meta device before the
+    # run folder is written rather than at step 1; what only the real device shows is left to the warm-up.
+    dry_run(config, train=True, device=device.type, warm_up_follows=True)
     torch.manual_seed(tcfg["seed"])  # the same initial weights on every rank
     model = build_model(config).to(device)
     if init_from is not None:
