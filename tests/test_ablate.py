@@ -490,3 +490,15 @@ def test_an_empty_grid_or_run_key_is_named_as_such_not_an_unknown_section(tmp_pa
     assert f"{path}: grid = 'model..depth': the key path has an empty part; a grid key is a dotted config path" in err
     assert f"{path}: runs.a = ' ': an empty key path; a key of a run is a dotted config path such as " \
            "model.attention.variant" in err, err
+
+
+def test_a_seed_outside_torchs_range_is_named_at_seeds_once(tmp_path):
+    """torch reads seed -1 as 2**64 - 1 (another run's): refused at `seeds:` itself, once per bad seed, rather
+    than as every run's train.seed."""
+    path = sweep_file(tmp_path, grid={"model.attention.variant": ["vanilla", "selective"]}, seeds=[-1, 3, 2**64])
+    with pytest.raises(ConfigError) as info:
+        read_sweep_file(path)
+    problems = info.value.problems
+    assert [(p.path, p.value) for p in problems] == [("seeds", -1), ("seeds", 2**64)]
+    assert "torch would read -1 as 18446744073709551615" in problems[0].message
+    assert read_sweep_file(sweep_file(tmp_path, seeds=[0, 2**64 - 1])).seeds == [0, 2**64 - 1]

@@ -42,6 +42,7 @@ from ..config import (
     validate_fields,
 )
 from ..data import DataError
+from ..numbers import is_whole, seed_problem
 from .dry_runs import dry_run_problems, model_key
 
 METRICS = ("val.loss", "val.bpb", "val.ppl", "val.accuracy", "train_loss")
@@ -280,8 +281,10 @@ def _check_shape(spec: dict, source: str) -> list[Problem]:
                      for key in (settings if isinstance(settings, dict) else ())
                      if (message := _empty_key_problem(key, "a key of a run")) is not None]
     seeds = spec.get("seeds", [0])
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
+    if not seeds or not all(is_whole(s) for s in seeds) or len(set(seeds)) != len(seeds):
         problems.append(Problem(source, "seeds", seeds, "expected a non-empty list of distinct integers"))
+    else:  # each becomes a run's train.seed: named here, at the key that holds it, not as every run's train.seed
+        problems += [Problem(source, "seeds", s, problem) for s in seeds if (problem := seed_problem(s)) is not None]
     return problems
 
 
