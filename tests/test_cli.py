@@ -85,6 +85,24 @@ def test_validate_checks_a_training_config_as_train_does(capsys, tmp_path):
     assert code == 2 and "model.vocab_size = 100: dataset 'shakespeare' has 256 tokens" in out
 
 
+def test_validate_checks_a_sweep_file_as_ablate_reads_it(capsys, tmp_path):
+    """A sweep file (a key only sweeps have: grid, runs, seeds...) is checked as `ablate` reads it, every run and
+    one dry run per model, beside configs; it used to be read as a config ('base: expected a path')."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: {model: {dim: 32, depth: 2, heads: 2, max_seq_len: 32}, train: {seq_len: 16}}\n"
+                     "grid: {model.attention.variant: [vanilla, selectve]}\nseeds: [0, 1]\n")
+    config = str(CONFIGS / "selective.yaml")
+    code, out, _ = run(capsys, "validate", str(sweep), config)
+    assert code == 2 and f"{config}: ok" in out
+    assert f"{sweep} (runs: variant=selectve): model.attention.variant = 'selectve': unknown variant" in out
+    assert "expected a path" not in out
+    sweep.write_text(sweep.read_text().replace("selectve", "selective"))
+    code, out, _ = run(capsys, "validate", str(sweep), "model.depth=3")  # overrides reach every run
+    assert code == 0 and out.splitlines() == [f"{sweep}: ok (a sweep file: 4 runs)"]
+    code, out, _ = run(capsys, "validate", str(sweep), "model.depth=0")
+    assert code == 2 and f"{sweep} (every run): model.depth = 0: must be >= 1" in out
+
+
 def describe(capsys, *argv):
     code, out, err = run(capsys, "describe", *argv)
     assert code == 0, err

@@ -90,6 +90,12 @@ def cmd_validate(args) -> int:
     for path in files:
         try:
             file = config_file(path)
+            if _is_sweep(Path(file)):  # checked as ablate reads it: every run's config, one dry run per distinct model
+                from ..ablate import read_sweep_file
+
+                sweep = read_sweep_file(file, overrides)
+                print(f"{path}: ok (a sweep file: {len(sweep.runs)} runs)")
+                continue
             with _quiet(logging.getLogger("attention_zoo.registry")):  # its failures are reported below, once
                 config = load_config(file, overrides)
             # load_config lets a config whose layers need none of a broken plugin's variants load; validate names it
@@ -158,6 +164,20 @@ def _plan(backend: str, call) -> tuple[str, str]:
         return chosen.name + note, "; ".join(skipped)
     except BackendRefused as exc:
         return f"none: {exc}", ""
+
+
+def _is_sweep(path: Path) -> bool:
+    """Whether the file is an ablation sweep (a key only sweep files have: grid, runs, seeds, ...), which `ablate`
+    reads, rather than a config. An unreadable file is left to load_config to report."""
+    import yaml
+
+    from ..ablate.sweep import SWEEP_FIELDS
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and any(key in raw for key in SWEEP_FIELDS.keys() - {"base", "name", "description"})
 
 
 def _trains(path: str) -> bool:
