@@ -101,6 +101,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder holding `checkpoint/`, as the checkpoint folder. Raises UserError
     when neither holds config.yaml."""
     path = Path(path).expanduser()
+    if not path.exists():  # a mistyped run name: said as such, not as a folder of the wrong kind
+        raise UserError(f"{path}: not a checkpoint or run folder: it does not exist")
     if (path / "checkpoint").is_dir():
         path = path / "checkpoint"
     if not (path / CONFIG).is_file():

@@ -453,3 +453,18 @@ def test_a_json_result_writes_through_a_link_and_refuses_a_device_or_an_empty_pa
     monkeypatch.setenv("HOME", str(tmp_path))
     assert check_output_path("--out", "~/runs/x", "folder") == tmp_path / "runs" / "x"
     assert not os.path.exists("~")
+
+
+def test_an_unknown_option_is_reported_with_its_commands_usage(capsys):
+    """`train X --output d` shows train's usage (its real options), not the top-level `attention-zoo COMMAND`."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(CONFIGS / "vanilla.yaml"), "--output", "d"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: attention-zoo train " in err and "--out OUT" in err
+    assert "attention-zoo train: error: unrecognized arguments: --output d" in err
+
+
+def test_a_checkpoint_path_that_does_not_exist_is_said_to_not_exist(capsys, tmp_path):
+    typo = tmp_path / "runs" / "typo"
+    code = main(["eval", str(typo)])
+    assert code == 2 and f"{typo}: not a checkpoint or run folder: it does not exist" in capsys.readouterr().err

@@ -318,6 +318,8 @@ def _resolve_init_from(init_from: str, config: Config, one_line: bool) -> tuple[
         path = resolve_checkpoint(init_from)
     except UserError:
         path = None
+    if not Path(init_from).expanduser().exists():
+        return None, "not a checkpoint folder: it does not exist"
     if path is None or not (path / WEIGHTS).is_file():
         return path, (f"not a checkpoint folder (expected {WEIGHTS} and {CONFIG}, as import-hf and train write) or "
                       "a run folder holding checkpoint/")
