@@ -41,7 +41,7 @@ def pytest_configure(config):
 # pytest-xdist hands tests out in collection order, so a long test collected last runs alone at the end
 # while the other worker idles (the sm_90 compile tests, 30-50 s each, ended a 6-minute run 40 s after the
 # other worker had finished). The files holding the longest tests go first; the many short ones fill the end.
-LONGEST_FIRST = ("tests/test_triton.py", "tests/test_quickstart.py")
+LONGEST_FIRST = ("tests/test_triton.py", "tests/test_quickstart.py", "tests/test_compile.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -45,6 +45,7 @@ def in_process(monkeypatch):
     monkeypatch.setattr(runner, "run_point", lambda point, timeout, env=None: worker.measure_safely(point))
     yield
     torch.set_num_threads(threads)
+    torch.compiler.reset()  # a --compile point's compiled frames stay with the process otherwise
 
 
 def test_cli_end_to_end_in_subprocesses(run_cli, tmp_path):
@@ -105,6 +106,9 @@ def test_documented_command_runs_with_tiny_sizes(argv, in_process, tmp_path, mon
         for name, code in documented_plugin_modules().items():
             (tmp_path / name).write_text(code)
         monkeypatch.syspath_prepend(str(tmp_path))
+    if "--compile" in argv:  # inductor's compile of each point is slow and tests torch: dynamo with eager kernels
+        compile_ = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager"))
     out = tmp_path / "out"
     assert main([*argv, *TINY, "--out", str(out)]) == 0  # later flags override the documented sizes
     data, markdown = read(out)
@@ -191,6 +195,7 @@ def test_run_point_records_timeouts_kills_and_crashes(monkeypatch):
     (["--variants", "missing.yaml"], "config file 'missing.yaml' not found"),
     (["--backends", "flash"], "unknown backend 'flash'"),
     (["--mode", "train"], "unknown mode 'train'"),
+    (["--compile", "off,yes"], "--compile: unknown value 'yes'; valid: off, on"),
     (["--dtype", "float8"], "'float8' is not one of"),
     (["--peer", "timm"], "unknown peer 'timm'"),
     (["--env", "NOVALUE"], "expected KEY=VALUE"),
@@ -323,3 +328,37 @@ def test_a_negative_value_that_rounds_to_zero_reads_zero():
 
     assert [_f(-0.3, ",.0f"), _f(-0.004, ".2f"), _f(-1.6, ",.0f"), _f(-0.02, ".2f"), _f(None, ".2f")] == \
         ["0", "0.00", "-2", "-0.02", "-"]
+
+
+def test_compile_axis_measures_each_point_eager_and_compiled_with_ratios_between_them(in_process, tmp_path, monkeypatch):
+    """--compile off,on: every point eager and under torch.compile in one run (torch.compile spied on here and
+    run with dynamo's eager backend, to stay fast), each compiled point after one untimed compiling step
+    (compile_s); a compiled point's ratio to vanilla is to compiled vanilla, and time / eager is over its eager
+    twin. The table gains the compile and time / eager columns."""
+    import torch
+
+    compile_ = torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or compile_(model, backend="eager"))
+    out = tmp_path / "out"
+    assert main(["bench", "--variants", "selective", "--compile", "off,on", *TINY, "--out", str(out)]) == 0
+    data, markdown = read(out)
+    assert compiled == [{}, {}]  # vanilla's and selective's compiled points: train.compile's defaults
+    rows = {(r["variant"], r["compile"]): r for r in data["results"]}
+    assert set(rows) == {(v, c) for v in ("vanilla", "selective") for c in ("off", "on")}
+    assert all(r["status"] == "ok" for r in rows.values())
+    for variant in ("vanilla", "selective"):
+        on, off = rows[(variant, "on")], rows[(variant, "off")]
+        assert on["compile_s"] > 0 and "compile_s" not in off and "time_vs_eager" not in off
+        assert on["time_vs_eager"] == pytest.approx(on["median_s"] / off["median_s"])
+        assert on["time_vs_vanilla"] == pytest.approx(on["median_s"] / rows[("vanilla", "on")]["median_s"])
+        assert off["time_vs_vanilla"] == pytest.approx(off["median_s"] / rows[("vanilla", "off")]["median_s"])
+    assert "| mode | compile | median s |" in markdown and "| time / vanilla | time / eager |" in markdown
+    table = table_rows(markdown)
+    assert [(r[1], r[6]) for r in table] == [("vanilla", "off"), ("selective", "off"), ("vanilla", "on"),
+                                            ("selective", "on")]
+    assert [r[12] for r in table] == ["-", "-", f"{rows[('vanilla', 'on')]['time_vs_eager']:.2f}",
+                                      f"{rows[('selective', 'on')]['time_vs_eager']:.2f}"]
+    assert main(["bench", "--variants", "selective", *TINY, "--out", str(tmp_path / "eager")]) == 0
+    header = next(line for line in read(tmp_path / "eager")[1].splitlines() if line.startswith("| impl"))
+    assert "compile" not in header and "eager" not in header  # without compiled points the table is as it was

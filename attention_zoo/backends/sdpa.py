@@ -81,7 +81,7 @@ class SDPABackend(Backend):
             return False
         from ..ops.selection import cpu_fused
 
-        return cpu_fused.kernel() is not None
+        return cpu_fused.available()
 
     def head_dim_limit(self, device: str) -> int | None:
         return None if device == "cpu" else 256  # flash kernels on CUDA take head dims up to 256
@@ -93,7 +93,7 @@ class SDPABackend(Backend):
         if q.device.type == "cpu":
             from ..ops.selection import cpu_fused
 
-            if cpu_fused.kernel() is not None:
+            if cpu_fused.available():
                 return cpu_fused.selective_attention(q, k, v, selection, causal=causal, scale=scale)
         from ..ops.selection.blocked import selective_attention
 

@@ -1,7 +1,8 @@
 """`attention-zoo bench`: time and peak memory of variants x backends x lengths x batch sizes.
 
 Each point runs in its own process (`worker.py`), so peak memory is that point's alone; ratios to
-vanilla are measured in the same run; `--peer x-transformers` measures the equivalent x-transformers
+vanilla are measured in the same run (and with `--compile off,on`, each compiled point's time to its eager
+twin's); `--peer x-transformers` measures the equivalent x-transformers
 models alongside. Outputs: results.json, results.md and results.png in the output folder, and
 profiles.md with `--profile`.
 """
@@ -13,7 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .points import BASELINE, DTYPES, MODES, OURS, PEER, PRESETS, Point, VariantSpec, model_config, peer_kwargs, resolve_variant
+from .points import (
+    BASELINE,
+    COMPILE,
+    DTYPES,
+    MODES,
+    OURS,
+    PEER,
+    PRESETS,
+    Point,
+    VariantSpec,
+    model_config,
+    peer_kwargs,
+    resolve_variant,
+)
 from .report import machine, write_json, write_markdown, write_plot, write_profiles
 from .runner import Outcome, peer_comparison, run_sweep, with_ratios
 
@@ -27,6 +41,7 @@ class BenchSettings:
     seq_lens: list[int] = field(default_factory=lambda: [256, 1024])
     batches: list[int] = field(default_factory=lambda: [4])
     modes: list[str] = field(default_factory=lambda: ["fwdbwd"])
+    compiles: list[str] = field(default_factory=lambda: ["off"])  # "off", "on": eager, torch.compile
     dim: int = 256
     depth: int = 4
     heads: int = 8
@@ -59,6 +74,9 @@ def plan(settings: BenchSettings) -> list[Point]:
     for mode in settings.modes:
         if mode not in MODES:
             problems.append(f"--mode: unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    for value in settings.compiles:
+        if value not in COMPILE:
+            problems.append(f"--compile: unknown value {value!r}; valid: {', '.join(COMPILE)}")
     if settings.dtype not in DTYPES:
         problems.append(f"--dtype: {settings.dtype!r} is not one of {', '.join(DTYPES)}")
     for peer in settings.peers:
@@ -106,13 +124,15 @@ def plan(settings: BenchSettings) -> list[Point]:
     for n in settings.seq_lens:
         for b in settings.batches:
             for mode in settings.modes:
-                for spec in specs:
-                    for backend in settings.backends:
-                        points.append(Point(OURS, spec, backend, n, b, mode, **common))
-                    if PEER in settings.peers:
-                        kwargs, path = peer_kwargs(spec, settings.depth)
-                        if kwargs is not None:
-                            points.append(Point(PEER, spec, path, n, b, mode, **common, extra={"peer_kwargs": kwargs}))
+                for compiled in (value == "on" for value in settings.compiles):
+                    for spec in specs:
+                        for backend in settings.backends:
+                            points.append(Point(OURS, spec, backend, n, b, mode, **common, compiled=compiled))
+                        if PEER in settings.peers:
+                            kwargs, path = peer_kwargs(spec, settings.depth)
+                            if kwargs is not None:
+                                points.append(Point(PEER, spec, path, n, b, mode, **common, compiled=compiled,
+                                                    extra={"peer_kwargs": kwargs}))
     return points
 
 

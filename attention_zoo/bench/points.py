@@ -1,7 +1,7 @@
 """What a benchmark measures: named variant presets, YAML configs, and the points of a sweep.
 
-A point is one (implementation, variant, backend, sequence length, batch, mode) measured in its own
-process. Our models are built from a config; the x-transformers peer is built from the keyword
+A point is one (implementation, variant, backend, sequence length, batch, mode, compiled or not) measured in
+its own process. Our models are built from a config; the x-transformers peer is built from the keyword
 arguments `peer_kwargs` gives for the same dims, heads and head_dim.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ..errors import UserError
 
 OURS, PEER = "attention-zoo", "x-transformers"
 MODES = ("fwd", "fwdbwd")
+COMPILE = ("off", "on")  # on: the model under torch.compile (inductor), as train.compile runs it
 DTYPES = ("float32", "bfloat16", "float16")
 BASELINE = "vanilla"
 
@@ -62,11 +63,12 @@ class Point:
     threads: int | None = None
     profile: bool = False  # one more step under torch.profiler after the timed ones
     extra: dict[str, Any] = field(default_factory=dict)
+    compiled: bool = False  # the model under torch.compile, compiled by one untimed step before the warm-up
 
     @property
     def key(self) -> tuple:
         """Identifies a point across rounds and in comparisons."""
-        return (self.impl, self.variant.label, self.backend, self.seq_len, self.batch, self.mode)
+        return (self.impl, self.variant.label, self.backend, self.seq_len, self.batch, self.mode, self.compiled)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,4 +159,4 @@ def peer_stack(stack: dict[str, str], head_dim: int) -> tuple[dict[str, Any], di
 
 
 __all__ = ["PRESETS", "VariantSpec", "Point", "resolve_variant", "model_config", "peer_kwargs", "peer_stack", "OURS",
-           "PEER", "MODES", "DTYPES", "BASELINE"]
+           "PEER", "MODES", "COMPILE", "DTYPES", "BASELINE"]

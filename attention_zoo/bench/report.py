@@ -39,6 +39,10 @@ def _f(value: Any, fmt: str) -> str:
 
 def markdown(payload: dict[str, Any]) -> str:
     s = payload["settings"]
+    # a sweep with compiled points: which each row is, and its time over its eager twin's
+    compiled = any(r.get("compile") == "on" for r in payload["results"])
+    compile_head, compile_rule = (" compile |", "---|") if compiled else ("", "")
+    eager_head, eager_rule = (" time / eager |", "---|") if compiled else ("", "")
     interrupted = []
     if not payload.get("complete", True):
         done = sum(r["status"] != "pending" for r in payload["results"])
@@ -55,30 +59,37 @@ def markdown(payload: dict[str, Any]) -> str:
            if s["rounds"] > 1 else "") + ". "
         "Peak memory: " + ("torch.cuda.max_memory_allocated" if s["device"].startswith("cuda") else
                            "the point's process peak RSS (includes ~0.2-0.3 GB of Python and torch)")
-        + "; ratios are to vanilla of the same implementation, backend, length, batch and mode in this run."
+        + "; ratios are to vanilla of the same implementation, backend, length, batch and mode"
+        + (", compiled or not, and time / eager is a compiled point's time over the same point's without "
+           "compile" if compiled else "") + " in this run."
+        + (" Compiled: the model under torch.compile (inductor), compiled by one untimed step before the warm-up "
+           "steps." if compiled else "")
         + (f" Point processes ran with {', '.join(f'{k}={v}' for k, v in s['env'].items())}." if s.get("env") else ""), "",
-        "| impl | variant | backend | seq | batch | mode | median s | tokens/s | peak MB | activation MB "
-        "| time / vanilla | memory / vanilla | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| impl | variant | backend | seq | batch | mode |{compile_head} median s | tokens/s | peak MB | activation MB "
+        f"| time / vanilla |{eager_head} memory / vanilla | status |",
+        f"|---|---|---|---|---|---|{compile_rule}---|---|---|---|---|{eager_rule}---|---|",
     ]
     for r in payload["results"]:
         status = {"ok": "ok", "pending": "pending"}.get(r["status"], f"failed: {r.get('reason')}")
         if r.get("note"):
             status += f" ({r['note']})"
+        compile_cell = f" {r.get('compile', 'off')} |" if compiled else ""
+        eager_cell = f" {_f(r.get('time_vs_eager'), '.2f')} |" if compiled else ""
         lines.append(
-            f"| {r['impl']} | {r['variant']} | {r['backend']} | {r['seq_len']} | {r['batch']} | {r['mode']} "
-            f"| {_f(r.get('median_s'), '.3f')} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_mb'), ',.0f')} "
-            f"| {_f(r.get('activation_mb'), ',.0f')} | {_f(r.get('time_vs_vanilla'), '.2f')} "
-            f"| {_f(r.get('memory_vs_vanilla'), '.2f')} | {status.replace('|', '/')} |")
+            f"| {r['impl']} | {r['variant']} | {r['backend']} | {r['seq_len']} | {r['batch']} | {r['mode']} |{compile_cell}"
+            f" {_f(r.get('median_s'), '.3f')} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_mb'), ',.0f')} "
+            f"| {_f(r.get('activation_mb'), ',.0f')} | {_f(r.get('time_vs_vanilla'), '.2f')} |{eager_cell}"
+            f" {_f(r.get('memory_vs_vanilla'), '.2f')} | {status.replace('|', '/')} |")
     if payload.get("comparison"):
         lines += ["", "## Against x-transformers (same run)", "",
-                  "| variant | ours (backend) | x-transformers path | seq | batch | mode | ours s | peer s "
+                  f"| variant | ours (backend) | x-transformers path | seq | batch | mode |{compile_head} ours s | peer s "
                   "| time ours / peer | ours MB | peer MB | memory ours / peer | activation ours / peer |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"|---|---|---|---|---|---|{compile_rule}---|---|---|---|---|---|---|"]
         for c in payload["comparison"]:
+            compile_cell = f" {c.get('compile', 'off')} |" if compiled else ""
             lines.append(
                 f"| {c['variant']} | {c['backend']} | {c['peer_backend']} | {c['seq_len']} | {c['batch']} | {c['mode']} "
-                f"| {_f(c['ours_s'], '.3f')} | {_f(c['peer_s'], '.3f')} | {_f(c['time_ours_over_peer'], '.2f')} "
+                f"|{compile_cell} {_f(c['ours_s'], '.3f')} | {_f(c['peer_s'], '.3f')} | {_f(c['time_ours_over_peer'], '.2f')} "
                 f"| {_f(c['ours_mb'], ',.0f')} | {_f(c['peer_mb'], ',.0f')} | {_f(c['memory_ours_over_peer'], '.2f')} "
                 f"| {_f(c.get('activation_ours_over_peer'), '.2f')} |")
     return "\n".join(lines) + "\n"
@@ -110,7 +121,8 @@ def write_plot(out: Path, payload: dict[str, Any]) -> None:
     for r in payload["results"]:
         if r["status"] != "ok":
             continue
-        label = f"{r['impl']} {r['variant']} ({r['backend']}, {r['mode']}, B={r['batch']})"
+        label = (f"{r['impl']} {r['variant']} ({r['backend']}, {r['mode']}, B={r['batch']}"
+                 + (", compiled)" if r.get("compile") == "on" else ")"))
         series.setdefault(label, []).append((r["seq_len"], r["median_s"], r["peak_mb"]))
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
     for label, pts in sorted(series.items()):

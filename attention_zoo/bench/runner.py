@@ -1,4 +1,5 @@
-"""Run a sweep: every point in its own subprocess, results gathered, ratios to vanilla computed.
+"""Run a sweep: every point in its own subprocess, results gathered, ratios to vanilla (and of a compiled point
+to its eager twin) computed.
 
 A point that fails, runs out of memory or times out is recorded with its reason; the sweep goes on.
 With several rounds the whole sweep is repeated in interleaved order (so background load hits every
@@ -35,7 +36,8 @@ class Outcome:
         ok = self.ok
         row: dict[str, Any] = {"impl": self.point.impl, "variant": self.point.variant.label, "backend": self.point.backend,
                                "seq_len": self.point.seq_len, "batch": self.point.batch, "mode": self.point.mode,
-                               "dtype": self.point.dtype, "device": self.point.device, "rounds": len(self.rounds)}
+                               "dtype": self.point.dtype, "device": self.point.device,
+                               "compile": "on" if self.point.compiled else "off", "rounds": len(self.rounds)}
         if self.point.variant.attention is not None:
             row["attention"] = self.point.variant.attention
         if self.point.variant.config_path:
@@ -57,6 +59,8 @@ class Outcome:
                    times_s=[t for r in ok for t in r["times_s"]],
                    round_median_s=[r["median_s"] if r.get("status") == "ok" else None for r in self.rounds],
                    round_peak_mb=[r["peak_mb"] if r.get("status") == "ok" else None for r in self.rounds])
+        if "compile_s" in ok[0]:
+            row["compile_s"] = statistics.median(r["compile_s"] for r in ok)
         if "note" in ok[0]:
             row["note"] = ok[0]["note"]
         if "profile" in ok[0]:
@@ -96,6 +100,7 @@ def run_sweep(points: list[Point], *, rounds: int = 1, timeout: float = 600.0, e
             for outcome in outcomes:
                 p = outcome.point
                 bar.set_postfix_str(f"{p.impl} {p.variant.label} {p.backend} N={p.seq_len} B={p.batch} {p.mode}"
+                                    + (" compiled" if p.compiled else "")
                                     + (f" round {r + 1}/{rounds}" if rounds > 1 else ""))
                 outcome.rounds.append(run_point(p, timeout, env))
                 bar.update()
@@ -114,12 +119,15 @@ def ratio(a: dict[str, Any], b: dict[str, Any], per_round: str, overall: str) ->
 
 
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add time and memory ratios to the vanilla point of the same implementation, backend, length,
-    batch and mode (measured in the same run)."""
+    """Add time and memory ratios to the vanilla point of the same implementation, backend, length, batch, mode
+    and compile setting (measured in the same run), and to a compiled point its time over its eager twin's (the
+    same point with compile off), `time_vs_eager`."""
     def key(r):
-        return (r["impl"], r["backend"], r["seq_len"], r["batch"], r["mode"], r["dtype"], r["device"])
+        return (r["impl"], r["backend"], r["seq_len"], r["batch"], r["mode"], r["dtype"], r["device"],
+                r.get("compile", "off"))
 
     baselines = {key(r): r for r in rows if r["variant"] == BASELINE and r["status"] == "ok"}
+    eager = {(r["variant"], *key(r)[:-1]): r for r in rows if r.get("compile", "off") == "off" and r["status"] == "ok"}
     out = []
     for r in rows:
         r = dict(r)
@@ -128,6 +136,9 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r["time_vs_vanilla"] = ratio(r, base, "round_median_s", "median_s")
             r["memory_vs_vanilla"] = ratio(r, base, "round_peak_mb", "peak_mb")
             r["activation_vs_vanilla"] = r["activation_mb"] / base["activation_mb"] if base["activation_mb"] > 0 else None
+        twin = eager.get((r["variant"], *key(r)[:-1])) if r.get("compile") == "on" else None
+        if r["status"] == "ok" and twin is not None:
+            r["time_vs_eager"] = ratio(r, twin, "round_median_s", "median_s")
         out.append(r)
     return out
 
@@ -135,18 +146,21 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def peer_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each of our points against the x-transformers point of the same variant, length, batch and mode: time,
     peak memory and activation memory (what the step adds to the built model) as ratios ours / peer."""
-    peers = {(r["variant"], r["seq_len"], r["batch"], r["mode"], r["dtype"]): r for r in rows if r["impl"] == PEER}
+    def key(r):
+        return (r["variant"], r["seq_len"], r["batch"], r["mode"], r["dtype"], r.get("compile", "off"))
+
+    peers = {key(r): r for r in rows if r["impl"] == PEER}
     out = []
     for r in rows:
         if r["impl"] != OURS:
             continue
-        p = peers.get((r["variant"], r["seq_len"], r["batch"], r["mode"], r["dtype"]))
+        p = peers.get(key(r))
         if p is None:
             continue
         both = r["status"] == "ok" and p["status"] == "ok"
         out.append({
             "variant": r["variant"], "backend": r["backend"], "peer_backend": p["backend"], "seq_len": r["seq_len"],
-            "batch": r["batch"], "mode": r["mode"], "dtype": r["dtype"],
+            "batch": r["batch"], "mode": r["mode"], "dtype": r["dtype"], "compile": r.get("compile", "off"),
             "ours_s": r.get("median_s"), "peer_s": p.get("median_s"), "ours_mb": r.get("peak_mb"), "peer_mb": p.get("peak_mb"),
             "time_ours_over_peer": ratio(r, p, "round_median_s", "median_s") if both else None,
             "memory_ours_over_peer": ratio(r, p, "round_peak_mb", "peak_mb") if both else None,

@@ -3,7 +3,8 @@
 Run in a fresh process per point, so peak memory belongs to that point alone: on CPU the process's
 peak resident set size (ru_maxrss, which also counts the ~0.2-0.3 GB of Python and torch), and how
 far it rose above the resident size once the model was built; on CUDA torch's peak allocation.
-Time is the median over `repeats` steps after `warmup` steps. The result is printed as one line
+Time is the median over `repeats` steps after `warmup` steps; a compiled point (`compiled`) first runs one
+more untimed step, which compiles the forward and backward (its time: `compile_s`). The result is printed as one line
 starting with RESULT_PREFIX; any exception becomes a failed result with its message.
 """
 from __future__ import annotations
@@ -76,6 +77,8 @@ def measure(point) -> dict[str, Any]:
         from ..model import own_attention_note
 
         note = own_attention_note(model, model.warm_up(point.device), point.backend)
+    if point.compiled:  # as train.compile: the whole model, after the warm-up forward built any kernel
+        model = torch.compile(model)
     rss_before = rss_mb()
 
     def step() -> None:
@@ -92,6 +95,11 @@ def measure(point) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
+    compile_s = None
+    if point.compiled:
+        start = time.perf_counter()
+        step()
+        compile_s = time.perf_counter() - start
     for _ in range(point.warmup):
         step()
     times = []
@@ -102,6 +110,8 @@ def measure(point) -> dict[str, Any]:
     median = statistics.median(times)
     result = {"status": "ok", "median_s": median, "times_s": times, "tokens_per_s": point.batch * point.seq_len / median,
               "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters())}
+    if compile_s is not None:
+        result["compile_s"] = compile_s
     if note:  # e.g. a variant with its own attend(): the point's backend label would claim what did not run
         result["note"] = note
     if cuda:

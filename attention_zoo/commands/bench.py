@@ -51,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=_list(int), default=[4], help="comma-separated batch sizes")
     p.add_argument("--mode", type=_list(str), default=["fwdbwd"],
                    help="comma-separated: fwd (forward, no grad), fwdbwd (forward + cross-entropy + backward)")
+    p.add_argument("--compile", type=_list(str), default=["off"],
+                   help="comma-separated: off (eager), on (the model under torch.compile with inductor, as "
+                        "train.compile; compiled by one untimed step first). off,on measures both in one run and "
+                        "reports each compiled point's time over its eager twin's")
     p.add_argument("--dim", type=int, default=256, help="model width of the benchmark model")
     p.add_argument("--depth", type=int, default=4, help="transformer blocks")
     p.add_argument("--heads", type=int, default=8, help="query heads per layer")
@@ -101,6 +105,7 @@ def cmd_bench(args) -> int:
     args.device = str(check_device(args.device, auto=True))  # auto resolved: the results record the device used
     settings = BenchSettings(
         variants=args.variants, backends=args.backends, seq_lens=args.seq_lens, batches=args.batch, modes=args.mode,
+        compiles=args.compile,
         dim=args.dim, depth=args.depth, heads=args.heads, head_dim=args.head_dim, vocab_size=args.vocab_size,
         dtype=args.dtype, device=args.device, repeats=args.repeats, warmup=args.warmup, rounds=args.rounds,
         threads=args.threads, timeout=args.timeout, profile=args.profile, peers=args.peer, env=env,

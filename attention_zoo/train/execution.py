@@ -6,7 +6,12 @@
   fresh read-only view of what earlier layers wrote (state.py), so its recomputation reads the very same
   values, whatever later layers wrote since. Cached decoding and no-grad passes run the plain forward.
 - `train.compile: true`: the model runs under torch.compile (no private-API tricks stand in its way: selective
-  attention hands its backends plain tensors and a structured selection).
+  attention hands its backends plain tensors and a structured selection). On CPU the fused C++ kernel
+  (ops/selection/cpu_fused.py: selective, cross-layer selective, residual and differential attention) is a
+  PyTorch custom operator with a fake implementation, so dynamo traces the whole model as one graph, with no
+  graph break at the kernel; compiled steps give eager's logits and gradients (tests/test_compile.py, with
+  aot_eager and inductor, and with dynamic shapes). Compiled after train's eager warm-up forward, which builds
+  the kernel. Not checked: the Triton kernels on a GPU under torch.compile (no GPU where this was written).
 
 Both patch the model instance, never its class or its state_dict keys: checkpoints load either way.
 """

@@ -15,6 +15,12 @@ about a minute on 2 cores, and cached under torch's extensions folder (`TORCH_EX
 ~/.cache/torch_extensions) for every later process. It is compiled for the CPU's vector width
 (torch.backends.cpu.get_cpu_capability()), which is part of the cached build's name with the source's digest.
 A build killed half-way (a signal, a time limit) is redone by the next process, never waited on.
+
+The kernel's two passes are PyTorch custom operators (`torch.library.custom_op`): `attention_zoo::cpu_forward`
+and `attention_zoo::cpu_backward`, each with a fake implementation that gives its outputs' shapes and dtypes
+without building anything. `FusedCPUSelectiveAttention` (an autograd.Function) calls them, so torch.compile
+traces a model through the kernel in one graph instead of breaking at an opaque pybind call; the kernel itself
+is still built on the first real call.
 """
 from __future__ import annotations
 
@@ -154,10 +160,69 @@ def kernel():
         return _state.get("module")
 
 
+# Called by torch.compile at trace time, never traced: the first call builds the kernel (a lock, files, a
+# compiler), which dynamo cannot trace, and the answer holds for the process.
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the kernel is available (`kernel()` is not None): what the attention paths ask. Builds it if not
+    tried yet."""
+    return kernel() is not None
+
+
 def refusal() -> str | None:
     """Why the fused CPU kernel is not used (None when it is available). Builds it if not tried yet."""
     kernel()
     return _state.get("refusal")
+
+
+def _module():
+    """The kernel module for the ops' real implementations (building it on first use), or a RuntimeError."""
+    module = kernel()
+    if module is None:
+        raise RuntimeError(f"the fused CPU kernel is not available: {refusal()}")
+    return module
+
+
+# The operators' schemas are written out rather than inferred from annotations: this module's annotations are
+# strings (`from __future__ import annotations`), whose inference has changed between torch releases (the floor
+# is 2.4); tests/test_compile.py's opcheck checks the schemas against the implementations. Every input is in one
+# float dtype (float32 or float64), as the kernel checks; outputs are new, contiguous tensors of that dtype,
+# aliasing no input.
+_FORWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor[] sel_q, Tensor[] sel_k, float[] weights, "
+                   "bool[] protect_bos, Tensor start, bool causal, int rows, int chunk) -> (Tensor, Tensor, Tensor)")
+_BACKWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor lse, Tensor delta, Tensor G, Tensor[] sel_q, "
+                    "Tensor[] sel_k, float[] weights, bool[] protect_bos, bool causal, int rows, int chunk) -> Tensor[]")
+
+
+@torch.library.custom_op("attention_zoo::cpu_forward", mutates_args=(), device_types="cpu", schema=_FORWARD_SCHEMA)
+def cpu_forward(q, k, v, sel_q, sel_k, weights, protect_bos, start, causal, rows, chunk):
+    """The kernel's forward: q (B, H, Nq, D) with the softmax scale folded in, k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv);
+    per selection term its q (B, Nq, Ds) with its scale folded in, k (B, Nk, Ds), weight and protect_bos; start
+    (B, Nk), F's first row. Returns out (B, H, Nq, Dv), lse (B, H, Nq) and G (B, ceil(Nq / rows), Nk), F's first
+    row of each query block."""
+    return tuple(_module().forward(q, k, v, sel_q, sel_k, weights, protect_bos, start, causal, rows, chunk))
+
+
+@cpu_forward.register_fake
+def _(q, k, v, sel_q, sel_k, weights, protect_bos, start, causal, rows, chunk):
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    return (q.new_empty(B, H, Nq, v.shape[3]), q.new_empty(B, H, Nq), q.new_empty(B, (Nq + rows - 1) // rows, Nk))
+
+
+@torch.library.custom_op("attention_zoo::cpu_backward", mutates_args=(), device_types="cpu", schema=_BACKWARD_SCHEMA)
+def cpu_backward(q, k, v, dout, lse, delta, G, sel_q, sel_k, weights, protect_bos, causal, rows, chunk):
+    """The kernel's backward (inputs as `cpu_forward`'s, with dout (B, H, Nq, Dv), the forward's lse and G and
+    delta (B, H, Nq) = rowsum(dout * out)). Returns [dq, dk, dv, carry, d sel_q per term..., d sel_k per term...]:
+    gradients with respect to the scaled q and sel_q as given, and carry (B, Nk), start's gradient."""
+    return list(_module().backward(q, k, v, dout, lse, delta, G, sel_q, sel_k, weights, protect_bos, causal, rows,
+                                   chunk))
+
+
+@cpu_backward.register_fake
+def _(q, k, v, dout, lse, delta, G, sel_q, sel_k, weights, protect_bos, causal, rows, chunk):
+    like = [torch.empty_like(t.contiguous()) for t in (q, k, v)]  # the kernel's zeros_like of contiguous inputs
+    return [*like, q.new_empty(q.shape[0], k.shape[2]), *(torch.empty_like(t.contiguous()) for t in (*sel_q, *sel_k))]
 
 
 def _compute_dtype(q: Tensor, terms) -> torch.dtype:
@@ -169,7 +234,14 @@ class FusedCPUSelectiveAttention(torch.autograd.Function):
     """q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), then each term's q_s, k_s and accumulated
     (flattened, as `blocked.BlockedSelectiveAttention` takes them; none: plain attention) -> out (B, H, Nq, Dv)
     in q's dtype.
-    Saves q, k, v, the output, the log-sum-exp per row (B, H, Nq) and F's block-start rows (B, Nblocks, Nk)."""
+    Saves q, k, v, the output, the log-sum-exp per row (B, H, Nq) and F's block-start rows (B, Nblocks, Nk).
+
+    Its forward and backward call the custom operators `cpu_forward` and `cpu_backward`. It stays an
+    autograd.Function rather than `register_autograd` on `cpu_forward`: it saves q, k and v as the model hands
+    them (views the model keeps anyway) and remakes the kernel's contiguous, scaled, compute-dtype operands in
+    the backward, while an operator differentiated by `register_autograd` takes those operands as its inputs
+    and would keep them alive until the backward (up to three more (B, H, N, D) tensors per layer in eager
+    training); and the terms' flattened structure (`meta`: which carry an accumulator) stays Python here."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float, rows: int, chunk: int, meta: tuple, *term_tensors):
@@ -177,7 +249,7 @@ class FusedCPUSelectiveAttention(torch.autograd.Function):
         ct = _compute_dtype(q, terms)
         ops = _operands(q, k, v, terms, scale, ct)
         start = _start_row(terms, q.shape[0], k.shape[2], ct, q.device)
-        out, lse, G = kernel().forward(*ops, start, causal, rows, chunk)
+        out, lse, G = cpu_forward(*ops, start, causal, rows, chunk)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, G, *term_tensors)
         ctx.causal, ctx.scale, ctx.rows, ctx.chunk, ctx.meta = causal, scale, rows, chunk, meta
@@ -192,8 +264,8 @@ class FusedCPUSelectiveAttention(torch.autograd.Function):
         qs, kc, vc, sel_q, sel_k, weights, protect = _operands(q, k, v, terms, ctx.scale, ct)
         do = dout.to(ct).contiguous()
         delta = torch.linalg.vecdot(do, out.to(ct))  # (B, H, Nq): rowsum(P * dP)
-        dq, dk, dv, carry, *dsel = kernel().backward(qs, kc, vc, do, lse, delta, G, sel_q, sel_k, weights, protect,
-                                                      ctx.causal, ctx.rows, ctx.chunk)
+        dq, dk, dv, carry, *dsel = cpu_backward(qs, kc, vc, do, lse, delta, G, sel_q, sel_k, weights, protect,
+                                                 ctx.causal, ctx.rows, ctx.chunk)
         dq.mul_(ctx.scale)  # the kernel saw scale * q
         grads = []
         for index, term in enumerate(terms):
@@ -210,6 +282,17 @@ def _operands(q, k, v, terms, scale: float, ct: torch.dtype):
     sel_k = [t.k.to(ct).contiguous() for t in terms]
     return (qs, k.to(ct).contiguous(), v.to(ct).contiguous(), sel_q, sel_k, [float(t.weight) for t in terms],
             [bool(t.protect_bos) for t in terms])
+
+
+def _apply(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, rows: int, chunk: int, meta: tuple,
+           tensors) -> Tensor:
+    """`FusedCPUSelectiveAttention` with its numbers (scale, each term's scale and weight) as plain Python values.
+    Under torch.compile with dynamic shapes a float attribute of a module (a layer's scale) can arrive symbolic,
+    and dynamo (torch 2.13) fails on one first read inside the Function's forward ("lift_tracked_freevar_to_input
+    should not be called on root SubgraphTracer"); read here, each is specialised to its value, as the kernel
+    takes it anyway."""
+    meta = tuple((float(s), bool(protect), float(w), bool(acc)) for s, protect, w, acc in meta)
+    return FusedCPUSelectiveAttention.apply(q, k, v, bool(causal), float(scale), rows, chunk, meta, *tensors)
 
 
 def _empty(q: Tensor, k: Tensor) -> bool:
@@ -229,15 +312,14 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, selection: Selection, *
     Bs, Nqs, Nks = selection.shape
     if (Bs, Nqs, Nks) != (q.shape[0], q.shape[2], k.shape[2]):
         raise ValueError(f"selection (B, Nq, Nk) = {(Bs, Nqs, Nks)} does not match q{tuple(q.shape)} k{tuple(k.shape)}")
-    if kernel() is None:
+    if not available():
         raise RuntimeError(f"the fused CPU selective kernel is not available: {refusal()}")
     if _empty(q, k):
         from .reference import selective_attention as reference
 
         return reference(q, k, v, selection, causal=causal, scale=scale)
     meta, tensors = _flatten(selection)
-    return FusedCPUSelectiveAttention.apply(q, k, v, causal, scale, rows or ROWS, chunk or KEY_CHUNK, meta,
-                                            *tensors)
+    return _apply(q, k, v, causal, scale, rows or ROWS, chunk or KEY_CHUNK, meta, tensors)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, rows: int | None = None,
@@ -245,13 +327,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, ro
     """softmax(scale q k^T + causal) v on CPU with the fused kernel: q (B, H, Nq, D), k (B, Hkv, Nk, D),
     v (B, Hkv, Nk, Dv), any Dv (flash kernels want Dv = D). Returns (B, H, Nq, Dv) in q's dtype. Raises
     RuntimeError when the kernel is not available (`refusal()` says why)."""
-    if kernel() is None:
+    if not available():
         raise RuntimeError(f"the fused CPU kernel is not available: {refusal()}")
     if _empty(q, k):
         from ...backends.math import math_attention
 
         return math_attention(q, k, v, causal=causal, scale=scale)
-    return FusedCPUSelectiveAttention.apply(q, k, v, causal, scale, rows or ROWS, chunk or KEY_CHUNK, ())
+    return _apply(q, k, v, causal, scale, rows or ROWS, chunk or KEY_CHUNK, (), [])
 
 
-__all__ = ["FusedCPUSelectiveAttention", "selective_attention", "attention", "kernel", "refusal", "KERNEL_ENV"]
+__all__ = ["FusedCPUSelectiveAttention", "selective_attention", "attention", "kernel", "available", "refusal",
+           "KERNEL_ENV", "cpu_forward", "cpu_backward"]

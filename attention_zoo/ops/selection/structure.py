@@ -57,9 +57,11 @@ class Selection:
     def __post_init__(self):
         if not self.terms:
             raise ValueError("a Selection needs at least one term")
-        shapes = {(t.q.shape[0], t.q.shape[1], t.k.shape[1]) for t in self.terms}
-        if len(shapes) != 1:
-            raise ValueError(f"selection terms disagree on (B, Nq, Nk): {sorted(shapes)}")
+        # Compared, not hashed into a set: under torch.compile with dynamic shapes hashing a symbolic size
+        # specialises it (a recompile per sequence length); a comparison only guards that the sizes agree.
+        shapes = [(t.q.shape[0], t.q.shape[1], t.k.shape[1]) for t in self.terms]
+        if any(shape != shapes[0] for shape in shapes[1:]):
+            raise ValueError(f"selection terms disagree on (B, Nq, Nk): {sorted(set(shapes))}")
 
     @classmethod
     def of_head(cls, q: Tensor, k: Tensor, scale: float, *, protect_bos: bool = True,
