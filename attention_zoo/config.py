@@ -697,4 +697,7 @@ def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[
                         f"({count * 4 / 2**30:,.1f} GiB in float32) from model.vocab_size {m['vocab_size']:,}, dim "
                         f"{m['dim']:,}, depth {m['depth']:,}; make it smaller") from None
     model.config = config
+    from .backends import BACKENDS
+
+    BACKENDS.names()  # the forward's lookups would load the registry (entry points: a graph break under compile)
     return model

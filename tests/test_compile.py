@@ -171,3 +171,21 @@ def test_fake_implementations_never_build_the_kernel(monkeypatch):
     grads = cpu_fused.cpu_backward(q, k, v, out, lse, lse, G, sel_q, sel_k, weights, protect, True, 2, 3)
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape, (2, 8), *(t.shape for t in (*sel_q, *sel_k))]
     assert cpu_fused._state == {}
+
+
+def test_a_fresh_process_compiles_a_model_built_from_a_config_in_one_graph():
+    """No eager forward first (train and bench run one; a user's script may not): the backend registry's first
+    load (entry points) and the auto backend's once-only log line were graph breaks at every layer's first call."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, attention_zoo as az\n"
+        "for variant in ('vanilla', 'selective'):\n"
+        "    model = az.build_model({'model': {'vocab_size': 32, 'dim': 32, 'depth': 2, 'heads': 4, 'max_seq_len': 16,"
+        " 'attention': {'variant': variant}}})\n"
+        "    explained = torch._dynamo.explain(model)(torch.randint(0, 32, (1, 16)))\n"
+        "    print(variant, explained.graph_count, explained.graph_break_count)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["vanilla 1 0", "selective 1 0"], result.stdout

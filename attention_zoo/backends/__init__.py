@@ -188,7 +188,9 @@ def _run(backend: str, call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, bia
 
 
 def _say_once(message: str) -> None:
-    if message not in _logged:
+    # a Logger call is a graph break under torch.compile: a compiled model's first trace says nothing (an eager
+    # forward, as train's warm-up, says it; describe shows every choice)
+    if not torch.compiler.is_compiling() and message not in _logged:
         _logged.add(message)
         log.info("%s", message)
 
