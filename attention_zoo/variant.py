@@ -257,6 +257,10 @@ class ProjectedAttention(nn.Module):
     """
 
     params: ClassVar[dict[str, Param]] = BASE_PARAMS
+    # Parameter sets the zoo's contract tests (tests/cases.py) build this variant with, besides its defaults
+    # (which they skip when a parameter is required): a plug-in's way to cover required parameters and the
+    # combinations worth testing without editing the zoo's tests, e.g. [{"temp": 2.0}, {"temp": 0.5, "kv_heads": 2}].
+    examples: ClassVar[list[dict[str, Any]]] = []
     carry_residual: bool = False
 
     def __init_subclass__(cls, **kwargs):

@@ -1,7 +1,8 @@
 """The one table of test cases the contract, cache, reference and GPU tests loop over.
 
 VARIANT_CASES: registered variant -> the parameter sets worth covering (a variant not listed runs with its
-declared defaults, `[{}]`; one with a required parameter must be listed: `variant_config` says so).
+declared defaults, `[{}]`, unless a parameter is required, plus the sets its class lists in `examples`, the hook a
+plug-in uses; one with a required parameter and no examples must be listed: `variant_config` says so).
 STACKS: the component stacks every case runs on: Llama's (the default), GPT-2's, and NoPE.
 """
 from __future__ import annotations
@@ -34,8 +35,18 @@ STACKS: dict[str, dict] = {
 
 
 def variant_cases() -> list[tuple[str, dict]]:
-    """(variant, params) for every registered variant: its VARIANT_CASES rows, or its defaults."""
-    return [(name, params) for name in list_variants() for params in VARIANT_CASES.get(name, [{}])]
+    """(variant, params) for every registered variant: its VARIANT_CASES rows, or its defaults (unless a parameter
+    is required) and the parameter sets its class lists in `examples`; each set once."""
+    cases = []
+    for name in list_variants():
+        cls = get_variant(name)
+        examples = [dict(e) for e in getattr(cls, "examples", None) or []]
+        required = any(p.required for p in cls.params.values())
+        rows = VARIANT_CASES.get(name) or ([] if required and examples else [{}])
+        for params in [*rows, *examples]:
+            if (name, params) not in cases:
+                cases.append((name, params))
+    return cases
 
 
 def case_id(name: str, params: dict) -> str:
@@ -46,8 +57,10 @@ def variant_config(name: str, params: dict, backend: str = "math", stack: str = 
     """A config of `model` sizes whose every layer runs variant `name` with `params`, on component stack `stack`."""
     required = [k for k, p in get_variant(name).params.items() if p.required and k not in params]
     if required:
-        pytest.fail(f"variant {name!r} has required parameters {required}: add an entry for it to VARIANT_CASES in "
-                    f"tests/cases.py so the contract tests can build it")
+        pytest.fail(f"variant {name!r} has required parameters {required}: list parameter sets that give them in "
+                    f"its class's `examples` (e.g. examples = [{{{required[0]!r}: ...}}]; docs/adding-a-variant.md, "
+                    f"Testing), or, for a built-in, add an entry for it to VARIANT_CASES in tests/cases.py, so the "
+                    f"contract tests can build it")
     return {"backend": backend, "model": {**STACKS[stack], **model, "attention": {"variant": name, **params}}}
 
 

@@ -163,7 +163,10 @@ def test_calibrate_command_errors(run_folder, capsys, args, message):
 def test_calibrate_refuses_a_model_without_selection(tmp_path, capsys):
     save_checkpoint(tmp_path / "checkpoint", tiny_model({"variant": "vanilla"}))
     assert main(["calibrate", str(tmp_path), "--no-progress", "--context", "8"]) == 2
-    assert "no layer of this model has a selection penalty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ("no layer of this model has a selection penalty F (no selective attention; attention: Vanilla"
+            "), so there are no budgets to calibrate" in err)
+    assert "--measure window:4" in err and "budget:" not in err  # no policy the user never typed
 
 
 # --------------------------------------------------------------------------- docs/inference.md

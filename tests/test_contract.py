@@ -6,6 +6,11 @@ CASES also lists the combinations worth covering (selective + GQA, selective + r
 """
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -15,6 +20,7 @@ from attention_zoo.backends import BackendRefused, recording_calls
 from attention_zoo.config import build_attentions
 from attention_zoo.state import CHANNELS, fresh_view, merge
 from tests.cases import STACKS, case_id, randomized, variant_cases, variant_config
+from tests.conftest import ROOT
 
 DEPTH, DIM, HEADS, VOCAB, N, B = 3, 32, 4, 32, 10, 2
 CONTRACT = variant_cases()
@@ -212,5 +218,60 @@ def test_missing_required_parameter_fails_loudly(isolated_registry):
         def __init__(self, shape, *, width, **base):
             super().__init__(shape, **base)
 
-    with pytest.raises(pytest.fail.Exception, match=r"add an entry for it to VARIANT_CASES"):
+    with pytest.raises(pytest.fail.Exception, match=r"list parameter sets that give them in its class's `examples`"):
         case_config("zoo_needs_width", {})
+
+
+REQUIRED_PLUGIN = '''
+from attention_zoo import Param, ProjectedAttention, register_variant
+
+
+@register_variant("zoo_req_temp")
+class ReqTemp(ProjectedAttention):
+    """Plain attention at a temperature that must be given."""
+
+    params = {**ProjectedAttention.params, "temp": Param(float, required=True, doc="softmax temperature")}
+    examples = [{"temp": 2.0}, {"temp": 0.5, "kv_heads": 2}]
+
+    def __init__(self, shape, *, temp, **base):
+        super().__init__(shape, **base)
+        self.scale = self.scale / temp
+'''
+
+
+def test_a_variants_examples_are_its_contract_cases_and_cover_its_required_parameters(isolated_registry, tmp_path,
+                                                                                      monkeypatch):
+    """A plug-in lists parameter sets in its class's `examples`: the contract tests build it with them (and with
+    its defaults unless a parameter is required), with no entry in tests/cases.py."""
+    from attention_zoo import ProjectedAttention, register_variant
+
+    (tmp_path / "zoo_req_plugin.py").write_text(REQUIRED_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import zoo_req_plugin  # noqa: F401
+
+    @register_variant("zoo_with_examples")
+    class WithExamples(ProjectedAttention):
+        """Defaults and one example."""
+
+        examples = [{"qk_norm": True}, {}]
+
+    cases = variant_cases()
+    assert [p for n, p in cases if n == "zoo_req_temp"] == [{"temp": 2.0}, {"temp": 0.5, "kv_heads": 2}]
+    assert [p for n, p in cases if n == "zoo_with_examples"] == [{}, {"qk_norm": True}]  # defaults once
+    for params in ({"temp": 2.0}, {"temp": 0.5, "kv_heads": 2}):
+        build_model(case_config("zoo_req_temp", params))
+
+
+def test_the_contract_tests_run_a_plugin_with_a_required_parameter_from_its_examples(tmp_path):
+    """As a plug-in author runs them: ATTENTION_ZOO_TEST_PLUGINS=module, tests/cases.py untouched."""
+    (tmp_path / "zoo_req_plugin.py").write_text(REQUIRED_PLUGIN)
+    env = {**os.environ, "ATTENTION_ZOO_TEST_PLUGINS": "zoo_req_plugin",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider",
+                             "tests/test_contract.py", "-k", "zoo_req_temp and (causal or shape)"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    tail = (result.stdout + result.stderr)[-3000:]
+    assert result.returncode == 0 and re.search(r"\b\d+ passed", result.stdout), tail
+    assert "temp=2.0" in subprocess.run([sys.executable, "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider",
+                                         "--collect-only", "tests/test_contract.py", "-k", "zoo_req_temp"], cwd=ROOT,
+                                        env=env, capture_output=True, text=True, timeout=600).stdout

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 transformers = pytest.importorskip("transformers")
 
 from attention_zoo import build_model  # noqa: E402
 from attention_zoo.checkpoint import load_model  # noqa: E402
 from attention_zoo.cli import main  # noqa: E402
+from attention_zoo.errors import UserError  # noqa: E402
 from attention_zoo.hf import ConversionError, from_hf, pool_kv_heads, register, to_hf  # noqa: E402
 
 TOL = 1e-4
@@ -1022,3 +1024,91 @@ def test_the_cache_refusal_names_the_implementation_as_written(llama_folder):
     register()
     with pytest.raises(NotImplementedError, match="attn_implementation='zoo_selective': "):
         stock(llama_folder, "zoo_selective").generate(tokens(4, batch=1), max_new_tokens=2, do_sample=False)
+
+
+# -- import-hf: plug-in variants (--plugins) and the variant's parameters (model.* overrides) ----------------
+
+PLUGIN = '''
+from attention_zoo import ProjectedAttention, register_variant
+from attention_zoo.variant import BASE_PARAMS, Param
+
+
+@register_variant("zoo_hf_temp")
+class Temp(ProjectedAttention):
+    """Plain attention at temperature `temp`."""
+    params = {**BASE_PARAMS, "temp": Param(float, 1.0, "softmax temperature")}
+
+    def __init__(self, shape, *, temp=1.0, **kwargs):
+        super().__init__(shape, **kwargs)
+        self.temp = temp
+        self.scale = self.scale / temp
+'''
+
+
+def test_import_hf_runs_a_plugin_variant_and_lists_its_module_under_plugins(tmp_path, capsys, monkeypatch,
+                                                                              isolated_registry):
+    (tmp_path / "zoo_hf_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tiny("llama").save_pretrained(tmp_path / "hf")
+    code = main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "bad"), "--variant", "zoo_hf_temp"])
+    assert code == 2 and not (tmp_path / "bad").exists()
+    assert ("model.attention.variant = 'zoo_hf_temp': unknown variant" in (err := capsys.readouterr().err) and
+            "(import-hf --plugins MODULE)" in err)
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo"), "--variant", "zoo_hf_temp",
+                 "--plugins", "zoo_hf_plugin", "model.attention.temp=2.5"]) == 0
+    saved = yaml.safe_load((tmp_path / "zoo" / "config.yaml").read_text())
+    assert saved["plugins"] == ["zoo_hf_plugin"]  # train, eval and generate import it from the checkpoint's config
+    assert saved["model"]["attention"] == {"variant": "zoo_hf_temp", "temp": 2.5}
+    zoo = load_model(tmp_path / "zoo")
+    assert zoo.blocks[0].attention.temp == 2.5
+    code = main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "bad"), "--plugins", "zoo_no_such_mod"])
+    assert code == 2 and "--plugins: plugin module 'zoo_no_such_mod' cannot be imported" in capsys.readouterr().err
+
+
+def test_import_hf_overrides_set_the_variants_parameters_and_train_init_from_accepts_them(tmp_path, capsys):
+    tiny("llama", vocab_size=256).save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo"), "--variant", "selective",
+                 "model.attention.selection_head=1"]) == 0
+    zoo = load_model(tmp_path / "zoo")
+    assert zoo.blocks[0].attention.selection_head == 1
+    tiny_run = ["train.steps=1", "train.seq_len=16", "train.batch_size=2", "train.eval_batches=1", "train.warmup=0",
+                "--no-progress"]
+    assert main(["train", str(tmp_path / "zoo"), "--out", str(tmp_path / "run"), f"train.init_from={tmp_path / 'zoo'}",
+                 *tiny_run]) == 0
+    capsys.readouterr()
+    code = main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "bad"), "--variant", "selective",
+                 "model.attention.selection_head=9", "model.depth=3", "model.attention.kv_heads=2", "train.steps=3",
+                 "model.attention.qkv_bias=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "bad").exists()
+    where = f"override (on {tmp_path / 'hf'})"
+    assert f"{where}: model.depth = '3': fixed by the checkpoint" in err
+    assert f"{where}: model.attention.qkv_bias = 'true': fixed by the checkpoint" in err
+    assert f"{where}: model.attention.kv_heads = '2': set by the kv_heads argument (import-hf --kv-heads)" in err
+    assert f"{where}: train.steps = '3': an import takes overrides of the model section only" in err
+    code = main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "bad"), "--variant", "selective",
+                 "model.attention.selection_head=9"])
+    assert code == 2 and f"{where}: model.attention.selection_head = 9:" in capsys.readouterr().err
+
+
+def test_from_hf_saved_with_save_checkpoint_is_a_checkpoint_train_eval_and_load_model_read(tmp_path, capsys,
+                                                                                          monkeypatch, isolated_registry):
+    """docs/hf.md, In Python: from_hf(..., variant, parameters, plugins=, overrides=) then save_checkpoint."""
+    from attention_zoo.checkpoint import save_checkpoint
+
+    (tmp_path / "zoo_hf_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hf = tiny("llama", vocab_size=256)
+    zoo = from_hf(hf, variant="selective", selection_head=1)
+    assert save_checkpoint(tmp_path / "sel", zoo) == tmp_path / "sel"
+    loaded = load_model(tmp_path / "sel")
+    assert loaded.blocks[0].attention.selection_head == 1
+    x = tokens()
+    assert max_diff(logits(loaded, x), logits(zoo, x)) == 0.0
+    assert main(["eval", str(tmp_path / "sel"), "--seq-len", "16", "--batch-size", "2", "--batches", "1"]) == 0
+    temp = from_hf(hf, variant="zoo_hf_temp", plugins=["zoo_hf_plugin"], overrides=["model.attention.temp=3"])
+    save_checkpoint(tmp_path / "temp", temp)
+    assert yaml.safe_load((tmp_path / "temp" / "config.yaml").read_text())["plugins"] == ["zoo_hf_plugin"]
+    assert load_model(tmp_path / "temp").blocks[1].attention.temp == 3
+    with pytest.raises(UserError, match="plugins: plugin module 'zoo_no_such_mod' cannot be imported"):
+        from_hf(hf, plugins=["zoo_no_such_mod"])

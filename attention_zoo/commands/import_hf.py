@@ -13,12 +13,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(model.safetensors, config.yaml and SRC's tokenizer files) that eval, generate, calibrate and "
                        "train (train.init_from) accept. Needs transformers: pip install 'attention-zoo[hf]'.")
     p.add_argument("src", help="local transformers checkpoint folder (config.json + weights); nothing is downloaded")
+    p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
+                   help="overrides of the model section, as train takes them: the variant's parameters "
+                   "(model.attention.selection_head=1), per-layer variants (model.layers=[...]), model.dropout")
     p.add_argument("--out", required=True, help="zoo checkpoint folder to write: new or empty (or, with --overwrite, "
                    "an earlier import, replaced whole)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier import (never a "
                    "training run or its checkpoint)")
     p.add_argument("--variant", help="attention variant to run on the weights (default: vanilla, or gqa for a GQA "
-                   "checkpoint); its other parameters take their defaults")
+                   "checkpoint); its other parameters take their defaults unless set by overrides "
+                   "(model.attention.PARAM=VALUE)")
+    p.add_argument("--plugins", action="append", default=[], metavar="MOD[,MOD]",
+                   help="plug-in modules to import first, so --variant may name a variant they register; the "
+                   "checkpoint's config lists them under plugins: so train, eval and generate load them "
+                   "(repeatable; their folder must be importable, e.g. PYTHONPATH=.)")
     p.add_argument("--kv-heads", type=int, metavar="N", help="mean-pool consecutive key/value heads into N groups "
                    "(GQA uptraining); N must divide the checkpoint's kv heads")
     p.set_defaults(run=cmd_import_hf)
@@ -29,12 +37,14 @@ def cmd_import_hf(args) -> int:
     from ..data.base import VOCAB_SIZE
     from ..hf import from_hf
     from ..hf.files import check_import_target, copy_tokenizer_files, derive_generation_config, quiet_transformers
+    from ..registry import import_required_plugins
 
     quiet_transformers()
     # before any work: an existing folder is replaced only if it is an earlier import (never a training run)
     out = check_output_path("--out", args.out, "folder")
     check_import_target(out, "--out", args.overwrite)
-    model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads)
+    plugins = import_required_plugins(args.plugins)  # named by --plugins before the (slower) load
+    model = from_hf(args.src, variant=args.variant, kv_heads=args.kv_heads, plugins=plugins, overrides=args.overrides)
     with atomic_folder(out) as staging:  # the checkpoint and its tokenizer appear together or not at all
         copied = copy_tokenizer_files(args.src, staging)
         tokenizer = use_tokenizer(model, args.src, staging, out) if set(copied) - {"generation_config.json"} else None

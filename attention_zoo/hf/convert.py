@@ -5,11 +5,12 @@ import json
 import re
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
-from ..config import ConfigError, build_model
+from ..config import ConfigError, Problem, build_model
+from ..registry import import_required_plugins
 from .errors import ConversionError, require_transformers
 from .families import causal_lm_class, family_of, zoo_model_section
 from .weights import Source, gpt2_to_zoo, llama_to_zoo, non_finite_weights, pool_kv_heads
@@ -153,7 +154,7 @@ def zoo_attention_running(hf: Any) -> tuple[str | None, dict[str, Any]]:
 
 
 def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | None = None, backend: str = "auto",
-            **variant_params: Any):
+            plugins: Iterable[str] = (), overrides: Iterable[str] = (), **variant_params: Any):
     """A zoo CausalLM with the weights of a transformers Llama / Mistral / Qwen2 / GPT-2 causal LM.
 
     model_or_path: a transformers model (LlamaForCausalLM, MistralForCausalLM without sliding window,
@@ -166,11 +167,18 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
     kv_heads: fewer key/value heads than the checkpoint has: each group of consecutive kv heads is mean-pooled
         into one (the GQA paper's uptraining conversion); query head h reads pooled head h // (H / kv_heads).
     backend: the zoo attention backend the model runs on (auto, math, sdpa, ...).
+    plugins: modules to import first (as a config's `plugins:` does), so `variant` may name a plug-in's variant;
+        they are listed under the config's `plugins:`, so a checkpoint saved from the model loads them again.
+    overrides: `KEY.PATH=VALUE` strings applied to the model section as `train` takes them
+        (`model.attention.selection_head=1`, `model.layers=[...]`); keys the checkpoint fixes (its sizes, stack
+        and biases) and those `variant` / `kv_heads` set are refused.
     Returns the model in float32, eval mode, with `.config` the validated zoo config (tied or untied embeddings
     as the checkpoint has them). Logits equal transformers' in float32 (vanilla, no pooling) up to rounding.
     Raises ConversionError (a UserError) for an unsupported architecture or option, ConfigError for invalid
-    variant parameters.
+    variant parameters or overrides, UserError for a plug-in module that cannot be imported.
     """
+    plugins = import_required_plugins(list(plugins), flag="plugins") if plugins else []
+    overrides = list(overrides)
     hf = load_hf(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     family, model_section, attention = zoo_model_section(hf.config)
     expected = causal_lm_class(hf.config)
@@ -195,11 +203,18 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
     section.update({k: True for k in ("qkv_bias", "out_bias") if attention[k]})
     section.update(variant_params)
     where = type(hf).__name__ if not isinstance(model_or_path, (str, Path)) else str(model_or_path)
+    if problems := override_problems(overrides, model_section, where):
+        raise ConfigError(problems)
+    config: dict[str, Any] = {"plugins": plugins} if plugins else {}
     try:
-        zoo = build_model({"backend": backend, "model": {**model_section, "attention": section}})
+        zoo = build_model({**config, "backend": backend, "model": {**model_section, "attention": section}}, overrides)
     except ConfigError as exc:
         for problem in exc.problems:
-            problem.source = f"from_hf({where})"
+            problem.source = (f"override (on {where})" if problem.source.startswith("override")
+                              else f"from_hf({where})")
+            if problem.path.endswith("attention.variant") and "unknown variant" in problem.message and not plugins:
+                problem.message += ("; a plug-in's variant needs its module imported first: plugins=[MODULE] "
+                                    "(import-hf --plugins MODULE)")
         raise ConfigError(exc.problems) from None
     pool = (lambda w: w) if new_kv == checkpoint_kv else partial(pool_kv_heads, kv_heads=checkpoint_kv,
                                                                  new_kv_heads=new_kv)
@@ -212,6 +227,38 @@ def from_hf(model_or_path: Any, *, variant: str | None = None, kv_heads: int | N
     src.check_all_used()
     _load(zoo, state, where)
     return zoo.float().eval()
+
+
+# keys an override may not set: what `variant=` / `kv_heads=` (--variant / --kv-heads) set, and the biases the
+# checkpoint's weights have or lack
+_BY_ARGUMENT = {"model.attention.variant": "variant", "model.attention.kv_heads": "kv_heads"}
+_FIXED_ATTENTION = ("model.attention.qkv_bias", "model.attention.out_bias")
+
+
+def override_problems(overrides: list[str], model_section: dict[str, Any], where: str) -> list[Problem]:
+    """Problems of `KEY.PATH=VALUE` overrides of an import: a key outside `model.`, one the checkpoint fixes
+    (its sizes, stack, biases: the weights would not fit or would mean something else), one an argument sets."""
+    fixed = {f"model.{k}" for k in model_section} | set(_FIXED_ATTENTION)
+    source = f"override (on {where})"
+    problems = []
+    for override in overrides:
+        key, _, value = (part.strip() for part in override.partition("="))
+        if "=" not in override or not key:
+            continue  # load_config names a malformed one
+        head = next((f for f in (*fixed, *_BY_ARGUMENT, "model.attention", "model") if key == f or
+                     key.startswith(f + ".")), None)
+        if head is None:
+            problems.append(Problem(source, key, value, "an import takes overrides of the model section only "
+                                    "(model.attention.PARAM=VALUE, model.layers=[...]); train and eval settings "
+                                    "are given to train / eval"))
+        elif head in _BY_ARGUMENT:
+            problems.append(Problem(source, key, value, f"set by the {_BY_ARGUMENT[head]} argument "
+                                    f"(import-hf --{_BY_ARGUMENT[head].replace('_', '-')}), not by an override"))
+        elif head in fixed:
+            problems.append(Problem(source, key, value, "fixed by the checkpoint (its config.json and weights); "
+                                    "valid: model.attention.PARAM=VALUE (the variant's parameters), model.layers=[...] "
+                                    "(per-layer variants), model.dropout"))
+    return problems
 
 
 def _load(zoo: torch.nn.Module, state: dict, where: str) -> None:

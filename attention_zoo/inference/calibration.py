@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Batch
+from .key_scores import attentions, has_penalty_rule
 from .pruning import BudgetPolicy, Pruner, PruningError, PruningPolicy, ThresholdPolicy, WindowPolicy
 from .streaming import streaming_loss
 
@@ -61,7 +62,14 @@ class Calibrator:
         self.model, self.batches, self.context, self.tolerance = model, batches, context, tolerance
         self.evaluations: list[Evaluation] = []
         self.memo: dict[tuple, Evaluation] = {}
-        probe = Pruner(model, BudgetPolicy(context))  # raises PruningError if nothing has an F
+        mods = attentions(model)
+        if not any(has_penalty_rule(m) for m in mods):  # said here: the budget policy below is calibrate's own
+            names = ", ".join(sorted({type(m).__name__ for m in mods}))
+            raise PruningError(f"no layer of this model has a selection penalty F (no selective attention; "
+                               f"attention: {names}), so there are no budgets to calibrate; a sliding window needs "
+                               f"no penalty: measure its loss against the unpruned model with --measure window:K "
+                               f"(e.g. --measure window:{max(1, context // 2)}; docs/inference.md, Calibration)")
+        probe = Pruner(model, BudgetPolicy(context))
         self.groups, self.ranked = probe.groups, probe.ranked
         self.depth = probe.depth
         self.after_search = 0  # evaluations planned after the search (calibrate() sets it), for the bar's total
