@@ -705,12 +705,40 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
     for name, validator in SECTIONS.items():
         config[name], section_problems = validator(data.get(name), source)
         problems += section_problems
+    if problems:  # plan_run compares them in a valid config; in an invalid one here, so that all problems come at once
+        problems += _seq_len_problems(config, problems, source)
     for problem in problems:  # the validators name the config; name the base file or override that set the value
         if problem.source == source:
             problem.source = origin_of(problem.path, origins, source)
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def seq_len_problem(source: str, seq_len: int, max_seq_len: int) -> Problem | None:
+    """The problem of a train.seq_len longer than model.max_seq_len (the training length the model is built for:
+    learned positions end there), else None."""
+    if seq_len <= max_seq_len:
+        return None
+    return Problem(source, "train.seq_len", seq_len, f"longer than model.max_seq_len ({max_seq_len}); raise "
+                                                     "model.max_seq_len")
+
+
+def _seq_len_problems(config: Config, problems: list[Problem], source: str) -> list[Problem]:
+    """[seq_len_problem] of a config with other `problems`, when train.seq_len is set and it and model.max_seq_len
+    hold valid values (no problem at those keys or a section above them): that check needs only these two values,
+    so a wrong model.dim does not hide it until it is fixed (a null seq_len depends on the dataset: plan_run's)."""
+    def valid(key: str) -> bool:
+        return not any(key == p.path or key.startswith(f"{p.path}.") for p in problems)
+
+    train, model = config.get("train"), config.get("model")
+    if not (isinstance(train, dict) and isinstance(model, dict) and valid("train.seq_len") and valid("model.max_seq_len")):
+        return []
+    seq_len, max_seq_len = train.get("seq_len"), model.get("max_seq_len")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seq_len, max_seq_len)):
+        return []
+    problem = seq_len_problem(source, seq_len, max_seq_len)
+    return [problem] if problem is not None else []
 
 
 def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[str] = ()):
