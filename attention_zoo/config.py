@@ -23,7 +23,7 @@ from .errors import UserError
 from .numbers import finite_problem
 from .registry import PluginFailure, RegistryError, did_you_mean, import_plugins, valid_choices
 from .state import CHANNELS
-from .variant import LayerShape, run_check, type_name, type_ok
+from .variant import LayerShape, meta_only, plugin_line, run_check, type_name, type_ok, zoos_own
 from .variant_registry import VARIANTS, check_params, get_variant, resolved_params
 
 log = logging.getLogger(__name__)
@@ -349,9 +349,56 @@ def resolved_layers(model: dict) -> list[dict[str, Any]]:
 
 
 def build_attentions(model: dict, backend: str = "auto") -> list[torch.nn.Module]:
-    """One attention module per layer, as the config says."""
-    return [get_variant(s.variant)(layer_shape(model, s.index), backend=backend, **resolved_params(s.variant, s.params))
-            for s in layer_specs(model)]
+    """One attention module per layer, as the config says. Raises LayerBuildFailed when a plug-in's constructor
+    (or a UserError of the zoo's own) fails; see `_build_attention`."""
+    return [_build_attention(model, s, backend) for s in layer_specs(model)]
+
+
+class LayerBuildFailed(Exception):
+    """Building layer `spec.index`'s attention failed (the constructor's exception is `__cause__`): `problem(source)`
+    is the Problem at the key that chose its variant, naming the layer, the class and the plug-in's line."""
+
+    def __init__(self, spec: LayerSpec, cls: type, exc: Exception):
+        super().__init__(f"layer {spec.index} ({cls.__module__}.{cls.__qualname__}): {type(exc).__name__}: {exc}")
+        self.spec, self.cls, self.exc = spec, cls, exc
+
+    def problem(self, source: str) -> Problem:
+        spec, cls, exc = self.spec, self.cls, self.exc
+        if isinstance(exc, UserError):  # a layer refusing its configuration: the message says what to change
+            message = f"layer {spec.index}: {exc}"
+        else:
+            message = (f"layer {spec.index} ({cls.__module__}.{cls.__qualname__}): its __init__ raised "
+                       f"{type(exc).__name__}: {exc}{plugin_line(exc, cls)}")
+        return Problem(source, f"{spec.origin.get('variant', 'model.attention')}.variant", spec.variant, message)
+
+
+def _build_attention(model: dict, spec: LayerSpec, backend: str) -> torch.nn.Module:
+    """Layer `spec`'s attention module. Validation and the dry runs build under `torch.device("meta")` (no
+    weights); an __init__ that reads a tensor's value (`float(torch.log(torch.tensor(2.0)))`, `.item()`) cannot
+    run there, though it runs on every real device: such a layer is built on the CPU instead and moved to meta
+    (its weights allocated for that moment), so the plug-in validates, plans and builds as any other.
+
+    A failure of a plug-in's constructor (or a UserError, a layer refusing its configuration) is raised as
+    LayerBuildFailed; running out of memory passes through (build_model says how large the model is), and any
+    other failure of the zoo's own classes too: a bug, to see with its traceback."""
+    cls = get_variant(spec.variant)
+    shape, params = layer_shape(model, spec.index), resolved_params(spec.variant, spec.params)
+    try:
+        return cls(shape, backend=backend, **params)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        if torch.get_default_device().type == "meta" and meta_only(exc):
+            with torch.device("cpu"):
+                try:
+                    return cls(shape, backend=backend, **params).to("meta")
+                except Exception as cpu_exc:  # what a real build meets, reported as below
+                    exc = cpu_exc
+        if isinstance(exc, RuntimeError) and "alloc" in str(exc).lower():  # out of memory, as build_model tells it
+            raise exc
+        if zoos_own(cls) and not isinstance(exc, UserError):
+            raise exc
+        raise LayerBuildFailed(spec, cls, exc) from exc
 
 
 def check_state_flow(model: dict, source: str) -> list[Problem]:
@@ -360,8 +407,8 @@ def check_state_flow(model: dict, source: str) -> list[Problem]:
     try:
         with torch.device("meta"):
             attentions = build_attentions(model)
-    except Exception as exc:  # a plug-in's constructor failing is a config problem, not a crash
-        return [Problem(source, "model.attention", _MISSING, f"building the layers failed: {type(exc).__name__}: {exc}")]
+    except LayerBuildFailed as exc:  # a plug-in's constructor failing is a config problem, not a crash
+        return [exc.problem(source)]
     written: set[str] = set()
     for spec, attn in zip(layer_specs(model), attentions):
         for channel in attn.reads:
@@ -658,12 +705,40 @@ def load_config(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) 
     for name, validator in SECTIONS.items():
         config[name], section_problems = validator(data.get(name), source)
         problems += section_problems
+    if problems:  # plan_run compares them in a valid config; in an invalid one here, so that all problems come at once
+        problems += _seq_len_problems(config, problems, source)
     for problem in problems:  # the validators name the config; name the base file or override that set the value
         if problem.source == source:
             problem.source = origin_of(problem.path, origins, source)
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def seq_len_problem(source: str, seq_len: int, max_seq_len: int) -> Problem | None:
+    """The problem of a train.seq_len longer than model.max_seq_len (the training length the model is built for:
+    learned positions end there), else None."""
+    if seq_len <= max_seq_len:
+        return None
+    return Problem(source, "train.seq_len", seq_len, f"longer than model.max_seq_len ({max_seq_len}); raise "
+                                                     "model.max_seq_len")
+
+
+def _seq_len_problems(config: Config, problems: list[Problem], source: str) -> list[Problem]:
+    """[seq_len_problem] of a config with other `problems`, when train.seq_len is set and it and model.max_seq_len
+    hold valid values (no problem at those keys or a section above them): that check needs only these two values,
+    so a wrong model.dim does not hide it until it is fixed (a null seq_len depends on the dataset: plan_run's)."""
+    def valid(key: str) -> bool:
+        return not any(key == p.path or key.startswith(f"{p.path}.") for p in problems)
+
+    train, model = config.get("train"), config.get("model")
+    if not (isinstance(train, dict) and isinstance(model, dict) and valid("train.seq_len") and valid("model.max_seq_len")):
+        return []
+    seq_len, max_seq_len = train.get("seq_len"), model.get("max_seq_len")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seq_len, max_seq_len)):
+        return []
+    problem = seq_len_problem(source, seq_len, max_seq_len)
+    return [problem] if problem is not None else []
 
 
 def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[str] = ()):
@@ -688,6 +763,8 @@ def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[
 
     try:
         model = build()
+    except LayerBuildFailed as exc:  # the real device met what the meta check did not (validation passed)
+        raise ConfigError([exc.problem(config.source)]) from exc.exc
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
         if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(exc).lower():
             raise

@@ -6,9 +6,7 @@ forward `train` runs on the real device before it writes its run folder (after t
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
-import traceback
 from collections.abc import Callable, Iterator
 
 import torch
@@ -19,7 +17,7 @@ from .config import Config, ConfigError, Problem, build_model, layer_specs
 from .errors import UserError
 from .model import CausalLM
 from .ops.residual import recording_dense_carries
-from .variant import zoos_own
+from .variant import meta_only, plugin_line, zoos_own
 
 
 def dry_run(config: Config, *, train: bool = False, device: str = "cpu", warm_up_follows: bool = False
@@ -70,23 +68,14 @@ def dry_run(config: Config, *, train: bool = False, device: str = "cpu", warm_up
             try:
                 backward(logits)
             except Exception as exc:
-                if not (_meta_only(exc) or (warm_up_follows and _names_meta(str(exc)))):
+                if not (meta_only(exc) or (warm_up_follows and _names_meta(str(exc)))):
                     raise
             model.zero_grad(set_to_none=True)
     return model, per_layer, dense_residual
 
 
-def _meta_only(exc: BaseException) -> bool:
-    """Whether `exc` is a failure only the meta device causes: a tensor's values read (.item(): "cannot be called
-    on meta tensors", .tolist(): "Cannot copy out of meta tensor", .numpy(): "meta device type"), or an op
-    without a meta kernel ("... from the 'Meta' backend", "... with Meta tensors, but there was no fake impl or
-    Meta kernel registered")."""
-    return re.search(r"\bmeta tensors?\b|\bmeta device type\b|'Meta' backend|\bMeta kernel\b", str(exc),
-                     re.IGNORECASE) is not None
-
-
 def _names_meta(message: str) -> bool:
-    """Whether `message` is about the meta device at all: one `_meta_only` matches, or a device mismatch with a
+    """Whether `message` is about the meta device at all: one `meta_only` matches, or a device mismatch with a
     tensor made on a fixed device ("... found at least two devices, meta and cpu!")."""
     return re.search(r"\bmeta\b|same device", message, re.IGNORECASE) is not None
 
@@ -214,7 +203,7 @@ def _plugin_problem(config: Config, model: CausalLM, innermost: str, exc: Except
     module = model.get_submodule(name)
     if zoos_own(type(module)):
         return None
-    what = f"{during} raised {type(exc).__name__}: {exc}{_where(exc, type(module))}{_advice(str(exc))}"
+    what = f"{during} raised {type(exc).__name__}: {exc}{plugin_line(exc, type(module))}{_advice(str(exc))}"
     cls = f"{type(module).__module__}.{type(module).__qualname__}"
     if parts[owner] == "attention":
         spec = layer_specs(config["model"])[int(parts[1])]
@@ -232,17 +221,6 @@ def _layer_refusal(config: Config, innermost: str, exc: UserError) -> Problem | 
         return None
     spec = layer_specs(config["model"])[int(parts[1])]
     return Problem(config.source, f"{spec.origin['variant']}.variant", spec.variant, f"layer {spec.index}: {exc}")
-
-
-def _where(exc: Exception, cls: type) -> str:
-    """" (at FILE:LINE)": the last line of `cls`'s source file that `exc` passed through (the plug-in author's own
-    line, where the zoo code it called raised), or "" when its traceback never entered that file."""
-    try:
-        source = inspect.getsourcefile(cls)
-    except TypeError:  # a class defined where no file can be found (an interactive session)
-        return ""
-    lines = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == source]
-    return f" (at {lines[-1].filename}:{lines[-1].lineno})" if lines else ""
 
 
 def _advice(message: str) -> str:

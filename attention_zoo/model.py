@@ -95,11 +95,14 @@ class CausalLM(nn.Module):
         """tokens (B, N) -> logits (B, N, V). With `cache`, tokens continue what the cache has seen.
 
         return_state: also return each layer's state updates (a list of dicts), e.g. for auxiliary
-        losses on the selection penalty. Raises ValueError past `max_positions` (learned positions) and for a
+        losses on the selection penalty. Raises ValueError for a token id outside 0..vocab_size-1 (CPU tokens
+        only), past `max_positions` (learned positions) and for a
         state write that does not match its channel (state.check_writes), RuntimeError for a write the layer
         did not declare (state.merge).
         """
         B, N = tokens.shape
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            self._check_ids(tokens)
         start = cache.seen if cache is not None else 0
         if self.max_positions is not None and start + N > self.max_positions:
             raise ValueError(f"sequence of {start + N} tokens exceeds model.max_seq_len={self.max_seq_len} "
@@ -123,6 +126,21 @@ class CausalLM(nn.Module):
             cache.seen += N
         logits = self.lm_head(self.norm(x))  # (B, N, V)
         return (logits, per_layer) if return_state else logits
+
+    def _check_ids(self, tokens: Tensor) -> None:
+        """Raise ValueError naming the first token id outside 0..vocab_size-1 and its position: the embedding's
+        own error is `IndexError: index out of range in self`. CPU tensors only: on a GPU the check would read a
+        value back to the host (a device sync every forward), and the device's own assert names no id anyway;
+        skipped under torch.compile, where a data-dependent branch breaks the graph."""
+        bad = (tokens < 0) | (tokens >= self.vocab_size)
+        if not bad.any():
+            return
+        where = bad.nonzero()
+        position = tuple(where[0].tolist())
+        count = f"; {len(where)} ids are outside" if len(where) > 1 else ""
+        raise ValueError(f"token id {tokens[position].item()} at position {position} of tokens "
+                         f"{tuple(tokens.shape)} is outside the vocabulary: ids are 0..{self.vocab_size - 1} "
+                         f"(model.vocab_size = {self.vocab_size}){count}")
 
     def warm_up(self, device: torch.device | str, *, grad: bool = False) -> list[int]:
         """One forward of two tokens on `device`, without dropout (and gradients), so that what a backend builds

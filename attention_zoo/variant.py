@@ -8,6 +8,7 @@ that is not a softmax), in which case no backend runs that layer.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
@@ -83,6 +84,28 @@ def zoos_own(obj: Any) -> bool:
     """Whether `obj` (a class or function) is defined in the zoo itself, not in a plug-in: a failure inside it is the
     zoo's bug, raised with its traceback, where a plug-in's is reported as a problem at its config key."""
     return (getattr(obj, "__module__", None) or "").split(".")[0] == "attention_zoo"
+
+
+def meta_only(exc: BaseException) -> bool:
+    """Whether `exc` is a failure only the meta device causes: a tensor's values read (.item(): "cannot be called
+    on meta tensors", .tolist(): "Cannot copy out of meta tensor", .numpy(): "meta device type"), or an op
+    without a meta kernel ("... from the 'Meta' backend", "... with Meta tensors, but there was no fake impl or
+    Meta kernel registered")."""
+    return re.search(r"\bmeta tensors?\b|\bmeta device type\b|'Meta' backend|\bMeta kernel\b", str(exc),
+                     re.IGNORECASE) is not None
+
+
+def plugin_line(exc: BaseException, cls: type) -> str:
+    """" (at FILE:LINE)": the last line of `cls`'s source file that `exc` passed through (the plug-in author's own
+    line, where the zoo code it called raised), or "" when its traceback never entered that file."""
+    import traceback
+
+    try:
+        source = inspect.getsourcefile(cls)
+    except TypeError:  # a class defined where no file can be found (an interactive session)
+        return ""
+    lines = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == source]
+    return f" (at {lines[-1].filename}:{lines[-1].lineno})" if lines else ""
 
 
 def run_check(check: Callable[..., str | None], *args: Any) -> str | None:

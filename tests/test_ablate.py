@@ -502,3 +502,48 @@ def test_a_seed_outside_torchs_range_is_named_at_seeds_once(tmp_path):
     assert [(p.path, p.value) for p in problems] == [("seeds", -1), ("seeds", 2**64)]
     assert "torch would read -1 as 18446744073709551615" in problems[0].message
     assert read_sweep_file(sweep_file(tmp_path, seeds=[0, 2**64 - 1])).seeds == [0, 2**64 - 1]
+
+
+def test_a_metric_the_dataset_does_not_report_is_named_for_every_run_with_the_other_problems(tmp_path, capsys):
+    """The metric was checked only for runs whose config and plan were valid: with one run's variant misspelt and
+    another's seq_len too long, the metric's problem named the remaining runs ("runs: ...") and, had every run
+    another problem, showed only after those were fixed. It needs only the data section: "every run", at once."""
+    path = sweep_file(tmp_path, metric="val.accuracy",
+                      grid={"model.attention.variant": ["vanilla", "selectve"]},
+                      runs={"long": {"train.seq_len": 32}})
+    assert main(["ablate", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems in config" in err, err
+    assert (f"{path} (every run): metric = 'val.accuracy': dataset 'shakespeare' does not report it; "
+            "valid here: val.bpb, val.loss") in err, err
+    assert f"{path} (runs: variant=selectve): model.attention.variant = 'selectve': unknown variant" in err, err
+    assert f"{path} (runs: long): train.seq_len = 32: longer than model.max_seq_len (16)" in err, err
+
+
+def test_the_documented_sweep_problems_are_what_ablate_prints(isolated_registry, tmp_path, monkeypatch, capsys):
+    """docs/ablations.md's example of every problem at once, run as written: its sweep file and plug-in in a
+    configs/ablations folder beside a copy of configs/train/shakespeare_tiny.yaml; the printed problems are the
+    doc's, word for word (the plug-in's path aside)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "ablations.md").read_text()
+    example = doc[doc.index("**Everything is validated before anything trains.**"):]
+    sweep_yaml = re.search(r"```yaml\n(.*?)```", example, re.S).group(1)
+    kernel = re.search(r"```python\n(.*?)```", example, re.S).group(1)
+    command, *expected = re.search(r"```\n\$ (.*?)```", example, re.S).group(1).rstrip("\n").split("\n")
+    assert command == ("cd configs/ablations && PYTHONPATH=. attention-zoo ablate sweep.yaml --dry-run "
+                       "--set 'plugins=[my_kernel]'")
+    folder = tmp_path / "configs" / "ablations"
+    folder.mkdir(parents=True)
+    (tmp_path / "configs" / "train").mkdir()
+    (tmp_path / "configs" / "train" / "shakespeare_tiny.yaml").write_text(
+        (root / "configs" / "train" / "shakespeare_tiny.yaml").read_text())
+    (folder / "sweep.yaml").write_text(sweep_yaml)
+    (folder / "my_kernel.py").write_text(kernel)
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    assert main(["ablate", "sweep.yaml", "--dry-run", "--set", "plugins=[my_kernel]"]) == 2
+    printed = capsys.readouterr().err.replace(str(folder / "my_kernel.py"),
+                                              "/home/me/attention-zoo/configs/ablations/my_kernel.py")
+    assert printed.rstrip("\n").split("\n") == expected

@@ -324,3 +324,17 @@ def test_swiglu_gradients_match_finite_differences_and_it_keeps_two_hidden_sized
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         swiglu(gate * 1.0, up * 1.0)
     assert saved == [gate.numel()] * 2
+
+
+@pytest.mark.parametrize("bad,row,col", [(SMALL["vocab_size"], 1, 2), (-1, 0, 4)])
+def test_a_token_id_outside_the_vocabulary_is_named(bad, row, col):
+    """torch's embedding said only `IndexError: index out of range in self`: which id, which position, what is valid."""
+    model = build_model({"model": SMALL})
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    tokens[row, col] = bad
+    tokens[1, 3] = bad  # a later one: the first is named, with how many there are
+    message = (f"token id {bad} at position ({row}, {col}) of tokens (2, 5) is outside the vocabulary: "
+               f"ids are 0..{SMALL['vocab_size'] - 1} (model.vocab_size = {SMALL['vocab_size']}); 2 ids are outside")
+    with pytest.raises(ValueError) as info:
+        model(tokens)
+    assert str(info.value) == message

@@ -305,3 +305,28 @@ def test_cli_validate_exits_2_without_traceback(tmp_path, run_cli):
     assert "Traceback" not in result.stderr + result.stdout
     assert "vanilla.yaml: ok" in result.stdout
     assert f"{bad}: model.attention.variant = 'selectve'" in result.stdout + result.stderr
+
+
+def test_validate_reports_a_seq_len_over_max_seq_len_with_the_model_problems(tmp_path, capsys):
+    """plan_run, which compares train.seq_len with model.max_seq_len, runs only for a config whose every key is valid:
+    a wrong model.heads hid the seq_len problem until it was fixed. The comparison needs only those two values."""
+    from attention_zoo.cli import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: {dim: 30, heads: 4, max_seq_len: 128}\ntrain: {seq_len: 256}\n")
+    assert main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert "2 problems in config" in out, out
+    assert f"{cfg}: model.heads = 4: dim (30) must be divisible by heads" in out, out
+    assert f"{cfg}: train.seq_len = 256: longer than model.max_seq_len (128); raise model.max_seq_len" in out, out
+    cfg.write_text("model: {dim: 32, heads: 4, max_seq_len: 128}\ntrain: {seq_len: 256}\n")  # the model fixed: once
+    assert main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert "1 problem in config" in out and out.count("train.seq_len = 256") == 1, out
+    for bad in ("model: {dim: 30, heads: 4, max_seq_len: 0}\ntrain: {seq_len: 256}\n",  # no valid value to compare
+                "model: {dim: 30, heads: 4, max_seq_len: 128}\ntrain: {seq_len: 256, lr: x}\ndata: {name: nope}\n",
+                "model: {dim: 30, heads: 4, max_seq_len: 128}\ntrain: {seq_len: 100}\n"):
+        cfg.write_text(bad)
+        assert main(["validate", str(cfg)]) == 2
+        out = capsys.readouterr().out
+        assert ("longer than model.max_seq_len" in out) == ("lr: x" in bad), out

@@ -877,3 +877,77 @@ def test_a_norm_plugin_that_returns_another_shape_is_named_not_the_layer_after_i
                "returns its input's shape" in out, out
     finally:
         del NORMS.registry._entries["zoo_flattening_norm"]
+
+
+_INIT_PLUGIN = '''
+import math
+
+import torch
+from torch import nn
+
+from attention_zoo.variant import ProjectedAttention
+from attention_zoo.variant_registry import register_variant
+
+
+@register_variant("zoo_init_typo")
+class InitTypo(ProjectedAttention):
+    params = {**ProjectedAttention.params}
+
+    def __init__(self, shape, **base):
+        super().__init__(shape, **base)
+        self.scale = nn.Parameter(torch.ones(shape.num_heads))  # LayerShape has `heads`
+
+
+@register_variant("zoo_init_reads_values")
+class InitReadsValues(ProjectedAttention):
+    """Its constant computed with torch (float() of a tensor): reads a value, which a meta tensor does not hold."""
+    params = {**ProjectedAttention.params}
+
+    def __init__(self, shape, **base):
+        super().__init__(shape, **base)
+        self.temperature = nn.Parameter(torch.full((shape.heads,), float(torch.log(torch.tensor(2.0)))))
+'''
+
+
+def _init_plugin(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "zoo_init_plugin.py"
+    path.write_text(_INIT_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return path
+
+
+def test_a_plugin_whose_init_fails_is_named_with_its_layer_class_and_line(isolated_registry, monkeypatch, tmp_path,
+                                                                          capsys):
+    """A plug-in whose __init__ raised was reported as `model.attention: building the layers failed: ...`, without
+    the layer, the class or the plug-in's line; now at the key that chose the variant, as a forward failure is."""
+    plugin = _init_plugin(tmp_path, monkeypatch)
+    line = _INIT_PLUGIN.splitlines().index("        self.scale = nn.Parameter(torch.ones(shape.num_heads))  "
+                                           "# LayerShape has `heads`") + 1
+    config = small_model({"variant": "vanilla"}, plugins=["zoo_init_plugin"])
+    config["model"]["layers"] = [{"at": 1, "attention": {"variant": "zoo_init_typo"}}]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert (f"{cfg}: model.layers[0].attention.variant = 'zoo_init_typo': layer 1 (zoo_init_plugin.InitTypo): "
+            f"its __init__ raised AttributeError: 'LayerShape' object has no attribute 'num_heads' "
+            f"(at {plugin}:{line})") in out, out
+    with pytest.raises(ConfigError, match=r"layer 1 \(zoo_init_plugin.InitTypo\)"):
+        build_model(cfg)
+
+
+def test_a_plugin_whose_init_reads_tensor_values_builds_validates_and_runs(isolated_registry, monkeypatch, tmp_path,
+                                                                         capsys):
+    """Validation builds the layers on the meta device, where float(tensor) raises: such a plug-in, fine on a real
+    device, failed validate, build_model and the dry run. A layer whose __init__ needs values is built on the CPU and
+    moved to meta for the checks; a real build is on the real device."""
+    _init_plugin(tmp_path, monkeypatch)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small_model({"variant": "zoo_init_reads_values"}, plugins=["zoo_init_plugin"])))
+    assert cli_main(["validate", str(cfg)]) == 0, capsys.readouterr().out
+    model = build_model(cfg)
+    assert model.blocks[0].attention.temperature.device.type == "cpu"
+    assert torch.allclose(model.blocks[0].attention.temperature, torch.full((4,), math.log(2.0)))
+    assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 32)
+    with torch.device("meta"):  # as validate and the dry run build it
+        assert build_model(cfg).blocks[1].attention.temperature.device.type == "meta"

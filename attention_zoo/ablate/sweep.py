@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (
+    SECTIONS,
     Config,
     ConfigError,
     Field,
@@ -41,7 +42,7 @@ from ..config import (
     resolve_file_keys,
     validate_fields,
 )
-from ..data import DataError
+from ..data import DataError, build_dataset
 from ..numbers import is_whole, seed_problem
 from .dry_runs import dry_run_problems, model_key
 
@@ -314,6 +315,24 @@ def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) ->
         key = (problem.path, repr(problem.value), problem.message)
         found.setdefault(key, (problem, []))[1].append(label)
 
+    def metric_checked(section: dict, label: str) -> Any:
+        """The dataset of validated data section `section` (built once per distinct section), after noting for run
+        `label` the problem of a metric it does not report, or of building it (a DataError); None when it could not
+        be built. A run whose model or train section is wrong is checked too: a metric's problem is then named for
+        every run it concerns ("every run"), not only for the runs valid so far, and with their other problems."""
+        data_key = json.dumps(section, sort_keys=True, default=str)
+        if data_key not in datasets:
+            try:
+                datasets[data_key] = build_dataset(section, source=source)
+            except DataError as exc:
+                datasets[data_key] = Problem(source, exc.key, exc.value, exc.hint)
+        if isinstance(built := datasets[data_key], Problem):
+            note(built, label)
+            return None
+        if (msg := _metric_problem(metric, built)) is not None:
+            note(Problem(source, "metric", metric, msg), label)
+        return built
+
     for run in runs:
         raw = copy.deepcopy(base_raw)
         for key, value in run.settings.items():
@@ -328,6 +347,10 @@ def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) ->
         except ConfigError as exc:
             for p in exc.problems:
                 note(p, run.label)
+            if "base" not in raw:  # (a base mapping's own `base:` file would hold the data section)
+                section, section_problems = SECTIONS["data"](raw.get("data"), source)
+                if not section_problems:  # needs only the data section: reported with the rest, not after
+                    metric_checked(section, run.label)
             continue
         config.source = f"{source} [{run.label}]"
         run.config = config
@@ -342,9 +365,10 @@ def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) ->
                 problem = "its config.yaml: " + "; ".join(map(str, exc.problems))
             if problem is not None:
                 note(Problem(source, "train.init_from", init_from, problem), run.label)
-        data_key = json.dumps(config["data"], sort_keys=True, default=str)
+        if (dataset := metric_checked(config["data"], run.label)) is None:  # a data problem, noted
+            continue
         try:
-            plan = plan_run(config, dataset=datasets.get(data_key))
+            plan_run(config, dataset=dataset)
         except ConfigError as exc:
             for p in exc.problems:
                 note(p, run.label)
@@ -352,9 +376,6 @@ def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) ->
         except DataError as exc:
             note(Problem(source, exc.key, exc.value, exc.hint), run.label)
             continue
-        datasets[data_key] = plan.dataset
-        if (msg := _metric_problem(metric, plan)) is not None:
-            note(Problem(source, "metric", metric, msg), run.label)
 
     problems = []
     every = {r.label for r in runs}
@@ -366,16 +387,20 @@ def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) ->
     return problems
 
 
-def _metric_problem(metric: str, plan) -> str | None:
-    """Can this run report `metric`? A task has accuracy and no bits per byte; a corpus the reverse."""
+def _metric_problem(metric: str, dataset) -> str | None:
+    """Can a run on `dataset` report `metric`? A task has accuracy and no bits per byte; a corpus the reverse. Asked
+    of the dataset alone (one example of a task, one token of a corpus), so that it holds whatever else is wrong."""
     if not metric.startswith("val.") or metric == "val.loss":
         return None
-    batch = next(iter(plan.dataset.eval_batches("val", 1, plan.seq_len, 1)))
-    tokenized = getattr(plan.dataset, "bytes_per_token", None) is not None  # data.tokenizer: bpb over its bytes
+    try:
+        batch = next(iter(dataset.eval_batches("val", 1, dataset.fixed_seq_len or 1, 1)))
+    except (DataError, StopIteration):  # a split too short for even that: plan_run names it
+        return None
+    tokenized = getattr(dataset, "bytes_per_token", None) is not None  # data.tokenizer: bpb over its bytes
     has = {"val.accuracy": batch.metric_mask is not None,
-           "val.bpb": batch.metric_mask is None and (plan.dataset.vocab_size == 256 or tokenized),
-           "val.ppl": batch.metric_mask is None and plan.dataset.vocab_size != 256 and not tokenized}
+           "val.bpb": batch.metric_mask is None and (dataset.vocab_size == 256 or tokenized),
+           "val.ppl": batch.metric_mask is None and dataset.vocab_size != 256 and not tokenized}
     if has[metric]:
         return None
     offer = [m for m, ok in has.items() if ok] + ["val.loss"]
-    return f"dataset {plan.dataset.name!r} does not report it; valid here: {', '.join(offer)}"
+    return f"dataset {dataset.name!r} does not report it; valid here: {', '.join(offer)}"

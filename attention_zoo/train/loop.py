@@ -45,7 +45,7 @@ from ..checkpoint import (
     save_checkpoint,
     with_legacy_stack,
 )
-from ..config import Config, ConfigError, Problem, build_model, load_config, resolved_layers
+from ..config import Config, ConfigError, Problem, build_model, load_config, resolved_layers, seq_len_problem
 from ..data import IGNORE_INDEX, Dataset, build_dataset
 from ..dry_run import dry_run, plugin_failures_reported
 from ..errors import UserError
@@ -86,9 +86,8 @@ def plan_run(config: Config, world: D.World = D.World(), dataset: Dataset | None
         problems.append(Problem(config.source, "data", dict(config["data"]), f"its examples are {seq_len} tokens, "
                                 f"longer than model.max_seq_len ({model['max_seq_len']}); shorten them (fewer "
                                 "assignments or queries) or raise model.max_seq_len"))
-    elif seq_len > model["max_seq_len"]:
-        problems.append(Problem(config.source, "train.seq_len", seq_len,
-                                f"longer than model.max_seq_len ({model['max_seq_len']}); raise model.max_seq_len"))
+    elif (problem := seq_len_problem(config.source, seq_len, model["max_seq_len"])) is not None:
+        problems.append(problem)  # load_config reports it too, when other keys are wrong (seq_len is set then)
     if dataset.fixed_seq_len and seq_len < dataset.fixed_seq_len:
         problems.append(Problem(config.source, "train.seq_len", seq_len, f"dataset {dataset.name!r} needs at least "
                                 f"{dataset.fixed_seq_len} (one example); raise it or shorten the examples"))
