@@ -11,7 +11,8 @@
   PyTorch custom operator with a fake implementation, so dynamo traces the whole model as one graph, with no
   graph break at the kernel; compiled steps give eager's logits and gradients (tests/test_compile.py, with
   aot_eager and inductor, and with dynamic shapes). Compiled after train's eager warm-up forward, which builds
-  the kernel. Not checked: the Triton kernels on a GPU under torch.compile (no GPU where this was written).
+  the kernel. Not checked: the Triton kernels on a GPU under torch.compile (no GPU where this was written;
+  tests/gpu/test_compile_gpu.py checks them where one is).
 
 Both patch the model instance, never its class or its state_dict keys: checkpoints load either way.
 """
