@@ -749,6 +749,7 @@ def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[
 
     config = config_or_path if isinstance(config_or_path, Config) and not overrides else load_config(config_or_path, overrides)
     from .components import MLPS, NORMS, POSITIONS
+    from .components.base import ComponentBuildFailed
 
     m = config["model"]
     shape = stack_shape(m)
@@ -764,6 +765,8 @@ def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[
     try:
         model = build()
     except LayerBuildFailed as exc:  # the real device met what the meta check did not (validation passed)
+        raise ConfigError([exc.problem(config.source)]) from exc.exc
+    except ComponentBuildFailed as exc:  # a plug-in MLP, norm or positional scheme (validation builds none)
         raise ConfigError([exc.problem(config.source)]) from exc.exc
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
         if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(exc).lower():

@@ -951,3 +951,31 @@ def test_a_plugin_whose_init_reads_tensor_values_builds_validates_and_runs(isola
     assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 32)
     with torch.device("meta"):  # as validate and the dry run build it
         assert build_model(cfg).blocks[1].attention.temperature.device.type == "meta"
+
+
+def test_a_plugin_component_whose_init_fails_is_named_at_its_model_key(tmp_path, capsys):
+    """A plug-in MLP (norm, positional scheme) whose __init__ raised escaped validate and build_model as a raw
+    traceback (validation builds only the attention layers); now a problem at model.mlp with its class and line."""
+    from attention_zoo.components import MLPS
+    from attention_zoo.components.mlps import SwiGLU
+
+    @MLPS.register("zoo_init_typo_mlp")
+    class InitTypoMLP(SwiGLU):
+        def __init__(self, shape, **params):
+            super().__init__(shape, **params)
+            self.gain = torch.nn.Parameter(torch.ones(shape.width))  # StackShape has `dim`
+
+    try:
+        config = small_model({"variant": "vanilla"})
+        config["model"]["mlp"] = "zoo_init_typo_mlp"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        assert cli_main(["validate", str(cfg)]) == 2
+        out = capsys.readouterr().out
+        assert (f"{cfg}: model.mlp = 'zoo_init_typo_mlp': test_plugins.test_a_plugin_component_whose_init_fails_is_"
+                "named_at_its_model_key.<locals>.InitTypoMLP: its __init__ raised AttributeError: ") in out, out
+        assert f"(at {__file__}:" in out, out
+        with pytest.raises(ConfigError, match=r"model.mlp = 'zoo_init_typo_mlp': .*InitTypoMLP: its __init__ raised"):
+            build_model(cfg)
+    finally:
+        del MLPS.registry._entries["zoo_init_typo_mlp"]

@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
+import torch
+
 from ..registry import Registry, RegistryError
-from ..variant import Param
+from ..variant import Param, plugin_line, zoos_own
 
 T = TypeVar("T", bound=type)
 
@@ -94,6 +96,30 @@ class ComponentKind(Generic[T]):
         return out
 
     def build(self, name: str, shape: StackShape, model: dict[str, Any]) -> Any:
-        """An instance of component `name`, given the model-section values of the keys it declares."""
+        """An instance of component `name`, given the model-section values of the keys it declares. Raises
+        ComponentBuildFailed when a plug-in's constructor raises (a zoo component's failure is a bug: as it is)."""
         cls = self.get(name)
-        return cls(shape, **{key: model.get(key, param.default) for key, param in cls.params.items()})
+        try:
+            return cls(shape, **{key: model.get(key, param.default) for key, param in cls.params.items()})
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            if zoos_own(cls) or (isinstance(exc, RuntimeError) and "alloc" in str(exc).lower()):
+                raise
+            raise ComponentBuildFailed(self.key, name, cls, exc) from exc
+
+
+class ComponentBuildFailed(Exception):
+    """A plug-in component's constructor raised (`__cause__`): `problem(source)` is the Problem at `model.<key>`
+    naming its class and the plug-in's line, as a failing variant's is."""
+
+    def __init__(self, key: str, name: str, cls: type, exc: Exception):
+        super().__init__(f"model.{key} = {name!r}: {type(exc).__name__}: {exc}")
+        self.key, self.name, self.cls, self.exc = key, name, cls, exc
+
+    def problem(self, source: str):
+        from ..config import Problem
+
+        cls, exc = self.cls, self.exc
+        return Problem(source, f"model.{self.key}", self.name, f"{cls.__module__}.{cls.__qualname__}: its __init__ "
+                       f"raised {type(exc).__name__}: {exc}{plugin_line(exc, cls)}")
