@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import yaml
 
-from .errors import UserError
+from .errors import UserError, out_of_memory
 from .numbers import finite_problem
 from .registry import PluginFailure, RegistryError, did_you_mean, import_plugins, valid_choices
 from .state import CHANNELS
@@ -394,7 +394,7 @@ def _build_attention(model: dict, spec: LayerSpec, backend: str) -> torch.nn.Mod
                     return cls(shape, backend=backend, **params).to("meta")
                 except Exception as cpu_exc:  # what a real build meets, reported as below
                     exc = cpu_exc
-        if isinstance(exc, RuntimeError) and "alloc" in str(exc).lower():  # out of memory, as build_model tells it
+        if out_of_memory(exc):  # as build_model tells it
             raise exc
         if zoos_own(cls) and not isinstance(exc, UserError):
             raise exc
@@ -764,12 +764,12 @@ def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[
 
     try:
         model = build()
-    except LayerBuildFailed as exc:  # the real device met what the meta check did not (validation passed)
-        raise ConfigError([exc.problem(config.source)]) from exc.exc
-    except ComponentBuildFailed as exc:  # a plug-in MLP, norm or positional scheme (validation builds none)
+    # a layer: the real device met what the meta check did not; a plug-in MLP, norm or positional scheme: built
+    # here only (the state-flow check builds none)
+    except (LayerBuildFailed, ComponentBuildFailed) as exc:
         raise ConfigError([exc.problem(config.source)]) from exc.exc
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
-        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(exc).lower():
+        if not out_of_memory(exc):
             raise
         with torch.device("meta"):  # shapes only: how large the model that did not fit is
             count = sum(p.numel() for p in build().parameters())

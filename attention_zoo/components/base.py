@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-import torch
-
+from ..errors import out_of_memory
 from ..registry import Registry, RegistryError
 from ..variant import Param, plugin_line, zoos_own
 
@@ -101,10 +100,8 @@ class ComponentKind(Generic[T]):
         cls = self.get(name)
         try:
             return cls(shape, **{key: model.get(key, param.default) for key, param in cls.params.items()})
-        except (MemoryError, torch.OutOfMemoryError):
-            raise
         except Exception as exc:
-            if zoos_own(cls) or (isinstance(exc, RuntimeError) and "alloc" in str(exc).lower()):
+            if zoos_own(cls) or out_of_memory(exc):  # out of memory: build_model says how large the model is
                 raise
             raise ComponentBuildFailed(self.key, name, cls, exc) from exc
 
