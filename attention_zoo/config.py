@@ -23,7 +23,7 @@ from .errors import UserError, out_of_memory
 from .numbers import finite_problem
 from .registry import PluginFailure, RegistryError, did_you_mean, import_plugins, valid_choices
 from .state import CHANNELS
-from .variant import LayerShape, meta_only, plugin_line, run_check, type_name, type_ok, zoos_own
+from .variant import LayerShape, PluginBuildFailed, meta_only, run_check, type_name, type_ok, zoos_own
 from .variant_registry import VARIANTS, check_params, get_variant, resolved_params
 
 log = logging.getLogger(__name__)
@@ -349,27 +349,9 @@ def resolved_layers(model: dict) -> list[dict[str, Any]]:
 
 
 def build_attentions(model: dict, backend: str = "auto") -> list[torch.nn.Module]:
-    """One attention module per layer, as the config says. Raises LayerBuildFailed when a plug-in's constructor
+    """One attention module per layer, as the config says. Raises PluginBuildFailed when a plug-in's constructor
     (or a UserError of the zoo's own) fails; see `_build_attention`."""
     return [_build_attention(model, s, backend) for s in layer_specs(model)]
-
-
-class LayerBuildFailed(Exception):
-    """Building layer `spec.index`'s attention failed (the constructor's exception is `__cause__`): `problem(source)`
-    is the Problem at the key that chose its variant, naming the layer, the class and the plug-in's line."""
-
-    def __init__(self, spec: LayerSpec, cls: type, exc: Exception):
-        super().__init__(f"layer {spec.index} ({cls.__module__}.{cls.__qualname__}): {type(exc).__name__}: {exc}")
-        self.spec, self.cls, self.exc = spec, cls, exc
-
-    def problem(self, source: str) -> Problem:
-        spec, cls, exc = self.spec, self.cls, self.exc
-        if isinstance(exc, UserError):  # a layer refusing its configuration: the message says what to change
-            message = f"layer {spec.index}: {exc}"
-        else:
-            message = (f"layer {spec.index} ({cls.__module__}.{cls.__qualname__}): its __init__ raised "
-                       f"{type(exc).__name__}: {exc}{plugin_line(exc, cls)}")
-        return Problem(source, f"{spec.origin.get('variant', 'model.attention')}.variant", spec.variant, message)
 
 
 def _build_attention(model: dict, spec: LayerSpec, backend: str) -> torch.nn.Module:
@@ -379,7 +361,7 @@ def _build_attention(model: dict, spec: LayerSpec, backend: str) -> torch.nn.Mod
     (its weights allocated for that moment), so the plug-in validates, plans and builds as any other.
 
     A failure of a plug-in's constructor (or a UserError, a layer refusing its configuration) is raised as
-    LayerBuildFailed; running out of memory passes through (build_model says how large the model is), and any
+    PluginBuildFailed; running out of memory passes through (build_model says how large the model is), and any
     other failure of the zoo's own classes too: a bug, to see with its traceback."""
     cls = get_variant(spec.variant)
     shape, params = layer_shape(model, spec.index), resolved_params(spec.variant, spec.params)
@@ -398,7 +380,8 @@ def _build_attention(model: dict, spec: LayerSpec, backend: str) -> torch.nn.Mod
             raise exc
         if zoos_own(cls) and not isinstance(exc, UserError):
             raise exc
-        raise LayerBuildFailed(spec, cls, exc) from exc
+        raise PluginBuildFailed(f"{spec.origin.get('variant', 'model.attention')}.variant", spec.variant, cls, exc,
+                                where=f"layer {spec.index}") from exc
 
 
 def check_state_flow(model: dict, source: str) -> list[Problem]:
@@ -407,7 +390,7 @@ def check_state_flow(model: dict, source: str) -> list[Problem]:
     try:
         with torch.device("meta"):
             attentions = build_attentions(model)
-    except LayerBuildFailed as exc:  # a plug-in's constructor failing is a config problem, not a crash
+    except PluginBuildFailed as exc:  # a plug-in's constructor failing is a config problem, not a crash
         return [exc.problem(source)]
     written: set[str] = set()
     for spec, attn in zip(layer_specs(model), attentions):
@@ -749,7 +732,6 @@ def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[
 
     config = config_or_path if isinstance(config_or_path, Config) and not overrides else load_config(config_or_path, overrides)
     from .components import MLPS, NORMS, POSITIONS
-    from .components.base import ComponentBuildFailed
 
     m = config["model"]
     shape = stack_shape(m)
@@ -766,7 +748,7 @@ def build_model(config_or_path: str | Path | dict | Config, overrides: Iterable[
         model = build()
     # a layer: the real device met what the meta check did not; a plug-in MLP, norm or positional scheme: built
     # here only (the state-flow check builds none)
-    except (LayerBuildFailed, ComponentBuildFailed) as exc:
+    except PluginBuildFailed as exc:
         raise ConfigError([exc.problem(config.source)]) from exc.exc
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
         if not out_of_memory(exc):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .backends import dispatch, fuses_unequal_value_dim, head_dim_limit
 from .cache import LayerCache
+from .errors import UserError
 from .initialization import residual_output
 from .ops import residual
 from .ops.rms_norm import rms_norm
@@ -106,6 +107,29 @@ def plugin_line(exc: BaseException, cls: type) -> str:
         return ""
     lines = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == source]
     return f" (at {lines[-1].filename}:{lines[-1].lineno})" if lines else ""
+
+
+class PluginBuildFailed(Exception):
+    """A plug-in's constructor raised while a model was built (`exc`, also the `__cause__`). `problem(source)` is the
+    config Problem at `key`, the key whose `value` chose the plug-in, naming `where` it was built ("layer 3"; ""
+    for a component the model has one kind of), its class and the plug-in's own line. A UserError (the zoo's
+    own layers refusing their configuration) is quoted as it is: it already says what to change."""
+
+    def __init__(self, key: str, value: Any, cls: type, exc: Exception, where: str = ""):
+        self.key, self.value, self.cls, self.exc, self.where = key, value, cls, exc, where
+        super().__init__(f"{key} = {value!r}: {self.message()}")
+
+    def message(self) -> str:
+        exc, name = self.exc, f"{self.cls.__module__}.{self.cls.__qualname__}"
+        if isinstance(exc, UserError):
+            return f"{self.where}: {exc}" if self.where else str(exc)
+        where = f"{self.where} ({name})" if self.where else name
+        return f"{where}: its __init__ raised {type(exc).__name__}: {exc}{plugin_line(exc, self.cls)}"
+
+    def problem(self, source: str):
+        from .config import Problem  # config imports this module
+
+        return Problem(source, self.key, self.value, self.message())
 
 
 def run_check(check: Callable[..., str | None], *args: Any) -> str | None:

@@ -979,3 +979,32 @@ def test_a_plugin_component_whose_init_fails_is_named_at_its_model_key(tmp_path,
             build_model(cfg)
     finally:
         del MLPS.registry._entries["zoo_init_typo_mlp"]
+
+
+def test_a_plugin_component_refusing_its_configuration_is_quoted_as_a_layer_is(tmp_path, capsys):
+    """A plug-in component that raises UserError is refusing its configuration, and its message already says what to
+    change: quoted at model.<key> as a variant's is, not as "its __init__ raised UserError" (a crash of its own)."""
+    from attention_zoo.components import NORMS
+    from attention_zoo.components.norms import RMSNorm
+    from attention_zoo.errors import UserError
+
+    @NORMS.register("zoo_even_width_norm")
+    class EvenWidthNorm(RMSNorm):
+        def __init__(self, shape, **params):
+            if shape.dim % 3:
+                raise UserError(f"zoo_even_width_norm needs model.dim divisible by 3, got {shape.dim}")
+            super().__init__(shape, **params)
+
+    try:
+        config = small_model({"variant": "vanilla"})
+        config["model"]["norm"] = "zoo_even_width_norm"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        assert cli_main(["validate", str(cfg)]) == 2
+        out = capsys.readouterr().out
+        dim = config["model"]["dim"]
+        assert (f"{cfg}: model.norm = 'zoo_even_width_norm': zoo_even_width_norm needs model.dim divisible by 3, "
+                f"got {dim}") in out, out
+        assert "its __init__ raised" not in out, out
+    finally:
+        del NORMS.registry._entries["zoo_even_width_norm"]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Generic, TypeVar
 
 from ..errors import out_of_memory
 from ..registry import Registry, RegistryError
-from ..variant import Param, plugin_line, zoos_own
+from ..variant import Param, PluginBuildFailed, zoos_own
 
 T = TypeVar("T", bound=type)
 
@@ -96,27 +96,12 @@ class ComponentKind(Generic[T]):
 
     def build(self, name: str, shape: StackShape, model: dict[str, Any]) -> Any:
         """An instance of component `name`, given the model-section values of the keys it declares. Raises
-        ComponentBuildFailed when a plug-in's constructor raises (a zoo component's failure is a bug: as it is)."""
+        PluginBuildFailed when a plug-in's constructor raises (a zoo component's failure is a bug: as it is)."""
         cls = self.get(name)
         try:
             return cls(shape, **{key: model.get(key, param.default) for key, param in cls.params.items()})
         except Exception as exc:
             if zoos_own(cls) or out_of_memory(exc):  # out of memory: build_model says how large the model is
                 raise
-            raise ComponentBuildFailed(self.key, name, cls, exc) from exc
+            raise PluginBuildFailed(f"model.{self.key}", name, cls, exc) from exc
 
-
-class ComponentBuildFailed(Exception):
-    """A plug-in component's constructor raised (`__cause__`): `problem(source)` is the Problem at `model.<key>`
-    naming its class and the plug-in's line, as a failing variant's is."""
-
-    def __init__(self, key: str, name: str, cls: type, exc: Exception):
-        super().__init__(f"model.{key} = {name!r}: {type(exc).__name__}: {exc}")
-        self.key, self.name, self.cls, self.exc = key, name, cls, exc
-
-    def problem(self, source: str):
-        from ..config import Problem
-
-        cls, exc = self.cls, self.exc
-        return Problem(source, f"model.{self.key}", self.name, f"{cls.__module__}.{cls.__qualname__}: its __init__ "
-                       f"raised {type(exc).__name__}: {exc}{plugin_line(exc, cls)}")
