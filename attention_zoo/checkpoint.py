@@ -1,12 +1,17 @@
 """Checkpoints: a folder with `model.safetensors`, `config.yaml` (the validated config that built the
 model), and `state.pt` (optimizer, scheduler, RNG and step; only what resuming training needs).
 
+The weights file's metadata carries the checkpoint format (`attention_zoo_format`, FORMAT_VERSION): a
+change that makes the same weights and config compute something else raises it, so a loader can tell an
+older checkpoint (and say what changed) from one it reads exactly, and refuses one from a newer release.
+
 Every file is written to a temporary name and renamed into place, and the folder itself is written
 under a temporary name and swapped in, so a run killed mid-write never leaves a half checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +29,12 @@ from .config import LEGACY_STACK, Config, ConfigError, build_model, load_config
 from .errors import UserError
 
 WEIGHTS, CONFIG, STATE = "model.safetensors", "config.yaml", "state.pt"
+log = logging.getLogger(__name__)
+
+# 1: no version in the file (everything written before versions). 2: differential attention under rope rotates
+# each half of a head on its own (format 1 files may come from before that change, which rotated whole heads).
+FORMAT_VERSION = 2
+FORMAT_KEY = "attention_zoo_format"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -91,7 +102,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, training_state: di
 def write_checkpoint(folder: Path, model: torch.nn.Module, training_state: dict[str, Any] | None = None) -> None:
     """A checkpoint's files (weights, config.yaml, the training state if given) into an existing folder, e.g. the
     staging folder of `atomic_folder` when more files go with them."""
-    _save_weights(model, str(folder / WEIGHTS))
+    _save_weights(model, str(folder / WEIGHTS), metadata={"format": "pt", FORMAT_KEY: str(FORMAT_VERSION)})
     (folder / CONFIG).write_text(yaml.safe_dump(dict(model.config), sort_keys=False))
     if training_state is not None:
         torch.save(training_state, folder / STATE)
@@ -168,6 +179,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, device: str | torch.d
     try:
         with safe_open(str(file), framework="pt") as f:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            version = format_version(file, f.metadata())
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{file}: not a readable safetensors file ({exc}); the checkpoint is damaged or "
                         "incomplete: write it again") from None
@@ -186,6 +198,38 @@ def load_weights(model: torch.nn.Module, path: str | Path, device: str | torch.d
                  (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", reshaped)) if keys]
         raise UserError(f"{file}: the weights do not match the model section of {Path(path) / CONFIG} "
                         f"({'; '.join(found)}); the file was written for another model")
+    config = getattr(model, "config", None)
+    if version < FORMAT_VERSION and config is not None:
+        for change in format_changes(version, config["model"]):
+            log.warning("attention-zoo: %s: %s", file, change)
+
+
+def format_version(file: Path, metadata: dict[str, str] | None) -> int:
+    """The checkpoint format of weights `file` from its safetensors metadata: 1 when it has none (written before
+    versions). Raises UserError for a format newer than this release reads, or a value that is not one."""
+    value = (metadata or {}).get(FORMAT_KEY, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{file}: metadata {FORMAT_KEY} = {value!r} is not a checkpoint format (a whole number "
+                        f"from 1 to {FORMAT_VERSION}); the file was not written by attention-zoo, or was edited")
+    if int(value) > FORMAT_VERSION:
+        raise UserError(f"{file}: checkpoint format {value}, written by a newer attention-zoo; this one reads "
+                        f"formats up to {FORMAT_VERSION}: upgrade attention-zoo to load it")
+    return int(value)
+
+
+def format_changes(version: int, model: dict) -> list[str]:
+    """What a checkpoint of format `version` with validated model section `model` computes differently now that it
+    is loaded by format FORMAT_VERSION's code; one sentence each, empty when nothing it uses changed."""
+    from .config import resolved_layers
+
+    changes = []
+    differential = [i for i, layer in enumerate(resolved_layers(model)) if layer["variant"] == "differential"]
+    if version < 2 and differential and model["position"] == "rope":
+        changes.append(f"a checkpoint of format {version} with differential attention under rope (layers "
+                       f"{_listed([str(i) for i in differential], 8)}): if it was trained before each half of a head "
+                       "was rotated on its own (whole heads were, until 2026-12-01), it attends differently now; "
+                       "its loss tells (attention-zoo eval): fine-tune or train it again if it rose")
+    return changes
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", overrides: tuple[str, ...] = ()):

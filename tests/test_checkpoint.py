@@ -27,7 +27,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         (root / f"{name}.yaml").write_text(yaml.safe_dump(tiny(depth)))
         assert main(["train", str(root / f"{name}.yaml"), "--out", str(root / name), "--no-progress"]) == 0
     broken = {}
-    for name in ("garbage", "mismatch", "not_yaml", "bad_value"):
+    for name in ("garbage", "mismatch", "not_yaml", "bad_value", "newer_format", "odd_format"):
         shutil.copytree(root / "good", root / name)
         broken[name] = root / name
     ckpt = lambda name: root / name / "checkpoint"  # noqa: E731
@@ -37,7 +37,17 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     saved = yaml.safe_load((ckpt("bad_value") / "config.yaml").read_text())
     saved["model"]["dim"] = -5
     (ckpt("bad_value") / "config.yaml").write_text(yaml.safe_dump(saved))
+    for name, version in (("newer_format", "99"), ("odd_format", "two")):
+        with_format(ckpt(name) / "model.safetensors", version)
     return {"root": root, **broken}
+
+
+def with_format(file: Path, version: str | None) -> None:
+    """Rewrite weights `file` with checkpoint format `version` in its metadata (None: no metadata, as before
+    formats were versioned)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(file), file, metadata=None if version is None else {"attention_zoo_format": version})
 
 
 EXPECTED = {
@@ -45,6 +55,9 @@ EXPECTED = {
     "mismatch": ("model.safetensors", "missing keys: blocks.1."),
     "not_yaml": ("config.yaml", "invalid YAML"),
     "bad_value": ("config.yaml", "model.dim = -5"),
+    "newer_format": ("model.safetensors", "checkpoint format 99, written by a newer attention-zoo; this one reads "
+                     "formats up to 2: upgrade"),
+    "odd_format": ("model.safetensors", "attention_zoo_format = 'two' is not a checkpoint format"),
 }
 
 
@@ -101,3 +114,35 @@ def test_atomic_folder_replaces_whole_and_clears_what_killed_saves_left(tmp_path
         (tmp / "b").write_text("third")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert not stale.exists() and other.exists() and not (tmp_path / ".checkpoint.old").exists()
+
+
+def test_a_checkpoint_carries_its_format_and_an_older_one_says_what_changed(runs, tmp_path, caplog):
+    """The weights' metadata holds the checkpoint format; a file without one (format 1, written before formats)
+    still loads, and says so where the code changed under it: differential attention under rope rotates each half
+    of a head on its own since format 2 (whole heads before). Other format-1 checkpoints load without a word."""
+    from safetensors import safe_open
+
+    from attention_zoo.checkpoint import FORMAT_VERSION, load_model, save_checkpoint
+    from attention_zoo.config import build_model
+
+    with safe_open(str(runs["root"] / "good" / "checkpoint" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["attention_zoo_format"] == str(FORMAT_VERSION)
+
+    def saved_as_format_1(attention: dict, position: str) -> Path:
+        config = tiny()
+        config["model"].update(attention=attention, position=position, depth=3,
+                               layers=[{"at": 1, "attention": {"variant": "vanilla"}}])
+        folder = tmp_path / f"{attention['variant']}_{position}"
+        save_checkpoint(folder, build_model(config))
+        with_format(folder / "model.safetensors", None)
+        return folder
+
+    caplog.set_level("WARNING", logger="attention_zoo.checkpoint")
+    load_model(saved_as_format_1({"variant": "differential"}, "rope"))
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "format 1 with differential attention under rope (layers 0, 2)" in warned[0], warned
+    assert "model.safetensors" in warned[0], warned
+    caplog.clear()
+    for attention, position in (({"variant": "differential"}, "learned"), ({"variant": "vanilla"}, "rope")):
+        load_model(saved_as_format_1(attention, position))
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
