@@ -182,6 +182,16 @@ def parse_prune_spec(text: str, given_as: str | None = None) -> PruningPolicy:
     return policy(budgets[0] if len(budgets) == 1 and budgets[0] is not None else budgets)
 
 
+def without_f_note(mods: list[nn.Module], gives: list[bool]) -> str:
+    """`; layers 0, 1 (CrossLayerSelective) have none: below their first source layer (...)`, for the layers whose
+    variant can have F but has none in this model (`gives`: key_scores.penalty_layers); "" when there are none."""
+    notes: dict[str, list[str]] = {}
+    for i, (attention, has_f) in enumerate(zip(mods, gives)):
+        if not has_f and (note := no_penalty_note(attention)) is not None:
+            notes.setdefault(f"({type(attention).__name__}) have none: {note}", []).append(str(i))
+    return "".join(f"; layer{'s' * (len(ids) > 1)} {', '.join(ids)} {why}" for why, ids in notes.items())
+
+
 class Pruner:
     """Applies a policy to a ModelCache after each forward call: `logits = model(x, cache); pruner(cache)`.
 
@@ -202,18 +212,9 @@ class Pruner:
         if policy.needs_penalty and not any(self.ranked):
             names = sorted({type(m).__name__ for m in mods})
             raise PruningError(f"{self.where}: no layer of this model has a selection penalty F to rank keys by "
-                               f"(attention: {', '.join(names)}){self._without_f_note(mods)}; use window:K for a "
+                               f"(attention: {', '.join(names)}){without_f_note(mods, self.gives)}; use window:K for a "
                                "sliding window")
         self.group_budgets = self._resolve_budgets()
-
-    def _without_f_note(self, mods: list[nn.Module]) -> str:
-        """`; layers 0, 1 (CrossLayerSelective) have none: below their first source layer (...)`, for the layers
-        whose variant can have F but has none in this model; "" when there are none."""
-        notes: dict[str, list[str]] = {}
-        for i, (attention, gives) in enumerate(zip(mods, self.gives)):
-            if not gives and (note := no_penalty_note(attention)) is not None:
-                notes.setdefault(f"({type(attention).__name__}) have none: {note}", []).append(str(i))
-        return "".join(f"; layer{'s' * (len(ids) > 1)} {', '.join(ids)} {why}" for why, ids in notes.items())
 
     def _resolve_budgets(self) -> list[int | None]:
         budgets = self.policy.budgets if isinstance(self.policy, BudgetPolicy) else None
