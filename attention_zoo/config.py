@@ -221,6 +221,18 @@ class LayerSpec:
     origin: dict[str, str] = field(default_factory=dict)  # param (and 'variant') -> key path it came from
 
 
+def params_kept(attention: dict, current: Any, named: Any) -> dict:
+    """What an override that names variant `named` keeps of `attention`, the mapping of variant `current` it
+    overrides (any values: layer_specs' are (value, origin) pairs): all of it when `named` is `current`, not text
+    or not a registered variant (that name is then the problem to report), else only the parameters `named`
+    declares, `variant` itself dropped for the override to set. Used by `layers:` overrides and by a sweep's
+    runs, so both treat another variant's options alike. Raises nothing."""
+    if not isinstance(named, str) or named == current or named not in VARIANTS:
+        return attention
+    declared = get_variant(named).params
+    return {k: v for k, v in attention.items() if k in declared}
+
+
 def layer_specs(model: dict) -> list[LayerSpec]:
     """Resolve per-layer attention. An override that names another variant inherits only the default
     parameters that variant declares (so `{variant: vanilla}` keeps kv_heads, drops selection_head)."""
@@ -233,10 +245,7 @@ def layer_specs(model: dict) -> list[LayerSpec]:
             at = [at] if isinstance(at, int) else at
             if i in at:
                 new = override.get("attention", {}) or {}
-                named = new.get("variant")
-                if isinstance(named, str) and named != attn.get("variant", ("vanilla",))[0] and named in VARIANTS:
-                    declared = get_variant(new["variant"]).params
-                    attn = {k: v for k, v in attn.items() if k in declared}
+                attn = params_kept(attn, attn.get("variant", ("vanilla",))[0], new.get("variant"))
                 attn.update({k: (v, f"model.layers[{n}].attention") for k, v in new.items()})
         variant, variant_origin = attn.pop("variant", ("vanilla", "model.attention"))
         origin = {"variant": variant_origin, **{k: o for k, (_, o) in attn.items()}}  # where each key was set

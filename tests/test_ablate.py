@@ -547,3 +547,40 @@ def test_the_documented_sweep_problems_are_what_ablate_prints(isolated_registry,
     printed = capsys.readouterr().err.replace(str(folder / "my_kernel.py"),
                                               "/home/me/attention-zoo/configs/ablations/my_kernel.py")
     assert printed.rstrip("\n").split("\n") == expected
+
+
+def selective_base_sweep(tmp_path: Path, **spec) -> Path:
+    """A sweep whose base is selective attention with a selection-only option (selection_head) and a shared one."""
+    path = sweep_file(tmp_path, **spec)
+    data = yaml.safe_load(path.read_text())
+    data["base"]["model"]["attention"] = {"variant": "selective", "selection_head": 1, "kv_heads": 1}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_a_run_that_changes_the_variant_drops_the_base_variants_own_options_as_layers_does(tmp_path):
+    path = selective_base_sweep(tmp_path, grid={"model.attention.variant": ["vanilla", "selective"]},
+                                runs={"gqa": {"model.attention.variant": "gqa", "model.attention.qk_norm": True}})
+    attention = {run.label: run.config["model"]["attention"] for run in read_sweep_file(path).runs}
+    assert attention == {  # kv_heads is every variant's option: kept; selection_head only selective's
+        "variant=vanilla": {"variant": "vanilla", "kv_heads": 1},
+        "variant=selective": {"variant": "selective", "selection_head": 1, "kv_heads": 1},
+        "gqa": {"variant": "gqa", "kv_heads": 1, "qk_norm": True},
+    }
+    # the same as a `layers:` override naming vanilla over the selective default
+    layered = {**BASE["model"], "attention": {"variant": "selective", "selection_head": 1, "kv_heads": 1},
+               "layers": [{"at": [0, 1], "attention": {"variant": "vanilla"}}]}
+    from attention_zoo.config import load_config, resolved_layers
+    by_layers = resolved_layers(load_config({"model": layered})["model"])[0]
+    by_grid = resolved_layers(load_config({"model": {**BASE["model"], "attention": attention["variant=vanilla"]}})["model"])[0]
+    assert by_layers == by_grid
+
+
+def test_an_option_a_run_sets_that_its_new_variant_lacks_is_still_refused_at_its_key(tmp_path):
+    path = selective_base_sweep(tmp_path, runs={"bad": {"model.attention.variant": "vanilla",
+                                                        "model.attention.selection_head": 0}})
+    with pytest.raises(ConfigError) as err:
+        read_sweep_file(path)
+    [problem] = err.value.problems
+    assert problem.source.endswith("(every run)") and problem.path == "model.attention.selection_head"
+    assert problem.value == 0 and "vanilla" in problem.message and "kv_heads" in problem.message

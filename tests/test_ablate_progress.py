@@ -77,3 +77,28 @@ def test_ablate_shows_the_bar_and_the_time_left_and_no_progress_silences_both(tm
     assert main(["ablate", str(path), "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
     out, err = capsys.readouterr()
     assert "[1/2] a (seed 0): val.bpb" in out and "left" not in out and "sweep:" not in err
+
+
+@pytest.mark.usefixtures("one_thread_children")
+def test_a_resumed_run_is_measured_from_its_checkpoint_not_its_last_logged_step(tmp_path, monkeypatch):
+    # A sweep killed at step 3 of 4 whose run last checkpointed at step 2: the rerun trains steps 3 and 4
+    # again, so its wall time is over 2 steps; counting the logged step 3 as done made it 1 (2x the rate).
+    from attention_zoo.ablate import read_sweep_file, run_sweep
+    from attention_zoo.ablate import runner as R
+
+    sweep = read_sweep_file(sweep_file(tmp_path, runs={"a": {"train.steps": 4}}))
+    out = tmp_path / "out"
+    run_dir = R.run_dir_for(out, sweep.runs[0])
+    R._prepare(sweep.runs[0], run_dir)
+    assert main(["train", str(run_dir / R.RUN_CONFIG), "--out", str(run_dir), "--stop-after", "2", "--no-progress"]) == 0
+    with (run_dir / "metrics.jsonl").open("a") as f:  # what the killed process logged after its checkpoint
+        f.write(json.dumps({"kind": "train", "step": 3, "loss": 5.0}) + "\n")
+    assert R.checkpoint_step(run_dir) == 2 and R.checkpoint_step(tmp_path) == 0
+
+    trackers, losses = [], []
+    monkeypatch.setattr(R, "SweepProgress", lambda *a, **k: trackers.append(SweepProgress(*a, **k)) or trackers[-1])
+    monkeypatch.setattr(SweepProgress, "update", lambda self, step, loss=None: losses.append(loss))
+    monkeypatch.setattr(R, "POLL_S", 0.01)  # the bar reads metrics.jsonl many times while the run starts up
+    assert run_sweep(sweep, out, progress=True) == 0
+    assert [steps for steps, _ in trackers[0].finished] == [2]
+    assert losses and 5.0 not in losses  # the killed process's step 3 is never shown as this run's

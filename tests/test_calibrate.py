@@ -160,11 +160,18 @@ def test_calibrate_command_errors(run_folder, capsys, args, message):
     assert not (run_folder / "bad").exists()
 
 
-def test_calibrate_refuses_a_model_without_selection(tmp_path, capsys):
-    save_checkpoint(tmp_path / "checkpoint", tiny_model({"variant": "vanilla"}))
+@pytest.mark.parametrize("attention,named", [
+    ({"variant": "vanilla"}, "Vanilla"),
+    # accumulate without sources attends like vanilla in every layer: calibrate's own message, not its probe's
+    ({"variant": "cross_layer_selective", "mode": "accumulate", "sources": []},
+     "CrossLayerSelective; layers 0, 1 (CrossLayerSelective) have none: below their first source layer (their "
+     "`sources` lists none at or below them)"),
+])
+def test_calibrate_refuses_a_model_without_selection(tmp_path, capsys, attention, named):
+    save_checkpoint(tmp_path / "checkpoint", tiny_model(attention))
     assert main(["calibrate", str(tmp_path), "--no-progress", "--context", "8"]) == 2
     err = capsys.readouterr().err
-    assert ("no layer of this model has a selection penalty F (no selective attention; attention: Vanilla"
+    assert (f"no layer of this model has a selection penalty F (no selective attention; attention: {named}"
             "), so there are no budgets to calibrate" in err)
     assert "--measure window:4" in err and "budget:" not in err  # no policy the user never typed
 

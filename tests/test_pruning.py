@@ -450,3 +450,31 @@ def test_a_penalty_rule_that_gives_none_is_an_error_naming_the_variant(monkeypat
     late = make_model({**ACCUMULATE, "sources": [2]})  # layers 0 and 1 give None; layer 2's F ranks the group
     _, cache = run(late, Pruner(late, BudgetPolicy(4)), tokens(1, 8))
     assert cache.lengths() == [4, 4, 4, 4]
+
+
+def test_cross_layer_accumulate_without_sources_has_no_f_and_is_not_pruned_by_it():
+    """accumulate with `sources: []` attends like vanilla in every layer (docs/variants.md: below the first source,
+    no F). A budget raised the PruningError meant for a broken plug-in rule at the first token; the layers are now
+    what they are, layers without F: not pruned by budget or threshold (a model with no other F is refused up
+    front, naming them), and window:K still prunes them."""
+    none = {**ACCUMULATE, "sources": []}
+    alone = make_model(none)
+    for policy in (BudgetPolicy(4), ThresholdPolicy(1.0)):
+        with pytest.raises(PruningError, match=r"no layer of this model has a selection penalty F.*"
+                                               r"layers 0, 1, 2, 3 \(CrossLayerSelective\) have none: below their "
+                                               r"first source layer.*window:K"):
+            Pruner(alone, policy)
+    _, cache = run(alone, Pruner(alone, WindowPolicy(4)), tokens(1, 8))
+    assert cache.lengths() == [4, 4, 4, 4]
+
+    mixed = make_model(none, [{"at": [3], "attention": SELECTIVE}])  # layer 3 has F; layers 0-2 do not
+    pruner = Pruner(mixed, BudgetPolicy(4))
+    assert pruner.describe() == ("layers 0, 1, 2 (linked by selection_penalty): not pruned (no F); "
+                                 "layer 3: budget 4")
+    assert pruner.layer_budgets(8) == [8, 8, 8, 4]
+    _, cache = run(mixed, pruner, tokens(1, 8))
+    assert cache.lengths() == [8, 8, 8, 4]
+    with pytest.raises(PruningError, match=r"layers 0, 1, 2 \(linked by selection_penalty\) has no selection "
+                                           r"penalty F.*'none'"):
+        Pruner(mixed, BudgetPolicy([4, 4, 4, 4]))
+    Pruner(mixed, BudgetPolicy([None, None, None, 4]))

@@ -97,7 +97,8 @@ class SweepProgress:
             print(message, flush=True)
 
     def start_run(self, name: str, steps_done: int = 0) -> None:
-        """The next run starts; `steps_done`: steps a resumed run already has."""
+        """The next run starts; `steps_done`: the step a resumed run continues from (its checkpoint's, not
+        its last logged step: steps logged past the checkpoint are trained again, in this run's time)."""
         self.index += 1
         self.run_name, self.run_started = name, time.perf_counter()
         self.run_start_step = self.run_step = min(steps_done, self.steps[self.index])

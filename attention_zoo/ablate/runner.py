@@ -19,11 +19,12 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import STATE, atomic_write_text
 from ..errors import UserError
-from ..train.loop import METRICS
+from ..train.loop import CHECKPOINT_DIR, METRICS
 from .plots import write_plots
 from .progress import SweepProgress, latest_train_record
 from .records import RESULTS, append_record, current_records, make_record, metric_of, read_records
@@ -124,16 +125,47 @@ def _child(argv: list[str], log_path: str, environ: dict[str, str], sweep_pid: i
 POLL_S = 1.0  # how often the sweep's bar reads the running run's metrics.jsonl
 
 
+def checkpoint_step(run_dir: Path) -> int:
+    """The step a resumed run continues from: its checkpoint's (or that of the `.checkpoint.old` which train
+    recovers when a save was cut short), 0 without one. Raises nothing: an unreadable checkpoint is 0 here
+    (train then refuses it, and a failed run's time is no measurement anyway).
+
+    Not the last step of metrics.jsonl: a killed run logged past its last checkpoint, and train redoes those
+    steps; counting them as done made seconds per step the resumed run's time over too few steps."""
+    for folder in (run_dir / CHECKPOINT_DIR, run_dir / f".{CHECKPOINT_DIR}.old"):
+        if (folder / STATE).is_file():
+            try:
+                # memory-mapped: only the step is read, not the optimizer state beside it
+                step = torch.load(folder / STATE, map_location="cpu", weights_only=False, mmap=True)["step"]
+            except Exception:  # noqa: BLE001 - a damaged pickle raises many types; see the docstring
+                return 0
+            return step if isinstance(step, int) else 0
+    return 0
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size
+
+
 def _train(run_dir: Path, progress: SweepProgress) -> int:
     # The run's own bar is off: the sweep's bar shows its step and loss (read from metrics.jsonl), and
     # two bars from two processes on one terminal line would garble each other.
     argv = ["train", str(run_dir / RUN_CONFIG), "--out", str(run_dir), "--resume", "--no-progress"]
     process = _context().Process(target=_child, args=(argv, str(run_dir / LOG), dict(os.environ), os.getpid()))
+    # A killed run's metrics.jsonl ends with steps past its checkpoint, which train rewrites away (a new file) before
+    # it logs anything: until the file changes, its last record is not this run's step.
+    stale = _file_identity(run_dir / METRICS)
     process.start()
     try:
         while process.exitcode is None:
             process.join(POLL_S)
-            if progress.bar is not None and (record := latest_train_record(run_dir / METRICS)) is not None:
+            if progress.bar is None or _file_identity(run_dir / METRICS) == stale:
+                continue
+            if (record := latest_train_record(run_dir / METRICS)) is not None:
                 progress.update(record["step"], record.get("loss"))
     except KeyboardInterrupt:
         process.terminate()
@@ -193,9 +225,8 @@ def _run_all(sweep: Sweep, out: Path, finished: set, progress: SweepProgress) ->
         run_dir = run_dir_for(out, run)
         _prepare(run, run_dir)
         progress.say(f"{name}: training -> {run_dir}")
-        # A killed run resumes: its steps logged so far count as done (a few past its checkpoint are redone).
-        resumed = latest_train_record(run_dir / METRICS)
-        progress.start_run(run.label, resumed["step"] if resumed else 0)
+        # A killed run resumes from its checkpoint: the steps before it are done, those it logged after are redone.
+        progress.start_run(run.label, checkpoint_step(run_dir))
         start = time.perf_counter()
         code = _train(run_dir, progress)
         wall = time.perf_counter() - start

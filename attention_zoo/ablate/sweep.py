@@ -38,6 +38,7 @@ from ..config import (
     Problem,
     apply_override,
     load_config,
+    params_kept,
     read_yaml_file,
     resolve_file_keys,
     validate_fields,
@@ -302,6 +303,21 @@ def _empty_key_problem(key: object, what: str) -> str | None:
     return None
 
 
+VARIANT_KEY = "model.attention.variant"
+
+
+def _keep_what_the_variant_declares(raw: dict, settings: dict[str, Any]) -> None:
+    """A run whose `model.attention.variant` names another variant than the base's keeps only the base's attention
+    options that variant declares, as a `layers:` override does (config.params_kept): the base's
+    `selection_head` is the base variant's, not something a `variant: vanilla` run asked for. Keys the run sets
+    itself are set after this and validated as given (one the new variant does not declare is refused). Changes `raw`
+    in place; raises nothing."""
+    model = raw.get("model")
+    attention = model.get("attention") if isinstance(model, dict) else None
+    if VARIANT_KEY in settings and isinstance(attention, dict):
+        model["attention"] = params_kept(attention, attention.get("variant", "vanilla"), settings[VARIANT_KEY])
+
+
 def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) -> list[Problem]:
     """Validate every run's config and data, and dry-run each distinct model (finished runs too: the sweep file
     does not know which are); a problem shared by several runs is reported once."""
@@ -335,6 +351,7 @@ def _build_configs(runs: list[Run], base_raw: dict, metric: str, source: str) ->
 
     for run in runs:
         raw = copy.deepcopy(base_raw)
+        _keep_what_the_variant_declares(raw, run.settings)
         for key, value in run.settings.items():
             if (msg := set_key(raw, key, value)) is not None:
                 note(Problem(source, key, value, msg), run.label)

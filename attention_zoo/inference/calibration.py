@@ -32,8 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Batch
-from .key_scores import attentions, has_penalty_rule
-from .pruning import BudgetPolicy, Pruner, PruningError, PruningPolicy, ThresholdPolicy, WindowPolicy
+from .key_scores import attentions, penalty_layers
+from .pruning import BudgetPolicy, Pruner, PruningError, PruningPolicy, ThresholdPolicy, WindowPolicy, without_f_note
 from .streaming import streaming_loss
 
 SHRINK_FACTORS = (0.7, 0.85)
@@ -63,10 +63,12 @@ class Calibrator:
         self.evaluations: list[Evaluation] = []
         self.memo: dict[tuple, Evaluation] = {}
         mods = attentions(model)
-        if not any(has_penalty_rule(m) for m in mods):  # said here: the budget policy below is calibrate's own
+        # said here, not by the probe below: its budget policy is calibrate's own, not one the user typed
+        if not any(gives := penalty_layers(model)):  # cross-layer accumulate with `sources: []` has none either
             names = ", ".join(sorted({type(m).__name__ for m in mods}))
             raise PruningError(f"no layer of this model has a selection penalty F (no selective attention; "
-                               f"attention: {names}), so there are no budgets to calibrate; a sliding window needs "
+                               f"attention: {names}{without_f_note(mods, gives)}), so there are no budgets to "
+                               "calibrate; a sliding window needs "
                                f"no penalty: measure its loss against the unpruned model with --measure window:K "
                                f"(e.g. --measure window:{max(1, context // 2)}; docs/inference.md, Calibration)")
         probe = Pruner(model, BudgetPolicy(context))

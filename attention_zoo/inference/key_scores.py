@@ -22,7 +22,10 @@ from ..state import SELECTION_PENALTY
 
 # rule(attention module, its LayerCache, F of the latest layer that wrote one or None) -> F (B, T) or (B, ..., T),
 # or None for a layer with no F of its own whose group another layer's F ranks (cross-layer accumulate below its
-# first source); a group whose rules all give None while it holds keys is a PruningError (Pruner.__call__)
+# first source); a group whose rules all give None while it holds keys is a PruningError (Pruner.__call__). A rule
+# that gives None by design may carry `gives_penalty(attention, below) -> bool` (below: whether a layer under it
+# gave F): layers it says give none are then treated as layers without F (penalty_layers), not as a broken rule;
+# its `no_penalty_note` says where such layers are, for the message that nothing can be pruned by F.
 PenaltyRule = Callable[[nn.Module, LayerCache, "Tensor | None"], "Tensor | None"]
 PENALTY_RULES: dict[type, PenaltyRule] = {}
 
@@ -67,6 +70,11 @@ def _register_builtin_rules() -> None:
             return attention.decay * previous if own is None else own + attention.decay * previous
         return own
 
+    # Below its first source, cross-layer attention attends like vanilla and has no F (docs/variants.md): with
+    # `sources: []` in accumulate mode that is every layer. (share: a non-source layer always has a source below.)
+    _cross_layer.gives_penalty = lambda attention, below: attention.is_source or below
+    _cross_layer.no_penalty_note = "below their first source layer (their `sources` lists none at or below them)"
+
 
 _register_builtin_rules()
 
@@ -103,6 +111,25 @@ def _per_key(penalty: Tensor, cache: LayerCache, who: str) -> Tensor:
 
 def has_penalty_rule(attention: nn.Module) -> bool:
     return _rule_for(attention) is not None
+
+
+def no_penalty_note(attention: nn.Module) -> str | None:
+    """Why a layer whose rule can give F has none here (its rule's `no_penalty_note`), or None."""
+    return getattr(_rule_for(attention), "no_penalty_note", None)
+
+
+def penalty_layers(model: nn.Module) -> list[bool]:
+    """Per layer, whether pruning can rank its keys by an F of its own, known from the model alone: it has a rule,
+    and the rule's `gives_penalty` (if any) says so, given whether a layer below it on the selection_penalty
+    channel has F (as next_query_penalties passes `previous` up). Raises nothing."""
+    out, below = [], False
+    for attention in attentions(model):
+        rule = _rule_for(attention)
+        judge = getattr(rule, "gives_penalty", None)  # a registered rule's; a next_query_penalty method has none
+        gives = rule is not None and (judge is None or bool(judge(attention, below)))
+        out.append(gives)
+        below = below or (gives and SELECTION_PENALTY.name in attention.writes)
+    return out
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ Never dropped: BOS (position 0) and the newest token.
 Layers that pass key-indexed state to each other (`key_scores.KeyGroup`: residual scores, a shared
 or accumulated F) take one decision together, ranked by the smallest F any of them gives a key, so
 a key leaves only once every F-carrying layer of the group masks it. Layers without any F (vanilla,
-gqa, residual alone) are not pruned by `threshold`/`budget`.
+gqa, residual alone, cross-layer accumulate below its first source) are not pruned by `threshold`/`budget`.
 
 With batch > 1 each row keeps its own keys: `budget`/`window` keep exactly K per row; `threshold`
 keeps, in every row, as many keys as the row that keeps the most (rows with more masked keys keep
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..cache import ModelCache
 from ..errors import UserError
 from ..numbers import finite_problem, is_whole
-from .key_scores import KeyGroup, attentions, has_penalty_rule, key_groups, next_query_penalties
+from .key_scores import KeyGroup, attentions, key_groups, next_query_penalties, no_penalty_note, penalty_layers
 
 SPEC_FORMS = "threshold:TAU (e.g. threshold:1.0), budget:K or budget:K1,K2,... (one per layer, 'none' = not pruned), window:K"
 MIN_BUDGET = 2  # BOS and the newest token are never dropped
@@ -182,6 +182,16 @@ def parse_prune_spec(text: str, given_as: str | None = None) -> PruningPolicy:
     return policy(budgets[0] if len(budgets) == 1 and budgets[0] is not None else budgets)
 
 
+def without_f_note(mods: list[nn.Module], gives: list[bool]) -> str:
+    """`; layers 0, 1 (CrossLayerSelective) have none: below their first source layer (...)`, for the layers whose
+    variant can have F but has none in this model (`gives`: key_scores.penalty_layers); "" when there are none."""
+    notes: dict[str, list[str]] = {}
+    for i, (attention, has_f) in enumerate(zip(mods, gives)):
+        if not has_f and (note := no_penalty_note(attention)) is not None:
+            notes.setdefault(f"({type(attention).__name__}) have none: {note}", []).append(str(i))
+    return "".join(f"; layer{'s' * (len(ids) > 1)} {', '.join(ids)} {why}" for why, ids in notes.items())
+
+
 class Pruner:
     """Applies a policy to a ModelCache after each forward call: `logits = model(x, cache); pruner(cache)`.
 
@@ -195,11 +205,15 @@ class Pruner:
         self.groups: list[KeyGroup] = key_groups(model)
         mods = attentions(model)
         self.depth = len(mods)
-        self.ranked = [any(has_penalty_rule(mods[i]) for i in g.layers) for g in self.groups]
+        # A group is ranked when one of its layers has F: not merely a rule, since cross-layer attention below its
+        # first source (every layer, with accumulate and `sources: []`) attends like vanilla and has none.
+        self.gives = penalty_layers(model)
+        self.ranked = [any(self.gives[i] for i in g.layers) for g in self.groups]
         if policy.needs_penalty and not any(self.ranked):
             names = sorted({type(m).__name__ for m in mods})
             raise PruningError(f"{self.where}: no layer of this model has a selection penalty F to rank keys by "
-                               f"(attention: {', '.join(names)}); use window:K for a sliding window")
+                               f"(attention: {', '.join(names)}){without_f_note(mods, self.gives)}; use window:K for a "
+                               "sliding window")
         self.group_budgets = self._resolve_budgets()
 
     def _resolve_budgets(self) -> list[int | None]:
@@ -266,7 +280,7 @@ class Pruner:
         mods = attentions(self.model)
         by_variant: dict[str, list[str]] = {}  # layers 0, 1 (Selective, variant 'selective'): each variant once
         for i in group.layers:
-            if has_penalty_rule(mods[i]):
+            if self.gives[i]:
                 by_variant.setdefault(_variant_name(mods[i]), []).append(str(i))
         who = ", ".join(f"layer{'s' * (len(ids) > 1)} {', '.join(ids)} ({name})" for name, ids in by_variant.items())
         return (f"{self.where}: {who} gave no selection penalty F for the {keys} key{'s' * (keys != 1)} held: the "
