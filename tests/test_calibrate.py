@@ -123,7 +123,8 @@ def test_an_interrupt_while_drawing_leaves_no_earlier_figure_beside_the_new_json
     assert main([*argv, "--tolerance", "0.5"]) == 130  # another run, Ctrl-C while its figure is drawn
     capsys.readouterr()
     assert json.loads((out / "calibration.json").read_text())["tolerance"] == 0.5  # the new report is whole
-    assert sorted(p.name for p in out.iterdir()) == ["calibration.json"]  # no figure of the first run, no temp file
+    # no figure of the first run, no temp file; the journal stays until the figure is drawn (a re-run resumes)
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.json", "calibration.partial.jsonl"]
 
 
 def test_memory_is_measured_by_the_most_keys_held_for_every_policy(run_folder, capsys):
@@ -241,3 +242,97 @@ def test_calibrate_progress_bar_counts_against_a_total_and_labels_the_reference(
     assert counts and all(total > 0 for _, total in counts)  # no bare "38eval": a total on every frame
     done, total = counts[-1]
     assert done == total == len(json.loads((out / "calibration.json").read_text())["evaluations"])
+
+
+def test_an_interrupted_calibration_resumes_where_it_stopped(run_folder, capsys, monkeypatch):
+    """A calibration is dozens of streaming evaluations; Ctrl-C (or a lost machine) lost them all. Each is now
+    journaled as it finishes: the re-run streams only what is left, and reports what an uninterrupted run does."""
+    import attention_zoo.inference.calibration as calibration
+
+    def argv(out):
+        return ["calibrate", str(run_folder), "--context", "16", "--batches", "1", "--batch-size", "2",
+                "--out", str(out), "--no-progress"]
+
+    real, calls = calibration.streaming_loss, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "streaming_loss", counted)
+    interrupt_at = 0
+    assert main(argv(run_folder / "cal_whole")) == 0
+    whole, evaluations = json.loads((run_folder / "cal_whole" / "calibration.json").read_text()), len(calls)
+    assert not (run_folder / "cal_whole" / "calibration.partial.jsonl").exists()  # finished: nothing to resume
+
+    out = run_folder / "cal_resumed"
+    calls.clear()
+    interrupt_at = 7
+    assert main(argv(out)) == 130
+    assert not (out / "calibration.json").exists()
+    journal = (out / "calibration.partial.jsonl").read_text().splitlines()
+    assert len(journal) == 1 + 6 and "fingerprint" in journal[0]  # the 6 evaluations that finished
+    calls.clear()
+    interrupt_at = 0
+    assert main(argv(out)) == 0
+    assert "6 evaluation(s) read back" in capsys.readouterr().out
+    assert len(calls) == evaluations - 6
+    resumed = json.loads((out / "calibration.json").read_text())
+    assert {**resumed, "checkpoint": None} == {**whole, "checkpoint": None}
+    assert not (out / "calibration.partial.jsonl").exists()
+
+
+def test_a_journal_of_another_model_or_sequences_is_not_read_back(run_folder, tmp_path, capsys):
+    """The journal's fingerprint covers the weights and the token ids: another checkpoint (or split) in the same
+    --out starts afresh, and says so."""
+    from attention_zoo.inference.journal import Journal, fingerprint
+    from attention_zoo.inference.streaming import StreamingResult
+
+    model = tiny_model({"variant": "selective"})
+    other = tiny_model({"variant": "selective"}, seed=1)
+    batches = [type("Batch", (), {"inputs": torch.arange(8)[None], "targets": torch.arange(1, 9)[None]})()]
+    fixed = fingerprint(model, batches, context=8)
+    assert fixed == fingerprint(model, batches, context=8)
+    assert fixed != fingerprint(other, batches, context=8)
+    assert fixed != fingerprint(model, batches * 2, context=8)
+    said = []
+    journal = Journal(tmp_path / "j.jsonl", fixed, say=said.append)
+    assert journal.get("search unpruned", lambda: StreamingResult(1.5, 8, [1.0], [2])).loss == 1.5
+    with (tmp_path / "j.jsonl").open("a") as f:
+        f.write('{"key": "torn')  # a kill in the middle of a write
+    again = Journal(tmp_path / "j.jsonl", fixed, say=said.append)
+    assert again.get("search unpruned", lambda: pytest.fail("measured again")).loss == 1.5
+    assert said == ["resuming from " + str(tmp_path / "j.jsonl") + ": 1 evaluation(s) read back"]
+    afresh = Journal(tmp_path / "j.jsonl", fingerprint(other, batches, context=8), say=said.append)
+    assert "another model or other sequences; starting afresh" in said[-1]
+    assert afresh.get("search unpruned", lambda: StreamingResult(2.5, 8, [1.0], [2])).loss == 2.5
+    lines = (tmp_path / "j.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["fingerprint"]["weights"] != fixed["weights"]
+    afresh.close()
+    assert not (tmp_path / "j.jsonl").exists()
+
+
+def test_an_interrupted_measure_resumes_from_its_journal(run_folder, capsys, monkeypatch):
+    """`calibrate --measure` journals each policy as `calibrate` does: a re-run measures only those left."""
+    import attention_zoo.inference as inference
+
+    out = run_folder / "measure_resumed"
+    argv = ["calibrate", str(run_folder), "--context", "16", "--batches", "1", "--batch-size", "1", "--out", str(out),
+            "--measure", "budget:4", "window:4", "budget:8", "--no-progress"]
+    real, calls = inference.streaming_loss, []
+
+    def interrupted_at_the_third(*args, **kwargs):  # unpruned, budget:4, then Ctrl-C
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "streaming_loss", interrupted_at_the_third)
+    assert main(argv) == 130
+    calls.clear()
+    monkeypatch.setattr(inference, "streaming_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(argv) == 0
+    assert len(calls) == 2 and "2 evaluation(s) read back" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["measure-val.json"]

@@ -42,6 +42,7 @@ def cmd_calibrate(args) -> int:
     from ..inference.calibration import calibrate
     from ..inference.calibration_plot import plot_calibration
     from ..inference.checkpoints import checkpoint_label, load_for_inference
+    from ..inference.journal import Journal, fingerprint
 
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:
@@ -66,14 +67,19 @@ def cmd_calibrate(args) -> int:
     check = None
     if args.check_split != "none":
         check = _sequences(dataset, args.check_split, args, context, "--check-split")
+    # every evaluation journaled as it finishes: an interrupted calibration resumes where it stopped
+    journal = Journal(out / "calibration.partial.jsonl", fingerprint(model, batches + (check or []), context=context,
+                                                                     device=args.device), say=print)
     report = calibrate(model, batches, context=context, tolerance=args.tolerance, progress=not args.no_progress,
-                       curve=not args.no_curve, threshold=args.threshold or None, check_batches=check)
+                       curve=not args.no_curve, threshold=args.threshold or None, check_batches=check,
+                       journal=journal)
     report = {"checkpoint": str(path), "dataset": dataset.name, "split": args.split,
               "check_split": None if check is None else args.check_split, **report}
     # an interrupt between the two files must not leave this run's JSON beside an earlier run's figure
     save_report_and_figure(out / "calibration.json", json.dumps(report, indent=2) + "\n", out / "calibration.png",
                            lambda png: plot_calibration(report, png,
                                                         title=f"{checkpoint_label(path)}: context pruning at {context}"))
+    journal.close()
 
     best, window = report["calibrated"], report["window_same_memory"]
     print(f"unpruned {args.split} loss {report['base_loss']:.4f} (tolerance {args.tolerance:.2%}: <= "
@@ -112,15 +118,19 @@ def measure(model, batches, args, context: int, out: Path, path: Path, dataset: 
     """Streamed loss of each --measure policy beside the unpruned model, on the same sequences."""
     from ..checkpoint import atomic_write_text
     from ..inference import Pruner, parse_prune_spec, streaming_loss
+    from ..inference.journal import Journal, fingerprint
 
     # every spec checked before any work
     pruners = [Pruner(model, parse_prune_spec(spec, f"--measure {spec!r}"), f"--measure {spec!r}") for spec in args.measure]
-    base = streaming_loss(model, batches).loss
+    journal = Journal(out / f"measure-{args.split}.partial.jsonl",
+                      fingerprint(model, batches, context=context, device=args.device), say=print)
+    base = journal.get("unpruned", lambda: streaming_loss(model, batches)).loss
     depth = len(model.blocks)
     rows = []
     print(f"unpruned {args.split} loss {base:.4f}, {sum(b.inputs.shape[0] for b in batches)} sequences of {context}")
     for spec, pruner in zip(args.measure, pruners):
-        result = streaming_loss(model, batches, pruner, progress=not args.no_progress)
+        measured = lambda pruner=pruner: streaming_loss(model, batches, pruner, progress=not args.no_progress)  # noqa: E731
+        result = journal.get(pruner.policy.spec(), measured)
         # the memory to provision is the most keys a layer held (a budget's K; a threshold's varies): the mean over a
         # stream that starts from one token is lower for any policy, unpruned included ((N + 1) / 2)
         ratio = depth * context / sum(result.peak_kept)
@@ -132,5 +142,6 @@ def measure(model, batches, args, context: int, out: Path, path: Path, dataset: 
     report = {"checkpoint": str(path), "dataset": dataset, "split": args.split, "context": context, "base_loss": base,
               "sequences": sum(b.inputs.shape[0] for b in batches), "policies": rows}
     atomic_write_text(out / f"measure-{args.split}.json", json.dumps(report, indent=2) + "\n")
+    journal.close()
     print(f"wrote {out / f'measure-{args.split}.json'}")
     return 0

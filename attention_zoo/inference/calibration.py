@@ -32,9 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Batch
+from .journal import Journal
 from .key_scores import attentions, penalty_layers
 from .pruning import BudgetPolicy, Pruner, PruningError, PruningPolicy, ThresholdPolicy, WindowPolicy, without_f_note
-from .streaming import streaming_loss
+from .streaming import StreamingResult, streaming_loss
 
 SHRINK_FACTORS = (0.7, 0.85)
 SEARCH_STAGES = ("uniform", "sensitivity", "allocated", "shrink")
@@ -55,11 +56,13 @@ class Evaluation:
 
 
 class Calibrator:
-    """Evaluates policies on fixed batches; remembers every evaluation (for the report and the plot)."""
+    """Evaluates policies on fixed batches; remembers every evaluation (for the report and the plot), and with a
+    `journal` reads back those an interrupted run made (journal.py)."""
 
     def __init__(self, model: nn.Module, batches: list[Batch], context: int, tolerance: float, progress: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, journal: Journal | None = None):
         self.model, self.batches, self.context, self.tolerance = model, batches, context, tolerance
+        self.journal = journal
         self.evaluations: list[Evaluation] = []
         self.memo: dict[tuple, Evaluation] = {}
         mods = attentions(model)
@@ -79,7 +82,7 @@ class Calibrator:
         self.bar = tqdm(desc="calibrate", unit="eval", total=0, postfix={"stage": "unpruned reference"},
                         disable=not progress, dynamic_ncols=True)
         self.log = log or (lambda message: self.bar.write(message) if progress else None)
-        self.base = streaming_loss(model, batches).loss  # unpruned: one full pass, equal to streaming
+        self.base = self.streamed("search", batches).loss  # unpruned: one full pass, equal to streaming
         self.target = self.base * (1 + tolerance)
 
     def prunable(self) -> int:
@@ -103,9 +106,17 @@ class Calibrator:
                 per_layer[i] = budget
         return per_layer
 
+    def streamed(self, part: str, batches: list[Batch], pruner: Pruner | None = None) -> StreamingResult:
+        """streaming_loss of `batches` (unpruned without a `pruner`), read back from the journal if it has it under
+        `part` ("search", "held out") and the policy."""
+        measure = lambda: streaming_loss(self.model, batches, pruner)  # noqa: E731
+        if self.journal is None:
+            return measure()
+        return self.journal.get(f"{part} {'unpruned' if pruner is None else pruner.policy.spec()}", measure)
+
     def evaluate(self, policy: PruningPolicy, stage: str) -> Evaluation:
         pruner = Pruner(self.model, policy)
-        result = streaming_loss(self.model, self.batches, pruner)
+        result = self.streamed("search", self.batches, pruner)
         budgets = pruner.layer_budgets(self.context)
         if isinstance(policy, ThresholdPolicy):  # no fixed budget: the memory to provision is the most it held,
             budgets = result.peak_kept  # as a budget's is K (its mean over a stream from 1 token is lower)
@@ -118,7 +129,7 @@ class Calibrator:
 
     def stream(self, batches: list[Batch], policy: PruningPolicy, stage: str) -> float:
         """Streamed loss of `policy` on other `batches` (not part of the report's evaluations), counted on the bar."""
-        loss = streaming_loss(self.model, batches, Pruner(self.model, policy)).loss
+        loss = self.streamed(stage, batches, Pruner(self.model, policy)).loss
         self.bar.update(1)
         self.bar.set_postfix(stage=stage, loss=f"{loss:.4f}", refresh=False)
         return loss
@@ -260,11 +271,13 @@ class Calibrator:
 
 def calibrate(model: nn.Module, batches: list[Batch], *, context: int, tolerance: float, progress: bool = True,
               curve: bool = True, threshold: float | None = 1.0,
-              check_batches: list[Batch] | None = None) -> dict:
-    """Run the search; return the report (a JSON-able dict). See the module docstring."""
+              check_batches: list[Batch] | None = None, journal: Journal | None = None) -> dict:
+    """Run the search; return the report (a JSON-able dict). See the module docstring. With a `journal`, every
+    streaming evaluation is read from it or written to it (an interrupted calibration resumes; the caller closes
+    it once the report is saved)."""
     if not 0 < tolerance < 1:
         raise PruningError(f"--tolerance {tolerance}: expected a relative tolerance in (0, 1), e.g. 0.01 for 1%")
-    cal = Calibrator(model, batches, context, tolerance, progress)
+    cal = Calibrator(model, batches, context, tolerance, progress, journal=journal)
     # after the search: calibrated, window (and a uniform window when budgets differ), threshold, curve, held out
     cal.after_search = 2 + bool(threshold) + (2 * len(cal.ladder()) if curve else 0) + (2 if check_batches else 0)
     try:
@@ -284,7 +297,7 @@ def calibrate(model: nn.Module, batches: list[Batch], *, context: int, tolerance
             cal.curve()
         held_out = None
         if check_batches:
-            base_check = streaming_loss(model, check_batches).loss  # one full pass, not counted
+            base_check = cal.streamed("held out", check_batches).loss  # one full pass, not counted
             pruned_check = cal.stream(check_batches, BudgetPolicy(layer_budgets), "held out")
             window_check = cal.stream(check_batches, WindowPolicy(layer_budgets), "held out")
             held_out = {"base_loss": base_check, "calibrated_loss": pruned_check, "window_loss": window_check,
