@@ -402,17 +402,21 @@ def check_state_flow(model: dict, source: str) -> list[Problem]:
     except PluginBuildFailed as exc:  # a plug-in's constructor failing is a config problem, not a crash
         return [exc.problem(source)]
     written: set[str] = set()
+    unwritten: dict[tuple[str, str], list[int]] = {}  # (variant, channel) -> layers reading it with no writer below
     for spec, attn in zip(layer_specs(model), attentions):
         for channel in attn.reads:
             if channel not in written:
-                problems.append(Problem(source, f"model (layer {spec.index}, variant {spec.variant})", _MISSING,
-                                        f"reads state {channel!r} that no earlier layer writes "
-                                        f"({CHANNELS[channel].doc if channel in CHANNELS else 'undeclared channel'})"))
+                unwritten.setdefault((spec.variant, channel), []).append(spec.index)
         for channel in attn.writes:
             if channel not in CHANNELS:
                 problems.append(Problem(source, f"model (layer {spec.index}, variant {spec.variant})", _MISSING,
                                         f"writes undeclared state channel {channel!r}; declare it with state.declare_channel"))
         written.update(attn.writes)
+    for (variant, channel), layers in unwritten.items():  # one problem for the layers one cause breaks, not one each
+        which = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+        problems.append(Problem(source, f"model ({which}, variant {variant})", _MISSING,
+                                f"read{'s' * (len(layers) == 1)} state {channel!r} that no earlier layer writes "
+                                f"({CHANNELS[channel].doc if channel in CHANNELS else 'undeclared channel'})"))
     return problems
 
 

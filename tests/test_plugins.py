@@ -1008,3 +1008,33 @@ def test_a_plugin_component_refusing_its_configuration_is_quoted_as_a_layer_is(t
         assert "its __init__ raised" not in out, out
     finally:
         del NORMS.registry._entries["zoo_even_width_norm"]
+
+
+def test_layers_reading_a_state_no_layer_writes_are_one_problem(tmp_path, capsys, isolated_registry):
+    """A plug-in layer that reads a channel no layer below it writes cannot run: validate names the layers and the
+    channel, once for all the layers it breaks (it was one long line per layer)."""
+    from attention_zoo.state import SELECTION_PENALTY
+    from attention_zoo.variant_registry import register_variant
+    from attention_zoo.variants.vanilla import Vanilla
+
+    @register_variant("zoo_penalty_reader")
+    class PenaltyReader(Vanilla):
+        def __init__(self, shape, **params):
+            super().__init__(shape, **params)
+            self.reads = (SELECTION_PENALTY.name,)
+
+    config = small_model({"variant": "zoo_penalty_reader"})
+    config["model"]["depth"] = 3
+    config["model"]["layers"] = [{"at": 1, "attention": {"variant": "selective"}}]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert "1 problem in config" in out, out
+    assert (f"{cfg}: model (layer 0, variant zoo_penalty_reader): reads state 'selection_penalty' that no earlier "
+            "layer writes") in out, out  # layer 2 reads what the selective layer 1 writes: fine
+    config["model"]["layers"] = []
+    cfg.write_text(yaml.safe_dump(config))
+    assert cli_main(["validate", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert "1 problem in config" in out and "model (layers 0, 1, 2, variant zoo_penalty_reader): read state" in out, out
