@@ -449,15 +449,16 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
-def read_yaml_file(path: Path, missing: Problem | None = None) -> tuple[Any, list[Problem]]:
+def read_yaml_file(path: Path, missing: Problem | None = None, shown: str | None = None) -> tuple[Any, list[Problem]]:
     """The YAML document in `path` (None for an empty file), or the one Problem that stops reading it: not
     found (`missing`, if given, names who pointed there), unreadable, not UTF-8, invalid YAML (with line and
-    column) or a key repeated in one mapping."""
-    source = str(path)
+    column) or a key repeated in one mapping. Problems name the file `shown` (default: `path`), e.g. as the user
+    wrote it where `path` is resolved."""
+    source = shown or str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None, [missing or Problem(source, "(file)", str(path), "file not found")]
+        return None, [missing or Problem(source, "(file)", source, "file not found")]
     except OSError as exc:
         return None, [Problem(source, "(file)", _MISSING, f"cannot read: {exc}")]
     except UnicodeDecodeError as exc:
@@ -472,21 +473,23 @@ def read_yaml_file(path: Path, missing: Problem | None = None) -> tuple[Any, lis
 
 
 def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str, str] | None = None,
-                    names: tuple[str, ...] = ()) -> tuple[dict, list[Problem]]:
+                    names: tuple[str, ...] = (), missing: Problem | None = None) -> tuple[dict, list[Problem]]:
     """The raw, unvalidated mapping of YAML file `path` merged over its `base:` chain (a file's keys override
     its base's key by key; `base` itself removed), and the problems met on the way: a missing, unreadable,
     empty or invalid file, a top level that is not a mapping, a `base` that is not a path, an inheritance
     cycle. Never raises for bad input: `({}, problems)` then. `chain` is the files that led here (for the
-    cycle check and to name the file whose `base` is missing).
+    cycle check). `missing`: the Problem for a `path` that does not exist (default: "file not found" at this
+    file), e.g. at the `base` key that named it.
 
     Given `origins` (a dict), fills it with each key path of the merged mapping (`model.dim`; see
     `origin_of`) -> the file that set it: `names[-1]` (default: `path`), or `e2.yaml (base of b8.yaml)`
-    for a key from a base; `names` are the files that led here as the user wrote them, this one last."""
-    source = str(path)
+    for a key from a base; `names` are the files that led here as the user wrote them, this one last, and
+    problems name files by them (a resolved absolute path is not what the user typed)."""
+    names = names or (str(path),)
+    source = names[-1]
     if path in chain:
-        return {}, [Problem(source, "base", str(path), "inheritance cycle: " + " -> ".join(map(str, (*chain, path))))]
-    missing = Problem(str(chain[-1]), "base", str(path), "file not found") if chain else None
-    data, problems = read_yaml_file(path, missing)
+        return {}, [Problem(names[-2], "base", source, "inheritance cycle: " + " -> ".join(names))]
+    data, problems = read_yaml_file(path, missing, shown=source)
     if problems:
         return {}, problems
     if data is None:  # nothing but whitespace or comments: a mistake (a wrong path, a truncated file), not defaults
@@ -497,14 +500,15 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
     base = data.pop("base", None)
     if base is not None and not isinstance(base, str):
         return {}, [Problem(source, "base", base, "expected a path to another YAML file")]
-    names = names or (source,)
     label = names[-1] + (f" ({', '.join(f'base of {n}' for n in reversed(names[:-1]))})" if len(names) > 1 else "")
     ambiguous = resolve_file_keys(data, path, names[-1], label)
     parent, problems = {}, []
     if base is not None:
         # the base's name as the user would write it: beside the file that names it
         base_name = os.path.normpath(Path(names[-1]).parent / base)
-        parent, problems = read_yaml_chain((path.parent / base).resolve(), (*chain, path), origins, (*names, base_name))
+        where = f" (looked for {base_name}, beside {source})" if base_name != os.path.normpath(base) else ""
+        parent, problems = read_yaml_chain((path.parent / base).resolve(), (*chain, path), origins, (*names, base_name),
+                                           Problem(source, "base", base, f"file not found{where}"))
     if origins is not None:  # after the base's keys, so this file's own keys win as they do in the merge
         _record_origins(data, label, origins)
     for key, value in data.items():  # as documented, but one keystroke from keeping it: said, not silent

@@ -584,3 +584,22 @@ def test_an_option_a_run_sets_that_its_new_variant_lacks_is_still_refused_at_its
     [problem] = err.value.problems
     assert problem.source.endswith("(every run)") and problem.path == "model.attention.selection_head"
     assert problem.value == 0 and "vanilla" in problem.message and "kv_heads" in problem.message
+
+
+def test_a_sweeps_base_is_named_as_written(tmp_path, monkeypatch):
+    """A sweep's base file was named by its absolute path in its problems, and a missing one as a config file that
+    is not there; both are now named as the user wrote them, a missing one at the sweep's `base` key."""
+    from attention_zoo.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "bad.yaml").write_text("model: {dim: 30, heads: 4}\n")
+    (tmp_path / "sweeps" / "s.yaml").write_text("base: ../bad.yaml\ngrid: {model.depth: [1, 2]}\n")
+    (tmp_path / "sweeps" / "gone.yaml").write_text("base: gone_base.yaml\ngrid: {model.depth: [1, 2]}\n")
+    with pytest.raises(ConfigError) as info:
+        read_sweep_file("sweeps/s.yaml")
+    assert "bad.yaml: model.heads = 4" in str(info.value) and str(tmp_path) not in str(info.value), str(info.value)
+    with pytest.raises(ConfigError) as info:
+        read_sweep_file("sweeps/gone.yaml")
+    assert ("sweeps/gone.yaml: base = 'gone_base.yaml': file not found (looked for sweeps/gone_base.yaml, beside "
+            "sweeps/gone.yaml)") in str(info.value), str(info.value)

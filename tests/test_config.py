@@ -331,3 +331,24 @@ def test_validate_reports_a_seq_len_over_max_seq_len_with_the_model_problems(tmp
         assert main(["validate", str(cfg)]) == 2
         out = capsys.readouterr().out
         assert ("longer than model.max_seq_len" in out) == ("lr: x" in bad), out
+
+
+def test_files_are_named_as_the_user_wrote_them(tmp_path, monkeypatch):
+    """A missing base, a base cycle and an empty base were named by their resolved absolute paths (and a missing
+    base by the path it resolved to rather than the `base:` value written in the file); problems now name each
+    file as the user wrote it, relative to the working directory, and where a base was looked for."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    files = {"b2.yaml": "base: nothere.yaml\n", "sub/c.yaml": "base: ../gone.yaml\n", "a.yaml": "base: b.yaml\n",
+             "b.yaml": "base: a.yaml\n", "e.yaml": "base: sub/empty.yaml\n", "sub/empty.yaml": ""}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    expected = {"b2.yaml": "b2.yaml: base = 'nothere.yaml': file not found",
+                "sub/c.yaml": "sub/c.yaml: base = '../gone.yaml': file not found (looked for gone.yaml, beside sub/c.yaml)",
+                "a.yaml": "b.yaml: base = 'a.yaml': inheritance cycle: a.yaml -> b.yaml -> a.yaml",
+                "e.yaml": "sub/empty.yaml: (file): the file is empty",
+                "missing.yaml": "missing.yaml: (file) = 'missing.yaml': file not found"}
+    for name, message in expected.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(name)
+        assert message in str(info.value) and str(tmp_path) not in str(info.value), str(info.value)

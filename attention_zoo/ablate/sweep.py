@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,12 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
 
     base = spec["base"]
     if isinstance(base, str):
-        base = load_config((path.parent / base).resolve(), sets)  # the base file's own problems name that file
+        # the base file's own problems name that file, as the user would write it (relative to the working directory)
+        base_path = os.path.normpath(path.parent / base)
+        if not os.path.exists(base_path):  # said at this file's `base`, not as a config file that is not there
+            where = f" (looked for {base_path}, beside {source})" if base_path != os.path.normpath(base) else ""
+            raise ConfigError([Problem(source, "base", base, f"file not found{where}")])
+        base = load_config(base_path, sets)
         base_raw = dict(base)
     else:
         if not base:  # `base: {}` is the library's defaults, as a missing base was
