@@ -394,7 +394,9 @@ def _build_attention(model: dict, spec: LayerSpec, backend: str) -> torch.nn.Mod
 
 
 def check_state_flow(model: dict, source: str) -> list[Problem]:
-    """Walk the layers as built on the meta device (no memory) and check every read has a writer below."""
+    """Walk the layers as built on the meta device (no memory) and check every read has a writer below: one problem
+    per variant and channel, naming its layers, with the layer's `missing_state_hint(channel)` (an optional method
+    saying what to change) or else the channel's doc."""
     problems = []
     try:
         with torch.device("meta"):
@@ -403,10 +405,15 @@ def check_state_flow(model: dict, source: str) -> list[Problem]:
         return [exc.problem(source)]
     written: set[str] = set()
     unwritten: dict[tuple[str, str], list[int]] = {}  # (variant, channel) -> layers reading it with no writer below
+    hints: dict[tuple[str, str], str] = {}
     for spec, attn in zip(layer_specs(model), attentions):
         for channel in attn.reads:
             if channel not in written:
                 unwritten.setdefault((spec.variant, channel), []).append(spec.index)
+                # a layer may say what to change (its `missing_state_hint(channel)`, optional); else the channel's doc
+                hint = getattr(attn, "missing_state_hint", lambda channel: None)(channel)
+                if hint:
+                    hints[spec.variant, channel] = hint
         for channel in attn.writes:
             if channel not in CHANNELS:
                 problems.append(Problem(source, f"model (layer {spec.index}, variant {spec.variant})", _MISSING,
@@ -414,9 +421,10 @@ def check_state_flow(model: dict, source: str) -> list[Problem]:
         written.update(attn.writes)
     for (variant, channel), layers in unwritten.items():  # one problem for the layers one cause breaks, not one each
         which = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+        doc = CHANNELS[channel].doc if channel in CHANNELS else "undeclared channel"
+        why = f": {hints[variant, channel]}" if (variant, channel) in hints else f" ({doc})"
         problems.append(Problem(source, f"model ({which}, variant {variant})", _MISSING,
-                                f"read{'s' * (len(layers) == 1)} state {channel!r} that no earlier layer writes "
-                                f"({CHANNELS[channel].doc if channel in CHANNELS else 'undeclared channel'})"))
+                                f"read{'s' * (len(layers) == 1)} state {channel!r} that no earlier layer writes{why}"))
     return problems
 
 

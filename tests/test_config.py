@@ -89,8 +89,9 @@ BROKEN = [
     ("negative-minimum", {"bad.yaml": "model:\n  depth: 0\n"}, ["{main}", "model.depth", "= 0", "must be >= 1"]),
     ("dropout-too-large", {"bad.yaml": "model:\n  dropout: 1.5\n"}, ["{main}", "model.dropout = 1.5", "must be < 1"]),
     ("share-without-source", {"bad.yaml": SMALL + "  attention: {variant: cross_layer_selective, sources: [2]}\n"},
-     ["{main}", "model.attention.variant = 'cross_layer_selective': layer 0: mode share", "none is (sources: [2])",
-      "list layer 0 in `sources`, or use mode: accumulate"]),
+     ["{main}", "model (layers 0, 1, variant cross_layer_selective): read state 'selection_penalty' that no "
+      "earlier layer writes: mode share reuses", "sources: [0]), or use mode: accumulate"]),
+
     ("missing-base", {"bad.yaml": "base: nowhere.yaml\n"}, ["{main}", "base", "nowhere.yaml", "file not found"]),
     ("base-cycle", {"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, ["a.yaml", "b.yaml", "inheritance cycle"]),
     ("model-not-a-mapping", {"bad.yaml": "model: 3\n"}, ["{main}", "model = 3", "expected a mapping with keys: vocab_size, dim"]),
@@ -352,3 +353,13 @@ def test_files_are_named_as_the_user_wrote_them(tmp_path, monkeypatch):
         with pytest.raises(ConfigError) as info:
             load_config(name)
         assert message in str(info.value) and str(tmp_path) not in str(info.value), str(info.value)
+
+
+def test_share_mode_may_reuse_the_f_of_a_selective_layer_below_its_first_source():
+    """Layer 0 selective writes F; cross-layer share layers above reuse it until their own source (layer 2)
+    refreshes it. Valid: a check written for `sources: []` once refused it for listing no source at or below."""
+    config = {"model": {"dim": 32, "depth": 3, "heads": 2, "max_seq_len": 16,
+                        "attention": {"variant": "cross_layer_selective", "mode": "share", "sources": [2]},
+                        "layers": [{"at": 0, "attention": {"variant": "selective"}}]}}
+    model = build_model(config)
+    assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 256)

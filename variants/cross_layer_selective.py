@@ -13,7 +13,6 @@ from typing import Mapping
 
 from torch import Tensor
 
-from attention_zoo.errors import UserError
 from attention_zoo.ops.selection import Selection
 from attention_zoo.state import SELECTION_PENALTY
 from attention_zoo.variant import BASE_PARAMS, PROTECT_BOS, RESIDUAL, SELECTION_HEAD, LayerShape, Param, ProjectedAttention
@@ -68,18 +67,21 @@ class CrossLayerSelective(SelectionMixin, ProjectedAttention):
         self.mode = mode
         self.decay = float(decay)
         channel = SELECTION_PENALTY.name
-        if mode == "share" and not any(0 <= i <= shape.layer_index for i in sources):
-            # said here, where mode and sources are both known, rather than as the state flow's "reads state that
-            # no earlier layer writes" for every layer below the first source
-            raise UserError(f"mode share reuses the F of the latest source layer at or below each layer, and none is "
-                            f"(sources: {list(sources)}); list layer 0 in `sources`, or "
-                            "use mode: accumulate (layers below the first source attend as vanilla)")
         if mode == "share":
             self.reads = () if self.is_source else (channel,)
             self.writes = (*self.writes, channel) if self.is_source else self.writes
         else:
             self.optional_reads = (*self.optional_reads, channel)
             self.writes = (*self.writes, channel)
+
+    def missing_state_hint(self, channel: str) -> str | None:
+        """What to change when no layer below this one writes `channel` (config.check_state_flow asks)."""
+        if self.mode == "share" and channel == SELECTION_PENALTY.name:
+            return ("mode share reuses the F of the latest layer at or below each layer that computes one (a layer "
+                    "listed in `sources`, or a selective layer); list a layer at or below it in "
+                    "model.attention.sources (e.g. sources: [0]), or use mode: accumulate (layers below the first "
+                    "source attend as vanilla)")
+        return None
 
     def attention_bias(self, q, k, state: Mapping[str, Tensor], cache):
         channel = SELECTION_PENALTY.name
