@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -208,7 +209,7 @@ def format_version(file: Path, metadata: dict[str, str] | None) -> int:
     """The checkpoint format of weights `file` from its safetensors metadata: 1 when it has none (written before
     versions). Raises UserError for a format newer than this release reads, or a value that is not one."""
     value = (metadata or {}).get(FORMAT_KEY, "1")
-    if not value.isdigit() or int(value) < 1:
+    if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:  # not str.isdigit: it takes '²', which int() refuses
         raise UserError(f"{file}: metadata {FORMAT_KEY} = {value!r} is not a checkpoint format (a whole number "
                         f"from 1 to {FORMAT_VERSION}); the file was not written by attention-zoo, or was edited")
     if int(value) > FORMAT_VERSION:

@@ -27,7 +27,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         (root / f"{name}.yaml").write_text(yaml.safe_dump(tiny(depth)))
         assert main(["train", str(root / f"{name}.yaml"), "--out", str(root / name), "--no-progress"]) == 0
     broken = {}
-    for name in ("garbage", "mismatch", "not_yaml", "bad_value", "newer_format", "odd_format"):
+    for name in ("garbage", "mismatch", "not_yaml", "bad_value", "newer_format", "odd_format", "odd_digit"):
         shutil.copytree(root / "good", root / name)
         broken[name] = root / name
     ckpt = lambda name: root / name / "checkpoint"  # noqa: E731
@@ -37,7 +37,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     saved = yaml.safe_load((ckpt("bad_value") / "config.yaml").read_text())
     saved["model"]["dim"] = -5
     (ckpt("bad_value") / "config.yaml").write_text(yaml.safe_dump(saved))
-    for name, version in (("newer_format", "99"), ("odd_format", "two")):
+    for name, version in (("newer_format", "99"), ("odd_format", "two"), ("odd_digit", "\u00b2")):
         with_format(ckpt(name) / "model.safetensors", version)
     return {"root": root, **broken}
 
@@ -58,6 +58,7 @@ EXPECTED = {
     "newer_format": ("model.safetensors", "checkpoint format 99, written by a newer attention-zoo; this one reads "
                      "formats up to 2: upgrade"),
     "odd_format": ("model.safetensors", "attention_zoo_format = 'two' is not a checkpoint format"),
+    "odd_digit": ("model.safetensors", "attention_zoo_format = '\u00b2' is not a checkpoint format"),  # isdigit() takes it
 }
 
 

@@ -478,3 +478,14 @@ def test_cross_layer_accumulate_without_sources_has_no_f_and_is_not_pruned_by_it
                                            r"penalty F.*'none'"):
         Pruner(mixed, BudgetPolicy([4, 4, 4, 4]))
     Pruner(mixed, BudgetPolicy([None, None, None, 4]))
+
+
+def test_a_thresholds_spec_is_exact():
+    """spec() printed 6 significant digits: threshold:0.5000004 read as threshold:0.5, so calibrate --measure of the
+    two gave the second the first's journaled measurement. Short where exact, the round-trip form where not."""
+    from attention_zoo.inference import ThresholdPolicy, parse_prune_spec
+
+    assert ThresholdPolicy(1.0).spec() == "threshold:1" and ThresholdPolicy(0.25).spec() == "threshold:0.25"
+    for tau in (0.5000004, 1e-9 + 1, 123456.7):
+        spec = ThresholdPolicy(tau).spec()
+        assert spec != ThresholdPolicy(0.5).spec() and parse_prune_spec(spec).tau == tau, spec

@@ -68,8 +68,8 @@ def cmd_calibrate(args) -> int:
     if args.check_split != "none":
         check = _sequences(dataset, args.check_split, args, context, "--check-split")
     # every evaluation journaled as it finishes: an interrupted calibration resumes where it stopped
-    journal = Journal(out / "calibration.partial.jsonl", fingerprint(model, batches + (check or []), context=context,
-                                                                     device=args.device), say=print)
+    journal = Journal(out / "calibration.partial.jsonl", fingerprint(model, batches + (check or []), context=context),
+                      say=print)
     report = calibrate(model, batches, context=context, tolerance=args.tolerance, progress=not args.no_progress,
                        curve=not args.no_curve, threshold=args.threshold or None, check_batches=check,
                        journal=journal)
@@ -123,7 +123,7 @@ def measure(model, batches, args, context: int, out: Path, path: Path, dataset: 
     # every spec checked before any work
     pruners = [Pruner(model, parse_prune_spec(spec, f"--measure {spec!r}"), f"--measure {spec!r}") for spec in args.measure]
     journal = Journal(out / f"measure-{args.split}.partial.jsonl",
-                      fingerprint(model, batches, context=context, device=args.device), say=print)
+                      fingerprint(model, batches, context=context), say=print)
     base = journal.get("unpruned", lambda: streaming_loss(model, batches)).loss
     depth = len(model.blocks)
     rows = []

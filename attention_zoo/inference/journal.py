@@ -5,7 +5,7 @@ hours on a large one. Each evaluation is appended to OUT/<name>.partial.jsonl as
 same model and the same sequences reads them back instead of streaming them again, and the search, which is
 deterministic given its measurements, walks the same path to where the interrupted run stopped. The first
 line is a fingerprint of what the numbers depend on (the model's weights and config, the token ids, the
-context, the device); a journal with another fingerprint is replaced and the run starts afresh. The journal
+context, the device, the code's version); a journal with another fingerprint is replaced and the run starts afresh. The journal
 is removed once the report is written: it exists only while a run is unfinished.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import __version__
 from ..checkpoint import atomic_write_text
 from ..data import Batch
 from .streaming import StreamingResult
@@ -27,8 +28,9 @@ from .streaming import StreamingResult
 
 def fingerprint(model: nn.Module, batches: list[Batch], **settings: Any) -> dict[str, Any]:
     """What a streamed loss depends on, as JSON-able values: sha256 digests of the model's state_dict (names,
-    dtypes, shapes, bytes) and config, and of the batches' inputs and targets, plus `settings` (context, device:
-    anything else the caller's numbers depend on). Reads every weight once (seconds per GB)."""
+    dtypes, shapes, bytes) and config, and of the batches' inputs and targets; the device the model is on (and
+    the card), the attention-zoo and torch versions (code that computes differently); plus `settings` (the
+    context: anything else the caller's numbers depend on). Reads every weight once (seconds per GB)."""
     weights = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -40,8 +42,11 @@ def fingerprint(model: nn.Module, batches: list[Batch], **settings: Any) -> dict
             tokens.update(f"{tuple(tensor.shape)}\n".encode())
             tokens.update(tensor.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
     config = json.dumps(dict(getattr(model, "config", {})), sort_keys=True, default=str)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"weights": weights.hexdigest(), "config": hashlib.sha256(config.encode()).hexdigest(),
-            "tokens": tokens.hexdigest(), **settings}
+            "tokens": tokens.hexdigest(), "device": str(device), "card": card, "attention_zoo": __version__,
+            "torch": torch.__version__, **settings}
 
 
 class Journal:

@@ -86,7 +86,10 @@ class ThresholdPolicy(PruningPolicy):
         return keep_lowest(penalty.masked_fill(safe, float("-inf")), count)
 
     def spec(self) -> str:
-        return f"threshold:{self.tau:g}"
+        """`threshold:TAU`, TAU exact (reports and calibrate's journal key measurements by it): 6 digits where they
+        say it all, Python's shortest round-trip form where they do not (0.5000004 is not 0.5)."""
+        short = f"{self.tau:g}"
+        return f"threshold:{short if float(short) == self.tau else repr(float(self.tau))}"
 
 
 @dataclass
