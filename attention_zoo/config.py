@@ -23,7 +23,7 @@ from .errors import UserError, out_of_memory
 from .numbers import finite_problem
 from .registry import PluginFailure, RegistryError, did_you_mean, import_plugins, valid_choices
 from .state import CHANNELS
-from .variant import LayerShape, PluginBuildFailed, meta_only, run_check, type_name, type_ok, zoos_own
+from .variant import LayerShape, PluginBuildFailed, construct, run_check, type_name, type_ok, zoos_own
 from .variant_registry import VARIANTS, check_params, get_variant, resolved_params
 
 log = logging.getLogger(__name__)
@@ -364,31 +364,18 @@ def build_attentions(model: dict, backend: str = "auto") -> list[torch.nn.Module
 
 
 def _build_attention(model: dict, spec: LayerSpec, backend: str) -> torch.nn.Module:
-    """Layer `spec`'s attention module. Validation and the dry runs build under `torch.device("meta")` (no
-    weights); an __init__ that reads a tensor's value (`float(torch.log(torch.tensor(2.0)))`, `.item()`) cannot
-    run there, though it runs on every real device: such a layer is built on the CPU instead and moved to meta
-    (its weights allocated for that moment), so the plug-in validates, plans and builds as any other.
-
-    A failure of a plug-in's constructor (or a UserError, a layer refusing its configuration) is raised as
-    PluginBuildFailed; running out of memory passes through (build_model says how large the model is), and any
-    other failure of the zoo's own classes too: a bug, to see with its traceback."""
+    """Layer `spec`'s attention module, built as `variant.construct` builds (on the meta device too, for a plug-in
+    whose __init__ reads tensor values). A failure of a plug-in's constructor (or a UserError, a layer refusing
+    its configuration) is raised as PluginBuildFailed; running out of memory passes through (build_model says
+    how large the model is), and any other failure of the zoo's own classes too: a bug, to see with its
+    traceback."""
     cls = get_variant(spec.variant)
     shape, params = layer_shape(model, spec.index), resolved_params(spec.variant, spec.params)
     try:
-        return cls(shape, backend=backend, **params)
-    except (MemoryError, torch.OutOfMemoryError):
-        raise
+        return construct(cls, shape, backend=backend, **params)
     except Exception as exc:
-        if torch.get_default_device().type == "meta" and meta_only(exc):
-            with torch.device("cpu"):
-                try:
-                    return cls(shape, backend=backend, **params).to("meta")
-                except Exception as cpu_exc:  # what a real build meets, reported as below
-                    exc = cpu_exc
-        if out_of_memory(exc):  # as build_model tells it
-            raise exc
-        if zoos_own(cls) and not isinstance(exc, UserError):
-            raise exc
+        if out_of_memory(exc) or zoos_own(cls) and not isinstance(exc, UserError):
+            raise
         raise PluginBuildFailed(f"{spec.origin.get('variant', 'model.attention')}.variant", spec.variant, cls, exc,
                                 where=f"layer {spec.index}") from exc
 

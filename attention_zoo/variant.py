@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -94,6 +95,23 @@ def meta_only(exc: BaseException) -> bool:
     Meta kernel registered")."""
     return re.search(r"\bmeta tensors?\b|\bmeta device type\b|'Meta' backend|\bMeta kernel\b", str(exc),
                      re.IGNORECASE) is not None
+
+
+def construct(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """`cls(*args, **kwargs)`. Validation and the dry runs build under `torch.device("meta")` (no weights); an
+    __init__ that reads a tensor's value (`float(torch.log(torch.tensor(2.0)))`, `.item()`) cannot run there,
+    though it runs on every real device: such a module is built on the CPU instead and moved to meta (its weights
+    allocated for that moment), so a plug-in validates, plans and builds as any other. Raises what the
+    constructor raises (the CPU build's exception after such a retry)."""
+    try:
+        return cls(*args, **kwargs)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        if torch.get_default_device().type != "meta" or not meta_only(exc):
+            raise
+    with torch.device("cpu"):
+        return cls(*args, **kwargs).to("meta")
 
 
 def plugin_line(exc: BaseException, cls: type) -> str:

@@ -1038,3 +1038,28 @@ def test_layers_reading_a_state_no_layer_writes_are_one_problem(tmp_path, capsys
     assert cli_main(["validate", str(cfg)]) == 2
     out = capsys.readouterr().out
     assert "1 problem in config" in out and "model (layers 0, 1, 2, variant zoo_penalty_reader): read state" in out, out
+
+
+def test_a_plugin_component_whose_init_reads_a_tensor_value_validates_as_a_layer_does(tmp_path, capsys):
+    """Layers whose __init__ reads a tensor's value are built on the CPU where validation builds on meta; components
+    were not, so such a plug-in MLP was refused by validate, ablate and train ('.item() cannot be called on meta
+    tensors') though it builds on every real device."""
+    from attention_zoo.components import MLPS
+    from attention_zoo.components.mlps import SwiGLU
+
+    @MLPS.register("zoo_value_reading_mlp")
+    class ValueReadingMLP(SwiGLU):
+        def __init__(self, shape, **params):
+            super().__init__(shape, **params)
+            self.scale = float(torch.tensor(2.0).sqrt())
+
+    try:
+        config = small_model({"variant": "vanilla"}, train={"steps": 1, "batch_size": 2, "seq_len": 8})
+        config["model"].update(mlp="zoo_value_reading_mlp", vocab_size=256)
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        assert cli_main(["validate", str(cfg)]) == 0, capsys.readouterr().out
+        with torch.device("meta"):
+            assert build_model(cfg).blocks[0].mlp.scale == pytest.approx(2 ** 0.5)
+    finally:
+        del MLPS.registry._entries["zoo_value_reading_mlp"]

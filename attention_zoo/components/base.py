@@ -15,7 +15,7 @@ from typing import Any, Callable, Generic, TypeVar
 
 from ..errors import out_of_memory
 from ..registry import Registry, RegistryError
-from ..variant import Param, PluginBuildFailed, zoos_own
+from ..variant import Param, PluginBuildFailed, construct, zoos_own
 
 T = TypeVar("T", bound=type)
 
@@ -99,7 +99,7 @@ class ComponentKind(Generic[T]):
         PluginBuildFailed when a plug-in's constructor raises (a zoo component's failure is a bug: as it is)."""
         cls = self.get(name)
         try:
-            return cls(shape, **{key: model.get(key, param.default) for key, param in cls.params.items()})
+            return construct(cls, shape, **{key: model.get(key, param.default) for key, param in cls.params.items()})
         except Exception as exc:
             if zoos_own(cls) or out_of_memory(exc):  # out of memory: build_model says how large the model is
                 raise
