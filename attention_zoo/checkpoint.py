@@ -51,9 +51,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)  # the rename itself, so a power loss cannot undo it
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or folder's contents (a folder's: its entries, i.e. renames into it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -67,8 +77,10 @@ def _umask() -> int:
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """A temporary folder next to `path` to write into; when the block ends without an exception it replaces
     `path` (an existing folder is swapped out, then removed), on any failure it is removed and `path` is left as
-    it was. Yields the temporary folder. A success also removes the staging folders of saves to `path` that a
-    killed process (SIGKILL, power loss) left behind: one writer per path is assumed, as everywhere here."""
+    it was. Yields the temporary folder. Every file, the folder and the renames are flushed to the disk (fsync)
+    before the old folder is removed, so a power loss leaves the old folder or the whole new one. A success also
+    removes the staging folders of saves to `path` that a killed process (SIGKILL, power loss) left behind: one
+    writer per path is assumed, as everywhere here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -77,14 +89,19 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         yield tmp
         # mkdtemp makes the folder 0700 and safetensors its files 0600: give them the modes any new file gets
         umask = _umask()
-        for folder, _, files in os.walk(tmp):
-            os.chmod(folder, 0o777 & ~umask)
+        # and every byte on the disk before the renames: after a power loss the new folder must hold whole files,
+        # since the previous checkpoint is removed below
+        for folder, _, files in os.walk(tmp, topdown=False):
             for name in files:
                 os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+                fsync_path(os.path.join(folder, name))
+            os.chmod(folder, 0o777 & ~umask)
+            fsync_path(folder)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)  # a directory cannot be replaced in one step: swap, then drop the old one
         os.replace(tmp, path)
+        fsync_path(path.parent)  # both renames on the disk before the old checkpoint goes
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -147,3 +147,38 @@ def test_a_checkpoint_carries_its_format_and_an_older_one_says_what_changed(runs
     for attention, position in (({"variant": "differential"}, "learned"), ({"variant": "vanilla"}, "rope")):
         load_model(saved_as_format_1(attention, position))
     assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_a_replaced_checkpoint_is_on_the_disk_before_the_old_one_goes(tmp_path, monkeypatch):
+    """atomic_folder renamed the new folder into place and removed the old one without an fsync: after a power loss
+    the new folder could hold empty files while the previous checkpoint was already gone. Every file, the folder
+    and the parent (the renames) are now flushed before the old folder is removed."""
+    import os
+    import shutil
+
+    from attention_zoo import checkpoint
+
+    target = tmp_path / "checkpoint"
+    with checkpoint.atomic_folder(target) as tmp:
+        (tmp / "a").write_text("first")
+    events = []
+    real_fsync, real_rmtree = os.fsync, shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rmtree(path, *args, **kwargs):
+        events.append(("remove", str(path)))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    with checkpoint.atomic_folder(target) as tmp:
+        (tmp / "model.safetensors").write_text("weights")
+        (tmp / "config.yaml").write_text("model: {}")
+    # the last removal of .checkpoint.old is the old checkpoint's (the first clears a leftover before the swap)
+    removed_old = max(i for i, event in enumerate(events) if event == ("remove", str(tmp_path / ".checkpoint.old")))
+    synced = {path.replace(str(tmp), str(target)) for kind, path in events[:removed_old] if kind == "fsync"}
+    assert {str(target / "model.safetensors"), str(target / "config.yaml"), str(target), str(tmp_path)} <= synced
+    assert (target / "model.safetensors").read_text() == "weights"
