@@ -603,3 +603,35 @@ def test_a_sweeps_base_is_named_as_written(tmp_path, monkeypatch):
         read_sweep_file("sweeps/gone.yaml")
     assert ("sweeps/gone.yaml: base = 'gone_base.yaml': file not found (looked for sweeps/gone_base.yaml, beside "
             "sweeps/gone.yaml)") in str(info.value), str(info.value)
+
+
+def test_a_variant_change_drops_options_an_inline_bases_own_base_file_sets(tmp_path, monkeypatch):
+    """The drop saw only the inline base mapping: options from that mapping's own `base:` file were merged later by
+    load_config and refused (`selection_head ... unknown parameter for variant 'vanilla'`)."""
+    monkeypatch.chdir(tmp_path)
+    parent = {**BASE, "model": {**BASE["model"], "attention": {"variant": "selective", "selection_head": 1}}}
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(parent))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": {"base": "parent.yaml", "train": {"steps": 3}},
+                                    "grid": {"model.attention.variant": ["vanilla", "selective"]}}))
+    runs = {run.label: run.config for run in read_sweep_file(path).runs}
+    assert runs["variant=vanilla"]["model"]["attention"] == {"variant": "vanilla"}
+    assert runs["variant=selective"]["model"]["attention"]["selection_head"] == 1
+    assert runs["variant=vanilla"]["train"]["steps"] == 3 and runs["variant=vanilla"]["model"]["dim"] == 16
+
+
+def test_a_variant_change_to_a_plugin_variant_drops_the_base_options_whatever_the_run_order(
+        tmp_path, monkeypatch, isolated_registry):
+    """A plug-in variant is known by name only once the base's `plugins:` are imported (by the first run's
+    load_config): a grid listing it first refused the base's selection_head, listing it second did not."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "zoo_order_plugin.py").write_text(
+        "from attention_zoo.variant_registry import register_variant\n"
+        "from attention_zoo.variants.vanilla import Vanilla\n\n\n"
+        "@register_variant('zoo_order_vanilla')\nclass OrderVanilla(Vanilla):\n    pass\n")
+    path = selective_base_sweep(tmp_path, grid={"model.attention.variant": ["zoo_order_vanilla", "vanilla"]})
+    data = yaml.safe_load(path.read_text())
+    data["base"]["plugins"] = ["zoo_order_plugin"]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    runs = {run.label: run.config["model"]["attention"] for run in read_sweep_file(path).runs}
+    assert runs["variant=zoo_order_vanilla"] == {"variant": "zoo_order_vanilla", "kv_heads": 1}

@@ -38,14 +38,17 @@ from ..config import (
     Field,
     Problem,
     apply_override,
+    deep_merge,
     load_config,
     params_kept,
+    read_yaml_chain,
     read_yaml_file,
     resolve_file_keys,
     validate_fields,
 )
 from ..data import DataError, build_dataset
 from ..numbers import is_whole, seed_problem
+from ..registry import import_plugins
 from .dry_runs import dry_run_problems, model_key
 
 METRICS = ("val.loss", "val.bpb", "val.ppl", "val.accuracy", "train_loss")
@@ -316,11 +319,25 @@ def _keep_what_the_variant_declares(raw: dict, settings: dict[str, Any]) -> None
     """A run whose `model.attention.variant` names another variant than the base's keeps only the base's attention
     options that variant declares, as a `layers:` override does (config.params_kept): the base's
     `selection_head` is the base variant's, not something a `variant: vanilla` run asked for. Keys the run sets
-    itself are set after this and validated as given (one the new variant does not declare is refused). Changes `raw`
-    in place; raises nothing."""
+    itself are set after this and validated as given (one the new variant does not declare is refused).
+
+    The base's `plugins:` are imported first (a plug-in variant is known by name only then), and an inline base's
+    own `base:` file is merged into `raw` here, as load_config would merge it later, since the options to drop may
+    come from that file and a merge can add keys, not remove them. Changes `raw` in place; raises
+    nothing (an unreadable `base:` or a plug-in that fails to import is load_config's to report)."""
+    if VARIANT_KEY not in settings:
+        return
+    if isinstance(plugins := raw.get("plugins"), list) and all(isinstance(m, str) for m in plugins):
+        import_plugins(plugins)
+    if isinstance(raw.get("base"), str):
+        parent, problems = read_yaml_chain(Path(raw["base"]).resolve(), names=(raw["base"],))
+        if not problems:
+            merged = deep_merge(parent, {k: v for k, v in raw.items() if k != "base"})
+            raw.clear()
+            raw.update(merged)
     model = raw.get("model")
     attention = model.get("attention") if isinstance(model, dict) else None
-    if VARIANT_KEY in settings and isinstance(attention, dict):
+    if isinstance(attention, dict):
         model["attention"] = params_kept(attention, attention.get("variant", "vanilla"), settings[VARIANT_KEY])
 
 
