@@ -188,6 +188,12 @@ def test_generate_command_stops_at_the_position_limit(checkpoint, capsys):
     (["--prune", "budget:3,4,5"], "--prune 'budget:3,4,5': 3 budgets for 2 layers"),
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--device", "meta"], "--device 'meta': expected auto, cpu, cuda or cuda:N (or mps"),
+    # an empty policy (an unset shell variable: --prune "$POLICY") was taken for no pruning, silently unpruned
+    (["--prune", ""], "--prune '': expected POLICY:VALUE"),
+    # a window's error said "budget 1 is below 2"
+    (["--prune", "window:1"], "--prune 'window:1': window 1 is below 2"),
+    # an unknown backend was "1 problem in config: override (on <dict>): backend = 'x'", not naming the flag
+    (["--backend", "nosuch"], "--backend 'nosuch': unknown attention backend; valid: auto, "),
 ])
 def test_generate_command_errors(checkpoint, capsys, args, message):
     if "--device" in args and torch.cuda.is_available():

@@ -50,6 +50,11 @@ def load_for_inference(path: str | Path, device: str = "cpu", backend: str | Non
     """The model in eval mode, on `device` (any --device word, auto included), and the checkpoint folder it
     came from."""
     target = check_device(device, auto=True)  # before reading the checkpoint: a bad flag costs nothing
+    if backend is not None:
+        from ..backends import BACKEND_CHOICES
+
+        if backend not in BACKEND_CHOICES:  # as a config override it was "override (on <dict>): backend = ..."
+            raise UserError(f"--backend {backend!r}: unknown attention backend; valid: {', '.join(BACKEND_CHOICES)}")
     path = resolve_checkpoint(path)
     overrides = (f"backend={backend}",) if backend else ()
     return load_model(path, map_location=target, overrides=overrides), path
