@@ -126,6 +126,17 @@ def test_an_interrupt_while_drawing_leaves_no_earlier_figure_beside_the_new_json
     assert sorted(p.name for p in out.iterdir()) == ["calibration.json"]  # no figure of the first run, no temp file
 
 
+def test_calibrating_on_test_checks_on_val_by_default(run_folder, capsys):
+    """--check-split defaults to test, which is not held out when --split is test: then it is val."""
+    out = run_folder / "cal-test"
+    argv = ["calibrate", str(run_folder), "--split", "test", "--context", "8", "--batches", "1", "--batch-size", "1",
+            "--no-curve", "--threshold", "0", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["split"] == "test" and report["check_split"] == "val"
+    assert "held out (val)" in capsys.readouterr().out
+
+
 def test_memory_is_measured_by_the_most_keys_held_for_every_policy(run_folder, capsys):
     """A threshold's memory was the keys it held on average over the stream, a budget's its K: streaming from one
     token averages (N + 1) / 2 even unpruned, so a threshold that pruned nothing read 2x less memory. Every
@@ -149,6 +160,8 @@ def test_memory_is_measured_by_the_most_keys_held_for_every_policy(run_folder, c
     (["--context", "16", "--measure", "budget:x"], "--measure 'budget:x': budget"),  # calibrate has no --prune
     (["--context", "16", "--measure", "budget:4,4,4"], "--measure 'budget:4,4,4': 3 budgets for 2 layers"),
     (["--batches", "0"], "--batches 0: must be >= 1"),
+    # the "held out" check re-measured the calibration's own sequences and reported them as held out
+    (["--split", "val", "--check-split", "val"], "--check-split val: the same split as --split"),
     # rope runs past max_seq_len, so only the data bounds the context: the dataset's ValueError was a traceback
     (["--context", "10000000"], "--context 10000000 (--split val): split 'val' of dataset"),
     (["--context", "10000000", "--measure", "budget:4"], "--context 10000000 (--split val): split 'val' of dataset"),

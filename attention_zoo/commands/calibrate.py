@@ -24,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=int, default=2, help="evaluation batches (default 2)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="data to calibrate on (default val)")
-    p.add_argument("--check-split", default="test", choices=["none", "train", "val", "test"],
-                   help="re-measure the calibrated budgets and the window on other sequences (default test)")
+    p.add_argument("--check-split", choices=["none", "train", "val", "test"],
+                   help="re-measure the calibrated budgets and the window on other sequences, a split other than "
+                   "--split (default test; val when --split is test)")
     p.add_argument("--threshold", type=finite_float, default=1.0, help="also report threshold:TAU pruning (0 = skip)")
     p.add_argument("--no-curve", action="store_true", help="skip the uniform-budget curve for the plot")
     p.add_argument("--measure", nargs="+", metavar="POLICY", help="no search: just measure these pruning policies "
@@ -46,6 +47,11 @@ def cmd_calibrate(args) -> int:
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.check_split is None:
+        args.check_split = "val" if args.split == "test" else "test"
+    elif args.check_split == args.split and not args.measure:  # the same sequences: it reported them as "held out"
+        raise UserError(f"--check-split {args.check_split}: the same split as --split, so nothing would be held out "
+                        f"(the same sequences, the same losses); give another split, or none")
     if args.threshold < 0:
         raise UserError(f"--threshold {args.threshold}: must be > 0, or 0 to skip")
     if args.out:  # before any work; the default (beside the checkpoint) is checked once the checkpoint is found
