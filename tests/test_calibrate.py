@@ -173,6 +173,20 @@ def test_calibrate_command_errors(run_folder, capsys, args, message):
     assert not (run_folder / "bad").exists()
 
 
+def test_calibrate_refuses_a_checkpoint_with_nan_weights(tmp_path, capsys):
+    """It crashed in matplotlib ("Axis limits cannot be NaN or Inf") after writing a calibration.json of NaNs."""
+    model = tiny_model({"variant": "selective"})
+    with torch.no_grad():
+        model.blocks[0].attention.out_proj.weight[0, 0] = float("nan")
+    save_checkpoint(tmp_path / "run" / "checkpoint", model)
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(tmp_path / "run"), "--context", "8", "--batches", "1", "--batch-size", "1",
+                 "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "model.safetensors: 1 weight tensor(s) hold NaN or infinite values" in err
+    assert not out.exists()
+
+
 def test_calibrate_refuses_a_model_without_selection(tmp_path, capsys):
     save_checkpoint(tmp_path / "checkpoint", tiny_model({"variant": "vanilla"}))
     assert main(["calibrate", str(tmp_path), "--no-progress", "--context", "8"]) == 2

@@ -41,3 +41,17 @@ def test_a_short_split_is_told_by_its_type_not_by_its_wording():
     assert _split_named(same_words) is None
     reworded = ShortSplit("x.yaml", "data.name", "shakespeare", "too short to sample", "val")
     assert _split_named(reworded) == "val"
+
+
+def test_a_checkpoint_with_nan_weights_is_named_not_evaluated(tmp_path, capsys):
+    """eval printed `"loss": NaN` (not JSON) and exited 0 on a run that had diverged."""
+    torch.manual_seed(0)
+    model = build_model({"model": {"dim": 16, "depth": 1, "heads": 2, "max_seq_len": 16}})
+    with torch.no_grad():
+        model.blocks[0].attention.out_proj.weight[0, 0] = float("nan")
+    save_checkpoint(tmp_path / "run" / "checkpoint", model)
+    argv = ["eval", str(tmp_path / "run"), "--device", "cpu", "--batches", "1", "--json", str(tmp_path / "m.json")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out == "" and not (tmp_path / "m.json").exists()
+    assert "model.safetensors: 1 weight tensor(s) hold NaN or infinite values" in captured.err

@@ -205,6 +205,17 @@ def test_generate_command_errors(checkpoint, capsys, args, message):
     assert captured.out == ""  # nothing on stdout, not even the prompt, when generation is refused
 
 
+def test_generate_names_the_weights_file_that_holds_nan(tmp_path, capsys):
+    """The logits check said "non-finite weights in the checkpoint" without naming which: now the file and tensor."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.blocks[1].mlp.down.weight[0, 0] = float("inf")
+    save_checkpoint(tmp_path / "checkpoint", model)
+    assert main(["generate", str(tmp_path / "checkpoint"), "--prompt", "hi", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: 1 weight tensor(s) hold NaN or infinite values (blocks.1.mlp.down.weight" in err
+
+
 def test_generate_command_on_a_missing_checkpoint(tmp_path, run_cli):
     result = run_cli("generate", str(tmp_path / "nope"), "--prompt", "hi")
     assert result.returncode == 2 and "not a checkpoint" in result.stderr and "Traceback" not in result.stderr

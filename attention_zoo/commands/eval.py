@@ -75,7 +75,7 @@ def cmd_eval(args) -> int:
     from ..checkpoint import atomic_write_text, load_model, resolve_checkpoint
     from ..config import ConfigError, load_config
     from ..data import build_dataset
-    from ..inference.checkpoints import check_device
+    from ..inference.checkpoints import check_device, check_finite_weights
     from ..train import evaluate, plan_run
     from ..train.distributed import local_device
     from ..train.loop import CHECKPOINT_DIR, TOKENS, autocast_context, holds_run
@@ -89,6 +89,7 @@ def cmd_eval(args) -> int:
     device = local_device(str(check_device(args.device, auto=True)))
     say_if_cpu_is_busy("eval", args.device)
     model = load_model(path, map_location=device)
+    check_finite_weights(model, path)
     saved = model.config
     raw = {k: v for k, v in saved.items()}
     raw["data"] = data_spec(args.data, saved.get("data") or {}) if args.data else saved.get("data")
