@@ -187,6 +187,25 @@ def test_calibrate_refuses_a_checkpoint_with_nan_weights(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_task_is_calibrated_at_its_example_length(tmp_path, capsys):
+    """variable_assignment's examples are one per sequence, padded to the context: --context 40 (or the default,
+    model.max_seq_len) streamed padding past them and counted it in the KV-memory ratio (10.0x where the same
+    losses at the example length gave 5.8x). The default is the example length; another context is refused."""
+    torch.manual_seed(0)
+    data = {"name": "variable_assignment", "num_assignments": 4, "num_queries": 2, "num_vars": 4}
+    model = build_model({"model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": 64,
+                                   "attention": {"variant": "selective"}}, "data": data})
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoint", model)
+    base = ["calibrate", str(run), "--batches", "1", "--batch-size", "2", "--no-progress", "--measure", "budget:4"]
+    assert main([*base, "--context", "40", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--context 40: dataset 'variable_assignment' has examples of 23 tokens" in err and "give --context 23" in err
+    assert not (tmp_path / "bad").exists()
+    assert main([*base, "--out", str(tmp_path / "ok")]) == 0
+    assert json.loads((tmp_path / "ok" / "measure-val.json").read_text())["context"] == 23
+
+
 def test_calibrate_refuses_a_model_without_selection(tmp_path, capsys):
     save_checkpoint(tmp_path / "checkpoint", tiny_model({"variant": "vanilla"}))
     assert main(["calibrate", str(tmp_path), "--no-progress", "--context", "8"]) == 2

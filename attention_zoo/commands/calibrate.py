@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "and OUT/calibration.png.")
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder holding checkpoint/")
     p.add_argument("--tolerance", type=finite_float, default=0.01, help="relative loss increase allowed (0.01 = 1%%)")
-    p.add_argument("--context", type=int, help="tokens per evaluation sequence (default model.max_seq_len)")
+    p.add_argument("--context", type=int,
+                   help="tokens per evaluation sequence (default model.max_seq_len; a task's: its example length)")
     p.add_argument("--batches", type=int, default=2, help="evaluation batches (default 2)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="data to calibrate on (default val)")
@@ -58,13 +59,18 @@ def cmd_calibrate(args) -> int:
         args.out = str(check_output_path("--out", args.out, "folder"))
     model, path = load_for_inference(args.checkpoint, args.device)
     say_if_cpu_is_busy("calibrate", args.device)
-    context = model.max_seq_len if args.context is None else args.context  # 0 is refused below, not the default
+    dataset = build_dataset(model.config.get("data"), source=str(path / "config.yaml"))
+    fixed = dataset.fixed_seq_len  # a task's examples: one per sequence, padded to the context
+    default = fixed or model.max_seq_len
+    context = default if args.context is None else args.context  # 0 is refused below, not the default
     if context < 4 or model.max_positions is not None and context > model.max_positions:
         limit = f"between 4 and model.max_seq_len ({model.max_positions}; learned positions)" if model.max_positions else ">= 4"
         raise UserError(f"--context {context}: must be {limit}")
-    dataset = build_dataset(model.config.get("data"), source=str(path / "config.yaml"))
-    if dataset.fixed_seq_len and context < dataset.fixed_seq_len:
-        raise UserError(f"--context {context}: dataset {dataset.name!r} needs at least {dataset.fixed_seq_len}")
+    if fixed and context != fixed:  # past the example only padding streams: the memory ratio counted it as context
+        raise UserError(f"--context {context}: dataset {dataset.name!r} has examples of {fixed} tokens, one per "
+                        f"sequence: " + ("a shorter context cuts them" if context < fixed else "a longer context only "
+                        "streams padding, which the KV-memory ratio would count as context") +
+                        f"; give --context {fixed} (the default for this dataset)")
     batches = _sequences(dataset, args.split, args, context, "--split")
     out = Path(args.out) if args.out else check_output_path("--out", path.parent / "calibration", "folder")
     if args.measure:
