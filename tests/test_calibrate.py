@@ -160,6 +160,7 @@ def test_memory_is_measured_by_the_most_keys_held_for_every_policy(run_folder, c
     (["--context", "16", "--measure", "budget:x"], "--measure 'budget:x': budget"),  # calibrate has no --prune
     (["--context", "16", "--measure", "budget:4,4,4"], "--measure 'budget:4,4,4': 3 budgets for 2 layers"),
     (["--batches", "0"], "--batches 0: must be >= 1"),
+    (["--context", "16", "--measure", "budget:4", "--tolerance", "5"], "--tolerance 5.0: expected a relative tolerance"),
     # the "held out" check re-measured the calibration's own sequences and reported them as held out
     (["--split", "val", "--check-split", "val"], "--check-split val: the same split as --split"),
     # rope runs past max_seq_len, so only the data bounds the context: the dataset's ValueError was a traceback

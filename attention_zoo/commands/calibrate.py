@@ -53,6 +53,8 @@ def cmd_calibrate(args) -> int:
     elif args.check_split == args.split and not args.measure:  # the same sequences: it reported them as "held out"
         raise UserError(f"--check-split {args.check_split}: the same split as --split, so nothing would be held out "
                         f"(the same sequences, the same losses); give another split, or none")
+    if not 0 < args.tolerance < 1:  # before any work, and with --measure too (it was taken and ignored there)
+        raise UserError(f"--tolerance {args.tolerance}: expected a relative tolerance in (0, 1), e.g. 0.01 for 1%")
     if args.threshold < 0:
         raise UserError(f"--threshold {args.threshold}: must be > 0, or 0 to skip")
     if args.out:  # before any work; the default (beside the checkpoint) is checked once the checkpoint is found
