@@ -127,6 +127,17 @@ def test_an_interrupt_while_drawing_leaves_no_earlier_figure_beside_the_new_json
     assert sorted(p.name for p in out.iterdir()) == ["calibration.json", "calibration.partial.jsonl"]
 
 
+def test_calibrating_on_test_checks_on_val_by_default(run_folder, capsys):
+    """--check-split defaults to test, which is not held out when --split is test: then it is val."""
+    out = run_folder / "cal-test"
+    argv = ["calibrate", str(run_folder), "--split", "test", "--context", "8", "--batches", "1", "--batch-size", "1",
+            "--no-curve", "--threshold", "0", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["split"] == "test" and report["check_split"] == "val"
+    assert "held out (val)" in capsys.readouterr().out
+
+
 def test_memory_is_measured_by_the_most_keys_held_for_every_policy(run_folder, capsys):
     """A threshold's memory was the keys it held on average over the stream, a budget's its K: streaming from one
     token averages (N + 1) / 2 even unpruned, so a threshold that pruned nothing read 2x less memory. Every
@@ -150,6 +161,9 @@ def test_memory_is_measured_by_the_most_keys_held_for_every_policy(run_folder, c
     (["--context", "16", "--measure", "budget:x"], "--measure 'budget:x': budget"),  # calibrate has no --prune
     (["--context", "16", "--measure", "budget:4,4,4"], "--measure 'budget:4,4,4': 3 budgets for 2 layers"),
     (["--batches", "0"], "--batches 0: must be >= 1"),
+    (["--context", "16", "--measure", "budget:4", "--tolerance", "5"], "--tolerance 5.0: expected a relative tolerance"),
+    # the "held out" check re-measured the calibration's own sequences and reported them as held out
+    (["--split", "val", "--check-split", "val"], "--check-split val: the same split as --split"),
     # rope runs past max_seq_len, so only the data bounds the context: the dataset's ValueError was a traceback
     (["--context", "10000000"], "--context 10000000 (--split val): split 'val' of dataset"),
     (["--context", "10000000", "--measure", "budget:4"], "--context 10000000 (--split val): split 'val' of dataset"),
@@ -159,6 +173,39 @@ def test_calibrate_command_errors(run_folder, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (run_folder / "bad").exists()
+
+
+def test_calibrate_refuses_a_checkpoint_with_nan_weights(tmp_path, capsys):
+    """It crashed in matplotlib ("Axis limits cannot be NaN or Inf") after writing a calibration.json of NaNs."""
+    model = tiny_model({"variant": "selective"})
+    with torch.no_grad():
+        model.blocks[0].attention.out_proj.weight[0, 0] = float("nan")
+    save_checkpoint(tmp_path / "run" / "checkpoint", model)
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(tmp_path / "run"), "--context", "8", "--batches", "1", "--batch-size", "1",
+                 "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "model.safetensors: 1 weight tensor(s) hold NaN or infinite values" in err
+    assert not out.exists()
+
+
+def test_a_task_is_calibrated_at_its_example_length(tmp_path, capsys):
+    """variable_assignment's examples are one per sequence, padded to the context: --context 40 (or the default,
+    model.max_seq_len) streamed padding past them and counted it in the KV-memory ratio (10.0x where the same
+    losses at the example length gave 5.8x). The default is the example length; another context is refused."""
+    torch.manual_seed(0)
+    data = {"name": "variable_assignment", "num_assignments": 4, "num_queries": 2, "num_vars": 4}
+    model = build_model({"model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": 64,
+                                   "attention": {"variant": "selective"}}, "data": data})
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoint", model)
+    base = ["calibrate", str(run), "--batches", "1", "--batch-size", "2", "--no-progress", "--measure", "budget:4"]
+    assert main([*base, "--context", "40", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--context 40: dataset 'variable_assignment' has examples of 23 tokens" in err and "give --context 23" in err
+    assert not (tmp_path / "bad").exists()
+    assert main([*base, "--out", str(tmp_path / "ok")]) == 0
+    assert json.loads((tmp_path / "ok" / "measure-val.json").read_text())["context"] == 23
 
 
 @pytest.mark.parametrize("attention,named", [

@@ -305,6 +305,38 @@ def test_an_output_folder_without_write_permission_is_refused(tmp_path, monkeypa
     assert check_output_path("--json", tmp_path / "open" / "x.json", "file") == tmp_path / "open" / "x.json"
 
 
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_an_output_folder_that_refuses_writes_despite_its_permissions_is_refused_before_any_work(
+        capsys, tmp_path, monkeypatch, command):
+    """Root passes os.access everywhere, yet a write into an NFS share that squashes root, /proc or /sys fails:
+    eval --json /sys/x.json and stream/calibrate --out /proc/x did all their work, then died at the write naming a
+    temporary file. A probe file is tried first (simulated here: root may write into tmp_path)."""
+    import errno
+
+    import attention_zoo.paths as paths
+
+    class NoWrites:
+        @staticmethod
+        def mkstemp(dir, prefix):
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / prefix))
+
+    monkeypatch.setattr(paths, "tempfile", NoWrites)
+    argv, flag, kind = WRITERS[command]
+    target = tmp_path / ("out.json" if kind == "file" else "out")
+    code, out, err = run(capsys, *argv, flag, str(target))
+    assert code == 2 and out == "", err
+    assert f"error: {flag} {target}: cannot write into {tmp_path} (Permission denied)" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_write_probe_leaves_nothing_behind(tmp_path):
+    from attention_zoo.paths import check_output_path
+
+    assert check_output_path("--out", tmp_path / "new", "folder") == tmp_path / "new"
+    assert check_output_path("--json", tmp_path / "x.json", "file") == tmp_path / "x.json"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_os_error_naming_a_file_is_one_line_not_a_traceback(capsys, monkeypatch, tmp_path):
     """The last guard: a file error no command checked first (a disk that fills, a permission changed
     mid-run) names the file and exits 2; -v shows the traceback instead."""

@@ -41,3 +41,36 @@ def test_a_short_split_is_told_by_its_type_not_by_its_wording():
     assert _split_named(same_words) is None
     reworded = ShortSplit("x.yaml", "data.name", "shakespeare", "too short to sample", "val")
     assert _split_named(reworded) == "val"
+
+
+def test_a_checkpoint_with_nan_weights_is_named_not_evaluated(tmp_path, capsys):
+    """eval printed `"loss": NaN` (not JSON) and exited 0 on a run that had diverged."""
+    torch.manual_seed(0)
+    model = build_model({"model": {"dim": 16, "depth": 1, "heads": 2, "max_seq_len": 16}})
+    with torch.no_grad():
+        model.blocks[0].attention.out_proj.weight[0, 0] = float("nan")
+    save_checkpoint(tmp_path / "run" / "checkpoint", model)
+    argv = ["eval", str(tmp_path / "run"), "--device", "cpu", "--batches", "1", "--json", str(tmp_path / "m.json")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out == "" and not (tmp_path / "m.json").exists()
+    assert "model.safetensors: 1 weight tensor(s) hold NaN or infinite values" in captured.err
+
+
+@pytest.mark.parametrize("name", ["checkpoint/model.safetensors", "checkpoint/config.yaml", "checkpoint/eval.json",
+                                  "final.json", "metrics.jsonl", "config.yaml"])
+def test_the_metrics_are_not_written_over_the_checkpoint_or_its_run(tmp_path, capsys, name):
+    """`--json RUN/checkpoint/model.safetensors` replaced the weights by the metrics (exit 0; the checkpoint never
+    loaded again); the run's final.json, metrics.jsonl and config.yaml were as easy to lose."""
+    torch.manual_seed(0)
+    model = build_model({"model": {"dim": 16, "depth": 1, "heads": 2, "max_seq_len": 16}})
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoint", model)
+    for record in ("final.json", "metrics.jsonl", "config.yaml"):
+        (run / record).write_text("kept\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["eval", str(run), "--device", "cpu", "--batches", "1", "--json", str(run / name)]) == 2
+    captured = capsys.readouterr()
+    assert f"--json {run / name}: " in captured.err and "would destroy it" in captured.err and captured.out == ""
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert main(["eval", str(run), "--device", "cpu", "--batches", "1", "--json", str(run / "eval.json")]) == 0

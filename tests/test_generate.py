@@ -188,6 +188,12 @@ def test_generate_command_stops_at_the_position_limit(checkpoint, capsys):
     (["--prune", "budget:3,4,5"], "--prune 'budget:3,4,5': 3 budgets for 2 layers"),
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--device", "meta"], "--device 'meta': expected auto, cpu, cuda or cuda:N (or mps"),
+    # an empty policy (an unset shell variable: --prune "$POLICY") was taken for no pruning, silently unpruned
+    (["--prune", ""], "--prune '': expected POLICY:VALUE"),
+    # a window's error said "budget 1 is below 2"
+    (["--prune", "window:1"], "--prune 'window:1': window 1 is below 2"),
+    # an unknown backend was "1 problem in config: override (on <dict>): backend = 'x'", not naming the flag
+    (["--backend", "nosuch"], "--backend 'nosuch': unknown attention backend; valid: auto, "),
 ])
 def test_generate_command_errors(checkpoint, capsys, args, message):
     if "--device" in args and torch.cuda.is_available():
@@ -197,6 +203,17 @@ def test_generate_command_errors(checkpoint, capsys, args, message):
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err
     assert captured.out == ""  # nothing on stdout, not even the prompt, when generation is refused
+
+
+def test_generate_names_the_weights_file_that_holds_nan(tmp_path, capsys):
+    """The logits check said "non-finite weights in the checkpoint" without naming which: now the file and tensor."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.blocks[1].mlp.down.weight[0, 0] = float("inf")
+    save_checkpoint(tmp_path / "checkpoint", model)
+    assert main(["generate", str(tmp_path / "checkpoint"), "--prompt", "hi", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: 1 weight tensor(s) hold NaN or infinite values (blocks.1.mlp.down.weight" in err
 
 
 def test_generate_command_on_a_missing_checkpoint(tmp_path, run_cli):

@@ -137,3 +137,49 @@ def test_stream_labels_a_bare_checkpoint_folder_by_its_name(runs, capsys, monkey
     assert printed.startswith("vanilla none: loss ") and "\nimp1 none: loss " in printed
     labels = [e["label"] for e in json.loads((runs / "out_bare" / "stream.json").read_text())["entries"]]
     assert labels == ["vanilla none", "imp1 none"]
+
+
+def nan_checkpoint(folder):
+    """A checkpoint with one NaN weight (a run that diverged): every logit downstream of it is NaN."""
+    model = tiny("selective")
+    with torch.no_grad():
+        model.blocks[0].attention.out_proj.weight[0, 0] = float("nan")
+    return save_checkpoint(folder / "checkpoint", model)
+
+
+def test_a_checkpoint_with_nan_weights_is_named_not_streamed(tmp_path, capsys):
+    """It crashed with a TypeError traceback (formatting a None loss past nothing); nothing may be written."""
+    nan_checkpoint(tmp_path / "nan")
+    out = tmp_path / "out"
+    assert main(["stream", str(tmp_path / "nan"), "--length", "8", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "model.safetensors: 1 weight tensor(s) hold NaN or infinite values" in err
+    assert "blocks.0.attention.out_proj.weight" in err and not out.exists()
+
+
+def test_a_loss_that_is_not_a_number_is_refused_not_returned():
+    """Logits that are not numbers without a non-finite weight (an overflow) must not give a NaN loss either."""
+    from attention_zoo.errors import UserError
+
+    model = tiny("selective")
+    with torch.no_grad():
+        model.blocks[0].attention.out_proj.weight.fill_(float("nan"))
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match="the streamed loss is nan: the model's logits are not all finite numbers"):
+        streaming_loss(model, [Batch(tokens[:, :-1], tokens[:, 1:])])
+
+
+def test_a_task_streams_no_padding_past_its_examples(tmp_path, capsys):
+    """variable_assignment's examples come one per sequence, padded: --length 100 streamed 77 padding tokens,
+    scoring none yet reporting their keys (200 held at the end for 23-token examples)."""
+    torch.manual_seed(0)
+    data = {"name": "variable_assignment", "num_assignments": 4, "num_queries": 2, "num_vars": 4}
+    model = build_model({"model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": 64,
+                                   "attention": {"variant": "selective"}}, "data": data})
+    save_checkpoint(tmp_path / "va" / "checkpoint", model)
+    out = tmp_path / "out"
+    assert main(["stream", str(tmp_path / "va"), "--length", "100", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--length 100: dataset 'variable_assignment' has examples of 23 tokens" in err and "--length 23" in err
+    assert "Traceback" not in err and not out.exists()
+    assert main(["stream", str(tmp_path / "va"), "--length", "23", "--out", str(out), "--no-progress"]) == 0

@@ -20,12 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "and OUT/calibration.png.")
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder holding checkpoint/")
     p.add_argument("--tolerance", type=finite_float, default=0.01, help="relative loss increase allowed (0.01 = 1%%)")
-    p.add_argument("--context", type=int, help="tokens per evaluation sequence (default model.max_seq_len)")
+    p.add_argument("--context", type=int,
+                   help="tokens per evaluation sequence (default model.max_seq_len; a task's: its example length)")
     p.add_argument("--batches", type=int, default=2, help="evaluation batches (default 2)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="data to calibrate on (default val)")
-    p.add_argument("--check-split", default="test", choices=["none", "train", "val", "test"],
-                   help="re-measure the calibrated budgets and the window on other sequences (default test)")
+    p.add_argument("--check-split", choices=["none", "train", "val", "test"],
+                   help="re-measure the calibrated budgets and the window on other sequences, a split other than "
+                   "--split (default test; val when --split is test)")
     p.add_argument("--threshold", type=finite_float, default=1.0, help="also report threshold:TAU pruning (0 = skip)")
     p.add_argument("--no-curve", action="store_true", help="skip the uniform-budget curve for the plot")
     p.add_argument("--measure", nargs="+", metavar="POLICY", help="no search: just measure these pruning policies "
@@ -47,19 +49,31 @@ def cmd_calibrate(args) -> int:
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.check_split is None:
+        args.check_split = "val" if args.split == "test" else "test"
+    elif args.check_split == args.split and not args.measure:  # the same sequences: it reported them as "held out"
+        raise UserError(f"--check-split {args.check_split}: the same split as --split, so nothing would be held out "
+                        f"(the same sequences, the same losses); give another split, or none")
+    if not 0 < args.tolerance < 1:  # before any work, and with --measure too (it was taken and ignored there)
+        raise UserError(f"--tolerance {args.tolerance}: expected a relative tolerance in (0, 1), e.g. 0.01 for 1%")
     if args.threshold < 0:
         raise UserError(f"--threshold {args.threshold}: must be > 0, or 0 to skip")
     if args.out:  # before any work; the default (beside the checkpoint) is checked once the checkpoint is found
         args.out = str(check_output_path("--out", args.out, "folder"))
     model, path = load_for_inference(args.checkpoint, args.device)
     say_if_cpu_is_busy("calibrate", args.device)
-    context = model.max_seq_len if args.context is None else args.context  # 0 is refused below, not the default
+    dataset = build_dataset(model.config.get("data"), source=str(path / "config.yaml"))
+    fixed = dataset.fixed_seq_len  # a task's examples: one per sequence, padded to the context
+    default = fixed or model.max_seq_len
+    context = default if args.context is None else args.context  # 0 is refused below, not the default
     if context < 4 or model.max_positions is not None and context > model.max_positions:
         limit = f"between 4 and model.max_seq_len ({model.max_positions}; learned positions)" if model.max_positions else ">= 4"
         raise UserError(f"--context {context}: must be {limit}")
-    dataset = build_dataset(model.config.get("data"), source=str(path / "config.yaml"))
-    if dataset.fixed_seq_len and context < dataset.fixed_seq_len:
-        raise UserError(f"--context {context}: dataset {dataset.name!r} needs at least {dataset.fixed_seq_len}")
+    if fixed and context != fixed:  # past the example only padding streams: the memory ratio counted it as context
+        raise UserError(f"--context {context}: dataset {dataset.name!r} has examples of {fixed} tokens, one per "
+                        f"sequence: " + ("a shorter context cuts them" if context < fixed else "a longer context only "
+                        "streams padding, which the KV-memory ratio would count as context") +
+                        f"; give --context {fixed} (the default for this dataset)")
     batches = _sequences(dataset, args.split, args, context, "--split")
     out = Path(args.out) if args.out else check_output_path("--out", path.parent / "calibration", "folder")
     if args.measure:

@@ -75,7 +75,7 @@ def cmd_eval(args) -> int:
     from ..checkpoint import atomic_write_text, load_model, resolve_checkpoint
     from ..config import ConfigError, load_config
     from ..data import build_dataset
-    from ..inference.checkpoints import check_device
+    from ..inference.checkpoints import check_device, check_finite_weights
     from ..train import evaluate, plan_run
     from ..train.distributed import local_device
     from ..train.loop import CHECKPOINT_DIR, TOKENS, autocast_context, holds_run
@@ -86,9 +86,12 @@ def cmd_eval(args) -> int:
     if args.json is not None:  # "" too: refused, not taken for "no file"
         args.json = str(check_output_path("--json", args.json, "file"))
     path = resolve_checkpoint(args.checkpoint)
+    if args.json is not None:
+        _refuse_writing_into_the_checkpoint(Path(args.json), path)
     device = local_device(str(check_device(args.device, auto=True)))
     say_if_cpu_is_busy("eval", args.device)
     model = load_model(path, map_location=device)
+    check_finite_weights(model, path)
     saved = model.config
     raw = {k: v for k, v in saved.items()}
     raw["data"] = data_spec(args.data, saved.get("data") or {}) if args.data else saved.get("data")
@@ -123,6 +126,25 @@ def cmd_eval(args) -> int:
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _refuse_writing_into_the_checkpoint(target: Path, checkpoint: Path) -> None:
+    """UserError when --json lies in the checkpoint folder being evaluated, or is a record of its run
+    (config.yaml, metrics.jsonl, final.json): `eval run --json run/checkpoint/model.safetensors` replaced the
+    weights by the metrics, and the checkpoint no longer loaded."""
+    from ..train.loop import CHECKPOINT_DIR, CONFIG, FINAL, METRICS, holds_run
+
+    target, folder = target.resolve(), checkpoint.resolve()
+    run = folder.parent if folder.name == CHECKPOINT_DIR and holds_run(folder.parent) else None
+    if target == folder or folder in target.parents:
+        what = f"inside the checkpoint folder {checkpoint}, which holds only what the checkpoint is made of"
+    elif run is not None and target in {run / name for name in (CONFIG, METRICS, FINAL)}:
+        what = f"the run's own {target.name}"
+    else:
+        return
+    beside = (run or folder.parent) / "eval.json"
+    raise UserError(f"--json {target}: {what}; writing the metrics there would destroy it: give another path, "
+                    f"e.g. {beside}")
 
 
 def _split_named(problem: Problem) -> str | None:

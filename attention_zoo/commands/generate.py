@@ -48,7 +48,7 @@ def cmd_generate(args) -> int:
     model, path = load_for_inference(args.checkpoint, args.device, args.backend)
     say_if_cpu_is_busy("generate", args.device)
     device = next(model.parameters()).device  # --device auto resolved
-    pruner = Pruner(model, parse_prune_spec(args.prune), f"--prune {args.prune!r}") if args.prune else None
+    pruner = Pruner(model, parse_prune_spec(args.prune), f"--prune {args.prune!r}") if args.prune is not None else None
     tokenizer_path = (model.config.get("data") or {}).get("tokenizer")
     stop_tokens: list[int] = []  # byte-level models have no end-of-sequence token
     if tokenizer_path:  # the run's data.tokenizer: prompt and output in its tokens

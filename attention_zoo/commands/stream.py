@@ -84,6 +84,10 @@ def cmd_stream(args) -> int:
         raise UserError("the checkpoints were trained on different data sections; stream models of one dataset together")
     first_path = runs[0][3]
     dataset = build_dataset(runs[0][2].config.get("data"), source=str(first_path / "config.yaml"))
+    if dataset.fixed_seq_len and args.length > dataset.fixed_seq_len:  # shorter: eval_batches names the length needed
+        raise UserError(f"--length {args.length}: dataset {dataset.name!r} has examples of {dataset.fixed_seq_len} "
+                        "tokens, one per sequence: past them only padding would stream (no loss, yet counted in the "
+                        f"keys held); give --length {dataset.fixed_seq_len}")
     try:
         batches = list(dataset.eval_batches(args.split, args.batch_size, args.length, args.batches))
     except ValueError as exc:  # the split is shorter than one sequence

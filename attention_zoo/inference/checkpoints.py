@@ -50,6 +50,24 @@ def load_for_inference(path: str | Path, device: str = "cpu", backend: str | Non
     """The model in eval mode, on `device` (any --device word, auto included), and the checkpoint folder it
     came from."""
     target = check_device(device, auto=True)  # before reading the checkpoint: a bad flag costs nothing
+    if backend is not None:
+        from ..backends import BACKEND_CHOICES
+
+        if backend not in BACKEND_CHOICES:  # as a config override it was "override (on <dict>): backend = ..."
+            raise UserError(f"--backend {backend!r}: unknown attention backend; valid: {', '.join(BACKEND_CHOICES)}")
     path = resolve_checkpoint(path)
     overrides = (f"backend={backend}",) if backend else ()
-    return load_model(path, map_location=target, overrides=overrides), path
+    model = load_model(path, map_location=target, overrides=overrides)
+    check_finite_weights(model, path)
+    return model, path
+
+
+def check_finite_weights(model: nn.Module, path: Path) -> None:
+    """UserError naming PATH/model.safetensors when a weight of `model` (loaded from it) is NaN or infinite: every
+    logit would be NaN, and eval printed a NaN loss, stream drew NaN curves, calibrate crashed drawing its figure."""
+    from ..hf.weights import non_finite_weights
+
+    if bad := non_finite_weights(model.state_dict()):
+        raise UserError(f"{path / 'model.safetensors'}: {len(bad)} weight tensor(s) hold NaN or infinite values "
+                        f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): the checkpoint is damaged (a run "
+                        "that diverged?); use an earlier checkpoint or train again")

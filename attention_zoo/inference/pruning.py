@@ -179,7 +179,7 @@ def parse_prune_spec(text: str, given_as: str | None = None) -> PruningPolicy:
         if not (item.isascii() and item.isdigit()):  # str.isdigit() is also true of '²', which int() refuses
             raise bad(f"{kind} {item!r} is not a whole number" + (" or 'none'" if kind == "budget" else ""))
         if int(item) < MIN_BUDGET:
-            raise bad(f"budget {item} is below {MIN_BUDGET} (BOS and the newest token are always kept)")
+            raise bad(f"{kind} {item} is below {MIN_BUDGET} (BOS and the newest token are always kept)")
         budgets.append(int(item))
     policy = BudgetPolicy if kind == "budget" else WindowPolicy
     return policy(budgets[0] if len(budgets) == 1 and budgets[0] is not None else budgets)

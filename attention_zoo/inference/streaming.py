@@ -11,6 +11,7 @@ until a cache exceeds its smallest budget, `Pruner.safe_prefill`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import IGNORE_INDEX, Batch
+from ..errors import UserError
 from .pruning import Pruner
 
 
@@ -41,6 +43,8 @@ def streaming_loss(model: nn.Module, batches: Iterable[Batch], pruner: Pruner | 
     """Mean loss over `batches`, fed `prefill` tokens at once and then one token at a time.
 
     prefill: default `pruner.safe_prefill()`, or the whole sequence without a pruner (exact either way).
+    A loss that is not a finite number raises UserError (`stream` and `calibrate` drew a NaN curve or crashed in
+    the figure): the model's logits are not numbers, from non-finite weights or an overflow.
     track_positions: also record the loss and the keys held at every position (all batches must have the
     same length). Inside the prefill chunk no key has been dropped, so there every layer holds position + 1
     keys; after it, what the cache holds once that token's step is done (pruned or not).
@@ -98,6 +102,9 @@ def streaming_loss(model: nn.Module, batches: Iterable[Batch], pruner: Pruner | 
     bar.close()
     if count == 0:
         raise ValueError("no scored tokens in the evaluation batches")
+    if not math.isfinite(total):
+        raise UserError(f"the streamed loss is {total / count}: the model's logits are not all finite numbers "
+                        "(non-finite weights in the checkpoint, or an overflow in a low-precision dtype)")
     result = StreamingResult(total / count, count, [s / steps for s in kept_sum], kept_peak)
     if track_positions:
         result.position_loss = (position_sum / position_count).tolist()  # NaN where nothing was scored
