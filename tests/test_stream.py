@@ -139,6 +139,24 @@ def test_stream_labels_a_bare_checkpoint_folder_by_its_name(runs, capsys, monkey
     assert labels == ["vanilla none", "imp1 none"]
 
 
+def test_two_runs_of_one_name_are_told_apart_and_one_listed_twice_is_refused(runs, capsys, monkeypatch):
+    """a/vanilla and b/vanilla were one legend entry for two curves; `vanilla` and `vanilla/checkpoint` (one
+    checkpoint, one policy) streamed it twice. The first are labelled by their paths, the second refused."""
+    for folder in ("a", "b"):
+        (runs / folder / "vanilla").mkdir(parents=True, exist_ok=True)
+        save_checkpoint(runs / folder / "vanilla" / "checkpoint", tiny("vanilla", seed=len(folder) + ord(folder)))
+    monkeypatch.chdir(runs)
+    assert main(["stream", "a/vanilla", "b/vanilla", "selective", "--length", "8", "--batch-size", "1",
+                 "--out", "out_same_name", "--no-progress"]) == 0
+    capsys.readouterr()
+    labels = [e["label"] for e in json.loads((runs / "out_same_name" / "stream.json").read_text())["entries"]]
+    assert labels == ["a/vanilla none", "b/vanilla none", "selective none"]
+    assert main(["stream", "vanilla", "vanilla/checkpoint", "--length", "8", "--out", "out_twice", "--no-progress"]) == 2
+    assert ("'vanilla=none' and 'vanilla/checkpoint=none' stream the same checkpoint with the same policy; list it "
+            "once") in capsys.readouterr().err
+    assert not (runs / "out_twice").exists()
+
+
 def nan_checkpoint(folder):
     """A checkpoint with one NaN weight (a run that diverged): every logit downstream of it is NaN."""
     model = tiny("selective")

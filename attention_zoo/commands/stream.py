@@ -51,6 +51,25 @@ def bucket_means(values: list[float], size: int) -> list[float]:
     return out
 
 
+def entry_labels(runs: list[tuple], checkpoint_label) -> list[str]:
+    """`RUN POLICY` per entry (runs: (path as given, policy, model, checkpoint folder, pruner)), the path as given
+    where two checkpoints share a run name (a/run and b/run made one legend entry of two curves). Raises
+    UserError for two entries naming the same checkpoint (however written) with the same policy."""
+    seen: dict[tuple[Path, str], str] = {}
+    for path_text, policy, _, path, pruner in runs:
+        key = (path.resolve(), "none" if pruner is None else pruner.policy.spec())
+        if key in seen:
+            raise UserError(f"'{seen[key]}' and '{path_text}={policy}' stream the same checkpoint with the same "
+                            "policy; list it once")
+        seen[key] = f"{path_text}={policy}"
+    short = [checkpoint_label(path) for _, _, _, path, _ in runs]
+    folders: dict[str, set[Path]] = {}
+    for name, (_, _, _, path, _) in zip(short, runs):
+        folders.setdefault(name, set()).add(path.resolve())
+    return [f"{name if len(folders[name]) == 1 else path_text} {policy}"
+            for name, (path_text, policy, _, _, _) in zip(short, runs)]
+
+
 def cmd_stream(args) -> int:
     from ..data import build_dataset
     from ..figures import save_report_and_figure
@@ -78,6 +97,7 @@ def cmd_stream(args) -> int:
         where = f"argument {text!r}"
         pruner = None if policy == "none" else Pruner(model, parse_prune_spec(policy, where), where)
         runs.append((path_text, policy, model, path, pruner))
+    labels = entry_labels(runs, checkpoint_label)
     say_if_cpu_is_busy("stream", args.device)
     datas = {json.dumps(run[2].config.get("data"), sort_keys=True) for run in runs}
     if len(datas) > 1:
@@ -93,12 +113,12 @@ def cmd_stream(args) -> int:
     except ValueError as exc:  # the split is shorter than one sequence
         raise UserError(f"--length {args.length}: {exc}") from None
     rows = []
-    for _, policy, model, path, pruner in runs:
+    for (_, policy, model, path, pruner), label in zip(runs, labels):
         result = streaming_loss(model, batches, pruner, progress=not args.no_progress, track_positions=True)
         train_len = model.max_seq_len
         inside = [v for v in result.position_loss[:train_len] if not math.isnan(v)]
         past = [v for v in result.position_loss[train_len:] if not math.isnan(v)]
-        row = {"checkpoint": str(path), "label": f"{checkpoint_label(path)} {policy}", "policy": policy,
+        row = {"checkpoint": str(path), "label": label, "policy": policy,
                "train_length": train_len, "loss": result.loss,
                "loss_within_train_length": sum(inside) / len(inside) if inside else None,
                "loss_past_train_length": sum(past) / len(past) if past else None,
