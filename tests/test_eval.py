@@ -57,6 +57,20 @@ def test_a_checkpoint_with_nan_weights_is_named_not_evaluated(tmp_path, capsys):
     assert "model.safetensors: 1 weight tensor(s) hold NaN or infinite values" in captured.err
 
 
+def test_a_loss_that_is_not_a_number_is_refused_not_printed(tmp_path, capsys, monkeypatch):
+    """With finite weights the loss can still overflow in low precision: eval printed `"loss": NaN` (not JSON)
+    and exited 0."""
+    import attention_zoo.train as train
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run" / "checkpoint",
+                    build_model({"model": {"dim": 16, "depth": 1, "heads": 2, "max_seq_len": 16}}))
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"loss": float("nan"), "tokens": 16, "bpb": float("nan")})
+    assert main(["eval", str(tmp_path / "run"), "--device", "cpu", "--batches", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "val loss is nan" in captured.err and "train.precision=float32" in captured.err
+
+
 @pytest.mark.parametrize("name", ["checkpoint/model.safetensors", "checkpoint/config.yaml", "checkpoint/eval.json",
                                   "final.json", "metrics.jsonl", "config.yaml"])
 def test_the_metrics_are_not_written_over_the_checkpoint_or_its_run(tmp_path, capsys, name):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,9 @@ def cmd_eval(args) -> int:
     with torch.no_grad():
         metrics = evaluate(model, plan.dataset, args.split, plan.eval_batch_size, plan.seq_len, batches, device,
                            autocast_context(train, device))
+    if not math.isfinite(metrics["loss"]):  # json would print NaN, which is not JSON, and exit 0
+        raise UserError(f"{path}: the {args.split} loss is {metrics['loss']}: the model's logits are not all finite "
+                        f"numbers (an overflow in low precision: try train.precision=float32)")
     result = {"checkpoint": str(path), "dataset": plan.dataset.name, "split": args.split, "seq_len": plan.seq_len, **metrics}
     print(json.dumps(result, indent=2))
     if args.json is not None:
