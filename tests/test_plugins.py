@@ -988,26 +988,26 @@ def test_a_plugin_component_refusing_its_configuration_is_quoted_as_a_layer_is(t
     from attention_zoo.components.norms import RMSNorm
     from attention_zoo.errors import UserError
 
-    @NORMS.register("zoo_even_width_norm")
-    class EvenWidthNorm(RMSNorm):
+    @NORMS.register("zoo_dim_by_3_norm")
+    class DimBy3Norm(RMSNorm):
         def __init__(self, shape, **params):
             if shape.dim % 3:
-                raise UserError(f"zoo_even_width_norm needs model.dim divisible by 3, got {shape.dim}")
+                raise UserError(f"zoo_dim_by_3_norm needs model.dim divisible by 3, got {shape.dim}")
             super().__init__(shape, **params)
 
     try:
         config = small_model({"variant": "vanilla"})
-        config["model"]["norm"] = "zoo_even_width_norm"
+        config["model"]["norm"] = "zoo_dim_by_3_norm"
         cfg = tmp_path / "c.yaml"
         cfg.write_text(yaml.safe_dump(config))
         assert cli_main(["validate", str(cfg)]) == 2
         out = capsys.readouterr().out
         dim = config["model"]["dim"]
-        assert (f"{cfg}: model.norm = 'zoo_even_width_norm': zoo_even_width_norm needs model.dim divisible by 3, "
+        assert (f"{cfg}: model.norm = 'zoo_dim_by_3_norm': zoo_dim_by_3_norm needs model.dim divisible by 3, "
                 f"got {dim}") in out, out
         assert "its __init__ raised" not in out, out
     finally:
-        del NORMS.registry._entries["zoo_even_width_norm"]
+        del NORMS.registry._entries["zoo_dim_by_3_norm"]
 
 
 def test_layers_reading_a_state_no_layer_writes_are_one_problem(tmp_path, capsys, isolated_registry):
