@@ -383,3 +383,29 @@ def test_an_interrupted_measure_resumes_from_its_journal(run_folder, capsys, mon
     assert main(argv) == 0
     assert len(calls) == 2 and "2 evaluation(s) read back" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["measure-val.json"]
+
+
+def test_the_figure_says_which_points_lie_above_it(tmp_path, monkeypatch):
+    """The window at the calibrated memory (+7.4% on the pruning page) lay above the chart's top: its legend entry
+    marked nothing visible. Its entry now gives its loss change and says it is above the chart, as the threshold's
+    does; one within the chart is drawn."""
+    import attention_zoo.inference.calibration_plot as calibration_plot
+
+    figures = []
+    monkeypatch.setattr(calibration_plot, "save_figure", lambda fig, path, dpi: figures.append(fig) or Path(path))
+
+    def report(window_loss):
+        point = lambda policy, loss, ratio, stage: {"policy": policy, "loss": loss, "memory_ratio": ratio,  # noqa: E731
+                                                     "stage": stage, "relative_increase": loss - 1}
+        return {"base_loss": 1.0, "target_loss": 1.01, "tolerance": 0.01, "context": 64, "threshold": None,
+                "calibrated": point("budget:4,4", 1.009, 16.0, "calibrated"),
+                "window_same_memory": point("window:4,4", window_loss, 16.0, "window"),
+                "evaluations": [point("budget:8,8", 1.002, 8.0, "curve"), point("window:8", 1.004, 8.0, "curve")]}
+
+    for window_loss, drawn in ((1.074, False), (1.03, True)):
+        calibration_plot.plot_calibration(report(window_loss), tmp_path / "c.png")
+        legend = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+        entry = next(t for t in legend if t.startswith("window at the same memory"))
+        assert entry == f"window at the same memory, {window_loss - 1:+.1%}" + ("" if drawn else " (above the chart)")
+        red = [c for c in figures[-1].axes[0].collections if c.get_label() == entry]
+        assert len(red[0].get_offsets()) == int(drawn)

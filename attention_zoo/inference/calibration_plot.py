@@ -24,9 +24,12 @@ def plot_calibration(report: dict, path: str | Path, title: str = "") -> Path:
     best, window = report["calibrated"], report["window_same_memory"]
     ax.scatter([best["memory_ratio"]], [best["loss"]], marker="*", s=220, color="tab:green", zorder=5,
                label=f"calibrated budgets ({best['memory_ratio']:.1f}x)")
-    ax.scatter([window["memory_ratio"]], [window["loss"]], marker="X", s=110, color="tab:red", zorder=5,
-               label="window at the same memory")
     top = max(report["target_loss"] * 1.05, best["loss"] * 1.02)
+    # a point above the chart is left out of it, and its legend entry says so (it was an entry for nothing visible)
+    shown = window["loss"] <= top
+    ax.scatter([window["memory_ratio"]] if shown else [], [window["loss"]] if shown else [], marker="X", s=110,
+               color="tab:red", zorder=5, label=f"window at the same memory, {window['relative_increase']:+.1%}"
+               + ("" if shown else " (above the chart)"))
     if report.get("threshold"):
         t = report["threshold"]
         shown = t["loss"] <= top
