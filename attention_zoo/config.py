@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from .errors import UserError, out_of_memory
-from .numbers import finite_problem
+from .numbers import finite_problem, is_whole
 from .registry import PluginFailure, RegistryError, did_you_mean, import_plugins, valid_choices
 from .state import CHANNELS
 from .variant import LayerShape, PluginBuildFailed, construct, run_check, type_name, type_ok, zoos_own
@@ -501,9 +501,8 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
     if base is not None:
         # the base's name as the user would write it: beside the file that names it
         base_name = os.path.normpath(Path(names[-1]).parent / base)
-        where = f" (looked for {base_name}, beside {source})" if base_name != os.path.normpath(base) else ""
         parent, problems = read_yaml_chain((path.parent / base).resolve(), (*chain, path), origins, (*names, base_name),
-                                           Problem(source, "base", base, f"file not found{where}"))
+                                           missing_base(source, base, base_name))
     if origins is not None:  # after the base's keys, so this file's own keys win as they do in the merge
         _record_origins(data, label, origins)
     for key, value in data.items():  # as documented, but one keystroke from keeping it: said, not silent
@@ -511,6 +510,13 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = (), origins: dict[str,
             log.warning(f"{source}: `{key}:` is empty (null), so it replaces the whole `{key}` section of its base "
                         f"{base_name} with the defaults; leave the key out, or write `{key}: {{}}`, to keep it")
     return deep_merge(parent, data), _replaced(problems, data) + ambiguous  # a child's value replaces its base's
+
+
+def missing_base(source: str, base: str, looked_for: str) -> Problem:
+    """The problem at file `source`'s `base:` key, whose value `base` names no file: "file not found", with where it
+    was looked for (`looked_for`, relative to the working directory) when that is not `base` as written."""
+    where = f" (looked for {looked_for}, beside {source})" if looked_for != os.path.normpath(base) else ""
+    return Problem(source, "base", base, f"file not found{where}")
 
 
 # Keys naming the user's own files. A relative one is tried from the working directory, then from the folder of
@@ -730,7 +736,7 @@ def _seq_len_problems(config: Config, problems: list[Problem], source: str) -> l
     if not (isinstance(train, dict) and isinstance(model, dict) and valid("train.seq_len") and valid("model.max_seq_len")):
         return []
     seq_len, max_seq_len = train.get("seq_len"), model.get("max_seq_len")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seq_len, max_seq_len)):
+    if not all(is_whole(v) for v in (seq_len, max_seq_len)):
         return []
     problem = seq_len_problem(source, seq_len, max_seq_len)
     return [problem] if problem is not None else []

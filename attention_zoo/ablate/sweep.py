@@ -40,6 +40,7 @@ from ..config import (
     apply_override,
     deep_merge,
     load_config,
+    missing_base,
     params_kept,
     read_yaml_chain,
     read_yaml_file,
@@ -188,8 +189,7 @@ def read_sweep_file(path: str | Path, sets: list[str] = ()) -> Sweep:
         # the base file's own problems name that file, as the user would write it (relative to the working directory)
         base_path = os.path.normpath(path.parent / base)
         if not os.path.exists(base_path):  # said at this file's `base`, not as a config file that is not there
-            where = f" (looked for {base_path}, beside {source})" if base_path != os.path.normpath(base) else ""
-            raise ConfigError([Problem(source, "base", base, f"file not found{where}")])
+            raise ConfigError([missing_base(source, base, base_path)])
         base = load_config(base_path, sets)
         base_raw = dict(base)
     else:

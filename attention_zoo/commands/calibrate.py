@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_calibrate(args) -> int:
     from ..data import build_dataset
     from ..figures import save_report_and_figure
-    from ..inference.calibration import calibrate
+    from ..inference.calibration import calibrate, check_tolerance
     from ..inference.calibration_plot import plot_calibration
     from ..inference.checkpoints import checkpoint_label, load_for_inference
     from ..inference.journal import Journal, fingerprint
@@ -54,8 +54,7 @@ def cmd_calibrate(args) -> int:
     elif args.check_split == args.split and not args.measure:  # the same sequences: it reported them as "held out"
         raise UserError(f"--check-split {args.check_split}: the same split as --split, so nothing would be held out "
                         f"(the same sequences, the same losses); give another split, or none")
-    if not 0 < args.tolerance < 1:  # before any work, and with --measure too (it was taken and ignored there)
-        raise UserError(f"--tolerance {args.tolerance}: expected a relative tolerance in (0, 1), e.g. 0.01 for 1%")
+    check_tolerance(args.tolerance)  # before any work, and with --measure too (it was taken and ignored there)
     if args.threshold < 0:
         raise UserError(f"--threshold {args.threshold}: must be > 0, or 0 to skip")
     if args.out:  # before any work; the default (beside the checkpoint) is checked once the checkpoint is found

@@ -269,14 +269,19 @@ class Calibrator:
         self.bar.close()
 
 
+def check_tolerance(tolerance: float) -> None:
+    """PruningError unless `tolerance` is a relative loss increase in (0, 1) (0.01 = 1%)."""
+    if not 0 < tolerance < 1:
+        raise PruningError(f"--tolerance {tolerance}: expected a relative tolerance in (0, 1), e.g. 0.01 for 1%")
+
+
 def calibrate(model: nn.Module, batches: list[Batch], *, context: int, tolerance: float, progress: bool = True,
               curve: bool = True, threshold: float | None = 1.0,
               check_batches: list[Batch] | None = None, journal: Journal | None = None) -> dict:
     """Run the search; return the report (a JSON-able dict). See the module docstring. With a `journal`, every
     streaming evaluation is read from it or written to it (an interrupted calibration resumes; the caller closes
     it once the report is saved)."""
-    if not 0 < tolerance < 1:
-        raise PruningError(f"--tolerance {tolerance}: expected a relative tolerance in (0, 1), e.g. 0.01 for 1%")
+    check_tolerance(tolerance)
     cal = Calibrator(model, batches, context, tolerance, progress, journal=journal)
     # after the search: calibrated, window (and a uniform window when budgets differ), threshold, curve, held out
     cal.after_search = 2 + bool(threshold) + (2 * len(cal.ladder()) if curve else 0) + (2 if check_batches else 0)
